@@ -1,0 +1,43 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A Python >= 3.11 found on this machine; override with `make test PYTHON=python3.12`.
+PYTHON ?= $(shell for p in python3 python3.12 python3.13 python3.11 python; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
+PYTEST_ARGS ?=
+DEMO_DIR ?= runs/demo
+
+.PHONY: test test-slow demo bench venv clean
+
+$(PY):
+	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; set PYTHON=/path/to/python3.11+"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-dev: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(VENV)/.installed-experiments: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[experiments]'
+	touch $@
+
+venv: $(VENV)/.installed-dev
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -n auto -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.installed-dev
+	$(PY) -m pytest -n auto -m slow $(PYTEST_ARGS)
+
+demo: $(VENV)/.installed-experiments
+	$(PY) -m experiments.compare --config=experiments/configs/demo.py --workdir=$(DEMO_DIR)
+
+bench: $(VENV)/.installed-dev
+	$(PY) benchmarks/update_cost.py
+	$(PY) benchmarks/harness_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

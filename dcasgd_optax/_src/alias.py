@@ -1,0 +1,132 @@
+"""The full DC-ASGD optimizer: delay compensation, weight decay, SGD."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from dcasgd_optax._src import _checks
+from dcasgd_optax._src.delay_compensation import delay_compensation
+from dcasgd_optax._src.pull import record_pull
+
+
+def dcasgd(
+    learning_rate: optax.ScalarOrSchedule,
+    num_workers: int,
+    *,
+    lambda_: Any = None,
+    adaptive: bool = True,
+    decay: Any = 0.95,
+    eps: Any = 1e-7,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    weight_decay: Any = 0.0,
+    backup_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""DC-ASGD as one optimizer, with the worker's pull recorded after its push.
+
+  Chains :func:`delay_compensation`, ``optax.add_decayed_weights`` (when
+  ``weight_decay > 0``) and ``optax.sgd``, so for worker ``m``
+
+  .. math::
+    w \leftarrow w - \eta \, (g + \lambda \, g \odot g \odot (w - b_m)
+    + \mathrm{wd} \cdot w), \qquad b_m \leftarrow w
+
+  (with momentum applied to the bracket when ``momentum`` is set). The last
+  step is Algorithm 1's pull right after push: ``update`` writes
+  ``params + updates`` into worker ``m``'s backup. If your workers pull at
+  other times, use :func:`delay_compensation` in your own chain and call
+  :func:`record_pull` when they do.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    num_workers: number of asynchronous workers (>= 1).
+    lambda_: compensation strength; ``None`` picks the paper's defaults, 2.0
+      for DC-ASGD-a and 0.04 for DC-ASGD-c.
+    adaptive: DC-ASGD-a (default) or DC-ASGD-c.
+    decay: DC-ASGD-a's mean-square decay, in [0, 1).
+    eps: DC-ASGD-a's epsilon, > 0.
+    momentum: heavy-ball momentum in [0, 1), or ``None`` for plain SGD.
+    nesterov: use Nesterov momentum.
+    weight_decay: L2 coefficient added to the compensated gradient, >= 0.
+    backup_dtype: dtype of the per-worker backups (see
+      :func:`delay_compensation`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
+    and the keyword ``worker``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import dcasgd_optax
+    >>> params = {'w': jnp.array([1.0, -1.0])}
+    >>> tx = dcasgd_optax.dcasgd(0.1, num_workers=4, momentum=0.9)
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(lambda p: jnp.sum(p['w'] ** 2))(params)
+    >>> updates, state = tx.update(grads, state, params, worker=3)
+    >>> params = optax.apply_updates(params, updates)
+    >>> params['w']
+    Array([ 0.8, -0.8], dtype=float32)
+    >>> dcasgd_optax.worker_params(state, 3)['w']  # worker 3 pulled the result
+    Array([ 0.8, -0.8], dtype=float32)
+  """
+  if lambda_ is None:
+    lambda_ = 2.0 if adaptive else 0.04
+  if momentum is not None:
+    _checks.check_scalar_range("momentum", momentum, low=0.0, high=1.0)
+  _checks.check_scalar_range("weight_decay", weight_decay, low=0.0)
+  if not callable(learning_rate):
+    _checks.check_scalar_range("learning_rate", learning_rate, low=0.0)
+  parts = [
+      delay_compensation(
+          num_workers,
+          lambda_,
+          adaptive=adaptive,
+          decay=decay,
+          eps=eps,
+          backup_dtype=backup_dtype,
+      )
+  ]
+  if _checks.concrete_value(weight_decay) is None or weight_decay != 0:
+    parts.append(optax.add_decayed_weights(weight_decay))
+  parts.append(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+  return pull_after_push(optax.chain(*parts))
+
+
+def pull_after_push(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``inner`` so each update also records the pull of the new params.
+
+  After ``inner`` computes ``updates`` for worker ``m``, the state records
+  that ``m`` holds ``params + updates`` (:func:`record_pull`), i.e. the
+  worker pulls right after pushing, as in the paper's Algorithm 1. The
+  wrapper's state is ``inner``'s state itself.
+
+  Args:
+    inner: a transformation containing :func:`delay_compensation`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` needing ``params`` and
+    ``worker`` in ``update``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import dcasgd_optax
+    >>> tx = dcasgd_optax.pull_after_push(optax.chain(
+    ...     dcasgd_optax.delay_compensation(2, 0.04), optax.adam(1e-3)))
+    >>> state = tx.init({'w': jnp.zeros(2)})
+    >>> updates, state = tx.update({'w': jnp.ones(2)}, state, {'w': jnp.zeros(2)},
+    ...                            worker=0)
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def update_fn(updates, state, params=None, *, worker=None, **extra_args):
+    updates, state = inner.update(
+        updates, state, params, worker=worker, **extra_args
+    )
+    pulled = optax.apply_updates(params, updates)
+    return updates, record_pull(state, pulled, worker)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)

@@ -1,0 +1,124 @@
+"""Reading and writing what each worker holds, anywhere in an optax state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dcasgd_optax._src import _checks
+from dcasgd_optax._src import _tree
+from dcasgd_optax._src.delay_compensation import DelayCompensationState
+from dcasgd_optax._src.delay_compensation import _held
+from dcasgd_optax._src.delay_compensation import _num_workers_of
+
+
+def _is_dc_state(x: Any) -> bool:
+  return isinstance(x, DelayCompensationState)
+
+
+def find_states(opt_state: Any) -> list[DelayCompensationState]:
+  """All DelayCompensationStates nested anywhere in ``opt_state``."""
+  nodes = jax.tree.leaves(opt_state, is_leaf=_is_dc_state)
+  return [n for n in nodes if _is_dc_state(n)]
+
+
+def _no_state_error(opt_state: Any) -> ValueError:
+  return ValueError(
+      "`opt_state` holds no DelayCompensationState: build the optimizer with "
+      "`dcasgd_optax.delay_compensation` (or `dcasgd_optax.dcasgd`) in it. Got "
+      f"a state of type {type(opt_state).__name__}."
+  )
+
+
+def record_pull(opt_state: Any, params: Any, worker: Any) -> Any:
+  """Records that ``worker`` now holds ``params`` (the server's side of a pull).
+
+  Finds every :class:`DelayCompensationState` inside ``opt_state`` (under
+  ``optax.chain``, ``named_chain``, ``inject_hyperparams``, ``MultiSteps``,
+  ``masked``, ...) and overwrites that worker's backup in place: under ``jit``
+  with the state donated, only one model-sized slice is written, whatever
+  ``num_workers`` is. Inside ``optax.masked`` only the masked-in leaves are
+  recorded.
+
+  A traced ``worker`` outside ``[0, num_workers)`` writes nothing (no other
+  worker's backup is touched); a concrete one raises ``ValueError``.
+
+  Args:
+    opt_state: an optimizer state containing a DelayCompensationState.
+    params: the model the worker pulled, shaped like the params at init.
+    worker: the worker's id, a Python int or an int32 scalar (may be traced).
+
+  Returns:
+    ``opt_state`` with that worker's backup replaced by ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import dcasgd_optax
+    >>> tx = dcasgd_optax.delay_compensation(num_workers=3)
+    >>> state = tx.init({'w': jnp.zeros(2)})
+    >>> state = dcasgd_optax.record_pull(state, {'w': jnp.ones(2)}, worker=2)
+    >>> dcasgd_optax.worker_params(state, 2)['w']
+    Array([1., 1.], dtype=float32)
+  """
+  if not find_states(opt_state):
+    raise _no_state_error(opt_state)
+
+  def write(state):
+    if not _is_dc_state(state):
+      return state
+    num_workers = _num_workers_of(state)
+    if num_workers is None:
+      return state
+    _checks.check_worker(worker, num_workers)
+    _tree.check_matches_backups("params", params, state.backups)
+    valid = jnp.logical_and(worker >= 0, worker < num_workers)
+    # An invalid id becomes num_workers, which `mode="drop"` ignores.
+    idx = jnp.where(valid, jnp.asarray(worker, jnp.int32), num_workers)
+
+    def put(b, p):
+      if _tree.is_masked(b):
+        return b
+      return b.at[idx].set(jnp.asarray(p).astype(b.dtype), mode="drop")
+
+    backups = jax.tree.map(put, state.backups, params, is_leaf=_tree.is_masked)
+    return state._replace(backups=backups)
+
+  return jax.tree.map(write, opt_state, is_leaf=_is_dc_state)
+
+
+def worker_params(opt_state: Any, worker: Any) -> Any:
+  """The params ``worker`` holds: its backup, in the backups' dtype.
+
+  Args:
+    opt_state: an optimizer state containing exactly one
+      DelayCompensationState.
+    worker: the worker's id, a Python int or an int32 scalar (may be traced;
+      a traced out-of-range id is clamped into range).
+
+  Returns:
+    A params-shaped pytree (leaves excluded by ``optax.masked`` stay
+    ``optax.MaskedNode``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import dcasgd_optax
+    >>> tx = dcasgd_optax.dcasgd(0.1, num_workers=4)
+    >>> state = tx.init({'w': jnp.ones(3)})
+    >>> dcasgd_optax.worker_params(state, 0)['w']  # everyone starts at init
+    Array([1., 1., 1.], dtype=float32)
+  """
+  states = find_states(opt_state)
+  if not states:
+    raise _no_state_error(opt_state)
+  if len(states) > 1:
+    raise ValueError(
+        f"`opt_state` holds {len(states)} DelayCompensationStates; "
+        "worker_params needs exactly one. Call it on the sub-state you mean."
+    )
+  num_workers = _num_workers_of(states[0])
+  if num_workers is None:
+    return states[0].backups
+  _checks.check_worker(worker, num_workers)
+  return _held(states[0].backups, worker, num_workers)
