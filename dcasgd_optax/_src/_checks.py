@@ -18,11 +18,9 @@ import numpy as np
 
 def concrete_value(x: Any) -> Any | None:
   """Returns ``x`` as a NumPy value if it is known now, else ``None``."""
-  if isinstance(x, jax.core.Tracer):
-    return None
   try:
     return np.asarray(x)
-  except Exception:  # pylint: disable=broad-except
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
     return None
 
 

@@ -1,0 +1,210 @@
+"""Arrival orders for the simulator: which worker's gradient reaches the server next.
+
+Every schedule is NumPy only, deterministic for its arguments (a ``seed`` where
+there is randomness), and returns a 1-D ``int32`` array of worker ids that
+:meth:`Simulator.replay` takes as ``arrivals``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dcasgd_optax._src import _checks
+
+
+def _check_nonnegative_int(name: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"`{name}` must be a Python int >= 0, got {value!r}.")
+  if value < 0:
+    raise ValueError(f"`{name}` must be an int >= 0, got {value}.")
+  return int(value)
+
+
+def cyclic(num_workers: int, num_arrivals: int) -> np.ndarray:
+  r"""Round-robin arrivals: workers 0, 1, ..., M-1, 0, 1, ...
+
+  .. math::
+    a_k = k \bmod M
+
+  After the first round every arrival has staleness exactly :math:`M - 1`;
+  in the first round worker ``m`` has staleness ``m`` (everyone pulled the
+  initial model at step 0).
+
+  Args:
+    num_workers: number of workers M (>= 1).
+    num_arrivals: length of the schedule (>= 0).
+
+  Returns:
+    An ``int32`` array of shape ``[num_arrivals]``.
+
+  Examples:
+    >>> from dcasgd_optax.harness import schedules
+    >>> schedules.cyclic(3, 7)
+    array([0, 1, 2, 0, 1, 2, 0], dtype=int32)
+  """
+  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  num_arrivals = _check_nonnegative_int("num_arrivals", num_arrivals)
+  return (np.arange(num_arrivals) % num_workers).astype(np.int32)
+
+
+def shuffled_rounds(num_workers: int, num_rounds: int, seed: int) -> np.ndarray:
+  r"""Rounds in which every worker arrives once, each round in a random order.
+
+  Round ``r`` is a uniformly random permutation of ``0..M-1``, drawn with
+  ``np.random.default_rng(seed)``. A worker's staleness is the number of
+  arrivals between its two consecutive pushes: it lies in
+  :math:`[0, 2M - 2]` and averages :math:`M - 1` after the first round.
+
+  Args:
+    num_workers: number of workers M (>= 1).
+    num_rounds: number of rounds (>= 0); the schedule has ``M * num_rounds``
+      arrivals.
+    seed: seed of the permutations.
+
+  Returns:
+    An ``int32`` array of shape ``[num_workers * num_rounds]``.
+
+  Examples:
+    >>> from dcasgd_optax.harness import schedules
+    >>> order = schedules.shuffled_rounds(4, 3, seed=0)
+    >>> order.shape, sorted(order[4:8].tolist())
+    ((12,), [0, 1, 2, 3])
+  """
+  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  num_rounds = _check_nonnegative_int("num_rounds", num_rounds)
+  rng = np.random.default_rng(seed)
+  rounds = [rng.permutation(num_workers) for _ in range(num_rounds)]
+  if not rounds:
+    return np.zeros((0,), np.int32)
+  return np.concatenate(rounds).astype(np.int32)
+
+
+def _check_speeds(speeds: Any, num_workers: int) -> np.ndarray:
+  if speeds is None:
+    return np.ones((num_workers,))
+  speeds = np.asarray(speeds, dtype=np.float64)
+  if speeds.shape != (num_workers,):
+    raise ValueError(
+        f"`speeds` must have shape ({num_workers},) (one factor per worker), "
+        f"got {speeds.shape}."
+    )
+  if not np.all(np.isfinite(speeds) & (speeds > 0)):
+    raise ValueError(f"`speeds` must be finite and > 0, got {speeds}.")
+  return speeds
+
+
+def gamma_speeds(
+    num_workers: int,
+    num_arrivals: int,
+    seed: int,
+    *,
+    shape: float = 100.0,
+    speeds: Any = None,
+) -> np.ndarray:
+  r"""Event-driven arrivals with Gamma-distributed compute times.
+
+  Worker ``m`` computes gradients back to back (it pulls right after it
+  pushes); each takes a time
+
+  .. math::
+    T \sim \mathrm{Gamma}(k, \theta_m), \qquad \theta_m = 1 / (k \, s_m),
+
+  of mean :math:`1 / s_m` and coefficient of variation :math:`1/\sqrt{k}`.
+  Arrivals are all workers' finishing events in time order (ties by worker
+  id). Each worker draws from its own stream spawned from ``seed``.
+
+  The staleness of worker ``m`` is the number of other arrivals during one of
+  its compute times, about :math:`\sum_{j \ne m} s_j / s_m`: with equal speeds
+  and the default ``shape=100`` it concentrates around :math:`M - 1` (nearly
+  cyclic), smaller ``shape`` spreads it, and slow workers are staler.
+
+  Args:
+    num_workers: number of workers M (>= 1).
+    num_arrivals: length of the schedule (>= 0).
+    seed: seed of the compute times.
+    shape: the Gamma shape k (> 0).
+    speeds: optional per-worker speed factors, shape ``[M]``, > 0; a worker
+      with speed 2 finishes twice as fast on average. Default all ones.
+
+  Returns:
+    An ``int32`` array of shape ``[num_arrivals]``.
+
+  Examples:
+    >>> import numpy as np
+    >>> from dcasgd_optax.harness import schedules
+    >>> order = schedules.gamma_speeds(2, 300, seed=0, speeds=[1.0, 2.0])
+    >>> np.bincount(order).tolist()  # the fast worker arrives twice as often
+    [100, 200]
+  """
+  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  num_arrivals = _check_nonnegative_int("num_arrivals", num_arrivals)
+  _checks.check_scalar_range("shape", shape, low=0.0, low_inclusive=False)
+  speeds = _check_speeds(speeds, num_workers)
+  seqs = np.random.SeedSequence(seed).spawn(num_workers)
+  rngs = [np.random.default_rng(s) for s in seqs]
+  share = speeds / speeds.sum()
+  counts = np.ceil(num_arrivals * share * 1.1).astype(int) + 8
+  times = [
+      np.cumsum(rng.gamma(shape, 1.0 / (shape * s), size=n))
+      for rng, s, n in zip(rngs, speeds, counts)
+  ]
+  while True:
+    # Every event up to the earliest last-drawn time is known for all workers.
+    horizon = min(t[-1] for t in times)
+    if sum(np.searchsorted(t, horizon, "right") for t in times) >= num_arrivals:
+      break
+    times = [
+        np.concatenate(
+            [t, t[-1] + np.cumsum(rng.gamma(shape, 1 / (shape * s), size=n))]
+        )
+        for t, rng, s, n in zip(times, rngs, speeds, counts)
+    ]
+  when = np.concatenate(times)
+  who = np.concatenate([np.full(len(t), m) for m, t in enumerate(times)])
+  order = np.lexsort((who, when))[:num_arrivals]
+  return who[order].astype(np.int32)
+
+
+def staleness(arrivals: Any, num_workers: int) -> np.ndarray:
+  r"""The staleness of each arrival: server updates since that worker's pull.
+
+  With every worker pulling the initial model at step 0 and pulling again
+  right after each push, arrival ``k`` of worker ``m`` has
+
+  .. math::
+    \tau_k = k - (p + 1)
+
+  where ``p`` is the index of ``m``'s previous arrival (:math:`\tau_k = k`
+  if there is none). This is what :meth:`Simulator.replay` reports.
+
+  Args:
+    arrivals: 1-D integer array of worker ids in ``[0, num_workers)``.
+    num_workers: number of workers (>= 1).
+
+  Returns:
+    An ``int32`` array shaped like ``arrivals``.
+
+  Examples:
+    >>> from dcasgd_optax.harness import schedules
+    >>> schedules.staleness([0, 1, 2, 0, 1, 2, 2], 3)
+    array([0, 1, 2, 2, 2, 2, 0], dtype=int32)
+  """
+  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  arrivals = np.asarray(arrivals)
+  if arrivals.ndim != 1 or not np.issubdtype(arrivals.dtype, np.integer):
+    raise ValueError(
+        f"`arrivals` must be a 1-D integer array, got shape {arrivals.shape} "
+        f"and dtype {arrivals.dtype}."
+    )
+  if arrivals.size and not (
+      0 <= arrivals.min() and arrivals.max() < num_workers
+  ):
+    raise ValueError(f"`arrivals` must lie in [0, {num_workers}).")
+  last_pull = np.zeros((num_workers,), np.int64)
+  out = np.empty(arrivals.shape, np.int32)
+  for k, m in enumerate(arrivals):
+    out[k] = k - last_pull[m]
+    last_pull[m] = k + 1
+  return out
