@@ -27,9 +27,15 @@ def concrete_value(x: Any) -> Any | None:
 def check_positive_int(name: str, value: Any) -> int:
   """Returns ``value`` as an int, or raises if it is not an int >= 1."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    hint = ""
+    if hasattr(value, "shape"):
+      hint = (
+          " Under optax.inject_hyperparams, pass it in `static_args` so it "
+          "stays a Python int."
+      )
     raise TypeError(
         f"`{name}` must be a positive Python int, got {value!r} of type "
-        f"{type(value).__name__}."
+        f"{type(value).__name__}.{hint}"
     )
   if value < 1:
     raise ValueError(f"`{name}` must be a positive int (>= 1), got {value}.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import optax
@@ -88,7 +89,10 @@ def dcasgd(
           backup_dtype=backup_dtype,
       )
   ]
-  if _checks.concrete_value(weight_decay) is None or weight_decay != 0:
+  # Only a static Python zero drops the term: under inject_hyperparams the
+  # value is an array (concrete in init, traced in a jitted update), and the
+  # chain must have the same structure in both.
+  if not (isinstance(weight_decay, numbers.Real) and weight_decay == 0):
     parts.append(optax.add_decayed_weights(weight_decay))
   parts.append(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
   return pull_after_push(optax.chain(*parts))

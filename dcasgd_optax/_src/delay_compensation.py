@@ -69,7 +69,10 @@ def delay_compensation(
   Edges: ``lambda_=0`` returns the gradient unchanged (plain ASGD). A traced
   ``worker`` outside ``[0, num_workers)`` cannot be rejected at trace time:
   the update is then all-NaN and the state is left as it was, so the error is
-  visible (``optax.apply_if_finite`` skips such a step); a concrete one raises.
+  visible; a concrete one raises. To skip such a step, put
+  ``optax.apply_if_finite`` *after* this transformation in the chain (it
+  checks the updates it receives, so wrapping the whole optimizer in it does
+  not catch NaNs this transformation produces).
 
   Args:
     num_workers: number of asynchronous workers (>= 1); the state holds that

@@ -1,0 +1,453 @@
+"""The optax contract, shared by every exported optimizer.
+
+One parametrized suite: each case is a way to build a DC-ASGD transformation
+(``delay_compensation`` in both variants, ``dcasgd``, ``pull_after_push``),
+and every test checks one promise an optax user relies on: jit, vmap, the
+usual wrappers, extra args, no recompilation per worker, dtypes, and finding
+the state with ``record_pull``/``worker_params``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dcasgd_optax
+
+NUM_WORKERS = 3
+
+
+def user_chain(num_workers, lambda_=0.5, learning_rate=0.1, backup_dtype=None):
+  """pull_after_push around a user's own chain (a factory for inject_hyperparams)."""
+  return dcasgd_optax.pull_after_push(
+      optax.chain(
+          dcasgd_optax.delay_compensation(
+              num_workers, lambda_, backup_dtype=backup_dtype
+          ),
+          optax.clip_by_global_norm(100.0),
+          optax.sgd(learning_rate, momentum=0.5, nesterov=True),
+      )
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  factory: Callable[..., optax.GradientTransformation]
+  kwargs: dict[str, Any]
+  static_args: tuple[str, ...]
+  pulls_after_push: bool  # does update() record the pull itself?
+  adaptive: bool  # DC-ASGD-a (keeps a mean square)?
+
+  def make(self, **overrides):
+    return self.factory(**{**self.kwargs, **overrides})
+
+
+CASES = [
+    Case(
+        "delay_compensation_c",
+        dcasgd_optax.delay_compensation,
+        dict(num_workers=NUM_WORKERS, lambda_=0.5),
+        ("num_workers", "adaptive"),
+        False,
+        False,
+    ),
+    Case(
+        "delay_compensation_a",
+        dcasgd_optax.delay_compensation,
+        dict(num_workers=NUM_WORKERS, lambda_=2.0, adaptive=True),
+        ("num_workers", "adaptive"),
+        False,
+        True,
+    ),
+    Case(
+        "dcasgd",
+        dcasgd_optax.dcasgd,
+        dict(
+            learning_rate=0.1,
+            num_workers=NUM_WORKERS,
+            lambda_=0.5,
+            momentum=0.9,
+            weight_decay=1e-2,
+        ),
+        ("num_workers", "adaptive", "nesterov"),
+        True,
+        True,  # dcasgd's default is DC-ASGD-a
+    ),
+    Case(
+        "pull_after_push",
+        user_chain,
+        dict(num_workers=NUM_WORKERS, lambda_=0.5),
+        ("num_workers", "backup_dtype"),
+        True,
+        False,
+    ),
+]
+
+case_params = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+
+
+def make_params(dtype=jnp.float32):
+  params = {
+      "dense": {"kernel": jnp.arange(6.0).reshape(2, 3) / 6, "bias": jnp.ones(3)},
+      "scale": jnp.array(0.5),
+  }
+  return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def shifted(params, by):
+  return jax.tree.map(lambda p: (p + by).astype(p.dtype), params)
+
+
+def grads_like(params, seed):
+  key = jax.random.key(seed)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(
+      treedef,
+      [jax.random.normal(k, p.shape).astype(p.dtype) for k, p in zip(keys, leaves)],
+  )
+
+
+def stale_state(tx, params):
+  """A state in which every worker holds a different, older model."""
+  state = tx.init(shifted(params, -0.3))
+  for m in range(NUM_WORKERS):
+    state = dcasgd_optax.record_pull(state, shifted(params, -0.1 * m), m)
+  return state
+
+
+def run(tx, params, state, steps=((0, 0), (2, 1), (1, 2))):
+  """Applies a few (worker, grad seed) pushes without moving params."""
+  outs = []
+  for worker, seed in steps:
+    updates, state = tx.update(grads_like(params, seed), state, params, worker=worker)
+    outs.append(updates)
+  return outs, state
+
+
+def assert_trees_close(a, b, rtol=1e-6, atol=1e-6):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(la, lb, strict=True):
+    np.testing.assert_allclose(
+        np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol
+    )
+
+
+def dc_state(opt_state):
+  (state,) = [
+      s
+      for s in jax.tree.leaves(
+          opt_state, is_leaf=lambda x: isinstance(x, dcasgd_optax.DelayCompensationState)
+      )
+      if isinstance(s, dcasgd_optax.DelayCompensationState)
+  ]
+  return state
+
+
+@case_params
+def test_compensation_changes_a_stale_gradient(case):
+  """Guards the suite: with stale backups the update differs from lambda_=0."""
+  params = make_params()
+  tx, tx0 = case.make(), case.make(lambda_=0.0)
+  (u,), _ = run(tx, params, stale_state(tx, params), steps=((1, 0),))
+  (u0,), _ = run(tx0, params, stale_state(tx0, params), steps=((1, 0),))
+  diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), u, u0)
+  assert max(jax.tree.leaves(diffs)) > 1e-3
+
+
+@case_params
+def test_update_under_jit_matches_eager(case):
+  params = make_params()
+  tx = case.make()
+  state = stale_state(tx, params)
+  eager, eager_state = run(tx, params, state)
+  jitted_tx = optax.GradientTransformationExtraArgs(
+      jax.jit(tx.init), jax.jit(tx.update)
+  )
+  jitted, jitted_state = run(jitted_tx, params, state)
+  assert_trees_close(jitted, eager)
+  assert_trees_close(jitted_state, eager_state)
+
+
+@case_params
+def test_vmap_over_independent_states_matches_a_loop(case):
+  tx = case.make()
+  batch = [shifted(make_params(), 0.2 * i) for i in range(3)]
+  states = [stale_state(tx, p) for p in batch]
+  grads = [grads_like(p, i) for i, p in enumerate(batch)]
+  workers = jnp.array([0, 2, 1])
+  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  update = lambda g, s, p, w: tx.update(g, s, p, worker=w)
+  got, got_state = jax.jit(jax.vmap(update))(
+      stack(grads), stack(states), stack(batch), workers
+  )
+  want = [update(g, s, p, int(w)) for g, s, p, w in zip(grads, states, batch, workers)]
+  assert_trees_close(got, stack([u for u, _ in want]))
+  assert_trees_close(got_state, stack([s for _, s in want]))
+  # vmap of init gives one independent state per example.
+  assert_trees_close(jax.vmap(tx.init)(stack(batch)), stack([tx.init(p) for p in batch]))
+
+
+@case_params
+def test_inside_chain_matches_alone(case):
+  params = make_params()
+  tx = case.make()
+  chained = optax.chain(optax.identity(), tx, optax.scale(2.0))
+  state = stale_state(chained, params)
+  got, got_state = run(chained, params, state)
+  want, want_state = run(tx, params, state[1])
+  assert_trees_close(got, jax.tree.map(lambda u: 2 * u, want))
+  assert_trees_close(got_state[1], want_state)
+
+
+@case_params
+def test_inside_named_chain_matches_alone(case):
+  params = make_params()
+  tx = case.make()
+  chained = optax.named_chain(("dc", tx), ("clip", optax.clip(1e6)))
+  state = stale_state(chained, params)
+  got, got_state = jax.jit(
+      lambda s: run(chained, params, s)
+  )(state)
+  want, want_state = run(tx, params, state["dc"])
+  assert_trees_close(got, want)
+  assert_trees_close(got_state["dc"], want_state)
+
+
+@case_params
+def test_inject_hyperparams_lambda_changes_behaviour(case):
+  params = make_params()
+  injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)(
+      **case.kwargs
+  )
+  state = stale_state(injected, params)
+  assert set(state.hyperparams) >= {"lambda_"}
+  step = jax.jit(lambda s: run(injected, params, s))
+  got, _ = step(state)
+  want, _ = run(case.make(), params, stale_state(case.make(), params))
+  assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
+  # Changing the hyperparameter in the state changes the behaviour, with
+  # no rebuild: lambda_=0 gives the uncompensated updates.
+  state.hyperparams["lambda_"] = jnp.zeros_like(state.hyperparams["lambda_"])
+  got0, _ = step(state)
+  want0, _ = run(case.make(lambda_=0.0), params, stale_state(case.make(), params))
+  assert_trees_close(got0, want0, rtol=1e-5, atol=1e-6)
+  assert step._cache_size() == 1
+
+
+@case_params
+def test_multisteps_compensates_the_mean_gradient_every_k_steps(case):
+  params = make_params()
+  tx = case.make()
+  multi = optax.MultiSteps(tx, every_k_schedule=2)
+  state = multi.init(params)
+  state = state._replace(inner_opt_state=stale_state(tx, params))
+  g1, g2 = grads_like(params, 1), grads_like(params, 2)
+  step = jax.jit(lambda g, s, w: multi.update(g, s, params, worker=w))
+  first, state1 = step(g1, state, 1)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(first))
+  assert_trees_close(state1.inner_opt_state, state.inner_opt_state, rtol=0, atol=0)
+  second, state2 = step(g2, state1, 1)
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
+  want, want_state = tx.update(mean, stale_state(tx, params), params, worker=1)
+  assert_trees_close(second, want, rtol=1e-5)
+  assert_trees_close(state2.inner_opt_state, want_state, rtol=1e-5)
+
+
+@case_params
+def test_apply_if_finite_skips_a_non_finite_gradient(case):
+  params = make_params()
+  tx = case.make()
+  safe = optax.apply_if_finite(tx, max_consecutive_errors=5)
+  state = safe.init(params)
+  state = state._replace(inner_state=stale_state(tx, params))
+  step = jax.jit(lambda g, s: safe.update(g, s, params, worker=1))
+  bad = jax.tree.map(lambda g: g.at[...].set(jnp.nan), grads_like(params, 0))
+  skipped, state1 = step(bad, state)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(skipped))
+  assert int(state1.notfinite_count) == 1
+  assert_trees_close(state1.inner_state, state.inner_state, rtol=0, atol=0)
+  good, state2 = step(grads_like(params, 0), state1)
+  want, want_state = tx.update(grads_like(params, 0), state.inner_state, params, worker=1)
+  assert_trees_close(good, want)
+  assert_trees_close(state2.inner_state, want_state)
+
+
+@case_params
+def test_masked_compensates_and_records_only_masked_in_leaves(case):
+  params = make_params()
+  mask = {"dense": {"kernel": True, "bias": False}, "scale": True}
+  tx = case.make()
+  masked = optax.masked(tx, mask)
+  state = masked.init(params)
+  backups = dc_state(state).backups
+  assert isinstance(backups["dense"]["bias"], optax.MaskedNode)
+  # record_pull reaches into the masked state and writes masked-in leaves.
+  state = dcasgd_optax.record_pull(state, shifted(params, -0.2), 2)
+  held = dcasgd_optax.worker_params(state, 2)
+  assert isinstance(held["dense"]["bias"], optax.MaskedNode)
+  assert_trees_close(held["scale"], params["scale"] - 0.2)
+  assert_trees_close(held["dense"]["kernel"], params["dense"]["kernel"] - 0.2)
+  g = grads_like(params, 3)
+  got, new_state = jax.jit(lambda s: masked.update(g, s, params, worker=2))(state)
+  # Masked-out leaves pass through untouched; masked-in ones match tx alone
+  # run on the masked-in part of the model.
+  np.testing.assert_array_equal(got["dense"]["bias"], g["dense"]["bias"])
+  sub = lambda t: {"kernel": t["dense"]["kernel"], "scale": t["scale"]}
+  alone = tx.init(sub(params))
+  alone = dcasgd_optax.record_pull(alone, sub(shifted(params, -0.2)), 2)
+  want, want_state = tx.update(sub(g), alone, sub(params), worker=2)
+  assert_trees_close(sub(got), want)
+  got_backups = dc_state(new_state).backups
+  assert isinstance(got_backups["dense"]["bias"], optax.MaskedNode)
+  assert_trees_close(sub(got_backups), dc_state(want_state).backups)
+
+
+@case_params
+def test_accepts_unrelated_extra_args(case):
+  params = make_params()
+  tx = case.make()
+  state = stale_state(tx, params)
+  g = grads_like(params, 0)
+  want, want_state = tx.update(g, state, params, worker=1)
+  got, got_state = tx.update(
+      g, state, params, worker=1, value=jnp.array(3.0), loss=1.5, key=jax.random.key(0)
+  )
+  assert_trees_close(got, want, rtol=0, atol=0)
+  assert_trees_close(got_state, want_state, rtol=0, atol=0)
+
+
+@case_params
+def test_no_recompilation_when_only_the_worker_changes(case):
+  params = make_params()
+  tx = case.make()
+
+  def make_step():
+    def step(params, state, grads, worker):
+      updates, state = tx.update(grads, state, params, worker=worker)
+      return optax.apply_updates(params, updates), state
+
+    return jax.jit(step)
+
+  # Python ints and int32 arrays are different (weak vs strong) jit
+  # signatures, so each kind gets its own jitted function.
+  for ids in ((0, 2, 1, 2), tuple(jnp.int32(m) for m in (0, 2, 1, 2))):
+    jitted = make_step()
+    state = stale_state(tx, params)
+    outs = set()
+    for worker in ids:
+      new_params, state = jitted(params, state, grads_like(params, 0), worker)
+      outs.add(float(new_params["scale"]))
+    assert jitted._cache_size() == 1
+    assert len(outs) > 1  # the worker id did change the result
+
+
+@case_params
+def test_bf16_params_give_bf16_updates_and_f32_mean_square(case):
+  params = make_params(jnp.bfloat16)
+  tx = case.make()
+  state = stale_state(tx, params)
+  (u,), state = jax.jit(lambda s: run(tx, params, s, steps=((1, 0),)))(state)
+  assert {x.dtype for x in jax.tree.leaves(u)} == {jnp.dtype(jnp.bfloat16)}
+  dc = dc_state(state)
+  assert {x.dtype for x in jax.tree.leaves(dc.backups)} == {jnp.dtype(jnp.bfloat16)}
+  for x in jax.tree.leaves(dc.mean_square):
+    assert x.dtype == jnp.float32
+  assert (dc.mean_square == ()) == (not case.adaptive)
+  f32 = dc_state(tx.init(make_params(jnp.float32))).mean_square
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(f32))
+
+
+@case_params
+def test_bf16_backups_stay_close_to_f32_backups(case):
+  params = make_params()
+  tx32 = case.make()
+  tx16 = case.make(backup_dtype=jnp.bfloat16)
+  s16 = tx16.init(params)
+  assert {x.dtype for x in jax.tree.leaves(dc_state(s16).backups)} == {
+      jnp.dtype(jnp.bfloat16)
+  }
+  u32, st32 = run(tx32, params, stale_state(tx32, params))
+  u16, st16 = run(tx16, params, stale_state(tx16, params))
+  assert {x.dtype for x in jax.tree.leaves(u16)} == {jnp.dtype(jnp.float32)}
+  assert_trees_close(u16, u32, rtol=2e-2, atol=2e-2)
+  assert_trees_close(dc_state(st16).backups, dc_state(st32).backups, rtol=1e-2, atol=1e-2)
+
+
+@case_params
+def test_record_pull_finds_the_state_nested_anywhere(case):
+  params = make_params()
+  tx = case.make()
+  nested = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  wrapped = optax.MultiSteps(
+      optax.chain(optax.named_chain(("inner", tx), ("opt", nested))), 2
+  )
+  state = wrapped.init(params)
+  outer = {"a": [state, (jnp.ones(2),)], "b": None}
+  outer = dcasgd_optax.record_pull(outer, shifted(params, 1.0), 1)
+  held = dcasgd_optax.worker_params(outer, 1)
+  assert_trees_close(held, shifted(params, 1.0))
+  assert_trees_close(dcasgd_optax.worker_params(outer, 0), params)
+  assert_trees_close(outer["a"][1], (jnp.ones(2),))
+
+
+@case_params
+def test_worker_params_returns_what_was_recorded(case):
+  params = make_params()
+  tx = case.make()
+  state = tx.init(params)
+  for m in range(NUM_WORKERS):
+    assert_trees_close(dcasgd_optax.worker_params(state, m), params, rtol=0, atol=0)
+  recorded = shifted(params, 0.25)
+  state = jax.jit(dcasgd_optax.record_pull)(state, recorded, jnp.int32(1))
+  assert_trees_close(dcasgd_optax.worker_params(state, 1), recorded, rtol=0, atol=0)
+  for m in (0, 2):
+    assert_trees_close(dcasgd_optax.worker_params(state, m), params, rtol=0, atol=0)
+  traced = jax.jit(dcasgd_optax.worker_params)(state, jnp.int32(1))
+  assert_trees_close(traced, recorded, rtol=0, atol=0)
+
+
+@case_params
+def test_update_records_the_pull_only_when_pulling_after_push(case):
+  params = make_params()
+  tx = case.make()
+  state = stale_state(tx, params)
+  before = dcasgd_optax.worker_params(state, 1)
+  updates, state = tx.update(grads_like(params, 0), state, params, worker=1)
+  held = dcasgd_optax.worker_params(state, 1)
+  if case.pulls_after_push:
+    assert_trees_close(held, optax.apply_updates(params, updates), rtol=0, atol=0)
+  else:
+    assert_trees_close(held, before, rtol=0, atol=0)
+  for m in (0, 2):  # nobody else's backup moves
+    assert_trees_close(
+        dcasgd_optax.worker_params(state, m), shifted(params, -0.1 * m), rtol=0, atol=0
+    )
+
+
+def test_inject_hyperparams_dcasgd_with_zero_weight_decay_runs_under_jit():
+  """weight_decay=0 becomes an array under inject_hyperparams; the chain's
+  structure must not depend on whether that array is concrete (init) or
+  traced (a jitted update)."""
+  params = make_params()
+  tx = optax.inject_hyperparams(
+      dcasgd_optax.dcasgd, static_args=("num_workers", "adaptive")
+  )(learning_rate=0.1, num_workers=NUM_WORKERS, lambda_=0.5)
+  state = stale_state(tx, params)
+  got, _ = jax.jit(lambda s: run(tx, params, s))(state)
+  plain = dcasgd_optax.dcasgd(0.1, NUM_WORKERS, lambda_=0.5)
+  want, _ = run(plain, params, stale_state(plain, params))
+  assert_trees_close(got, want, rtol=1e-5)
+  state.hyperparams["weight_decay"] = jnp.asarray(0.5)
+  decayed, _ = jax.jit(lambda s: run(tx, params, s))(state)
+  plain = dcasgd_optax.dcasgd(0.1, NUM_WORKERS, lambda_=0.5, weight_decay=0.5)
+  want, _ = run(plain, params, stale_state(plain, params))
+  assert_trees_close(decayed, want, rtol=1e-5)
