@@ -1,4 +1,4 @@
-"""Arrival orders for the simulator: which worker's gradient reaches the server next.
+"""Arrival orders: which worker's gradient reaches the server next.
 
 Every schedule is NumPy only, deterministic for its arguments (a ``seed`` where
 there is randomness), and returns a 1-D ``int32`` array of worker ids that
@@ -116,9 +116,10 @@ def gamma_speeds(
   id). Each worker draws from its own stream spawned from ``seed``.
 
   The staleness of worker ``m`` is the number of other arrivals during one of
-  its compute times, about :math:`\sum_{j \ne m} s_j / s_m`: with equal speeds
-  and the default ``shape=100`` it concentrates around :math:`M - 1` (nearly
-  cyclic), smaller ``shape`` spreads it, and slow workers are staler.
+  its compute times, on average :math:`\sum_{j \ne m} s_j / s_m`: with equal
+  speeds it averages :math:`M - 1`, close to cyclic at first for a large
+  ``shape`` (the default 100) while the workers' phases drift apart slowly; a
+  smaller ``shape`` spreads it, and slow workers are staler.
 
   Args:
     num_workers: number of workers M (>= 1).
@@ -135,8 +136,8 @@ def gamma_speeds(
     >>> import numpy as np
     >>> from dcasgd_optax.harness import schedules
     >>> order = schedules.gamma_speeds(2, 300, seed=0, speeds=[1.0, 2.0])
-    >>> np.bincount(order).tolist()  # the fast worker arrives twice as often
-    [100, 200]
+    >>> np.bincount(order).tolist()  # the fast one arrives about twice as often
+    [101, 199]
   """
   num_workers = _checks.check_positive_int("num_workers", num_workers)
   num_arrivals = _check_nonnegative_int("num_arrivals", num_arrivals)
@@ -202,9 +203,9 @@ def staleness(arrivals: Any, num_workers: int) -> np.ndarray:
       0 <= arrivals.min() and arrivals.max() < num_workers
   ):
     raise ValueError(f"`arrivals` must lie in [0, {num_workers}).")
-  last_pull = np.zeros((num_workers,), np.int64)
-  out = np.empty(arrivals.shape, np.int32)
-  for k, m in enumerate(arrivals):
-    out[k] = k - last_pull[m]
-    last_pull[m] = k + 1
-  return out
+  # Previous arrival of the same worker, via a stable sort by worker id.
+  order = np.argsort(arrivals, kind="stable")
+  same = arrivals[order[1:]] == arrivals[order[:-1]]
+  prev = np.full(arrivals.shape, -1, np.int64)
+  prev[order[1:][same]] = order[:-1][same]
+  return (np.arange(arrivals.size) - prev - 1).astype(np.int32)

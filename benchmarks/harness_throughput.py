@@ -1,0 +1,265 @@
+"""Simulated-staleness harness throughput, against its limit and a naive loop.
+
+For an MLP on 784-dimensional inputs and a small CNN on 28x28 images (batch
+32, DC-ASGD-a with momentum), side by side in one process, per gradient:
+
+- ``replay``: ``Simulator.replay`` on a cyclic order (and a Gamma order).
+- ``limit``: the same gradients computed synchronously (num_workers at a
+  time, at one shared model, in one jitted scan; the faster of a vmapped
+  call and a loop per round) plus one server update
+  (DC update + apply + pull) per arrival in another jitted scan, each timed
+  alone; ``limit / replay`` is the fraction of that bound reached (target
+  >= 0.8).
+- ``naive``: a Python loop with one jitted gradient call and one jitted,
+  donated update per arrival; ``naive / replay`` is the speed-up (target
+  >= 5x).
+- the replay time per gradient at num_workers = 4, 16, 64 (target: flat).
+
+Models: ``mlp`` 784-256-256-10 (270k params), ``cnn`` conv3x3/16 -> conv3x3/32
+(stride 2) -> dense 10 (20k params), ``mlp32`` 784-32-32-10 (26k params, where
+per-call dispatch weighs most against compute).
+
+Each time is the best of ``--repeats`` runs after a warm-up (compilation).
+
+Run: python benchmarks/harness_throughput.py [--arrivals 256] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import dcasgd_optax
+from dcasgd_optax.harness import Simulator
+from dcasgd_optax.harness import schedules
+
+BATCH = 32
+NUM_EXAMPLES = 2048
+
+
+def _xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def mlp(hidden: int = 256) -> tuple[Any, Callable]:
+  """A 784-hidden-hidden-10 MLP, its loss on closed-over data, the data."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  sizes = [784, hidden, hidden, 10]
+  params = [
+      {"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros((b,))}
+      for k, a, b in zip(keys, sizes[:-1], sizes[1:])
+  ]
+  xs = jax.random.normal(keys[3], (NUM_EXAMPLES, 784))
+  ys = jax.random.randint(keys[3], (NUM_EXAMPLES,), 0, 10)
+
+  def loss_fn(params, idx):
+    h = xs[idx]
+    for layer in params[:-1]:
+      h = jax.nn.relu(h @ layer["w"] + layer["b"][None])
+    logits = h @ params[-1]["w"] + params[-1]["b"][None]
+    return _xent(logits, ys[idx])
+
+  return params, loss_fn
+
+
+def cnn() -> tuple[Any, Callable]:
+  """Two 3x3 convolutions (16, 32 channels, stride 2) and a dense layer."""
+  keys = jax.random.split(jax.random.key(1), 4)
+  params = {
+      "c1": jax.random.normal(keys[0], (3, 3, 1, 16)) / 3.0,
+      "c2": jax.random.normal(keys[1], (3, 3, 16, 32)) / 12.0,
+      "d": jax.random.normal(keys[2], (7 * 7 * 32, 10)) / 40.0,
+  }
+  xs = jax.random.normal(keys[3], (NUM_EXAMPLES, 28, 28, 1))
+  ys = jax.random.randint(keys[3], (NUM_EXAMPLES,), 0, 10)
+
+  def conv(x, w):
+    return jax.lax.conv_general_dilated(
+        x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def loss_fn(params, idx):
+    h = jax.nn.relu(conv(xs[idx], params["c1"]))
+    h = jax.nn.relu(conv(h, params["c2"]))
+    logits = h.reshape(h.shape[0], -1) @ params["d"]
+    return _xent(logits, ys[idx])
+
+  return params, loss_fn
+
+
+def make_tx(num_workers: int) -> optax.GradientTransformationExtraArgs:
+  return dcasgd_optax.dcasgd(0.01, num_workers, adaptive=True, momentum=0.9)
+
+
+def best_time(fn: Callable[[], Any], repeats: int) -> float:
+  """Best wall time of ``fn()`` (which must block) after one warm-up call."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def time_replay(loss_fn, params, num_workers, arrivals, batches, repeats):
+  sim = Simulator(loss_fn, make_tx(num_workers), num_workers)
+  box = [sim.init(params)]
+
+  def run():
+    box[0], metrics = sim.replay(box[0], batches, arrivals)
+    jax.block_until_ready((box[0], metrics))
+
+  return best_time(run, repeats) / len(arrivals), sim.describe(arrivals, params)
+
+
+def time_sync_gradients(loss_fn, params, num_workers, batches, repeats):
+  """``num_workers`` gradients at a time at one model, in a jitted scan.
+
+  The best of computing a round's gradients in one vmapped call and in a
+  loop (``lax.map``), so the limit is the faster synchronous way.
+  """
+  rounds = batches.reshape(-1, num_workers, *batches.shape[1:])
+  grad_fn = jax.grad(loss_fn)
+  best = float("inf")
+  for batched in (True, False):
+
+    def round_grads(params, batch_W, batched=batched):
+      if batched:
+        return jax.vmap(grad_fn, in_axes=(None, 0))(params, batch_W)
+      return jax.lax.map(lambda b: grad_fn(params, b), batch_W)
+
+    @jax.jit
+    def run(params, rounds, round_grads=round_grads):
+      # The carry is the round's gradients, so none can be skipped; summing
+      # them instead would cost more than computing them on XLA:CPU.
+      def body(grads_W, batch_W):
+        del grads_W
+        return round_grads(params, batch_W), None
+
+      shapes = jax.eval_shape(round_grads, params, rounds[0])
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      return jax.lax.scan(body, zeros, rounds)[0]
+
+    fn = lambda run=run: jax.block_until_ready(run(params, rounds))
+    best = min(best, best_time(fn, repeats))
+  return best / batches.shape[0]
+
+
+def time_updates(params, num_workers, num_arrivals, repeats):
+  """A jitted, donated scan of server updates (DC + apply + pull) alone."""
+  tx = make_tx(num_workers)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+  workers = jnp.arange(num_arrivals, dtype=jnp.int32) % num_workers
+
+  def run(params, state):
+    def body(carry, m):
+      params, state = carry
+      updates, state = tx.update(grads, state, params, worker=m)
+      params = optax.apply_updates(params, updates)
+      return (params, dcasgd_optax.record_pull(state, params, m)), None
+
+    return jax.lax.scan(body, (params, state), workers)[0]
+
+  run = jax.jit(run, donate_argnums=(0, 1))
+  box = [(jax.tree.map(jnp.copy, params), tx.init(params))]
+
+  def fn():
+    box[0] = jax.block_until_ready(run(*box[0]))
+
+  return best_time(fn, repeats) / num_arrivals
+
+
+def time_naive(loss_fn, params, num_workers, arrivals, batches, repeats):
+  """One jitted gradient and one jitted, donated update per arrival."""
+  tx = make_tx(num_workers)
+
+  @jax.jit
+  def grad(state, m, batch):
+    return jax.grad(loss_fn)(dcasgd_optax.worker_params(state, m), batch)
+
+  def update(params, state, grads, m):
+    updates, state = tx.update(grads, state, params, worker=m)
+    params = optax.apply_updates(params, updates)
+    return params, dcasgd_optax.record_pull(state, params, m)
+
+  update = jax.jit(update, donate_argnums=(0, 1))
+  box = [(jax.tree.map(jnp.copy, params), tx.init(params))]
+  workers = [jnp.int32(m) for m in arrivals.tolist()]
+  rows = list(batches)
+
+  def fn():
+    params, state = box[0]
+    for m, batch in zip(workers, rows):
+      params, state = update(params, state, grad(state, m, batch), m)
+    box[0] = jax.block_until_ready((params, state))
+
+  return best_time(fn, repeats) / len(arrivals)
+
+
+def compare(name, loss_fn, params, num_workers, num_arrivals, repeats):
+  """One row: replay vs its limit and vs the naive loop, in microseconds."""
+  arrivals = schedules.cyclic(num_workers, num_arrivals)
+  batches = jnp.asarray(np.random.default_rng(0).integers(
+      0, NUM_EXAMPLES, (num_arrivals, BATCH)))
+  replay, _ = time_replay(loss_fn, params, num_workers, arrivals, batches,
+                          repeats)
+  grads = time_sync_gradients(loss_fn, params, num_workers, batches, repeats)
+  updates = time_updates(params, num_workers, num_arrivals, repeats)
+  naive = time_naive(loss_fn, params, num_workers, arrivals, batches, repeats)
+  limit = grads + updates
+  print(f"| {name} | {num_workers} | {replay * 1e6:.0f} | {grads * 1e6:.0f} | "
+        f"{updates * 1e6:.0f} | {limit / replay:.2f} | {naive * 1e6:.0f} | "
+        f"{naive / replay:.1f}x |", flush=True)
+
+
+def scaling(name, loss_fn, params, num_arrivals, repeats):
+  """Replay time per gradient at 4, 16, 64 workers, cyclic and Gamma orders."""
+  batches = jnp.asarray(np.random.default_rng(0).integers(
+      0, NUM_EXAMPLES, (num_arrivals, BATCH)))
+  base = None
+  for num_workers in (4, 16, 64):
+    row = []
+    for arrivals in (
+        schedules.cyclic(num_workers, num_arrivals),
+        schedules.gamma_speeds(num_workers, num_arrivals, seed=0, shape=4.0),
+    ):
+      t, plan = time_replay(loss_fn, params, num_workers, arrivals, batches,
+                            repeats)
+      row += [t, plan["fill_ratio"]]
+    base = base or row[0]
+    print(f"| {name} | {num_workers} | {row[0] * 1e6:.0f} | "
+          f"{row[0] / base:.2f} | {row[2] * 1e6:.0f} | {row[3]:.2f} |",
+          flush=True)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--arrivals", type=int, default=256)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--models", default="mlp,cnn,mlp32")
+  args = parser.parse_args()
+  models = {"mlp": mlp(), "cnn": cnn(), "mlp32": mlp(hidden=32)}
+  models = {k: models[k] for k in args.models.split(",")}
+  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind} x "
+        f"{len(jax.devices())}, {args.arrivals} arrivals, batch {BATCH}; "
+        "times in microseconds per gradient\n")
+  print("| model | workers | replay | sync grads | updates | limit/replay |"
+        " naive | naive/replay |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name, (params, loss_fn) in models.items():
+    compare(name, loss_fn, params, 16, args.arrivals, args.repeats)
+  print("\n| model | workers | replay, cyclic | vs 4 workers | replay, Gamma "
+        "(shape 4) | Gamma fill ratio |")
+  print("|---|---|---|---|---|---|")
+  for name, (params, loss_fn) in models.items():
+    scaling(name, loss_fn, params, args.arrivals, args.repeats)
+
+
+if __name__ == "__main__":
+  main()

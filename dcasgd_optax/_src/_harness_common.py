@@ -1,0 +1,187 @@
+"""Pieces shared by the asynchronous and synchronous simulators.
+
+Argument checks that run in Python before anything is traced, the device
+mesh, and the one place where per-worker computations are spread over it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXIS = "workers"
+# loss_fn with the model state made explicit: (params, model_state, batch)
+# -> (loss, new_model_state). Models without state carry ``()``.
+LossWithState = Callable[[Any, Any, Any], tuple[jax.Array, Any]]
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def make_mesh(devices: Sequence[Any] | None) -> Mesh:
+  """A 1-D mesh over ``devices`` (default: all local devices)."""
+  devices = list(jax.local_devices() if devices is None else devices)
+  if not devices:
+    raise ValueError("`devices` is empty: pass at least one device.")
+  return Mesh(np.array(devices), (AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Puts every leaf on every device of ``mesh`` (no copy if it is already)."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def with_model_state(loss_fn: Callable, has_model_state: bool) -> LossWithState:
+  """``loss_fn`` in the (params, model_state, batch) -> (loss, state) form."""
+  if not callable(loss_fn):
+    raise TypeError(f"`loss_fn` must be callable, got {loss_fn!r}.")
+  if has_model_state:
+    return loss_fn
+  return lambda params, model_state, batch: (loss_fn(params, batch), ())
+
+
+def check_model_state(model_state: Any, has_model_state: bool) -> Any:
+  """The model state to store: ``()`` for stateless models."""
+  if has_model_state and model_state is None:
+    raise ValueError(
+        "This simulator was built with has_model_state=True: pass the initial "
+        "model state, `sim.init(params, model_state)`."
+    )
+  if not has_model_state and model_state is not None:
+    raise ValueError(
+        "`model_state` was given but the simulator was built with "
+        "has_model_state=False; build it with has_model_state=True and a "
+        "loss_fn(params, model_state, batch) -> (loss, new_model_state)."
+    )
+  return () if model_state is None else model_state
+
+
+def check_arrivals(arrivals: Any, num_workers: int) -> np.ndarray:
+  """``arrivals`` as a non-empty 1-D int32 NumPy array of ids in range."""
+  if isinstance(arrivals, jax.core.Tracer):
+    raise ValueError(
+        "`arrivals` must be concrete (a NumPy or JAX array known now), not "
+        "traced: the replay plan is built from it in Python."
+    )
+  arr = np.asarray(arrivals)
+  if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(
+        f"`arrivals` must be an integer array of worker ids, got dtype "
+        f"{arr.dtype}."
+    )
+  if arr.ndim != 1:
+    raise ValueError(f"`arrivals` must be 1-D, got shape {arr.shape}.")
+  if arr.size == 0:
+    raise ValueError("`arrivals` is empty: replay needs at least one arrival.")
+  lo, hi = int(arr.min()), int(arr.max())
+  if lo < 0 or hi >= num_workers:
+    bad = lo if lo < 0 else hi
+    raise ValueError(
+        f"`arrivals` must lie in [0, {num_workers}) (num_workers="
+        f"{num_workers}), got worker id {bad}."
+    )
+  return arr.astype(np.int32)
+
+
+def check_batches(batches: Any, num: int, what: str) -> None:
+  """Raises unless every leaf of ``batches`` has leading axis ``num``."""
+  leaves = jax.tree_util.tree_flatten_with_path(batches)[0]
+  if not leaves:
+    raise ValueError("`batches` has no array leaves.")
+  for path, x in leaves:
+    shape = np.shape(x)
+    if not shape or shape[0] != num:
+      raise ValueError(
+          f"`batches` leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
+          f"{shape}, but every leaf needs a leading axis of {what} = {num}."
+      )
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree
+  )
+
+
+def signature(tree: Any) -> tuple[Any, ...]:
+  """A hashable summary of a pytree: its structure, leaf shapes and dtypes."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
+
+
+def check_loss_fn(
+    loss3: LossWithState, params: Any, model_state: Any, batches: Any
+) -> jax.ShapeDtypeStruct:
+  """Traces ``loss_fn`` once on one batch; returns the loss's abstract value."""
+  batch = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)),
+      batches,
+  )
+  loss, new_state = jax.eval_shape(
+      loss3, _abstract(params), _abstract(model_state), batch
+  )
+  if getattr(loss, "shape", None) != () or not jnp.issubdtype(
+      loss.dtype, jnp.floating
+  ):
+    raise ValueError(
+        "`loss_fn` must return a floating scalar loss for one batch, got "
+        f"{loss}."
+    )
+  if signature(new_state) != signature(_abstract(model_state)):
+    raise ValueError(
+        "`loss_fn` must return the new model state with the structure, "
+        f"shapes and dtypes of the old one.\n  old: {_abstract(model_state)}"
+        f"\n  new: {_abstract(new_state)}"
+    )
+  return loss
+
+
+def per_worker(
+    fn: Callable, mesh: Mesh, shared: tuple[Any, ...], split: tuple[Any, ...]
+) -> Any:
+  """``fn(*shared, *split)`` with ``split``'s leading axis spread over ``mesh``.
+
+  ``shared`` arguments are replicated; every leaf of ``split`` and of the
+  output has a leading slot axis whose length is a multiple of the mesh size,
+  so each device computes its own contiguous block of slots.
+  """
+  if mesh.size == 1:
+    return fn(*shared, *split)
+  specs = (P(),) * len(shared) + (P(AXIS),) * len(split)
+  # check_vma=False keeps ``fn`` purely local: with it on, a gradient taken
+  # inside ``fn`` with respect to a replicated input is summed over devices.
+  mapped = jax.shard_map(
+      fn, mesh=mesh, in_specs=specs, out_specs=P(AXIS), check_vma=False
+  )
+  return mapped(*shared, *split)
+
+
+def default_vmap_slots(mesh: Mesh, vmap_slots: int | None) -> int | None:
+  """Slots vmapped together: ``vmap_slots``, else 1 on CPU and all elsewhere.
+
+  XLA:CPU runs a vmapped convolution whose kernel differs per slot as a
+  grouped convolution, measured 30x slower than a loop over the slots.
+  """
+  if vmap_slots is not None:
+    return vmap_slots
+  return 1 if mesh.devices.flat[0].platform == "cpu" else None
+
+
+def map_slots(fn: Callable, xs: tuple[Any, ...], vmap_slots: int | None) -> Any:
+  """``fn`` over the leading axis of ``xs``: vmapped ``vmap_slots`` at a time
+  (all at once for ``None``), looping over the groups."""
+  if vmap_slots is None:
+    return jax.vmap(fn)(*xs)
+  batch_size = vmap_slots if vmap_slots > 1 else None
+  return jax.lax.map(lambda args: fn(*args), xs, batch_size=batch_size)

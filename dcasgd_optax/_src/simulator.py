@@ -1,0 +1,376 @@
+"""Replays asynchronous SGD with exact, chosen staleness, in one program.
+
+The arrival order is split into runs in which no worker repeats. Inside a run
+every worker's gradient depends only on what that worker held when the run
+began, so a run's gradients are computed together (one batched call, its
+slots spread over the devices) and then applied one by one, in arrival order,
+by the server. Runs are cut into chunks of a fixed number of slots; padded
+slots cost gradient compute only, never server work or model copies.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dcasgd_optax._src import _checks
+from dcasgd_optax._src import _harness_common as common
+from dcasgd_optax._src import _replay_plan
+from dcasgd_optax._src import _tree
+from dcasgd_optax._src.delay_compensation import delay_compensation
+from dcasgd_optax._src.pull import find_states
+from dcasgd_optax._src.pull import record_pull
+
+class SimState(NamedTuple):
+  """Everything a replay needs to continue: arrays only.
+
+  Attributes:
+    params: the server's current model (a params pytree).
+    opt_state: the optimizer state of ``sim.tx(params)``; its
+      DelayCompensationState backups (``[num_workers, ...]`` per leaf) are
+      the models the workers hold:
+      ``dcasgd_optax.worker_params(state.opt_state, m)`` is worker ``m``'s.
+    model_state: the server's model state (e.g. BatchNorm statistics): the
+      one pushed by the most recent arrival; ``()`` for stateless models.
+    worker_model_states: the model state each worker holds, every leaf with a
+      leading ``num_workers`` axis; ``()`` for stateless models.
+    step: int32 ``[]``, server updates so far.
+    last_pull: int32 ``[num_workers]``, the step at which each worker last
+      pulled (0 at init); an arrival's staleness is ``step - last_pull[m]``.
+  """
+
+  params: Any
+  opt_state: Any
+  model_state: Any
+  worker_model_states: Any
+  step: jax.Array
+  last_pull: jax.Array
+
+
+def _resolve_tx(tx: Any, params: Any, num_workers: int) -> Any:
+  """``tx`` if it keeps one full set of backups, else ``tx`` after λ=0 ones."""
+  states = find_states(jax.eval_shape(tx.init, params))
+  if not states:
+    return optax.chain(delay_compensation(num_workers, 0.0), tx)
+  if len(states) > 1 or any(
+      _tree.is_masked(b)
+      for b in jax.tree.leaves(states[0].backups, is_leaf=_tree.is_masked)
+  ):
+    raise ValueError(
+        "`tx` must hold exactly one DelayCompensationState covering every "
+        f"parameter (found {len(states)}, or one inside optax.masked): the "
+        "simulator reads what each worker holds from its backups."
+    )
+  leaves = jax.tree.leaves(states[0].backups)
+  if leaves and leaves[0].shape[0] != num_workers:
+    raise ValueError(
+        f"`num_workers`={num_workers} disagrees with `tx`, whose "
+        f"DelayCompensationState keeps backups for {leaves[0].shape[0]} "
+        "workers. Build both with the same number of workers."
+    )
+  return optax.with_extra_args_support(tx)
+
+
+def _chunk_gradients(loss3, mesh, vmap_slots, state, workers, batch):
+  """Loss, new model state and gradient of every slot, at its worker's model."""
+  backups = find_states(state.opt_state)[0].backups
+  dtypes = jax.tree.map(lambda p: p.dtype, state.params)
+  grad_fn = jax.value_and_grad(loss3, has_aux=True)
+
+  def local(backups_W, worker_ms_W, workers_L, batch_L):
+    def slot(worker, batch):
+      snap = jax.tree.map(lambda b, d: b[worker].astype(d), backups_W, dtypes)
+      model_state = jax.tree.map(lambda x: x[worker], worker_ms_W)
+      (loss, new_ms), grads = grad_fn(snap, model_state, batch)
+      return loss, new_ms, grads
+
+    return common.map_slots(slot, (workers_L, batch_L), vmap_slots)
+
+  shared = (backups, state.worker_model_states)
+  return common.per_worker(local, mesh, shared, (workers, batch))
+
+
+def _arrive(tx, start, workers_L, grads_L, new_ms_L, k, carry):
+  """The server applies slot ``k``'s gradient; its worker pulls the result."""
+  state, staleness_A = carry
+  m = workers_L[k]
+  tau = state.step - state.last_pull[m]
+  grads = jax.tree.map(lambda g: g[k], grads_L)
+  updates, opt_state = tx.update(
+      grads, state.opt_state, state.params, worker=m, staleness=tau
+  )
+  params = optax.apply_updates(state.params, updates)
+  opt_state = record_pull(opt_state, params, m)
+  model_state = jax.tree.map(lambda x: x[k], new_ms_L)
+  worker_ms = jax.tree.map(
+      lambda w, x: w.at[m].set(x), state.worker_model_states, model_state
+  )
+  step = state.step + 1
+  state = SimState(
+      params, opt_state, model_state, worker_ms, step,
+      state.last_pull.at[m].set(step),
+  )
+  return state, staleness_A.at[start + k].set(tau)
+
+
+def _replay_program(
+    loss3, tx, mesh, vmap_slots, state, batches, arrivals, starts, lengths,
+    num_chunks, *, chunk, loss_dtype,
+):
+  """The whole replay: a loop over chunks, each a batched gradient + a loop."""
+  num_arrivals = arrivals.shape[0]
+
+  def chunk_body(c, carry):
+    state, loss_A, staleness_A = carry
+    start, length = starts[c], lengths[c]
+    slot = jnp.arange(chunk)
+    rows = jnp.minimum(start + slot, num_arrivals - 1)
+    workers_L = arrivals[rows]
+    batch_L = jax.tree.map(lambda x: x[rows], batches)
+    loss_L, new_ms_L, grads_L = _chunk_gradients(
+        loss3, mesh, vmap_slots, state, workers_L, batch_L
+    )
+    arrive = functools.partial(_arrive, tx, start, workers_L, grads_L, new_ms_L)
+    state, staleness_A = jax.lax.fori_loop(
+        0, length, arrive, (state, staleness_A)
+    )
+    at = jnp.where(slot < length, start + slot, num_arrivals)
+    loss_A = loss_A.at[at].set(loss_L.astype(loss_dtype), mode="drop")
+    return state, loss_A, staleness_A
+
+  init = (
+      state,
+      jnp.zeros((num_arrivals,), loss_dtype),
+      jnp.zeros((num_arrivals,), jnp.int32),
+  )
+  state, loss_A, staleness_A = jax.lax.fori_loop(
+      0, num_chunks, chunk_body, init
+  )
+  return state, {"loss": loss_A, "staleness": staleness_A, "worker": arrivals}
+
+
+class Simulator:
+  r"""Asynchronous SGD with simulated, exact staleness (ASGD, DC-ASGD, ...).
+
+  Replays a given order of gradient arrivals at a parameter server with
+  ``num_workers`` workers. Every worker starts holding the initial params. At
+  arrival ``k`` worker ``m = arrivals[k]`` pushes the gradient of ``loss_fn``
+  at the model it holds on ``batches[k]``; the server applies
+
+  .. math::
+    u, s \leftarrow \mathrm{tx.update}(g, s, w, \mathrm{worker}=m,
+    \mathrm{staleness}=\tau), \quad w \leftarrow w + u
+
+  with :math:`\tau` the server updates since ``m``'s last pull, and ``m``
+  pulls the new ``w`` (:func:`record_pull`). The workers' models are the
+  backups in ``tx``'s DelayCompensationState (one copy, not two); a ``tx``
+  without one (any optax optimizer) runs after ``delay_compensation(
+  num_workers, 0.0)``, i.e. as plain ASGD, through the same path.
+
+  The result equals a one-arrival-at-a-time loop (to float rounding) for any
+  order, is bitwise deterministic, and ``replay(a)`` then ``replay(b)``
+  equals ``replay(a + b)``. Sequential SGD is ``num_workers=1``.
+
+  Stateful models (``has_model_state=True``): ``loss_fn(params, model_state,
+  batch) -> (loss, new_model_state)``. Each worker pulls the model state with
+  the params, so it computes with the state it last received; the server
+  keeps the state pushed by the most recent arrival (``SimState.model_state``,
+  the one to evaluate with). Since a worker pulls right after its push, each
+  worker's statistics evolve only on its own batches.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` (or the stateful form).
+      Closing over on-device data and passing index arrays as batches is the
+      common case.
+    tx: any optax transformation; DC-ASGD from :func:`dcasgd_optax.dcasgd`.
+    num_workers: number of asynchronous workers (>= 1).
+    devices: devices to spread each batch of gradients over (default: all
+      local devices); the server state is replicated on each.
+    has_model_state: whether ``loss_fn`` takes and returns a model state.
+    max_parallel: most gradients computed at once (bounds the memory they
+      take). Default ``num_workers``, except on CPU, where it is capped so
+      that they take at most 16 MiB per device (they then stay in cache).
+      Rounded to a multiple of the device count; it never changes results.
+    vmap_slots: how many of a device's gradients one vmapped call computes;
+      the groups run in a loop. Default: all of them on GPU/TPU, one on CPU
+      (where vmapping a convolution over per-worker kernels is very slow).
+    donate: donate the input state to ``replay`` so the backups are updated
+      in place (the state passed in is then deleted).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import dcasgd_optax
+    >>> from dcasgd_optax.harness import Simulator, schedules
+    >>> targets = jnp.linspace(0.5, 1.5, 16)  # on-device data
+    >>> loss_fn = lambda p, i: (p['w'] - targets[i]) ** 2  # batch: an index
+    >>> tx = dcasgd_optax.dcasgd(0.1, num_workers=4)
+    >>> sim = Simulator(loss_fn, tx, num_workers=4)
+    >>> state = sim.init({'w': jnp.zeros(())})
+    >>> arrivals = schedules.cyclic(4, 16)
+    >>> state, metrics = sim.replay(state, jnp.arange(16), arrivals)
+    >>> metrics['staleness'].tolist()
+    [0, 1, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]
+    >>> bool(abs(state.params['w'] - 1.0) < 0.3)  # near the mean target
+    True
+  """
+
+  def __init__(
+      self,
+      loss_fn: Callable[..., Any],
+      tx: optax.GradientTransformation,
+      num_workers: int,
+      *,
+      devices: Sequence[Any] | None = None,
+      has_model_state: bool = False,
+      max_parallel: int | None = None,
+      vmap_slots: int | None = None,
+      donate: bool = True,
+  ):
+    self.num_workers = _checks.check_positive_int("num_workers", num_workers)
+    if max_parallel is not None:
+      _checks.check_positive_int("max_parallel", max_parallel)
+    if not hasattr(tx, "init") or not hasattr(tx, "update"):
+      raise TypeError(f"`tx` must be an optax transformation, got {tx!r}.")
+    self._loss3 = common.with_model_state(loss_fn, has_model_state)
+    self._has_model_state = has_model_state
+    self._user_tx = tx
+    self.mesh = common.make_mesh(devices)
+    self._max_parallel = max_parallel
+    if vmap_slots is not None:
+      _checks.check_positive_int("vmap_slots", vmap_slots)
+    self._vmap_slots = common.default_vmap_slots(self.mesh, vmap_slots)
+    self._donate = donate
+    self._compiled: dict[Any, tuple[Any, Any]] = {}
+    self._loss_checked: dict[Any, Any] = {}
+
+  def _program(self, params: Any) -> tuple[Any, Any]:
+    """The transformation run and its jitted replay, cached per params shape."""
+    key = common.signature(params)
+    if key not in self._compiled:
+      tx = _resolve_tx(self._user_tx, params, self.num_workers)
+      fn = functools.partial(
+          _replay_program, self._loss3, tx, self.mesh, self._vmap_slots
+      )
+      self._compiled[key] = (tx, jax.jit(
+          fn,
+          static_argnames=("chunk", "loss_dtype"),
+          donate_argnums=(0,) if self._donate else (),
+      ))
+    return self._compiled[key]
+
+  def tx(self, params: Any) -> optax.GradientTransformationExtraArgs:
+    """The transformation the server runs for params shaped like ``params``."""
+    return self._program(params)[0]
+
+  def init(self, params: Any, model_state: Any = None) -> SimState:
+    """Every worker holds ``params`` (and ``model_state``); no update yet.
+
+    Args:
+      params: the initial model (copied; the argument is never donated).
+      model_state: the initial model state, only with ``has_model_state``.
+
+    Returns:
+      A :class:`SimState`, replicated on the simulator's devices.
+    """
+    model_state = common.check_model_state(model_state, self._has_model_state)
+    tx, _ = self._program(params)
+    num_workers = self.num_workers
+
+    def build(params, model_state):
+      params = jax.tree.map(jnp.copy, params)
+      model_state = jax.tree.map(jnp.copy, model_state)
+      worker_ms = jax.tree.map(
+          lambda x: jnp.broadcast_to(x[None], (num_workers, *jnp.shape(x))),
+          model_state,
+      )
+      return SimState(
+          params, tx.init(params), model_state, worker_ms,
+          jnp.zeros((), jnp.int32), jnp.zeros((num_workers,), jnp.int32),
+      )
+
+    args = common.replicate((params, model_state), self.mesh)
+    return jax.jit(build, out_shardings=common.replicated(self.mesh))(*args)
+
+  def _plan(self, arrivals: np.ndarray, params: Any) -> _replay_plan.Plan:
+    limit = _replay_plan.slot_limit(
+        self.num_workers, self._max_parallel, self.mesh, params
+    )
+    return _replay_plan.make_plan(arrivals, limit, self.mesh.size)
+
+  def describe(self, arrivals: Any, params: Any) -> dict[str, Any]:
+    """How ``replay`` batches ``arrivals`` for ``params``: runs, chunks, fill.
+
+    ``num_runs`` counts the maximal runs with no repeated worker, each cut
+    into chunks of ``chunk`` gradient slots; ``fill_ratio`` is arrivals /
+    slots computed (1.0: no padding).
+    """
+    arrivals = common.check_arrivals(arrivals, self.num_workers)
+    plan = self._plan(arrivals, params)
+    slots = plan.num_chunks * plan.chunk
+    return dict(
+        num_arrivals=len(arrivals), num_runs=plan.num_runs, chunk=plan.chunk,
+        num_chunks=plan.num_chunks, fill_ratio=len(arrivals) / slots,
+    )
+
+  def replay(
+      self, state: SimState, batches: Any, arrivals: Any
+  ) -> tuple[SimState, dict[str, jax.Array]]:
+    """Replays ``arrivals`` from ``state``, as one compiled program.
+
+    Args:
+      state: from :meth:`init` or a previous ``replay`` (donated unless the
+        simulator was built with ``donate=False``).
+      batches: a pytree whose leaves have leading axis ``len(arrivals)``;
+        arrival ``k`` uses ``batches[k]``.
+      arrivals: concrete 1-D integer array of worker ids in
+        ``[0, num_workers)``, in the order their gradients reach the server.
+
+    Returns:
+      ``(state, metrics)``; ``metrics`` holds arrays of length
+      ``len(arrivals)``: ``"loss"`` (the loss at the model the worker held,
+      non-finite values included), ``"staleness"`` (int32, server updates
+      since that worker's last pull) and ``"worker"`` (the arrivals).
+    """
+    arrivals = common.check_arrivals(arrivals, self.num_workers)
+    common.check_batches(batches, len(arrivals), "len(arrivals)")
+    self._check_state(state)
+    _, program = self._program(state.params)
+    loss = self._check_loss(state, batches)
+    plan = self._plan(arrivals, state.params)
+    return program(
+        state, common.replicate(batches, self.mesh), arrivals, plan.starts,
+        plan.lengths, np.int32(plan.num_chunks), chunk=plan.chunk,
+        loss_dtype=loss.dtype,
+    )
+
+  def _check_state(self, state: Any) -> None:
+    if not isinstance(state, SimState):
+      raise ValueError(
+          f"`state` must be a SimState from `sim.init`, got {type(state)}."
+      )
+    if np.shape(state.last_pull) != (self.num_workers,):
+      raise ValueError(
+          f"`state` was made for {np.shape(state.last_pull)[0]} workers, but "
+          f"this simulator has num_workers={self.num_workers}."
+      )
+    if len(find_states(state.opt_state)) != 1:
+      raise ValueError(
+          "`state.opt_state` must hold exactly one DelayCompensationState; "
+          "make the state with `sim.init`."
+      )
+
+  def _check_loss(self, state: SimState, batches: Any) -> Any:
+    """``loss_fn``'s abstract loss on one batch (checked once per shape)."""
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        np.shape(x)[1:], jnp.result_type(x)), batches)
+    key = common.signature((state.params, state.model_state, batch))
+    if key not in self._loss_checked:
+      self._loss_checked[key] = common.check_loss_fn(
+          self._loss3, state.params, state.model_state, batches
+      )
+    return self._loss_checked[key]

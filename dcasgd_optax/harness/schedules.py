@@ -1,0 +1,16 @@
+"""Arrival orders for :class:`dcasgd_optax.harness.Simulator`.
+
+The public API is exactly the names imported here.
+"""
+
+from dcasgd_optax._src.schedules import cyclic
+from dcasgd_optax._src.schedules import gamma_speeds
+from dcasgd_optax._src.schedules import shuffled_rounds
+from dcasgd_optax._src.schedules import staleness
+
+__all__ = (
+    "cyclic",
+    "gamma_speeds",
+    "shuffled_rounds",
+    "staleness",
+)

@@ -1,0 +1,33 @@
+"""Asynchronous parameter-server training on Ray (extra ``ray``).
+
+The public API is exactly the names imported here. Install with
+``pip install 'dcasgd-optax[ray]'``.
+"""
+
+try:
+  import orbax.checkpoint as _ocp
+  import ray as _ray
+except ImportError as e:
+  raise ImportError(
+      "dcasgd_optax.ray needs Ray and orbax-checkpoint, which are not "
+      f"installed ({e}). Install them with `pip install 'dcasgd-optax[ray]'`."
+  ) from e
+del _ocp, _ray
+
+from dcasgd_optax._src.ray_driver import UpdateRecords
+from dcasgd_optax._src.ray_ps import TrainResult
+from dcasgd_optax._src.ray_ps import train
+from dcasgd_optax._src.ray_server import ApplyInfo
+from dcasgd_optax._src.ray_server import ParameterServer
+from dcasgd_optax._src.ray_worker import GradientMeta
+from dcasgd_optax._src.ray_worker import GradientWorker
+
+__all__ = (
+    "ApplyInfo",
+    "GradientMeta",
+    "GradientWorker",
+    "ParameterServer",
+    "TrainResult",
+    "UpdateRecords",
+    "train",
+)

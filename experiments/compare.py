@@ -1,0 +1,130 @@
+r"""Runs the comparison grid (algorithms x worker counts x seeds) and reports it.
+
+Example::
+
+  python -m experiments.compare --config=experiments/configs/demo.py \
+      --workdir=runs/demo
+
+Each run trains in ``WORKDIR/runs/<algorithm>-M<workers>-seed<seed>/`` (so
+an interrupted comparison resumes where it stopped: finished runs are
+restored, not retrained). Sequential SGD runs once per seed, with one worker.
+Then it writes, in ``WORKDIR``:
+
+* ``results.csv``: one row per run (algorithm, workers, schedule, seed, final
+  and best test error, wall time, mean staleness, epochs);
+* ``metrics.jsonl``: every run's per-epoch metrics, one JSON object a line;
+* ``table.md``: the paper's table (test error, mean ± std over seeds), also
+  printed;
+* ``error_vs_epoch.png``, ``error_vs_workers.png``, ``staleness_hist.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from dcasgd_optax.harness import schedules
+from experiments import algorithms
+from experiments import checkpointing
+from experiments import reporting
+from experiments import train
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all runs and the report.")
+config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
+
+
+def run_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+  """One config per run of ``config.grid``, all validated before any runs."""
+  grid = config.grid
+  for a in grid.algorithms:
+    algorithms.check_name(a)
+  configs = []
+  for m in sorted(grid.num_workers):
+    for a in grid.algorithms:
+      if a == "sequential" and m != min(grid.num_workers):
+        continue
+      for seed in grid.seeds:
+        c = ml_collections.ConfigDict(config.to_dict())
+        c.algorithm, c.num_workers, c.seed = a, 1 if a == "sequential" else m, seed
+        train.validate(c)
+        configs.append(c)
+  return configs
+
+
+def run_dir(workdir: str, c: Any) -> str:
+  return os.path.join(workdir, "runs", f"{c.algorithm}-M{c.num_workers}-seed{c.seed}")
+
+
+def schedule_staleness(config: Any, num_workers: int) -> np.ndarray:
+  """Staleness of every arrival of a whole run of ``config``'s schedule."""
+  ds = train.load_dataset(config.dataset, config.data_dir, config.download)
+  total = config.num_epochs * train.steps_per_epoch(len(ds.train_labels), config.batch_size)
+  arrivals = train.arrival_schedule(config, num_workers, total)
+  return schedules.staleness(arrivals, num_workers)
+
+
+def report(config: Any, workdir: str, rows: list[dict], dirs: list[str]) -> str:
+  """Writes results.csv, metrics.jsonl, table.md and the plots; returns the table."""
+  reporting.write_csv(rows, os.path.join(workdir, "results.csv"))
+  histories: dict[tuple[str, int], list] = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for row, d in zip(rows, dirs):
+      history = checkpointing.read_metrics(d)
+      histories.setdefault((row["algorithm"], row["workers"]), []).append(history)
+      for record in history:
+        keys = ("algorithm", "workers", "schedule", "seed")
+        f.write(json.dumps({**{k: row[k] for k in keys}, **record}) + "\n")
+  title = (f"{config.dataset}, {config.model}, {config.schedule} arrivals, "
+           f"{len(config.grid.seeds)} seed(s)")
+  table = reporting.markdown_table(rows)
+  with open(os.path.join(workdir, "table.md"), "w") as f:
+    f.write(f"## {title}\n\n{table}")
+  reporting.plot_error_vs_epoch(histories, os.path.join(workdir, "error_vs_epoch.png"), title=title)
+  reporting.plot_error_vs_workers(rows, os.path.join(workdir, "error_vs_workers.png"), title=title)
+  staleness = {m: schedule_staleness(config, m) for m in sorted(config.grid.num_workers)}
+  reporting.plot_staleness(staleness, os.path.join(workdir, "staleness_hist.png"),
+                           title=f"{config.schedule} arrivals")
+  return table
+
+
+def compare(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Trains every run of the grid (resuming finished ones) and reports.
+
+  Returns:
+    The rows of ``results.csv``.
+  """
+  configs = run_configs(config)
+  dirs = [run_dir(workdir, c) for c in configs]
+  rows = []
+  for c, d in tqdm.tqdm(list(zip(configs, dirs)), desc="runs", unit="run",
+                        disable=not config.progress_bar):
+    rows.append(train.train_and_evaluate(c, d))
+  print(report(config, workdir, rows, dirs))
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  # Runs that differ only in their seed compile to the same program: a
+  # persistent cache lets every seed after the first skip compilation.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  compare(flags.FLAGS.config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

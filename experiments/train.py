@@ -1,0 +1,302 @@
+"""Trains one run (one algorithm, worker count, schedule and seed).
+
+``train_and_evaluate(config, workdir)`` is importable from a notebook; the
+command line is :mod:`experiments.main`. A run is fully determined by its
+config: the model's initialization, the data order, the augmentation and the
+arrival schedule all derive from ``config.seed``, and the simulators are
+bitwise deterministic, so rerunning gives the same numbers on the same
+machine.
+
+Per epoch the run replays that epoch's gradients through the simulator as
+one compiled program, evaluates the test error, appends a line to
+``workdir/metrics.jsonl`` and saves an orbax checkpoint. Rerunning with the
+same ``workdir`` resumes from the latest checkpoint and ends with exactly
+the result of an uninterrupted run. The final summary is
+``workdir/summary.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+
+from dcasgd_optax.harness import schedules
+from experiments import algorithms
+from experiments import checkpointing
+from experiments import data
+from experiments import models
+
+SCHEDULES = ("cyclic", "shuffled", "gamma")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, with the valid choices, on a config that cannot run."""
+  algorithms.check_name(config.algorithm)
+  data.check_name(config.dataset)
+  if config.model not in models.MODELS:
+    raise ValueError(
+        f"Unknown model {config.model!r}; valid choices: "
+        f"{', '.join(models.MODELS)}."
+    )
+  if config.schedule not in SCHEDULES:
+    raise ValueError(
+        f"Unknown schedule {config.schedule!r}; valid choices: "
+        f"{', '.join(SCHEDULES)}."
+    )
+  for name in ("num_workers", "batch_size", "num_epochs", "eval_batch_size"):
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{name} must be an int >= 1, got {value!r}.")
+  if not config.learning_rate > 0:
+    raise ValueError(
+        f"config.learning_rate must be > 0, got {config.learning_rate!r}."
+    )
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Minibatch gradients per epoch, ``S = num_examples // batch_size``."""
+  if batch_size > num_examples:
+    raise ValueError(
+        f"config.batch_size={batch_size} exceeds the {num_examples} training "
+        "examples."
+    )
+  return num_examples // batch_size
+
+
+def gradient_indices(
+    seed: int, num_examples: int, batch_size: int, start: int, stop: int
+) -> np.ndarray:
+  """Example indices of gradients ``start .. stop - 1`` of the data stream.
+
+  Gradient ``g`` belongs to epoch ``g // S``; each epoch is a fresh random
+  permutation of the training set (``np.random.default_rng([seed, epoch])``,
+  the last ``num_examples % batch_size`` examples dropped), cut into ``S``
+  minibatches. Every algorithm consumes this same stream.
+
+  Returns:
+    int32 ``[stop - start, batch_size]``.
+  """
+  s = num_examples // batch_size
+  rows = []
+  for epoch in range(start // s, (stop - 1) // s + 1):
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    rows.append(perm[: s * batch_size].reshape(s, batch_size))
+  first = (start // s) * s
+  return np.concatenate(rows)[start - first : stop - first].astype(np.int32)
+
+
+def arrival_schedule(config: Any, num_workers: int, num_arrivals: int) -> np.ndarray:
+  """The whole run's order of arrivals (worker ids), from ``config.seed``."""
+  seed = int(np.random.SeedSequence([config.seed, 2]).generate_state(1)[0])
+  if config.schedule == "cyclic":
+    return schedules.cyclic(num_workers, num_arrivals)
+  if config.schedule == "shuffled":
+    rounds = -(-num_arrivals // num_workers)
+    return schedules.shuffled_rounds(num_workers, rounds, seed)[:num_arrivals]
+  return schedules.gamma_speeds(
+      num_workers, num_arrivals, seed, shape=config.gamma_shape
+  )
+
+
+def epoch_range(algorithm: str, num_workers: int, s: int, epoch: int) -> tuple[int, int]:
+  """Gradients ``[start, stop)`` of the stream that epoch ``epoch`` applies.
+
+  Asynchronous and sequential runs apply gradients ``[e S, (e+1) S)``; SSGD
+  applies whole rounds of ``M``, those of rounds
+  ``floor(e S / M) .. floor((e+1) S / M) - 1``.
+  """
+  if algorithm != "ssgd":
+    return epoch * s, (epoch + 1) * s
+  m = num_workers
+  return (epoch * s // m) * m, ((epoch + 1) * s // m) * m
+
+
+def make_loss(apply, ds: data.Dataset, rng: jax.Array):
+  """``loss(params, model_state, batch) -> (loss, model_state)`` on device data.
+
+  ``batch`` is ``{'idx': int32 [B], 'step': int32 []}``: the minibatch's
+  example indices and its index in the gradient stream, from which the
+  augmentation key is derived (``fold_in(rng, step)``).
+  """
+  images = jnp.asarray(ds.train_images)
+  labels = jnp.asarray(ds.train_labels)
+
+  def loss_fn(params, model_state, batch):
+    x_BxHxWxC = images[batch["idx"]]
+    if ds.augment:
+      x_BxHxWxC = data.crop_and_flip(
+          jax.random.fold_in(rng, batch["step"]), x_BxHxWxC
+      )
+    logits, model_state = apply(params, model_state, x_BxHxWxC, train=True)
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels[batch["idx"]]
+    )
+    return jnp.mean(loss), model_state
+
+  return loss_fn
+
+
+def make_evaluate(apply, ds: data.Dataset, batch_size: int):
+  """A jitted ``evaluate(params, model_state) -> (error, loss)`` on the test set."""
+  n = len(ds.test_labels)
+  pad = -n % batch_size
+  x = np.concatenate([ds.test_images, np.zeros((pad, *ds.image_shape), np.float32)])
+  y = np.concatenate([ds.test_labels, np.zeros((pad,), np.int32)])
+  mask = np.arange(n + pad) < n
+  nb = (n + pad) // batch_size
+  x_NBxBxHxWxC = jnp.asarray(x.reshape(nb, batch_size, *ds.image_shape))
+  y_NBxB = jnp.asarray(y.reshape(nb, batch_size))
+  mask_NBxB = jnp.asarray(mask.reshape(nb, batch_size))
+
+  @jax.jit
+  def evaluate(params, model_state):
+    def one(args):
+      x_B, y_B, m_B = args
+      logits, _ = apply(params, model_state, x_B, train=False)
+      wrong = (jnp.argmax(logits, -1) != y_B) & m_B
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y_B)
+      return jnp.sum(wrong), jnp.sum(jnp.where(m_B, loss, 0.0))
+
+    wrong, loss = jax.lax.map(one, (x_NBxBxHxWxC, y_NBxB, mask_NBxB))
+    return jnp.sum(wrong) / n, jnp.sum(loss) / n
+
+  return evaluate
+
+
+@functools.lru_cache(maxsize=2)
+def load_dataset(name: str, data_dir: str | None, download: bool) -> data.Dataset:
+  """:func:`data.load`, cached: a comparison loads its dataset once."""
+  return data.load(name, data_dir=data_dir, download=download)
+
+
+class _Run:
+  """Everything one run needs, built from its config."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.algorithm = config.algorithm
+    self.m = algorithms.effective_workers(config.algorithm, config.num_workers)
+    self.ds = load_dataset(config.dataset, config.data_dir, config.download)
+    self.s = steps_per_epoch(len(self.ds.train_labels), config.batch_size)
+    model = models.create(
+        config.model, image_shape=self.ds.image_shape,
+        num_classes=self.ds.num_classes, seed=config.seed,
+        mlp_hidden=tuple(config.mlp_hidden),
+    )
+    apply, self.params, self.model_state = models.functional(model)
+    self.stateful = bool(jax.tree.leaves(self.model_state))
+    rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+    loss3 = make_loss(apply, self.ds, rng)
+    loss_fn = loss3 if self.stateful else (lambda p, b: loss3(p, {}, b)[0])
+    self.sim = algorithms.make_simulator(
+        config, loss_fn, steps_per_epoch=self.s, has_model_state=self.stateful
+    )
+    self.evaluate = make_evaluate(apply, self.ds, config.eval_batch_size)
+    if self.algorithm != "ssgd":
+      self.arrivals = arrival_schedule(config, self.m, config.num_epochs * self.s)
+
+  def init(self):
+    ms = self.model_state if self.stateful else None
+    return self.sim.init(self.params, ms)
+
+  def epoch(self, state, epoch: int):
+    """Replays epoch ``epoch``; returns the new state and the epoch's metrics."""
+    start, stop = epoch_range(self.algorithm, self.m, self.s, epoch)
+    if stop == start:  # SSGD with more workers than gradients per epoch.
+      return state, np.zeros((0,)), np.zeros((0,), np.int32)
+    idx = gradient_indices(
+        self.config.seed, len(self.ds.train_labels), self.config.batch_size,
+        start, stop,
+    )
+    batches = {"idx": idx, "step": np.arange(start, stop, dtype=np.int32)}
+    if self.algorithm == "ssgd":
+      state, metrics = self.sim.replay(state, batches)
+    else:
+      state, metrics = self.sim.replay(state, batches, self.arrivals[start:stop])
+    return state, np.asarray(metrics["loss"]), np.asarray(metrics["staleness"])
+
+  def record(self, state, epoch: int, loss, staleness, seconds: float) -> dict:
+    model_state = state.model_state if self.stateful else {}
+    error, test_loss = self.evaluate(state.params, model_state)
+    return {
+        "epoch": epoch + 1,
+        "updates": int(state.step),
+        "gradients": epoch_range(self.algorithm, self.m, self.s, epoch)[1],
+        "train_loss": float(np.mean(loss)) if loss.size else float("nan"),
+        "test_error": float(error),
+        "test_loss": float(test_loss),
+        "staleness_sum": int(np.sum(staleness)),
+        "staleness_max": int(np.max(staleness, initial=0)),
+        "arrivals": int(staleness.size),
+        "seconds": seconds,
+    }
+
+
+def summarize(config: Any, history: list[dict]) -> dict[str, Any]:
+  """The run's row of ``results.csv``."""
+  arrivals = sum(h["arrivals"] for h in history)
+  return {
+      "algorithm": config.algorithm,
+      "workers": algorithms.effective_workers(config.algorithm, config.num_workers),
+      "schedule": config.schedule if config.algorithm != "ssgd" else "sync",
+      "seed": config.seed,
+      "final_test_error": history[-1]["test_error"],
+      "best_test_error": min(h["test_error"] for h in history),
+      "wall_time": sum(h["seconds"] for h in history),
+      "mean_staleness": sum(h["staleness_sum"] for h in history) / max(arrivals, 1),
+      "epochs": len(history),
+  }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains and evaluates one run, resuming from ``workdir`` if it holds one.
+
+  Args:
+    config: the run's hyperparameters (see ``experiments/configs/default.py``).
+    workdir: where metrics, checkpoints and the summary go.
+
+  Returns:
+    The summary (also written to ``workdir/summary.json``): algorithm,
+    workers, schedule, seed, final and best test error, wall time (seconds
+    spent replaying gradients, compilation included, evaluation excluded,
+    summed over resumed sessions), mean staleness, epochs.
+  """
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  checkpointing.check_same_config(config, workdir)
+  run = _Run(config)
+  state = run.init()
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint_every_epochs)
+  state, history = ckpt.restore_latest(state)
+  checkpointing.write_metrics(workdir, history)
+  desc = f"{config.algorithm} M={run.m} seed={config.seed}"
+  bar = tqdm.tqdm(total=config.num_epochs, initial=len(history), desc=desc,
+                  unit="epoch", disable=not config.progress_bar, leave=False)
+  for epoch in range(len(history), config.num_epochs):
+    t0 = time.perf_counter()
+    state, loss, staleness = run.epoch(state, epoch)
+    jax.block_until_ready(state)
+    record = run.record(state, epoch, loss, staleness, time.perf_counter() - t0)
+    history.append(record)
+    ckpt.save(epoch + 1, state, history, final=epoch + 1 == config.num_epochs)
+    checkpointing.append_metrics(workdir, record)
+    bar.set_postfix(test_error=f"{record['test_error']:.4f}", refresh=False)
+    bar.update(1)
+    logging.info("%s epoch %d: %s", desc, epoch + 1, record)
+  bar.close()
+  ckpt.close()
+  summary = summarize(config, history)
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary

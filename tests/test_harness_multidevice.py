@@ -1,0 +1,93 @@
+"""The harness gives the same answer on 1 and on 8 (fake CPU) devices.
+
+Fake devices must be set before JAX starts, so the comparison runs in a fresh
+Python subprocess (safe under pytest-xdist, whose workers have JAX started).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import dcasgd_optax
+    from dcasgd_optax.harness import Simulator, SyncSimulator, schedules
+
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    assert len(jax.devices()) == 8, jax.devices()
+    XS = jax.random.normal(jax.random.key(0), (64, 3))
+    YS = jnp.sin(XS @ jnp.array([1.0, -2.0, 0.5]))
+
+    def loss_fn(params, idx):
+      h = jnp.tanh(XS[idx] @ params["w1"])
+      return jnp.mean((h @ params["w2"] - YS[idx]) ** 2)
+
+    def bn_loss_fn(params, state, idx):
+      z = XS[idx] @ params["w1"]
+      mean = jnp.mean(z, axis=0)
+      h = jnp.tanh(z - mean[None])
+      loss = jnp.mean((h @ params["w2"] - YS[idx]) ** 2)
+      return loss, {"mean": 0.9 * state["mean"] + 0.1 * mean}
+
+    params = {"w1": jnp.full((3, 5), 0.3), "w2": jnp.linspace(-1.0, 1.0, 5)}
+    one, eight = jax.devices()[:1], jax.devices()
+
+    def close(a, b):
+      jax.tree.map(lambda x, y: np.testing.assert_allclose(
+          np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6), a, b)
+
+    def run_async(devices, num_workers, arrivals, stateful=False):
+      tx = dcasgd_optax.dcasgd(0.1, num_workers, momentum=0.5)
+      batches = jnp.asarray(
+          np.random.default_rng(0).integers(0, 64, (len(arrivals), 8)))
+      fn = bn_loss_fn if stateful else loss_fn
+      sim = Simulator(fn, tx, num_workers, devices=devices,
+                      has_model_state=stateful)
+      ms = {"mean": jnp.zeros(5)} if stateful else None
+      state = sim.init(params, ms)
+      state, m1 = sim.replay(state, batches[:20], arrivals[:20])
+      state, m2 = sim.replay(state, batches[20:], arrivals[20:])
+      assert state.params["w1"].sharding.device_set == set(devices)
+      return state, m1, m2
+
+    cases = [
+        (6, np.random.default_rng(1).integers(0, 6, 50)),  # 6 % 8 != 0
+        (16, schedules.cyclic(16, 64)),
+        (5, schedules.gamma_speeds(5, 45, seed=0, shape=2.0)),
+        (1, np.zeros(30, np.int32)),  # sequential SGD
+    ]
+    for num_workers, arrivals in cases:
+      close(run_async(one, num_workers, arrivals),
+            run_async(eight, num_workers, arrivals))
+    close(run_async(one, 6, cases[0][1], stateful=True),
+          run_async(eight, 6, cases[0][1], stateful=True))
+
+    def run_sync(devices, num_workers):
+      sim = SyncSimulator(loss_fn, optax.sgd(0.1), num_workers, devices=devices)
+      batches = jnp.asarray(
+          np.random.default_rng(0).integers(0, 64, (4 * num_workers, 8)))
+      return sim.replay(sim.init(params), batches)
+
+    for num_workers in (3, 8, 12):
+      close(run_sync(one, num_workers), run_sync(eight, num_workers))
+    print("OK")
+""")
+
+
+def test_one_and_eight_devices_agree():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env["JAX_PLATFORMS"] = "cpu"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-c", _SCRIPT], cwd=root, env=env,
+      capture_output=True, text=True, timeout=600,
+  )
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert result.stdout.strip().endswith("OK")
