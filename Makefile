@@ -9,7 +9,7 @@ PYTHON ?= $(shell for p in python3 python3.12 python3.13 python3.11 python; do \
 PYTEST_ARGS ?=
 DEMO_DIR ?= runs/demo
 
-.PHONY: test test-slow demo bench venv clean
+.PHONY: test test-slow test-py312 demo bench venv clean
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; set PYTHON=/path/to/python3.11+"; exit 1; }
@@ -32,6 +32,10 @@ test: $(VENV)/.installed-dev
 test-slow: $(VENV)/.installed-dev
 	$(PY) -m pytest -n auto -m slow $(PYTEST_ARGS)
 
+# The same suite on Python 3.12, which gets the newest JAX (0.12 at the time of writing).
+test-py312:
+	$(MAKE) test PYTHON=python3.12 VENV=.venv-py312
+
 demo: $(VENV)/.installed-experiments
 	$(PY) -m experiments.compare --config=experiments/configs/demo.py --workdir=$(DEMO_DIR)
 
@@ -40,4 +44,4 @@ bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/harness_throughput.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-py312 runs .pytest_cache

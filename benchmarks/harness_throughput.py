@@ -3,7 +3,10 @@
 For an MLP on 784-dimensional inputs and a small CNN on 28x28 images (batch
 32, DC-ASGD-a with momentum), side by side in one process, per gradient:
 
-- ``replay``: ``Simulator.replay`` on a cyclic order (and a Gamma order).
+- ``replay``: ``Simulator.replay`` on a cyclic order (and a Gamma order),
+  with the default strategy (``"host_chunks"`` on CPU, ``"compiled"``
+  elsewhere); ``compiled``: the same with ``strategy="compiled"``, and the
+  first call of each (compilation included), in seconds.
 - ``limit``: the same gradients computed synchronously (num_workers at a
   time, at one shared model, in one jitted scan; the faster of a vmapped
   call and a loop per round) plus one server update
@@ -22,6 +25,7 @@ per-call dispatch weighs most against compute).
 Each time is the best of ``--repeats`` runs after a warm-up (compilation).
 
 Run: python benchmarks/harness_throughput.py [--arrivals 256] [--repeats 3]
+     PYTHONPATH=. python benchmarks/harness_throughput.py --resnet20 2,8
 """
 
 from __future__ import annotations
@@ -98,31 +102,47 @@ def make_tx(num_workers: int) -> optax.GradientTransformationExtraArgs:
 
 def best_time(fn: Callable[[], Any], repeats: int) -> float:
   """Best wall time of ``fn()`` (which must block) after one warm-up call."""
+  return best_and_first_time(fn, repeats)[0]
+
+
+def best_and_first_time(
+    fn: Callable[[], Any], repeats: int
+) -> tuple[float, float]:
+  """Best wall time of ``fn()`` after a warm-up call, and the warm-up's."""
+  start = time.perf_counter()
   fn()
+  first = time.perf_counter() - start
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-  return min(times)
+  return min(times), first
 
 
-def time_replay(loss_fn, params, num_workers, arrivals, batches, repeats):
-  sim = Simulator(loss_fn, make_tx(num_workers), num_workers)
+def time_replay(loss_fn, params, num_workers, arrivals, batches, repeats,
+                strategy=None):
+  """Per-gradient replay time, the plan, and the first call's time."""
+  sim = Simulator(loss_fn, make_tx(num_workers), num_workers,
+                  strategy=strategy)
   box = [sim.init(params)]
 
   def run():
     box[0], metrics = sim.replay(box[0], batches, arrivals)
     jax.block_until_ready((box[0], metrics))
 
-  return best_time(run, repeats) / len(arrivals), sim.describe(arrivals, params)
+  best, first = best_and_first_time(run, repeats)
+  return best / len(arrivals), sim.describe(arrivals, params), first
 
 
 def time_sync_gradients(loss_fn, params, num_workers, batches, repeats):
-  """``num_workers`` gradients at a time at one model, in a jitted scan.
+  """``num_workers`` gradients at a time at one model.
 
-  The best of computing a round's gradients in one vmapped call and in a
-  loop (``lax.map``), so the limit is the faster synchronous way.
+  The best of: a jitted scan over rounds, computing a round's gradients in
+  one vmapped call or in a loop (``lax.map``); and one jitted call per round
+  from Python, its gradients unrolled (no loop: on XLA:CPU a convolution's
+  gradient inside a loop is 7-15x slower). So the limit is the fastest
+  synchronous way.
   """
   rounds = batches.reshape(-1, num_workers, *batches.shape[1:])
   grad_fn = jax.grad(loss_fn)
@@ -148,6 +168,15 @@ def time_sync_gradients(loss_fn, params, num_workers, batches, repeats):
 
     fn = lambda run=run: jax.block_until_ready(run(params, rounds))
     best = min(best, best_time(fn, repeats))
+
+  unrolled = jax.jit(lambda params, batch_W: [
+      grad_fn(params, batch_W[i]) for i in range(num_workers)])
+  round_list = list(rounds)
+
+  def host_rounds():
+    jax.block_until_ready([unrolled(params, b) for b in round_list])
+
+  best = min(best, best_time(host_rounds, repeats))
   return best / batches.shape[0]
 
 
@@ -207,15 +236,20 @@ def compare(name, loss_fn, params, num_workers, num_arrivals, repeats):
   arrivals = schedules.cyclic(num_workers, num_arrivals)
   batches = jnp.asarray(np.random.default_rng(0).integers(
       0, NUM_EXAMPLES, (num_arrivals, BATCH)))
-  replay, _ = time_replay(loss_fn, params, num_workers, arrivals, batches,
-                          repeats)
+  replay, plan, first = time_replay(loss_fn, params, num_workers, arrivals,
+                                    batches, repeats)
+  other = "compiled" if plan["strategy"] != "compiled" else "host_chunks"
+  other_replay, _, other_first = time_replay(
+      loss_fn, params, num_workers, arrivals, batches, repeats, other)
   grads = time_sync_gradients(loss_fn, params, num_workers, batches, repeats)
   updates = time_updates(params, num_workers, num_arrivals, repeats)
   naive = time_naive(loss_fn, params, num_workers, arrivals, batches, repeats)
   limit = grads + updates
-  print(f"| {name} | {num_workers} | {replay * 1e6:.0f} | {grads * 1e6:.0f} | "
+  print(f"| {name} | {num_workers} | {plan['strategy']} | "
+        f"{replay * 1e6:.0f} | {grads * 1e6:.0f} | "
         f"{updates * 1e6:.0f} | {limit / replay:.2f} | {naive * 1e6:.0f} | "
-        f"{naive / replay:.1f}x |", flush=True)
+        f"{naive / replay:.1f}x | {other_replay * 1e6:.0f} ({other}) | "
+        f"{first:.1f} / {other_first:.1f} |", flush=True)
 
 
 def scaling(name, loss_fn, params, num_arrivals, repeats):
@@ -229,8 +263,8 @@ def scaling(name, loss_fn, params, num_arrivals, repeats):
         schedules.cyclic(num_workers, num_arrivals),
         schedules.gamma_speeds(num_workers, num_arrivals, seed=0, shape=4.0),
     ):
-      t, plan = time_replay(loss_fn, params, num_workers, arrivals, batches,
-                            repeats)
+      t, plan, _ = time_replay(loss_fn, params, num_workers, arrivals,
+                               batches, repeats)
       row += [t, plan["fill_ratio"]]
     base = base or row[0]
     print(f"| {name} | {num_workers} | {row[0] * 1e6:.0f} | "
@@ -238,20 +272,62 @@ def scaling(name, loss_fn, params, num_arrivals, repeats):
           flush=True)
 
 
+def resnet20_compile(workers: list[int], batch: int = 128) -> None:
+  """ResNet-20 (experiments/models.py) replays: first call and later ones."""
+  # Imported here: the experiments' dependencies are optional for the rest.
+  from experiments import models
+
+  model = models.create("resnet20", image_shape=(28, 28, 1), num_classes=10,
+                        seed=0)
+  apply, params, model_state = models.functional(model)
+  xs = jax.random.normal(jax.random.key(0), (1024, 28, 28, 1))
+  ys = jax.random.randint(jax.random.key(1), (1024,), 0, 10)
+
+  def loss_fn(params, model_state, idx):
+    logits, model_state = apply(params, model_state, xs[idx], train=True)
+    return _xent(logits, ys[idx]), model_state
+
+  print("\n| workers | strategy | chunk | first replay, s | later, s per "
+        "gradient |\n|---|---|---|---|---|")
+  for num_workers in workers:
+    sim = Simulator(loss_fn, make_tx(num_workers), num_workers,
+                    has_model_state=True)
+    box = [sim.init(params, model_state)]
+    arrivals = schedules.cyclic(num_workers, 2 * num_workers)
+    batches = jnp.asarray(np.random.default_rng(0).integers(
+        0, 1024, (len(arrivals), batch)))
+
+    def run(sim=sim, box=box, arrivals=arrivals, batches=batches):
+      box[0], metrics = sim.replay(box[0], batches, arrivals)
+      jax.block_until_ready((box[0], metrics))
+
+    best, first = best_and_first_time(run, 1)
+    plan = sim.describe(arrivals, params)
+    print(f"| {num_workers} | {plan['strategy']} | {plan['chunk']} | "
+          f"{first:.1f} | {best / len(arrivals):.2f} |", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--arrivals", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--models", default="mlp,cnn,mlp32")
+  parser.add_argument("--resnet20", default="",
+                      help="worker counts, e.g. 2,8: time ResNet-20 replays "
+                      "(compilation included) instead of the tables")
   args = parser.parse_args()
+  if args.resnet20:
+    resnet20_compile([int(w) for w in args.resnet20.split(",")])
+    return
   models = {"mlp": mlp(), "cnn": cnn(), "mlp32": mlp(hidden=32)}
   models = {k: models[k] for k in args.models.split(",")}
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind} x "
         f"{len(jax.devices())}, {args.arrivals} arrivals, batch {BATCH}; "
         "times in microseconds per gradient\n")
-  print("| model | workers | replay | sync grads | updates | limit/replay |"
-        " naive | naive/replay |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| model | workers | strategy | replay | sync grads | updates | "
+        "limit/replay | naive | naive/replay | other strategy | first call, "
+        "s (this / other) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for name, (params, loss_fn) in models.items():
     compare(name, loss_fn, params, 16, args.arrivals, args.repeats)
   print("\n| model | workers | replay, cyclic | vs 4 workers | replay, Gamma "

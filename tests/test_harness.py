@@ -107,17 +107,21 @@ def reference_replay(tx, params, batches, arrivals, *, model_state=None):
   return params, np.array(losses), np.array(taus), held, model_state
 
 
+STRATEGIES = ("compiled", "host_chunks")
+
+
 def assert_trees_close(a, b, tol=2e-5):
   jax.tree.map(
       lambda x, y: np.testing.assert_allclose(x, y, rtol=tol, atol=tol), a, b
   )
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("order", sorted(ORDERS))
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
-def test_replay_matches_one_at_a_time_loop(order, opt):
+def test_replay_matches_one_at_a_time_loop(order, opt, strategy):
   arrivals, batches = ORDERS[order](), make_batches(A)
-  sim = Simulator(loss_fn, OPTIMIZERS[opt](), W)
+  sim = Simulator(loss_fn, OPTIMIZERS[opt](), W, strategy=strategy)
   state, metrics = sim.replay(sim.init(init_params()), batches, arrivals)
   params, losses, taus, held, _ = reference_replay(
       OPTIMIZERS[opt](), init_params(), batches, arrivals)
@@ -129,9 +133,10 @@ def test_replay_matches_one_at_a_time_loop(order, opt):
     assert_trees_close(dcasgd_optax.worker_params(state.opt_state, m), held[m])
 
 
-def test_staleness_is_exact_and_reported_as_int32():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_staleness_is_exact_and_reported_as_int32(strategy):
   arrivals = random_order(W, 60, seed=5)
-  sim = Simulator(loss_fn, optax.sgd(0.05), W)
+  sim = Simulator(loss_fn, optax.sgd(0.05), W, strategy=strategy)
   state, metrics = sim.replay(sim.init(init_params()), make_batches(60),
                               arrivals)
   assert metrics["staleness"].dtype == jnp.int32
@@ -154,10 +159,11 @@ def test_inverse_staleness_scaling_receives_the_staleness():
   assert_trees_close(state.params, params)
 
 
-def test_resuming_equals_one_replay():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_resuming_equals_one_replay(strategy):
   arrivals, batches = random_order(W, 40, seed=7), make_batches(40)
   tx = lambda: dcasgd_optax.dcasgd(0.1, W)
-  sim = Simulator(loss_fn, tx(), W)
+  sim = Simulator(loss_fn, tx(), W, strategy=strategy)
   whole, m_whole = sim.replay(sim.init(init_params()), batches, arrivals)
   part, m1 = sim.replay(sim.init(init_params()), batches[:17], arrivals[:17])
   part, m2 = sim.replay(part, batches[17:], arrivals[17:])
@@ -166,33 +172,38 @@ def test_resuming_equals_one_replay():
       np.concatenate([m1["staleness"], m2["staleness"]]), m_whole["staleness"])
 
 
-def test_replay_is_bitwise_deterministic():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_replay_is_bitwise_deterministic(strategy):
   arrivals, batches = random_order(W, A, seed=8), make_batches(A)
-  sim = Simulator(loss_fn, dcasgd_optax.dcasgd(0.1, W), W)
+  sim = Simulator(loss_fn, dcasgd_optax.dcasgd(0.1, W), W, strategy=strategy)
   runs = [sim.replay(sim.init(init_params()), batches, arrivals) for _ in "ab"]
   jax.tree.map(np.testing.assert_array_equal, runs[0], runs[1])
 
 
-def test_chunking_is_as_planned():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_chunking_is_as_planned(strategy):
   arrivals = schedules.cyclic(W, A)
-  sim = Simulator(loss_fn, optax.sgd(0.1), W)
+  sim = Simulator(loss_fn, optax.sgd(0.1), W, strategy=strategy)
   assert sim.describe(arrivals, init_params()) == dict(
       num_arrivals=A, num_runs=A // W, chunk=W, num_chunks=A // W,
-      fill_ratio=1.0)
-  sim = Simulator(loss_fn, optax.sgd(0.1), W, max_parallel=3)
+      fill_ratio=1.0, strategy=strategy)
+  sim = Simulator(loss_fn, optax.sgd(0.1), W, max_parallel=3,
+                  strategy=strategy)
   plan = sim.describe([0, 1, 2, 3, 0, 1, 2, 3, 0], init_params())
   assert plan["num_runs"] == 3 and plan["num_chunks"] == 5  # 2+2, 2+2, 1
   assert plan["chunk"] == 2 and plan["fill_ratio"] == 9 / 10
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("max_parallel,vmap_slots", [(1, None), (None, 2),
                                                      (None, W), (3, 3)])
-def test_batching_options_do_not_change_the_result(max_parallel, vmap_slots):
+def test_batching_options_do_not_change_the_result(max_parallel, vmap_slots,
+                                                   strategy):
   arrivals, batches = random_order(W, A, seed=4), make_batches(A)
   tx = lambda: dcasgd_optax.dcasgd(0.1, W)
   default = Simulator(loss_fn, tx(), W)
   other = Simulator(loss_fn, tx(), W, max_parallel=max_parallel,
-                    vmap_slots=vmap_slots)
+                    vmap_slots=vmap_slots, strategy=strategy)
   a, _ = default.replay(default.init(init_params()), batches, arrivals)
   b, _ = other.replay(other.init(init_params()), batches, arrivals)
   assert_trees_close(a.params, b.params, tol=1e-6)
@@ -211,10 +222,12 @@ def test_sequential_sgd_is_one_worker():
   assert not np.any(metrics["staleness"])
 
 
-def test_batchnorm_model_state_follows_its_worker():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_batchnorm_model_state_follows_its_worker(strategy):
   arrivals, batches = random_order(W, A, seed=9), make_batches(A)
   tx = lambda: dcasgd_optax.dcasgd(0.1, W)
-  sim = Simulator(bn_loss_fn, tx(), W, has_model_state=True)
+  sim = Simulator(bn_loss_fn, tx(), W, has_model_state=True,
+                  strategy=strategy)
   state = sim.init(init_params(), init_model_state())
   state, metrics = sim.replay(state, batches, arrivals)
   params, losses, _, _, model_state = reference_replay(
@@ -237,15 +250,70 @@ def test_non_finite_losses_are_reported():
   assert np.all(np.isfinite(metrics["loss"][:5]))
 
 
-def test_state_is_donated_unless_asked_not_to():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_state_is_donated_unless_asked_not_to(strategy):
   arrivals, batches = schedules.cyclic(W, 8), make_batches(8)
   params = init_params()
   for donate in (True, False):
-    sim = Simulator(loss_fn, optax.sgd(0.1), W, donate=donate)
+    sim = Simulator(loss_fn, optax.sgd(0.1), W, donate=donate,
+                    strategy=strategy)
     state = sim.init(params)
     sim.replay(state, batches, arrivals)
     assert state.params["w1"].is_deleted() == donate
   assert not params["w1"].is_deleted()  # init copies its argument
+
+
+IMAGES = jax.random.normal(jax.random.key(2), (64, 6, 6, 1))
+
+
+def conv_loss_fn(params, idx):
+  """A tiny convolutional net: the kind "host_chunks" exists for."""
+  h = jax.lax.conv_general_dilated(
+      IMAGES[idx], params["k"], (2, 2), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jnp.mean((jnp.tanh(h).reshape(idx.shape[0], -1) @ params["d"]
+                   - YS[idx]) ** 2)
+
+
+def test_strategies_agree_on_a_convnet_with_more_workers_than_a_chunk():
+  num_workers = 12  # "host_chunks" chunks hold at most 8 slots per device
+  params = {"k": jnp.full((3, 3, 1, 4), 0.1), "d": jnp.linspace(-0.1, 0.1, 36)}
+  arrivals = schedules.gamma_speeds(num_workers, 40, seed=0, shape=2.0)
+  batches = make_batches(40)
+  results = []
+  for strategy in STRATEGIES:
+    sim = Simulator(conv_loss_fn, dcasgd_optax.dcasgd(0.02, num_workers),
+                    num_workers, strategy=strategy)
+    assert sim.describe(arrivals, params)["chunk"] <= (
+        8 if strategy == "host_chunks" else num_workers)
+    results.append(sim.replay(sim.init(params), batches, arrivals))
+  assert np.all(np.isfinite(results[0][1]["loss"]))
+  assert_trees_close(results[0], results[1], tol=1e-5)
+
+
+def test_sync_strategies_agree_with_rounds_of_several_groups():
+  num_workers = 19  # "host_chunks": 3 groups of 8 slots per round
+  batches = make_batches(2 * num_workers)
+  results = []
+  for strategy in STRATEGIES:
+    sim = SyncSimulator(bn_loss_fn, dcasgd_optax.dcasgd(0.1, num_workers),
+                        num_workers, has_model_state=True, strategy=strategy)
+    results.append(sim.replay(sim.init(init_params(), init_model_state()),
+                              batches))
+  assert_trees_close(results[0], results[1], tol=1e-5)
+
+
+def test_unknown_strategy_raises():
+  with pytest.raises(ValueError, match="strategy"):
+    Simulator(loss_fn, optax.sgd(0.1), W, strategy="python")
+  with pytest.raises(ValueError, match="strategy"):
+    SyncSimulator(loss_fn, optax.sgd(0.1), W, strategy="python")
+
+
+def test_default_strategy_on_cpu_is_host_chunks():
+  assert jax.default_backend() == "cpu"
+  assert Simulator(loss_fn, optax.sgd(0.1), W).strategy == "host_chunks"
+  assert SyncSimulator(loss_fn, optax.sgd(0.1), W).strategy == "host_chunks"
 
 
 def reference_sync(tx, params, batches, rounds):
@@ -258,24 +326,28 @@ def reference_sync(tx, params, batches, rounds):
   return params
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("vmap_slots", [None, W])
-def test_sync_simulator_averages_gradients_per_round(vmap_slots):
+def test_sync_simulator_averages_gradients_per_round(vmap_slots, strategy):
   batches = make_batches(5 * W)
   sim = SyncSimulator(loss_fn, optax.sgd(0.1, momentum=0.9), W,
-                      vmap_slots=vmap_slots)
+                      vmap_slots=vmap_slots, strategy=strategy)
   state, metrics = sim.replay(sim.init(init_params()), batches)
   params = reference_sync(optax.sgd(0.1, momentum=0.9), init_params(),
                           batches, 5)
   assert_trees_close(state.params, params)
   assert metrics["loss"].shape == (5 * W,) and int(state.step) == 5
   assert not np.any(metrics["staleness"])
-  dc = SyncSimulator(loss_fn, dcasgd_optax.dcasgd(0.1, W, momentum=0.9), W)
+  dc = SyncSimulator(loss_fn, dcasgd_optax.dcasgd(0.1, W, momentum=0.9), W,
+                     strategy=strategy)
   dc_state, _ = dc.replay(dc.init(init_params()), batches)
   assert_trees_close(dc_state.params, params)
 
 
-def test_sync_simulator_averages_model_state():
-  sim = SyncSimulator(bn_loss_fn, optax.sgd(0.1), W, has_model_state=True)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sync_simulator_averages_model_state(strategy):
+  sim = SyncSimulator(bn_loss_fn, optax.sgd(0.1), W, has_model_state=True,
+                      strategy=strategy)
   state, _ = sim.replay(sim.init(init_params(), init_model_state()),
                         make_batches(2 * W))
   assert int(state.model_state["count"]) == 2

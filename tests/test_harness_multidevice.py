@@ -9,8 +9,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 _SCRIPT = textwrap.dedent("""
     import os
+    import sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax
     import jax.numpy as jnp
@@ -20,6 +23,7 @@ _SCRIPT = textwrap.dedent("""
     from dcasgd_optax.harness import Simulator, SyncSimulator, schedules
 
     jax.config.update("jax_numpy_rank_promotion", "raise")
+    STRATEGY = sys.argv[1]
     assert len(jax.devices()) == 8, jax.devices()
     XS = jax.random.normal(jax.random.key(0), (64, 3))
     YS = jnp.sin(XS @ jnp.array([1.0, -2.0, 0.5]))
@@ -48,7 +52,7 @@ _SCRIPT = textwrap.dedent("""
           np.random.default_rng(0).integers(0, 64, (len(arrivals), 8)))
       fn = bn_loss_fn if stateful else loss_fn
       sim = Simulator(fn, tx, num_workers, devices=devices,
-                      has_model_state=stateful)
+                      has_model_state=stateful, strategy=STRATEGY)
       ms = {"mean": jnp.zeros(5)} if stateful else None
       state = sim.init(params, ms)
       state, m1 = sim.replay(state, batches[:20], arrivals[:20])
@@ -69,24 +73,26 @@ _SCRIPT = textwrap.dedent("""
           run_async(eight, 6, cases[0][1], stateful=True))
 
     def run_sync(devices, num_workers):
-      sim = SyncSimulator(loss_fn, optax.sgd(0.1), num_workers, devices=devices)
+      sim = SyncSimulator(loss_fn, optax.sgd(0.1), num_workers, devices=devices,
+                          strategy=STRATEGY)
       batches = jnp.asarray(
           np.random.default_rng(0).integers(0, 64, (4 * num_workers, 8)))
       return sim.replay(sim.init(params), batches)
 
-    for num_workers in (3, 8, 12):
+    for num_workers in (3, 8, 12, 70):  # 70: "host_chunks" groups of 64
       close(run_sync(one, num_workers), run_sync(eight, num_workers))
     print("OK")
 """)
 
 
-def test_one_and_eight_devices_agree():
+@pytest.mark.parametrize("strategy", ["compiled", "host_chunks"])
+def test_one_and_eight_devices_agree(strategy):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   env["JAX_PLATFORMS"] = "cpu"
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run(
-      [sys.executable, "-c", _SCRIPT], cwd=root, env=env,
+      [sys.executable, "-c", _SCRIPT, strategy], cwd=root, env=env,
       capture_output=True, text=True, timeout=600,
   )
   assert result.returncode == 0, result.stdout + result.stderr

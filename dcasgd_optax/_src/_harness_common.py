@@ -16,6 +16,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXIS = "workers"
+# How a replay runs: one compiled program, or the host looping over chunks.
+STRATEGIES = ("compiled", "host_chunks")
+# Most gradient slots per device in one "host_chunks" call, by default: the
+# program holds one unrolled copy of the gradient per slot, so its compile
+# time grows with it.
+HOST_SLOTS_PER_DEVICE = 8
 # loss_fn with the model state made explicit: (params, model_state, batch)
 # -> (loss, new_model_state). Models without state carry ``()``.
 LossWithState = Callable[[Any, Any, Any], tuple[jax.Array, Any]]
@@ -178,10 +184,67 @@ def default_vmap_slots(mesh: Mesh, vmap_slots: int | None) -> int | None:
   return 1 if mesh.devices.flat[0].platform == "cpu" else None
 
 
-def map_slots(fn: Callable, xs: tuple[Any, ...], vmap_slots: int | None) -> Any:
+def default_strategy(mesh: Mesh, strategy: str | None) -> str:
+  """``strategy``, else ``"host_chunks"`` on CPU and ``"compiled"`` elsewhere.
+
+  XLA:CPU compiles a convolution's kernel gradient inside a loop body
+  (``while``, hence ``scan``) to a slow path, measured 7-15x slower than the
+  same gradient outside any loop; ``"host_chunks"`` keeps gradients out of
+  loops (benchmarks/harness_throughput.md).
+  """
+  if strategy is None:
+    return "host_chunks" if mesh.devices.flat[0].platform == "cpu" else (
+        "compiled")
+  if strategy not in STRATEGIES:
+    raise ValueError(
+        f"`strategy` must be one of {STRATEGIES} or None, got {strategy!r}."
+    )
+  return strategy
+
+
+def map_slots(
+    fn: Callable, xs: tuple[Any, ...], vmap_slots: int | None,
+    unroll: bool = False,
+) -> Any:
   """``fn`` over the leading axis of ``xs``: vmapped ``vmap_slots`` at a time
-  (all at once for ``None``), looping over the groups."""
+  (all at once for ``None``), over the groups in a loop, or one after the
+  other in the program if ``unroll`` (no loop: see :func:`default_strategy`).
+  """
   if vmap_slots is None:
     return jax.vmap(fn)(*xs)
-  batch_size = vmap_slots if vmap_slots > 1 else None
-  return jax.lax.map(lambda args: fn(*args), xs, batch_size=batch_size)
+  if not unroll:
+    batch_size = vmap_slots if vmap_slots > 1 else None
+    return jax.lax.map(lambda args: fn(*args), xs, batch_size=batch_size)
+  outs = []
+  for i in range(0, jax.tree.leaves(xs)[0].shape[0], vmap_slots):
+    if vmap_slots == 1:  # unbatched, so a convolution stays a plain one
+      out = fn(*jax.tree.map(lambda x, i=i: x[i], xs))
+      outs.append(jax.tree.map(lambda y: y[None], out))
+    else:
+      outs.append(jax.vmap(fn)(*jax.tree.map(
+          lambda x, i=i: x[i:i + vmap_slots], xs)))
+  return jax.tree.map(lambda *ys: jnp.concatenate(ys), *outs)
+
+
+@jax.jit
+def _take_rows(tree: Any, rows: jax.Array) -> Any:
+  return jax.tree.map(lambda x: x[rows], tree)
+
+
+def split_chunks(tree: Any, rows_CxL: np.ndarray) -> list[Any]:
+  """``tree``'s rows ``rows_CxL[c]`` for every chunk ``c``: one gather."""
+  leaves, treedef = jax.tree.flatten(_take_rows(tree, rows_CxL))
+  per_leaf = [list(x) for x in leaves]  # one unstack per leaf
+  return [treedef.unflatten(row) for row in zip(*per_leaf)]
+
+
+@jax.jit
+def concat_rows(lists: Any, keep: jax.Array) -> Any:
+  """Each list of arrays in ``lists`` concatenated, rows ``keep`` kept."""
+  return tuple(jnp.concatenate(xs)[keep] for xs in lists)
+
+
+@jax.jit
+def copy_tree(tree: Any) -> Any:
+  """A copy of ``tree`` (so that donating it leaves the original intact)."""
+  return jax.tree.map(jnp.copy, tree)

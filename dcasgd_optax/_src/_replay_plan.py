@@ -60,15 +60,21 @@ def _choose_chunk(runs: np.ndarray, limit: int, num_devices: int) -> int:
 
 
 def slot_limit(
-    num_workers: int, max_parallel: int | None, mesh: Any, params: Any
+    num_workers: int, max_parallel: int | None, mesh: Any, params: Any,
+    per_device_cap: int | None = None,
 ) -> int:
-  """Most slots per chunk: a multiple of the device count, >= 1 per device."""
+  """Most slots per chunk: a multiple of the device count, >= 1 per device.
+
+  ``per_device_cap`` bounds the default (not an explicit ``max_parallel``).
+  """
   size = mesh.size
   limit = num_workers if max_parallel is None else max_parallel
   if max_parallel is None and mesh.devices.flat[0].platform == "cpu":
     leaves = jax.tree.leaves(params)
     nbytes = sum(np.size(x) * jnp.dtype(x.dtype).itemsize for x in leaves)
     limit = min(limit, max(1, _CPU_CHUNK_BYTES // max(nbytes, 1)) * size)
+  if max_parallel is None and per_device_cap is not None:
+    limit = min(limit, per_device_cap * size)
   limit = min(limit, common.round_up(num_workers, size))
   return max(size, limit // size * size)
 

@@ -1,11 +1,13 @@
-"""Replays asynchronous SGD with exact, chosen staleness, in one program.
+"""Replays asynchronous SGD with exact, chosen staleness.
 
 The arrival order is split into runs in which no worker repeats. Inside a run
 every worker's gradient depends only on what that worker held when the run
 began, so a run's gradients are computed together (one batched call, its
 slots spread over the devices) and then applied one by one, in arrival order,
 by the server. Runs are cut into chunks of a fixed number of slots; padded
-slots cost gradient compute only, never server work or model copies.
+slots cost gradient compute only, never server work or model copies. The
+chunks run in one compiled program, or one jitted call each
+(``_replay_programs``).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import optax
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src import _harness_common as common
 from dcasgd_optax._src import _replay_plan
+from dcasgd_optax._src import _replay_programs
 from dcasgd_optax._src import _tree
 from dcasgd_optax._src.delay_compensation import delay_compensation
 from dcasgd_optax._src.pull import find_states
-from dcasgd_optax._src.pull import record_pull
+
 
 class SimState(NamedTuple):
   """Everything a replay needs to continue: arrays only.
@@ -76,84 +79,6 @@ def _resolve_tx(tx: Any, params: Any, num_workers: int) -> Any:
   return optax.with_extra_args_support(tx)
 
 
-def _chunk_gradients(loss3, mesh, vmap_slots, state, workers, batch):
-  """Loss, new model state and gradient of every slot, at its worker's model."""
-  backups = find_states(state.opt_state)[0].backups
-  dtypes = jax.tree.map(lambda p: p.dtype, state.params)
-  grad_fn = jax.value_and_grad(loss3, has_aux=True)
-
-  def local(backups_W, worker_ms_W, workers_L, batch_L):
-    def slot(worker, batch):
-      snap = jax.tree.map(lambda b, d: b[worker].astype(d), backups_W, dtypes)
-      model_state = jax.tree.map(lambda x: x[worker], worker_ms_W)
-      (loss, new_ms), grads = grad_fn(snap, model_state, batch)
-      return loss, new_ms, grads
-
-    return common.map_slots(slot, (workers_L, batch_L), vmap_slots)
-
-  shared = (backups, state.worker_model_states)
-  return common.per_worker(local, mesh, shared, (workers, batch))
-
-
-def _arrive(tx, start, workers_L, grads_L, new_ms_L, k, carry):
-  """The server applies slot ``k``'s gradient; its worker pulls the result."""
-  state, staleness_A = carry
-  m = workers_L[k]
-  tau = state.step - state.last_pull[m]
-  grads = jax.tree.map(lambda g: g[k], grads_L)
-  updates, opt_state = tx.update(
-      grads, state.opt_state, state.params, worker=m, staleness=tau
-  )
-  params = optax.apply_updates(state.params, updates)
-  opt_state = record_pull(opt_state, params, m)
-  model_state = jax.tree.map(lambda x: x[k], new_ms_L)
-  worker_ms = jax.tree.map(
-      lambda w, x: w.at[m].set(x), state.worker_model_states, model_state
-  )
-  step = state.step + 1
-  state = SimState(
-      params, opt_state, model_state, worker_ms, step,
-      state.last_pull.at[m].set(step),
-  )
-  return state, staleness_A.at[start + k].set(tau)
-
-
-def _replay_program(
-    loss3, tx, mesh, vmap_slots, state, batches, arrivals, starts, lengths,
-    num_chunks, *, chunk, loss_dtype,
-):
-  """The whole replay: a loop over chunks, each a batched gradient + a loop."""
-  num_arrivals = arrivals.shape[0]
-
-  def chunk_body(c, carry):
-    state, loss_A, staleness_A = carry
-    start, length = starts[c], lengths[c]
-    slot = jnp.arange(chunk)
-    rows = jnp.minimum(start + slot, num_arrivals - 1)
-    workers_L = arrivals[rows]
-    batch_L = jax.tree.map(lambda x: x[rows], batches)
-    loss_L, new_ms_L, grads_L = _chunk_gradients(
-        loss3, mesh, vmap_slots, state, workers_L, batch_L
-    )
-    arrive = functools.partial(_arrive, tx, start, workers_L, grads_L, new_ms_L)
-    state, staleness_A = jax.lax.fori_loop(
-        0, length, arrive, (state, staleness_A)
-    )
-    at = jnp.where(slot < length, start + slot, num_arrivals)
-    loss_A = loss_A.at[at].set(loss_L.astype(loss_dtype), mode="drop")
-    return state, loss_A, staleness_A
-
-  init = (
-      state,
-      jnp.zeros((num_arrivals,), loss_dtype),
-      jnp.zeros((num_arrivals,), jnp.int32),
-  )
-  state, loss_A, staleness_A = jax.lax.fori_loop(
-      0, num_chunks, chunk_body, init
-  )
-  return state, {"loss": loss_A, "staleness": staleness_A, "worker": arrivals}
-
-
 class Simulator:
   r"""Asynchronous SGD with simulated, exact staleness (ASGD, DC-ASGD, ...).
 
@@ -194,13 +119,26 @@ class Simulator:
     has_model_state: whether ``loss_fn`` takes and returns a model state.
     max_parallel: most gradients computed at once (bounds the memory they
       take). Default ``num_workers``, except on CPU, where it is capped so
-      that they take at most 16 MiB per device (they then stay in cache).
-      Rounded to a multiple of the device count; it never changes results.
+      that they take at most 16 MiB per device (they then stay in cache),
+      and with ``"host_chunks"``, where it is capped at 8 per device (the
+      program holds one copy of the gradient per slot: compile time grows
+      with it). Rounded to a multiple of the device count; it never changes
+      results.
     vmap_slots: how many of a device's gradients one vmapped call computes;
-      the groups run in a loop. Default: all of them on GPU/TPU, one on CPU
+      the groups run in a loop (``"compiled"``) or one after the other
+      (``"host_chunks"``). Default: all of them on GPU/TPU, one on CPU
       (where vmapping a convolution over per-worker kernels is very slow).
     donate: donate the input state to ``replay`` so the backups are updated
       in place (the state passed in is then deleted).
+    strategy: ``"compiled"``: the whole replay is one compiled program, a
+      loop over chunks (no Python per chunk). ``"host_chunks"``: Python loops
+      over the chunks, one jitted call each (the state donated from call to
+      call), whose gradients are computed outside any loop. Default
+      ``"host_chunks"`` on CPU, ``"compiled"`` elsewhere: XLA:CPU compiles a
+      convolution's gradient inside a loop to a slow path (7-15x slower), so
+      on CPU a convolutional net replays ~20x faster with host chunks, and an
+      MLP about as fast (benchmarks/harness_throughput.md). Both give the
+      same result to float rounding, each bitwise deterministic.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -230,6 +168,7 @@ class Simulator:
       max_parallel: int | None = None,
       vmap_slots: int | None = None,
       donate: bool = True,
+      strategy: str | None = None,
   ):
     self.num_workers = _checks.check_positive_int("num_workers", num_workers)
     if max_parallel is not None:
@@ -244,6 +183,7 @@ class Simulator:
     if vmap_slots is not None:
       _checks.check_positive_int("vmap_slots", vmap_slots)
     self._vmap_slots = common.default_vmap_slots(self.mesh, vmap_slots)
+    self.strategy = common.default_strategy(self.mesh, strategy)
     self._donate = donate
     self._compiled: dict[Any, tuple[Any, Any]] = {}
     self._loss_checked: dict[Any, Any] = {}
@@ -253,14 +193,19 @@ class Simulator:
     key = common.signature(params)
     if key not in self._compiled:
       tx = _resolve_tx(self._user_tx, params, self.num_workers)
-      fn = functools.partial(
-          _replay_program, self._loss3, tx, self.mesh, self._vmap_slots
-      )
-      self._compiled[key] = (tx, jax.jit(
-          fn,
-          static_argnames=("chunk", "loss_dtype"),
-          donate_argnums=(0,) if self._donate else (),
-      ))
+      args = (self._loss3, tx, self.mesh, self._vmap_slots)
+      if self.strategy == "compiled":
+        program = jax.jit(
+            functools.partial(_replay_programs.replay_program, *args),
+            static_argnames=("chunk", "loss_dtype"),
+            donate_argnums=(0,) if self._donate else (),
+        )
+      else:  # a copy is donated when the caller's state is not (replay)
+        program = jax.jit(
+            functools.partial(_replay_programs.chunk_program, *args, True),
+            donate_argnums=(0,),
+        )
+      self._compiled[key] = (tx, program)
     return self._compiled[key]
 
   def tx(self, params: Any) -> optax.GradientTransformationExtraArgs:
@@ -297,8 +242,10 @@ class Simulator:
     return jax.jit(build, out_shardings=common.replicated(self.mesh))(*args)
 
   def _plan(self, arrivals: np.ndarray, params: Any) -> _replay_plan.Plan:
+    host = self.strategy == "host_chunks"
+    cap = common.HOST_SLOTS_PER_DEVICE if host else None
     limit = _replay_plan.slot_limit(
-        self.num_workers, self._max_parallel, self.mesh, params
+        self.num_workers, self._max_parallel, self.mesh, params, cap
     )
     return _replay_plan.make_plan(arrivals, limit, self.mesh.size)
 
@@ -307,7 +254,7 @@ class Simulator:
 
     ``num_runs`` counts the maximal runs with no repeated worker, each cut
     into chunks of ``chunk`` gradient slots; ``fill_ratio`` is arrivals /
-    slots computed (1.0: no padding).
+    slots computed (1.0: no padding); ``strategy`` is how the chunks run.
     """
     arrivals = common.check_arrivals(arrivals, self.num_workers)
     plan = self._plan(arrivals, params)
@@ -315,12 +262,13 @@ class Simulator:
     return dict(
         num_arrivals=len(arrivals), num_runs=plan.num_runs, chunk=plan.chunk,
         num_chunks=plan.num_chunks, fill_ratio=len(arrivals) / slots,
+        strategy=self.strategy,
     )
 
   def replay(
       self, state: SimState, batches: Any, arrivals: Any
   ) -> tuple[SimState, dict[str, jax.Array]]:
-    """Replays ``arrivals`` from ``state``, as one compiled program.
+    """Replays ``arrivals`` from ``state`` (see ``strategy``).
 
     Args:
       state: from :meth:`init` or a previous ``replay`` (donated unless the
@@ -342,10 +290,16 @@ class Simulator:
     _, program = self._program(state.params)
     loss = self._check_loss(state, batches)
     plan = self._plan(arrivals, state.params)
-    return program(
-        state, common.replicate(batches, self.mesh), arrivals, plan.starts,
-        plan.lengths, np.int32(plan.num_chunks), chunk=plan.chunk,
-        loss_dtype=loss.dtype,
+    batches = common.replicate(batches, self.mesh)
+    if self.strategy == "compiled":
+      return program(
+          state, batches, arrivals, plan.starts, plan.lengths,
+          np.int32(plan.num_chunks), chunk=plan.chunk, loss_dtype=loss.dtype,
+      )
+    if not self._donate:
+      state = common.copy_tree(state)
+    return _replay_programs.replay_host_chunks(
+        program, state, batches, arrivals, plan
     )
 
   def _check_state(self, state: Any) -> None:

@@ -28,37 +28,47 @@ def _average_state(new_ms_W: Any) -> Any:
   return jax.tree.map(average, new_ms_W)
 
 
-def _round(loss3, tx, mesh, vmap_slots, num_workers, slots, state, batch_W):
-  """One round: all workers' gradients at the server's params, averaged."""
-  rows = jnp.minimum(jnp.arange(slots), num_workers - 1)
-  batch_S = jax.tree.map(lambda x: x[rows], batch_W)
+def _group_gradients(loss3, mesh, vmap_slots, unroll, params, model_state,
+                     batch_G, weights_G):
+  """Losses, new model states and ``weights_G``-weighted sum of a group's
+  gradients, all at ``params``."""
   grad_fn = jax.value_and_grad(loss3, has_aux=True)
 
-  def local(params, model_state, batch_S):
+  def local(params, model_state, batch_G):
     def slot(batch):
       (loss, new_ms), grads = grad_fn(params, model_state, batch)
       return loss, new_ms, grads
 
-    return common.map_slots(slot, (batch_S,), vmap_slots)
+    return common.map_slots(slot, (batch_G,), vmap_slots, unroll)
 
-  shared = (state.params, state.model_state)
-  loss_S, ms_S, grads_S = common.per_worker(local, mesh, shared, (batch_S,))
-  # The mean as a contraction: XLA:CPU reduces a leading axis 40x slower.
-  weights_S = jnp.where(jnp.arange(slots) < num_workers, 1.0 / num_workers, 0)
+  shared = (params, model_state)
+  loss_G, ms_G, grads_G = common.per_worker(local, mesh, shared, (batch_G,))
+  # The sum as a contraction: XLA:CPU reduces a leading axis 40x slower.
   grads = jax.tree.map(
-      lambda g: jnp.tensordot(weights_S.astype(g.dtype), g, axes=1), grads_S
+      lambda g: jnp.tensordot(weights_G.astype(g.dtype), g, axes=1), grads_G
   )
+  return loss_G, ms_G, grads
+
+
+def _apply(tx, num_workers, state, grads_N, ms_N):
+  """The server's update with the sum of the groups' ``grads_N``; the new
+  model state averages the workers' (the first ``num_workers`` slots)."""
+  grads = jax.tree.map(lambda *g: functools.reduce(jnp.add, g), *grads_N)
   updates, opt_state = tx.update(
       grads, state.opt_state, state.params, worker=0, staleness=0
   )
   params = optax.apply_updates(state.params, updates)
   if find_states(opt_state):
     opt_state = record_pull(opt_state, params, 0)
-  model_state = _average_state(jax.tree.map(lambda x: x[:num_workers], ms_S))
+  ms_S = jax.tree.map(lambda *x: jnp.concatenate(x)[:num_workers], *ms_N)
   step = state.step + 1
   last_pull = jnp.full((num_workers,), step, jnp.int32)
-  new = SimState(params, opt_state, model_state, (), step, last_pull)
-  return new, loss_S[:num_workers]
+  return SimState(params, opt_state, _average_state(ms_S), (), step, last_pull)
+
+
+def _weights(num_workers: int, slots: int) -> np.ndarray:
+  """``1 / num_workers`` for the workers' slots, 0 for padding."""
+  return np.where(np.arange(slots) < num_workers, 1.0 / num_workers, 0.0)
 
 
 def _sync_program(loss3, tx, mesh, vmap_slots, num_workers, slots, state,
@@ -68,9 +78,18 @@ def _sync_program(loss3, tx, mesh, vmap_slots, num_workers, slots, state,
   batches_RW = jax.tree.map(
       lambda x: x.reshape(num_rounds, num_workers, *x.shape[1:]), batches
   )
-  body = functools.partial(
-      _round, loss3, tx, mesh, vmap_slots, num_workers, slots
-  )
+  rows = np.minimum(np.arange(slots), num_workers - 1)
+  weights_S = jnp.asarray(_weights(num_workers, slots), jnp.float32)
+
+  def body(state, batch_W):
+    batch_S = jax.tree.map(lambda x: x[rows], batch_W)
+    loss_S, ms_S, grads = _group_gradients(
+        loss3, mesh, vmap_slots, False, state.params, state.model_state,
+        batch_S, weights_S,
+    )
+    state = _apply(tx, num_workers, state, [grads], [ms_S])
+    return state, loss_S[:num_workers]
+
   state, loss_RW = jax.lax.scan(body, state, batches_RW)
   loss = loss_RW.reshape(-1)
   return state, {"loss": loss, "staleness": jnp.zeros(loss.shape, jnp.int32)}
@@ -106,6 +125,11 @@ class SyncSimulator:
     vmap_slots: gradients per vmapped call on a device (see
       :class:`Simulator`); default all on GPU/TPU, one on CPU.
     donate: donate the input state to ``replay``.
+    strategy: ``"compiled"``: one program, a scan over rounds.
+      ``"host_chunks"``: Python loops over rounds; a round's gradients are
+      computed outside any loop, in jitted calls of at most 8 per device,
+      then one jitted update (state donated). Default ``"host_chunks"`` on
+      CPU, ``"compiled"`` elsewhere (see :class:`Simulator`).
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -128,6 +152,7 @@ class SyncSimulator:
       has_model_state: bool = False,
       vmap_slots: int | None = None,
       donate: bool = True,
+      strategy: str | None = None,
   ):
     self.num_workers = _checks.check_positive_int("num_workers", num_workers)
     if not hasattr(tx, "init") or not hasattr(tx, "update"):
@@ -140,12 +165,24 @@ class SyncSimulator:
     if vmap_slots is not None:
       _checks.check_positive_int("vmap_slots", vmap_slots)
     vmap_slots = common.default_vmap_slots(self.mesh, vmap_slots)
+    self.strategy = common.default_strategy(self.mesh, strategy)
+    self._donate = donate
     self._program = jax.jit(
         functools.partial(
             _sync_program, self._loss3, self.tx, self.mesh, vmap_slots,
             self.num_workers, slots,
         ),
         donate_argnums=(0,) if donate else (),
+    )
+    # "host_chunks": rounds of ``_num_groups`` groups of ``_group`` slots.
+    self._group = min(slots, common.HOST_SLOTS_PER_DEVICE * self.mesh.size)
+    self._num_groups = -(-self.num_workers // self._group)
+    self._group_step = jax.jit(functools.partial(
+        _group_gradients, self._loss3, self.mesh, vmap_slots, True
+    ))
+    self._apply_step = jax.jit(
+        functools.partial(_apply, self.tx, self.num_workers),
+        donate_argnums=(0,),
     )
     self._loss_checked: dict[Any, Any] = {}
 
@@ -196,4 +233,33 @@ class SyncSimulator:
       self._loss_checked[key] = common.check_loss_fn(
           self._loss3, state.params, state.model_state, batches
       )
-    return self._program(state, common.replicate(batches, self.mesh))
+    batches = common.replicate(batches, self.mesh)
+    if self.strategy == "compiled":
+      return self._program(state, batches)
+    return self._replay_host(state, batches, num // self.num_workers)
+
+  def _replay_host(self, state, batches, num_rounds):
+    """``"host_chunks"``: per round, a jitted call per group, one update."""
+    num_workers, size, n = self.num_workers, self._group, self._num_groups
+    rows_S = np.minimum(np.arange(n * size), num_workers - 1)
+    rows = np.arange(num_rounds)[:, None] * num_workers + rows_S[None]
+    groups = common.split_chunks(batches, rows.reshape(-1, size))
+    weights = _weights(num_workers, n * size).astype(np.float32)
+    weights = weights.reshape(n, size)
+    if not self._donate:
+      state = common.copy_tree(state)
+    losses = []
+    for r in range(num_rounds):
+      outs = [
+          self._group_step(
+              state.params, state.model_state, groups[r * n + g], weights[g]
+          )
+          for g in range(n)
+      ]
+      losses += [loss_G for loss_G, _, _ in outs]
+      state = self._apply_step(
+          state, [grads for *_, grads in outs], [ms for _, ms, _ in outs]
+      )
+    keep = np.flatnonzero(np.tile(rows_S == np.arange(n * size), num_rounds))
+    (loss,) = common.concat_rows((losses,), keep)
+    return state, {"loss": loss, "staleness": jnp.zeros(loss.shape, jnp.int32)}

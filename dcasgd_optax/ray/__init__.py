@@ -7,10 +7,11 @@ The public API is exactly the names imported here. Install with
 try:
   import orbax.checkpoint as _ocp
   import ray as _ray
-except ImportError as e:
-  raise ImportError(
+except ModuleNotFoundError as e:
+  raise ModuleNotFoundError(
       "dcasgd_optax.ray needs Ray and orbax-checkpoint, which are not "
-      f"installed ({e}). Install them with `pip install 'dcasgd-optax[ray]'`."
+      f"installed ({e}). Install them with `pip install 'dcasgd-optax[ray]'`.",
+      name=e.name,
   ) from e
 del _ocp, _ray
 
