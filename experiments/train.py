@@ -7,8 +7,8 @@ arrival schedule all derive from ``config.seed``, and the simulators are
 bitwise deterministic, so rerunning gives the same numbers on the same
 machine.
 
-Per epoch the run replays that epoch's gradients through the simulator as
-one compiled program, evaluates the test error, appends a line to
+Per epoch the run replays that epoch's gradients through the simulator
+(with no per-arrival Python), evaluates the test error, appends a line to
 ``workdir/metrics.jsonl`` and saves an orbax checkpoint. Rerunning with the
 same ``workdir`` resumes from the latest checkpoint and ends with exactly
 the result of an uninterrupted run. The final summary is

@@ -292,7 +292,7 @@ def test_strategies_agree_on_a_convnet_with_more_workers_than_a_chunk():
 
 
 def test_sync_strategies_agree_with_rounds_of_several_groups():
-  num_workers = 19  # "host_chunks": 3 groups of 8 slots per round
+  num_workers = 19  # "host_chunks": 3 groups of 7 slots per round
   batches = make_batches(2 * num_workers)
   results = []
   for strategy in STRATEGIES:

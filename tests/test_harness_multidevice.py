@@ -79,7 +79,7 @@ _SCRIPT = textwrap.dedent("""
           np.random.default_rng(0).integers(0, 64, (4 * num_workers, 8)))
       return sim.replay(sim.init(params), batches)
 
-    for num_workers in (3, 8, 12, 70):  # 70: "host_chunks" groups of 64
+    for num_workers in (3, 8, 12, 70):  # 70: "host_chunks" 2 groups
       close(run_sync(one, num_workers), run_sync(eight, num_workers))
     print("OK")
 """)

@@ -188,7 +188,7 @@ def default_strategy(mesh: Mesh, strategy: str | None) -> str:
   """``strategy``, else ``"host_chunks"`` on CPU and ``"compiled"`` elsewhere.
 
   XLA:CPU compiles a convolution's kernel gradient inside a loop body
-  (``while``, hence ``scan``) to a slow path, measured 7-15x slower than the
+  (``while``, hence ``scan``) to a slow path, measured 9-24x slower than the
   same gradient outside any loop; ``"host_chunks"`` keeps gradients out of
   loops (benchmarks/harness_throughput.md).
   """

@@ -135,10 +135,11 @@ class Simulator:
       over the chunks, one jitted call each (the state donated from call to
       call), whose gradients are computed outside any loop. Default
       ``"host_chunks"`` on CPU, ``"compiled"`` elsewhere: XLA:CPU compiles a
-      convolution's gradient inside a loop to a slow path (7-15x slower), so
-      on CPU a convolutional net replays ~20x faster with host chunks, and an
-      MLP about as fast (benchmarks/harness_throughput.md). Both give the
-      same result to float rounding, each bitwise deterministic.
+      convolution's gradient inside a loop to a slow path (9-24x slower), so
+      on CPU a convolutional net replays ~9x (small CNN) to ~25x (ResNet-20)
+      faster with host chunks, and an MLP about as fast
+      (benchmarks/harness_throughput.md). Both give the same result to float
+      rounding, each bitwise deterministic.
 
   Examples:
     >>> import jax.numpy as jnp, optax

@@ -174,9 +174,11 @@ class SyncSimulator:
         ),
         donate_argnums=(0,) if donate else (),
     )
-    # "host_chunks": rounds of ``_num_groups`` groups of ``_group`` slots.
-    self._group = min(slots, common.HOST_SLOTS_PER_DEVICE * self.mesh.size)
-    self._num_groups = -(-self.num_workers // self._group)
+    # "host_chunks": rounds of ``_num_groups`` equal groups of ``_group``
+    # slots, each at most the cap, padded as little as possible.
+    cap = common.HOST_SLOTS_PER_DEVICE * self.mesh.size
+    self._num_groups = -(-slots // cap)
+    self._group = common.round_up(-(-slots // self._num_groups), self.mesh.size)
     self._group_step = jax.jit(functools.partial(
         _group_gradients, self._loss3, self.mesh, vmap_slots, True
     ))
