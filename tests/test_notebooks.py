@@ -39,7 +39,7 @@ def test_notebook_is_colab_ready(name):
   assert "colab.research.google.com/github/" in first and name in first
   assert "pip" in "".join(nb["cells"][1]["source"])  # the install cell
   params = _parameters_cell(nb)
-  for key in OVERRIDES[name]:
+  for key in [*OVERRIDES[name], "data_dir"]:
     assert f"{key} =" in params, f"{key} is not a parameter of {name}"
   for cell in nb["cells"]:  # committed outputs stay stripped
     assert not cell.get("outputs"), f"{name} has committed outputs"
@@ -49,10 +49,13 @@ def test_notebook_is_colab_ready(name):
 def test_notebook_runs(name, tmp_path, monkeypatch):
   monkeypatch.setenv("MPLBACKEND", "Agg")
   monkeypatch.chdir(tmp_path)
+  # Each notebook prepares the offline digits in its own TFDS dir: parallel
+  # tests never race on a shared ~/tensorflow_datasets.
+  parameters = dict(OVERRIDES[name], data_dir=str(tmp_path / "tfds"))
   papermill.execute_notebook(
       str(NOTEBOOKS / name),
       str(tmp_path / name),
-      parameters=OVERRIDES[name],
+      parameters=parameters,
       kernel_name="python3",
       cwd=str(tmp_path),
       progress_bar=False,
