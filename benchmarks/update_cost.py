@@ -117,7 +117,7 @@ def main():
   runners = {name: make() for name, make in configs.items()}
   times = time_interleaved(runners, args.repeats, args.steps)
   base = times["sgd(momentum=0.9)"]
-  print(f"\n| optimizer | ms/step | vs sgd+momentum | state MiB |")
+  print("\n| optimizer | ms/step | vs sgd+momentum | state MiB |")
   print("|---|---|---|---|")
   for name, t in times.items():
     mib = runners[name].state_bytes() / 2**20

@@ -367,3 +367,39 @@ def test_errors_are_raised_before_a_donated_state_is_consumed(build, bad_call):
   good = jax.jit(lambda g, s: tx.update(g, s, params, worker=0), donate_argnums=1)
   good(params, state)
   assert all(x.is_deleted() for x in jax.tree.leaves(dc_state(state).backups))
+
+
+@pytest.mark.parametrize("name", ["lambda_", "decay", "eps"])
+def test_schedule_for_a_numeric_hyperparameter_is_rejected_by_name(name):
+  with pytest.raises(TypeError, match=f"`{name}` must be a number, not a schedule"):
+    dcasgd_optax.delay_compensation(NUM_WORKERS, adaptive=True, **{name: lambda step: 0.1})
+
+
+def test_default_lambda_follows_the_variant():
+  params = {"w": jnp.array([1.0, 2.0])}
+  grads = {"w": jnp.array([0.5, -1.0])}
+  moved = {"w": jnp.array([2.0, 0.0])}
+  for adaptive, lam in ((False, 0.04), (True, 2.0)):
+    tx = dcasgd_optax.delay_compensation(2, adaptive=adaptive)
+    explicit = dcasgd_optax.delay_compensation(2, lam, adaptive=adaptive)
+    got, _ = tx.update(grads, tx.init(params), moved, worker=0)
+    want, _ = explicit.update(grads, explicit.init(params), moved, worker=0)
+    np.testing.assert_array_equal(got["w"], want["w"])
+    assert not np.array_equal(got["w"], grads["w"])
+
+
+def test_nesterov_without_momentum_is_rejected():
+  with pytest.raises(ValueError, match="nesterov"):
+    dcasgd_optax.dcasgd(0.1, NUM_WORKERS, nesterov=True)
+
+
+def test_negative_concrete_staleness_is_rejected():
+  tx = dcasgd_optax.scale_by_inverse_staleness()
+  with pytest.raises(ValueError, match="staleness"):
+    tx.update({"w": jnp.ones(2)}, tx.init(None), staleness=-1)
+
+
+def test_pull_after_push_without_delay_compensation_fails_at_init():
+  tx = dcasgd_optax.pull_after_push(optax.sgd(0.1))
+  with pytest.raises(ValueError, match="delay_compensation"):
+    tx.init({"w": jnp.zeros(2)})

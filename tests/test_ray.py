@@ -146,6 +146,26 @@ def test_server_ignores_a_duplicate_push():
   np.testing.assert_array_equal(params["w"], [-1.0, -1.0])
 
 
+@pytest.mark.parametrize("bad", [-1, 2, 2.0, True])
+def test_server_rejects_a_bad_worker_id_and_stays_usable(bad):
+  tx = dcasgd_optax.dcasgd(1.0, num_workers=2, lambda_=0.0)
+  server = dray.ParameterServer(tx, {"w": np.zeros(2, np.float32)}, 2)
+  g = {"w": np.ones(2, np.float32)}
+  with pytest.raises((ValueError, TypeError), match="worker"):
+    server.apply(bad, 0, g)
+  with pytest.raises((ValueError, TypeError), match="worker"):
+    server.pull(bad)
+  info, (step, params) = server.apply(1, 0, g)  # nothing was consumed
+  assert info.applied and step == 1 and info.staleness == 0
+  np.testing.assert_array_equal(params["w"], [-1.0, -1.0])
+  assert server.progress()[1].tolist() == [-1, 0]
+
+
+def test_server_rejects_a_tx_built_for_another_worker_count():
+  with pytest.raises(ValueError, match="backups for 2 workers"):
+    dray.ParameterServer(dcasgd_optax.dcasgd(0.1, 2), {"w": np.zeros(2)}, 4)
+
+
 def test_server_resumes_from_its_checkpoint(tmp_path):
   tx = dcasgd_optax.dcasgd(0.1, 2)
   params = {"w": np.ones(3, np.float32)}

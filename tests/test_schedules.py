@@ -85,3 +85,11 @@ def test_staleness_matches_a_loop(seed):
 def test_bad_arguments_raise(call):
   with pytest.raises(ValueError):
     call()
+
+
+@pytest.mark.parametrize("seed", [None, 1.5, -1])
+def test_seeded_schedules_need_a_reproducible_seed(seed):
+  with pytest.raises((TypeError, ValueError), match="seed"):
+    schedules.shuffled_rounds(3, 2, seed=seed)
+  with pytest.raises((TypeError, ValueError), match="seed"):
+    schedules.gamma_speeds(3, 10, seed=seed)

@@ -50,10 +50,18 @@ def check_scalar_range(
     high: float = float("inf"),
     low_inclusive: bool = True,
     high_inclusive: bool = False,
+    allow_schedule: bool = False,
 ) -> None:
-  """Raises if a concrete scalar ``value`` lies outside the given interval."""
+  """Raises if a concrete scalar ``value`` lies outside the given interval.
+
+  A callable (an optax schedule) passes only with ``allow_schedule``.
+  """
   if callable(value):
-    return
+    if allow_schedule:
+      return
+    raise TypeError(
+        f"`{name}` must be a number, not a schedule (got {value!r})."
+    )
   v = concrete_value(value)
   if v is None:
     return
@@ -72,6 +80,18 @@ def check_scalar_range(
     raise ValueError(
         f"`{name}` must lie in {lo}{low:g}, {high:g}{hi}, got {v:g}."
     )
+
+
+def check_seed(seed: Any) -> int:
+  """Returns ``seed`` if it is a non-negative int (``None`` is not deterministic)."""
+  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    raise TypeError(
+        f"`seed` must be a non-negative int (for a reproducible order), got "
+        f"{seed!r}."
+    )
+  if seed < 0:
+    raise ValueError(f"`seed` must be >= 0, got {seed}.")
+  return int(seed)
 
 
 def check_worker(worker: Any, num_workers: int) -> None:

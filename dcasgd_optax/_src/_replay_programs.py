@@ -12,7 +12,6 @@ to call so the backups are updated in place.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -9,6 +9,7 @@ import optax
 
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src.delay_compensation import delay_compensation
+from dcasgd_optax._src.pull import find_states
 from dcasgd_optax._src.pull import record_pull
 
 
@@ -39,6 +40,11 @@ def dcasgd(
   ``params + updates`` into worker ``m``'s backup. If your workers pull at
   other times, use :func:`delay_compensation` in your own chain and call
   :func:`record_pull` when they do.
+
+  A traced ``worker`` outside ``[0, num_workers)`` leaves the backups and
+  DC-ASGD-a's statistics as they were, but the update is NaN and, with
+  momentum, so is the momentum buffer from then on: loud, not silent. A
+  concrete out-of-range id raises ``ValueError``.
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -72,11 +78,13 @@ def dcasgd(
     >>> dcasgd_optax.worker_params(state, 3)['w']  # worker 3 pulled the result
     Array([ 0.8, -0.8], dtype=float32)
   """
-  if lambda_ is None:
-    lambda_ = 2.0 if adaptive else 0.04
+  if nesterov and momentum is None:
+    raise ValueError("`nesterov=True` needs `momentum` (a float in [0, 1)).")
   if momentum is not None:
     _checks.check_scalar_range("momentum", momentum, low=0.0, high=1.0)
-  _checks.check_scalar_range("weight_decay", weight_decay, low=0.0)
+  _checks.check_scalar_range(
+      "weight_decay", weight_decay, low=0.0, allow_schedule=True
+  )
   if not callable(learning_rate):
     _checks.check_scalar_range("learning_rate", learning_rate, low=0.0)
   parts = [
@@ -108,6 +116,11 @@ def pull_after_push(
   worker pulls right after pushing, as in the paper's Algorithm 1. The
   wrapper's state is ``inner``'s state itself.
 
+  A traced ``worker`` outside ``[0, num_workers)`` records no pull; the NaN
+  update that :func:`delay_compensation` returns for it reaches the rest of
+  ``inner``'s state (put ``optax.apply_if_finite`` after the compensation in
+  ``inner`` to skip such steps).
+
   Args:
     inner: a transformation containing :func:`delay_compensation`.
 
@@ -126,6 +139,16 @@ def pull_after_push(
   """
   inner = optax.with_extra_args_support(inner)
 
+  def init_fn(params):
+    state = inner.init(params)
+    if not find_states(state):
+      raise ValueError(
+          "`inner` holds no delay_compensation: pull_after_push records pulls "
+          "in its DelayCompensationState. Put "
+          "`dcasgd_optax.delay_compensation(...)` first in the chain."
+      )
+    return state
+
   def update_fn(updates, state, params=None, *, worker=None, **extra_args):
     updates, state = inner.update(
         updates, state, params, worker=worker, **extra_args
@@ -133,4 +156,4 @@ def pull_after_push(
     pulled = optax.apply_updates(params, updates)
     return updates, record_pull(state, pulled, worker)
 
-  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -40,7 +40,7 @@ def _is_static_zero(x: Any) -> bool:
 
 def delay_compensation(
     num_workers: int,
-    lambda_: Any = 0.04,
+    lambda_: Any = None,
     *,
     adaptive: bool = False,
     decay: Any = 0.95,
@@ -78,13 +78,16 @@ def delay_compensation(
     num_workers: number of asynchronous workers (>= 1); the state holds that
       many copies of the model.
     lambda_: the compensation strength, >= 0 (a float, or an array under
-      ``optax.inject_hyperparams``). Paper defaults: 0.04 for DC-ASGD-c, 2.0
-      for DC-ASGD-a.
+      ``optax.inject_hyperparams``); ``None`` picks the paper's defaults, 0.04
+      for DC-ASGD-c and 2.0 for DC-ASGD-a.
     adaptive: use DC-ASGD-a's per-coordinate :math:`\lambda_t`.
     decay: DC-ASGD-a's mean-square decay, in [0, 1).
     eps: DC-ASGD-a's epsilon, > 0.
     backup_dtype: dtype to store backups in (e.g. ``jnp.bfloat16`` halves
       their memory for float32 models); ``None`` keeps each param's dtype.
+      The backups are what the workers hold, so with a lower precision the
+      correction sees ``w - round(w)`` even at staleness 0, and a simulator
+      computes each worker's gradient at its rounded model.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -108,6 +111,10 @@ def delay_compensation(
     Compensation <https://arxiv.org/abs/1609.08326>`_, ICML 2017.
   """
   num_workers = _checks.check_positive_int("num_workers", num_workers)
+  if not isinstance(adaptive, bool):
+    raise TypeError(f"`adaptive` must be a bool, got {adaptive!r}.")
+  if lambda_ is None:
+    lambda_ = 2.0 if adaptive else 0.04
   _checks.check_scalar_range("lambda_", lambda_, low=0.0)
   _checks.check_scalar_range("decay", decay, low=0.0, high=1.0)
   _checks.check_scalar_range("eps", eps, low=0.0, low_inclusive=False)

@@ -21,8 +21,7 @@ import ray
 
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src import ray_driver
-from dcasgd_optax._src.delay_compensation import _num_workers_of
-from dcasgd_optax._src.pull import find_states
+from dcasgd_optax._src import ray_server
 from dcasgd_optax._src.ray_driver import UpdateRecords
 from dcasgd_optax._src.ray_server import ParameterServer
 from dcasgd_optax._src.ray_worker import GradientWorker
@@ -93,13 +92,7 @@ def _check_args(tx, params, num_workers, num_updates, opts: _Options) -> None:
     raise ValueError(f"`max_restarts` must be >= 0, got {restarts}.")
   _checks.check_scalar_range("restart_timeout_s", opts.restart_timeout_s,
                              low=0.0, low_inclusive=False)
-  shapes = jax.eval_shape(optax.with_extra_args_support(tx).init, params)
-  for state in find_states(shapes):
-    if _num_workers_of(state) not in (None, num_workers):
-      raise ValueError(
-          f"`tx` keeps backups for {_num_workers_of(state)} workers, but "
-          f"`num_workers` is {num_workers}; build tx with the same count."
-      )
+  ray_server.check_tx_workers(tx, params, num_workers)
 
 
 def _connect(address: str | None, init_kwargs: dict[str, Any] | None) -> bool:

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dcasgd_optax._src import _checks
 from dcasgd_optax._src import ray_checkpoint
+from dcasgd_optax._src.delay_compensation import _num_workers_of
 from dcasgd_optax._src.pull import find_states
 from dcasgd_optax._src.pull import record_pull
 from dcasgd_optax._src.ray_checkpoint import ServerState
@@ -42,6 +44,17 @@ class ApplyInfo(NamedTuple):
   staleness: int
   time: float
   seconds: float
+
+
+def check_tx_workers(tx: Any, params: Any, num_workers: int) -> None:
+  """Raises unless every DelayCompensationState in ``tx`` has ``num_workers`` backups."""
+  shapes = jax.eval_shape(optax.with_extra_args_support(tx).init, params)
+  for state in find_states(shapes):
+    if _num_workers_of(state) not in (None, num_workers):
+      raise ValueError(
+          f"`tx` keeps backups for {_num_workers_of(state)} workers, but "
+          f"`num_workers` is {num_workers}; build tx with the same count."
+      )
 
 
 def _has_backups(tx: optax.GradientTransformation, params: Any) -> bool:
@@ -99,6 +112,9 @@ class ParameterServer:
       checkpoint_every: int | None = None,
       resume: bool = False,
   ):
+    num_workers = _checks.check_positive_int("num_workers", num_workers)
+    check_tx_workers(tx, params, num_workers)
+    self._num_workers = num_workers
     tx = optax.with_extra_args_support(tx)
     has_backups = _has_backups(tx, params)
     self._apply, self._pull = _make_steps(tx, has_backups)
@@ -141,6 +157,7 @@ class ParameterServer:
 
   def pull(self, worker: int) -> tuple[int, Any]:
     """Worker ``worker`` pulls: records it and returns ``(step, params)``."""
+    self._check_worker(worker)
     start = time.perf_counter()
     s = self._state
     opt_state = self._pull(s.params, s.opt_state, np.int32(worker))
@@ -161,6 +178,7 @@ class ParameterServer:
       worker is a duplicate: the state is left as it is (the pull is still
       recorded) and ``info.applied`` is False.
     """
+    self._check_worker(worker)
     start = time.perf_counter()
     s = self._state
     staleness = int(s.step - s.pulled_step[worker])
@@ -179,6 +197,15 @@ class ParameterServer:
     seconds = time.perf_counter() - start
     info = ApplyInfo(bool(applied), step, staleness, time.time(), seconds)
     return info, (step, params)
+
+  def _check_worker(self, worker: Any) -> None:
+    """Rejects a bad id before any state (donated buffers included) is touched."""
+    if isinstance(worker, bool) or not isinstance(worker, (int, np.integer)):
+      raise TypeError(f"`worker` must be an int, got {worker!r}.")
+    if not 0 <= worker < self._num_workers:
+      raise ValueError(
+          f"`worker` must be in [0, {self._num_workers}), got {worker}."
+      )
 
   def _maybe_checkpoint(self) -> None:
     if self._manager is not None and self._every:

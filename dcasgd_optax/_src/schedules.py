@@ -74,7 +74,7 @@ def shuffled_rounds(num_workers: int, num_rounds: int, seed: int) -> np.ndarray:
   """
   num_workers = _checks.check_positive_int("num_workers", num_workers)
   num_rounds = _check_nonnegative_int("num_rounds", num_rounds)
-  rng = np.random.default_rng(seed)
+  rng = np.random.default_rng(_checks.check_seed(seed))
   rounds = [rng.permutation(num_workers) for _ in range(num_rounds)]
   if not rounds:
     return np.zeros((0,), np.int32)
@@ -143,7 +143,7 @@ def gamma_speeds(
   num_arrivals = _check_nonnegative_int("num_arrivals", num_arrivals)
   _checks.check_scalar_range("shape", shape, low=0.0, low_inclusive=False)
   speeds = _check_speeds(speeds, num_workers)
-  seqs = np.random.SeedSequence(seed).spawn(num_workers)
+  seqs = np.random.SeedSequence(_checks.check_seed(seed)).spawn(num_workers)
   rngs = [np.random.default_rng(s) for s in seqs]
   share = speeds / speeds.sum()
   counts = np.ceil(num_arrivals * share * 1.1).astype(int) + 8

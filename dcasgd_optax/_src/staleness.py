@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dcasgd_optax._src import _checks
+
 
 class ScaleByInverseStalenessState(NamedTuple):
   """No state is kept; the staleness arrives with each update."""
@@ -52,6 +54,11 @@ def scale_by_inverse_staleness() -> optax.GradientTransformationExtraArgs:
       raise TypeError(
           "Missing keyword argument `staleness`: the number of server updates "
           "since the worker pulled (an int >= 0)."
+      )
+    value = _checks.concrete_value(staleness)
+    if value is not None and (value.shape != () or value < 0):
+      raise ValueError(
+          f"`staleness` must be a scalar >= 0, got {staleness!r}."
       )
     scale = 1.0 / jnp.maximum(jnp.asarray(staleness), 1)
     return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates), state
