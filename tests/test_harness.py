@@ -419,3 +419,17 @@ def test_sim_state_is_arrays_only():
   state = Simulator(loss_fn, optax.sgd(0.1), W).init(init_params())
   assert isinstance(state, SimState)
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
+
+
+def test_sync_replay_rejects_a_state_from_another_simulator():
+  params = {"w": jnp.zeros(3)}
+  loss = lambda p, b: jnp.sum((p["w"] - b) ** 2)
+  batches = jnp.ones((4, 3))
+  async_state = Simulator(loss, optax.sgd(0.1), 2).init(params)
+  sync = SyncSimulator(loss, optax.sgd(0.1), 2)
+  with pytest.raises(ValueError, match="opt_state"):
+    sync.replay(async_state, batches)
+  with pytest.raises(ValueError, match="workers"):
+    sync.replay(SyncSimulator(loss, optax.sgd(0.1), 4).init(params), batches)
+  state, _ = sync.replay(sync.init(params), batches)  # its own state works
+  assert int(state.step) == 2

@@ -248,3 +248,17 @@ def concat_rows(lists: Any, keep: jax.Array) -> Any:
 def copy_tree(tree: Any) -> Any:
   """A copy of ``tree`` (so that donating it leaves the original intact)."""
   return jax.tree.map(jnp.copy, tree)
+
+
+def check_state(state: Any, state_type: type, num_workers: int) -> None:
+  """Raises unless ``state`` is a ``state_type`` made for ``num_workers``."""
+  if not isinstance(state, state_type):
+    raise ValueError(
+        f"`state` must be a {state_type.__name__} from `init`, got "
+        f"{type(state).__name__}."
+    )
+  if np.shape(state.last_pull) != (num_workers,):
+    raise ValueError(
+        f"`state` was made for {np.shape(state.last_pull)[0]} workers, but "
+        f"this simulator has num_workers={num_workers}."
+    )

@@ -304,15 +304,7 @@ class Simulator:
     )
 
   def _check_state(self, state: Any) -> None:
-    if not isinstance(state, SimState):
-      raise ValueError(
-          f"`state` must be a SimState from `sim.init`, got {type(state)}."
-      )
-    if np.shape(state.last_pull) != (self.num_workers,):
-      raise ValueError(
-          f"`state` was made for {np.shape(state.last_pull)[0]} workers, but "
-          f"this simulator has num_workers={self.num_workers}."
-      )
+    common.check_state(state, SimState, self.num_workers)
     if len(find_states(state.opt_state)) != 1:
       raise ValueError(
           "`state.opt_state` must hold exactly one DelayCompensationState; "

@@ -227,8 +227,13 @@ class SyncSimulator:
           f"(num_workers={self.num_workers}, R >= 1), got {num}."
       )
     common.check_batches(batches, num, "R * num_workers")
-    if not isinstance(state, SimState):
-      raise ValueError(f"`state` must be a SimState, got {type(state)}.")
+    common.check_state(state, SimState, self.num_workers)
+    want = jax.tree.structure(jax.eval_shape(self.tx.init, state.params))
+    if jax.tree.structure(state.opt_state) != want:
+      raise ValueError(
+          "`state.opt_state` does not match this SyncSimulator's optimizer "
+          "(a state from a Simulator, or another tx?); make it with `init`."
+      )
     batch = jax.tree.map(lambda x: (np.shape(x), jnp.result_type(x)), batches)
     key = (common.signature((state.params, state.model_state)), str(batch))
     if key not in self._loss_checked:
