@@ -6,7 +6,7 @@ mesh, and the one place where per-worker computations are spread over it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,8 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from dcasgd_optax._src import _checks
 
 AXIS = "workers"
 # How a replay runs: one compiled program, or the host looping over chunks.
@@ -262,3 +264,31 @@ def check_state(state: Any, state_type: type, num_workers: int) -> None:
         f"`state` was made for {np.shape(state.last_pull)[0]} workers, but "
         f"this simulator has num_workers={num_workers}."
     )
+
+
+class Setup(NamedTuple):
+  """The constructor arguments both simulators share, validated."""
+
+  num_workers: int
+  loss3: Callable[..., Any]
+  mesh: Any
+  vmap_slots: int
+  strategy: str
+
+
+def setup(loss_fn, tx, num_workers, devices, has_model_state, vmap_slots,
+          strategy) -> Setup:
+  """Validates the shared constructor arguments and derives the defaults."""
+  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  if not hasattr(tx, "init") or not hasattr(tx, "update"):
+    raise TypeError(f"`tx` must be an optax transformation, got {tx!r}.")
+  if vmap_slots is not None:
+    _checks.check_positive_int("vmap_slots", vmap_slots)
+  mesh = make_mesh(devices)
+  return Setup(
+      num_workers=num_workers,
+      loss3=with_model_state(loss_fn, has_model_state),
+      mesh=mesh,
+      vmap_slots=default_vmap_slots(mesh, vmap_slots),
+      strategy=default_strategy(mesh, strategy),
+  )

@@ -171,20 +171,15 @@ class Simulator:
       donate: bool = True,
       strategy: str | None = None,
   ):
-    self.num_workers = _checks.check_positive_int("num_workers", num_workers)
     if max_parallel is not None:
       _checks.check_positive_int("max_parallel", max_parallel)
-    if not hasattr(tx, "init") or not hasattr(tx, "update"):
-      raise TypeError(f"`tx` must be an optax transformation, got {tx!r}.")
-    self._loss3 = common.with_model_state(loss_fn, has_model_state)
+    s = common.setup(loss_fn, tx, num_workers, devices, has_model_state,
+                     vmap_slots, strategy)
+    self.num_workers, self._loss3, self.mesh = s.num_workers, s.loss3, s.mesh
+    self._vmap_slots, self.strategy = s.vmap_slots, s.strategy
     self._has_model_state = has_model_state
     self._user_tx = tx
-    self.mesh = common.make_mesh(devices)
     self._max_parallel = max_parallel
-    if vmap_slots is not None:
-      _checks.check_positive_int("vmap_slots", vmap_slots)
-    self._vmap_slots = common.default_vmap_slots(self.mesh, vmap_slots)
-    self.strategy = common.default_strategy(self.mesh, strategy)
     self._donate = donate
     self._compiled: dict[Any, tuple[Any, Any]] = {}
     self._loss_checked: dict[Any, Any] = {}

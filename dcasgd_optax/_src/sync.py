@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcasgd_optax._src import _checks
 from dcasgd_optax._src import _harness_common as common
 from dcasgd_optax._src.pull import find_states
 from dcasgd_optax._src.pull import record_pull
@@ -154,18 +153,13 @@ class SyncSimulator:
       donate: bool = True,
       strategy: str | None = None,
   ):
-    self.num_workers = _checks.check_positive_int("num_workers", num_workers)
-    if not hasattr(tx, "init") or not hasattr(tx, "update"):
-      raise TypeError(f"`tx` must be an optax transformation, got {tx!r}.")
-    self._loss3 = common.with_model_state(loss_fn, has_model_state)
+    s = common.setup(loss_fn, tx, num_workers, devices, has_model_state,
+                     vmap_slots, strategy)
+    self.num_workers, self._loss3, self.mesh = s.num_workers, s.loss3, s.mesh
+    vmap_slots, self.strategy = s.vmap_slots, s.strategy
     self._has_model_state = has_model_state
     self.tx = optax.with_extra_args_support(tx)
-    self.mesh = common.make_mesh(devices)
     slots = common.round_up(self.num_workers, self.mesh.size)
-    if vmap_slots is not None:
-      _checks.check_positive_int("vmap_slots", vmap_slots)
-    vmap_slots = common.default_vmap_slots(self.mesh, vmap_slots)
-    self.strategy = common.default_strategy(self.mesh, strategy)
     self._donate = donate
     self._program = jax.jit(
         functools.partial(
