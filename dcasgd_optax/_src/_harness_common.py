@@ -128,14 +128,25 @@ def signature(tree: Any) -> tuple[Any, ...]:
   return treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
 
 
-def check_loss_fn(
-    loss3: LossWithState, params: Any, model_state: Any, batches: Any
+def check_loss_fn_cached(
+    cache: dict[Any, Any], loss3: LossWithState, params: Any,
+    model_state: Any, batches: Any,
 ) -> jax.ShapeDtypeStruct:
-  """Traces ``loss_fn`` once on one batch; returns the loss's abstract value."""
+  """:func:`check_loss_fn`, traced once per (params, model state, one batch) signature."""
   batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)),
       batches,
   )
+  key = signature((params, model_state, batch))
+  if key not in cache:
+    cache[key] = check_loss_fn(loss3, params, model_state, batch)
+  return cache[key]
+
+
+def check_loss_fn(
+    loss3: LossWithState, params: Any, model_state: Any, batch: Any
+) -> jax.ShapeDtypeStruct:
+  """Traces ``loss_fn`` on one abstract batch; returns the loss's abstract value."""
   loss, new_state = jax.eval_shape(
       loss3, _abstract(params), _abstract(model_state), batch
   )
@@ -292,3 +303,25 @@ def setup(loss_fn, tx, num_workers, devices, has_model_state, vmap_slots,
       vmap_slots=default_vmap_slots(mesh, vmap_slots),
       strategy=default_strategy(mesh, strategy),
   )
+
+
+def initial_state(state_type: type, tx: Any, num_workers: int, mesh: Any,
+                  params: Any, model_state: Any, *, per_worker_model_state: bool):
+  """Every worker holds ``params``; copies, so the arguments are never donated."""
+
+  def build(params, model_state):
+    params = jax.tree.map(jnp.copy, params)
+    model_state = jax.tree.map(jnp.copy, model_state)
+    worker_ms = ()
+    if per_worker_model_state:
+      worker_ms = jax.tree.map(
+          lambda x: jnp.broadcast_to(x[None], (num_workers, *jnp.shape(x))),
+          model_state,
+      )
+    return state_type(
+        params, tx.init(params), model_state, worker_ms,
+        jnp.zeros((), jnp.int32), jnp.zeros((num_workers,), jnp.int32),
+    )
+
+  args = replicate((params, model_state), mesh)
+  return jax.jit(build, out_shardings=replicated(mesh))(*args)

@@ -16,7 +16,6 @@ import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -220,22 +219,10 @@ class Simulator:
     """
     model_state = common.check_model_state(model_state, self._has_model_state)
     tx, _ = self._program(params)
-    num_workers = self.num_workers
-
-    def build(params, model_state):
-      params = jax.tree.map(jnp.copy, params)
-      model_state = jax.tree.map(jnp.copy, model_state)
-      worker_ms = jax.tree.map(
-          lambda x: jnp.broadcast_to(x[None], (num_workers, *jnp.shape(x))),
-          model_state,
-      )
-      return SimState(
-          params, tx.init(params), model_state, worker_ms,
-          jnp.zeros((), jnp.int32), jnp.zeros((num_workers,), jnp.int32),
-      )
-
-    args = common.replicate((params, model_state), self.mesh)
-    return jax.jit(build, out_shardings=common.replicated(self.mesh))(*args)
+    return common.initial_state(
+        SimState, tx, self.num_workers, self.mesh, params, model_state,
+        per_worker_model_state=True,
+    )
 
   def _plan(self, arrivals: np.ndarray, params: Any) -> _replay_plan.Plan:
     host = self.strategy == "host_chunks"
@@ -308,11 +295,7 @@ class Simulator:
 
   def _check_loss(self, state: SimState, batches: Any) -> Any:
     """``loss_fn``'s abstract loss on one batch (checked once per shape)."""
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        np.shape(x)[1:], jnp.result_type(x)), batches)
-    key = common.signature((state.params, state.model_state, batch))
-    if key not in self._loss_checked:
-      self._loss_checked[key] = common.check_loss_fn(
-          self._loss3, state.params, state.model_state, batches
-      )
-    return self._loss_checked[key]
+    return common.check_loss_fn_cached(
+        self._loss_checked, self._loss3, state.params, state.model_state,
+        batches,
+    )

@@ -185,18 +185,10 @@ class SyncSimulator:
   def init(self, params: Any, model_state: Any = None) -> SimState:
     """The initial state (no ``worker_model_states``: all hold the server's)."""
     model_state = common.check_model_state(model_state, self._has_model_state)
-    num_workers, tx = self.num_workers, self.tx
-
-    def build(params, model_state):
-      params = jax.tree.map(jnp.copy, params)
-      model_state = jax.tree.map(jnp.copy, model_state)
-      return SimState(
-          params, tx.init(params), model_state, (),
-          jnp.zeros((), jnp.int32), jnp.zeros((num_workers,), jnp.int32),
-      )
-
-    args = common.replicate((params, model_state), self.mesh)
-    return jax.jit(build, out_shardings=common.replicated(self.mesh))(*args)
+    return common.initial_state(
+        SimState, self.tx, self.num_workers, self.mesh, params, model_state,
+        per_worker_model_state=False,
+    )
 
   def replay(
       self, state: SimState, batches: Any
@@ -228,12 +220,10 @@ class SyncSimulator:
           "`state.opt_state` does not match this SyncSimulator's optimizer "
           "(a state from a Simulator, or another tx?); make it with `init`."
       )
-    batch = jax.tree.map(lambda x: (np.shape(x), jnp.result_type(x)), batches)
-    key = (common.signature((state.params, state.model_state)), str(batch))
-    if key not in self._loss_checked:
-      self._loss_checked[key] = common.check_loss_fn(
-          self._loss3, state.params, state.model_state, batches
-      )
+    common.check_loss_fn_cached(
+        self._loss_checked, self._loss3, state.params, state.model_state,
+        batches,
+    )
     batches = common.replicate(batches, self.mesh)
     if self.strategy == "compiled":
       return self._program(state, batches)
