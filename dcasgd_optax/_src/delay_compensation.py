@@ -144,14 +144,14 @@ def delay_compensation(
     _checks.check_worker(worker, num_workers)
     _tree.check_matches_backups("params", params, state.backups)
     _tree.check_matches_backups("updates", updates, state.backups)
-    stored = _num_workers_of(state)
+    stored = num_workers_of(state)
     if stored not in (None, num_workers):
       raise ValueError(
           f"The state holds backups for {stored} workers, but this "
           f"transformation was built with num_workers={num_workers}."
       )
     valid = jnp.logical_and(worker >= 0, worker < num_workers)
-    held = _held(state.backups, worker, num_workers)
+    held = held_by(state.backups, worker, num_workers)
     if adaptive:
       mean_square = jax.tree.map(
           lambda ms, g: jnp.where(
@@ -176,13 +176,13 @@ def delay_compensation(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _num_workers_of(state: DelayCompensationState) -> int | None:
+def num_workers_of(state: DelayCompensationState) -> int | None:
   """The leading axis of the backups, or None for a params tree with no leaves."""
   leaves = jax.tree.leaves(state.backups)
   return leaves[0].shape[0] if leaves else None
 
 
-def _held(backups: Any, worker: Any, num_workers: int) -> Any:
+def held_by(backups: Any, worker: Any, num_workers: int) -> Any:
   """The params worker ``worker`` holds (clamped index; callers mask)."""
   idx = jnp.clip(jnp.asarray(worker, jnp.int32), 0, num_workers - 1)
   return jax.tree.map(

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src import _tree
 from dcasgd_optax._src.delay_compensation import DelayCompensationState
-from dcasgd_optax._src.delay_compensation import _held
-from dcasgd_optax._src.delay_compensation import _num_workers_of
+from dcasgd_optax._src.delay_compensation import held_by
+from dcasgd_optax._src.delay_compensation import num_workers_of
 
 
 def _is_dc_state(x: Any) -> bool:
@@ -68,7 +68,7 @@ def record_pull(opt_state: Any, params: Any, worker: Any) -> Any:
   def write(state):
     if not _is_dc_state(state):
       return state
-    num_workers = _num_workers_of(state)
+    num_workers = num_workers_of(state)
     if num_workers is None:
       return state
     _checks.check_worker(worker, num_workers)
@@ -117,8 +117,8 @@ def worker_params(opt_state: Any, worker: Any) -> Any:
         f"`opt_state` holds {len(states)} DelayCompensationStates; "
         "worker_params needs exactly one. Call it on the sub-state you mean."
     )
-  num_workers = _num_workers_of(states[0])
+  num_workers = num_workers_of(states[0])
   if num_workers is None:
     return states[0].backups
   _checks.check_worker(worker, num_workers)
-  return _held(states[0].backups, worker, num_workers)
+  return held_by(states[0].backups, worker, num_workers)

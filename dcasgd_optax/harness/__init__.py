@@ -3,9 +3,9 @@
 The public API is exactly the names imported here.
 """
 
-from dcasgd_optax._src.simulator import SimState
-from dcasgd_optax._src.simulator import Simulator
-from dcasgd_optax._src.sync import SyncSimulator
+from dcasgd_optax.harness._state import SimState
+from dcasgd_optax.harness._simulator import Simulator
+from dcasgd_optax.harness._sync_simulator import SyncSimulator
 from dcasgd_optax.harness import schedules
 
 __all__ = (

@@ -3,10 +3,10 @@
 The public API is exactly the names imported here.
 """
 
-from dcasgd_optax._src.schedules import cyclic
-from dcasgd_optax._src.schedules import gamma_speeds
-from dcasgd_optax._src.schedules import shuffled_rounds
-from dcasgd_optax._src.schedules import staleness
+from dcasgd_optax.harness._schedules import cyclic
+from dcasgd_optax.harness._schedules import gamma_speeds
+from dcasgd_optax.harness._schedules import shuffled_rounds
+from dcasgd_optax.harness._schedules import staleness
 
 __all__ = (
     "cyclic",

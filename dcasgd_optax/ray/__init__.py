@@ -15,13 +15,13 @@ except ModuleNotFoundError as e:
   ) from e
 del _ocp, _ray
 
-from dcasgd_optax._src.ray_driver import UpdateRecords
-from dcasgd_optax._src.ray_ps import TrainResult
-from dcasgd_optax._src.ray_ps import train
-from dcasgd_optax._src.ray_server import ApplyInfo
-from dcasgd_optax._src.ray_server import ParameterServer
-from dcasgd_optax._src.ray_worker import GradientMeta
-from dcasgd_optax._src.ray_worker import GradientWorker
+from dcasgd_optax.ray._driver import UpdateRecords
+from dcasgd_optax.ray._train import TrainResult
+from dcasgd_optax.ray._train import train
+from dcasgd_optax.ray._server import ApplyInfo
+from dcasgd_optax.ray._server import ParameterServer
+from dcasgd_optax.ray._worker import GradientMeta
+from dcasgd_optax.ray._worker import GradientWorker
 
 __all__ = (
     "ApplyInfo",

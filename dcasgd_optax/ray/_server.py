@@ -17,11 +17,11 @@ import numpy as np
 import optax
 
 from dcasgd_optax._src import _checks
-from dcasgd_optax._src import ray_checkpoint
-from dcasgd_optax._src.delay_compensation import _num_workers_of
+from dcasgd_optax.ray import _checkpoint
+from dcasgd_optax._src.delay_compensation import num_workers_of
 from dcasgd_optax._src.pull import find_states
 from dcasgd_optax._src.pull import record_pull
-from dcasgd_optax._src.ray_checkpoint import ServerState
+from dcasgd_optax.ray._checkpoint import ServerState
 
 
 class ApplyInfo(NamedTuple):
@@ -50,9 +50,9 @@ def check_tx_workers(tx: Any, params: Any, num_workers: int) -> None:
   """Raises unless every DelayCompensationState in ``tx`` has ``num_workers`` backups."""
   shapes = jax.eval_shape(optax.with_extra_args_support(tx).init, params)
   for state in find_states(shapes):
-    if _num_workers_of(state) not in (None, num_workers):
+    if num_workers_of(state) not in (None, num_workers):
       raise ValueError(
-          f"`tx` keeps backups for {_num_workers_of(state)} workers, but "
+          f"`tx` keeps backups for {num_workers_of(state)} workers, but "
           f"`num_workers` is {num_workers}; build tx with the same count."
       )
 
@@ -129,7 +129,7 @@ class ParameterServer:
     )
     self._manager = None
     if checkpoint_dir is not None:
-      self._manager = ray_checkpoint.open_manager(checkpoint_dir)
+      self._manager = _checkpoint.open_manager(checkpoint_dir)
       self._start_from_checkpoint(resume)
     self.busy_seconds = 0.0
 
@@ -141,7 +141,7 @@ class ParameterServer:
           f"checkpoint (step {latest}); pass `resume=True` to continue from "
           "it, or use an empty directory."
       )
-    restored = ray_checkpoint.restore_latest(self._manager, self._state)
+    restored = _checkpoint.restore_latest(self._manager, self._state)
     if restored is not None:
       self._state = ServerState(
           params=jax.tree.map(jnp.asarray, restored.params),
@@ -210,7 +210,7 @@ class ParameterServer:
   def _maybe_checkpoint(self) -> None:
     if self._manager is not None and self._every:
       if int(self._state.step) % self._every == 0:
-        ray_checkpoint.save(self._manager, self._state)
+        _checkpoint.save(self._manager, self._state)
 
   def result(self) -> tuple[int, Any, Any]:
     """``(step, params, opt_state)`` as NumPy pytrees."""
@@ -220,7 +220,7 @@ class ParameterServer:
   def close(self) -> float:
     """Saves a final checkpoint, waits for pending saves; returns busy time."""
     if self._manager is not None:
-      ray_checkpoint.save(self._manager, self._state)
+      _checkpoint.save(self._manager, self._state)
       self._manager.wait_until_finished()
       self._manager.close()
       self._manager = None

@@ -5,7 +5,7 @@ gradients are computed together, each at its worker's model, then applied
 one by one, in arrival order. ``"compiled"`` runs every chunk inside one
 program (a loop over chunks); ``"host_chunks"`` calls one jitted program per
 chunk from Python, in which the ``L`` gradients are unrolled, not looped (see
-:func:`_harness_common.default_strategy`), with the state donated from call
+:func:`_setup.default_strategy`), with the state donated from call
 to call so the backups are updated in place.
 """
 
@@ -18,9 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcasgd_optax._src import _harness_common as common
 from dcasgd_optax._src.pull import find_states
 from dcasgd_optax._src.pull import record_pull
+from dcasgd_optax.harness import _devices
+from dcasgd_optax.harness import _gathers
+from dcasgd_optax.harness import _slots
 
 
 def chunk_gradients(loss3, mesh, vmap_slots, unroll, state, workers_L,
@@ -37,10 +39,10 @@ def chunk_gradients(loss3, mesh, vmap_slots, unroll, state, workers_L,
       (loss, new_ms), grads = grad_fn(snap, model_state, batch)
       return loss, new_ms, grads
 
-    return common.map_slots(slot, (workers_L, batch_L), vmap_slots, unroll)
+    return _slots.map_slots(slot, (workers_L, batch_L), vmap_slots, unroll)
 
   shared = (backups, state.worker_model_states)
-  return common.per_worker(local, mesh, shared, (workers_L, batch_L))
+  return _devices.per_worker(local, mesh, shared, (workers_L, batch_L))
 
 
 def _arrive(tx, workers_L, grads_L, new_ms_L, k, carry):
@@ -125,7 +127,7 @@ def replay_host_chunks(step, state, batches, arrivals, plan):
   )
   workers_CxL = arrivals[rows_CxL]
   losses, taus = [], []
-  for c, batch_L in enumerate(common.split_chunks(batches, rows_CxL)):
+  for c, batch_L in enumerate(_gathers.split_chunks(batches, rows_CxL)):
     state, loss_L, staleness_L = step(
         state, workers_CxL[c], batch_L, lengths[c]
     )
@@ -133,7 +135,7 @@ def replay_host_chunks(step, state, batches, arrivals, plan):
     taus.append(staleness_L)
   # Slots past a chunk's length are padding: keep the arrivals' only.
   keep = np.flatnonzero(np.arange(chunk)[None] < lengths[:, None])
-  loss, staleness = common.concat_rows((losses, taus), keep)
+  loss, staleness = _gathers.concat_rows((losses, taus), keep)
   return state, {
       "loss": loss, "staleness": staleness, "worker": jnp.asarray(arrivals)
   }

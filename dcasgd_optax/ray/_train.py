@@ -1,8 +1,8 @@
 """Asynchronous parameter-server training on Ray, with any optax transformation.
 
-One parameter-server actor (:mod:`ray_server`) holds the params and the optax
-state; worker actors (:mod:`ray_worker`) compute gradients on their own data;
-the driver's loop (:mod:`ray_driver`) connects them without a barrier. This
+One parameter-server actor (:mod:`_server`) holds the params and the optax
+state; worker actors (:mod:`_worker`) compute gradients on their own data;
+the driver's loop (:mod:`_driver`) connects them without a barrier. This
 module is the entry point, :func:`train`: it validates the arguments, starts
 and stops the actors (and Ray, if needed), and returns a :class:`TrainResult`.
 """
@@ -20,11 +20,11 @@ import optax
 import ray
 
 from dcasgd_optax._src import _checks
-from dcasgd_optax._src import ray_driver
-from dcasgd_optax._src import ray_server
-from dcasgd_optax._src.ray_driver import UpdateRecords
-from dcasgd_optax._src.ray_server import ParameterServer
-from dcasgd_optax._src.ray_worker import GradientWorker
+from dcasgd_optax.ray import _driver
+from dcasgd_optax.ray import _server
+from dcasgd_optax.ray._driver import UpdateRecords
+from dcasgd_optax.ray._server import ParameterServer
+from dcasgd_optax.ray._worker import GradientWorker
 
 _log = logging.getLogger(__name__)
 # How long shutdown waits for the server's last checkpoint to be written.
@@ -92,7 +92,7 @@ def _check_args(tx, params, num_workers, num_updates, opts: _Options) -> None:
     raise ValueError(f"`max_restarts` must be >= 0, got {restarts}.")
   _checks.check_scalar_range("restart_timeout_s", opts.restart_timeout_s,
                              low=0.0, low_inclusive=False)
-  ray_server.check_tx_workers(tx, params, num_workers)
+  _server.check_tx_workers(tx, params, num_workers)
 
 
 def _connect(address: str | None, init_kwargs: dict[str, Any] | None) -> bool:
@@ -122,14 +122,14 @@ def _start_actors(tx, params, loss_fn, data_fn, num_workers, opts: _Options):
       **(opts.worker_options or {}),
   )
   # Restarting a worker reruns its constructor: the driver keeps these refs
-  # (in ray_driver.Driver.pinned) so its arguments stay in the object store.
+  # (in _driver.Driver.pinned) so its arguments stay in the object store.
   fns = ray.put(loss_fn), ray.put(data_fn)
   workers = [worker_cls.remote(m, *fns) for m in range(num_workers)]
   return server, workers, fns
 
 
 def _finish(
-    driver: ray_driver.Driver, start_time: float, num_updates: int
+    driver: _driver.Driver, start_time: float, num_updates: int
 ) -> TrainResult:
   """Collects the records, closes the server and builds the result."""
   records = driver.records(start_time)
@@ -273,7 +273,7 @@ def train(
         tx, params, loss_fn, data_fn, num_workers, opts
     )
     actors = [server, *workers]
-    driver = ray_driver.Driver(server, workers, restart_timeout_s, pinned)
+    driver = _driver.Driver(server, workers, restart_timeout_s, pinned)
     progress = driver.wait_for_actors()
     start_time = time.time()
     driver.run(progress, num_updates, log_every)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcasgd_optax._src import _harness_common as common
+from dcasgd_optax.harness import _devices
 
 # Fixed cost of one chunk (gather, loop step, launch), in units of one
 # gradient; used only to pick the chunk length.
@@ -75,7 +75,7 @@ def slot_limit(
     limit = min(limit, max(1, _CPU_CHUNK_BYTES // max(nbytes, 1)) * size)
   if max_parallel is None and per_device_cap is not None:
     limit = min(limit, per_device_cap * size)
-  limit = min(limit, common.round_up(num_workers, size))
+  limit = min(limit, _devices.round_up(num_workers, size))
   return max(size, limit // size * size)
 
 

@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import ray
 
-from dcasgd_optax._src.ray_server import ApplyInfo
-from dcasgd_optax._src.ray_worker import GradientMeta
+from dcasgd_optax.ray._server import ApplyInfo
+from dcasgd_optax.ray._worker import GradientMeta
 
 _log = logging.getLogger(__name__)
 # How often the loop checks on restarting workers.

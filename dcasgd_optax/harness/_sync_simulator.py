@@ -10,10 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcasgd_optax._src import _harness_common as common
 from dcasgd_optax._src.pull import find_states
 from dcasgd_optax._src.pull import record_pull
-from dcasgd_optax._src.simulator import SimState
+from dcasgd_optax.harness import _checks
+from dcasgd_optax.harness import _devices
+from dcasgd_optax.harness import _gathers
+from dcasgd_optax.harness import _setup
+from dcasgd_optax.harness import _slots
+from dcasgd_optax.harness import _state
+from dcasgd_optax.harness._state import SimState
 
 
 def _average_state(new_ms_W: Any) -> Any:
@@ -38,10 +43,10 @@ def _group_gradients(loss3, mesh, vmap_slots, unroll, params, model_state,
       (loss, new_ms), grads = grad_fn(params, model_state, batch)
       return loss, new_ms, grads
 
-    return common.map_slots(slot, (batch_G,), vmap_slots, unroll)
+    return _slots.map_slots(slot, (batch_G,), vmap_slots, unroll)
 
   shared = (params, model_state)
-  loss_G, ms_G, grads_G = common.per_worker(local, mesh, shared, (batch_G,))
+  loss_G, ms_G, grads_G = _devices.per_worker(local, mesh, shared, (batch_G,))
   # The sum as a contraction: XLA:CPU reduces a leading axis 40x slower.
   grads = jax.tree.map(
       lambda g: jnp.tensordot(weights_G.astype(g.dtype), g, axes=1), grads_G
@@ -153,13 +158,13 @@ class SyncSimulator:
       donate: bool = True,
       strategy: str | None = None,
   ):
-    s = common.setup(loss_fn, tx, num_workers, devices, has_model_state,
+    s = _setup.setup(loss_fn, tx, num_workers, devices, has_model_state,
                      vmap_slots, strategy)
     self.num_workers, self._loss3, self.mesh = s.num_workers, s.loss3, s.mesh
     vmap_slots, self.strategy = s.vmap_slots, s.strategy
     self._has_model_state = has_model_state
     self.tx = optax.with_extra_args_support(tx)
-    slots = common.round_up(self.num_workers, self.mesh.size)
+    slots = _devices.round_up(self.num_workers, self.mesh.size)
     self._donate = donate
     self._program = jax.jit(
         functools.partial(
@@ -170,9 +175,9 @@ class SyncSimulator:
     )
     # "host_chunks": rounds of ``_num_groups`` equal groups of ``_group``
     # slots, each at most the cap, padded as little as possible.
-    cap = common.HOST_SLOTS_PER_DEVICE * self.mesh.size
+    cap = _setup.HOST_SLOTS_PER_DEVICE * self.mesh.size
     self._num_groups = -(-slots // cap)
-    self._group = common.round_up(-(-slots // self._num_groups), self.mesh.size)
+    self._group = _devices.round_up(-(-slots // self._num_groups), self.mesh.size)
     self._group_step = jax.jit(functools.partial(
         _group_gradients, self._loss3, self.mesh, vmap_slots, True
     ))
@@ -184,8 +189,8 @@ class SyncSimulator:
 
   def init(self, params: Any, model_state: Any = None) -> SimState:
     """The initial state (no ``worker_model_states``: all hold the server's)."""
-    model_state = common.check_model_state(model_state, self._has_model_state)
-    return common.initial_state(
+    model_state = _checks.check_model_state(model_state, self._has_model_state)
+    return _state.initial_state(
         SimState, self.tx, self.num_workers, self.mesh, params, model_state,
         per_worker_model_state=False,
     )
@@ -212,19 +217,19 @@ class SyncSimulator:
           "`batches` leaves need a leading axis of R * num_workers "
           f"(num_workers={self.num_workers}, R >= 1), got {num}."
       )
-    common.check_batches(batches, num, "R * num_workers")
-    common.check_state(state, SimState, self.num_workers)
+    _checks.check_batches(batches, num, "R * num_workers")
+    _state.check_state(state, SimState, self.num_workers)
     want = jax.tree.structure(jax.eval_shape(self.tx.init, state.params))
     if jax.tree.structure(state.opt_state) != want:
       raise ValueError(
           "`state.opt_state` does not match this SyncSimulator's optimizer "
           "(a state from a Simulator, or another tx?); make it with `init`."
       )
-    common.check_loss_fn_cached(
+    _checks.check_loss_fn_cached(
         self._loss_checked, self._loss3, state.params, state.model_state,
         batches,
     )
-    batches = common.replicate(batches, self.mesh)
+    batches = _devices.replicate(batches, self.mesh)
     if self.strategy == "compiled":
       return self._program(state, batches)
     return self._replay_host(state, batches, num // self.num_workers)
@@ -234,11 +239,11 @@ class SyncSimulator:
     num_workers, size, n = self.num_workers, self._group, self._num_groups
     rows_S = np.minimum(np.arange(n * size), num_workers - 1)
     rows = np.arange(num_rounds)[:, None] * num_workers + rows_S[None]
-    groups = common.split_chunks(batches, rows.reshape(-1, size))
+    groups = _gathers.split_chunks(batches, rows.reshape(-1, size))
     weights = _weights(num_workers, n * size).astype(np.float32)
     weights = weights.reshape(n, size)
     if not self._donate:
-      state = common.copy_tree(state)
+      state = _gathers.copy_tree(state)
     losses = []
     for r in range(num_rounds):
       outs = [
@@ -252,5 +257,5 @@ class SyncSimulator:
           state, [grads for *_, grads in outs], [ms for _, ms, _ in outs]
       )
     keep = np.flatnonzero(np.tile(rows_S == np.arange(n * size), num_rounds))
-    (loss,) = common.concat_rows((losses,), keep)
+    (loss,) = _gathers.concat_rows((losses,), keep)
     return state, {"loss": loss, "staleness": jnp.zeros(loss.shape, jnp.int32)}

@@ -7,51 +7,30 @@ slots spread over the devices) and then applied one by one, in arrival order,
 by the server. Runs are cut into chunks of a fixed number of slots; padded
 slots cost gradient compute only, never server work or model copies. The
 chunks run in one compiled program, or one jitted call each
-(``_replay_programs``).
+(``_programs``).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 import optax
 
-from dcasgd_optax._src import _checks
-from dcasgd_optax._src import _harness_common as common
-from dcasgd_optax._src import _replay_plan
-from dcasgd_optax._src import _replay_programs
+from dcasgd_optax._src import _checks as core_checks
 from dcasgd_optax._src import _tree
 from dcasgd_optax._src.delay_compensation import delay_compensation
 from dcasgd_optax._src.pull import find_states
-
-
-class SimState(NamedTuple):
-  """Everything a replay needs to continue: arrays only.
-
-  Attributes:
-    params: the server's current model (a params pytree).
-    opt_state: the optimizer state of ``sim.tx(params)``; its
-      DelayCompensationState backups (``[num_workers, ...]`` per leaf) are
-      the models the workers hold:
-      ``dcasgd_optax.worker_params(state.opt_state, m)`` is worker ``m``'s.
-    model_state: the server's model state (e.g. BatchNorm statistics): the
-      one pushed by the most recent arrival; ``()`` for stateless models.
-    worker_model_states: the model state each worker holds, every leaf with a
-      leading ``num_workers`` axis; ``()`` for stateless models.
-    step: int32 ``[]``, server updates so far.
-    last_pull: int32 ``[num_workers]``, the step at which each worker last
-      pulled (0 at init); an arrival's staleness is ``step - last_pull[m]``.
-  """
-
-  params: Any
-  opt_state: Any
-  model_state: Any
-  worker_model_states: Any
-  step: jax.Array
-  last_pull: jax.Array
+from dcasgd_optax.harness import _checks
+from dcasgd_optax.harness import _devices
+from dcasgd_optax.harness import _gathers
+from dcasgd_optax.harness import _plan
+from dcasgd_optax.harness import _programs
+from dcasgd_optax.harness import _setup
+from dcasgd_optax.harness import _state
+from dcasgd_optax.harness._state import SimState
 
 
 def _resolve_tx(tx: Any, params: Any, num_workers: int) -> Any:
@@ -171,8 +150,8 @@ class Simulator:
       strategy: str | None = None,
   ):
     if max_parallel is not None:
-      _checks.check_positive_int("max_parallel", max_parallel)
-    s = common.setup(loss_fn, tx, num_workers, devices, has_model_state,
+      core_checks.check_positive_int("max_parallel", max_parallel)
+    s = _setup.setup(loss_fn, tx, num_workers, devices, has_model_state,
                      vmap_slots, strategy)
     self.num_workers, self._loss3, self.mesh = s.num_workers, s.loss3, s.mesh
     self._vmap_slots, self.strategy = s.vmap_slots, s.strategy
@@ -185,19 +164,19 @@ class Simulator:
 
   def _program(self, params: Any) -> tuple[Any, Any]:
     """The transformation run and its jitted replay, cached per params shape."""
-    key = common.signature(params)
+    key = _checks.signature(params)
     if key not in self._compiled:
       tx = _resolve_tx(self._user_tx, params, self.num_workers)
       args = (self._loss3, tx, self.mesh, self._vmap_slots)
       if self.strategy == "compiled":
         program = jax.jit(
-            functools.partial(_replay_programs.replay_program, *args),
+            functools.partial(_programs.replay_program, *args),
             static_argnames=("chunk", "loss_dtype"),
             donate_argnums=(0,) if self._donate else (),
         )
       else:  # a copy is donated when the caller's state is not (replay)
         program = jax.jit(
-            functools.partial(_replay_programs.chunk_program, *args, True),
+            functools.partial(_programs.chunk_program, *args, True),
             donate_argnums=(0,),
         )
       self._compiled[key] = (tx, program)
@@ -217,20 +196,20 @@ class Simulator:
     Returns:
       A :class:`SimState`, replicated on the simulator's devices.
     """
-    model_state = common.check_model_state(model_state, self._has_model_state)
+    model_state = _checks.check_model_state(model_state, self._has_model_state)
     tx, _ = self._program(params)
-    return common.initial_state(
+    return _state.initial_state(
         SimState, tx, self.num_workers, self.mesh, params, model_state,
         per_worker_model_state=True,
     )
 
-  def _plan(self, arrivals: np.ndarray, params: Any) -> _replay_plan.Plan:
+  def _plan(self, arrivals: np.ndarray, params: Any) -> _plan.Plan:
     host = self.strategy == "host_chunks"
-    cap = common.HOST_SLOTS_PER_DEVICE if host else None
-    limit = _replay_plan.slot_limit(
+    cap = _setup.HOST_SLOTS_PER_DEVICE if host else None
+    limit = _plan.slot_limit(
         self.num_workers, self._max_parallel, self.mesh, params, cap
     )
-    return _replay_plan.make_plan(arrivals, limit, self.mesh.size)
+    return _plan.make_plan(arrivals, limit, self.mesh.size)
 
   def describe(self, arrivals: Any, params: Any) -> dict[str, Any]:
     """How ``replay`` batches ``arrivals`` for ``params``: runs, chunks, fill.
@@ -239,7 +218,7 @@ class Simulator:
     into chunks of ``chunk`` gradient slots; ``fill_ratio`` is arrivals /
     slots computed (1.0: no padding); ``strategy`` is how the chunks run.
     """
-    arrivals = common.check_arrivals(arrivals, self.num_workers)
+    arrivals = _checks.check_arrivals(arrivals, self.num_workers)
     plan = self._plan(arrivals, params)
     slots = plan.num_chunks * plan.chunk
     return dict(
@@ -267,26 +246,26 @@ class Simulator:
       non-finite values included), ``"staleness"`` (int32, server updates
       since that worker's last pull) and ``"worker"`` (the arrivals).
     """
-    arrivals = common.check_arrivals(arrivals, self.num_workers)
-    common.check_batches(batches, len(arrivals), "len(arrivals)")
+    arrivals = _checks.check_arrivals(arrivals, self.num_workers)
+    _checks.check_batches(batches, len(arrivals), "len(arrivals)")
     self._check_state(state)
     _, program = self._program(state.params)
     loss = self._check_loss(state, batches)
     plan = self._plan(arrivals, state.params)
-    batches = common.replicate(batches, self.mesh)
+    batches = _devices.replicate(batches, self.mesh)
     if self.strategy == "compiled":
       return program(
           state, batches, arrivals, plan.starts, plan.lengths,
           np.int32(plan.num_chunks), chunk=plan.chunk, loss_dtype=loss.dtype,
       )
     if not self._donate:
-      state = common.copy_tree(state)
-    return _replay_programs.replay_host_chunks(
+      state = _gathers.copy_tree(state)
+    return _programs.replay_host_chunks(
         program, state, batches, arrivals, plan
     )
 
   def _check_state(self, state: Any) -> None:
-    common.check_state(state, SimState, self.num_workers)
+    _state.check_state(state, SimState, self.num_workers)
     if len(find_states(state.opt_state)) != 1:
       raise ValueError(
           "`state.opt_state` must hold exactly one DelayCompensationState; "
@@ -295,7 +274,7 @@ class Simulator:
 
   def _check_loss(self, state: SimState, batches: Any) -> Any:
     """``loss_fn``'s abstract loss on one batch (checked once per shape)."""
-    return common.check_loss_fn_cached(
+    return _checks.check_loss_fn_cached(
         self._loss_checked, self._loss3, state.params, state.model_state,
         batches,
     )
