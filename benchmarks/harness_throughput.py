@@ -141,8 +141,8 @@ def time_sync_gradients(loss_fn, params, num_workers, batches, repeats):
   The best of: a jitted scan over rounds, computing a round's gradients in
   one vmapped call or in a loop (``lax.map``); and one jitted call per round
   from Python, its gradients unrolled (no loop: on XLA:CPU a convolution's
-  gradient inside a loop is 7-15x slower). So the limit is the fastest
-  synchronous way.
+  gradient inside a loop is much slower; see harness_throughput.md). So the
+  limit is the fastest synchronous way.
   """
   rounds = batches.reshape(-1, num_workers, *batches.shape[1:])
   grad_fn = jax.grad(loss_fn)
