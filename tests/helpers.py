@@ -65,6 +65,16 @@ def dc_state(opt_state):
   return state
 
 
+def update_step(tx):
+  """The step a user jits: one update of params by ``tx`` from ``worker``."""
+
+  def step(params, state, grads, worker):
+    updates, state = tx.update(grads, state, params, worker=worker)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
 def stale_state(tx, params, first=0):
   """A state in which worker m holds an older model: params - 0.1 * (m + first)."""
   state = tx.init(params)

@@ -25,6 +25,7 @@ from helpers import leaves_np
 from helpers import pytree_specs
 from helpers import random_tree
 from helpers import sgd_configs
+from helpers import update_step
 import reference  # tests/reference.py (pytest puts tests/ on sys.path)
 
 
@@ -57,10 +58,7 @@ def test_dcasgd_matches_reference_server_with_pull_after_push(
       lr, num_workers, lambda_=lambda_, adaptive=adaptive, **sgd
   )
 
-  @jax.jit
-  def step(params, state, g, m):
-    updates, state = tx.update(g, state, params, worker=m)
-    return optax.apply_updates(params, updates), state
+  step = jax.jit(update_step(tx))
 
   params = jax.tree.map(jnp.asarray, w0)
   state = tx.init(params)

@@ -25,6 +25,7 @@ from helpers import dc_state
 from helpers import grads_like
 from helpers import shifted
 from helpers import stale_state
+from helpers import update_step
 
 TOL = dict(rtol=1e-6, atol=1e-6)  # float32 round-off
 
@@ -299,12 +300,7 @@ def test_no_recompilation_when_only_the_worker_changes(case):
   tx = case.make()
 
   def make_step():
-    @chex.assert_max_traces(n=1)
-    def step(params, state, grads, worker):
-      updates, state = tx.update(grads, state, params, worker=worker)
-      return optax.apply_updates(params, updates), state
-
-    return jax.jit(step)
+    return jax.jit(chex.assert_max_traces(update_step(tx), n=1))
 
   # Python ints and int32 arrays are different (weak vs strong) jit
   # signatures, so each kind gets its own jitted function.

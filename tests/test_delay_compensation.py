@@ -40,6 +40,7 @@ from helpers import pytree_specs
 from helpers import random_tree
 from helpers import snapshot
 from helpers import stale_state
+from helpers import update_step
 from helpers import wide_params
 import reference  # tests/reference.py (pytest puts tests/ on sys.path)
 
@@ -444,12 +445,7 @@ def test_errors_are_raised_before_a_donated_state_is_consumed(build, bad_call):
 
 def dcasgd_step(num_workers, adaptive=True):
   tx = dcasgd_optax.dcasgd(0.1, num_workers, adaptive=adaptive, momentum=0.9)
-
-  def step(params, state, grads, worker):
-    updates, state = tx.update(grads, state, params, worker=worker)
-    return optax.apply_updates(params, updates), state
-
-  return tx, step
+  return tx, update_step(tx)
 
 
 def user_pull_step(num_workers):
@@ -459,8 +455,7 @@ def user_pull_step(num_workers):
   )
 
   def step(params, state, grads, worker):
-    updates, state = tx.update(grads, state, params, worker=worker)
-    params = optax.apply_updates(params, updates)
+    params, state = update_step(tx)(params, state, grads, worker)
     puller = (worker + 1) % num_workers
     return params, dcasgd_optax.record_pull(state, params, puller)
 
@@ -474,8 +469,7 @@ def full_rewrite_step(num_workers):
   )
 
   def step(params, state, grads, worker):
-    updates, state = tx.update(grads, state, params, worker=worker)
-    params = optax.apply_updates(params, updates)
+    params, state = update_step(tx)(params, state, grads, worker)
     dc = state[0]
     one_hot = jnp.arange(num_workers) == worker
     backups = jax.tree.map(
