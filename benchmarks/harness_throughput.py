@@ -190,8 +190,7 @@ def time_updates(params, num_workers, num_arrivals, repeats):
     def body(carry, m):
       params, state = carry
       updates, state = tx.update(grads, state, params, worker=m)
-      params = optax.apply_updates(params, updates)
-      return (params, dcasgd_optax.record_pull(state, params, m)), None
+      return (optax.apply_updates(params, updates), state), None  # pulled
 
     return jax.lax.scan(body, (params, state), workers)[0]
 
@@ -213,9 +212,8 @@ def time_naive(loss_fn, params, num_workers, arrivals, batches, repeats):
     return jax.grad(loss_fn)(dcasgd_optax.worker_params(state, m), batch)
 
   def update(params, state, grads, m):
-    updates, state = tx.update(grads, state, params, worker=m)
-    params = optax.apply_updates(params, updates)
-    return params, dcasgd_optax.record_pull(state, params, m)
+    updates, state = tx.update(grads, state, params, worker=m)  # and pull
+    return optax.apply_updates(params, updates), state
 
   update = jax.jit(update, donate_argnums=(0, 1))
   box = [(jax.tree.map(jnp.copy, params), tx.init(params))]

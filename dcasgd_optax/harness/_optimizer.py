@@ -15,6 +15,7 @@ import jax
 import optax
 
 from dcasgd_optax._src import _tree
+from dcasgd_optax._src.alias import PullAfterPush
 from dcasgd_optax._src.delay_compensation import delay_compensation
 from dcasgd_optax._src.delay_compensation import num_workers_of
 from dcasgd_optax._src.pull import find_states
@@ -102,3 +103,15 @@ def with_backups(
     return server_tx(params).update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def pulls_in_update(tx: Any) -> bool:
+  """Whether ``tx.update(..., worker=m)`` already performs ``m``'s pull.
+
+  True for a :class:`dcasgd_optax.PullAfterPush` (what
+  :func:`dcasgd_optax.dcasgd` and :func:`dcasgd_optax.pull_after_push`
+  return): the simulator then does not pull again. A wrapper that hides the
+  type makes the simulator pull a second time, which is redundant, not
+  wrong (the same :func:`dcasgd_optax.pull` of the same params).
+  """
+  return isinstance(tx, PullAfterPush)

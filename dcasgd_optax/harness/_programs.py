@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from dcasgd_optax._src.pull import find_states
-from dcasgd_optax._src.pull import record_pull
+from dcasgd_optax._src.pull import pull
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _gathers
 from dcasgd_optax.harness import _slots
@@ -47,8 +47,13 @@ def chunk_gradients(loss_with_state, mesh, vmap_slots, state, workers_L,
   return _devices.per_worker(local, mesh, shared, (workers_L, batch_L))
 
 
-def _arrive(tx, workers_L, grads_L, new_ms_L, k, carry):
-  """The server applies slot ``k``'s gradient; its worker pulls the result."""
+def _arrive(tx, tx_pulls, workers_L, grads_L, new_ms_L, k, carry):
+  """The server applies slot ``k``'s gradient; its worker pulls the result.
+
+  The pull is :func:`dcasgd_optax.pull` (the worker then holds what it
+  returns, e.g. a look-ahead), done here unless ``tx_pulls``: ``tx`` did it
+  inside its update already, and once is enough.
+  """
   state, staleness_L = carry
   m = workers_L[k]
   tau = state.step - state.last_pull[m]
@@ -57,7 +62,8 @@ def _arrive(tx, workers_L, grads_L, new_ms_L, k, carry):
       grads, state.opt_state, state.params, worker=m, staleness=tau
   )
   params = optax.apply_updates(state.params, updates)
-  opt_state = record_pull(opt_state, params, m)
+  if not tx_pulls:
+    _, opt_state = pull(opt_state, params, m)
   model_state = jax.tree.map(lambda x: x[k], new_ms_L)
   worker_ms = jax.tree.map(
       lambda w, x: w.at[m].set(x), state.worker_model_states, model_state
@@ -72,7 +78,7 @@ def _arrive(tx, workers_L, grads_L, new_ms_L, k, carry):
 
 
 def chunk_program(loss_with_state, tx, mesh, vmap_slots, state, workers_L,
-                  batch_L, length, *, unroll):
+                  batch_L, length, *, unroll, tx_pulls):
   """One chunk: its gradients, then its first ``length`` arrivals applied.
 
   Returns the new state, the slots' losses and staleness (0 past
@@ -82,7 +88,8 @@ def chunk_program(loss_with_state, tx, mesh, vmap_slots, state, workers_L,
       loss_with_state, mesh, vmap_slots, state, workers_L, batch_L,
       unroll=unroll,
   )
-  arrive = functools.partial(_arrive, tx, workers_L, grads_L, new_ms_L)
+  arrive = functools.partial(_arrive, tx, tx_pulls, workers_L, grads_L,
+                             new_ms_L)
   staleness_L = jnp.zeros(workers_L.shape, jnp.int32)
   state, staleness_L = jax.lax.fori_loop(
       0, length, arrive, (state, staleness_L)
@@ -90,8 +97,9 @@ def chunk_program(loss_with_state, tx, mesh, vmap_slots, state, workers_L,
   return state, loss_L, staleness_L
 
 
-def replay_program(loss_with_state, tx, mesh, vmap_slots, state, batches, arrivals,
-                   starts, lengths, num_chunks, *, chunk, loss_dtype):
+def replay_program(loss_with_state, tx, mesh, vmap_slots, state, batches,
+                   arrivals, starts, lengths, num_chunks, *, chunk, loss_dtype,
+                   tx_pulls):
   """The whole replay as one program: a loop over chunks ("compiled").
 
   Returns the new state, each arrival's loss and staleness.
@@ -106,6 +114,7 @@ def replay_program(loss_with_state, tx, mesh, vmap_slots, state, batches, arriva
     state, loss_L, staleness_L = chunk_program(
         loss_with_state, tx, mesh, vmap_slots, state, arrivals[rows],
         jax.tree.map(lambda x: x[rows], batches), length, unroll=False,
+        tx_pulls=tx_pulls,
     )
     at = jnp.where(slot < length, start + slot, num_arrivals)
     loss_A = loss_A.at[at].set(loss_L.astype(loss_dtype), mode="drop")

@@ -41,7 +41,11 @@ class Simulator(_protocol.SimulatorBase):
     \mathrm{staleness}=\tau), \quad w \leftarrow w + u
 
   with :math:`\tau` the server updates since ``m``'s last pull, and ``m``
-  pulls the new ``w`` (:func:`record_pull`). The workers' models are the
+  pulls (:func:`dcasgd_optax.pull`: it then holds the new ``w``, or the
+  look-ahead a look-ahead optimizer predicts, and computes its next gradient
+  there). A ``tx`` that pulls inside its update (a
+  :class:`dcasgd_optax.PullAfterPush`, e.g. :func:`dcasgd_optax.dcasgd`) is
+  not pulled for twice. The workers' models are the
   backups in ``tx``'s DelayCompensationState (one copy, not two), so ``M``
   is the leading axis of those backups; a ``tx`` without one (any optax
   optimizer) runs after ``delay_compensation(num_workers, 0.0)``, i.e. as
@@ -124,15 +128,18 @@ class Simulator(_protocol.SimulatorBase):
   def _make_programs(self) -> None:
     """The jitted replay (``"compiled"``) or chunk step (``"host_chunks"``)."""
     args = (self._loss_with_state, self.tx, self.mesh, self._vmap_slots)
+    tx_pulls = _optimizer.pulls_in_update(self._user_tx)
     if self.strategy == "compiled":
       self._program = jax.jit(
-          functools.partial(_programs.replay_program, *args),
+          functools.partial(_programs.replay_program, *args,
+                            tx_pulls=tx_pulls),
           static_argnames=("chunk", "loss_dtype"),
           donate_argnums=(0,) if self._donate else (),
       )
     else:  # a copy is donated when the caller's state is not (replay)
       self._program = jax.jit(
-          functools.partial(_programs.chunk_program, *args, unroll=True),
+          functools.partial(_programs.chunk_program, *args, unroll=True,
+                            tx_pulls=tx_pulls),
           donate_argnums=(0,),
       )
 

@@ -182,8 +182,10 @@ class SyncSimulator(_protocol.SimulatorBase):
   each one batched call spread over ``devices``. ``tx`` is used as a plain
   optax optimizer; if it holds a DelayCompensationState (e.g.
   :func:`dcasgd_optax.dcasgd`, so one ``tx`` serves every method) it is
-  called with ``worker=0`` and worker 0's pull is recorded, so the
-  compensation term is zero and the update is exactly ``tx``'s SGD part;
+  called with ``worker=0`` and worker 0's backup is then set to the new
+  params (:func:`dcasgd_optax.record_pull`: SSGD's workers compute at the
+  server's model, never at a look-ahead), so the compensation term is zero
+  and the update is exactly ``tx``'s SGD part;
   ``M`` is then read from its backups as in :class:`Simulator`.
 
   Stateful models (``has_model_state=True``): the model-state policy is the
