@@ -12,14 +12,14 @@ from experiments import reporting
 
 def test_compare_writes_results_table_and_plots(config, tmp_path, capsys):
   config.num_epochs = 1
-  config.grid.algorithms = algorithms.ALGORITHMS
+  config.grid.algorithms = tuple(algorithms.REGISTRY)
   config.grid.num_workers = (2,)
   rows = compare.compare(config, str(tmp_path))
   assert len(rows) == 2 + 5 * 2  # sequential once per seed
   with open(tmp_path / "results.csv") as f:
     table = list(csv.DictReader(f))
   assert tuple(table[0]) == reporting.COLUMNS and len(table) == 12
-  assert {r["algorithm"] for r in table} == set(algorithms.ALGORITHMS)
+  assert {r["algorithm"] for r in table} == set(algorithms.REGISTRY)
   with open(tmp_path / "metrics.jsonl") as f:
     assert len(f.readlines()) == 12
   md = (tmp_path / "table.md").read_text()
