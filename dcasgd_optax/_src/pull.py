@@ -40,14 +40,17 @@ def record_pull(opt_state: Any, params: Any, worker: Any) -> Any:
   ``masked``, ...) and overwrites that worker's backup in place: under ``jit``
   with the state donated, only one model-sized slice is written, whatever
   ``num_workers`` is. Inside ``optax.masked`` only the masked-in leaves are
-  recorded.
+  recorded. Variable wrappers (Flax NNX's ``OptVariable`` in
+  ``nnx.Optimizer.opt_state``, ``Param`` in ``nnx.state(model, nnx.Param)``)
+  are seen through and the state keeps its own.
 
   A traced ``worker`` outside ``[0, num_workers)`` writes nothing (no other
   worker's backup is touched); a concrete one raises ``ValueError``.
 
   Args:
     opt_state: an optimizer state containing a DelayCompensationState.
-    params: the model the worker pulled, shaped like the params at init.
+    params: the model the worker pulled, shaped like the params at init
+      (bare arrays or variable-wrapped, e.g. ``nnx.state(model, nnx.Param)``).
     worker: the worker's id, a Python int or an int32 scalar (may be traced).
 
   Returns:
@@ -82,7 +85,7 @@ def record_pull(opt_state: Any, params: Any, worker: Any) -> Any:
         return b
       return b.at[idx].set(jnp.asarray(p).astype(b.dtype), mode="drop")
 
-    backups = jax.tree.map(put, state.backups, params, is_leaf=_tree.is_masked)
+    backups = _tree.map_like(put, state.backups, params)
     return state._replace(backups=backups)
 
   return jax.tree.map(write, opt_state, is_leaf=_is_dc_state)
@@ -105,11 +108,13 @@ def pull(opt_state: Any, params: Any, worker: Any) -> tuple[Any, Any]:
 
   Args:
     opt_state: an optimizer state containing a DelayCompensationState.
-    params: the server's current params, shaped like the params at init.
+    params: the server's current params, shaped like the params at init
+      (bare arrays or variable-wrapped, e.g. ``nnx.state(model, nnx.Param)``).
     worker: the worker's id, a Python int or an int32 scalar (may be traced).
 
   Returns:
-    ``(pulled_params, opt_state)``: the params to send to the worker, and
+    ``(pulled_params, opt_state)``: the params to send to the worker (bare
+    arrays in ``params``' containers; ``nnx.update`` takes them), and
     ``opt_state`` with them recorded as that worker's backup.
 
   Examples:
@@ -127,11 +132,11 @@ def pull(opt_state: Any, params: Any, worker: Any) -> tuple[Any, Any]:
   if not states:
     raise _no_state_error(opt_state)
   num_workers = num_workers_of(states[0])
-  pulled = params
+  pulled = _tree.unwrap_variables(params)
   if num_workers is not None:
     _checks.check_worker(worker, num_workers)
     if _checks.concrete_value(worker) is None:  # Traced: may be out of range.
-      pulled = _nan_unless_valid(params, worker, num_workers)
+      pulled = _nan_unless_valid(pulled, worker, num_workers)
   return pulled, record_pull(opt_state, pulled, worker)
 
 
@@ -154,12 +159,17 @@ def worker_params(opt_state: Any, worker: Any) -> Any:
   Args:
     opt_state: an optimizer state containing exactly one
       DelayCompensationState.
-    worker: the worker's id, a Python int or an int32 scalar (may be traced;
-      a traced out-of-range id is clamped into range).
+    worker: the worker's id, a Python int or an int32 scalar (may be
+      traced; a traced id outside ``[0, num_workers)`` gives all-NaN params,
+      as :func:`delay_compensation`'s update does, never another worker's
+      model; a concrete one raises ``ValueError``).
 
   Returns:
-    A params-shaped pytree (leaves excluded by ``optax.masked`` stay
-    ``optax.MaskedNode``).
+    A params-shaped pytree of bare arrays (leaves excluded by
+    ``optax.masked`` stay ``optax.MaskedNode``). Variable wrappers in the
+    state (Flax NNX's ``OptVariable``) are removed, so for an NNX user
+    ``nnx.update(model, worker_params(optimizer.opt_state, m))`` puts worker
+    ``m``'s model into ``model``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -177,8 +187,12 @@ def worker_params(opt_state: Any, worker: Any) -> Any:
         f"`opt_state` holds {len(states)} DelayCompensationStates; "
         "worker_params needs exactly one. Call it on the sub-state you mean."
     )
+  backups = _tree.unwrap_variables(states[0].backups)
   num_workers = num_workers_of(states[0])
   if num_workers is None:
-    return states[0].backups
+    return backups
   _checks.check_worker(worker, num_workers)
-  return held_by(states[0].backups, worker, num_workers)
+  held = held_by(backups, worker, num_workers)
+  if _checks.concrete_value(worker) is None:  # Traced: may be out of range.
+    held = _nan_unless_valid(held, worker, num_workers)
+  return held
