@@ -12,9 +12,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import algorithms
-from experiments import checkpointing
 from experiments import compare
 from experiments import reporting
+from experiments import run_files
 from experiments import train
 from experiments.configs import tiny
 
@@ -44,7 +44,7 @@ def test_tiny_run_end_to_end_on_the_offline_digits(config, tmp_path):
   assert summary["final_test_error"] < 0.85  # chance is 0.9
   # 16 cyclic arrivals of 4 workers: staleness 0, 1, 2, then 3 for the other 13.
   assert summary["mean_staleness"] == pytest.approx((0 + 1 + 2 + 13 * 3) / 16)
-  history = checkpointing.read_metrics(str(tmp_path))
+  history = run_files.read_metrics(str(tmp_path))
   assert [r["epoch"] for r in history] == [1, 2]
   assert [r["gradients"] for r in history] == [8, 16]
   with open(tmp_path / "summary.json") as f:
@@ -55,23 +55,23 @@ def test_rerun_is_identical_and_resume_after_interruption_matches(config, tmp_pa
   config.num_epochs = 3
   full = train.train_and_evaluate(config, str(tmp_path / "a"))
   again = train.train_and_evaluate(config, str(tmp_path / "b"))
-  history = _without_seconds(checkpointing.read_metrics(str(tmp_path / "a")))
-  assert _without_seconds(checkpointing.read_metrics(str(tmp_path / "b"))) == history
+  history = _without_seconds(run_files.read_metrics(str(tmp_path / "a")))
+  assert _without_seconds(run_files.read_metrics(str(tmp_path / "b"))) == history
   assert again["final_test_error"] == full["final_test_error"]
 
-  append = checkpointing.append_metrics
+  append = run_files.append_metrics
 
   def interrupt_after_first_epoch(workdir, record):
     append(workdir, record)
     if record["epoch"] == 1:
       raise KeyboardInterrupt
 
-  with mock.patch.object(checkpointing, "append_metrics", interrupt_after_first_epoch):
+  with mock.patch.object(run_files, "append_metrics", interrupt_after_first_epoch):
     with pytest.raises(KeyboardInterrupt):
       train.train_and_evaluate(config, str(tmp_path / "c"))
-  assert len(checkpointing.read_metrics(str(tmp_path / "c"))) == 1
+  assert len(run_files.read_metrics(str(tmp_path / "c"))) == 1
   resumed = train.train_and_evaluate(config, str(tmp_path / "c"))
-  assert _without_seconds(checkpointing.read_metrics(str(tmp_path / "c"))) == history
+  assert _without_seconds(run_files.read_metrics(str(tmp_path / "c"))) == history
   assert {k: v for k, v in resumed.items() if k != "wall_time"} == {
       k: v for k, v in full.items() if k != "wall_time"
   }
@@ -87,14 +87,14 @@ def test_resuming_with_a_different_config_fails(config, tmp_path):
 
 def test_compare_writes_results_table_and_plots(config, tmp_path, capsys):
   config.num_epochs = 1
-  config.grid.algorithms = algorithms.ALGORITHMS
+  config.grid.algorithms = tuple(algorithms.REGISTRY)
   config.grid.num_workers = (2,)
   rows = compare.compare(config, str(tmp_path))
   assert len(rows) == 2 + 5 * 2  # sequential once per seed
   with open(tmp_path / "results.csv") as f:
     table = list(csv.DictReader(f))
   assert tuple(table[0]) == reporting.COLUMNS and len(table) == 12
-  assert {r["algorithm"] for r in table} == set(algorithms.ALGORITHMS)
+  assert {r["algorithm"] for r in table} == set(algorithms.REGISTRY)
   with open(tmp_path / "metrics.jsonl") as f:
     assert len(f.readlines()) == 12
   md = (tmp_path / "table.md").read_text()
@@ -116,7 +116,7 @@ def test_cifar10_resnet20_path_under_mock_data(config, tmp_path):
   finally:
     train.load_dataset.cache_clear()
   assert summary["workers"] == 2 and summary["epochs"] == 1
-  assert np.isfinite(checkpointing.read_metrics(str(tmp_path))[0]["train_loss"])
+  assert np.isfinite(run_files.read_metrics(str(tmp_path))[0]["train_loss"])
 
 
 @pytest.mark.parametrize(
@@ -146,11 +146,11 @@ def test_bad_grid_fails_before_any_run(config, tmp_path):
 def test_every_algorithm_uses_the_same_gradients_per_epoch():
   s, epochs = 125, 15
   for m in (1, 4, 16, 32):
-    spans = [train.epoch_range("ssgd", m, s, e) for e in range(epochs)]
+    spans = [train.epoch_range(m, s, e) for e in range(epochs)]
     assert all(a == b for (_, a), (b, _) in zip(spans, spans[1:]))  # contiguous
     assert all(abs(stop - (e + 1) * s) < m for e, (_, stop) in enumerate(spans))
     assert all(start % m == 0 and stop % m == 0 for start, stop in spans)
-  assert train.epoch_range("asgd", 16, s, 3) == (375, 500)
+  assert train.epoch_range(1, s, 3) == (375, 500)
 
 
 def test_gradient_stream_is_a_permutation_per_epoch_and_slices_consistently():
