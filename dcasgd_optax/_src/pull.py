@@ -12,16 +12,23 @@ from dcasgd_optax._src import _tree
 from dcasgd_optax._src.delay_compensation import DelayCompensationState
 from dcasgd_optax._src.delay_compensation import held_by
 from dcasgd_optax._src.delay_compensation import num_workers_of
+from dcasgd_optax._src.look_ahead import LookAheadState
+from dcasgd_optax._src.look_ahead import look_ahead_of
 
 
 def _is_dc_state(x: Any) -> bool:
   return isinstance(x, DelayCompensationState)
 
 
+def _find(opt_state: Any, state_type: type) -> list[Any]:
+  """Every ``state_type`` node nested anywhere in ``opt_state``."""
+  is_node = lambda x: isinstance(x, state_type)
+  return [n for n in jax.tree.leaves(opt_state, is_leaf=is_node) if is_node(n)]
+
+
 def find_states(opt_state: Any) -> list[DelayCompensationState]:
   """All DelayCompensationStates nested anywhere in ``opt_state``."""
-  nodes = jax.tree.leaves(opt_state, is_leaf=_is_dc_state)
-  return [n for n in nodes if _is_dc_state(n)]
+  return _find(opt_state, DelayCompensationState)
 
 
 def _no_state_error(opt_state: Any) -> ValueError:
@@ -98,7 +105,9 @@ def pull(opt_state: Any, params: Any, worker: Any) -> tuple[Any, Any]:
   the Ray parameter server) calls this when a worker pulls, and sends the
   worker the returned params: the worker computes its next gradient there,
   and :func:`delay_compensation` later compares the server's model with
-  exactly that point. Today the worker receives ``params`` themselves;
+  exactly that point. The worker receives ``params`` themselves, unless the
+  optimizer holds a :func:`look_ahead_momentum`: then it receives that
+  transformation's prediction of the model ``horizon`` updates ahead.
   :func:`record_pull` is the lower-level write this is built on.
 
   A traced ``worker`` outside ``[0, num_workers)`` records nothing (see
@@ -133,6 +142,15 @@ def pull(opt_state: Any, params: Any, worker: Any) -> tuple[Any, Any]:
     raise _no_state_error(opt_state)
   num_workers = num_workers_of(states[0])
   pulled = _tree.unwrap_variables(params)
+  ahead = _find(opt_state, LookAheadState)
+  if len(ahead) > 1:
+    raise ValueError(
+        f"`opt_state` holds {len(ahead)} LookAheadStates; a pull can follow "
+        "only one look-ahead. Use one look_ahead_momentum per optimizer."
+    )
+  if ahead:
+    _tree.check_matches_backups("params", pulled, states[0].backups)
+    pulled = look_ahead_of(_tree.unwrap_variables(ahead[0]), pulled)
   if num_workers is not None:
     _checks.check_worker(worker, num_workers)
     if _checks.concrete_value(worker) is None:  # Traced: may be out of range.
