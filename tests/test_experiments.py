@@ -198,7 +198,7 @@ def test_main_trains_one_run_from_the_command_line(data_dir, tmp_path):
   assert json.dumps(summary, indent=2) in out.stdout  # printed at the end
 
 
-@pytest.mark.parametrize("name", ["default", "demo", "tiny", "cifar10_resnet20"])
+@pytest.mark.parametrize("name", ["default", "demo", "tiny", "cifar10_resnet20", "ray_async"])
 def test_every_config_file_is_valid_and_documents_its_command(name):
   module = __import__(f"experiments.configs.{name}", fromlist=["get_config"])
   c = module.get_config()
