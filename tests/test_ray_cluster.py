@@ -214,11 +214,13 @@ def test_connect_refuses_before_ray_starts(open_gcs):
     [
         (dict(allow_insecure_cluster="yes"), TypeError, "allow_insecure_cluster"),
         (dict(timeout_s=0), ValueError, "timeout_s"),
+        (dict(address=6379), TypeError, "`address` must be a str or None"),
     ],
 )
 def test_connect_bad_arguments_fail_before_ray_starts(kwargs, error, match):
+  kwargs.setdefault("address", "127.0.0.1:1")
   with pytest.raises(error, match=match):
-    dray.connect("127.0.0.1:1", **kwargs)
+    dray.connect(**kwargs)
   assert not ray.is_initialized()
 
 

@@ -192,8 +192,13 @@ def cluster_access(
   return Access.OPEN
 
 
-def resolve(address: str | None) -> tuple[str | None, str]:
+def resolve(
+    address: str | None, temp_dir: str | None = None
+) -> tuple[str | None, str]:
   """The endpoint ``ray.init(address=address)`` would contact, and its RPC.
+
+  ``temp_dir`` is ``ray.init``'s ``_temp_dir``, where ``ray start`` records
+  the latest cluster's address.
 
   Returns:
     ``(target, method)``: ``target`` is ``"host:port"`` of the cluster's GCS
@@ -205,7 +210,8 @@ def resolve(address: str | None) -> tuple[str | None, str]:
   """
   if address is not None and address.startswith(_RAY_CLIENT_PREFIX):
     return address[len(_RAY_CLIENT_PREFIX):], _RAY_CLIENT_METHOD
-  return _ray_services.canonicalize_bootstrap_address(address), _GCS_METHOD
+  target = _ray_services.canonicalize_bootstrap_address(address, temp_dir)
+  return target, _GCS_METHOD
 
 
 def _where(target: str, address: str | None) -> str:
@@ -364,6 +370,8 @@ def connect(
     ...
     RuntimeError: Refusing to connect to the Ray cluster at 10.0.0.5:6379 ...
   """
+  if address is not None and not isinstance(address, str):
+    raise TypeError(f"`address` must be a str or None, got {address!r}.")
   if not isinstance(allow_insecure_cluster, bool):
     raise TypeError("`allow_insecure_cluster` must be a bool, got "
                     f"{allow_insecure_cluster!r}.")
@@ -371,7 +379,7 @@ def connect(
                              low_inclusive=False)
   if ray.is_initialized():
     return False
-  target, method = resolve(address)
+  target, method = resolve(address, init_kwargs.get("_temp_dir"))
   if target is None:
     _start_local(address, init_kwargs)
     return True
