@@ -1,4 +1,4 @@
-"""The algorithms compared, each an optax transformation run by a simulator.
+"""The registry of the algorithms compared: the one place their names are spelled.
 
 =================  ===================================================  =========
 name               server update                                        simulator
@@ -10,6 +10,12 @@ name               server update                                        simulato
 ``dc-asgd-c``      DC-ASGD, constant λ (default 0.04)                   async
 ``dc-asgd-a``      DC-ASGD, adaptive λ_t = λ0 / sqrt(MeanSquare + ε)    async
 =================  ===================================================  =========
+
+Each :class:`Algorithm` record says how the algorithm is shown (label, plot
+style), which simulator runs it, how many workers it really has, how many
+gradients each server update consumes, and how its optimizer is built. Code
+elsewhere asks the record (``algorithms.get(config.algorithm)``), never
+compares names. A new algorithm is one new record in :data:`REGISTRY`.
 
 All share the same SGD core (``optax.sgd`` with the config's momentum and
 learning-rate schedule, plus L2 weight decay added to the gradient), so the
@@ -27,6 +33,7 @@ each on ``M`` times the data, with the same learning rate (not scaled with
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import optax
@@ -34,42 +41,59 @@ import optax
 import dcasgd_optax
 from dcasgd_optax import harness
 
-ALGORITHMS = ("sequential", "ssgd", "asgd", "sa-asgd", "dc-asgd-c", "dc-asgd-a")
-ASYNC = ("asgd", "sa-asgd", "dc-asgd-c", "dc-asgd-a")
-# Display names, in the paper's column order.
-LABELS = {
-    "sequential": "sequential SGD",
-    "ssgd": "SSGD",
-    "asgd": "ASGD",
-    "sa-asgd": "SA-ASGD",
-    "dc-asgd-c": "DC-ASGD-c",
-    "dc-asgd-a": "DC-ASGD-a",
-}
+# (config, num_workers, learning_rate) -> the server's optimizer.
+TxBuilder = Callable[[Any, int, optax.ScalarOrSchedule], optax.GradientTransformation]
 
 
-def check_name(name: str) -> str:
-  """Returns ``name`` if it is a known algorithm, else raises with the choices."""
-  if name not in ALGORITHMS:
-    raise ValueError(
-        f"Unknown algorithm {name!r}; valid choices: {', '.join(ALGORITHMS)}."
-    )
-  return name
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  """One algorithm of the comparisons.
 
+  Attributes:
+    name: the config value (``config.algorithm``) and the results' key.
+    label: the display name in tables and plots.
+    color: its matplotlib colour, the same in every figure.
+    marker: its matplotlib marker.
+    build_tx: ``(config, num_workers, learning_rate) -> optax transformation``.
+    synchronous: run by ``harness.SyncSimulator`` (one update per round of
+      ``num_workers`` fresh gradients) instead of ``harness.Simulator``.
+    single_worker: always runs with one worker (sequential SGD), whatever
+      ``config.num_workers`` says.
+  """
 
-def effective_workers(algorithm: str, num_workers: int) -> int:
-  """Sequential SGD always runs with one worker, whatever ``num_workers`` says."""
-  return 1 if algorithm == "sequential" else num_workers
+  name: str
+  label: str
+  color: str
+  marker: str
+  build_tx: TxBuilder
+  synchronous: bool = False
+  single_worker: bool = False
 
+  @property
+  def linestyle(self) -> str:
+    """Dashed for the single-worker reference, solid otherwise."""
+    return "--" if self.single_worker else "-"
 
-def updates_per_epoch(algorithm: str, num_workers: int, steps_per_epoch: int) -> float:
-  """Server updates per epoch: ``S`` (async, sequential) or ``S / M`` (SSGD)."""
-  if algorithm == "ssgd":
-    return steps_per_epoch / num_workers
-  return float(steps_per_epoch)
+  @property
+  def simulator(self) -> type:
+    """The harness class that runs it."""
+    return harness.SyncSimulator if self.synchronous else harness.Simulator
+
+  def effective_workers(self, num_workers: int) -> int:
+    """The number of workers it actually runs with."""
+    return 1 if self.single_worker else num_workers
+
+  def gradients_per_update(self, num_workers: int) -> int:
+    """Gradients one server update consumes: ``M`` (SSGD) or 1."""
+    return self.effective_workers(num_workers) if self.synchronous else 1
+
+  def updates_per_epoch(self, num_workers: int, steps_per_epoch: int) -> float:
+    """Server updates per epoch: ``S`` (async, sequential) or ``S / M`` (SSGD)."""
+    return steps_per_epoch / self.gradients_per_update(num_workers)
 
 
 def learning_rate_schedule(
-    config: Any, updates_per_epoch_: float
+    config: Any, updates_per_epoch: float
 ) -> optax.Schedule:
   """Linear warm-up, then the base rate times ``lr_decay_factor`` per boundary.
 
@@ -79,45 +103,86 @@ def learning_rate_schedule(
   """
   base = config.learning_rate
   boundaries = {
-      int(round(e * updates_per_epoch_)): config.lr_decay_factor
+      int(round(e * updates_per_epoch)): config.lr_decay_factor
       for e in config.lr_boundaries_epochs
   }
   decay = optax.piecewise_constant_schedule(base, boundaries)
-  warmup = int(round(config.warmup_epochs * updates_per_epoch_))
+  warmup = int(round(config.warmup_epochs * updates_per_epoch))
   if warmup == 0:
     return decay
   ramp = optax.linear_schedule(base / 10, base, warmup)
   return optax.join_schedules([ramp, lambda t: decay(t + warmup)], [warmup])
 
 
+def optimizer(config: Any, learning_rate: optax.ScalarOrSchedule) -> list:
+  """The shared core: L2 weight decay (if any), then SGD with momentum."""
+  parts = []
+  if config.weight_decay:
+    parts.append(optax.add_decayed_weights(config.weight_decay))
+  parts.append(optax.sgd(learning_rate, momentum=config.momentum or None,
+                         nesterov=config.nesterov))
+  return parts
+
+
+def _sgd(config, num_workers, learning_rate):
+  del num_workers
+  return optax.chain(*optimizer(config, learning_rate))
+
+
+def _staleness_aware(config, num_workers, learning_rate):
+  del num_workers
+  *decay, sgd = optimizer(config, learning_rate)
+  # The gradient, weight decay included, is divided by τ: a step of η / τ.
+  return optax.chain(*decay, dcasgd_optax.scale_by_inverse_staleness(), sgd)
+
+
+def _delay_compensated(adaptive: bool) -> TxBuilder:
+  def build(config, num_workers, learning_rate):
+    compensation = dcasgd_optax.delay_compensation(
+        num_workers, config.dc_lambda, adaptive=adaptive,
+        decay=config.dc_decay, eps=config.dc_eps,
+    )
+    return optax.chain(compensation, *optimizer(config, learning_rate))
+
+  return build
+
+
+REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
+    Algorithm("sequential", "sequential SGD", "k", "None", _sgd,
+              single_worker=True),
+    Algorithm("ssgd", "SSGD", "C0", "s", _sgd, synchronous=True),
+    Algorithm("asgd", "ASGD", "C1", "o", _sgd),
+    Algorithm("sa-asgd", "SA-ASGD", "C2", "v", _staleness_aware),
+    Algorithm("dc-asgd-c", "DC-ASGD-c", "C4", "^", _delay_compensated(False)),
+    Algorithm("dc-asgd-a", "DC-ASGD-a", "C3", "D", _delay_compensated(True)),
+)}
+"""Every algorithm, in the paper's column order (tables and legends use it)."""
+
+
+def get(name: str) -> Algorithm:
+  """The record of ``name``; raises listing the valid choices."""
+  if name not in REGISTRY:
+    raise ValueError(
+        f"Unknown algorithm {name!r}; valid choices: {', '.join(REGISTRY)}."
+    )
+  return REGISTRY[name]
+
+
+def ordered(names) -> list[Algorithm]:
+  """The records of ``names``, in registry order, each once."""
+  names = set(names)
+  return [a for a in REGISTRY.values() if a.name in names]
+
+
 def make_tx(
     config: Any, num_workers: int, steps_per_epoch: int
 ) -> optax.GradientTransformation:
   """The optimizer of ``config.algorithm`` for ``num_workers`` workers."""
-  algorithm = config.algorithm
+  algorithm = get(config.algorithm)
   lr = learning_rate_schedule(
-      config, updates_per_epoch(algorithm, num_workers, steps_per_epoch)
+      config, algorithm.updates_per_epoch(num_workers, steps_per_epoch)
   )
-  momentum = config.momentum or None
-  if algorithm in ("dc-asgd-c", "dc-asgd-a"):
-    return dcasgd_optax.dcasgd(
-        lr,
-        num_workers,
-        lambda_=config.dc_lambda,
-        adaptive=algorithm == "dc-asgd-a",
-        decay=config.dc_decay,
-        eps=config.dc_eps,
-        momentum=momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-    )
-  parts = []
-  if config.weight_decay:
-    parts.append(optax.add_decayed_weights(config.weight_decay))
-  if algorithm == "sa-asgd":
-    parts.append(dcasgd_optax.scale_by_inverse_staleness())
-  parts.append(optax.sgd(lr, momentum=momentum, nesterov=config.nesterov))
-  return optax.chain(*parts)
+  return algorithm.build_tx(config, num_workers, lr)
 
 
 def make_simulator(
@@ -127,12 +192,8 @@ def make_simulator(
     steps_per_epoch: int,
     has_model_state: bool,
 ) -> harness.Simulator | harness.SyncSimulator:
-  """The simulator that runs ``config.algorithm``."""
-  algorithm = check_name(config.algorithm)
-  m = effective_workers(algorithm, config.num_workers)
+  """The simulator that runs ``config.algorithm`` (its effective workers)."""
+  algorithm = get(config.algorithm)
+  m = algorithm.effective_workers(config.num_workers)
   tx = make_tx(config, m, steps_per_epoch)
-  if algorithm == "ssgd":
-    return harness.SyncSimulator(
-        loss_fn, tx, m, has_model_state=has_model_state
-    )
-  return harness.Simulator(loss_fn, tx, m, has_model_state=has_model_state)
+  return algorithm.simulator(loss_fn, tx, m, has_model_state=has_model_state)

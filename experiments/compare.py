@@ -35,8 +35,8 @@ from ml_collections import config_flags
 
 from dcasgd_optax.harness import schedules
 from experiments import algorithms
-from experiments import checkpointing
 from experiments import reporting
+from experiments import run_files
 from experiments import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all runs and the report.")
@@ -46,16 +46,16 @@ config_flags.DEFINE_config_file("config", None, "Path to an ml_collections confi
 def run_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
   """One config per run of ``config.grid``, all validated before any runs."""
   grid = config.grid
-  for a in grid.algorithms:
-    algorithms.check_name(a)
+  chosen = [algorithms.get(a) for a in grid.algorithms]
   configs = []
   for m in sorted(grid.num_workers):
-    for a in grid.algorithms:
-      if a == "sequential" and m != min(grid.num_workers):
-        continue
+    for a in chosen:
+      if a.single_worker and m != min(grid.num_workers):
+        continue  # It runs once per seed.
       for seed in grid.seeds:
         c = ml_collections.ConfigDict(config.to_dict())
-        c.algorithm, c.num_workers, c.seed = a, 1 if a == "sequential" else m, seed
+        c.algorithm, c.seed = a.name, seed
+        c.num_workers = a.effective_workers(m)
         train.validate(c)
         configs.append(c)
   return configs
@@ -79,7 +79,7 @@ def report(config: Any, workdir: str, rows: list[dict], dirs: list[str]) -> str:
   histories: dict[tuple[str, int], list] = {}
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     for row, d in zip(rows, dirs):
-      history = checkpointing.read_metrics(d)
+      history = run_files.read_metrics(d)
       histories.setdefault((row["algorithm"], row["workers"]), []).append(history)
       for record in history:
         keys = ("algorithm", "workers", "schedule", "seed")

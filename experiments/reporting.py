@@ -21,16 +21,6 @@ import numpy as np
 
 from experiments import algorithms
 
-# One colour and marker per algorithm, the same in every figure.
-STYLE = {
-    "sequential": ("k", "None"),
-    "ssgd": ("C0", "s"),
-    "asgd": ("C1", "o"),
-    "sa-asgd": ("C2", "v"),
-    "dc-asgd-c": ("C4", "^"),
-    "dc-asgd-a": ("C3", "D"),
-}
-
 COLUMNS = (
     "algorithm", "workers", "schedule", "seed", "final_test_error",
     "best_test_error", "wall_time", "mean_staleness", "epochs",
@@ -45,30 +35,21 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
     writer.writerows(rows)
 
 
-def read_csv(path: str) -> list[dict[str, Any]]:
-  """The rows of a ``results.csv``, numbers parsed."""
-  with open(path, newline="") as f:
-    rows = list(csv.DictReader(f))
-  ints = ("workers", "seed", "epochs")
-  return [
-      {k: (int(v) if k in ints else v if k in ("algorithm", "schedule") else float(v))
-       for k, v in r.items()}
-      for r in rows
-  ]
-
-
-def _ordered(names) -> list[str]:
-  """The algorithms among ``names``, in the paper's column order."""
-  names = set(names)
-  return [a for a in algorithms.ALGORITHMS if a in names]
-
-
-def _errors(rows, algorithm: str, workers: int, key: str) -> np.ndarray:
-  if algorithm == "sequential":
-    workers = 1
+def _errors(rows, algorithm: algorithms.Algorithm, workers: int, key: str) -> np.ndarray:
+  """``key`` of every run (seed) of ``algorithm`` with ``workers`` workers."""
+  workers = algorithm.effective_workers(workers)
   return np.array([
-      r[key] for r in rows if r["algorithm"] == algorithm and r["workers"] == workers
+      r[key] for r in rows
+      if r["algorithm"] == algorithm.name and r["workers"] == workers
   ])
+
+
+def _parallel_workers(rows) -> list[int]:
+  """The worker counts of the runs with several workers ([1] if none)."""
+  return sorted({
+      r["workers"] for r in rows
+      if not algorithms.get(r["algorithm"]).single_worker
+  }) or [1]
 
 
 def _std(errors: np.ndarray) -> float:
@@ -90,12 +71,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], *, key: str = "final_test_err
   Cells are the mean ± sample standard deviation over seeds. Sequential SGD
   has one worker; its value is repeated in every row, as in the paper.
   """
-  algs = _ordered(r["algorithm"] for r in rows)
-  workers = sorted({r["workers"] for r in rows if r["algorithm"] != "sequential"})
-  if not workers:
-    workers = [1]
+  algs = algorithms.ordered(r["algorithm"] for r in rows)
+  workers = _parallel_workers(rows)
   seeds = sorted({r["seed"] for r in rows})
-  header = "| M | " + " | ".join(algorithms.LABELS[a] for a in algs) + " |"
+  header = "| M | " + " | ".join(a.label for a in algs) + " |"
   lines = [header, "|---" * (len(algs) + 1) + "|"]
   for m in workers:
     cells = [_cell(_errors(rows, a, m, key)) for a in algs]
@@ -122,20 +101,20 @@ def plot_error_vs_epoch(
     path: the PNG to write.
     title: a figure title.
   """
-  workers = sorted({m for a, m in histories if a != "sequential"}) or [1]
+  workers = sorted({
+      m for a, m in histories if not algorithms.get(a).single_worker
+  }) or [1]
   fig, axes = plt.subplots(1, len(workers), figsize=(4.2 * len(workers), 4.0),
                            sharey=True, squeeze=False)
   for ax, m in zip(axes[0], workers):
-    for a in _ordered(a for a, _ in histories):
-      runs = histories.get((a, 1 if a == "sequential" else m))
+    for a in algorithms.ordered(a for a, _ in histories):
+      runs = histories.get((a.name, a.effective_workers(m)))
       if not runs:
         continue
       x, mean, std = _mean_curve(runs)
-      color, _ = STYLE[a]
-      ax.plot(x, 100 * mean, color=color, label=algorithms.LABELS[a],
-              ls="--" if a == "sequential" else "-")
+      ax.plot(x, 100 * mean, color=a.color, label=a.label, ls=a.linestyle)
       ax.fill_between(x, 100 * np.maximum(mean - std, 1e-3), 100 * (mean + std),
-                      color=color, alpha=0.15)
+                      color=a.color, alpha=0.15)
     ax.set_title(f"M = {m}")
     ax.set_xlabel("epoch")
     _log_percent_axis(ax)
@@ -148,20 +127,19 @@ def plot_error_vs_epoch(
 
 def plot_error_vs_workers(rows: Sequence[dict[str, Any]], path: str, *, title: str = "") -> None:
   """Final test error (mean ± std over seeds) against the number of workers."""
-  workers = sorted({r["workers"] for r in rows if r["algorithm"] != "sequential"})
+  workers = _parallel_workers(rows)
   fig, ax = plt.subplots(figsize=(5.5, 4))
-  for a in _ordered(r["algorithm"] for r in rows):
-    color, marker = STYLE[a]
-    if a == "sequential":
+  for a in algorithms.ordered(r["algorithm"] for r in rows):
+    if a.single_worker:
       e = _errors(rows, a, 1, "final_test_error")
-      ax.axhline(100 * e.mean(), color=color, ls="--", label=algorithms.LABELS[a])
+      ax.axhline(100 * e.mean(), color=a.color, ls=a.linestyle, label=a.label)
       continue
     stats = [_errors(rows, a, m, "final_test_error") for m in workers]
     ms = [m for m, e in zip(workers, stats) if e.size]
     mean = [100 * e.mean() for e in stats if e.size]
     std = [100 * _std(e) for e in stats if e.size]
-    ax.errorbar(ms, mean, yerr=std, color=color, marker=marker, capsize=3,
-                label=algorithms.LABELS[a])
+    ax.errorbar(ms, mean, yerr=std, color=a.color, marker=a.marker, capsize=3,
+                label=a.label)
   ax.set_xscale("log", base=2)
   _log_percent_axis(ax)
   ax.set_xticks(workers, [str(m) for m in workers])

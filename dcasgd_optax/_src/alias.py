@@ -10,7 +10,29 @@ import optax
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src.delay_compensation import delay_compensation
 from dcasgd_optax._src.pull import find_states
-from dcasgd_optax._src.pull import record_pull
+from dcasgd_optax._src.pull import pull
+
+
+class PullAfterPush(optax.GradientTransformationExtraArgs):
+  """A transformation whose every ``update`` also performs the worker's pull.
+
+  :func:`pull_after_push` (and so :func:`dcasgd`) returns one. It is an
+  ``optax.GradientTransformationExtraArgs`` in every respect; its type only
+  tells a driver of asynchronous training that after
+  ``tx.update(..., worker=m)`` the pull of the new model is already recorded
+  (:func:`pull`), so the driver must not pull again. What the worker then
+  holds is ``worker_params(opt_state, m)``. Wrapping it in another
+  transformation (e.g. ``optax.inject_hyperparams``) hides the type; pulling
+  again is then redundant, not wrong.
+
+  Examples:
+    >>> import dcasgd_optax
+    >>> isinstance(dcasgd_optax.dcasgd(0.1, num_workers=2),
+    ...            dcasgd_optax.PullAfterPush)
+    True
+  """
+
+  __slots__ = ()
 
 
 def dcasgd(
@@ -25,7 +47,7 @@ def dcasgd(
     nesterov: bool = False,
     weight_decay: Any = 0.0,
     backup_dtype: Any = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> PullAfterPush:
   r"""DC-ASGD as one optimizer, with the worker's pull recorded after its push.
 
   Chains :func:`delay_compensation`, ``optax.add_decayed_weights`` (when
@@ -39,7 +61,7 @@ def dcasgd(
   step is Algorithm 1's pull right after push: ``update`` writes
   ``params + updates`` into worker ``m``'s backup. If your workers pull at
   other times, use :func:`delay_compensation` in your own chain and call
-  :func:`record_pull` when they do.
+  :func:`pull` when they do.
 
   A traced ``worker`` outside ``[0, num_workers)`` leaves the backups and
   DC-ASGD-a's statistics as they were, but the update is NaN and, with
@@ -61,8 +83,8 @@ def dcasgd(
       :func:`delay_compensation`).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
-    and the keyword ``worker``.
+    A :class:`PullAfterPush` (an ``optax.GradientTransformationExtraArgs``);
+    ``update`` needs ``params`` and the keyword ``worker``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -106,15 +128,15 @@ def dcasgd(
   return pull_after_push(optax.chain(*parts))
 
 
-def pull_after_push(
-    inner: optax.GradientTransformation,
-) -> optax.GradientTransformationExtraArgs:
-  """Wraps ``inner`` so each update also records the pull of the new params.
+def pull_after_push(inner: optax.GradientTransformation) -> PullAfterPush:
+  """Wraps ``inner`` so each update also performs the pull of the new params.
 
-  After ``inner`` computes ``updates`` for worker ``m``, the state records
-  that ``m`` holds ``params + updates`` (:func:`record_pull`), i.e. the
-  worker pulls right after pushing, as in the paper's Algorithm 1. The
-  wrapper's state is ``inner``'s state itself.
+  After ``inner`` computes ``updates`` for worker ``m``, worker ``m`` pulls
+  ``params + updates`` (:func:`pull`: the state records what ``m`` now
+  holds), as in the paper's Algorithm 1 where the worker pulls right after
+  pushing. The wrapper's state is ``inner``'s state itself. The result is a
+  :class:`PullAfterPush`, so drivers know not to pull again; what the worker
+  holds afterwards is ``worker_params(state, m)``.
 
   A traced ``worker`` outside ``[0, num_workers)`` records no pull; the NaN
   update that :func:`delay_compensation` returns for it reaches the rest of
@@ -125,8 +147,8 @@ def pull_after_push(
     inner: a transformation containing :func:`delay_compensation`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` needing ``params`` and
-    ``worker`` in ``update``.
+    A :class:`PullAfterPush` (an ``optax.GradientTransformationExtraArgs``)
+    needing ``params`` and ``worker`` in ``update``.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -153,7 +175,7 @@ def pull_after_push(
     updates, state = inner.update(
         updates, state, params, worker=worker, **extra_args
     )
-    pulled = optax.apply_updates(params, updates)
-    return updates, record_pull(state, pulled, worker)
+    _, state = pull(state, optax.apply_updates(params, updates), worker)
+    return updates, state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return PullAfterPush(init_fn, update_fn)

@@ -88,6 +88,66 @@ def record_pull(opt_state: Any, params: Any, worker: Any) -> Any:
   return jax.tree.map(write, opt_state, is_leaf=_is_dc_state)
 
 
+def pull(opt_state: Any, params: Any, worker: Any) -> tuple[Any, Any]:
+  """The server's side of a pull: what ``worker`` receives, recorded as its backup.
+
+  Every driver of asynchronous training (the simulator, :func:`pull_after_push`,
+  the Ray parameter server) calls this when a worker pulls, and sends the
+  worker the returned params: the worker computes its next gradient there,
+  and :func:`delay_compensation` later compares the server's model with
+  exactly that point. Today the worker receives ``params`` themselves;
+  :func:`record_pull` is the lower-level write this is built on.
+
+  A traced ``worker`` outside ``[0, num_workers)`` records nothing (see
+  :func:`record_pull`) and the returned params are NaN, as
+  :func:`delay_compensation`'s update is for such an id; a concrete one
+  raises ``ValueError``.
+
+  Args:
+    opt_state: an optimizer state containing a DelayCompensationState.
+    params: the server's current params, shaped like the params at init.
+    worker: the worker's id, a Python int or an int32 scalar (may be traced).
+
+  Returns:
+    ``(pulled_params, opt_state)``: the params to send to the worker, and
+    ``opt_state`` with them recorded as that worker's backup.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import dcasgd_optax
+    >>> tx = dcasgd_optax.delay_compensation(num_workers=2)
+    >>> state = tx.init({'w': jnp.zeros(2)})
+    >>> pulled, state = dcasgd_optax.pull(state, {'w': jnp.ones(2)}, worker=1)
+    >>> pulled['w']
+    Array([1., 1.], dtype=float32)
+    >>> dcasgd_optax.worker_params(state, 1)['w']
+    Array([1., 1.], dtype=float32)
+  """
+  states = find_states(opt_state)
+  if not states:
+    raise _no_state_error(opt_state)
+  num_workers = num_workers_of(states[0])
+  pulled = params
+  if num_workers is not None:
+    _checks.check_worker(worker, num_workers)
+    if _checks.concrete_value(worker) is None:  # Traced: may be out of range.
+      pulled = _nan_unless_valid(params, worker, num_workers)
+  return pulled, record_pull(opt_state, pulled, worker)
+
+
+def _nan_unless_valid(tree: Any, worker: Any, num_workers: int) -> Any:
+  """``tree``, or all NaN if ``worker`` is outside ``[0, num_workers)``."""
+  valid = jnp.logical_and(worker >= 0, worker < num_workers)
+
+  def mask(x):
+    if _tree.is_masked(x):
+      return x
+    x = jnp.asarray(x)
+    return jnp.where(valid, x, jnp.asarray(jnp.nan, x.dtype))
+
+  return jax.tree.map(mask, tree, is_leaf=_tree.is_masked)
+
+
 def worker_params(opt_state: Any, worker: Any) -> Any:
   """The params ``worker`` holds: its backup, in the backups' dtype.
 
