@@ -1,14 +1,14 @@
-"""The pull hook: what a worker receives and what the server records.
+"""record_pull, worker_params and the pull hook: what they refuse, what a pull records, its cost.
 
 ``pull`` is the server's side of a pull for every driver (simulator,
-``pull_after_push``, Ray). These tests pin its contract against the
-lower-level ``record_pull`` / ``worker_params`` and against a hand-written
-one-worker-at-a-time server, then what ``record_pull`` refuses: a traced
-out-of-range worker cannot raise inside ``jit``, so ``record_pull`` then
-writes nothing. With the state donated, a pull reads the new params and
-read-modify-writes one backup, whatever the number of workers (XLA's own
-accounting, no timing).
+``pull_after_push``, Ray); its contract is pinned against the lower-level
+``record_pull`` / ``worker_params`` and a hand-written one-worker-at-a-time
+server. A traced out-of-range worker cannot raise inside ``jit``:
+``record_pull`` then writes nothing. With the state donated, a pull reads the
+new params and read-modify-writes one backup, whatever the number of workers
+(XLA's own accounting, no timing).
 """
+
 
 from __future__ import annotations
 
@@ -32,6 +32,49 @@ from helpers import shifted
 from helpers import snapshot
 from helpers import stale_state
 from helpers import wide_params
+
+
+def test_pull_helpers_need_a_delay_compensation_state():
+  params = params_tree()
+  state = optax.sgd(0.1).init(params)
+  with pytest.raises(ValueError, match="no DelayCompensationState"):
+    dcasgd_optax.record_pull(state, params, 0)
+  with pytest.raises(ValueError, match="no DelayCompensationState"):
+    dcasgd_optax.worker_params(state, 0)
+  two = dcasgd_optax.delay_compensation(2).init(params)
+  with pytest.raises(ValueError, match="exactly one"):
+    dcasgd_optax.worker_params((two, two), 0)
+
+
+@builders
+@pytest.mark.parametrize("worker", [NUM_WORKERS, -1])
+def test_traced_out_of_range_record_pull_writes_nothing(build, worker):
+  tx, params = build(), params_tree()
+  state = stale_state(tx, params, first=1)
+  before = snapshot(state)
+  pulled = jax.tree.map(lambda p: p + 100.0, params)
+  new_state = jax.jit(dcasgd_optax.record_pull)(state, pulled, worker)
+  chex.assert_trees_all_equal(new_state, before)
+  # The same jitted call with a valid id does write (the check can fail).
+  written = jax.jit(dcasgd_optax.record_pull)(state, pulled, NUM_WORKERS - 1)
+  held = dcasgd_optax.worker_params(written, NUM_WORKERS - 1)
+  np.testing.assert_array_equal(held["w"], pulled["w"])
+
+
+def test_donated_record_pull_alone_writes_one_slice():
+  def compile_pull(num_workers):
+    state = dcasgd_optax.delay_compensation(num_workers).init(wide_params())
+    jitted = jax.jit(dcasgd_optax.record_pull, donate_argnums=0)
+    compiled = jitted.lower(state, wide_params(), jnp.int32(0)).compile()
+    return compiled, cost_analysis(compiled)["bytes accessed"]
+
+  (_, small_bytes), (large, large_bytes) = map(compile_pull, (FEW_WORKERS, MANY_WORKERS))
+  assert abs(large_bytes - small_bytes) < 0.1 * WIDE_MODEL_BYTES
+  # Reading the new params, then one slice read-modify-written: about three
+  # models' worth, against MANY_WORKERS models for a copy of the backups.
+  assert large_bytes < 4 * WIDE_MODEL_BYTES
+  assert backup_copies(large, MANY_WORKERS) == []
+
 
 PARAMS = {"dense": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)},
           "scale": jnp.array(2.0)}
@@ -126,43 +169,24 @@ def test_pull_after_push_equals_update_then_pull_by_hand():
                                 rtol=1e-6)
 
 
-def test_pull_helpers_need_a_delay_compensation_state():
-  params = params_tree()
-  state = optax.sgd(0.1).init(params)
-  with pytest.raises(ValueError, match="no DelayCompensationState"):
-    dcasgd_optax.record_pull(state, params, 0)
-  with pytest.raises(ValueError, match="no DelayCompensationState"):
-    dcasgd_optax.worker_params(state, 0)
-  two = dcasgd_optax.delay_compensation(2).init(params)
-  with pytest.raises(ValueError, match="exactly one"):
-    dcasgd_optax.worker_params((two, two), 0)
-
-
-@builders
-@pytest.mark.parametrize("worker", [NUM_WORKERS, -1])
-def test_traced_out_of_range_record_pull_writes_nothing(build, worker):
-  tx, params = build(), params_tree()
-  state = stale_state(tx, params, first=1)
-  before = snapshot(state)
-  pulled = jax.tree.map(lambda p: p + 100.0, params)
-  new_state = jax.jit(dcasgd_optax.record_pull)(state, pulled, worker)
-  chex.assert_trees_all_equal(new_state, before)
-  # The same jitted call with a valid id does write (the check can fail).
-  written = jax.jit(dcasgd_optax.record_pull)(state, pulled, NUM_WORKERS - 1)
-  held = dcasgd_optax.worker_params(written, NUM_WORKERS - 1)
-  np.testing.assert_array_equal(held["w"], pulled["w"])
-
-
-def test_donated_record_pull_alone_writes_one_slice():
-  def compile_pull(num_workers):
-    state = dcasgd_optax.delay_compensation(num_workers).init(wide_params())
-    jitted = jax.jit(dcasgd_optax.record_pull, donate_argnums=0)
-    compiled = jitted.lower(state, wide_params(), jnp.int32(0)).compile()
-    return compiled, cost_analysis(compiled)["bytes accessed"]
-
-  (_, small_bytes), (large, large_bytes) = map(compile_pull, (FEW_WORKERS, MANY_WORKERS))
-  assert abs(large_bytes - small_bytes) < 0.1 * WIDE_MODEL_BYTES
-  # Reading the new params, then one slice read-modify-written: about three
-  # models' worth, against MANY_WORKERS models for a copy of the backups.
-  assert large_bytes < 4 * WIDE_MODEL_BYTES
-  assert backup_copies(large, MANY_WORKERS) == []
+@pytest.mark.parametrize("bad", [-1, 3, 2**30])
+def test_traced_out_of_range_id_is_nan_everywhere_and_writes_nothing(bad):
+  """update, pull and worker_params agree: NaN out, state untouched."""
+  tx = dcasgd_optax.dcasgd(0.1, 3, momentum=0.9)
+  state = tx.init(PARAMS)
+  _, state = dcasgd_optax.pull(state, shifted(PARAMS, 1.0), 2)
+  worker = jnp.int32(bad)
+  updates, after_update = jax.jit(
+      lambda s, m: tx.update(PARAMS, s, PARAMS, worker=m))(state, worker)
+  pulled, after_pull = jax.jit(dcasgd_optax.pull)(state, PARAMS, worker)
+  held = jax.jit(dcasgd_optax.worker_params)(state, worker)
+  for tree in (updates, pulled, held):
+    assert all(np.isnan(x).all() for x in jax.tree.leaves(tree))
+  # dcasgd's state is a chain's: the DelayCompensationState comes first.
+  assert isinstance(state[0], dcasgd_optax.DelayCompensationState)
+  for after in (after_update, after_pull):
+    chex.assert_trees_all_equal(after[0], state[0])
+  # A valid traced id reads its own backup (never a clamped neighbour's).
+  chex.assert_trees_all_equal(
+      jax.jit(dcasgd_optax.worker_params)(state, jnp.int32(2)),
+      shifted(PARAMS, 1.0))
