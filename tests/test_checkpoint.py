@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import stat
 import sys
 from typing import Any, NamedTuple
 
@@ -75,6 +76,21 @@ def test_keeps_the_most_recent_and_skips_a_step_already_saved(tmp_path):
     restored = ckpt.restore_latest(_state())
   assert sorted(os.listdir(tmp_path)) == ["2", "3"]
   _assert_same(restored.tree, _state(scale=3.0))
+
+
+def test_checkpoint_directories_are_private_to_their_owner(tmp_path):
+  """A checkpoint holds the whole model: 0o700 for what the save creates."""
+  created = tmp_path / "runs" / "ckpt"
+  existing = tmp_path / "shared"
+  existing.mkdir(mode=0o755)
+  existing.chmod(0o755)
+  for directory in (created, existing):
+    with Checkpointer(directory, asynchronous=False) as ckpt:
+      ckpt.save(4, _state())
+  mode = lambda path: stat.S_IMODE(path.stat().st_mode)
+  assert mode(created) == 0o700
+  assert mode(created / "4") == mode(existing / "4") == 0o700
+  assert mode(existing) == 0o755  # a directory it did not create keeps its mode
 
 
 def test_a_simulator_state_resumes_exactly(tmp_path):
