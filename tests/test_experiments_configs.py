@@ -6,7 +6,7 @@ from experiments import compare
 from experiments import train
 
 
-@pytest.mark.parametrize("name", ["default", "demo", "tiny", "cifar10_resnet20"])
+@pytest.mark.parametrize("name", ["default", "demo", "tiny", "cifar10_resnet20", "ray_async"])
 def test_every_config_file_is_valid_and_documents_its_command(name):
   module = __import__(f"experiments.configs.{name}", fromlist=["get_config"])
   c = module.get_config()

@@ -28,6 +28,7 @@ from helpers import backup_copies
 from helpers import builders
 from helpers import cost_analysis
 from helpers import params_tree
+from helpers import shifted
 from helpers import snapshot
 from helpers import stale_state
 from helpers import wide_params
@@ -77,10 +78,6 @@ def test_donated_record_pull_alone_writes_one_slice():
 
 PARAMS = {"dense": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)},
           "scale": jnp.array(2.0)}
-
-
-def shifted(tree, by):
-  return jax.tree.map(lambda x: x + by, tree)
 
 
 def nested_optimizers():
@@ -170,3 +167,26 @@ def test_pull_after_push_equals_update_then_pull_by_hand():
     chex.assert_trees_all_close(state, ref_state, rtol=1e-6)
     chex.assert_trees_all_close(dcasgd_optax.worker_params(state, m), params,
                                 rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-1, 3, 2**30])
+def test_traced_out_of_range_id_is_nan_everywhere_and_writes_nothing(bad):
+  """update, pull and worker_params agree: NaN out, state untouched."""
+  tx = dcasgd_optax.dcasgd(0.1, 3, momentum=0.9)
+  state = tx.init(PARAMS)
+  _, state = dcasgd_optax.pull(state, shifted(PARAMS, 1.0), 2)
+  worker = jnp.int32(bad)
+  updates, after_update = jax.jit(
+      lambda s, m: tx.update(PARAMS, s, PARAMS, worker=m))(state, worker)
+  pulled, after_pull = jax.jit(dcasgd_optax.pull)(state, PARAMS, worker)
+  held = jax.jit(dcasgd_optax.worker_params)(state, worker)
+  for tree in (updates, pulled, held):
+    assert all(np.isnan(x).all() for x in jax.tree.leaves(tree))
+  # dcasgd's state is a chain's: the DelayCompensationState comes first.
+  assert isinstance(state[0], dcasgd_optax.DelayCompensationState)
+  for after in (after_update, after_pull):
+    chex.assert_trees_all_equal(after[0], state[0])
+  # A valid traced id reads its own backup (never a clamped neighbour's).
+  chex.assert_trees_all_equal(
+      jax.jit(dcasgd_optax.worker_params)(state, jnp.int32(2)),
+      shifted(PARAMS, 1.0))

@@ -1,6 +1,7 @@
 """dcasgd_optax.ray's parameter server, called directly (no Ray started)."""
 
 import importlib
+import stat
 import sys
 
 import chex
@@ -107,3 +108,14 @@ def test_server_resumes_from_its_checkpoint(tmp_path):
   chex.assert_trees_all_equal(server.result(), resumed.result())
   with pytest.raises(ValueError, match="resume=True"):
     dray.ParameterServer(tx, params, 2, checkpoint_dir=tmp_path)
+
+
+def test_server_checkpoints_are_private_to_their_owner(tmp_path):
+  directory = tmp_path / "runs" / "ckpt"
+  server = dray.ParameterServer(optax.sgd(0.1), {"w": np.ones(3, np.float32)},
+                                1, checkpoint_dir=directory)
+  server.apply(0, 0, {"w": np.ones(3, np.float32)})
+  server.close()
+  modes = {p.name: stat.S_IMODE(p.stat().st_mode)
+           for p in [directory, *directory.iterdir()] if p.is_dir()}
+  assert modes == {"ckpt": 0o700, "1": 0o700}
