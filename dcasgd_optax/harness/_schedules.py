@@ -7,6 +7,7 @@ there is randomness), and returns a 1-D ``int32`` array of worker ids that
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -209,3 +210,138 @@ def staleness(arrivals: Any, num_workers: int) -> np.ndarray:
   prev = np.full(arrivals.shape, -1, np.int64)
   prev[order[1:][same]] = order[:-1][same]
   return (np.arange(arrivals.size) - prev - 1).astype(np.int32)
+
+
+def _trace_field(records: Any, name: str, *, required: bool = True) -> Any:
+  """``records[name]`` for a mapping, ``records.name`` otherwise."""
+  if isinstance(records, Mapping):
+    value = records.get(name)
+  else:
+    value = getattr(records, name, None)
+  if value is None and required:
+    raise ValueError(
+        f"`records` has no {name!r} field: pass a run's per-update records "
+        "(a mapping or an object with `worker` and `step`, like a Ray "
+        "`TrainResult.records`)."
+    )
+  return None if value is None else np.asarray(value)
+
+
+def _check_trace_steps(step: np.ndarray) -> np.ndarray:
+  """The order that sorts ``step``, which must be consecutive and unique."""
+  order = np.argsort(step, kind="stable")
+  sorted_step = step[order]
+  gaps = np.flatnonzero(np.diff(sorted_step) != 1)
+  if gaps.size:
+    a, b = sorted_step[gaps[0]], sorted_step[gaps[0] + 1]
+    what = "two records share" if a == b else "no record has"
+    raise ValueError(
+        f"`records['step']` must be consecutive server steps, one record "
+        f"each: {what} step {a if a == b else a + 1} (a trace from more than "
+        "one server, or with records missing?)."
+    )
+  return order
+
+
+def from_trace(records: Any, num_workers: int | None = None) -> np.ndarray:
+  r"""The arrival order of a real run, from its per-update records.
+
+  A run's records (e.g. ``dcasgd_optax.ray.train(...).records``) say, for
+  every update the server applied, whose gradient it was (``worker``) and
+  the server step after it (``step``). Sorted by step they are the order in
+  which the gradients reached the server:
+
+  .. math::
+    a_k = \mathrm{worker}_{\sigma(k)}, \qquad
+    \mathrm{step}_{\sigma(0)} < \mathrm{step}_{\sigma(1)} < \dots
+
+  so :meth:`Simulator.replay` with these arrivals and the run's batches in
+  the same order (``np.argsort(records["step"])`` sorts any other field,
+  e.g. ``seq`` to rebuild batch ``k`` as ``data_fn(a_k, seq_k)``) replays
+  exactly what happened. The steps must be consecutive (one server, no
+  record missing); a trace that starts at step 1 and carries ``staleness``
+  must have the staleness the simulator replays (every worker pulls the
+  initial model, then right after each push), else it cannot be replayed
+  exactly. Records of skipped updates (``skipped``: a non-finite gradient
+  the server did not apply) cannot be replayed and are refused.
+
+  Args:
+    records: a mapping (or an object with attributes) of 1-D arrays with
+      one entry per update: ``worker`` and ``step`` at least; ``staleness``
+      and ``skipped`` are checked when present.
+    num_workers: the number of workers of the run (>= 1); ``None`` takes the
+      largest worker id + 1. Every id must lie in ``[0, num_workers)``.
+
+  Returns:
+    An ``int32`` array of worker ids in arrival order, one per record.
+
+  Raises:
+    ValueError: for records that do not form one server's trace, or that do
+      not match ``num_workers``.
+
+  Examples:
+    >>> import numpy as np
+    >>> from dcasgd_optax.harness import schedules
+    >>> records = {"step": np.array([2, 1, 3, 4]),
+    ...            "worker": np.array([0, 1, 1, 0]),
+    ...            "staleness": np.array([1, 0, 1, 1])}
+    >>> schedules.from_trace(records, num_workers=2)
+    array([1, 0, 1, 0], dtype=int32)
+  """
+  worker, step = _trace_arrays(records)
+  skipped = _trace_field(records, "skipped", required=False)
+  if skipped is not None and np.any(skipped):
+    raise ValueError(
+        f"`records` holds {int(np.sum(skipped))} skipped updates (non-finite "
+        "gradients the server did not apply); the simulator applies every "
+        "arrival, so this trace cannot be replayed exactly."
+    )
+  if num_workers is None:
+    num_workers = int(worker.max()) + 1
+  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  if worker.min() < 0 or worker.max() >= num_workers:
+    bad = worker.min() if worker.min() < 0 else worker.max()
+    raise ValueError(
+        f"`records['worker']` holds worker id {bad}, outside [0, "
+        f"{num_workers}) (num_workers={num_workers}): the trace is not of a "
+        "run with that many workers."
+    )
+  order = _check_trace_steps(step)
+  arrivals = worker[order].astype(np.int32)
+  recorded = _trace_field(records, "staleness", required=False)
+  if recorded is not None and step[order[0]] == 1:
+    _check_trace_staleness(np.asarray(recorded)[order], arrivals, num_workers)
+  return arrivals
+
+
+def _trace_arrays(records: Any) -> tuple[np.ndarray, np.ndarray]:
+  """``records``' worker and step: 1-D integer arrays of one non-zero length."""
+  worker = _trace_field(records, "worker")
+  step = _trace_field(records, "step")
+  for name, x in (("worker", worker), ("step", step)):
+    if x.ndim != 1 or not np.issubdtype(x.dtype, np.integer):
+      raise ValueError(
+          f"`records['{name}']` must be a 1-D integer array, got shape "
+          f"{x.shape} and dtype {x.dtype}."
+      )
+  if worker.shape != step.shape or worker.size == 0:
+    raise ValueError(
+        "`records['worker']` and `records['step']` must have the same, "
+        f"non-zero length, got {worker.size} and {step.size}."
+    )
+  return worker, step
+
+
+def _check_trace_staleness(recorded: np.ndarray, arrivals: np.ndarray,
+                           num_workers: int) -> None:
+  """Raises unless a trace from step 1 has the staleness a replay gives."""
+  expected = staleness(arrivals, num_workers)
+  mismatch = np.flatnonzero(recorded != expected)
+  if mismatch.size:
+    k = int(mismatch[0])
+    raise ValueError(
+        f"`records['staleness']` at step {k + 1} is {recorded[k]}, but the "
+        f"simulator would replay {expected[k]} (each worker pulls the "
+        "initial model, then right after each of its pushes): the run "
+        "cannot be replayed exactly."
+    )
