@@ -148,3 +148,38 @@ def test_from_trace_rejects_what_cannot_be_replayed(change, match):
 def test_from_trace_needs_worker_and_step():
   with pytest.raises(ValueError, match="'worker'"):
     schedules.from_trace({"step": np.arange(1, 4)})
+
+
+@pytest.mark.parametrize("stragglers", [dict(straggler_prob=0.0),
+                                        dict(straggler_prob=0.3,
+                                             straggler_slowdown=1.0)])
+def test_without_slowdown_stragglers_change_nothing(stragglers):
+  plain = schedules.gamma_speeds(4, 200, seed=5, shape=3.0)
+  np.testing.assert_array_equal(
+      schedules.gamma_speeds(4, 200, seed=5, shape=3.0, **stragglers), plain)
+
+
+def test_stragglers_make_a_thin_tail_of_long_delays():
+  """Near-deterministic workers (shape 10^4): only a straggling gradient
+  arrives late, with about slowdown x (M - 1) staleness, as often as p."""
+  m, p, slowdown = 4, 0.03, 10.0
+  order = schedules.gamma_speeds(m, 6000, seed=1, shape=1e4,
+                                 straggler_prob=p, straggler_slowdown=slowdown)
+  again = schedules.gamma_speeds(m, 6000, seed=1, shape=1e4,
+                                 straggler_prob=p, straggler_slowdown=slowdown)
+  np.testing.assert_array_equal(order, again)
+  tau = schedules.staleness(order, m)[m:]
+  late = tau > 2 * (m - 1)
+  # A straggling time spans ~slowdown of the others' times: (M-1) * slowdown
+  # arrivals; the share of such arrivals is about p (binomial, 6000 draws).
+  assert 0.5 * p < np.mean(late) < 1.5 * p
+  assert 0.5 * slowdown * (m - 1) < np.median(tau[late]) < 1.5 * slowdown * (m - 1)
+  assert np.median(tau[~late]) == m - 1  # the body is untouched
+
+
+@pytest.mark.parametrize("kwargs", [dict(straggler_prob=-0.1),
+                                    dict(straggler_prob=1.5),
+                                    dict(straggler_slowdown=0.5)])
+def test_bad_straggler_arguments_raise(kwargs):
+  with pytest.raises(ValueError, match="straggler"):
+    schedules.gamma_speeds(4, 10, seed=0, **kwargs)

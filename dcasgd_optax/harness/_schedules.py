@@ -96,6 +96,21 @@ def _check_speeds(speeds: Any, num_workers: int) -> np.ndarray:
   return speeds
 
 
+def _check_stragglers(prob: Any, slowdown: Any) -> tuple[float, float]:
+  _checks.check_scalar_range("straggler_prob", prob, low=0.0, high=1.0,
+                             high_inclusive=True)
+  _checks.check_scalar_range("straggler_slowdown", slowdown, low=1.0)
+  return float(prob), float(slowdown)
+
+
+def _compute_times(rng, straggler_rng, n, shape, speed, prob, slowdown):
+  """``n`` compute times of one worker: Gamma draws, some slowed down."""
+  times = rng.gamma(shape, 1.0 / (shape * speed), size=n)
+  if prob > 0:  # a separate stream: without stragglers nothing changes
+    times = np.where(straggler_rng.random(n) < prob, slowdown * times, times)
+  return times
+
+
 def gamma_speeds(
     num_workers: int,
     num_arrivals: int,
@@ -103,6 +118,8 @@ def gamma_speeds(
     *,
     shape: float = 100.0,
     speeds: Any = None,
+    straggler_prob: float = 0.0,
+    straggler_slowdown: float = 10.0,
 ) -> np.ndarray:
   r"""Event-driven arrivals with Gamma-distributed compute times.
 
@@ -110,17 +127,30 @@ def gamma_speeds(
   pushes); each takes a time
 
   .. math::
-    T \sim \mathrm{Gamma}(k, \theta_m), \qquad \theta_m = 1 / (k \, s_m),
+    T = S \, G, \qquad G \sim \mathrm{Gamma}(k, \theta_m), \quad
+    \theta_m = 1 / (k \, s_m), \qquad
+    S = \begin{cases} f & \text{with probability } p \\
+    1 & \text{otherwise,} \end{cases}
 
-  of mean :math:`1 / s_m` and coefficient of variation :math:`1/\sqrt{k}`.
-  Arrivals are all workers' finishing events in time order (ties by worker
-  id). Each worker draws from its own stream spawned from ``seed``.
+  so without stragglers (:math:`p = 0`, the default) of mean :math:`1 / s_m`
+  and coefficient of variation :math:`1/\sqrt{k}`. Arrivals are all workers'
+  finishing events in time order (ties by worker id). Each worker draws from
+  its own streams spawned from ``seed``.
 
   The staleness of worker ``m`` is the number of other arrivals during one of
   its compute times, on average :math:`\sum_{j \ne m} s_j / s_m`: with equal
   speeds it averages :math:`M - 1`, close to cyclic at first for a large
   ``shape`` (the default 100) while the workers' phases drift apart slowly; a
   smaller ``shape`` spreads it, and slow workers are staler.
+
+  Stragglers are the thin tail of long delays that real clusters show (a
+  preempted or contended worker, a garbage-collection pause): each compute
+  time is, independently with probability ``straggler_prob``,
+  ``straggler_slowdown`` times longer. Such a gradient arrives with about
+  ``straggler_slowdown`` times the usual staleness, while the Gamma body of
+  the distribution stays as it was (the stragglers' draws come from a
+  separate stream, so ``straggler_prob=0`` or ``straggler_slowdown=1`` gives
+  exactly the order without stragglers).
 
   Args:
     num_workers: number of workers M (>= 1).
@@ -129,6 +159,8 @@ def gamma_speeds(
     shape: the Gamma shape k (> 0).
     speeds: optional per-worker speed factors, shape ``[M]``, > 0; a worker
       with speed 2 finishes twice as fast on average. Default all ones.
+    straggler_prob: probability p in [0, 1] that a compute time straggles.
+    straggler_slowdown: factor f >= 1 by which a straggling time is longer.
 
   Returns:
     An ``int32`` array of shape ``[num_arrivals]``.
@@ -139,30 +171,37 @@ def gamma_speeds(
     >>> order = schedules.gamma_speeds(2, 300, seed=0, speeds=[1.0, 2.0])
     >>> np.bincount(order).tolist()  # the fast one arrives about twice as often
     [101, 199]
+    >>> for p in (0.0, 0.01):  # 1% of gradients take 20x longer
+    ...   order = schedules.gamma_speeds(8, 4000, seed=0, straggler_prob=p,
+    ...                                  straggler_slowdown=20.0)
+    ...   tau = schedules.staleness(order, 8)[8:]
+    ...   print(int(np.median(tau)), int(tau.max()))  # median, longest delay
+    7 12
+    6 154
   """
   num_workers = _checks.check_positive_int("num_workers", num_workers)
   num_arrivals = _check_nonnegative_int("num_arrivals", num_arrivals)
   _checks.check_scalar_range("shape", shape, low=0.0, low_inclusive=False)
   speeds = _check_speeds(speeds, num_workers)
-  seqs = np.random.SeedSequence(_checks.check_seed(seed)).spawn(num_workers)
-  rngs = [np.random.default_rng(s) for s in seqs]
+  prob, slowdown = _check_stragglers(straggler_prob, straggler_slowdown)
+  root = np.random.SeedSequence(_checks.check_seed(seed))
+  rngs = [np.random.default_rng(s) for s in root.spawn(num_workers)]
+  straggler_rngs = [np.random.default_rng(s) for s in root.spawn(num_workers)]
   share = speeds / speeds.sum()
   counts = np.ceil(num_arrivals * share * 1.1).astype(int) + 8
-  times = [
-      np.cumsum(rng.gamma(shape, 1.0 / (shape * s), size=n))
-      for rng, s, n in zip(rngs, speeds, counts)
-  ]
+
+  def more(m, n):
+    return np.cumsum(_compute_times(
+        rngs[m], straggler_rngs[m], n, shape, speeds[m], prob, slowdown))
+
+  times = [more(m, n) for m, n in enumerate(counts)]
   while True:
     # Every event up to the earliest last-drawn time is known for all workers.
     horizon = min(t[-1] for t in times)
     if sum(np.searchsorted(t, horizon, "right") for t in times) >= num_arrivals:
       break
-    times = [
-        np.concatenate(
-            [t, t[-1] + np.cumsum(rng.gamma(shape, 1 / (shape * s), size=n))]
-        )
-        for t, rng, s, n in zip(times, rngs, speeds, counts)
-    ]
+    times = [np.concatenate([t, t[-1] + more(m, n)])
+             for m, (t, n) in enumerate(zip(times, counts))]
   when = np.concatenate(times)
   who = np.concatenate([np.full(len(t), m) for m, t in enumerate(times)])
   order = np.lexsort((who, when))[:num_arrivals]
