@@ -5,7 +5,8 @@ same constructor arguments, keep the server's transformation in the attribute
 ``tx``, make a :class:`SimState` with ``init(params, model_state=None)``,
 ``replay(state, batches, arrivals)`` and ``describe(arrivals, params)`` it,
 and report the same metric keys (``worker``, ``staleness``, ``loss``,
-``step``), so a caller never branches on which one it holds.
+``step``), so a caller never branches on which one it holds. Both also run
+``N`` simulations as one program: ``init_many`` and ``replay_many``.
 """
 
 from __future__ import annotations
