@@ -8,6 +8,10 @@ from typing import Any
 import optax
 
 from dcasgd_optax._src import _checks
+from dcasgd_optax._src import _fused
+from dcasgd_optax._src.delay_compensation import MeanSquareSpec
+from dcasgd_optax._src.delay_compensation import compensation_rule
+from dcasgd_optax._src.delay_compensation import default_lambda
 from dcasgd_optax._src.delay_compensation import delay_compensation
 from dcasgd_optax._src.delayed_nesterov import delayed_nesterov
 from dcasgd_optax._src.gap_aware import gap_aware
@@ -122,11 +126,25 @@ def dcasgd(
       bias_correction=bias_correction,
       lambda_warmup=lambda_warmup,
   )
-  return pull_after_push(optax.chain(
+  composed = pull_after_push(optax.chain(
       compensation,
       *_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   ))
+  rule = compensation_rule(
+      default_lambda(lambda_, adaptive), adaptive=adaptive, decay=decay,
+      eps=eps, bias_correction=bias_correction, lambda_warmup=lambda_warmup,
+  )
+  stats = MeanSquareSpec(decay if adaptive else None, per_worker_mean_square)
+  return _fused.fused_sgd(
+      composed, num_workers, stats, rule,
+      _sgd_tail(learning_rate, momentum, nesterov, weight_decay),
+  )
+
+
+def _sgd_tail(learning_rate, momentum, nesterov, weight_decay):
+  wd = weight_decay if _decayed_weights(weight_decay) else None
+  return _fused.SgdTail(learning_rate, momentum, nesterov, wd)
 
 
 def _check_sgd_arguments(learning_rate, momentum, nesterov, weight_decay):

@@ -145,15 +145,16 @@ def delay_compensation(
   _check_options(
       adaptive, per_worker_mean_square, bias_correction, lambda_warmup
   )
-  if lambda_ is None:
-    lambda_ = 2.0 if adaptive else 0.04
+  lambda_ = default_lambda(lambda_, adaptive)
   _checks.check_scalar_range("lambda_", lambda_, low=0.0)
   _checks.check_scalar_range("decay", decay, low=0.0, high=1.0)
   _checks.check_scalar_range("eps", eps, low=0.0, low_inclusive=False)
   check_backup_dtype(backup_dtype)
-  skip = _is_static_zero(lambda_)
   stats = MeanSquareSpec(decay if adaptive else None, per_worker_mean_square)
-  warmup = not _is_static_zero(lambda_warmup)
+  rule = compensation_rule(
+      lambda_, adaptive=adaptive, decay=decay, eps=eps,
+      bias_correction=bias_correction, lambda_warmup=lambda_warmup,
+  )
 
   def init_fn(params):
     return init_state(params, num_workers, backup_dtype, stats)
@@ -165,16 +166,8 @@ def delay_compensation(
     ms, count, state = next_mean_square(
         state, updates, worker, num_workers, stats
     )
-    lam = jax.tree.map(lambda _: lambda_, updates)
-    if adaptive:
-      if bias_correction:
-        ms = jax.tree.map(lambda x: x / (1 - decay ** count), ms)
-      lam = jax.tree.map(lambda x: lambda_ / jnp.sqrt(x + eps), ms)
-    if warmup:
-      lam = _warm_up(lam, jnp.sum(state.count), lambda_warmup)
-    out = updates
-    if not skip:
-      out = jax.tree.map(_compensate, updates, params, held, lam)
+    leaf = rule(count, jnp.sum(state.count))
+    out = map_rule(leaf, updates, params, held, ms)
     return nan_unless(worker_is_valid(worker, num_workers), out), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -200,13 +193,71 @@ def _check_options(adaptive, per_worker, bias_correction, warmup) -> None:
   _checks.check_scalar_range("lambda_warmup", warmup, low=0.0)
 
 
-def _warm_up(lam: Any, t: Any, steps: Any) -> Any:
-  """``lam * min(1, t / steps)``; ``steps == 0`` means no warm-up."""
+def default_lambda(lambda_: Any, adaptive: bool) -> Any:
+  """``lambda_``, or the paper's default for the variant when it is None."""
+  if lambda_ is None:
+    return 2.0 if adaptive else 0.04
+  return lambda_
+
+
+def compensation_rule(
+    lambda_: Any,
+    *,
+    adaptive: bool,
+    decay: Any,
+    eps: Any,
+    bias_correction: bool,
+    lambda_warmup: Any,
+) -> Any:
+  """The elementwise part of :func:`delay_compensation`'s update.
+
+  Shared by the composed transformation and the fused full optimizer, so
+  both compute the same numbers. Arguments are already validated.
+
+  Returns:
+    ``rule(count, total)`` giving ``leaf(g, w, held, ms) -> g_dc`` for one
+    update: ``count`` is the number of gradients in the mean square ``ms``
+    (this one included), ``total`` the number of updates so far (this one
+    included), ``ms`` the updated mean square (None for DC-ASGD-c).
+  """
+  skip = _is_static_zero(lambda_)
+  warmup = not _is_static_zero(lambda_warmup)
+
+  def rule(count, total):
+    ramp = _warmup_ramp(total, lambda_warmup) if warmup else None
+
+    def leaf(g, w, held, ms):
+      if skip:
+        return g
+      lam = lambda_
+      if adaptive:
+        if bias_correction:
+          ms = ms / (1 - decay ** count)
+        lam = lambda_ / jnp.sqrt(ms + eps)
+      if warmup:
+        lam = lam * ramp
+      return _compensate(g, w, held, lam)
+
+    return leaf
+
+  return rule
+
+
+def map_rule(leaf: Any, updates: Any, params: Any, held: Any, ms: Any) -> Any:
+  """``leaf(g, w, held, ms)`` over the trees; ``ms=()`` passes None."""
+  if isinstance(ms, tuple) and not ms:
+    return jax.tree.map(
+        lambda g, w, b: leaf(g, w, b, None), updates, params, held
+    )
+  return jax.tree.map(leaf, updates, params, held, ms)
+
+
+def _warmup_ramp(t: Any, steps: Any) -> Any:
+  """``min(1, t / steps)``; ``steps == 0`` means no warm-up (1)."""
   steps = jnp.asarray(steps, jnp.float32)
-  ramp = jnp.where(
+  return jnp.where(
       steps > 0, jnp.minimum(1.0, t / jnp.maximum(steps, 1.0)), 1.0
   )
-  return jax.tree.map(lambda x: x * ramp, lam)
 
 
 def check_backup_dtype(backup_dtype: Any) -> None:
@@ -298,16 +349,18 @@ def next_mean_square(
     ms = held_by(ms, worker, num_workers)
     count = held_by(count, worker, num_workers)
   if stats.decay is not None:
-    d = stats.decay
-    ms = jax.tree.map(
-        lambda m, g: d * m + (1 - d) * jnp.square(g.astype(m.dtype)), ms, grads
-    )
+    ms = jax.tree.map(lambda m, g: fold_square(m, g, stats.decay), ms, grads)
   count = count + 1
   new_state = state._replace(
       mean_square=_store(state.mean_square, ms, worker, valid, stats),
       count=_store(state.count, count, worker, valid, stats),
   )
   return ms, count, new_state
+
+
+def fold_square(ms: Any, g: Any, decay: Any) -> Any:
+  """One step of the running mean of ``g * g``: ``d * ms + (1 - d) * g * g``."""
+  return decay * ms + (1 - decay) * jnp.square(g.astype(ms.dtype))
 
 
 def _store(old: Any, new: Any, worker: Any, valid: Any,

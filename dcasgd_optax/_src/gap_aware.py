@@ -92,6 +92,7 @@ def gap_aware(
   _checks.check_scalar_range("eps", eps, low=0.0, low_inclusive=False)
   check_backup_dtype(backup_dtype)
   stats = MeanSquareSpec(decay)
+  rule = gap_rule(step_size, decay=decay, eps=eps)
 
   def init_fn(params):
     return init_state(params, num_workers, backup_dtype, stats)
@@ -103,6 +104,25 @@ def gap_aware(
     v, count, state = next_mean_square(
         state, updates, worker, num_workers, stats
     )
+    out = jax.tree.map(rule(count, None), updates, params, held, v)
+    return nan_unless(worker_is_valid(worker, num_workers), out), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def gap_rule(step_size: Any, *, decay: Any, eps: Any) -> Any:
+  """The elementwise part of :func:`gap_aware`'s update (arguments validated).
+
+  Shared by the composed transformation and the fused full optimizer.
+
+  Returns:
+    ``rule(count, total)`` giving ``leaf(g, w, held, v) -> damped g`` for one
+    update, ``count`` being the number of gradients in the second moment
+    ``v`` (``total`` is unused).
+  """
+
+  def rule(count, total):
+    del total
     correction = 1 - decay**count
 
     def damp(g, w, b, v):
@@ -110,7 +130,6 @@ def gap_aware(
       gap = jnp.abs(w.astype(v.dtype) - b.astype(v.dtype)) / scale
       return (g.astype(v.dtype) / (1 + gap)).astype(g.dtype)
 
-    out = jax.tree.map(damp, updates, params, held, v)
-    return nan_unless(worker_is_valid(worker, num_workers), out), state
+    return damp
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return rule

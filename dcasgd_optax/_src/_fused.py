@@ -1,0 +1,392 @@
+"""The full SGD-family optimizers' update in one pass over memory.
+
+Composed, :func:`dcasgd` is a chain (delay compensation, weight decay, SGD,
+then the pull) and XLA:CPU compiles every member to its own loop fusion: four
+or five full passes over model-sized arrays per parameter, where one pass
+that reads each input once and writes each output once would do (XLA:CPU
+does not fuse sibling loops with several outputs). The fused update computes
+the same numbers, parameter by parameter, with every output written in place:
+
+* on CPU, a parameter larger than two blocks is processed by a loop over
+  cache-sized blocks; each iteration reads one block of every input (the
+  gradient, the params, the worker's backup row, the mean square, the
+  momentum) and writes every output for it, so the passes of the chain's
+  members run on data already in cache;
+* elsewhere (GPU and TPU fuse multi-output loops themselves), and for small
+  parameters, the same elementwise function runs on whole arrays.
+
+Only the elementwise maths is written here, for the SGD tail (weight decay,
+momentum, Nesterov, the learning rate or its schedule, the pull): the
+backups-holding part is the very rule the composed transformation uses
+(:func:`compensation_rule`, :func:`gap_rule`), and the counts come from
+:func:`next_mean_square`. The tests check equality with the composed chain.
+Measured costs: ``benchmarks/update_cost.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from dcasgd_optax._src import _rows
+from dcasgd_optax._src.delay_compensation import MeanSquareSpec
+from dcasgd_optax._src.delay_compensation import check_update
+from dcasgd_optax._src.delay_compensation import fold_square
+from dcasgd_optax._src.delay_compensation import next_mean_square
+from dcasgd_optax._src.delay_compensation import worker_is_valid
+
+# Elements per block on CPU: 64Ki float32 are 256 KiB per array, so the ~9
+# block-sized arrays of one iteration fit the cores' L2 caches.
+BLOCK_SIZE = 1 << 16
+
+
+class SgdTail(NamedTuple):
+  """The chain members after the backups-holding transformation.
+
+  Attributes:
+    learning_rate: a scalar or an optax schedule (``optax.sgd``'s).
+    momentum: heavy-ball momentum, or None for none.
+    nesterov: Nesterov momentum.
+    weight_decay: ``optax.add_decayed_weights``' coefficient or schedule, or
+      None where the chain has no such member.
+  """
+
+  learning_rate: Any
+  momentum: Any
+  nesterov: bool
+  weight_decay: Any
+
+
+def fused_sgd(
+    composed: optax.GradientTransformationExtraArgs,
+    num_workers: int,
+    stats: MeanSquareSpec,
+    rule: Callable[..., Any],
+    tail: SgdTail,
+) -> Any:
+  """``composed``'s init with an update that gives its numbers in one pass.
+
+  Args:
+    composed: ``pull_after_push(optax.chain(backups_tx, [weight decay],
+      optax.sgd(...)))``, whose state the fused update reads and returns.
+    num_workers: the backups-holding transformation's worker count.
+    stats: its mean-square spec.
+    rule: its elementwise rule, ``rule(count, total)(g, w, held, ms)``.
+    tail: the members after it.
+
+  Returns:
+    A transformation of ``composed``'s type, with ``composed.init``.
+  """
+
+  def update_fn(updates, state, params=None, *, worker=None, **extra_args):
+    del extra_args
+    dc_state, tail_states = state[0], state[1:]
+    check_update(updates, dc_state, params, worker, num_workers)
+    valid = worker_is_valid(worker, num_workers)
+    _, count, counted = next_mean_square(
+        dc_state._replace(mean_square=()), updates, worker, num_workers,
+        stats._replace(decay=None),
+    )
+    leaf = rule(count, jnp.sum(counted.count))
+    scalars, tail_states = _tail_scalars(tail, tail_states)
+    step = functools.partial(_sgd_leaf, leaf, stats.decay, tail, scalars, valid)
+    layout = _Layout(stats.decay is not None, stats.per_worker,
+                     tail.momentum is not None,
+                     tail.momentum is None or tail.nesterov)
+    row = jnp.clip(jnp.asarray(worker, jnp.int32), 0, num_workers - 1)
+    trace = _trace_of(tail, tail_states)
+    new_updates, backups, mean_square, trace = _map_leaves(
+        step, layout, row, valid, updates, params, dc_state, trace
+    )
+    if not layout.fresh_updates:  # Heavy-ball momentum: step_size * trace.
+      new_updates = jax.tree.map(functools.partial(_scale, scalars), trace)
+    dc_state = counted._replace(backups=backups, mean_square=mean_square)
+    return new_updates, (dc_state, *_with_trace(tail, tail_states, trace))
+
+  return type(composed)(composed.init, update_fn)
+
+
+class _Scalars(NamedTuple):
+  weight_decay: Any  # the coefficient this update, or None
+  step_size: Any  # -learning_rate this update
+  scheduled: bool  # the step size comes from a schedule (cast per leaf)
+
+
+def _tail_scalars(tail: SgdTail, states: tuple) -> tuple[_Scalars, tuple]:
+  """This update's weight decay and step size, and the tail's counted states.
+
+  Mirrors ``optax.add_decayed_weights`` and ``optax.scale_by_learning_rate``.
+  """
+  states = list(states)
+  wd = None
+  if tail.weight_decay is not None:
+    wd = tail.weight_decay
+    if callable(wd):
+      wd = wd(states[0].count)
+      states[0] = states[0]._replace(
+          count=optax.safe_increment(states[0].count)
+      )
+  sgd_trace, scale = states[-1]
+  lr = tail.learning_rate
+  if callable(lr):
+    step = -1 * lr(scale.count)
+    scale = scale._replace(count=optax.safe_increment(scale.count))
+  else:
+    step = -1 * lr
+  states[-1] = (sgd_trace, scale)
+  return _Scalars(wd, step, callable(lr)), tuple(states)
+
+
+def _trace_of(tail: SgdTail, states: tuple) -> Any:
+  return states[-1][0].trace if tail.momentum is not None else None
+
+
+def _with_trace(tail: SgdTail, states: tuple, trace: Any) -> tuple:
+  if tail.momentum is None:
+    return states
+  sgd_trace, scale = states[-1]
+  return (*states[:-1], (sgd_trace._replace(trace=trace), scale))
+
+
+def _sgd_leaf(leaf_rule, decay, tail, scalars, valid, g, w, held, ms, trace):
+  """One parameter's (or block's) update, as the composed chain computes it.
+
+  Returns ``(updates, held, ms, trace)``: the update (None when it is
+  ``step_size * trace``, computed by the caller), the worker's new backup
+  row, the stored mean square and momentum (None where not kept).
+  """
+  if decay is not None:
+    new_ms = fold_square(ms, g, decay)
+    stored_ms = jnp.where(valid, new_ms, ms)
+  else:
+    new_ms = stored_ms = None
+  u = leaf_rule(g, w, held, new_ms)
+  u = jnp.where(valid, u, jnp.asarray(np.nan, u.dtype))
+  if scalars.weight_decay is not None:
+    u = u + scalars.weight_decay * w
+  new_trace = None
+  if tail.momentum is not None:
+    new_trace = u + tail.momentum * trace
+    u = u + tail.momentum * new_trace if tail.nesterov else new_trace
+  u = _scale(scalars, u)
+  pulled = (w + u).astype(w.dtype)
+  held = jnp.where(valid, pulled.astype(held.dtype), held)
+  if tail.momentum is not None and not tail.nesterov:
+    u = None
+  return u, held, stored_ms, new_trace
+
+
+def _scale(scalars: _Scalars, u: jax.Array) -> jax.Array:
+  """``optax.scale`` / ``optax.scale_by_schedule`` applied to ``u``."""
+  if scalars.scheduled:
+    return jnp.array(scalars.step_size, dtype=u.dtype) * u
+  return scalars.step_size * u
+
+
+class _Layout(NamedTuple):
+  """Which arrays one parameter's update reads and writes."""
+
+  has_ms: bool  # a mean square is kept
+  ms_per_worker: bool  # ... with a leading workers axis
+  has_trace: bool  # a momentum buffer is kept
+  fresh_updates: bool  # the update is an output (else step_size * trace)
+
+
+def _map_leaves(step, layout, row, valid, updates, params, dc_state, trace):
+  """Runs ``step`` over every parameter, in place.
+
+  Returns:
+    The new ``(updates, backups, mean_square, trace)`` trees (``updates``
+    None unless ``layout.fresh_updates``).
+  """
+  g_leaves, g_def = jax.tree.flatten(updates)
+  trees = (params, dc_state.backups, dc_state.mean_square, trace)
+  flat = [jax.tree.flatten(t) for t in trees]
+  outs = []
+  for k, g in enumerate(g_leaves):
+    arrays, stacked = [g], [False]
+    for (leaves, _), s, kept in zip(
+        flat,
+        (False, True, layout.ms_per_worker, False),
+        (True, True, layout.has_ms, layout.has_trace),
+    ):
+      if kept:
+        arrays.append(leaves[k])
+        stacked.append(s)
+    outs.append(_leaf_update(step, layout, arrays, stacked, row, valid))
+  columns = list(zip(*outs)) if outs else [()] * 4
+  kept = (layout.fresh_updates, True, layout.has_ms, layout.has_trace)
+  defs = (g_def, flat[1][1], flat[2][1], flat[3][1])
+  old = (None, dc_state.backups, dc_state.mean_square, trace)
+  return tuple(
+      d.unflatten(c) if k else o
+      for d, c, k, o in zip(defs, columns, kept, old)
+  )
+
+
+def _leaf_update(step, layout, arrays, stacked, row, valid):
+  """``step`` over one parameter: its ``(updates, backup, ms, trace)``."""
+  at = {"held": 2}
+  if layout.has_ms:
+    at["ms"] = 3
+  if layout.has_trace:
+    at["trace"] = len(arrays) - 1
+
+  def fn(*blocks):
+    get = lambda name: blocks[at[name]] if name in at else None
+    u, held, ms, trace = step(blocks[0], blocks[1], blocks[2], get("ms"),
+                              get("trace"))
+    written = [v for v in (held, ms, trace) if v is not None]
+    return written, [u] if layout.fresh_updates else []
+
+  fresh = [arrays[0].dtype] if layout.fresh_updates else []
+  new, fresh_out = map_in_place(
+      fn, arrays, stacked, row, valid, list(at.values()), fresh
+  )
+  pick = lambda name: new[at[name]] if name in at else None
+  u = fresh_out[0] if fresh_out else None
+  return u, pick("held"), pick("ms"), pick("trace")
+
+
+def map_in_place(
+    fn: Callable[..., tuple[list, list]],
+    arrays: Sequence[jax.Array],
+    stacked: Sequence[bool],
+    row: jax.Array,
+    valid: jax.Array,
+    written: Sequence[int],
+    fresh: Sequence[Any],
+) -> tuple[list[jax.Array], list[jax.Array]]:
+  """An elementwise ``fn`` over one parameter's arrays, written in place.
+
+  Args:
+    fn: ``fn(*blocks) -> (written_blocks, fresh_blocks)``, elementwise: the
+      blocks are same-shaped pieces of ``arrays`` (of row ``row`` where
+      stacked); ``written_blocks[j]`` replaces ``arrays[written[j]]`` there,
+      ``fresh_blocks[j]`` is a piece of a new array of dtype ``fresh[j]``.
+    arrays: arrays shaped like the parameter, or with a leading axis of
+      workers where ``stacked``.
+    stacked: which arrays have the leading workers axis.
+    row: the worker whose rows are read and written (in range).
+    valid: whether the rows are written at all (``fn`` must also return a
+      stacked block unchanged where not valid).
+    written: indices of the arrays ``fn`` overwrites.
+    fresh: dtypes of the new arrays ``fn`` returns.
+
+  Returns:
+    ``arrays`` with the written ones replaced, and the fresh arrays.
+  """
+  size = int(np.prod(arrays[0].shape))
+  args = (list(arrays), row, valid)
+  whole = functools.partial(_whole, fn, stacked, written)
+  narrow = any(_rows.is_narrow(a.dtype) for a, s in zip(arrays, stacked)
+               if not s)
+  if size < 2 * BLOCK_SIZE or narrow:
+    return whole(*args)
+  blocked = functools.partial(_blocked, fn, stacked, written, fresh)
+  return lax.platform_dependent(*args, cpu=blocked, default=whole)
+
+
+def _whole(fn, stacked, written, arrays, row, valid):
+  """``fn`` on whole arrays (one fusion per output, XLA's own choice)."""
+  blocks = [_rows.read_row(a, row) if s else a for a, s in zip(arrays, stacked)]
+  outs, fresh = fn(*blocks)
+  arrays = list(arrays)
+  for j, out in zip(written, outs):
+    a = arrays[j]
+    if stacked[j]:
+      arrays[j] = _rows.write_row(a, row, out, valid)
+    else:
+      arrays[j] = out.astype(a.dtype)
+  return arrays, list(fresh)
+
+
+def _blocked(fn, stacked, written, fresh, arrays, row, valid):
+  """``fn`` block by block, software-pipelined so every write is in place.
+
+  Iteration ``i`` writes block ``i - 1``'s results (carried from the
+  iteration before), then reads block ``i`` from the arrays as just written
+  and computes its results. Every read of an array follows its write, so
+  XLA updates all of them in place; writing a block from values read in the
+  same iteration makes it copy whole arrays (each output's fusion reads
+  arrays that sibling outputs overwrite). Blocks are aligned to the end: the
+  first one starts at 0 and overlaps the second, whose elements it writes
+  back as it read them, before the second block is written.
+
+  A stacked narrow-float array (bfloat16 backups) is neither read nor
+  written in the loop: XLA:CPU would convert all of it to float32 there.
+  Its row is copied out as same-width integers first, updated in the loop,
+  and written back after it (:func:`_rows.write_row`).
+  """
+  shape = arrays[0].shape
+  size = int(np.prod(shape))
+  narrow = [s and _rows.is_narrow(a.dtype) for a, s in zip(arrays, stacked)]
+  in_loop_stacked = [s and not n for s, n in zip(stacked, narrow)]
+  flat = []
+  for a, s, n in zip(arrays, stacked, narrow):
+    if n:
+      a = _rows.read_row(_rows.to_bits(a), row)
+    flat.append(a.reshape(a.shape[0], size) if s and not n else a.reshape(size))
+  buffers = [jnp.zeros((size,), d) for d in fresh]
+  num_blocks = -(-size // BLOCK_SIZE)
+
+  def read(j, a, start):
+    if in_loop_stacked[j]:
+      return lax.dynamic_slice(a, (row, start), (1, BLOCK_SIZE))[0]
+    block = lax.dynamic_slice_in_dim(a, start, BLOCK_SIZE)
+    return _rows.from_bits(block, arrays[j].dtype)
+
+  def compute(i, flat, buffers):
+    end = size - (num_blocks - 1 - i) * BLOCK_SIZE
+    start = jnp.maximum(end - BLOCK_SIZE, 0)
+    blocks = [read(j, a, start) for j, a in enumerate(flat)]
+    outs, new = fn(*blocks)
+    current = [blocks[j] for j in written]
+    current += [lax.dynamic_slice_in_dim(b, start, BLOCK_SIZE) for b in buffers]
+    todo = start + jnp.arange(BLOCK_SIZE) < end
+    results = [
+        jnp.where(todo, out.astype(cur.dtype), cur)
+        for out, cur in zip([*outs, *new], current)
+    ]
+    return start, results
+
+  def write(start, results, flat, buffers):
+    flat = list(flat)
+    for j, value in zip(written, results):
+      if in_loop_stacked[j]:
+        flat[j] = lax.dynamic_update_slice(flat[j], value[None], (row, start))
+      else:
+        value = _rows.to_bits(value) if narrow[j] else value
+        flat[j] = lax.dynamic_update_slice_in_dim(flat[j], value, start, 0)
+    buffers = [
+        lax.dynamic_update_slice_in_dim(b, v, start, 0)
+        for b, v in zip(buffers, results[len(written):])
+    ]
+    return flat, buffers
+
+  def body(i, carry):
+    start, results, flat, buffers = carry
+    flat, buffers = write(start, results, flat, buffers)
+    start, results = compute(i, flat, buffers)
+    return start, results, flat, buffers
+
+  # One iteration more than blocks: the last one writes the last block (what
+  # it computes is discarded). Writing after the loop instead makes XLA copy
+  # the arrays it writes into.
+  start, results = compute(0, flat, buffers)
+  carry = (start, results, flat, buffers)
+  _, _, flat, buffers = lax.fori_loop(1, num_blocks + 1, body, carry)
+  out = list(arrays)
+  for j in written:
+    if narrow[j]:
+      value = _rows.from_bits(flat[j], arrays[j].dtype).reshape(shape)
+      out[j] = _rows.write_row(arrays[j], row, value, valid)
+    else:
+      out[j] = flat[j].reshape(arrays[j].shape)
+  return out, [b.reshape(shape) for b in buffers]
