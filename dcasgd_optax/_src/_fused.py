@@ -157,9 +157,10 @@ def _with_trace(tail: SgdTail, states: tuple, trace: Any) -> tuple:
 def _sgd_leaf(leaf_rule, decay, tail, scalars, valid, g, w, held, ms, trace):
   """One parameter's (or block's) update, as the composed chain computes it.
 
-  Returns ``(updates, held, ms, trace)``: the update (None when it is
+  Returns ``(updates, pulled, ms, trace)``: the update (None when it is
   ``step_size * trace``, computed by the caller), the worker's new backup
-  row, the stored mean square and momentum (None where not kept).
+  row (to be written only if ``valid``), the stored mean square and
+  momentum (None where not kept).
   """
   if decay is not None:
     new_ms = fold_square(ms, g, decay)
@@ -175,11 +176,10 @@ def _sgd_leaf(leaf_rule, decay, tail, scalars, valid, g, w, held, ms, trace):
     new_trace = u + tail.momentum * trace
     u = u + tail.momentum * new_trace if tail.nesterov else new_trace
   u = _scale(scalars, u)
-  pulled = (w + u).astype(w.dtype)
-  held = jnp.where(valid, pulled.astype(held.dtype), held)
+  pulled = (w + u).astype(w.dtype)  # Written (as backup_dtype) if valid.
   if tail.momentum is not None and not tail.nesterov:
     u = None
-  return u, held, stored_ms, new_trace
+  return u, pulled, stored_ms, new_trace
 
 
 def _scale(scalars: _Scalars, u: jax.Array) -> jax.Array:
@@ -274,8 +274,7 @@ def map_in_place(
       workers where ``stacked``.
     stacked: which arrays have the leading workers axis.
     row: the worker whose rows are read and written (in range).
-    valid: whether the rows are written at all (``fn`` must also return a
-      stacked block unchanged where not valid).
+    valid: whether the stacked arrays' rows are written at all.
     written: indices of the arrays ``fn`` overwrites.
     fresh: dtypes of the new arrays ``fn`` returns.
 
@@ -350,9 +349,11 @@ def _blocked(fn, stacked, written, fresh, arrays, row, valid):
     current = [blocks[j] for j in written]
     current += [lax.dynamic_slice_in_dim(b, start, BLOCK_SIZE) for b in buffers]
     todo = start + jnp.arange(BLOCK_SIZE) < end
+    masks = [todo & valid if stacked[j] else todo for j in written]
+    masks += [todo] * len(buffers)
     results = [
-        jnp.where(todo, out.astype(cur.dtype), cur)
-        for out, cur in zip([*outs, *new], current)
+        jnp.where(mask, out.astype(cur.dtype), cur)
+        for mask, out, cur in zip(masks, [*outs, *new], current)
     ]
     return start, results
 
@@ -384,9 +385,12 @@ def _blocked(fn, stacked, written, fresh, arrays, row, valid):
   _, _, flat, buffers = lax.fori_loop(1, num_blocks + 1, body, carry)
   out = list(arrays)
   for j in written:
-    if narrow[j]:
-      value = _rows.from_bits(flat[j], arrays[j].dtype).reshape(shape)
-      out[j] = _rows.write_row(arrays[j], row, value, valid)
+    if narrow[j]:  # The loop kept the row as it was if not valid.
+      value = flat[j].reshape((1, *shape))
+      bits = lax.dynamic_update_index_in_dim(
+          _rows.to_bits(arrays[j]), value[0], row, 0
+      )
+      out[j] = _rows.from_bits(bits, arrays[j].dtype)
     else:
       out[j] = flat[j].reshape(arrays[j].shape)
   return out, [b.reshape(shape) for b in buffers]

@@ -4,8 +4,10 @@ XLA:CPU has no bfloat16 or float16 dynamic-update-slice or scatter: it
 converts the whole operand to float32 and back, so writing one worker's row
 of bfloat16 backups costs a pass over (and a second copy of) every worker's
 backup. Seen as the unsigned integers of the same width the write is in
-place and touches one row; a conditional around it keeps XLA from fusing
-it with a read of the same array, which would make it copy the array again.
+place and touches one row. Measured on XLA:CPU (JAX 0.10): the write must
+not be fused with a read of the same array and its value must reach it in a
+wide dtype, or XLA copies the whole array again; a conditional on the
+validity, with the cast inside, does both.
 """
 
 from __future__ import annotations
@@ -56,13 +58,13 @@ def write_row(
     written). Under ``vmap`` with a batched ``valid``, narrow-float arrays
     are copied whole (the conditional becomes a select).
   """
-  value = value.astype(a.dtype)
   if not is_narrow(a.dtype):
-    value = jnp.where(valid, value, read_row(a, row))
+    value = jnp.where(valid, value.astype(a.dtype), read_row(a, row))
     return lax.dynamic_update_index_in_dim(a, value, row, 0)
 
-  def put(a, value):
-    bits = lax.dynamic_update_index_in_dim(to_bits(a), to_bits(value), row, 0)
-    return from_bits(bits, a.dtype)
+  def put(a, value):  # Cast inside: a narrow operand makes XLA copy ``a``.
+    value = to_bits(value.astype(a.dtype))
+    return from_bits(lax.dynamic_update_index_in_dim(to_bits(a), value, row, 0),
+                     a.dtype)
 
   return lax.cond(valid, put, lambda a, value: a, a, value)

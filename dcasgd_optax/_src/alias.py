@@ -15,6 +15,7 @@ from dcasgd_optax._src.delay_compensation import default_lambda
 from dcasgd_optax._src.delay_compensation import delay_compensation
 from dcasgd_optax._src.delayed_nesterov import delayed_nesterov
 from dcasgd_optax._src.gap_aware import gap_aware
+from dcasgd_optax._src.gap_aware import gap_rule
 from dcasgd_optax._src.look_ahead import look_ahead_momentum
 from dcasgd_optax._src.pull import find_states
 from dcasgd_optax._src.pull import pull
@@ -72,6 +73,11 @@ def dcasgd(
   ``params + updates`` into worker ``m``'s backup. If your workers pull at
   other times, use :func:`delay_compensation` in your own chain and call
   :func:`pull` when they do.
+
+  The state is the chain's; the update gives the chain's numbers but is
+  fused: each parameter is read and written once per update (on CPU, block
+  by block through the cache) instead of once per chain member. Costs:
+  ``benchmarks/update_cost.md``.
 
   A traced ``worker`` outside ``[0, num_workers)`` leaves the backups and
   DC-ASGD-a's statistics as they were, but the update is NaN and, with
@@ -245,7 +251,8 @@ def gap_aware_sgd(
   Chains :func:`gap_aware`, ``optax.add_decayed_weights`` (when
   ``weight_decay > 0``) and ``optax.sgd``: the stale gradient is divided per
   coordinate by :math:`1 + |w - b_m| / C`, then weight decay and SGD (with
-  momentum when set) apply, and worker ``m`` pulls the result.
+  momentum when set) apply, and worker ``m`` pulls the result. Like
+  :func:`dcasgd`, the update is fused (the chain's numbers in one pass).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -286,12 +293,17 @@ def gap_aware_sgd(
           "the schedule's peak (divided by 1 - momentum with momentum)."
       )
     step_size = learning_rate / (1.0 - (momentum or 0.0))
-  return pull_after_push(optax.chain(
+  composed = pull_after_push(optax.chain(
       gap_aware(num_workers, step_size, decay=decay, eps=eps,
                 backup_dtype=backup_dtype),
       *_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   ))
+  return _fused.fused_sgd(
+      composed, num_workers, MeanSquareSpec(decay),
+      gap_rule(step_size, decay=decay, eps=eps),
+      _sgd_tail(learning_rate, momentum, nesterov, weight_decay),
+  )
 
 
 def dana_dc(
