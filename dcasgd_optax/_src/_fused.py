@@ -93,19 +93,16 @@ def fused_sgd(
         dc_state._replace(mean_square=()), updates, worker, num_workers,
         stats._replace(decay=None),
     )
-    leaf = rule(count, jnp.sum(counted.count))
     scalars, tail_states = _tail_scalars(tail, tail_states)
-    step = functools.partial(_sgd_leaf, leaf, stats.decay, tail, scalars, valid)
-    layout = _Layout(stats.decay is not None, stats.per_worker,
-                     tail.momentum is not None,
-                     tail.momentum is None or tail.nesterov)
+    step = _Step(rule(count, jnp.sum(counted.count)), stats, tail, scalars,
+                 valid)
     row = jnp.clip(jnp.asarray(worker, jnp.int32), 0, num_workers - 1)
     trace = _trace_of(tail, tail_states)
     new_updates, backups, mean_square, trace = _map_leaves(
-        step, layout, row, valid, updates, params, dc_state, trace
+        step, row, updates, params, dc_state, trace
     )
-    if not layout.fresh_updates:  # Heavy-ball momentum: step_size * trace.
-      new_updates = jax.tree.map(functools.partial(_scale, scalars), trace)
+    if not step.fresh_updates:  # Heavy-ball momentum: step_size * trace.
+      new_updates = jax.tree.map(step.scale, trace)
     dc_state = counted._replace(backups=backups, mean_square=mean_square)
     return new_updates, (dc_state, *_with_trace(tail, tail_states, trace))
 
@@ -154,74 +151,79 @@ def _with_trace(tail: SgdTail, states: tuple, trace: Any) -> tuple:
   return (*states[:-1], (sgd_trace._replace(trace=trace), scale))
 
 
-def _sgd_leaf(leaf_rule, decay, tail, scalars, valid, g, w, held, ms, trace):
-  """One parameter's (or block's) update, as the composed chain computes it.
+class _Step(NamedTuple):
+  """One update's elementwise maths, as the composed chain computes it."""
 
-  Returns ``(updates, pulled, ms, trace)``: the update (None when it is
-  ``step_size * trace``, computed by the caller), the worker's new backup
-  row (to be written only if ``valid``), the stored mean square and
-  momentum (None where not kept).
-  """
-  if decay is not None:
-    new_ms = fold_square(ms, g, decay)
-    stored_ms = jnp.where(valid, new_ms, ms)
-  else:
-    new_ms = stored_ms = None
-  u = leaf_rule(g, w, held, new_ms)
-  u = jnp.where(valid, u, jnp.asarray(np.nan, u.dtype))
-  if scalars.weight_decay is not None:
-    u = u + scalars.weight_decay * w
-  new_trace = None
-  if tail.momentum is not None:
-    new_trace = u + tail.momentum * trace
-    u = u + tail.momentum * new_trace if tail.nesterov else new_trace
-  u = _scale(scalars, u)
-  pulled = (w + u).astype(w.dtype)  # Written (as backup_dtype) if valid.
-  if tail.momentum is not None and not tail.nesterov:
-    u = None
-  return u, pulled, stored_ms, new_trace
+  leaf_rule: Callable[..., Any]  # the backups transformation's, this update
+  stats: MeanSquareSpec
+  tail: SgdTail
+  scalars: _Scalars
+  valid: Any  # the worker id is in range
+
+  @property
+  def has_trace(self) -> bool:
+    return self.tail.momentum is not None
+
+  @property
+  def fresh_updates(self) -> bool:
+    """The update is an output of its own (else it is step_size * trace)."""
+    return self.tail.momentum is None or self.tail.nesterov
+
+  def scale(self, u: jax.Array) -> jax.Array:
+    """``optax.scale`` / ``optax.scale_by_schedule`` applied to ``u``."""
+    if self.scalars.scheduled:
+      return jnp.array(self.scalars.step_size, dtype=u.dtype) * u
+    return self.scalars.step_size * u
+
+  def __call__(self, g, w, held, ms, trace):
+    """Returns ``(ms, trace, updates)``, None where not kept or not fresh."""
+    if self.stats.decay is not None:
+      new_ms = fold_square(ms, g, self.stats.decay)
+      stored_ms = jnp.where(self.valid, new_ms, ms)
+    else:
+      new_ms = stored_ms = None
+    u = self.leaf_rule(g, w, held, new_ms)
+    u = jnp.where(self.valid, u, jnp.asarray(np.nan, u.dtype))
+    if self.scalars.weight_decay is not None:
+      u = u + self.scalars.weight_decay * w
+    new_trace = None
+    if self.has_trace:
+      new_trace = u + self.tail.momentum * trace
+      u = u + self.tail.momentum * new_trace if self.tail.nesterov else new_trace
+    return stored_ms, new_trace, self.scale(u) if self.fresh_updates else None
+
+  def pull(self, w, trace, u):
+    """What the worker pulls: ``params + updates`` (written only if valid)."""
+    if not self.fresh_updates:
+      u = self.scale(trace)
+    return (w + u).astype(w.dtype)
 
 
-def _scale(scalars: _Scalars, u: jax.Array) -> jax.Array:
-  """``optax.scale`` / ``optax.scale_by_schedule`` applied to ``u``."""
-  if scalars.scheduled:
-    return jnp.array(scalars.step_size, dtype=u.dtype) * u
-  return scalars.step_size * u
-
-
-class _Layout(NamedTuple):
-  """Which arrays one parameter's update reads and writes."""
-
-  has_ms: bool  # a mean square is kept
-  ms_per_worker: bool  # ... with a leading workers axis
-  has_trace: bool  # a momentum buffer is kept
-  fresh_updates: bool  # the update is an output (else step_size * trace)
-
-
-def _map_leaves(step, layout, row, valid, updates, params, dc_state, trace):
+def _map_leaves(step, row, updates, params, dc_state, trace):
   """Runs ``step`` over every parameter, in place.
 
   Returns:
     The new ``(updates, backups, mean_square, trace)`` trees (``updates``
-    None unless ``layout.fresh_updates``).
+    None unless ``step.fresh_updates``).
   """
   g_leaves, g_def = jax.tree.flatten(updates)
   trees = (params, dc_state.backups, dc_state.mean_square, trace)
   flat = [jax.tree.flatten(t) for t in trees]
+  has_ms = step.stats.decay is not None
   outs = []
   for k, g in enumerate(g_leaves):
     arrays, stacked = [g], [False]
     for (leaves, _), s, kept in zip(
         flat,
-        (False, True, layout.ms_per_worker, False),
-        (True, True, layout.has_ms, layout.has_trace),
+        (False, True, step.stats.per_worker, False),
+        (True, True, has_ms, step.has_trace),
     ):
       if kept:
         arrays.append(leaves[k])
         stacked.append(s)
-    outs.append(_leaf_update(step, layout, arrays, stacked, row, valid))
+    outs.append(_leaf_update(step, arrays, stacked, row))
   columns = list(zip(*outs)) if outs else [()] * 4
-  kept = (layout.fresh_updates, True, layout.has_ms, layout.has_trace)
+  kept = (step.fresh_updates, True, has_ms, step.has_trace)
   defs = (g_def, flat[1][1], flat[2][1], flat[3][1])
   old = (None, dc_state.backups, dc_state.mean_square, trace)
   return tuple(
@@ -230,28 +232,36 @@ def _map_leaves(step, layout, row, valid, updates, params, dc_state, trace):
   )
 
 
-def _leaf_update(step, layout, arrays, stacked, row, valid):
-  """``step`` over one parameter: its ``(updates, backup, ms, trace)``."""
-  at = {"held": 2}
-  if layout.has_ms:
-    at["ms"] = 3
-  if layout.has_trace:
+def _leaf_update(step, arrays, stacked, row):
+  """``step`` over one parameter: its ``(updates, backup, ms, trace)``.
+
+  ``arrays`` are the gradient, the param, the backups, then the mean square
+  and the momentum where kept.
+  """
+  at = {"ms": 3} if step.stats.decay is not None else {}
+  if step.has_trace:
     at["trace"] = len(arrays) - 1
 
   def fn(*blocks):
     get = lambda name: blocks[at[name]] if name in at else None
-    u, held, ms, trace = step(blocks[0], blocks[1], blocks[2], get("ms"),
-                              get("trace"))
-    written = [v for v in (held, ms, trace) if v is not None]
-    return written, [u] if layout.fresh_updates else []
+    ms, trace, u = step(*blocks[:3], get("ms"), get("trace"))
+    written = [blocks[2]] + [v for v in (ms, trace) if v is not None]
+    return written, [] if u is None else [u]
 
-  fresh = [arrays[0].dtype] if layout.fresh_updates else []
+  def pulled(w, results):  # results: ms, trace (where kept), then updates.
+    trace = results[len(at) - 1] if step.has_trace else None
+    u = results[-1] if step.fresh_updates else None
+    return step.pull(w, trace, u)
+
+  fresh = [arrays[0].dtype] if step.fresh_updates else []
+  written = [2, *at.values()]
   new, fresh_out = map_in_place(
-      fn, arrays, stacked, row, valid, list(at.values()), fresh
+      fn, arrays, stacked, row, step.valid, written, fresh,
+      late=(2, 1, pulled),
   )
   pick = lambda name: new[at[name]] if name in at else None
   u = fresh_out[0] if fresh_out else None
-  return u, pick("held"), pick("ms"), pick("trace")
+  return u, new[2], pick("ms"), pick("trace")
 
 
 def map_in_place(
@@ -262,6 +272,7 @@ def map_in_place(
     valid: jax.Array,
     written: Sequence[int],
     fresh: Sequence[Any],
+    late: Any = None,
 ) -> tuple[list[jax.Array], list[jax.Array]]:
   """An elementwise ``fn`` over one parameter's arrays, written in place.
 
@@ -277,25 +288,35 @@ def map_in_place(
     valid: whether the stacked arrays' rows are written at all.
     written: indices of the arrays ``fn`` overwrites.
     fresh: dtypes of the new arrays ``fn`` returns.
+    late: optional ``(j, k, h)``: the value written into ``arrays[j]`` (one
+      of ``written``; ``fn`` returns a placeholder for it) is
+      ``h(block of arrays[k], results)``, ``results`` being ``fn``'s other
+      written and fresh blocks in order. On CPU it is computed when the block
+      is written, from results already computed, so no fusion recomputes
+      them (XLA:CPU fuses a cheap producer into each of its consumers).
 
   Returns:
     ``arrays`` with the written ones replaced, and the fresh arrays.
   """
   size = int(np.prod(arrays[0].shape))
   args = (list(arrays), row, valid)
-  whole = functools.partial(_whole, fn, stacked, written)
+  whole = functools.partial(_whole, fn, stacked, written, late)
   narrow = any(_rows.is_narrow(a.dtype) for a, s in zip(arrays, stacked)
                if not s)
   if size < 2 * BLOCK_SIZE or narrow:
     return whole(*args)
-  blocked = functools.partial(_blocked, fn, stacked, written, fresh)
+  blocked = functools.partial(_blocked, fn, stacked, written, fresh, late)
   return lax.platform_dependent(*args, cpu=blocked, default=whole)
 
 
-def _whole(fn, stacked, written, arrays, row, valid):
+def _whole(fn, stacked, written, late, arrays, row, valid):
   """``fn`` on whole arrays (one fusion per output, XLA's own choice)."""
   blocks = [_rows.read_row(a, row) if s else a for a, s in zip(arrays, stacked)]
   outs, fresh = fn(*blocks)
+  if late is not None:
+    j, k, h = late
+    others = [o for i, o in zip(written, outs) if i != j] + list(fresh)
+    outs = [h(blocks[k], others) if i == j else o for i, o in zip(written, outs)]
   arrays = list(arrays)
   for j, out in zip(written, outs):
     a = arrays[j]
@@ -306,7 +327,7 @@ def _whole(fn, stacked, written, arrays, row, valid):
   return arrays, list(fresh)
 
 
-def _blocked(fn, stacked, written, fresh, arrays, row, valid):
+def _blocked(fn, stacked, written, fresh, late, arrays, row, valid):
   """``fn`` block by block, software-pipelined so every write is in place.
 
   Iteration ``i`` writes block ``i - 1``'s results (carried from the
@@ -352,13 +373,26 @@ def _blocked(fn, stacked, written, fresh, arrays, row, valid):
     masks = [todo & valid if stacked[j] else todo for j in written]
     masks += [todo] * len(buffers)
     results = [
+        cur if late is not None and j == late[0] else
         jnp.where(mask, out.astype(cur.dtype), cur)
-        for mask, out, cur in zip(masks, [*outs, *new], current)
+        for j, mask, out, cur in zip(
+            [*written, *[None] * len(new)], masks, [*outs, *new], current
+        )
     ]
+    if late is not None:  # Its mask, for the write.
+      results.append(masks[written.index(late[0])])
     return start, results
 
   def write(start, results, flat, buffers):
     flat = list(flat)
+    if late is not None:
+      j, k, h = late
+      mask, results = results[-1], list(results[:-1])
+      at = written.index(j)
+      others = results[:at] + results[at + 1:]
+      value = h(read(k, flat[k], start), others)
+      results[at] = jnp.where(mask, value.astype(results[at].dtype),
+                              results[at])
     for j, value in zip(written, results):
       if in_loop_stacked[j]:
         flat[j] = lax.dynamic_update_slice(flat[j], value[None], (row, start))
