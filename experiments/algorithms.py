@@ -17,8 +17,9 @@ gradients each server update consumes, and how its optimizer is built. Code
 elsewhere asks the record (``algorithms.get(config.algorithm)``), never
 compares names. A new algorithm is one new record in :data:`REGISTRY`.
 
-All share the same SGD core (``optax.sgd`` with the config's momentum and
-learning-rate schedule, plus L2 weight decay added to the gradient), so the
+All share the same optimizer core, :func:`optimizer`: L2 weight decay added
+to the gradient, then ``config.optimizer`` (:data:`OPTIMIZERS`: SGD with the
+config's momentum, or Adam) with the config's learning-rate schedule, so the
 only difference between two algorithms is how a gradient is adjusted before
 it.
 
@@ -34,6 +35,7 @@ each on ``M`` times the data, with the same learning rate (not scaled with
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any, Callable
 
 import optax
@@ -41,7 +43,8 @@ import optax
 import dcasgd_optax
 from dcasgd_optax import harness
 
-# (config, num_workers, learning_rate) -> the server's optimizer.
+# (config, num_workers, learning_rate) -> the server's optimizer; ``config``
+# is read by attribute, its tuned fields possibly arrays (see make_tx).
 TxBuilder = Callable[[Any, int, optax.ScalarOrSchedule], optax.GradientTransformation]
 
 
@@ -59,6 +62,10 @@ class Algorithm:
       ``num_workers`` fresh gradients) instead of ``harness.Simulator``.
     single_worker: always runs with one worker (sequential SGD), whatever
       ``config.num_workers`` says.
+    tuned: config fields besides the learning rate that the evidence grid
+      tunes for it (:mod:`experiments.methods`), e.g. ``("dc_lambda",)``.
+    requires_momentum: only defined for SGD with momentum (it acts on the
+      momentum buffer); skipped for other optimizers.
   """
 
   name: str
@@ -68,6 +75,8 @@ class Algorithm:
   build_tx: TxBuilder
   synchronous: bool = False
   single_worker: bool = False
+  tuned: tuple[str, ...] = ()
+  requires_momentum: bool = False
 
   @property
   def linestyle(self) -> str:
@@ -78,6 +87,11 @@ class Algorithm:
   def simulator(self) -> type:
     """The harness class that runs it."""
     return harness.SyncSimulator if self.synchronous else harness.Simulator
+
+  def applies_to(self, config: Any) -> bool:
+    """Whether it is defined for ``config``'s optimizer."""
+    has_momentum = config.optimizer == "sgd" and bool(config.momentum)
+    return has_momentum or not self.requires_momentum
 
   def effective_workers(self, num_workers: int) -> int:
     """The number of workers it actually runs with."""
@@ -92,35 +106,52 @@ class Algorithm:
     return steps_per_epoch / self.gradients_per_update(num_workers)
 
 
-def learning_rate_schedule(
-    config: Any, updates_per_epoch: float
-) -> optax.Schedule:
-  """Linear warm-up, then the base rate times ``lr_decay_factor`` per boundary.
+def relative_schedule(config: Any, updates_per_epoch: float) -> optax.Schedule:
+  """The learning rate's multiplier over time: a linear warm-up from 1/10,
+  then times ``lr_decay_factor`` at each boundary.
 
   Boundaries (``config.lr_boundaries_epochs``) and warm-up
   (``config.warmup_epochs``) are given in epochs and converted to server
   updates, so every algorithm decays at the same point of the data stream.
   """
-  base = config.learning_rate
   boundaries = {
       int(round(e * updates_per_epoch)): config.lr_decay_factor
       for e in config.lr_boundaries_epochs
   }
-  decay = optax.piecewise_constant_schedule(base, boundaries)
+  decay = optax.piecewise_constant_schedule(1.0, boundaries)
   warmup = int(round(config.warmup_epochs * updates_per_epoch))
   if warmup == 0:
     return decay
-  ramp = optax.linear_schedule(base / 10, base, warmup)
+  ramp = optax.linear_schedule(0.1, 1.0, warmup)
   return optax.join_schedules([ramp, lambda t: decay(t + warmup)], [warmup])
 
 
+OPTIMIZERS: dict[str, Callable[[Any, optax.ScalarOrSchedule],
+                               optax.GradientTransformation]] = {
+    "sgd": lambda config, learning_rate: optax.sgd(
+        learning_rate, momentum=config.momentum or None,
+        nesterov=config.nesterov),
+    "adam": lambda config, learning_rate: optax.adam(learning_rate),
+}
+"""``config.optimizer``: SGD (with ``config.momentum``, ``config.nesterov``),
+or Adam (optax's defaults: b1 0.9, b2 0.999, eps 1e-8)."""
+
+
+def check_optimizer(name: str) -> str:
+  """Returns ``name`` if it is in :data:`OPTIMIZERS`, else raises."""
+  if name not in OPTIMIZERS:
+    raise ValueError(
+        f"Unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}."
+    )
+  return name
+
+
 def optimizer(config: Any, learning_rate: optax.ScalarOrSchedule) -> list:
-  """The shared core: L2 weight decay (if any), then SGD with momentum."""
+  """The shared core: L2 weight decay (if any), then ``config.optimizer``."""
   parts = []
   if config.weight_decay:
     parts.append(optax.add_decayed_weights(config.weight_decay))
-  parts.append(optax.sgd(learning_rate, momentum=config.momentum or None,
-                         nesterov=config.nesterov))
+  parts.append(OPTIMIZERS[check_optimizer(config.optimizer)](config, learning_rate))
   return parts
 
 
@@ -153,10 +184,16 @@ REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("ssgd", "SSGD", "C0", "s", _sgd, synchronous=True),
     Algorithm("asgd", "ASGD", "C1", "o", _sgd),
     Algorithm("sa-asgd", "SA-ASGD", "C2", "v", _staleness_aware),
-    Algorithm("dc-asgd-c", "DC-ASGD-c", "C4", "^", _delay_compensated(False)),
+    Algorithm("dc-asgd-c", "DC-ASGD-c", "C4", "^", _delay_compensated(False),
+              tuned=("dc_lambda",)),
     Algorithm("dc-asgd-a", "DC-ASGD-a", "C3", "D", _delay_compensated(True)),
 )}
 """Every algorithm, in the paper's column order (tables and legends use it)."""
+
+SEQUENTIAL = REGISTRY["sequential"]
+"""The reference: what asynchronous training should come close to."""
+ASGD = REGISTRY["asgd"]
+"""Plain asynchronous SGD: a method's gap closed is measured from it."""
 
 
 def get(name: str) -> Algorithm:
@@ -177,12 +214,28 @@ def ordered(names) -> list[Algorithm]:
 def make_tx(
     config: Any, num_workers: int, steps_per_epoch: int
 ) -> optax.GradientTransformation:
-  """The optimizer of ``config.algorithm`` for ``num_workers`` workers."""
+  """The optimizer of ``config.algorithm`` for ``num_workers`` workers.
+
+  The base learning rate and the algorithm's tuned fields
+  (``Algorithm.tuned``) are injected with ``optax.inject_hyperparams``: they
+  are arrays in the optimizer state, so runs that differ only in them (or in
+  the seed) compile to the same program, and a sweep compiles once per cell.
+  """
   algorithm = get(config.algorithm)
-  lr = learning_rate_schedule(
+  relative = relative_schedule(
       config, algorithm.updates_per_epoch(num_workers, steps_per_epoch)
   )
-  return algorithm.build_tx(config, num_workers, lr)
+
+  def factory(learning_rate, **tuned):
+    fields = types.SimpleNamespace(**{**config.to_dict(), **tuned})
+    return algorithm.build_tx(
+        fields, num_workers, lambda count: learning_rate * relative(count)
+    )
+
+  tuned = {f: config[f] for f in algorithm.tuned}
+  return optax.inject_hyperparams(factory)(
+      learning_rate=config.learning_rate, **tuned
+  )
 
 
 def make_simulator(

@@ -39,10 +39,6 @@ from experiments import reporting
 from experiments import run_files
 from experiments import train
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all runs and the report.")
-config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
-
-
 def run_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
   """One config per run of ``config.grid``, all validated before any runs."""
   grid = config.grid
@@ -120,11 +116,16 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   # Runs that differ only in their seed compile to the same program: a
   # persistent cache lets every seed after the first skip compilation.
-  jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "jax_cache"))
+  workdir = flags.FLAGS.workdir
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-  compare(flags.FLAGS.config, _WORKDIR.value)
+  compare(flags.FLAGS.config, workdir)
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so that importing this
+  # module next to another experiment's does not define them twice.
+  flags.DEFINE_string("workdir", None, "Directory for all runs and the report.")
+  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -48,7 +48,14 @@ SCHEDULES = ("cyclic", "shuffled", "gamma")
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails fast, with the valid choices, on a config that cannot run."""
-  algorithms.get(config.algorithm)
+  algorithm = algorithms.get(config.algorithm)
+  algorithms.check_optimizer(config.optimizer)
+  if not algorithm.applies_to(config):
+    raise ValueError(
+        f"config.algorithm={config.algorithm!r} acts on SGD's momentum "
+        f"buffer; it needs config.optimizer='sgd' and config.momentum > 0, "
+        f"got {config.optimizer!r} with momentum {config.momentum}."
+    )
   data.check_name(config.dataset)
   if config.model not in models.MODELS:
     raise ValueError(

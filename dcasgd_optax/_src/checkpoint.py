@@ -12,6 +12,8 @@ import orbax.checkpoint as ocp
 
 # The items of every checkpoint (an orbax Composite).
 _TREE, _METADATA = "tree", "metadata"
+# Checkpoint directories are the owner's only: they hold a whole model state.
+_DIR_MODE = 0o700
 
 
 class Restored(NamedTuple):
@@ -91,7 +93,9 @@ class Checkpointer:
   buffers right away; with ``asynchronous=True`` orbax then writes the files
   in a background thread (:meth:`wait_until_finished` or :meth:`close` waits
   for them). Orbax writes into a temporary directory and renames it when
-  complete, so a save cut short by a crash is never restored.
+  complete, so a save cut short by a crash is never restored. The directory
+  (if this creates it) and every step directory get mode ``0o700``: only
+  their owner may read or change a checkpoint.
 
   :meth:`restore_latest` reads the newest checkpoint into the structure,
   shapes and dtypes of a template: the simulators' ``SimState``, the Ray
@@ -145,6 +149,8 @@ class Checkpointer:
             max_to_keep=max_to_keep,
             create=True,
             enable_async_checkpointing=asynchronous,
+            file_options=ocp.options.FileOptions(
+                path_permission_mode=_DIR_MODE),
         ),
     )
 

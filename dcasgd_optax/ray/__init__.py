@@ -15,6 +15,7 @@ except ModuleNotFoundError as e:
   ) from e
 del _ocp, _ray
 
+from dcasgd_optax.ray._cluster import connect
 from dcasgd_optax.ray._driver import UpdateRecords
 from dcasgd_optax.ray._train import TrainResult
 from dcasgd_optax.ray._train import train
@@ -30,5 +31,6 @@ __all__ = (
     "ParameterServer",
     "TrainResult",
     "UpdateRecords",
+    "connect",
     "train",
 )

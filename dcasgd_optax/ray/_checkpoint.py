@@ -16,6 +16,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+# Checkpoint directories: owner only (they hold the model and optimizer state).
+_DIR_MODE = 0o700
+
 
 class ServerState(NamedTuple):
   """Everything a parameter server needs to continue a run.
@@ -45,9 +48,18 @@ def _to_host(state: ServerState) -> dict[str, Any]:
 def open_manager(
     directory: str, *, max_to_keep: int = 2
 ) -> ocp.CheckpointManager:
-  """A CheckpointManager writing to ``directory`` (created if missing)."""
+  """A CheckpointManager writing to ``directory`` (created if missing).
+
+  ``directory`` (if this creates it) and every step directory get mode
+  ``0o700``: a checkpoint holds the whole model and optimizer state, readable
+  by its owner only.
+  """
   directory = os.path.abspath(os.fspath(directory))
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      create=True,
+      file_options=ocp.options.FileOptions(path_permission_mode=_DIR_MODE),
+  )
   return ocp.CheckpointManager(directory, options=options)
 
 

@@ -1,36 +1,16 @@
-"""The experiments pipeline: runs, determinism, resume, reports, bad configs."""
+"""experiments.train: runs, determinism, resume, bad configs, the gradient stream."""
 
-import csv
 import json
 import os
-import subprocess
-import sys
 from unittest import mock
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments import algorithms
 from experiments import compare
-from experiments import reporting
 from experiments import run_files
 from experiments import train
-from experiments.configs import tiny
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture
-def config(data_dir):
-  c = tiny.get_config()
-  c.data_dir = data_dir
-  return c
 
 
 def _without_seconds(history):
@@ -85,26 +65,6 @@ def test_resuming_with_a_different_config_fails(config, tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_compare_writes_results_table_and_plots(config, tmp_path, capsys):
-  config.num_epochs = 1
-  config.grid.algorithms = tuple(algorithms.REGISTRY)
-  config.grid.num_workers = (2,)
-  rows = compare.compare(config, str(tmp_path))
-  assert len(rows) == 2 + 5 * 2  # sequential once per seed
-  with open(tmp_path / "results.csv") as f:
-    table = list(csv.DictReader(f))
-  assert tuple(table[0]) == reporting.COLUMNS and len(table) == 12
-  assert {r["algorithm"] for r in table} == set(algorithms.REGISTRY)
-  with open(tmp_path / "metrics.jsonl") as f:
-    assert len(f.readlines()) == 12
-  md = (tmp_path / "table.md").read_text()
-  assert "| 2 | " in md and "DC-ASGD-a" in md and " ± " in md
-  assert md.split("\n", 2)[2] in capsys.readouterr().out
-  for name in ("error_vs_epoch.png", "error_vs_workers.png", "staleness_hist.png"):
-    with open(tmp_path / name, "rb") as f:
-      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-
-
 def test_cifar10_resnet20_path_under_mock_data(config, tmp_path):
   config.dataset, config.model = "cifar10", "resnet20"
   config.batch_size, config.num_epochs, config.num_workers = 16, 1, 2
@@ -136,13 +96,6 @@ def test_bad_config_values_fail_fast_listing_the_choices(config, tmp_path, field
   assert not os.path.exists(tmp_path / "run")
 
 
-def test_bad_grid_fails_before_any_run(config, tmp_path):
-  config.grid.num_workers = (4, 0)
-  with pytest.raises(ValueError, match="num_workers must be an int >= 1"):
-    compare.compare(config, str(tmp_path))
-  assert not os.path.exists(tmp_path / "runs")
-
-
 def test_every_algorithm_uses_the_same_gradients_per_epoch():
   s, epochs = 125, 15
   for m in (1, 4, 16, 32):
@@ -169,41 +122,3 @@ def test_schedules_give_mean_staleness_near_m_minus_one(config, schedule):
   assert arrivals.shape == (800,) and np.bincount(arrivals).min() > 50
   staleness = compare.schedules.staleness(arrivals, 8)
   assert abs(staleness[100:].mean() - 7) < 0.5
-
-
-def test_markdown_table_has_the_papers_form():
-  rows = [
-      {"algorithm": "sequential", "workers": 1, "seed": 0, "final_test_error": 0.08},
-      {"algorithm": "sequential", "workers": 1, "seed": 1, "final_test_error": 0.10},
-      {"algorithm": "asgd", "workers": 4, "seed": 0, "final_test_error": 0.2},
-      {"algorithm": "asgd", "workers": 4, "seed": 1, "final_test_error": 0.3},
-      {"algorithm": "dc-asgd-a", "workers": 4, "seed": 0, "final_test_error": 0.1},
-  ]
-  lines = reporting.markdown_table(rows).splitlines()
-  assert lines[0] == "| M | sequential SGD | ASGD | DC-ASGD-a |"
-  assert lines[2] == "| 4 | 9.00 ± 1.41 | 25.00 ± 7.07 | 10.00 |"
-
-
-def test_main_trains_one_run_from_the_command_line(data_dir, tmp_path):
-  cmd = [
-      sys.executable, "-m", "experiments.main",
-      "--config=experiments/configs/tiny.py", "--config.algorithm=asgd",
-      "--config.num_workers=2", "--config.num_epochs=1",
-      f"--config.data_dir={data_dir}", f"--workdir={tmp_path}",
-  ]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-  with open(tmp_path / "summary.json") as f:
-    summary = json.load(f)
-  assert summary["algorithm"] == "asgd" and summary["workers"] == 2
-  assert json.dumps(summary, indent=2) in out.stdout  # printed at the end
-
-
-@pytest.mark.parametrize("name", ["default", "demo", "tiny", "cifar10_resnet20"])
-def test_every_config_file_is_valid_and_documents_its_command(name):
-  module = __import__(f"experiments.configs.{name}", fromlist=["get_config"])
-  c = module.get_config()
-  train.validate(c)
-  for run in compare.run_configs(c):
-    train.validate(run)
-  assert "python -m experiments." in module.__doc__ or "make demo" in module.__doc__
-  assert "Runtime" in module.__doc__ and "Expected result" in module.__doc__
