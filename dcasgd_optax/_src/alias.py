@@ -114,23 +114,28 @@ def dcasgd(
     Array([ 0.8, -0.8], dtype=float32)
   """
   _check_sgd_arguments(learning_rate, momentum, nesterov, weight_decay)
-  compensation = delay_compensation(
-      num_workers,
-      lambda_,
-      adaptive=adaptive,
-      decay=decay,
-      eps=eps,
-      backup_dtype=backup_dtype,
-      per_worker_mean_square=per_worker_mean_square,
-      bias_correction=bias_correction,
-      lambda_warmup=lambda_warmup,
-      correction_clip=correction_clip,
-  )
   return pull_after_push(optax.chain(
-      compensation,
+      _compensation(
+          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+          per_worker_mean_square, bias_correction, lambda_warmup,
+          correction_clip,
+      ),
       *_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   ))
+
+
+def _compensation(
+    num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+    per_worker_mean_square, bias_correction, lambda_warmup, correction_clip,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`delay_compensation` from a full optimizer's arguments, in order."""
+  return delay_compensation(
+      num_workers, lambda_, adaptive=adaptive, decay=decay, eps=eps,
+      backup_dtype=backup_dtype, per_worker_mean_square=per_worker_mean_square,
+      bias_correction=bias_correction, lambda_warmup=lambda_warmup,
+      correction_clip=correction_clip,
+  )
 
 
 def _check_sgd_arguments(learning_rate, momentum, nesterov, weight_decay):
@@ -349,12 +354,10 @@ def dana_dc(
   if horizon is None:
     horizon = num_workers - 1
   return pull_after_push(optax.chain(
-      delay_compensation(
-          num_workers, lambda_, adaptive=adaptive, decay=decay, eps=eps,
-          backup_dtype=backup_dtype,
-          per_worker_mean_square=per_worker_mean_square,
-          bias_correction=bias_correction, lambda_warmup=lambda_warmup,
-          correction_clip=correction_clip,
+      _compensation(
+          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+          per_worker_mean_square, bias_correction, lambda_warmup,
+          correction_clip,
       ),
       *_decayed_weights(weight_decay),
       look_ahead_momentum(learning_rate, momentum, horizon),
@@ -425,12 +428,10 @@ def delayed_nesterov_dcasgd(
   if period is None:
     period = num_workers
   return pull_after_push(optax.chain(
-      delay_compensation(
-          num_workers, lambda_, adaptive=adaptive, decay=decay, eps=eps,
-          backup_dtype=backup_dtype,
-          per_worker_mean_square=per_worker_mean_square,
-          bias_correction=bias_correction, lambda_warmup=lambda_warmup,
-          correction_clip=correction_clip,
+      _compensation(
+          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+          per_worker_mean_square, bias_correction, lambda_warmup,
+          correction_clip,
       ),
       *_decayed_weights(weight_decay),
       delayed_nesterov(learning_rate, period, momentum=momentum,
