@@ -53,6 +53,7 @@ def dcasgd(
     per_worker_mean_square: bool = False,
     bias_correction: bool = False,
     lambda_warmup: Any = 0,
+    correction_clip: Any = None,
 ) -> PullAfterPush:
   r"""DC-ASGD as one optimizer, with the worker's pull recorded after its push.
 
@@ -91,6 +92,8 @@ def dcasgd(
       authors' code (see :func:`delay_compensation`).
     bias_correction: DC-ASGD-a's MeanSquare divided by :math:`1 - d^t`.
     lambda_warmup: ramp λ up over this many updates (0: none).
+    correction_clip: bound the term by ``correction_clip * |g|`` per
+      coordinate (``None``: no bound).
 
   Returns:
     A :class:`PullAfterPush` (an ``optax.GradientTransformationExtraArgs``);
@@ -121,6 +124,7 @@ def dcasgd(
       per_worker_mean_square=per_worker_mean_square,
       bias_correction=bias_correction,
       lambda_warmup=lambda_warmup,
+      correction_clip=correction_clip,
   )
   return pull_after_push(optax.chain(
       compensation,
@@ -307,7 +311,7 @@ def dana_dc(
     weight_decay: L2 coefficient added to the compensated gradient, >= 0.
     **compensation: further keyword arguments of :func:`delay_compensation`
       (``decay``, ``eps``, ``backup_dtype``, ``per_worker_mean_square``,
-      ``bias_correction``, ``lambda_warmup``).
+      ``bias_correction``, ``lambda_warmup``, ``correction_clip``).
 
   Returns:
     A :class:`PullAfterPush`; ``update`` needs ``params`` and ``worker``.
@@ -380,7 +384,7 @@ def delayed_nesterov_dcasgd(
     weight_decay: L2 coefficient added to the compensated gradient, >= 0.
     **compensation: further keyword arguments of :func:`delay_compensation`
       (``decay``, ``eps``, ``backup_dtype``, ``per_worker_mean_square``,
-      ``bias_correction``, ``lambda_warmup``).
+      ``bias_correction``, ``lambda_warmup``, ``correction_clip``).
 
   Returns:
     A :class:`PullAfterPush`; ``update`` needs ``params`` and ``worker``.

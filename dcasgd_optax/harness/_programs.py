@@ -5,7 +5,7 @@ gradients are computed together, each at its worker's model, then applied
 one by one, in arrival order. ``"compiled"`` runs every chunk inside one
 program (a loop over chunks); ``"host_chunks"`` calls one jitted program per
 chunk from Python, in which the ``L`` gradients are unrolled, not looped (see
-:func:`_setup.default_strategy`), with the state donated from call
+:func:`_protocol.default_strategy`), with the state donated from call
 to call so the backups are updated in place.
 """
 
@@ -19,18 +19,18 @@ import numpy as np
 import optax
 
 from dcasgd_optax._src.pull import find_states
-from dcasgd_optax._src.pull import record_pull
+from dcasgd_optax._src.pull import pull
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _gathers
 from dcasgd_optax.harness import _slots
 
 
-def chunk_gradients(loss3, mesh, vmap_slots, unroll, state, workers_L,
-                    batch_L):
+def chunk_gradients(loss_with_state, mesh, vmap_slots, state, workers_L,
+                    batch_L, *, unroll):
   """Loss, new model state and gradient of every slot, at its worker's model."""
   backups = find_states(state.opt_state)[0].backups
   dtypes = jax.tree.map(lambda p: p.dtype, state.params)
-  grad_fn = jax.value_and_grad(loss3, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_with_state, has_aux=True)
 
   def local(backups_W, worker_ms_W, workers_L, batch_L):
     def slot(worker, batch):
@@ -39,14 +39,21 @@ def chunk_gradients(loss3, mesh, vmap_slots, unroll, state, workers_L,
       (loss, new_ms), grads = grad_fn(snap, model_state, batch)
       return loss, new_ms, grads
 
-    return _slots.map_slots(slot, (workers_L, batch_L), vmap_slots, unroll)
+    return _slots.map_slots(
+        slot, (workers_L, batch_L), vmap_slots, unroll=unroll
+    )
 
   shared = (backups, state.worker_model_states)
   return _devices.per_worker(local, mesh, shared, (workers_L, batch_L))
 
 
-def _arrive(tx, workers_L, grads_L, new_ms_L, k, carry):
-  """The server applies slot ``k``'s gradient; its worker pulls the result."""
+def _arrive(tx, tx_pulls, workers_L, grads_L, new_ms_L, k, carry):
+  """The server applies slot ``k``'s gradient; its worker pulls the result.
+
+  The pull is :func:`dcasgd_optax.pull` (the worker then holds what it
+  returns, e.g. a look-ahead), done here unless ``tx_pulls``: ``tx`` did it
+  inside its update already, and once is enough.
+  """
   state, staleness_L = carry
   m = workers_L[k]
   tau = state.step - state.last_pull[m]
@@ -55,7 +62,8 @@ def _arrive(tx, workers_L, grads_L, new_ms_L, k, carry):
       grads, state.opt_state, state.params, worker=m, staleness=tau
   )
   params = optax.apply_updates(state.params, updates)
-  opt_state = record_pull(opt_state, params, m)
+  if not tx_pulls:
+    _, opt_state = pull(opt_state, params, m)
   model_state = jax.tree.map(lambda x: x[k], new_ms_L)
   worker_ms = jax.tree.map(
       lambda w, x: w.at[m].set(x), state.worker_model_states, model_state
@@ -69,17 +77,19 @@ def _arrive(tx, workers_L, grads_L, new_ms_L, k, carry):
   return state, staleness_L.at[k].set(tau)
 
 
-def chunk_program(loss3, tx, mesh, vmap_slots, unroll, state, workers_L,
-                  batch_L, length):
+def chunk_program(loss_with_state, tx, mesh, vmap_slots, state, workers_L,
+                  batch_L, length, *, unroll, tx_pulls):
   """One chunk: its gradients, then its first ``length`` arrivals applied.
 
   Returns the new state, the slots' losses and staleness (0 past
   ``length``).
   """
   loss_L, new_ms_L, grads_L = chunk_gradients(
-      loss3, mesh, vmap_slots, unroll, state, workers_L, batch_L
+      loss_with_state, mesh, vmap_slots, state, workers_L, batch_L,
+      unroll=unroll,
   )
-  arrive = functools.partial(_arrive, tx, workers_L, grads_L, new_ms_L)
+  arrive = functools.partial(_arrive, tx, tx_pulls, workers_L, grads_L,
+                             new_ms_L)
   staleness_L = jnp.zeros(workers_L.shape, jnp.int32)
   state, staleness_L = jax.lax.fori_loop(
       0, length, arrive, (state, staleness_L)
@@ -87,9 +97,13 @@ def chunk_program(loss3, tx, mesh, vmap_slots, unroll, state, workers_L,
   return state, loss_L, staleness_L
 
 
-def replay_program(loss3, tx, mesh, vmap_slots, state, batches, arrivals,
-                   starts, lengths, num_chunks, *, chunk, loss_dtype):
-  """The whole replay as one program: a loop over chunks ("compiled")."""
+def replay_program(loss_with_state, tx, mesh, vmap_slots, state, batches,
+                   arrivals, starts, lengths, num_chunks, *, chunk, loss_dtype,
+                   tx_pulls):
+  """The whole replay as one program: a loop over chunks ("compiled").
+
+  Returns the new state, each arrival's loss and staleness.
+  """
   num_arrivals = arrivals.shape[0]
 
   def chunk_body(c, carry):
@@ -98,8 +112,9 @@ def replay_program(loss3, tx, mesh, vmap_slots, state, batches, arrivals,
     slot = jnp.arange(chunk)
     rows = jnp.minimum(start + slot, num_arrivals - 1)
     state, loss_L, staleness_L = chunk_program(
-        loss3, tx, mesh, vmap_slots, False, state, arrivals[rows],
-        jax.tree.map(lambda x: x[rows], batches), length,
+        loss_with_state, tx, mesh, vmap_slots, state, arrivals[rows],
+        jax.tree.map(lambda x: x[rows], batches), length, unroll=False,
+        tx_pulls=tx_pulls,
     )
     at = jnp.where(slot < length, start + slot, num_arrivals)
     loss_A = loss_A.at[at].set(loss_L.astype(loss_dtype), mode="drop")
@@ -114,12 +129,15 @@ def replay_program(loss3, tx, mesh, vmap_slots, state, batches, arrivals,
   state, loss_A, staleness_A = jax.lax.fori_loop(
       0, num_chunks, chunk_body, init
   )
-  return state, {"loss": loss_A, "staleness": staleness_A, "worker": arrivals}
+  return state, loss_A, staleness_A
 
 
 def replay_host_chunks(step, state, batches, arrivals, plan):
   """The replay as one call of ``step`` (a jitted, donating
-  :func:`chunk_program`) per chunk of ``plan`` ("host_chunks")."""
+  :func:`chunk_program`) per chunk of ``plan`` ("host_chunks").
+
+  Returns the new state, each arrival's loss and staleness.
+  """
   chunk, num_chunks = plan.chunk, plan.num_chunks
   starts, lengths = plan.starts[:num_chunks], plan.lengths[:num_chunks]
   rows_CxL = np.minimum(
@@ -136,6 +154,4 @@ def replay_host_chunks(step, state, batches, arrivals, plan):
   # Slots past a chunk's length are padding: keep the arrivals' only.
   keep = np.flatnonzero(np.arange(chunk)[None] < lengths[:, None])
   loss, staleness = _gathers.concat_rows((losses, taus), keep)
-  return state, {
-      "loss": loss, "staleness": staleness, "worker": jnp.asarray(arrivals)
-  }
+  return state, loss, staleness
