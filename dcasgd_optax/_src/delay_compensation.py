@@ -170,6 +170,44 @@ def delay_compensation(
   stats = MeanSquareSpec(decay if adaptive else None, per_worker_mean_square)
   warmup = not _is_static_zero(lambda_warmup)
 
+  def correct(updates, params, held, ms, count, state):
+    lam = jax.tree.map(lambda _: lambda_, updates)
+    if adaptive:
+      if bias_correction:
+        ms = jax.tree.map(lambda x: x / (1 - decay**count), ms)
+      lam = jax.tree.map(lambda x: lambda_ / jnp.sqrt(x + eps), ms)
+    if warmup:
+      lam = _warm_up(lam, jnp.sum(state.count), lambda_warmup)
+    if skip:
+      return updates
+    compensate = functools.partial(_compensate, clip=correction_clip)
+    return jax.tree.map(compensate, updates, params, held, lam)
+
+  return backups_transformation(num_workers, backup_dtype, stats, correct)
+
+
+def backups_transformation(
+    num_workers: int, backup_dtype: Any, stats: MeanSquareSpec, correct: Any
+) -> optax.GradientTransformationExtraArgs:
+  """A transformation that keeps per-worker backups and corrects with them.
+
+  What :func:`delay_compensation` and :func:`gap_aware` share: the
+  :class:`DelayCompensationState`, the checks, the worker's backup, the mean
+  square and count, and NaN updates for a traced out-of-range worker.
+
+  Args:
+    num_workers: number of workers (checked by the caller).
+    backup_dtype: dtype of the backups, or ``None`` for each param's.
+    stats: which mean square the state keeps.
+    correct: ``correct(updates, params, held, ms, count, state)`` returns
+      the corrected updates, given the worker's backup ``held``, the mean
+      square ``ms`` this update sees and its ``count``, and the new state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
+    ``(updates, state, params, *, worker, **extra_args)``.
+  """
+
   def init_fn(params):
     return init_state(params, num_workers, backup_dtype, stats)
 
@@ -180,17 +218,7 @@ def delay_compensation(
     ms, count, state = next_mean_square(
         state, updates, worker, num_workers, stats
     )
-    lam = jax.tree.map(lambda _: lambda_, updates)
-    if adaptive:
-      if bias_correction:
-        ms = jax.tree.map(lambda x: x / (1 - decay ** count), ms)
-      lam = jax.tree.map(lambda x: lambda_ / jnp.sqrt(x + eps), ms)
-    if warmup:
-      lam = _warm_up(lam, jnp.sum(state.count), lambda_warmup)
-    out = updates
-    if not skip:
-      compensate = functools.partial(_compensate, clip=correction_clip)
-      out = jax.tree.map(compensate, updates, params, held, lam)
+    out = correct(updates, params, held, ms, count, state)
     return nan_unless(worker_is_valid(worker, num_workers), out), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
