@@ -123,6 +123,16 @@ class Algorithm:
       needs.append("config.optimizer='sgd' with config.momentum > 0")
     return " and ".join(needs) or "nothing"
 
+  def arrival_schedule(self, schedule: str) -> str:
+    """The schedule it runs under: ``schedule``, or ``cyclic`` when
+    synchronous (each round of ``M`` arrivals holds every worker once; the
+    order in a round only labels the metrics)."""
+    return "cyclic" if self.synchronous else schedule
+
+  def schedule_label(self, schedule: str) -> str:
+    """How results name its schedule: ``schedule``, or ``sync``."""
+    return "sync" if self.synchronous else schedule
+
   def effective_workers(self, num_workers: int) -> int:
     """The number of workers it actually runs with."""
     return 1 if self.single_worker else num_workers

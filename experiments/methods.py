@@ -38,6 +38,7 @@ import os
 import time
 from typing import Any, NamedTuple
 
+import jax
 import ml_collections
 from absl import app
 from absl import flags
@@ -194,6 +195,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   config, workdir, stage = flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.stage
   os.makedirs(workdir, exist_ok=True)
+  # The runs of a cell differ only in injected hyperparameters and seeds, so
+  # they compile to the same programs: a persistent cache compiles them once.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   if stage in ("tune", "all"):
     tuned = tune(config, workdir)
   else:

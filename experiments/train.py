@@ -111,12 +111,20 @@ def gradient_indices(
   return np.concatenate(rows)[start - first : stop - first].astype(np.int32)
 
 
-def arrival_schedule(config: Any, num_workers: int, num_arrivals: int) -> np.ndarray:
-  """The whole run's order of arrivals (worker ids), from ``config.seed``."""
+def arrival_schedule(
+    config: Any, num_workers: int, num_arrivals: int,
+    schedule: str | None = None,
+) -> np.ndarray:
+  """The whole run's order of arrivals (worker ids), from ``config.seed``.
+
+  ``schedule`` (default ``config.schedule``): ``cyclic``, ``shuffled`` or
+  ``gamma``.
+  """
+  schedule = schedule or config.schedule
   seed = int(np.random.SeedSequence([config.seed, 2]).generate_state(1)[0])
-  if config.schedule == "cyclic":
+  if schedule == "cyclic":
     return schedules.cyclic(num_workers, num_arrivals)
-  if config.schedule == "shuffled":
+  if schedule == "shuffled":
     rounds = -(-num_arrivals // num_workers)
     return schedules.shuffled_rounds(num_workers, rounds, seed)[:num_arrivals]
   return schedules.gamma_speeds(
@@ -224,7 +232,8 @@ class _Run:
     )
     self.evaluate = make_evaluate(apply, self.ds, config.eval_batch_size)
     self.arrivals = arrival_schedule(
-        config, self.num_workers, config.num_epochs * self.steps_per_epoch
+        config, self.num_workers, config.num_epochs * self.steps_per_epoch,
+        self.algorithm.arrival_schedule(config.schedule),
     )
 
   def init(self):
@@ -247,11 +256,7 @@ class _Run:
         start, stop,
     )
     batches = {"idx": idx, "step": np.arange(start, stop, dtype=np.int32)}
-    # TODO(h-exp): one call once SyncSimulator.replay takes `arrivals`.
-    if self.algorithm.synchronous:
-      state, metrics = self.sim.replay(state, batches)
-    else:
-      state, metrics = self.sim.replay(state, batches, self.arrivals[start:stop])
+    state, metrics = self.sim.replay(state, batches, self.arrivals[start:stop])
     return state, np.asarray(metrics["loss"]), np.asarray(metrics["staleness"])
 
   def record(self, state, epoch: int, loss, staleness, seconds: float) -> dict:
@@ -278,7 +283,7 @@ def summarize(config: Any, history: list[dict]) -> dict[str, Any]:
   return {
       "algorithm": config.algorithm,
       "workers": algorithm.effective_workers(config.num_workers),
-      "schedule": "sync" if algorithm.synchronous else config.schedule,
+      "schedule": algorithm.schedule_label(config.schedule),
       "seed": config.seed,
       "final_test_error": history[-1]["test_error"],
       "best_test_error": min(h["test_error"] for h in history),
