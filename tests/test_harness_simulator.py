@@ -311,3 +311,58 @@ def test_sim_state_is_arrays_only():
   state = Simulator(loss_fn, optax.sgd(0.1), W).init(init_params())
   assert isinstance(state, SimState)
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
+
+
+def pull_ahead(shift):
+  """A PullAfterPush whose pull sends the worker ``params + shift``.
+
+  A stand-in for a look-ahead pull: what the worker holds is not the server's
+  model, so a second pull by the simulator (of the plain params) would show.
+  """
+  inner = optax.with_extra_args_support(optax.chain(
+      dcasgd_optax.delay_compensation(W, 0.5), optax.sgd(0.1)))
+
+  def update_fn(updates, state, params=None, *, worker=None, **extra):
+    updates, state = inner.update(updates, state, params, worker=worker,
+                                  **extra)
+    ahead = jax.tree.map(lambda p, u: p + u + shift, params, updates)
+    return updates, dcasgd_optax.record_pull(state, ahead, worker)
+
+  return dcasgd_optax.PullAfterPush(inner.init, update_fn)
+
+
+def reference_held_from_backups(tx, params, batches, arrivals):
+  """One arrival at a time; each worker computes at what its backup holds.
+
+  The pull is ``tx``'s own when it is a PullAfterPush, else
+  :func:`dcasgd_optax.pull` after the update.
+  """
+  opt_state = tx.init(params)
+  for k, m in enumerate(np.asarray(arrivals).tolist()):
+    held = dcasgd_optax.worker_params(opt_state, m)
+    g = jax.grad(loss_fn)(held, batches[k])
+    updates, opt_state = tx.update(g, opt_state, params, worker=m)
+    params = optax.apply_updates(params, updates)
+    if not isinstance(tx, dcasgd_optax.PullAfterPush):
+      _, opt_state = dcasgd_optax.pull(opt_state, params, m)
+  return params, opt_state
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("make_tx", [
+    lambda: pull_ahead(0.05),
+    lambda: optax.chain(dcasgd_optax.delay_compensation(W, 0.5),
+                        optax.sgd(0.1)),
+], ids=["pulls_in_update", "pulled_by_simulator"])
+def test_each_arrival_is_pulled_once_and_workers_compute_at_the_pull(
+    make_tx, strategy):
+  arrivals, batches = random_order(W, A, seed=11), make_batches(A)
+  sim = Simulator(loss_fn, make_tx(), strategy=strategy)
+  state, _ = sim.replay(sim.init(init_params()), batches, arrivals)
+  params, opt_state = reference_held_from_backups(
+      make_tx(), init_params(), batches, arrivals)
+  chex.assert_trees_all_close(state.params, params, **REPLAY_TOL)
+  for m in range(W):  # the pull the tx made is what the worker holds
+    chex.assert_trees_all_close(
+        dcasgd_optax.worker_params(state.opt_state, m),
+        dcasgd_optax.worker_params(opt_state, m), **REPLAY_TOL)

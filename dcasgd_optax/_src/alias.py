@@ -1,4 +1,4 @@
-"""The full DC-ASGD optimizer: delay compensation, weight decay, SGD."""
+"""Full optimizers: each method of the library with weight decay, SGD and the pull after push."""
 
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ def dcasgd(
     per_worker_mean_square: bool = False,
     bias_correction: bool = False,
     lambda_warmup: Any = 0,
+    correction_clip: Any = None,
 ) -> PullAfterPush:
   r"""DC-ASGD as one optimizer, with the worker's pull recorded after its push.
 
@@ -91,6 +92,8 @@ def dcasgd(
       authors' code (see :func:`delay_compensation`).
     bias_correction: DC-ASGD-a's MeanSquare divided by :math:`1 - d^t`.
     lambda_warmup: ramp λ up over this many updates (0: none).
+    correction_clip: bound the term by ``correction_clip * |g|`` per
+      coordinate (``None``: no bound).
 
   Returns:
     A :class:`PullAfterPush` (an ``optax.GradientTransformationExtraArgs``);
@@ -111,22 +114,28 @@ def dcasgd(
     Array([ 0.8, -0.8], dtype=float32)
   """
   _check_sgd_arguments(learning_rate, momentum, nesterov, weight_decay)
-  compensation = delay_compensation(
-      num_workers,
-      lambda_,
-      adaptive=adaptive,
-      decay=decay,
-      eps=eps,
-      backup_dtype=backup_dtype,
-      per_worker_mean_square=per_worker_mean_square,
-      bias_correction=bias_correction,
-      lambda_warmup=lambda_warmup,
-  )
   return pull_after_push(optax.chain(
-      compensation,
+      _compensation(
+          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+          per_worker_mean_square, bias_correction, lambda_warmup,
+          correction_clip,
+      ),
       *_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   ))
+
+
+def _compensation(
+    num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+    per_worker_mean_square, bias_correction, lambda_warmup, correction_clip,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`delay_compensation` from a full optimizer's arguments, in order."""
+  return delay_compensation(
+      num_workers, lambda_, adaptive=adaptive, decay=decay, eps=eps,
+      backup_dtype=backup_dtype, per_worker_mean_square=per_worker_mean_square,
+      bias_correction=bias_correction, lambda_warmup=lambda_warmup,
+      correction_clip=correction_clip,
+  )
 
 
 def _check_sgd_arguments(learning_rate, momentum, nesterov, weight_decay):
@@ -285,7 +294,13 @@ def dana_dc(
     lambda_: Any = None,
     adaptive: bool = True,
     weight_decay: Any = 0.0,
-    **compensation: Any,
+    decay: Any = 0.95,
+    eps: Any = 1e-7,
+    backup_dtype: Any = None,
+    per_worker_mean_square: bool = False,
+    bias_correction: bool = False,
+    lambda_warmup: Any = 0,
+    correction_clip: Any = None,
 ) -> PullAfterPush:
   r"""DANA-DC: delay compensation, momentum SGD, and look-ahead pulls.
 
@@ -305,9 +320,8 @@ def dana_dc(
     lambda_: compensation strength (``None``: the variant's default).
     adaptive: DC-ASGD-a (default) or DC-ASGD-c.
     weight_decay: L2 coefficient added to the compensated gradient, >= 0.
-    **compensation: further keyword arguments of :func:`delay_compensation`
-      (``decay``, ``eps``, ``backup_dtype``, ``per_worker_mean_square``,
-      ``bias_correction``, ``lambda_warmup``).
+    decay, eps, backup_dtype, per_worker_mean_square, bias_correction,
+      lambda_warmup, correction_clip: as in :func:`delay_compensation`.
 
   Returns:
     A :class:`PullAfterPush`; ``update`` needs ``params`` and ``worker``.
@@ -340,8 +354,11 @@ def dana_dc(
   if horizon is None:
     horizon = num_workers - 1
   return pull_after_push(optax.chain(
-      delay_compensation(num_workers, lambda_, adaptive=adaptive,
-                         **compensation),
+      _compensation(
+          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+          per_worker_mean_square, bias_correction, lambda_warmup,
+          correction_clip,
+      ),
       *_decayed_weights(weight_decay),
       look_ahead_momentum(learning_rate, momentum, horizon),
   ))
@@ -357,7 +374,13 @@ def delayed_nesterov_dcasgd(
     lambda_: Any = None,
     adaptive: bool = True,
     weight_decay: Any = 0.0,
-    **compensation: Any,
+    decay: Any = 0.95,
+    eps: Any = 1e-7,
+    backup_dtype: Any = None,
+    per_worker_mean_square: bool = False,
+    bias_correction: bool = False,
+    lambda_warmup: Any = 0,
+    correction_clip: Any = None,
 ) -> PullAfterPush:
   r"""DC-ASGD with delayed Nesterov momentum, with the pull after each push.
 
@@ -378,9 +401,8 @@ def delayed_nesterov_dcasgd(
     lambda_: compensation strength (``None``: the variant's default).
     adaptive: DC-ASGD-a (default) or DC-ASGD-c.
     weight_decay: L2 coefficient added to the compensated gradient, >= 0.
-    **compensation: further keyword arguments of :func:`delay_compensation`
-      (``decay``, ``eps``, ``backup_dtype``, ``per_worker_mean_square``,
-      ``bias_correction``, ``lambda_warmup``).
+    decay, eps, backup_dtype, per_worker_mean_square, bias_correction,
+      lambda_warmup, correction_clip: as in :func:`delay_compensation`.
 
   Returns:
     A :class:`PullAfterPush`; ``update`` needs ``params`` and ``worker``.
@@ -406,8 +428,11 @@ def delayed_nesterov_dcasgd(
   if period is None:
     period = num_workers
   return pull_after_push(optax.chain(
-      delay_compensation(num_workers, lambda_, adaptive=adaptive,
-                         **compensation),
+      _compensation(
+          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+          per_worker_mean_square, bias_correction, lambda_warmup,
+          correction_clip,
+      ),
       *_decayed_weights(weight_decay),
       delayed_nesterov(learning_rate, period, momentum=momentum,
                        momentum_activation=momentum_activation),
