@@ -1,15 +1,31 @@
 """The registry of the algorithms compared: the one place their names are spelled.
 
-=================  ===================================================  =========
-name               server update                                        simulator
-=================  ===================================================  =========
-``sequential``     SGD, one worker (staleness 0)                        async, M=1
-``ssgd``           SGD on the mean of M fresh gradients per round       sync
-``asgd``           SGD on each stale gradient as it arrives             async
-``sa-asgd``        staleness-aware ASGD: learning rate / max(τ, 1)      async
-``dc-asgd-c``      DC-ASGD, constant λ (default 0.04)                   async
-``dc-asgd-a``      DC-ASGD, adaptive λ_t = λ0 / sqrt(MeanSquare + ε)    async
-=================  ===================================================  =========
+=====================  ==============================================  ==========
+name                   server update (each on top of the optimizer)    simulator
+=====================  ==============================================  ==========
+``sequential``         one worker (staleness 0)                        async, M=1
+``ssgd``               the mean of M fresh gradients per round         sync
+``asgd``               each stale gradient as it arrives               async
+``sa-asgd``            step / max(τ, 1) (Zhang et al. 2016)            async
+``sqrt-asgd``          step / sqrt(1 + τ)                              async
+``da-asgd``            step · M / max(M, τ) (Mishchenko et al. 2022)   async
+``dc-asgd-c``          DC-ASGD, constant λ (default 0.04)              async
+``dc-asgd-a``          DC-ASGD-a, λ_t = λ0 / sqrt(MeanSquare + ε)      async
+``dc-asgd-a-bc``       DC-ASGD-a, bias-corrected MeanSquare            async
+``dc-asgd-a-tuned``    DC-ASGD-a whose λ0 the evidence grid tunes      async
+``gap-aware``          g / (1 + |w - w_m| / C) (Barkai et al. 2019)    async
+``delayed-nesterov``   momentum once per M pushes (Liu et al. 2024)    async
+``dana``               pull a look-ahead w - η Σ μ^k v (Hakimi 2019)   async
+``dana-dc``            the look-ahead pull and DC-ASGD-a               async
+=====================  ==============================================  ==========
+
+The formulas and sources are in the docstrings of the ``dcasgd_optax``
+transformations each one chains (:func:`dcasgd_optax.scale_by_staleness`,
+:func:`~dcasgd_optax.delay_compensation`, :func:`~dcasgd_optax.gap_aware`,
+:func:`~dcasgd_optax.delayed_nesterov`,
+:func:`~dcasgd_optax.look_ahead_momentum`). The last three act on SGD's
+momentum (``delayed-nesterov``, ``dana``, ``dana-dc``: SGD with momentum
+only) or scale with SGD's step (``gap-aware``: SGD only).
 
 Each :class:`Algorithm` record says how the algorithm is shown (label, plot
 style), which simulator runs it, how many workers it really has, how many
@@ -66,6 +82,8 @@ class Algorithm:
       tunes for it (:mod:`experiments.methods`), e.g. ``("dc_lambda",)``.
     requires_momentum: only defined for SGD with momentum (it acts on the
       momentum buffer); skipped for other optimizers.
+    optimizers: the ``config.optimizer`` values it is defined for (``None``:
+      all).
   """
 
   name: str
@@ -77,6 +95,7 @@ class Algorithm:
   single_worker: bool = False
   tuned: tuple[str, ...] = ()
   requires_momentum: bool = False
+  optimizers: tuple[str, ...] | None = None
 
   @property
   def linestyle(self) -> str:
@@ -90,8 +109,29 @@ class Algorithm:
 
   def applies_to(self, config: Any) -> bool:
     """Whether it is defined for ``config``'s optimizer."""
+    if self.optimizers is not None and config.optimizer not in self.optimizers:
+      return False
     has_momentum = config.optimizer == "sgd" and bool(config.momentum)
     return has_momentum or not self.requires_momentum
+
+  def requirement(self) -> str:
+    """What :meth:`applies_to` asks of the config, in words."""
+    needs = []
+    if self.optimizers is not None:
+      needs.append(f"config.optimizer in {self.optimizers}")
+    if self.requires_momentum:
+      needs.append("config.optimizer='sgd' with config.momentum > 0")
+    return " and ".join(needs) or "nothing"
+
+  def arrival_schedule(self, schedule: str) -> str:
+    """The schedule it runs under: ``schedule``, or ``cyclic`` when
+    synchronous (each round of ``M`` arrivals holds every worker once; the
+    order in a round only labels the metrics)."""
+    return "cyclic" if self.synchronous else schedule
+
+  def schedule_label(self, schedule: str) -> str:
+    """How results name its schedule: ``schedule``, or ``sync``."""
+    return "sync" if self.synchronous else schedule
 
   def effective_workers(self, num_workers: int) -> int:
     """The number of workers it actually runs with."""
@@ -160,20 +200,56 @@ def _sgd(config, num_workers, learning_rate):
   return optax.chain(*optimizer(config, learning_rate))
 
 
-def _staleness_aware(config, num_workers, learning_rate):
-  del num_workers
-  *decay, sgd = optimizer(config, learning_rate)
-  # The gradient, weight decay included, is divided by τ: a step of η / τ.
-  return optax.chain(*decay, dcasgd_optax.scale_by_inverse_staleness(), sgd)
+def _staleness_scaled(rule: str) -> TxBuilder:
+  def build(config, num_workers, learning_rate):
+    *decay, core = optimizer(config, learning_rate)
+    # The gradient, weight decay included, is scaled: a step of η·scale(τ).
+    scale = dcasgd_optax.scale_by_staleness(rule, num_workers=num_workers)
+    return optax.chain(*decay, scale, core)
+
+  return build
 
 
-def _delay_compensated(adaptive: bool) -> TxBuilder:
+def _delay_compensated(adaptive: bool, **options: Any) -> TxBuilder:
   def build(config, num_workers, learning_rate):
     compensation = dcasgd_optax.delay_compensation(
         num_workers, config.dc_lambda, adaptive=adaptive,
-        decay=config.dc_decay, eps=config.dc_eps,
+        decay=config.dc_decay, eps=config.dc_eps, **options,
     )
     return optax.chain(compensation, *optimizer(config, learning_rate))
+
+  return build
+
+
+def _gap_aware(config, num_workers, learning_rate):
+  # C's step: the base rate's steady-state step with momentum, η / (1 - μ).
+  step = config.learning_rate / (1.0 - config.momentum)
+  return optax.chain(dcasgd_optax.gap_aware(num_workers, step),
+                     *optimizer(config, learning_rate))
+
+
+def _delayed_nesterov(config, num_workers, learning_rate):
+  # The rate is per push: each push steps η / N, so the period's η is N times
+  # it, and a period moves the model about as far as N pushes of momentum SGD.
+  *decay, _ = optimizer(config, learning_rate)
+  return optax.chain(
+      *decay,
+      dcasgd_optax.delayed_nesterov(
+          lambda count: num_workers * learning_rate(count), num_workers,
+          momentum=config.momentum, momentum_activation=0.0),
+  )
+
+
+def _look_ahead(compensate: bool) -> TxBuilder:
+  def build(config, num_workers, learning_rate):
+    *decay, _ = optimizer(config, learning_rate)
+    compensation = dcasgd_optax.delay_compensation(
+        num_workers, config.dc_lambda if compensate else 0.0,
+        adaptive=compensate, decay=config.dc_decay, eps=config.dc_eps,
+    )
+    ahead = dcasgd_optax.look_ahead_momentum(
+        learning_rate, config.momentum, horizon=num_workers - 1)
+    return optax.chain(compensation, *decay, ahead)
 
   return build
 
@@ -183,10 +259,26 @@ REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
               single_worker=True),
     Algorithm("ssgd", "SSGD", "C0", "s", _sgd, synchronous=True),
     Algorithm("asgd", "ASGD", "C1", "o", _sgd),
-    Algorithm("sa-asgd", "SA-ASGD", "C2", "v", _staleness_aware),
+    Algorithm("sa-asgd", "SA-ASGD", "C2", "v", _staleness_scaled("inverse")),
+    Algorithm("sqrt-asgd", "ASGD 1/√(1+τ)", "C8", "<",
+              _staleness_scaled("sqrt")),
+    Algorithm("da-asgd", "delay-adaptive", "C9", ">",
+              _staleness_scaled("delay_adaptive")),
     Algorithm("dc-asgd-c", "DC-ASGD-c", "C4", "^", _delay_compensated(False),
               tuned=("dc_lambda",)),
     Algorithm("dc-asgd-a", "DC-ASGD-a", "C3", "D", _delay_compensated(True)),
+    Algorithm("dc-asgd-a-bc", "DC-ASGD-a, bias-corr.", "C6", "d",
+              _delay_compensated(True, bias_correction=True)),
+    Algorithm("dc-asgd-a-tuned", "DC-ASGD-a, λ0 tuned", "C5", "P",
+              _delay_compensated(True), tuned=("dc_lambda",)),
+    Algorithm("gap-aware", "Gap-Aware", "C7", "X", _gap_aware,
+              optimizers=("sgd",)),
+    Algorithm("delayed-nesterov", "delayed Nesterov", "olive", "h",
+              _delayed_nesterov, requires_momentum=True),
+    Algorithm("dana", "look-ahead (DANA)", "teal", "*", _look_ahead(False),
+              requires_momentum=True),
+    Algorithm("dana-dc", "DANA-DC", "navy", "p", _look_ahead(True),
+              requires_momentum=True),
 )}
 """Every algorithm, in the paper's column order (tables and legends use it)."""
 
@@ -227,7 +319,8 @@ def make_tx(
   )
 
   def factory(learning_rate, **tuned):
-    fields = types.SimpleNamespace(**{**config.to_dict(), **tuned})
+    fields = types.SimpleNamespace(
+        **{**config.to_dict(), "learning_rate": learning_rate, **tuned})
     return algorithm.build_tx(
         fields, num_workers, lambda count: learning_rate * relative(count)
     )

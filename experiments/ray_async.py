@@ -261,9 +261,9 @@ def run(
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   ds = data.load(config.dataset, data_dir=config.data_dir)
-  started = not ray.is_initialized()
-  if started:  # One Ray for all runs (train would start one per call).
-    ray.init(address=address)
+  # One Ray for all runs (train would start one per call); like train,
+  # connect refuses an existing cluster without authentication.
+  started = dray.connect(address)
   try:
     runs = [train_algorithm(a, config, ds, address)
             for a in config.grid.algorithms]

@@ -2,7 +2,8 @@
 
 ``workdir/config.json`` holds the fields of the config that change a run's
 result, so that resuming with a different config fails loudly;
-``workdir/metrics.jsonl`` holds one JSON line per finished epoch. The
+``workdir/metrics.jsonl`` holds one JSON line per finished epoch, and
+``workdir/summary.json`` the result of a finished run. The
 checkpoints (``workdir/checkpoints``, see :mod:`dcasgd_optax.checkpoint`)
 are written by :mod:`experiments.train`.
 """
@@ -63,3 +64,18 @@ def read_metrics(workdir: str) -> list[dict]:
   """The per-epoch records of ``workdir/metrics.jsonl``."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def write_summary(workdir: str, summary: dict) -> None:
+  """Writes ``summary.json``: the run is finished."""
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+
+
+def read_summary(workdir: str) -> dict | None:
+  """The finished run's ``summary.json``, or ``None`` if it is not finished."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)

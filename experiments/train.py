@@ -9,7 +9,8 @@ machine.
 
 Per epoch the run replays that epoch's gradients through the simulator
 (with no per-arrival Python), evaluates the test error, appends a line to
-``workdir/metrics.jsonl`` and saves a checkpoint
+``workdir/metrics.jsonl`` and, every ``config.checkpoint_every_epochs``
+epochs (never if 0), saves a checkpoint
 (:class:`dcasgd_optax.checkpoint.Checkpointer` under
 ``workdir/checkpoints``: the whole simulator state, i.e. params, optimizer
 state with the per-worker backups, model states, step and last pulls, plus
@@ -17,13 +18,13 @@ the metrics history so far). Everything else a run needs (data order,
 arrival schedule, augmentation keys) is recomputed from the config, so
 rerunning with the same ``workdir`` resumes from the latest checkpoint and
 ends with exactly the result of an uninterrupted run. The final summary is
-``workdir/summary.json``.
+``workdir/summary.json``; a ``workdir`` that holds one is finished, and
+rerunning returns it without training.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -52,9 +53,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   algorithms.check_optimizer(config.optimizer)
   if not algorithm.applies_to(config):
     raise ValueError(
-        f"config.algorithm={config.algorithm!r} acts on SGD's momentum "
-        f"buffer; it needs config.optimizer='sgd' and config.momentum > 0, "
-        f"got {config.optimizer!r} with momentum {config.momentum}."
+        f"config.algorithm={config.algorithm!r} needs "
+        f"{algorithm.requirement()}; got config.optimizer="
+        f"{config.optimizer!r} with momentum {config.momentum}."
     )
   data.check_name(config.dataset)
   if config.model not in models.MODELS:
@@ -67,10 +68,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"Unknown schedule {config.schedule!r}; valid choices: "
         f"{', '.join(SCHEDULES)}."
     )
-  for name in ("num_workers", "batch_size", "num_epochs", "eval_batch_size"):
-    value = config[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"config.{name} must be an int >= 1, got {value!r}.")
+  for name in ("num_workers", "batch_size", "num_epochs", "eval_batch_size",
+               "checkpoint_every_epochs"):
+    value, low = config[name], 0 if name == "checkpoint_every_epochs" else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f"config.{name} must be an int >= {low}, got {value!r}.")
   if not config.learning_rate > 0:
     raise ValueError(
         f"config.learning_rate must be > 0, got {config.learning_rate!r}."
@@ -109,12 +111,20 @@ def gradient_indices(
   return np.concatenate(rows)[start - first : stop - first].astype(np.int32)
 
 
-def arrival_schedule(config: Any, num_workers: int, num_arrivals: int) -> np.ndarray:
-  """The whole run's order of arrivals (worker ids), from ``config.seed``."""
+def arrival_schedule(
+    config: Any, num_workers: int, num_arrivals: int,
+    schedule: str | None = None,
+) -> np.ndarray:
+  """The whole run's order of arrivals (worker ids), from ``config.seed``.
+
+  ``schedule`` (default ``config.schedule``): ``cyclic``, ``shuffled`` or
+  ``gamma``.
+  """
+  schedule = schedule or config.schedule
   seed = int(np.random.SeedSequence([config.seed, 2]).generate_state(1)[0])
-  if config.schedule == "cyclic":
+  if schedule == "cyclic":
     return schedules.cyclic(num_workers, num_arrivals)
-  if config.schedule == "shuffled":
+  if schedule == "shuffled":
     rounds = -(-num_arrivals // num_workers)
     return schedules.shuffled_rounds(num_workers, rounds, seed)[:num_arrivals]
   return schedules.gamma_speeds(
@@ -222,7 +232,8 @@ class _Run:
     )
     self.evaluate = make_evaluate(apply, self.ds, config.eval_batch_size)
     self.arrivals = arrival_schedule(
-        config, self.num_workers, config.num_epochs * self.steps_per_epoch
+        config, self.num_workers, config.num_epochs * self.steps_per_epoch,
+        self.algorithm.arrival_schedule(config.schedule),
     )
 
   def init(self):
@@ -245,11 +256,7 @@ class _Run:
         start, stop,
     )
     batches = {"idx": idx, "step": np.arange(start, stop, dtype=np.int32)}
-    # TODO(h-exp): one call once SyncSimulator.replay takes `arrivals`.
-    if self.algorithm.synchronous:
-      state, metrics = self.sim.replay(state, batches)
-    else:
-      state, metrics = self.sim.replay(state, batches, self.arrivals[start:stop])
+    state, metrics = self.sim.replay(state, batches, self.arrivals[start:stop])
     return state, np.asarray(metrics["loss"]), np.asarray(metrics["staleness"])
 
   def record(self, state, epoch: int, loss, staleness, seconds: float) -> dict:
@@ -276,7 +283,7 @@ def summarize(config: Any, history: list[dict]) -> dict[str, Any]:
   return {
       "algorithm": config.algorithm,
       "workers": algorithm.effective_workers(config.num_workers),
-      "schedule": "sync" if algorithm.synchronous else config.schedule,
+      "schedule": algorithm.schedule_label(config.schedule),
       "seed": config.seed,
       "final_test_error": history[-1]["test_error"],
       "best_test_error": min(h["test_error"] for h in history),
@@ -302,36 +309,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   run_files.check_same_config(config, workdir)
+  summary = run_files.read_summary(workdir)
+  if summary is not None:  # Finished earlier: nothing to do.
+    return summary
   run = _Run(config)
-  with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
-    state, history = _restore(ckpt, run.init())
-    run_files.write_metrics(workdir, history)
-    desc = f"{config.algorithm} M={run.num_workers} seed={config.seed}"
-    bar = tqdm.tqdm(total=config.num_epochs, initial=len(history), desc=desc,
-                    unit="epoch", disable=not config.progress_bar, leave=False)
-    for epoch in range(len(history), config.num_epochs):
-      t0 = time.perf_counter()
-      state, loss, staleness = run.epoch(state, epoch)
-      jax.block_until_ready(state)
-      record = run.record(state, epoch, loss, staleness, time.perf_counter() - t0)
-      history.append(record)
-      if (epoch + 1) % config.checkpoint_every_epochs == 0 or (
-          epoch + 1 == config.num_epochs):
-        ckpt.save(epoch + 1, state, metadata={"epochs": history})
-      run_files.append_metrics(workdir, record)
-      bar.set_postfix(test_error=f"{record['test_error']:.4f}", refresh=False)
-      bar.update(1)
-      logging.info("%s epoch %d: %s", desc, epoch + 1, record)
-    bar.close()
+  if config.checkpoint_every_epochs:
+    with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+      history = _train(run, workdir, ckpt)
+  else:
+    history = _train(run, workdir, None)
   summary = summarize(config, history)
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  run_files.write_summary(workdir, summary)
   return summary
 
 
-def _restore(ckpt: Checkpointer, fresh_state: Any) -> tuple[Any, list[dict]]:
+def _train(run: _Run, workdir: str, ckpt: Checkpointer | None) -> list[dict]:
+  """Trains ``run`` from its latest checkpoint (if any) to the last epoch."""
+  config = run.config
+  state, history = _restore(ckpt, run.init())
+  run_files.write_metrics(workdir, history)
+  desc = f"{config.algorithm} M={run.num_workers} seed={config.seed}"
+  bar = tqdm.tqdm(total=config.num_epochs, initial=len(history), desc=desc,
+                  unit="epoch", disable=not config.progress_bar, leave=False)
+  for epoch in range(len(history), config.num_epochs):
+    t0 = time.perf_counter()
+    state, loss, staleness = run.epoch(state, epoch)
+    jax.block_until_ready(state)
+    record = run.record(state, epoch, loss, staleness, time.perf_counter() - t0)
+    history.append(record)
+    done = epoch + 1 == config.num_epochs
+    if ckpt and (done or (epoch + 1) % config.checkpoint_every_epochs == 0):
+      ckpt.save(epoch + 1, state, metadata={"epochs": history})
+    run_files.append_metrics(workdir, record)
+    bar.set_postfix(test_error=f"{record['test_error']:.4f}", refresh=False)
+    bar.update(1)
+    logging.info("%s epoch %d: %s", desc, epoch + 1, record)
+  bar.close()
+  return history
+
+
+def _restore(
+    ckpt: Checkpointer | None, fresh_state: Any
+) -> tuple[Any, list[dict]]:
   """The latest checkpoint's ``(state, history)``, or ``(fresh_state, [])``."""
-  restored = ckpt.restore_latest(fresh_state)
+  restored = ckpt.restore_latest(fresh_state) if ckpt else None
   if restored is None:
     return fresh_state, []
   history = restored.metadata["epochs"]

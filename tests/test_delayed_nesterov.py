@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hypothesis
 from hypothesis import strategies as st
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -48,27 +47,14 @@ def test_delayed_nesterov_dcasgd_matches_reference_server(
       lr, num_workers, period=period, momentum=beta, momentum_activation=c,
       lambda_=lambda_, adaptive=False,
   )
-  step = jax.jit(helpers.update_step(tx))
-  params = jax.tree.map(jnp.asarray, w0)
-  state = tx.init(params)
-  for i, m in enumerate(order):
-    g = helpers.random_tree(rng, spec)
-    ref.push(helpers.leaves_np(g), m)
-    ref.pull(m)
-    params, state = step(params, state, g, jnp.int32(m))
-    helpers.assert_close_to_reference(params, ref.w, f"params after push {i}")
+  helpers.replay_against_reference(tx, ref, w0, order, rng, spec)
 
 
 def test_period_one_is_nesterov_sgd_exactly():
   tx = dcasgd_optax.delayed_nesterov(0.1, 1, momentum=0.9)
   nesterov = optax.sgd(0.1, momentum=0.9, nesterov=True)
   params = {"a": jnp.ones((2, 3)), "b": jnp.zeros(3)}
-  state, want_state = tx.init(params), nesterov.init(params)
-  for seed in range(4):
-    g = helpers.grads_like(params, seed)
-    got, state = tx.update(g, state)
-    want, want_state = nesterov.update(g, want_state)
-    helpers.assert_bitwise_equal(got, want)
+  helpers.assert_same_updates_bitwise(tx, nesterov, params)
 
 
 def test_momentum_moves_the_model_only_at_the_end_of_a_period():

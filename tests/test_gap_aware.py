@@ -46,15 +46,7 @@ def test_gap_aware_sgd_matches_reference_server(
   )
   tx = dcasgd_optax.gap_aware_sgd(lr, num_workers, momentum=momentum,
                                   decay=decay)
-  step = jax.jit(helpers.update_step(tx))
-  params = jax.tree.map(jnp.asarray, w0)
-  state = tx.init(params)
-  for i, m in enumerate(order):
-    g = helpers.random_tree(rng, spec)
-    ref.push(helpers.leaves_np(g), m)
-    ref.pull(m)
-    params, state = step(params, state, g, jnp.int32(m))
-    helpers.assert_close_to_reference(params, ref.w, f"params after push {i}")
+  _, state = helpers.replay_against_reference(tx, ref, w0, order, rng, spec)
   for m in range(num_workers):
     helpers.assert_close_to_reference(
         dcasgd_optax.worker_params(state, m), ref.backup[m], f"backup {m}")

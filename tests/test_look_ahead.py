@@ -47,29 +47,15 @@ def test_dana_dc_matches_reference_server(
   )
   tx = dcasgd_optax.dana_dc(lr, num_workers, momentum=0.9, horizon=horizon,
                             lambda_=lambda_, adaptive=adaptive)
-  step = jax.jit(helpers.update_step(tx))
-  params = jax.tree.map(jnp.asarray, w0)
-  state = tx.init(params)
-  for i, m in enumerate(order):
-    g = helpers.random_tree(rng, spec)
-    ref.push(helpers.leaves_np(g), m)
-    ref.pull(m)
-    params, state = step(params, state, g, jnp.int32(m))
-    helpers.assert_close_to_reference(params, ref.w, f"params after push {i}")
-    helpers.assert_close_to_reference(
-        dcasgd_optax.worker_params(state, m), ref.backup[m], f"pull {i}")
+  helpers.replay_against_reference(tx, ref, w0, order, rng, spec,
+                                   check_pulls=True)
 
 
 def test_updates_are_heavy_ball_sgd_exactly():
   tx = dcasgd_optax.look_ahead_momentum(0.1, 0.9, horizon=5)
   sgd = optax.sgd(0.1, momentum=0.9)
   params = {"a": jnp.ones((2, 3)), "b": jnp.zeros(3)}
-  state, want_state = tx.init(params), sgd.init(params)
-  for seed in range(4):
-    g = helpers.grads_like(params, seed)
-    got, state = tx.update(g, state)
-    want, want_state = sgd.update(g, want_state)
-    helpers.assert_bitwise_equal(got, want)
+  helpers.assert_same_updates_bitwise(tx, sgd, params)
 
 
 def test_user_pulls_in_a_chain_go_through_the_look_ahead():

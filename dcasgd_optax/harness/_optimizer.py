@@ -39,6 +39,11 @@ def _backups_state(tx: Any, params: Any) -> Any:
   return states[0]
 
 
+def keeps_backups(tx: Any, params: Any) -> bool:
+  """Whether ``tx``'s state for ``params`` holds a DelayCompensationState."""
+  return _backups_state(tx, params) is not None
+
+
 def workers_of(tx: Any, params: Any, num_workers: int | None) -> int:
   """The number of workers for ``params``: ``tx``'s backups', else ``num_workers``.
 

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from dcasgd_optax._src import _checks as core_checks
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
+from dcasgd_optax.harness import _diagnostics
 from dcasgd_optax.harness import _optimizer
 from dcasgd_optax.harness import _plan
 from dcasgd_optax.harness import _slots
@@ -54,18 +55,19 @@ def default_strategy(mesh: Mesh, strategy: str | None) -> str:
   return strategy
 
 
-def stream_metrics(start_step: jax.Array, steps_A: Any, arrivals: np.ndarray,
-                   loss: jax.Array, staleness: jax.Array) -> dict[str, Any]:
+def stream_metrics(final_step: jax.Array, steps_A: np.ndarray,
+                   arrivals: np.ndarray, record: dict[str, Any]) -> dict[str, Any]:
   """The per-arrival record both simulators return (the keys Ray uses too).
 
-  ``step`` is the server step after the update that applied the arrival
-  (1-based): ``start_step + steps_A``.
+  ``record`` holds ``"loss"``, ``"staleness"`` and any diagnostics; this adds
+  ``"worker"`` (the arrivals) and ``"step"``, the server step after the
+  update that applied the arrival (1-based): ``final_step + steps_A``, with
+  ``steps_A`` counted back from the replay's last update (0).
   """
   return {
       "worker": jnp.asarray(arrivals),
-      "staleness": staleness,
-      "loss": loss,
-      "step": start_step + jnp.asarray(steps_A, jnp.int32),
+      "step": final_step + jnp.asarray(steps_A, jnp.int32),
+      **record,
   }
 
 
@@ -88,6 +90,9 @@ class SimulatorBase:
       vmap_slots: int | None = None,
       donate: bool = True,
       strategy: str | None = None,
+      diagnostics: bool = False,
+      diagnostics_every: int | None = None,
+      first_transform: Any = None,
   ):
     for name, value in (("num_workers", num_workers),
                         ("max_parallel", max_parallel),
@@ -104,6 +109,9 @@ class SimulatorBase:
     self._vmap_slots = _slots.default_vmap_slots(self.mesh, vmap_slots)
     self._max_parallel = max_parallel
     self._donate = donate
+    self._diagnostics = _diagnostics.make(
+        diagnostics, diagnostics_every, first_transform, has_model_state
+    )
     self._user_tx = tx
     self.tx = self._server_tx(tx, num_workers)
     self._workers: dict[Any, int] = {}
@@ -153,14 +161,19 @@ class SimulatorBase:
       )
     key = _checks.signature((state.params, state.model_state))
     if key not in self._abstract_states:
-      self._abstract_states[key] = _state.abstract_initial_state(
+      expected = _state.abstract_initial_state(
           self.tx, self.workers_for(state.params), state.params,
           state.model_state,
           per_worker_model_state=self._per_worker_model_state,
       )
+      self._check_diagnostics(expected)
+      self._abstract_states[key] = expected
     expected = self._abstract_states[key]
     _state.check_state(state, expected)
     return expected.last_pull.shape[0]
+
+  def _check_diagnostics(self, expected: SimState) -> None:
+    """Raises if the diagnostics cannot run for this state (see subclasses)."""
 
   def _check_batches(self, state: SimState, batches: Any, num: int) -> Any:
     """Checks ``batches`` against ``num`` arrivals and ``loss_fn``.

@@ -21,6 +21,7 @@ import numpy as np
 from dcasgd_optax.harness import _protocol
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
+from dcasgd_optax.harness import _diagnostics
 from dcasgd_optax.harness import _gathers
 from dcasgd_optax.harness import _optimizer
 from dcasgd_optax.harness import _plan
@@ -102,6 +103,21 @@ class Simulator(_protocol.SimulatorBase):
       convolutional net replays much faster with host chunks, and an MLP
       about as fast (figures in benchmarks/harness_throughput.md). Both give
       the same result to float rounding, each bitwise deterministic.
+    diagnostics: also measure whether compensation helps: for each sampled
+      arrival the server computes the fresh gradient :math:`f` on the same
+      batch at its current model (before the update) and compares with it
+      the pushed gradient :math:`g` and the direction :math:`d` the first
+      transformation of its chain made of it (see Returns). The extra cost
+      is one gradient per sampled arrival. Not with ``has_model_state``.
+    diagnostics_every: sample only the arrivals whose server step before
+      their update is a multiple of it (implies ``diagnostics``; ``True``
+      samples every arrival). Unsampled arrivals get NaN.
+    first_transform: the transformation that starts ``tx``'s chain, whose
+      output is the applied direction :math:`d` (it is run again on the
+      pushed gradient with its own part of the server's state, found in
+      ``tx``'s state by its structure). Needed for diagnostics when ``tx``
+      keeps its own DelayCompensationState; for an optimizer without one,
+      :math:`d = g` (plain ASGD applies what was pushed).
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -127,20 +143,29 @@ class Simulator(_protocol.SimulatorBase):
 
   def _make_programs(self) -> None:
     """The jitted replay (``"compiled"``) or chunk step (``"host_chunks"``)."""
-    args = (self._loss_with_state, self.tx, self.mesh, self._vmap_slots)
-    tx_pulls = _optimizer.pulls_in_update(self._user_tx)
+    replay = _programs.Replay(
+        self._loss_with_state, self.tx, self.mesh, self._vmap_slots,
+        tx_pulls=_optimizer.pulls_in_update(self._user_tx),
+        diagnostics=self._diagnostics,
+    )
     if self.strategy == "compiled":
       self._program = jax.jit(
-          functools.partial(_programs.replay_program, *args,
-                            tx_pulls=tx_pulls),
+          functools.partial(_programs.replay_program, replay),
           static_argnames=("chunk", "loss_dtype"),
           donate_argnums=(0,) if self._donate else (),
       )
     else:  # a copy is donated when the caller's state is not (replay)
       self._program = jax.jit(
-          functools.partial(_programs.chunk_program, *args, unroll=True,
-                            tx_pulls=tx_pulls),
+          functools.partial(_programs.chunk_program, replay, unroll=True),
           donate_argnums=(0,),
+      )
+
+  def _check_diagnostics(self, expected: SimState) -> None:
+    if self._diagnostics is not None:
+      _diagnostics.check(
+          self._diagnostics, expected.opt_state, expected.params,
+          tx_compensates=_optimizer.keeps_backups(self._user_tx,
+                                                  expected.params),
       )
 
   def _plan(self, arrivals: np.ndarray, params: Any,
@@ -168,7 +193,7 @@ class Simulator(_protocol.SimulatorBase):
   def replay(
       self, state: SimState, batches: Any, arrivals: Any
   ) -> tuple[SimState, dict[str, jax.Array]]:
-    """Replays ``arrivals`` from ``state`` (see ``strategy``).
+    r"""Replays ``arrivals`` from ``state`` (see ``strategy``).
 
     Args:
       state: from :meth:`init` or a previous ``replay`` (donated unless the
@@ -183,7 +208,11 @@ class Simulator(_protocol.SimulatorBase):
       entry per arrival: ``"worker"`` (the arrivals), ``"staleness"``
       (int32, server updates since that worker's last pull), ``"loss"`` (at
       the model the worker held, non-finite values included) and ``"step"``
-      (int32, the server step after this arrival's update, 1-based).
+      (int32, the server step after this arrival's update, 1-based). With
+      diagnostics also (float32, NaN where not sampled)
+      ``"stale_cosine"`` :math:`\cos(g, f)`, ``"applied_cosine"``
+      :math:`\cos(d, f)`, ``"stale_error"`` :math:`\|g - f\| / \|f\|` and
+      ``"applied_error"`` :math:`\|d - f\| / \|f\|`.
     """
     num_workers = self._check_state(state)
     arrivals = _checks.check_arrivals(arrivals, num_workers)
@@ -191,17 +220,17 @@ class Simulator(_protocol.SimulatorBase):
     plan = self._plan(arrivals, state.params, num_workers)
     batches = _devices.replicate(batches, self.mesh)
     if self.strategy == "compiled":
-      state, loss, staleness = self._program(
+      state, record = self._program(
           state, batches, arrivals, plan.starts, plan.lengths,
           np.int32(plan.num_chunks), chunk=plan.chunk, loss_dtype=loss.dtype,
       )
     else:
       if not self._donate:
         state = _gathers.copy_tree(state)
-      state, loss, staleness = _programs.replay_host_chunks(
+      state, record = _programs.replay_host_chunks(
           self._program, state, batches, arrivals, plan
       )
     steps_A = np.arange(1 - len(arrivals), 1)
     return state, _protocol.stream_metrics(
-        state.step, steps_A, arrivals, loss, staleness
+        state.step, steps_A, arrivals, record
     )

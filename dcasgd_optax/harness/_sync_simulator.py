@@ -133,6 +133,22 @@ def _sync_program(loss_with_state, tx, mesh, vmap_slots, num_workers, state,
   return state, loss_RxS.reshape(-1)
 
 
+def _fresh_by_construction(step_before_A: jax.Array,
+                           every: int) -> dict[str, jax.Array]:
+  """SSGD's diagnostics: every gradient is the fresh one, so on sampled
+  arrivals ``stale_cosine`` is 1 and ``stale_error`` 0 (no gradient is
+  computed for them); ``applied_*`` are NaN, as the server transforms the
+  round's mean, not each worker's gradient."""
+  sampled = step_before_A % every == 0
+  nan = jnp.full(step_before_A.shape, jnp.nan, jnp.float32)
+  return {
+      "stale_cosine": jnp.where(sampled, 1.0, nan),
+      "applied_cosine": nan,
+      "stale_error": jnp.where(sampled, 0.0, nan),
+      "applied_error": nan,
+  }
+
+
 def _check_rounds(arrivals: Any, num_workers: int, num: int) -> np.ndarray:
   """``arrivals`` (default: worker ``j`` computes batch ``r*M + j``) as
   rounds in which every worker arrives once."""
@@ -217,6 +233,13 @@ class SyncSimulator(_protocol.SimulatorBase):
       round's groups are computed outside any loop, one jitted call each,
       then one jitted update (state donated). Default ``"host_chunks"`` on
       CPU, ``"compiled"`` elsewhere (see :class:`Simulator`).
+    diagnostics, diagnostics_every, first_transform: as in
+      :class:`Simulator`, so one caller builds both. SSGD's gradients are
+      fresh by construction: sampled arrivals (a round is sampled when its
+      server step before the update is a multiple of ``diagnostics_every``)
+      report ``stale_cosine`` 1 and ``stale_error`` 0 with no extra
+      gradient, and ``applied_*`` NaN, as the server transforms the round's
+      mean, not each worker's gradient.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -295,7 +318,8 @@ class SyncSimulator(_protocol.SimulatorBase):
       ``(state, metrics)``, with :class:`Simulator`'s keys, one entry per
       arrival: ``"worker"``, ``"staleness"`` (all zeros), ``"loss"`` (each
       worker's loss at the round's params) and ``"step"`` (the server step
-      after its round's update, 1-based).
+      after its round's update, 1-based); with diagnostics also their four
+      keys (see ``diagnostics``).
     """
     num_workers = self._check_state(state)
     leaves = jax.tree.leaves(batches)
@@ -313,9 +337,16 @@ class SyncSimulator(_protocol.SimulatorBase):
                                             num_workers)
     num_rounds = rounds.rows_RxNxG.shape[0]
     steps_A = np.repeat(np.arange(1 - num_rounds, 1), num_workers)
+    record = {
+        "loss": loss_slots[rounds.loss_at],
+        "staleness": jnp.zeros((len(arrivals),), jnp.int32),
+    }
+    if self._diagnostics is not None:
+      record.update(_fresh_by_construction(
+          state.step + jnp.asarray(steps_A - 1), self._diagnostics.every
+      ))
     return state, _protocol.stream_metrics(
-        state.step, steps_A, arrivals, loss_slots[rounds.loss_at],
-        jnp.zeros((len(arrivals),), jnp.int32),
+        state.step, steps_A, arrivals, record
     )
 
   def _replay_host(self, state, batches, rounds, num_workers):

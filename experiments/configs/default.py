@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Bookkeeping.
   c.seed = 0
   c.eval_batch_size = 500
-  c.checkpoint_every_epochs = 1
+  c.checkpoint_every_epochs = 1  # 0: never (an interrupted run restarts)
   c.progress_bar = True
   # The grid run by experiments.compare (sequential runs once per seed).
   c.grid = ml_collections.ConfigDict()
