@@ -1,0 +1,189 @@
+"""dcasgd_optax.ray.train on a local Ray, against independent references.
+
+The real runs are replayed: one shard against the simulator (the trace's
+arrival order and batches give the same final params), several shards
+against a one-push-at-a-time NumPy loop driven by each shard's own trace,
+one worker against a sequential optax loop. Failures live in
+test_ray_faults.py (slow), a two-node cluster in test_ray_cluster.py (slow).
+"""
+
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ray_helpers import alive_actors
+from ray_helpers import arrivals_from_trace
+from ray_helpers import check_exactly_once
+from ray_helpers import digits_problem
+from ray_helpers import local_ray  # pylint: disable=unused-import
+from ray_helpers import ray
+from ray_helpers import ray_env  # pylint: disable=unused-import
+from ray_helpers import trace_batches
+
+pytest.importorskip("orbax.checkpoint")
+
+import dcasgd_optax  # pylint: disable=g-import-not-at-top
+import dcasgd_optax.ray as dray  # pylint: disable=g-import-not-at-top
+from dcasgd_optax.harness import Simulator  # pylint: disable=g-import-not-at-top
+
+# ray.init forks after JAX has started threads; the children exec at once.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+
+
+def _bf16(x):
+  return np.asarray(x).astype(jnp.bfloat16).astype(np.float32)
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_one_shard_run_replays_exactly_in_the_simulator():
+  loss_fn, data_fn, params, accuracy = digits_problem()
+  tx = dcasgd_optax.dcasgd(0.5, num_workers=3)
+  result = dray.train(loss_fn, tx, params, data_fn, num_updates=90)
+  rec = result.records
+  assert result.step == 90 and isinstance(rec, dict)
+  np.testing.assert_array_equal(rec.step, np.arange(1, 91))
+  np.testing.assert_array_equal(rec["staleness"], rec.staleness)
+  check_exactly_once(rec, 3)
+  assert not rec.skipped.any() and set(rec.worker.tolist()) == {0, 1, 2}
+  assert accuracy(result.params) > 0.8  # Chance is 0.1.
+  # The simulator, fed the trace's arrival order and the same batches.
+  sim = Simulator(loss_fn, tx, num_workers=3)
+  state, metrics = sim.replay(sim.init(params), trace_batches(data_fn, rec),
+                              arrivals_from_trace(rec))
+  np.testing.assert_array_equal(metrics["staleness"], rec.staleness)
+  np.testing.assert_allclose(metrics["loss"], rec.loss, rtol=2e-5, atol=2e-6)
+  chex.assert_trees_all_close(state.params, result.params, rtol=1e-4,
+                              atol=1e-6)
+  assert 0.0 < result.server_share < 1.0 and result.shard_times.shape == (1,)
+  assert not alive_actors()
+
+
+def _sharded_reference(loss_fn, data_fn, params, layout, traces, lr, lam):
+  """DC-ASGD-c on each shard's slice, one push at a time, in each shard's
+  own order (``traces``): a worker computes gradient ``s`` once every shard
+  processed its gradient ``s - 1``, at the pieces they sent back."""
+  split = lambda tree: [[np.asarray(p, np.float32) for p in s]
+                        for s in layout.split(tree)]
+  shards = split(jax.device_get(params))
+  num_workers = 1 + max(int(t["worker"].max()) for t in traces)
+  held = [[list(s) for s in shards] for _ in range(num_workers)]
+  backups = [[list(s) for s in shards] for _ in range(num_workers)]
+  done = np.full((len(traces), num_workers), -1)
+  grads, pos = {}, [0] * len(traces)
+  grad_fn = jax.grad(loss_fn)
+  while any(p < len(t["worker"]) for p, t in zip(pos, traces)):
+    for k, trace in enumerate(traces):
+      if pos[k] == len(trace["worker"]):
+        continue
+      m, s = int(trace["worker"][pos[k]]), int(trace["seq"][pos[k]])
+      if (m, s) not in grads:
+        if not (done[:, m] >= s - 1).all():
+          continue  # Not computable yet: another shard is behind.
+        full = layout.join(held[m])
+        grads[(m, s)] = split(grad_fn(full, data_fn(m, s)))
+      g = grads[(m, s)][k]
+      if all(np.isfinite(x).all() for s_ in grads[(m, s)] for x in s_):
+        shards[k] = [w - lr * (x + lam * x * x * (w - b))
+                     for w, x, b in zip(shards[k], g, backups[m][k])]
+      held[m][k] = backups[m][k] = list(shards[k])
+      done[k, m], pos[k] = s, pos[k] + 1
+  return layout.join(shards)
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_two_shards_apply_delay_compensation_exactly_and_skip_a_nan():
+  loss_fn, data_fn, params, _ = digits_problem(nan_at=(1, 2))
+  lr, lam = 0.5, 2.0
+  tx = optax.chain(dcasgd_optax.delay_compensation(2, lam), optax.sgd(lr))
+  result = dray.train(loss_fn, tx, params, data_fn, 2, 40, num_shards=2)
+  rec = result.records
+  check_exactly_once(rec, 2)
+  assert len(result.shard_records) == 2
+  for trace in result.shard_records:  # Every shard got every gradient once.
+    check_exactly_once(trace, 2)
+    np.testing.assert_array_equal(trace["step"], np.arange(1, 41))
+  skipped = rec.skipped & (rec.worker == 1) & (rec.seq == 2)
+  assert rec.skipped.sum() == 1 and skipped.sum() == 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(
+      (result.params, result.opt_state)))
+  layout = dray.make_layout(params, 2)
+  want = _sharded_reference(loss_fn, data_fn, params, layout,
+                            result.shard_records, lr, lam)
+  chex.assert_trees_all_close(result.params, want, rtol=1e-4, atol=1e-6)
+
+
+def _sequential_reference(loss_fn, tx, params, data_fn, num_updates):
+  """One worker, one optax step at a time; params and gradients rounded to
+  bfloat16 where they travel."""
+  state = tx.init(params)
+  for seq in range(num_updates):
+    held = jax.tree.map(_bf16, params)
+    state = dcasgd_optax.record_pull(state, held, 0)
+    grads = jax.grad(loss_fn)(held, data_fn(0, seq))
+    grads = jax.tree.map(_bf16, grads)
+    updates, state = tx.update(grads, state, params, worker=0)
+    params = optax.apply_updates(params, updates)
+  state = dcasgd_optax.record_pull(state, jax.tree.map(_bf16, params), 0)
+  return params, state
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_three_shards_in_bfloat16_resume_and_match_a_sequential_loop(
+    tmp_path):
+  loss_fn, data_fn, params, _ = digits_problem()
+  tx = optax.chain(dcasgd_optax.delay_compensation(1, 2.0, adaptive=True),
+                   optax.sgd(0.3, momentum=0.9))
+  run = lambda n, **kw: dray.train(
+      loss_fn, tx, params, data_fn, 1, n, num_shards=3,
+      wire_dtype=jnp.bfloat16, checkpoint_dir=str(tmp_path), **kw)
+  first = run(20, checkpoint_every=10)
+  saved = {p.name: sorted(os.listdir(p)) for p in tmp_path.iterdir()}
+  assert saved == {f"shard-{k}-of-3": ["10", "20"] for k in range(3)}
+  resumed = run(30, resume=True)
+  np.testing.assert_array_equal(first.records.seq, np.arange(20))
+  np.testing.assert_array_equal(resumed.records.step, np.arange(21, 31))
+  want_params, want_state = _sequential_reference(loss_fn, tx, params,
+                                                  data_fn, 30)
+  chex.assert_trees_all_close((resumed.params, resumed.opt_state),
+                              (want_params, want_state), rtol=1e-5, atol=1e-6)
+
+
+def _num_actors():
+  """How many actors Ray has ever started (0 if Ray is not running)."""
+  if not ray.is_initialized():
+    return 0
+  return len(ray._private.state.actors())  # pylint: disable=protected-access
+
+
+@pytest.mark.usefixtures("ray_env")
+def test_bad_arguments_fail_before_any_actor_starts():
+  was_running, before = ray.is_initialized(), _num_actors()
+  loss_fn, data_fn, params, _ = digits_problem()
+  sgd = optax.sgd(0.1)
+  bad = [
+      (dict(tx=dcasgd_optax.dcasgd(0.1, 4)), "`num_workers` is 3"),
+      (dict(num_workers=None), "`num_workers` is None"),
+      (dict(num_updates=0), "num_updates"),
+      (dict(resume=True), "checkpoint_dir"),
+      (dict(num_shards=0), r"`num_shards` must be in \[1, 650\]"),
+      (dict(num_shards=651), r"`num_shards` must be in \[1, 650\]"),
+      (dict(num_shards=2, server_options=[{}]), "one per shard"),
+      (dict(data_fn=lambda m, s: (np.zeros((8, 63)), np.zeros(8, int))),
+       "does not fit `loss_fn`"),
+      (dict(tx=optax.adafactor(0.1, min_dim_size_to_factor=8), num_shards=2),
+       "cannot be split"),
+      (dict(wire_dtype=np.int8), "wire_dtype"),
+  ]
+  for kwargs, match in bad:
+    args = dict(loss_fn=loss_fn, tx=sgd, params=params, data_fn=data_fn,
+                num_workers=3, num_updates=10)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+      dray.train(**args)
+  assert ray.is_initialized() == was_running  # Nothing was started.
+  assert _num_actors() == before
