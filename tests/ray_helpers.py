@@ -41,7 +41,8 @@ def digits_problem(fault=None, marker=None, pad=0, nan_at=None):
 
   Args:
     fault: ``(kind, worker, seq, target)``, done in ``data_fn`` the first
-      time gradient ``seq`` of ``worker`` (None: any worker) is loaded:
+      time a worker actor loads gradient ``seq`` of ``worker`` (None: any
+      worker):
       ``"kill_self"``: the worker's actor is killed (restart allowed) in the
       middle of that gradient; ``"kill_actor"``: the actor named ``target``
       is killed; ``"kill_before_push"``: the actor named ``target`` (a shard)
@@ -72,6 +73,8 @@ def digits_problem(fault=None, marker=None, pad=0, nan_at=None):
   def maybe_fault(worker, seq):
     if fault is None or fault[1] not in (None, worker) or seq != fault[2]:
       return
+    if ray.get_runtime_context().get_actor_id() is None:
+      return  # Called by train's check in the driver, not by a worker.
     if marker and os.path.exists(marker):
       return
     if marker:

@@ -93,6 +93,14 @@ class Layout(NamedTuple):
     """The params-shaped tree made of each shard's pieces (see :func:`join`)."""
     return join(self, pieces_by_shard)
 
+  def shard_tree(self, shard: int, pieces: Sequence[Any]) -> Any:
+    """Shard ``shard``'s params-structured tree (see :func:`shard_tree`)."""
+    return shard_tree(self, shard, pieces)
+
+  def join_states(self, init: Any, states: Sequence[Any]) -> Any:
+    """The full optax state from each shard's (see :func:`join_states`)."""
+    return join_states(init, self, states)
+
 
 def _leaf_specs(params: Any) -> tuple[Any, list[tuple[int, ...]], list[Any]]:
   """``params``' tree structure, leaf shapes and leaf dtypes."""
@@ -102,9 +110,13 @@ def _leaf_specs(params: Any) -> tuple[Any, list[tuple[int, ...]], list[Any]]:
 
 
 def _balance(sizes: Sequence[int], num_shards: int) -> list[list[Piece]]:
-  """Largest leaves first, whole to the least-loaded shard, cut if too big."""
-  total = sum(sizes)
-  cap = -(-total // num_shards)
+  """Largest leaves first, whole to the least-loaded shard, cut if too big.
+
+  A shard takes at most an equal share (plus ``_SLACK`` for a whole leaf),
+  and never so much that another shard would be left empty.
+  """
+  remaining = sum(sizes)
+  cap = -(-remaining // num_shards)
   slack = int(cap * _SLACK)
   load = [0] * num_shards
   shards: list[list[Piece]] = [[] for _ in range(num_shards)]
@@ -114,13 +126,16 @@ def _balance(sizes: Sequence[int], num_shards: int) -> list[list[Piece]]:
       shards[0].append(Piece(leaf, 0, 0))
     while start < size:
       k = min(range(num_shards), key=lambda j: (load[j], j))
-      if start == 0 and load[k] + size <= cap + slack:
+      # Leave at least one element for every other empty shard.
+      most = remaining - sum(1 for j, n in enumerate(load) if not n and j != k)
+      if start == 0 and load[k] + size <= cap + slack and size <= most:
         take = size
       else:
-        take = min(size - start, max(cap - load[k], 1))
+        take = max(1, min(size - start, cap - load[k], most))
       shards[k].append(Piece(leaf, start, start + take))
       load[k] += take
       start += take
+      remaining -= take
   return [sorted(s) for s in shards]
 
 

@@ -248,7 +248,7 @@ class ParameterServer:
     opt_state, pieces = self._pull(s.params, s.opt_state, np.int32(worker))
     s.last_pull[worker] = s.step
     self._state = s._replace(opt_state=opt_state)
-    return Pulled(int(s.step), [np.array(x) for x in pieces], True)
+    return Pulled(int(s.step), [np.asarray(x) for x in pieces], True)
 
   def attach(self, worker: int, epoch: int) -> int:
     """A restarted worker (incarnation ``epoch``) attaches: returns its last seq.
@@ -316,7 +316,7 @@ class ParameterServer:
     s.last_pull[worker] = s.step + 1
     self._state = s._replace(params=params, opt_state=opt_state,
                              step=s.step + 1)
-    pulled = Pulled(int(s.step + 1), [np.array(x) for x in pieces],
+    pulled = Pulled(int(s.step + 1), [np.asarray(x) for x in pieces],
                     self.grant(worker))
     seconds = time.perf_counter() - start
     self.busy_seconds += seconds

@@ -50,8 +50,8 @@ class TrainResult(NamedTuple):
     worker_failures: int64 ``[num_workers]``, per worker, how many times it
       died (or became unreachable) and was restarted.
     shard_records: each shard's own trace (fields ``worker``, ``seq``,
-      ``step``, ``staleness``, ``time``, ``server_time``, ``skipped``), in
-      the order that shard processed the gradients.
+      ``step``, ``staleness``, ``time``, ``server_time``, ``skipped``, as in
+      ``records``), in the order that shard processed the gradients.
     shard_times: float64 ``[num_shards]``, seconds each shard was busy.
   """
 
@@ -218,6 +218,8 @@ def _finish(driver: _driver.Driver, start_time: float, num_updates: int,
     driver.save()
   traces = ray.get([s.trace.remote() for s in shards])
   records = _records.merge(traces, start_time)
+  for trace in traces:
+    trace["time"] = trace["time"] - start_time
   wall_time = float(records.time[-1]) if len(records.time) else 0.0
   shard_times = np.array(ray.get([s.close.remote() for s in shards]))
   results = ray.get([s.result.remote() for s in shards])
@@ -230,7 +232,7 @@ def _finish(driver: _driver.Driver, start_time: float, num_updates: int,
     opt_state = results[0][2]
   else:
     init = optax.with_extra_args_support(tx).init
-    opt_state = _layout.join_states(init, layout, [r[2] for r in results])
+    opt_state = layout.join_states(init, [r[2] for r in results])
   return TrainResult(
       params=params, opt_state=opt_state, step=num_updates, records=records,
       wall_time=wall_time, server_time=float(shard_times.max()),
