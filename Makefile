@@ -33,8 +33,13 @@ test-slow: $(VENV)/.installed-dev
 	$(PY) -m pytest -n auto -m slow $(PYTEST_ARGS)
 
 # The same suite on Python 3.12, which gets the newest JAX (0.12 at the time of writing).
+# Under pyenv a bare `python3.12` may be a shim that refuses to run, so the
+# interpreter is looked up in pyenv's versions too.
+PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python3.12 2>/dev/null); do \
+	$$p -c '' 2>/dev/null && { echo $$p; break; }; done)
 test-py312:
-	$(MAKE) test PYTHON=python3.12 VENV=.venv-py312
+	@test -n "$(PYTHON312)" || { echo "No Python 3.12 found; set PYTHON312=/path/to/python3.12"; exit 1; }
+	$(MAKE) test PYTHON=$(PYTHON312) VENV=.venv-py312
 
 demo: $(VENV)/.installed-experiments
 	$(PY) -m experiments.compare --config=experiments/configs/demo.py --workdir=$(DEMO_DIR)

@@ -35,27 +35,23 @@ from ml_collections import config_flags
 
 from dcasgd_optax.harness import schedules
 from experiments import algorithms
-from experiments import checkpointing
 from experiments import reporting
+from experiments import run_files
 from experiments import train
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all runs and the report.")
-config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
-
 
 def run_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
   """One config per run of ``config.grid``, all validated before any runs."""
   grid = config.grid
-  for a in grid.algorithms:
-    algorithms.check_name(a)
+  chosen = [algorithms.get(a) for a in grid.algorithms]
   configs = []
   for m in sorted(grid.num_workers):
-    for a in grid.algorithms:
-      if a == "sequential" and m != min(grid.num_workers):
-        continue
+    for a in chosen:
+      if a.single_worker and m != min(grid.num_workers):
+        continue  # It runs once per seed.
       for seed in grid.seeds:
         c = ml_collections.ConfigDict(config.to_dict())
-        c.algorithm, c.num_workers, c.seed = a, 1 if a == "sequential" else m, seed
+        c.algorithm, c.seed = a.name, seed
+        c.num_workers = a.effective_workers(m)
         train.validate(c)
         configs.append(c)
   return configs
@@ -79,7 +75,7 @@ def report(config: Any, workdir: str, rows: list[dict], dirs: list[str]) -> str:
   histories: dict[tuple[str, int], list] = {}
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     for row, d in zip(rows, dirs):
-      history = checkpointing.read_metrics(d)
+      history = run_files.read_metrics(d)
       histories.setdefault((row["algorithm"], row["workers"]), []).append(history)
       for record in history:
         keys = ("algorithm", "workers", "schedule", "seed")
@@ -120,11 +116,16 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   # Runs that differ only in their seed compile to the same program: a
   # persistent cache lets every seed after the first skip compilation.
-  jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "jax_cache"))
+  workdir = flags.FLAGS.workdir
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-  compare(flags.FLAGS.config, _WORKDIR.value)
+  compare(flags.FLAGS.config, workdir)
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so that importing this
+  # module next to another experiment's does not define them twice.
+  flags.DEFINE_string("workdir", None, "Directory for all runs and the report.")
+  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

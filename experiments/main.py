@@ -18,19 +18,17 @@ from ml_collections import config_flags
 
 from experiments import train
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
-config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  summary = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+  summary = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
+  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

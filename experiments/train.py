@@ -9,16 +9,22 @@ machine.
 
 Per epoch the run replays that epoch's gradients through the simulator
 (with no per-arrival Python), evaluates the test error, appends a line to
-``workdir/metrics.jsonl`` and saves an orbax checkpoint. Rerunning with the
-same ``workdir`` resumes from the latest checkpoint and ends with exactly
-the result of an uninterrupted run. The final summary is
-``workdir/summary.json``.
+``workdir/metrics.jsonl`` and, every ``config.checkpoint_every_epochs``
+epochs (never if 0), saves a checkpoint
+(:class:`dcasgd_optax.checkpoint.Checkpointer` under
+``workdir/checkpoints``: the whole simulator state, i.e. params, optimizer
+state with the per-worker backups, model states, step and last pulls, plus
+the metrics history so far). Everything else a run needs (data order,
+arrival schedule, augmentation keys) is recomputed from the config, so
+rerunning with the same ``workdir`` resumes from the latest checkpoint and
+ends with exactly the result of an uninterrupted run. The final summary is
+``workdir/summary.json``; a ``workdir`` that holds one is finished, and
+rerunning returns it without training.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -31,18 +37,26 @@ import optax
 import tqdm
 from absl import logging
 
+from dcasgd_optax.checkpoint import Checkpointer
 from dcasgd_optax.harness import schedules
 from experiments import algorithms
-from experiments import checkpointing
 from experiments import data
 from experiments import models
+from experiments import run_files
 
 SCHEDULES = ("cyclic", "shuffled", "gamma")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails fast, with the valid choices, on a config that cannot run."""
-  algorithms.check_name(config.algorithm)
+  algorithm = algorithms.get(config.algorithm)
+  algorithms.check_optimizer(config.optimizer)
+  if not algorithm.applies_to(config):
+    raise ValueError(
+        f"config.algorithm={config.algorithm!r} needs "
+        f"{algorithm.requirement()}; got config.optimizer="
+        f"{config.optimizer!r} with momentum {config.momentum}."
+    )
   data.check_name(config.dataset)
   if config.model not in models.MODELS:
     raise ValueError(
@@ -54,10 +68,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"Unknown schedule {config.schedule!r}; valid choices: "
         f"{', '.join(SCHEDULES)}."
     )
-  for name in ("num_workers", "batch_size", "num_epochs", "eval_batch_size"):
-    value = config[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"config.{name} must be an int >= 1, got {value!r}.")
+  for name in ("num_workers", "batch_size", "num_epochs", "eval_batch_size",
+               "checkpoint_every_epochs"):
+    value, low = config[name], 0 if name == "checkpoint_every_epochs" else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f"config.{name} must be an int >= {low}, got {value!r}.")
   if not config.learning_rate > 0:
     raise ValueError(
         f"config.learning_rate must be > 0, got {config.learning_rate!r}."
@@ -96,12 +111,20 @@ def gradient_indices(
   return np.concatenate(rows)[start - first : stop - first].astype(np.int32)
 
 
-def arrival_schedule(config: Any, num_workers: int, num_arrivals: int) -> np.ndarray:
-  """The whole run's order of arrivals (worker ids), from ``config.seed``."""
+def arrival_schedule(
+    config: Any, num_workers: int, num_arrivals: int,
+    schedule: str | None = None,
+) -> np.ndarray:
+  """The whole run's order of arrivals (worker ids), from ``config.seed``.
+
+  ``schedule`` (default ``config.schedule``): ``cyclic``, ``shuffled`` or
+  ``gamma``.
+  """
+  schedule = schedule or config.schedule
   seed = int(np.random.SeedSequence([config.seed, 2]).generate_state(1)[0])
-  if config.schedule == "cyclic":
+  if schedule == "cyclic":
     return schedules.cyclic(num_workers, num_arrivals)
-  if config.schedule == "shuffled":
+  if schedule == "shuffled":
     rounds = -(-num_arrivals // num_workers)
     return schedules.shuffled_rounds(num_workers, rounds, seed)[:num_arrivals]
   return schedules.gamma_speeds(
@@ -109,17 +132,18 @@ def arrival_schedule(config: Any, num_workers: int, num_arrivals: int) -> np.nda
   )
 
 
-def epoch_range(algorithm: str, num_workers: int, s: int, epoch: int) -> tuple[int, int]:
+def epoch_range(
+    gradients_per_update: int, steps_per_epoch: int, epoch: int
+) -> tuple[int, int]:
   """Gradients ``[start, stop)`` of the stream that epoch ``epoch`` applies.
 
-  Asynchronous and sequential runs apply gradients ``[e S, (e+1) S)``; SSGD
-  applies whole rounds of ``M``, those of rounds
-  ``floor(e S / M) .. floor((e+1) S / M) - 1``.
+  With ``G`` gradients per server update (1 for asynchronous and sequential
+  runs, ``M`` for SSGD) an epoch applies whole updates: those of gradients
+  ``floor(e S / G) G .. floor((e+1) S / G) G - 1``, i.e. ``[e S, (e+1) S)``
+  when ``G = 1``.
   """
-  if algorithm != "ssgd":
-    return epoch * s, (epoch + 1) * s
-  m = num_workers
-  return (epoch * s // m) * m, ((epoch + 1) * s // m) * m
+  g, s = gradients_per_update, steps_per_epoch
+  return (epoch * s // g) * g, ((epoch + 1) * s // g) * g
 
 
 def make_loss(apply, ds: data.Dataset, rng: jax.Array):
@@ -185,10 +209,12 @@ class _Run:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    self.algorithm = config.algorithm
-    self.m = algorithms.effective_workers(config.algorithm, config.num_workers)
+    self.algorithm = algorithms.get(config.algorithm)
+    self.num_workers = self.algorithm.effective_workers(config.num_workers)
     self.ds = load_dataset(config.dataset, config.data_dir, config.download)
-    self.s = steps_per_epoch(len(self.ds.train_labels), config.batch_size)
+    self.steps_per_epoch = steps_per_epoch(
+        len(self.ds.train_labels), config.batch_size
+    )
     model = models.create(
         config.model, image_shape=self.ds.image_shape,
         num_classes=self.ds.num_classes, seed=config.seed,
@@ -197,22 +223,32 @@ class _Run:
     apply, self.params, self.model_state = models.functional(model)
     self.stateful = bool(jax.tree.leaves(self.model_state))
     rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-    loss3 = make_loss(apply, self.ds, rng)
-    loss_fn = loss3 if self.stateful else (lambda p, b: loss3(p, {}, b)[0])
+    stateful_loss = make_loss(apply, self.ds, rng)
+    loss_fn = (stateful_loss if self.stateful
+               else lambda p, b: stateful_loss(p, {}, b)[0])
     self.sim = algorithms.make_simulator(
-        config, loss_fn, steps_per_epoch=self.s, has_model_state=self.stateful
+        config, loss_fn, steps_per_epoch=self.steps_per_epoch,
+        has_model_state=self.stateful,
     )
     self.evaluate = make_evaluate(apply, self.ds, config.eval_batch_size)
-    if self.algorithm != "ssgd":
-      self.arrivals = arrival_schedule(config, self.m, config.num_epochs * self.s)
+    self.arrivals = arrival_schedule(
+        config, self.num_workers, config.num_epochs * self.steps_per_epoch,
+        self.algorithm.arrival_schedule(config.schedule),
+    )
 
   def init(self):
     ms = self.model_state if self.stateful else None
     return self.sim.init(self.params, ms)
 
+  def epoch_range(self, epoch: int) -> tuple[int, int]:
+    return epoch_range(
+        self.algorithm.gradients_per_update(self.num_workers),
+        self.steps_per_epoch, epoch,
+    )
+
   def epoch(self, state, epoch: int):
     """Replays epoch ``epoch``; returns the new state and the epoch's metrics."""
-    start, stop = epoch_range(self.algorithm, self.m, self.s, epoch)
+    start, stop = self.epoch_range(epoch)
     if stop == start:  # SSGD with more workers than gradients per epoch.
       return state, np.zeros((0,)), np.zeros((0,), np.int32)
     idx = gradient_indices(
@@ -220,10 +256,7 @@ class _Run:
         start, stop,
     )
     batches = {"idx": idx, "step": np.arange(start, stop, dtype=np.int32)}
-    if self.algorithm == "ssgd":
-      state, metrics = self.sim.replay(state, batches)
-    else:
-      state, metrics = self.sim.replay(state, batches, self.arrivals[start:stop])
+    state, metrics = self.sim.replay(state, batches, self.arrivals[start:stop])
     return state, np.asarray(metrics["loss"]), np.asarray(metrics["staleness"])
 
   def record(self, state, epoch: int, loss, staleness, seconds: float) -> dict:
@@ -232,7 +265,7 @@ class _Run:
     return {
         "epoch": epoch + 1,
         "updates": int(state.step),
-        "gradients": epoch_range(self.algorithm, self.m, self.s, epoch)[1],
+        "gradients": self.epoch_range(epoch)[1],
         "train_loss": float(np.mean(loss)) if loss.size else float("nan"),
         "test_error": float(error),
         "test_loss": float(test_loss),
@@ -245,11 +278,12 @@ class _Run:
 
 def summarize(config: Any, history: list[dict]) -> dict[str, Any]:
   """The run's row of ``results.csv``."""
+  algorithm = algorithms.get(config.algorithm)
   arrivals = sum(h["arrivals"] for h in history)
   return {
       "algorithm": config.algorithm,
-      "workers": algorithms.effective_workers(config.algorithm, config.num_workers),
-      "schedule": config.schedule if config.algorithm != "ssgd" else "sync",
+      "workers": algorithm.effective_workers(config.num_workers),
+      "schedule": algorithm.schedule_label(config.schedule),
       "seed": config.seed,
       "final_test_error": history[-1]["test_error"],
       "best_test_error": min(h["test_error"] for h in history),
@@ -274,13 +308,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   validate(config)
   os.makedirs(workdir, exist_ok=True)
-  checkpointing.check_same_config(config, workdir)
+  run_files.check_same_config(config, workdir)
+  summary = run_files.read_summary(workdir)
+  if summary is not None:  # Finished earlier: nothing to do.
+    return summary
   run = _Run(config)
-  state = run.init()
-  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint_every_epochs)
-  state, history = ckpt.restore_latest(state)
-  checkpointing.write_metrics(workdir, history)
-  desc = f"{config.algorithm} M={run.m} seed={config.seed}"
+  if config.checkpoint_every_epochs:
+    with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+      history = _train(run, workdir, ckpt)
+  else:
+    history = _train(run, workdir, None)
+  summary = summarize(config, history)
+  run_files.write_summary(workdir, summary)
+  return summary
+
+
+def _train(run: _Run, workdir: str, ckpt: Checkpointer | None) -> list[dict]:
+  """Trains ``run`` from its latest checkpoint (if any) to the last epoch."""
+  config = run.config
+  state, history = _restore(ckpt, run.init())
+  run_files.write_metrics(workdir, history)
+  desc = f"{config.algorithm} M={run.num_workers} seed={config.seed}"
   bar = tqdm.tqdm(total=config.num_epochs, initial=len(history), desc=desc,
                   unit="epoch", disable=not config.progress_bar, leave=False)
   for epoch in range(len(history), config.num_epochs):
@@ -289,14 +337,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     jax.block_until_ready(state)
     record = run.record(state, epoch, loss, staleness, time.perf_counter() - t0)
     history.append(record)
-    ckpt.save(epoch + 1, state, history, final=epoch + 1 == config.num_epochs)
-    checkpointing.append_metrics(workdir, record)
+    done = epoch + 1 == config.num_epochs
+    if ckpt and (done or (epoch + 1) % config.checkpoint_every_epochs == 0):
+      ckpt.save(epoch + 1, state, metadata={"epochs": history})
+    run_files.append_metrics(workdir, record)
     bar.set_postfix(test_error=f"{record['test_error']:.4f}", refresh=False)
     bar.update(1)
     logging.info("%s epoch %d: %s", desc, epoch + 1, record)
   bar.close()
-  ckpt.close()
-  summary = summarize(config, history)
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  return summary
+  return history
+
+
+def _restore(
+    ckpt: Checkpointer | None, fresh_state: Any
+) -> tuple[Any, list[dict]]:
+  """The latest checkpoint's ``(state, history)``, or ``(fresh_state, [])``."""
+  restored = ckpt.restore_latest(fresh_state) if ckpt else None
+  if restored is None:
+    return fresh_state, []
+  history = restored.metadata["epochs"]
+  if len(history) != restored.step:
+    raise ValueError(
+        f"Checkpoint {restored.step} in {ckpt.directory} holds "
+        f"{len(history)} epochs of metrics."
+    )
+  return restored.tree, history

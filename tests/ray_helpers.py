@@ -112,15 +112,6 @@ def digits_problem(fault=None, marker=None, pad=0, nan_at=None):
   return loss_fn, data_fn, params, accuracy
 
 
-def arrivals_from_trace(records):
-  """The workers in the order the server applied their gradients.
-
-  A stand-in for ``dcasgd_optax.harness.schedules.from_trace`` until it
-  lands: one server, so this is the simulator's arrival order.
-  """
-  return np.asarray(records["worker"])[np.argsort(records["step"])]
-
-
 def trace_batches(data_fn, records):
   """The batches of a trace, in step order, stacked for the simulator."""
   order = np.argsort(records["step"])

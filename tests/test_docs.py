@@ -65,6 +65,29 @@ def test_doctests_are_found_in_the_core_modules():
   assert result.attempted >= 5 and result.failed == 0
 
 
+def ray_extra_installed() -> bool:
+  try:
+    importlib.import_module("dcasgd_optax.ray")
+  except ModuleNotFoundError:
+    return False
+  return True
+
+
+def test_doctest_discovery_reaches_every_package():
+  """Guards the doctest test: it walks into the harness and Ray packages'
+  private modules (Ray's only when its extra is installed, since finding a
+  package's modules imports the package)."""
+  expected = {
+      "dcasgd_optax._src.delay_compensation",
+      "dcasgd_optax.harness._simulator",
+      "dcasgd_optax.harness._sync_simulator",
+      "dcasgd_optax.harness._schedules",
+  }
+  if ray_extra_installed():
+    expected |= {"dcasgd_optax.ray._train", "dcasgd_optax.ray._server"}
+  assert expected <= set(all_module_names())
+
+
 # --- public API -----------------------------------------------------------
 
 

@@ -5,13 +5,15 @@ papermill injects the overrides below after each notebook's cell tagged
 """
 
 import json
+import os
 import pathlib
 
 import pytest
 
 papermill = pytest.importorskip("papermill")
 
-NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
 
 # Small sizes, offline data; keys must exist in the notebook's parameters cell.
 OVERRIDES = {
@@ -48,6 +50,11 @@ def test_notebook_is_colab_ready(name):
 @pytest.mark.parametrize("name", sorted(OVERRIDES))
 def test_notebook_runs(name, tmp_path, monkeypatch):
   monkeypatch.setenv("MPLBACKEND", "Agg")
+  # The kernel runs outside the checkout: the repository's experiments/ (not
+  # installed by the wheel) reaches it through PYTHONPATH, as in Colab after
+  # the install cell's clone.
+  path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
   monkeypatch.chdir(tmp_path)
   # Each notebook prepares the offline digits in its own TFDS dir: parallel
   # tests never race on a shared ~/tensorflow_datasets.

@@ -17,7 +17,6 @@ import optax
 import pytest
 
 from ray_helpers import alive_actors
-from ray_helpers import arrivals_from_trace
 from ray_helpers import check_exactly_once
 from ray_helpers import digits_problem
 from ray_helpers import local_ray  # pylint: disable=unused-import
@@ -30,6 +29,7 @@ pytest.importorskip("orbax.checkpoint")
 import dcasgd_optax  # pylint: disable=g-import-not-at-top
 import dcasgd_optax.ray as dray  # pylint: disable=g-import-not-at-top
 from dcasgd_optax.harness import Simulator  # pylint: disable=g-import-not-at-top
+from dcasgd_optax.harness import schedules  # pylint: disable=g-import-not-at-top
 
 # ray.init forks after JAX has started threads; the children exec at once.
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
@@ -54,7 +54,7 @@ def test_one_shard_run_replays_exactly_in_the_simulator():
   # The simulator, fed the trace's arrival order and the same batches.
   sim = Simulator(loss_fn, tx, num_workers=3)
   state, metrics = sim.replay(sim.init(params), trace_batches(data_fn, rec),
-                              arrivals_from_trace(rec))
+                              schedules.from_trace(rec, num_workers=3))
   np.testing.assert_array_equal(metrics["staleness"], rec.staleness)
   np.testing.assert_allclose(metrics["loss"], rec.loss, rtol=2e-5, atol=2e-6)
   chex.assert_trees_all_close(state.params, result.params, rtol=1e-4,

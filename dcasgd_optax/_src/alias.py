@@ -1,4 +1,4 @@
-"""The full DC-ASGD optimizer: delay compensation, weight decay, SGD."""
+"""Full optimizers: each method of the library with weight decay, SGD and the pull after push."""
 
 from __future__ import annotations
 
@@ -9,8 +9,33 @@ import optax
 
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src.delay_compensation import delay_compensation
+from dcasgd_optax._src.delayed_nesterov import delayed_nesterov
+from dcasgd_optax._src.gap_aware import gap_aware
+from dcasgd_optax._src.look_ahead import look_ahead_momentum
 from dcasgd_optax._src.pull import find_states
-from dcasgd_optax._src.pull import record_pull
+from dcasgd_optax._src.pull import pull
+
+
+class PullAfterPush(optax.GradientTransformationExtraArgs):
+  """A transformation whose every ``update`` also performs the worker's pull.
+
+  :func:`pull_after_push` (and so :func:`dcasgd`) returns one. It is an
+  ``optax.GradientTransformationExtraArgs`` in every respect; its type only
+  tells a driver of asynchronous training that after
+  ``tx.update(..., worker=m)`` the pull of the new model is already recorded
+  (:func:`pull`), so the driver must not pull again. What the worker then
+  holds is ``worker_params(opt_state, m)``. Wrapping it in another
+  transformation (e.g. ``optax.inject_hyperparams``) hides the type; pulling
+  again is then redundant, not wrong.
+
+  Examples:
+    >>> import dcasgd_optax
+    >>> isinstance(dcasgd_optax.dcasgd(0.1, num_workers=2),
+    ...            dcasgd_optax.PullAfterPush)
+    True
+  """
+
+  __slots__ = ()
 
 
 def dcasgd(
@@ -25,7 +50,11 @@ def dcasgd(
     nesterov: bool = False,
     weight_decay: Any = 0.0,
     backup_dtype: Any = None,
-) -> optax.GradientTransformationExtraArgs:
+    per_worker_mean_square: bool = False,
+    bias_correction: bool = False,
+    lambda_warmup: Any = 0,
+    correction_clip: Any = None,
+) -> PullAfterPush:
   r"""DC-ASGD as one optimizer, with the worker's pull recorded after its push.
 
   Chains :func:`delay_compensation`, ``optax.add_decayed_weights`` (when
@@ -39,7 +68,7 @@ def dcasgd(
   step is Algorithm 1's pull right after push: ``update`` writes
   ``params + updates`` into worker ``m``'s backup. If your workers pull at
   other times, use :func:`delay_compensation` in your own chain and call
-  :func:`record_pull` when they do.
+  :func:`pull` when they do.
 
   A traced ``worker`` outside ``[0, num_workers)`` leaves the backups and
   DC-ASGD-a's statistics as they were, but the update is NaN and, with
@@ -59,10 +88,16 @@ def dcasgd(
     weight_decay: L2 coefficient added to the compensated gradient, >= 0.
     backup_dtype: dtype of the per-worker backups (see
       :func:`delay_compensation`).
+    per_worker_mean_square: DC-ASGD-a with one MeanSquare per worker, as the
+      authors' code (see :func:`delay_compensation`).
+    bias_correction: DC-ASGD-a's MeanSquare divided by :math:`1 - d^t`.
+    lambda_warmup: ramp λ up over this many updates (0: none).
+    correction_clip: bound the term by ``correction_clip * |g|`` per
+      coordinate (``None``: no bound).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
-    and the keyword ``worker``.
+    A :class:`PullAfterPush` (an ``optax.GradientTransformationExtraArgs``);
+    ``update`` needs ``params`` and the keyword ``worker``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -78,43 +113,68 @@ def dcasgd(
     >>> dcasgd_optax.worker_params(state, 3)['w']  # worker 3 pulled the result
     Array([ 0.8, -0.8], dtype=float32)
   """
+  _check_sgd_arguments(learning_rate, momentum, nesterov, weight_decay)
+  return pull_after_push(optax.chain(
+      _compensation(
+          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+          per_worker_mean_square, bias_correction, lambda_warmup,
+          correction_clip,
+      ),
+      *_decayed_weights(weight_decay),
+      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+  ))
+
+
+def _compensation(
+    num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+    per_worker_mean_square, bias_correction, lambda_warmup, correction_clip,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`delay_compensation` from a full optimizer's arguments, in order."""
+  return delay_compensation(
+      num_workers, lambda_, adaptive=adaptive, decay=decay, eps=eps,
+      backup_dtype=backup_dtype, per_worker_mean_square=per_worker_mean_square,
+      bias_correction=bias_correction, lambda_warmup=lambda_warmup,
+      correction_clip=correction_clip,
+  )
+
+
+def _check_sgd_arguments(learning_rate, momentum, nesterov, weight_decay):
+  if not isinstance(nesterov, bool):
+    raise TypeError(f"`nesterov` must be a bool, got {nesterov!r}.")
   if nesterov and momentum is None:
     raise ValueError("`nesterov=True` needs `momentum` (a float in [0, 1)).")
   if momentum is not None:
     _checks.check_scalar_range("momentum", momentum, low=0.0, high=1.0)
+  _check_common_arguments(learning_rate, weight_decay)
+
+
+def _check_common_arguments(learning_rate, weight_decay):
   _checks.check_scalar_range(
       "weight_decay", weight_decay, low=0.0, allow_schedule=True
   )
   if not callable(learning_rate):
     _checks.check_scalar_range("learning_rate", learning_rate, low=0.0)
-  parts = [
-      delay_compensation(
-          num_workers,
-          lambda_,
-          adaptive=adaptive,
-          decay=decay,
-          eps=eps,
-          backup_dtype=backup_dtype,
-      )
-  ]
+
+
+def _decayed_weights(weight_decay: Any) -> list[optax.GradientTransformation]:
+  """``[add_decayed_weights(weight_decay)]``, or ``[]`` for a static zero."""
   # Only a static Python zero drops the term: under inject_hyperparams the
   # value is an array (concrete in init, traced in a jitted update), and the
   # chain must have the same structure in both.
-  if not (isinstance(weight_decay, numbers.Real) and weight_decay == 0):
-    parts.append(optax.add_decayed_weights(weight_decay))
-  parts.append(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
-  return pull_after_push(optax.chain(*parts))
+  if isinstance(weight_decay, numbers.Real) and weight_decay == 0:
+    return []
+  return [optax.add_decayed_weights(weight_decay)]
 
 
-def pull_after_push(
-    inner: optax.GradientTransformation,
-) -> optax.GradientTransformationExtraArgs:
-  """Wraps ``inner`` so each update also records the pull of the new params.
+def pull_after_push(inner: optax.GradientTransformation) -> PullAfterPush:
+  """Wraps ``inner`` so each update also performs the pull of the new params.
 
-  After ``inner`` computes ``updates`` for worker ``m``, the state records
-  that ``m`` holds ``params + updates`` (:func:`record_pull`), i.e. the
-  worker pulls right after pushing, as in the paper's Algorithm 1. The
-  wrapper's state is ``inner``'s state itself.
+  After ``inner`` computes ``updates`` for worker ``m``, worker ``m`` pulls
+  ``params + updates`` (:func:`pull`: the state records what ``m`` now
+  holds), as in the paper's Algorithm 1 where the worker pulls right after
+  pushing. The wrapper's state is ``inner``'s state itself. The result is a
+  :class:`PullAfterPush`, so drivers know not to pull again; what the worker
+  holds afterwards is ``worker_params(state, m)``.
 
   A traced ``worker`` outside ``[0, num_workers)`` records no pull; the NaN
   update that :func:`delay_compensation` returns for it reaches the rest of
@@ -125,8 +185,8 @@ def pull_after_push(
     inner: a transformation containing :func:`delay_compensation`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` needing ``params`` and
-    ``worker`` in ``update``.
+    A :class:`PullAfterPush` (an ``optax.GradientTransformationExtraArgs``)
+    needing ``params`` and ``worker`` in ``update``.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -153,7 +213,227 @@ def pull_after_push(
     updates, state = inner.update(
         updates, state, params, worker=worker, **extra_args
     )
-    pulled = optax.apply_updates(params, updates)
-    return updates, record_pull(state, pulled, worker)
+    _, state = pull(state, optax.apply_updates(params, updates), worker)
+    return updates, state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return PullAfterPush(init_fn, update_fn)
+
+
+def gap_aware_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    num_workers: int,
+    *,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    weight_decay: Any = 0.0,
+    step_size: float | None = None,
+    decay: Any = 0.999,
+    eps: Any = 1e-8,
+    backup_dtype: Any = None,
+) -> PullAfterPush:
+  r"""Gap-Aware ASGD as one optimizer, with the pull after each push.
+
+  Chains :func:`gap_aware`, ``optax.add_decayed_weights`` (when
+  ``weight_decay > 0``) and ``optax.sgd``: the stale gradient is divided per
+  coordinate by :math:`1 + |w - b_m| / C`, then weight decay and SGD (with
+  momentum when set) apply, and worker ``m`` pulls the result.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    num_workers: number of asynchronous workers (>= 1).
+    momentum: heavy-ball momentum in [0, 1), or ``None`` for plain SGD.
+    nesterov: use Nesterov momentum.
+    weight_decay: L2 coefficient added after the penalty, >= 0.
+    step_size: :math:`\eta_{\max}` of :func:`gap_aware`, the size of a
+      typical step per unit of gradient RMS. ``None`` takes
+      ``learning_rate / (1 - momentum)`` (momentum's steady-state step);
+      required when ``learning_rate`` is a schedule (pass its peak).
+    decay: the gradient second moment's decay, in [0, 1).
+    eps: keeps :math:`C` positive, > 0.
+    backup_dtype: dtype of the per-worker backups.
+
+  Returns:
+    A :class:`PullAfterPush`; ``update`` needs ``params`` and ``worker``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import dcasgd_optax
+    >>> tx = dcasgd_optax.gap_aware_sgd(0.1, num_workers=4, momentum=0.9)
+    >>> state = tx.init({'w': jnp.ones(2)})
+    >>> updates, state = tx.update({'w': jnp.ones(2)}, state, {'w': jnp.ones(2)},
+    ...                            worker=1)  # fresh: no gap, plain SGD
+    >>> updates['w']
+    Array([-0.1, -0.1], dtype=float32)
+
+  References:
+    Barkai, Hakimi, Schuster, `Gap-Aware Mitigation of Gradient Staleness
+    <https://arxiv.org/abs/1909.10802>`_, ICLR 2020.
+  """
+  _check_sgd_arguments(learning_rate, momentum, nesterov, weight_decay)
+  if step_size is None:
+    if callable(learning_rate):
+      raise ValueError(
+          "`step_size` is required when `learning_rate` is a schedule: pass "
+          "the schedule's peak (divided by 1 - momentum with momentum)."
+      )
+    step_size = learning_rate / (1.0 - (momentum or 0.0))
+  return pull_after_push(optax.chain(
+      gap_aware(num_workers, step_size, decay=decay, eps=eps,
+                backup_dtype=backup_dtype),
+      *_decayed_weights(weight_decay),
+      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+  ))
+
+
+def dana_dc(
+    learning_rate: optax.ScalarOrSchedule,
+    num_workers: int,
+    *,
+    momentum: Any = 0.9,
+    horizon: Any = None,
+    lambda_: Any = None,
+    adaptive: bool = True,
+    weight_decay: Any = 0.0,
+    decay: Any = 0.95,
+    eps: Any = 1e-7,
+    backup_dtype: Any = None,
+    per_worker_mean_square: bool = False,
+    bias_correction: bool = False,
+    lambda_warmup: Any = 0,
+    correction_clip: Any = None,
+) -> PullAfterPush:
+  r"""DANA-DC: delay compensation, momentum SGD, and look-ahead pulls.
+
+  Chains :func:`delay_compensation`, ``optax.add_decayed_weights`` (when
+  ``weight_decay > 0``) and :func:`look_ahead_momentum`, with the pull after
+  each push: worker ``m`` receives the model ``horizon`` momentum steps
+  ahead, :math:`\hat w = w - \eta \sum_{k=1}^{H} \mu^k v`, computes its
+  gradient there, and the compensation term uses :math:`w - \hat w`.
+  ``lambda_=0`` gives the look-ahead alone (DANA with one momentum buffer).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    num_workers: number of asynchronous workers (>= 1).
+    momentum: heavy-ball momentum, in (0, 1) (the look-ahead needs it).
+    horizon: updates to look ahead, >= 0; ``None`` is ``num_workers - 1``,
+      the staleness of cyclic arrivals.
+    lambda_: compensation strength (``None``: the variant's default).
+    adaptive: DC-ASGD-a (default) or DC-ASGD-c.
+    weight_decay: L2 coefficient added to the compensated gradient, >= 0.
+    decay, eps, backup_dtype, per_worker_mean_square, bias_correction,
+      lambda_warmup, correction_clip: as in :func:`delay_compensation`.
+
+  Returns:
+    A :class:`PullAfterPush`; ``update`` needs ``params`` and ``worker``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import dcasgd_optax
+    >>> tx = dcasgd_optax.dana_dc(1.0, num_workers=3, momentum=0.5)
+    >>> params = {'w': jnp.zeros(1)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.ones(1)}, state, params, worker=0)
+    >>> optax.apply_updates(params, updates)['w']
+    Array([-1.], dtype=float32)
+    >>> dcasgd_optax.worker_params(state, 0)['w']  # -1 - (0.5 + 0.25) * v
+    Array([-1.75], dtype=float32)
+
+  References:
+    Hakimi, Barkai, Gabel, Schuster, `Taming Momentum in a Distributed
+    Asynchronous Environment <https://arxiv.org/abs/1907.11612>`_, 2019.
+    Zheng et al., `Asynchronous Stochastic Gradient Descent with Delay
+    Compensation <https://arxiv.org/abs/1609.08326>`_, ICML 2017.
+  """
+  if momentum is None:
+    raise ValueError(
+        "`momentum` is None: the look-ahead pull is read from the momentum "
+        "buffer; pass a momentum in (0, 1), or use `dcasgd` without one."
+    )
+  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  _check_common_arguments(learning_rate, weight_decay)
+  if horizon is None:
+    horizon = num_workers - 1
+  return pull_after_push(optax.chain(
+      _compensation(
+          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+          per_worker_mean_square, bias_correction, lambda_warmup,
+          correction_clip,
+      ),
+      *_decayed_weights(weight_decay),
+      look_ahead_momentum(learning_rate, momentum, horizon),
+  ))
+
+
+def delayed_nesterov_dcasgd(
+    learning_rate: optax.ScalarOrSchedule,
+    num_workers: int,
+    *,
+    period: int | None = None,
+    momentum: Any = 0.9,
+    momentum_activation: Any = 0.0,
+    lambda_: Any = None,
+    adaptive: bool = True,
+    weight_decay: Any = 0.0,
+    decay: Any = 0.95,
+    eps: Any = 1e-7,
+    backup_dtype: Any = None,
+    per_worker_mean_square: bool = False,
+    bias_correction: bool = False,
+    lambda_warmup: Any = 0,
+    correction_clip: Any = None,
+) -> PullAfterPush:
+  r"""DC-ASGD with delayed Nesterov momentum, with the pull after each push.
+
+  Chains :func:`delay_compensation`, ``optax.add_decayed_weights`` (when
+  ``weight_decay > 0``) and :func:`delayed_nesterov`: each compensated
+  gradient takes a plain step of :math:`\eta/N`, and the Nesterov momentum
+  moves once per ``period`` :math:`N` pushes. ``lambda_=0`` gives delayed
+  Nesterov ASGD alone.
+
+  Args:
+    learning_rate: :math:`\eta`, a float or an optax schedule.
+    num_workers: number of asynchronous workers (>= 1).
+    period: :math:`N \geq 1`, pushes per momentum step; ``None`` is
+      ``num_workers``.
+    momentum: :math:`\beta`, in [0, 1).
+    momentum_activation: :math:`c`, in [0, 1/period] (see
+      :func:`delayed_nesterov`).
+    lambda_: compensation strength (``None``: the variant's default).
+    adaptive: DC-ASGD-a (default) or DC-ASGD-c.
+    weight_decay: L2 coefficient added to the compensated gradient, >= 0.
+    decay, eps, backup_dtype, per_worker_mean_square, bias_correction,
+      lambda_warmup, correction_clip: as in :func:`delay_compensation`.
+
+  Returns:
+    A :class:`PullAfterPush`; ``update`` needs ``params`` and ``worker``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import dcasgd_optax
+    >>> tx = dcasgd_optax.delayed_nesterov_dcasgd(0.1, num_workers=4)
+    >>> state = tx.init({'w': jnp.ones(2)})
+    >>> updates, state = tx.update({'w': jnp.ones(2)}, state, {'w': jnp.ones(2)},
+    ...                            worker=2)
+    >>> updates['w']  # first push of the period: -0.1 * g / 4
+    Array([-0.025, -0.025], dtype=float32)
+
+  References:
+    Liu et al., `Asynchronous Local-SGD Training for Language Modeling
+    <https://arxiv.org/abs/2401.09135>`_, 2024.
+    Zheng et al., `Asynchronous Stochastic Gradient Descent with Delay
+    Compensation <https://arxiv.org/abs/1609.08326>`_, ICML 2017.
+  """
+  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  _check_common_arguments(learning_rate, weight_decay)
+  if period is None:
+    period = num_workers
+  return pull_after_push(optax.chain(
+      _compensation(
+          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+          per_worker_mean_square, bias_correction, lambda_warmup,
+          correction_clip,
+      ),
+      *_decayed_weights(weight_decay),
+      delayed_nesterov(learning_rate, period, momentum=momentum,
+                       momentum_activation=momentum_activation),
+  ))

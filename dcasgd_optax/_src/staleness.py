@@ -1,8 +1,8 @@
-"""Staleness-aware scaling (Zhang et al. 2016), a baseline for DC-ASGD."""
+"""Staleness-dependent step sizes: the gradient scaled by a function of its delay."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,21 +10,120 @@ import optax
 
 from dcasgd_optax._src import _checks
 
+STALENESS_RULES = ("inverse", "sqrt", "delay_adaptive")
 
-class ScaleByInverseStalenessState(NamedTuple):
+
+class ScaleByStalenessState(NamedTuple):
   """No state is kept; the staleness arrives with each update."""
 
 
+# The state of the alias `scale_by_inverse_staleness`, under its old name.
+ScaleByInverseStalenessState = ScaleByStalenessState
+
+
+def scale_by_staleness(
+    rule: str, *, num_workers: int | None = None
+) -> optax.GradientTransformationExtraArgs:
+  r"""Scales the updates by a function of the gradient's staleness.
+
+  With :math:`\tau` the number of server updates since the worker pulled
+  (:math:`\tau = 0` for a fresh gradient) and :math:`n` = ``num_workers``:
+
+  ============================  ==========================================
+  ``rule``                      scale
+  ============================  ==========================================
+  ``"inverse"``                 :math:`1 / \max(\tau, 1)` (Zhang et al.)
+  ``"sqrt"``                    :math:`1 / \sqrt{1 + \tau}`
+  ``"delay_adaptive"``          :math:`n / \max(n, \tau)` (Mishchenko et al.)
+  ============================  ==========================================
+
+  Chained before ``optax.sgd(eta)`` this is the step size
+  :math:`\eta \cdot \mathrm{scale}(\tau)`: staleness-aware ASGD's
+  :math:`\alpha_0/\tau`, the :math:`1/\sqrt{1+\tau}` damping used for stale
+  pseudo-gradients in asynchronous local-SGD, or the delay-adaptive step
+  :math:`\eta \, n / \max(n, \tau)` (the full step while the delay is within
+  the number of workers). The simulator passes ``staleness`` to every update.
+
+  Args:
+    rule: one of ``"inverse"``, ``"sqrt"``, ``"delay_adaptive"``.
+    num_workers: the number of workers :math:`n`, required by
+      ``"delay_adaptive"`` (and only used by it).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
+    keyword ``staleness`` (a non-negative integer scalar, may be traced).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import dcasgd_optax
+    >>> tx = optax.chain(dcasgd_optax.scale_by_staleness("sqrt"), optax.sgd(1.0))
+    >>> state = tx.init({'w': jnp.zeros(2)})
+    >>> updates, _ = tx.update({'w': jnp.ones(2)}, state, staleness=3)
+    >>> updates['w']  # -1 / sqrt(1 + 3)
+    Array([-0.5, -0.5], dtype=float32)
+
+  References:
+    Zhang, Gupta, Lian, Liu, `Staleness-aware Async-SGD for Distributed Deep
+    Learning <https://arxiv.org/abs/1511.05950>`_, IJCAI 2016.
+    Mishchenko, Bach, Even, Woodworth, `Asynchronous SGD Beats Minibatch SGD
+    Under Arbitrary Delays <https://arxiv.org/abs/2206.07638>`_, NeurIPS 2022.
+  """
+  scale_fn = _scale_fn(rule, num_workers)
+
+  def init_fn(params):
+    del params
+    return ScaleByStalenessState()
+
+  def update_fn(updates, state, params=None, *, staleness=None, **extra_args):
+    del params, extra_args
+    scale = scale_fn(_checked_staleness(staleness))
+    return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _scale_fn(rule: Any, num_workers: Any) -> Any:
+  """The scale as a function of the staleness, after checking the arguments."""
+  if rule not in STALENESS_RULES:
+    raise ValueError(
+        f"`rule` must be one of {', '.join(map(repr, STALENESS_RULES))}, got "
+        f"{rule!r}."
+    )
+  if rule == "delay_adaptive":
+    if num_workers is None:
+      raise ValueError(
+          '`num_workers` is required for rule="delay_adaptive" (the step is '
+          "eta * num_workers / max(num_workers, staleness))."
+      )
+    n = _checks.check_positive_int("num_workers", num_workers)
+    return lambda tau: n / jnp.maximum(n, tau)
+  if num_workers is not None:
+    _checks.check_positive_int("num_workers", num_workers)
+  if rule == "inverse":
+    return lambda tau: 1.0 / jnp.maximum(tau, 1)
+  return lambda tau: 1.0 / jnp.sqrt(1.0 + tau)
+
+
+def _checked_staleness(staleness: Any) -> jax.Array:
+  if staleness is None:
+    raise TypeError(
+        "Missing keyword argument `staleness`: the number of server updates "
+        "since the worker pulled (an int >= 0)."
+    )
+  value = _checks.concrete_value(staleness)
+  if value is not None and (value.shape != () or value < 0):
+    raise ValueError(f"`staleness` must be a scalar >= 0, got {staleness!r}.")
+  return jnp.asarray(staleness)
+
+
 def scale_by_inverse_staleness() -> optax.GradientTransformationExtraArgs:
-  r"""Divides the updates by the staleness of the gradient (staleness-aware ASGD).
+  r"""Divides the updates by the staleness (``scale_by_staleness("inverse")``).
 
   .. math::
     u \leftarrow u / \max(\tau, 1)
 
-  where :math:`\tau` is the number of server updates since the worker pulled
-  (so a fresh gradient, :math:`\tau = 0`, is left as it is). Chained with
-  ``optax.sgd(alpha0)`` this is the learning rate :math:`\alpha_0 / \tau` of
-  Zhang et al. The simulator passes ``staleness`` to every update.
+  Kept under its first name; identical to :func:`scale_by_staleness` with
+  ``rule="inverse"``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -43,24 +142,4 @@ def scale_by_inverse_staleness() -> optax.GradientTransformationExtraArgs:
     Zhang, Gupta, Lian, Liu, `Staleness-aware Async-SGD for Distributed Deep
     Learning <https://arxiv.org/abs/1511.05950>`_, IJCAI 2016.
   """
-
-  def init_fn(params):
-    del params
-    return ScaleByInverseStalenessState()
-
-  def update_fn(updates, state, params=None, *, staleness=None, **extra_args):
-    del params, extra_args
-    if staleness is None:
-      raise TypeError(
-          "Missing keyword argument `staleness`: the number of server updates "
-          "since the worker pulled (an int >= 0)."
-      )
-    value = _checks.concrete_value(staleness)
-    if value is not None and (value.shape != () or value < 0):
-      raise ValueError(
-          f"`staleness` must be a scalar >= 0, got {staleness!r}."
-      )
-    scale = 1.0 / jnp.maximum(jnp.asarray(staleness), 1)
-    return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return scale_by_staleness("inverse")

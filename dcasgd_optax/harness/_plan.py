@@ -19,8 +19,8 @@ from dcasgd_optax.harness import _devices
 # gradient; used only to pick the chunk length.
 _CHUNK_OVERHEAD = 1.0
 # On CPU a chunk's gradients are kept within this many bytes per device by
-# default, so they stay in cache: bigger chunks measured up to 1.7x slower
-# per gradient (benchmarks/harness_throughput.py).
+# default, so they stay in cache: bigger chunks are slower per gradient
+# (benchmarks/harness_throughput.md).
 _CPU_CHUNK_BYTES = 16 * 2**20
 
 

@@ -15,6 +15,7 @@ except ModuleNotFoundError as e:
   ) from e
 del _ocp, _ray
 
+from dcasgd_optax.ray._cluster import connect
 from dcasgd_optax.ray._layout import Layout
 from dcasgd_optax.ray._layout import make_layout
 from dcasgd_optax.ray._records import UpdateRecords
@@ -35,6 +36,7 @@ __all__ = (
     "Pulled",
     "TrainResult",
     "UpdateRecords",
+    "connect",
     "make_layout",
     "train",
 )

@@ -1,13 +1,14 @@
-"""Saving and restoring one server shard's state with orbax-checkpoint.
+"""One server shard's state, and where its checkpoints go.
 
-Shard ``k`` of ``K`` writes under ``checkpoint_dir/shard-k-of-K/<step>``.
-The driver saves every shard at the same step, when no gradient is in
+Shard ``k`` of ``K`` saves with the project's
+:class:`~dcasgd_optax.checkpoint.Checkpointer` under
+``checkpoint_dir/shard-k-of-K/<step>`` (directories readable by their owner
+only). The driver saves every shard at the same step, when no gradient is in
 flight (see :mod:`_driver`), so the checkpoints of one step are consistent
 with each other; a run resumes from the latest step that every shard holds.
-Saves are asynchronous: the arrays are copied to host memory first, so the
-shard may keep donating its device buffers while orbax writes. Orbax cannot
-save empty arrays (the leaves a shard does not hold): only the non-empty
-leaves are saved, by their index in the state's leaves.
+Orbax cannot save empty arrays (the leaves a shard does not hold, see
+:mod:`_layout`): only the non-empty leaves are saved, keyed by their index
+in the state's leaves, and the empty ones are rebuilt from the template.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+
+from dcasgd_optax._src.checkpoint import Checkpointer
 
 
 class ServerState(NamedTuple):
@@ -42,58 +44,29 @@ class ServerState(NamedTuple):
   last_pull: Any
 
 
-def _name(i: int) -> str:
-  return f"{i:06d}"
-
-
 def shard_directory(checkpoint_dir: str, shard: int, num_shards: int) -> str:
+  """Where shard ``shard`` of ``num_shards`` keeps its checkpoints."""
   return os.path.join(os.path.abspath(os.fspath(checkpoint_dir)),
                       f"shard-{shard}-of-{num_shards}")
 
 
-class ShardCheckpoints:
-  """The checkpoints of one shard: save, list, restore by step.
+def _nonempty(state: ServerState) -> dict[str, Any]:
+  return {f"{i:06d}": x for i, x in enumerate(jax.tree.leaves(state))
+          if np.size(x)}
 
-  Args:
-    directory: this shard's directory (created if missing).
-    max_to_keep: how many of the newest checkpoints to keep.
-  """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 2):
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                           create=True)
-    self._manager = ocp.CheckpointManager(directory, options=options)
+def save(checkpointer: Checkpointer, state: ServerState) -> None:
+  """Starts saving ``state`` under its step (copied first: safe to donate)."""
+  checkpointer.save(int(state.step), _nonempty(state))
 
-  @property
-  def directory(self) -> str:
-    return os.fspath(self._manager.directory)
 
-  def steps(self) -> list[int]:
-    """The steps of the complete checkpoints, oldest first."""
-    return sorted(self._manager.all_steps())
-
-  def save(self, state: ServerState) -> None:
-    """Starts an asynchronous save of ``state`` under its step."""
-    step = int(state.step)
-    if step in self._manager.all_steps():
-      return
-    leaves = jax.tree.leaves(state)
-    host = {_name(i): np.array(x)  # A copy: the shard may donate its buffers.
-            for i, x in enumerate(leaves) if np.size(x)}
-    self._manager.save(step, args=ocp.args.StandardSave(host))
-
-  def restore(self, step: int, like: ServerState) -> ServerState:
-    """The checkpoint of ``step``, shaped like ``like``."""
-    leaves, treedef = jax.tree.flatten(like)
-    abstract = {_name(i): jax.ShapeDtypeStruct(np.shape(x), x.dtype)
-                for i, x in enumerate(leaves) if np.size(x)}
-    saved = self._manager.restore(step,
-                                  args=ocp.args.StandardRestore(abstract))
-    return jax.tree.unflatten(treedef, [
-        saved[_name(i)] if np.size(x) else np.asarray(x)
-        for i, x in enumerate(leaves)])
-
-  def close(self) -> None:
-    """Waits for pending saves and releases orbax's resources."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+def restore(checkpointer: Checkpointer, step: int,
+            like: ServerState) -> ServerState:
+  """The checkpoint of ``step``, shaped like ``like`` (NumPy leaves)."""
+  leaves, treedef = jax.tree.flatten(like)
+  template = {k: np.empty(np.shape(x), x.dtype)
+              for k, x in _nonempty(like).items()}
+  saved = checkpointer.restore(step, template).tree
+  keys = [f"{i:06d}" for i in range(len(leaves))]
+  return jax.tree.unflatten(treedef, [
+      saved[k] if k in saved else np.asarray(x) for k, x in zip(keys, leaves)])

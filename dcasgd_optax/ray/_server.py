@@ -30,13 +30,14 @@ import optax
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src.delay_compensation import num_workers_of
 from dcasgd_optax._src.pull import find_states
+from dcasgd_optax._src.pull import pull as pull_hook
 from dcasgd_optax._src.pull import record_pull
 from dcasgd_optax.ray import _layout
 from dcasgd_optax.ray import _records
+from dcasgd_optax.checkpoint import Checkpointer
+from dcasgd_optax.ray import _checkpoint
 from dcasgd_optax.ray._admission import Admission
 from dcasgd_optax.ray._checkpoint import ServerState
-from dcasgd_optax.ray._checkpoint import ShardCheckpoints
-from dcasgd_optax.ray._checkpoint import shard_directory
 
 
 class Pulled(NamedTuple):
@@ -125,11 +126,16 @@ def _make_steps(tx: Any, layout: _layout.Layout, shard: int,
     return x if wire is None else x.astype(wire)
 
   def pull(params, opt_state, worker):
-    # With a wire dtype the worker holds the rounded params: record those.
-    held = jax.tree.map(lambda x: on_wire(x).astype(x.dtype), params)
+    """The worker's pull (dcasgd_optax.pull: maybe a look-ahead), on the wire."""
+    pulled = params
     if has_backups:
-      opt_state = record_pull(opt_state, held, worker)
-    return opt_state, [on_wire(x) for x in _layout.owned(layout, shard, held)]
+      pulled, recorded = pull_hook(opt_state, params, worker)
+      if wire is None:
+        opt_state = recorded
+      else:  # The worker holds the rounded params: record those instead.
+        pulled = jax.tree.map(lambda x: on_wire(x).astype(x.dtype), pulled)
+        opt_state = record_pull(opt_state, pulled, worker)
+    return opt_state, [on_wire(x) for x in _layout.owned(layout, shard, pulled)]
 
   def apply(params, opt_state, grads, worker, staleness, finite):
     grads = [g.astype(d) for g, (_, d) in zip(grads, specs)]
@@ -145,6 +151,8 @@ def _make_steps(tx: Any, layout: _layout.Layout, shard: int,
 
     params, opt_state = jax.lax.cond(finite, update, lambda o: o,
                                      (params, opt_state))
+    # Pull even if tx's update pulled already (a PullAfterPush): redundant
+    # then, not wrong, and it keeps skipped updates and wire rounding right.
     opt_state, pulled = pull(params, opt_state, worker)
     return params, opt_state, pulled, finite
 
@@ -225,8 +233,8 @@ class ParameterServer:
     self._rows: list[tuple] = []
     self._checkpoints = None
     if checkpoint_dir is not None:
-      self._checkpoints = ShardCheckpoints(
-          shard_directory(checkpoint_dir, shard, num_shards))
+      self._checkpoints = Checkpointer(
+          _checkpoint.shard_directory(checkpoint_dir, shard, num_shards))
     self.busy_seconds = 0.0
 
   # ------------------------------------------------------------ the protocol
@@ -413,15 +421,14 @@ class ParameterServer:
     """Starts saving the state (asynchronously); returns its step."""
     if self._checkpoints is None:
       raise ValueError("This server has no `checkpoint_dir`.")
-    self._checkpoints.save(self._state)
+    _checkpoint.save(self._checkpoints, self._state)
     return int(self._state.step)
 
   def restore(self, step: int) -> None:
     """Continues from the checkpoint of ``step``; no ticket is out after it."""
     if self._checkpoints is None:
       raise ValueError("This server has no `checkpoint_dir`.")
-    like = self._state
-    r = self._checkpoints.restore(step, like)
+    r = _checkpoint.restore(self._checkpoints, step, self._state)
     self._state = ServerState(
         params=jax.tree.map(jnp.asarray, r.params),
         opt_state=jax.tree.map(jnp.asarray, r.opt_state),

@@ -22,6 +22,7 @@ import optax
 import ray
 
 from dcasgd_optax._src import _checks
+from dcasgd_optax.ray import _cluster
 from dcasgd_optax.ray import _driver
 from dcasgd_optax.ray import _layout
 from dcasgd_optax.ray import _records
@@ -145,14 +146,6 @@ def _check_args(loss_fn, tx, params, data_fn, num_workers, num_updates,
                             layout)
   _check_data(loss_fn, params, data_fn)
   return num_workers, layout
-
-
-def _connect(address: str | None, init_kwargs: dict[str, Any] | None) -> bool:
-  """Connects to Ray unless already connected; True if this call did."""
-  if ray.is_initialized():
-    return False
-  ray.init(address=address, **(init_kwargs or {}))
-  return True
 
 
 def _shard_options(opts: _Options, shard: int) -> dict[str, Any]:
@@ -285,6 +278,7 @@ def train(
     num_shards: int = 1,
     wire_dtype: Any = None,
     address: str | None = None,
+    allow_insecure_cluster: bool = False,
     checkpoint_dir: str | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
@@ -350,6 +344,11 @@ def train(
     address: the Ray cluster for ``ray.init(address=...)``: ``None`` (a
       running cluster if one is known, else a new local one), ``"auto"``,
       ``"local"``, or ``"host:6379"``. Ignored if Ray is already initialised.
+      An existing cluster must authenticate this process (see
+      :func:`~dcasgd_optax.ray.connect`).
+    allow_insecure_cluster: run on an existing cluster even though it has no
+      authentication (anyone who reaches it can run code there); without it
+      such a cluster is refused before anything is sent to it.
     checkpoint_dir: a directory (local or shared by all nodes) for orbax
       checkpoints, or ``None`` for none.
     checkpoint_every: save every this many updates; ``None``: only at the end.
@@ -397,7 +396,9 @@ def train(
   )
   num_workers, layout = _check_args(loss_fn, tx, params, data_fn, num_workers,
                                     num_updates, opts)
-  started_ray = _connect(address, init_kwargs)
+  started_ray = _cluster.connect(
+      address, allow_insecure_cluster=allow_insecure_cluster,
+      **(init_kwargs or {}))
   shards, workers, failed = [], [], True
   try:
     shards, workers, pinned = _start_actors(

@@ -1,10 +1,12 @@
 """The optax contract, shared by every exported optimizer.
 
-One parametrized suite: each case is a way to build a DC-ASGD transformation
-(``delay_compensation`` in both variants, ``dcasgd``, ``pull_after_push``),
-and every test checks one promise an optax user relies on: jit, vmap, the
-usual wrappers, extra args, no recompilation per worker, dtypes, and finding
-the state with ``record_pull``/``worker_params``.
+One parametrized suite: each case is a way to build a transformation that
+keeps per-worker backups (``delay_compensation`` in both variants and with
+its opt-in variants, ``dcasgd``, ``pull_after_push``, ``gap_aware_sgd``,
+``dana_dc``, ``delayed_nesterov_dcasgd``), and every test checks one promise
+an optax user relies on: jit, vmap, the usual wrappers, extra args, no
+recompilation per worker, dtypes, and finding the state with
+``record_pull``/``worker_params``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +22,14 @@ import optax
 import pytest
 
 import dcasgd_optax
+from helpers import NUM_WORKERS
+from helpers import dc_state
+from helpers import grads_like
+from helpers import shifted
+from helpers import stale_state
+from helpers import update_step
 
-NUM_WORKERS = 3
+TOL = dict(rtol=1e-6, atol=1e-6)  # float32 round-off
 
 
 def user_chain(num_workers, lambda_=0.5, learning_rate=0.1, backup_dtype=None):
@@ -43,10 +52,17 @@ class Case:
   kwargs: dict[str, Any]
   static_args: tuple[str, ...]
   pulls_after_push: bool  # does update() record the pull itself?
-  adaptive: bool  # DC-ASGD-a (keeps a mean square)?
+  adaptive: bool  # keeps a mean square (DC-ASGD-a, gap-aware)?
+  # The hyperparameter that turns the correction off, and its off value.
+  knob: str = "lambda_"
+  off: float = 0.0
+  look_ahead: bool = False  # does a pull send a prediction?
 
   def make(self, **overrides):
     return self.factory(**{**self.kwargs, **overrides})
+
+  def make_off(self):
+    return self.make(**{self.knob: self.off})
 
 
 CASES = [
@@ -88,6 +104,47 @@ CASES = [
         True,
         False,
     ),
+    Case(
+        "delay_compensation_variants",
+        dcasgd_optax.delay_compensation,
+        dict(num_workers=NUM_WORKERS, lambda_=2.0, adaptive=True,
+             per_worker_mean_square=True, bias_correction=True,
+             lambda_warmup=2, correction_clip=1.0),
+        ("num_workers",),
+        False,
+        True,
+    ),
+    Case(
+        "gap_aware_sgd",
+        dcasgd_optax.gap_aware_sgd,
+        dict(learning_rate=0.1, num_workers=NUM_WORKERS, momentum=0.9,
+             weight_decay=1e-2, step_size=0.05, decay=0.5),
+        ("num_workers",),
+        True,
+        True,
+        # C grows so large that 1 + gap / C rounds to 1: no penalty.
+        knob="step_size",
+        off=1e30,
+    ),
+    Case(
+        "dana_dc",
+        dcasgd_optax.dana_dc,
+        dict(learning_rate=0.1, num_workers=NUM_WORKERS, lambda_=0.5,
+             momentum=0.9),
+        ("num_workers",),
+        True,
+        True,
+        look_ahead=True,
+    ),
+    Case(
+        "delayed_nesterov_dcasgd",
+        dcasgd_optax.delayed_nesterov_dcasgd,
+        dict(learning_rate=0.1, num_workers=NUM_WORKERS, lambda_=0.5,
+             period=2, momentum_activation=0.25),
+        ("num_workers", "period"),
+        True,
+        True,
+    ),
 ]
 
 case_params = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -101,28 +158,6 @@ def make_params(dtype=jnp.float32):
   return jax.tree.map(lambda x: x.astype(dtype), params)
 
 
-def shifted(params, by):
-  return jax.tree.map(lambda p: (p + by).astype(p.dtype), params)
-
-
-def grads_like(params, seed):
-  key = jax.random.key(seed)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(
-      treedef,
-      [jax.random.normal(k, p.shape).astype(p.dtype) for k, p in zip(keys, leaves)],
-  )
-
-
-def stale_state(tx, params):
-  """A state in which every worker holds a different, older model."""
-  state = tx.init(shifted(params, -0.3))
-  for m in range(NUM_WORKERS):
-    state = dcasgd_optax.record_pull(state, shifted(params, -0.1 * m), m)
-  return state
-
-
 def run(tx, params, state, steps=((0, 0), (2, 1), (1, 2))):
   """Applies a few (worker, grad seed) pushes without moving params."""
   outs = []
@@ -132,31 +167,11 @@ def run(tx, params, state, steps=((0, 0), (2, 1), (1, 2))):
   return outs, state
 
 
-def assert_trees_close(a, b, rtol=1e-6, atol=1e-6):
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(la, lb, strict=True):
-    np.testing.assert_allclose(
-        np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol
-    )
-
-
-def dc_state(opt_state):
-  (state,) = [
-      s
-      for s in jax.tree.leaves(
-          opt_state, is_leaf=lambda x: isinstance(x, dcasgd_optax.DelayCompensationState)
-      )
-      if isinstance(s, dcasgd_optax.DelayCompensationState)
-  ]
-  return state
-
-
 @case_params
 def test_compensation_changes_a_stale_gradient(case):
   """Guards the suite: with stale backups the update differs from lambda_=0."""
   params = make_params()
-  tx, tx0 = case.make(), case.make(lambda_=0.0)
+  tx, tx0 = case.make(), case.make_off()
   (u,), _ = run(tx, params, stale_state(tx, params), steps=((1, 0),))
   (u0,), _ = run(tx0, params, stale_state(tx0, params), steps=((1, 0),))
   diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), u, u0)
@@ -173,8 +188,8 @@ def test_update_under_jit_matches_eager(case):
       jax.jit(tx.init), jax.jit(tx.update)
   )
   jitted, jitted_state = run(jitted_tx, params, state)
-  assert_trees_close(jitted, eager)
-  assert_trees_close(jitted_state, eager_state)
+  chex.assert_trees_all_close(jitted, eager, **TOL)
+  chex.assert_trees_all_close(jitted_state, eager_state, **TOL)
 
 
 @case_params
@@ -190,10 +205,12 @@ def test_vmap_over_independent_states_matches_a_loop(case):
       stack(grads), stack(states), stack(batch), workers
   )
   want = [update(g, s, p, int(w)) for g, s, p, w in zip(grads, states, batch, workers)]
-  assert_trees_close(got, stack([u for u, _ in want]))
-  assert_trees_close(got_state, stack([s for _, s in want]))
+  chex.assert_trees_all_close(got, stack([u for u, _ in want]), **TOL)
+  chex.assert_trees_all_close(got_state, stack([s for _, s in want]), **TOL)
   # vmap of init gives one independent state per example.
-  assert_trees_close(jax.vmap(tx.init)(stack(batch)), stack([tx.init(p) for p in batch]))
+  chex.assert_trees_all_close(
+      jax.vmap(tx.init)(stack(batch)), stack([tx.init(p) for p in batch]), **TOL
+  )
 
 
 @case_params
@@ -204,8 +221,8 @@ def test_inside_chain_matches_alone(case):
   state = stale_state(chained, params)
   got, got_state = run(chained, params, state)
   want, want_state = run(tx, params, state[1])
-  assert_trees_close(got, jax.tree.map(lambda u: 2 * u, want))
-  assert_trees_close(got_state[1], want_state)
+  chex.assert_trees_all_close(got, jax.tree.map(lambda u: 2 * u, want), **TOL)
+  chex.assert_trees_all_close(got_state[1], want_state, **TOL)
 
 
 @case_params
@@ -218,29 +235,30 @@ def test_inside_named_chain_matches_alone(case):
       lambda s: run(chained, params, s)
   )(state)
   want, want_state = run(tx, params, state["dc"])
-  assert_trees_close(got, want)
-  assert_trees_close(got_state["dc"], want_state)
+  chex.assert_trees_all_close(got, want, **TOL)
+  chex.assert_trees_all_close(got_state["dc"], want_state, **TOL)
 
 
 @case_params
-def test_inject_hyperparams_lambda_changes_behaviour(case):
+def test_inject_hyperparams_strength_changes_behaviour(case):
   params = make_params()
   injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)(
       **case.kwargs
   )
   state = stale_state(injected, params)
-  assert set(state.hyperparams) >= {"lambda_"}
-  step = jax.jit(lambda s: run(injected, params, s))
+  assert set(state.hyperparams) >= {case.knob}
+  chex.clear_trace_counter()
+  step = jax.jit(chex.assert_max_traces(lambda s: run(injected, params, s), n=1))
   got, _ = step(state)
   want, _ = run(case.make(), params, stale_state(case.make(), params))
-  assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
   # Changing the hyperparameter in the state changes the behaviour, with
-  # no rebuild: lambda_=0 gives the uncompensated updates.
-  state.hyperparams["lambda_"] = jnp.zeros_like(state.hyperparams["lambda_"])
+  # no rebuild: the off value gives the uncorrected updates.
+  state.hyperparams[case.knob] = jnp.full_like(
+      state.hyperparams[case.knob], case.off)
   got0, _ = step(state)
-  want0, _ = run(case.make(lambda_=0.0), params, stale_state(case.make(), params))
-  assert_trees_close(got0, want0, rtol=1e-5, atol=1e-6)
-  assert step._cache_size() == 1
+  want0, _ = run(case.make_off(), params, stale_state(case.make(), params))
+  chex.assert_trees_all_close(got0, want0, rtol=1e-5, atol=1e-6)
 
 
 @case_params
@@ -254,12 +272,12 @@ def test_multisteps_compensates_the_mean_gradient_every_k_steps(case):
   step = jax.jit(lambda g, s, w: multi.update(g, s, params, worker=w))
   first, state1 = step(g1, state, 1)
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(first))
-  assert_trees_close(state1.inner_opt_state, state.inner_opt_state, rtol=0, atol=0)
+  chex.assert_trees_all_equal(state1.inner_opt_state, state.inner_opt_state)
   second, state2 = step(g2, state1, 1)
   mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
   want, want_state = tx.update(mean, stale_state(tx, params), params, worker=1)
-  assert_trees_close(second, want, rtol=1e-5)
-  assert_trees_close(state2.inner_opt_state, want_state, rtol=1e-5)
+  chex.assert_trees_all_close(second, want, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(state2.inner_opt_state, want_state, rtol=1e-5, atol=1e-6)
 
 
 @case_params
@@ -274,11 +292,11 @@ def test_apply_if_finite_skips_a_non_finite_gradient(case):
   skipped, state1 = step(bad, state)
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(skipped))
   assert int(state1.notfinite_count) == 1
-  assert_trees_close(state1.inner_state, state.inner_state, rtol=0, atol=0)
+  chex.assert_trees_all_equal(state1.inner_state, state.inner_state)
   good, state2 = step(grads_like(params, 0), state1)
   want, want_state = tx.update(grads_like(params, 0), state.inner_state, params, worker=1)
-  assert_trees_close(good, want)
-  assert_trees_close(state2.inner_state, want_state)
+  chex.assert_trees_all_close(good, want, **TOL)
+  chex.assert_trees_all_close(state2.inner_state, want_state, **TOL)
 
 
 @case_params
@@ -294,8 +312,10 @@ def test_masked_compensates_and_records_only_masked_in_leaves(case):
   state = dcasgd_optax.record_pull(state, shifted(params, -0.2), 2)
   held = dcasgd_optax.worker_params(state, 2)
   assert isinstance(held["dense"]["bias"], optax.MaskedNode)
-  assert_trees_close(held["scale"], params["scale"] - 0.2)
-  assert_trees_close(held["dense"]["kernel"], params["dense"]["kernel"] - 0.2)
+  chex.assert_trees_all_close(held["scale"], params["scale"] - 0.2, **TOL)
+  chex.assert_trees_all_close(
+      held["dense"]["kernel"], params["dense"]["kernel"] - 0.2, **TOL
+  )
   g = grads_like(params, 3)
   got, new_state = jax.jit(lambda s: masked.update(g, s, params, worker=2))(state)
   # Masked-out leaves pass through untouched; masked-in ones match tx alone
@@ -305,10 +325,10 @@ def test_masked_compensates_and_records_only_masked_in_leaves(case):
   alone = tx.init(sub(params))
   alone = dcasgd_optax.record_pull(alone, sub(shifted(params, -0.2)), 2)
   want, want_state = tx.update(sub(g), alone, sub(params), worker=2)
-  assert_trees_close(sub(got), want)
+  chex.assert_trees_all_close(sub(got), want, **TOL)
   got_backups = dc_state(new_state).backups
   assert isinstance(got_backups["dense"]["bias"], optax.MaskedNode)
-  assert_trees_close(sub(got_backups), dc_state(want_state).backups)
+  chex.assert_trees_all_close(sub(got_backups), dc_state(want_state).backups, **TOL)
 
 
 @case_params
@@ -321,8 +341,8 @@ def test_accepts_unrelated_extra_args(case):
   got, got_state = tx.update(
       g, state, params, worker=1, value=jnp.array(3.0), loss=1.5, key=jax.random.key(0)
   )
-  assert_trees_close(got, want, rtol=0, atol=0)
-  assert_trees_close(got_state, want_state, rtol=0, atol=0)
+  chex.assert_trees_all_equal(got, want)
+  chex.assert_trees_all_equal(got_state, want_state)
 
 
 @case_params
@@ -331,22 +351,18 @@ def test_no_recompilation_when_only_the_worker_changes(case):
   tx = case.make()
 
   def make_step():
-    def step(params, state, grads, worker):
-      updates, state = tx.update(grads, state, params, worker=worker)
-      return optax.apply_updates(params, updates), state
-
-    return jax.jit(step)
+    return jax.jit(chex.assert_max_traces(update_step(tx), n=1))
 
   # Python ints and int32 arrays are different (weak vs strong) jit
   # signatures, so each kind gets its own jitted function.
   for ids in ((0, 2, 1, 2), tuple(jnp.int32(m) for m in (0, 2, 1, 2))):
+    chex.clear_trace_counter()
     jitted = make_step()
     state = stale_state(tx, params)
     outs = set()
     for worker in ids:
       new_params, state = jitted(params, state, grads_like(params, 0), worker)
       outs.add(float(new_params["scale"]))
-    assert jitted._cache_size() == 1
     assert len(outs) > 1  # the worker id did change the result
 
 
@@ -378,8 +394,10 @@ def test_bf16_backups_stay_close_to_f32_backups(case):
   u32, st32 = run(tx32, params, stale_state(tx32, params))
   u16, st16 = run(tx16, params, stale_state(tx16, params))
   assert {x.dtype for x in jax.tree.leaves(u16)} == {jnp.dtype(jnp.float32)}
-  assert_trees_close(u16, u32, rtol=2e-2, atol=2e-2)
-  assert_trees_close(dc_state(st16).backups, dc_state(st32).backups, rtol=1e-2, atol=1e-2)
+  chex.assert_trees_all_close(u16, u32, rtol=2e-2, atol=2e-2)
+  chex.assert_trees_all_close(
+      dc_state(st16).backups, dc_state(st32).backups, rtol=1e-2, atol=1e-2
+  )
 
 
 @case_params
@@ -394,9 +412,9 @@ def test_record_pull_finds_the_state_nested_anywhere(case):
   outer = {"a": [state, (jnp.ones(2),)], "b": None}
   outer = dcasgd_optax.record_pull(outer, shifted(params, 1.0), 1)
   held = dcasgd_optax.worker_params(outer, 1)
-  assert_trees_close(held, shifted(params, 1.0))
-  assert_trees_close(dcasgd_optax.worker_params(outer, 0), params)
-  assert_trees_close(outer["a"][1], (jnp.ones(2),))
+  chex.assert_trees_all_close(held, shifted(params, 1.0), **TOL)
+  chex.assert_trees_all_close(dcasgd_optax.worker_params(outer, 0), params, **TOL)
+  chex.assert_trees_all_close(outer["a"][1], (jnp.ones(2),), **TOL)
 
 
 @case_params
@@ -405,14 +423,14 @@ def test_worker_params_returns_what_was_recorded(case):
   tx = case.make()
   state = tx.init(params)
   for m in range(NUM_WORKERS):
-    assert_trees_close(dcasgd_optax.worker_params(state, m), params, rtol=0, atol=0)
+    chex.assert_trees_all_equal(dcasgd_optax.worker_params(state, m), params)
   recorded = shifted(params, 0.25)
   state = jax.jit(dcasgd_optax.record_pull)(state, recorded, jnp.int32(1))
-  assert_trees_close(dcasgd_optax.worker_params(state, 1), recorded, rtol=0, atol=0)
+  chex.assert_trees_all_equal(dcasgd_optax.worker_params(state, 1), recorded)
   for m in (0, 2):
-    assert_trees_close(dcasgd_optax.worker_params(state, m), params, rtol=0, atol=0)
+    chex.assert_trees_all_equal(dcasgd_optax.worker_params(state, m), params)
   traced = jax.jit(dcasgd_optax.worker_params)(state, jnp.int32(1))
-  assert_trees_close(traced, recorded, rtol=0, atol=0)
+  chex.assert_trees_all_equal(traced, recorded)
 
 
 @case_params
@@ -423,13 +441,18 @@ def test_update_records_the_pull_only_when_pulling_after_push(case):
   before = dcasgd_optax.worker_params(state, 1)
   updates, state = tx.update(grads_like(params, 0), state, params, worker=1)
   held = dcasgd_optax.worker_params(state, 1)
-  if case.pulls_after_push:
-    assert_trees_close(held, optax.apply_updates(params, updates), rtol=0, atol=0)
+  new_params = optax.apply_updates(params, updates)
+  if case.look_ahead:  # The worker holds the prediction a pull sends.
+    ahead, _ = dcasgd_optax.pull(state, new_params, 1)
+    chex.assert_trees_all_equal(held, ahead)
+    assert not np.allclose(ahead["scale"], new_params["scale"])
+  elif case.pulls_after_push:
+    chex.assert_trees_all_equal(held, new_params)
   else:
-    assert_trees_close(held, before, rtol=0, atol=0)
+    chex.assert_trees_all_equal(held, before)
   for m in (0, 2):  # nobody else's backup moves
-    assert_trees_close(
-        dcasgd_optax.worker_params(state, m), shifted(params, -0.1 * m), rtol=0, atol=0
+    chex.assert_trees_all_equal(
+        dcasgd_optax.worker_params(state, m), shifted(params, -0.1 * m)
     )
 
 
@@ -445,9 +468,9 @@ def test_inject_hyperparams_dcasgd_with_zero_weight_decay_runs_under_jit():
   got, _ = jax.jit(lambda s: run(tx, params, s))(state)
   plain = dcasgd_optax.dcasgd(0.1, NUM_WORKERS, lambda_=0.5)
   want, _ = run(plain, params, stale_state(plain, params))
-  assert_trees_close(got, want, rtol=1e-5)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
   state.hyperparams["weight_decay"] = jnp.asarray(0.5)
   decayed, _ = jax.jit(lambda s: run(tx, params, s))(state)
   plain = dcasgd_optax.dcasgd(0.1, NUM_WORKERS, lambda_=0.5, weight_decay=0.5)
   want, _ = run(plain, params, stale_state(plain, params))
-  assert_trees_close(decayed, want, rtol=1e-5)
+  chex.assert_trees_all_close(decayed, want, rtol=1e-5, atol=1e-6)

@@ -1,36 +1,16 @@
-"""The experiments pipeline: runs, determinism, resume, reports, bad configs."""
+"""experiments.train: runs, determinism, resume, bad configs, the gradient stream."""
 
-import csv
 import json
 import os
-import subprocess
-import sys
 from unittest import mock
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments import algorithms
-from experiments import checkpointing
 from experiments import compare
-from experiments import reporting
+from experiments import run_files
 from experiments import train
-from experiments.configs import tiny
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture
-def config(data_dir):
-  c = tiny.get_config()
-  c.data_dir = data_dir
-  return c
 
 
 def _without_seconds(history):
@@ -44,7 +24,7 @@ def test_tiny_run_end_to_end_on_the_offline_digits(config, tmp_path):
   assert summary["final_test_error"] < 0.85  # chance is 0.9
   # 16 cyclic arrivals of 4 workers: staleness 0, 1, 2, then 3 for the other 13.
   assert summary["mean_staleness"] == pytest.approx((0 + 1 + 2 + 13 * 3) / 16)
-  history = checkpointing.read_metrics(str(tmp_path))
+  history = run_files.read_metrics(str(tmp_path))
   assert [r["epoch"] for r in history] == [1, 2]
   assert [r["gradients"] for r in history] == [8, 16]
   with open(tmp_path / "summary.json") as f:
@@ -55,23 +35,23 @@ def test_rerun_is_identical_and_resume_after_interruption_matches(config, tmp_pa
   config.num_epochs = 3
   full = train.train_and_evaluate(config, str(tmp_path / "a"))
   again = train.train_and_evaluate(config, str(tmp_path / "b"))
-  history = _without_seconds(checkpointing.read_metrics(str(tmp_path / "a")))
-  assert _without_seconds(checkpointing.read_metrics(str(tmp_path / "b"))) == history
+  history = _without_seconds(run_files.read_metrics(str(tmp_path / "a")))
+  assert _without_seconds(run_files.read_metrics(str(tmp_path / "b"))) == history
   assert again["final_test_error"] == full["final_test_error"]
 
-  append = checkpointing.append_metrics
+  append = run_files.append_metrics
 
   def interrupt_after_first_epoch(workdir, record):
     append(workdir, record)
     if record["epoch"] == 1:
       raise KeyboardInterrupt
 
-  with mock.patch.object(checkpointing, "append_metrics", interrupt_after_first_epoch):
+  with mock.patch.object(run_files, "append_metrics", interrupt_after_first_epoch):
     with pytest.raises(KeyboardInterrupt):
       train.train_and_evaluate(config, str(tmp_path / "c"))
-  assert len(checkpointing.read_metrics(str(tmp_path / "c"))) == 1
+  assert len(run_files.read_metrics(str(tmp_path / "c"))) == 1
   resumed = train.train_and_evaluate(config, str(tmp_path / "c"))
-  assert _without_seconds(checkpointing.read_metrics(str(tmp_path / "c"))) == history
+  assert _without_seconds(run_files.read_metrics(str(tmp_path / "c"))) == history
   assert {k: v for k, v in resumed.items() if k != "wall_time"} == {
       k: v for k, v in full.items() if k != "wall_time"
   }
@@ -85,26 +65,6 @@ def test_resuming_with_a_different_config_fails(config, tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_compare_writes_results_table_and_plots(config, tmp_path, capsys):
-  config.num_epochs = 1
-  config.grid.algorithms = algorithms.ALGORITHMS
-  config.grid.num_workers = (2,)
-  rows = compare.compare(config, str(tmp_path))
-  assert len(rows) == 2 + 5 * 2  # sequential once per seed
-  with open(tmp_path / "results.csv") as f:
-    table = list(csv.DictReader(f))
-  assert tuple(table[0]) == reporting.COLUMNS and len(table) == 12
-  assert {r["algorithm"] for r in table} == set(algorithms.ALGORITHMS)
-  with open(tmp_path / "metrics.jsonl") as f:
-    assert len(f.readlines()) == 12
-  md = (tmp_path / "table.md").read_text()
-  assert "| 2 | " in md and "DC-ASGD-a" in md and " ± " in md
-  assert md.split("\n", 2)[2] in capsys.readouterr().out
-  for name in ("error_vs_epoch.png", "error_vs_workers.png", "staleness_hist.png"):
-    with open(tmp_path / name, "rb") as f:
-      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-
-
 def test_cifar10_resnet20_path_under_mock_data(config, tmp_path):
   config.dataset, config.model = "cifar10", "resnet20"
   config.batch_size, config.num_epochs, config.num_workers = 16, 1, 2
@@ -116,13 +76,16 @@ def test_cifar10_resnet20_path_under_mock_data(config, tmp_path):
   finally:
     train.load_dataset.cache_clear()
   assert summary["workers"] == 2 and summary["epochs"] == 1
-  assert np.isfinite(checkpointing.read_metrics(str(tmp_path))[0]["train_loss"])
+  assert np.isfinite(run_files.read_metrics(str(tmp_path))[0]["train_loss"])
 
 
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("algorithm", "hogwild", "valid choices: sequential, ssgd, asgd, sa-asgd, dc-asgd-c, dc-asgd-a"),
+        ("algorithm", "hogwild", "valid choices: sequential, ssgd, asgd, sa-asgd, "),
+        ("algorithm", "dana", "needs config.optimizer='sgd' with config.momentum > 0"),
+        ("optimizer", "rmsprop", "valid choices: sgd, adam"),
+        ("checkpoint_every_epochs", -1, "checkpoint_every_epochs must be an int >= 0"),
         ("num_workers", 0, "num_workers must be an int >= 1"),
         ("dataset", "imagenet", "valid choices: mnist5k, mnist, fashion_mnist, cifar10"),
         ("schedule", "poisson", "valid choices: cyclic, shuffled, gamma"),
@@ -136,21 +99,14 @@ def test_bad_config_values_fail_fast_listing_the_choices(config, tmp_path, field
   assert not os.path.exists(tmp_path / "run")
 
 
-def test_bad_grid_fails_before_any_run(config, tmp_path):
-  config.grid.num_workers = (4, 0)
-  with pytest.raises(ValueError, match="num_workers must be an int >= 1"):
-    compare.compare(config, str(tmp_path))
-  assert not os.path.exists(tmp_path / "runs")
-
-
 def test_every_algorithm_uses_the_same_gradients_per_epoch():
   s, epochs = 125, 15
   for m in (1, 4, 16, 32):
-    spans = [train.epoch_range("ssgd", m, s, e) for e in range(epochs)]
+    spans = [train.epoch_range(m, s, e) for e in range(epochs)]
     assert all(a == b for (_, a), (b, _) in zip(spans, spans[1:]))  # contiguous
     assert all(abs(stop - (e + 1) * s) < m for e, (_, stop) in enumerate(spans))
     assert all(start % m == 0 and stop % m == 0 for start, stop in spans)
-  assert train.epoch_range("asgd", 16, s, 3) == (375, 500)
+  assert train.epoch_range(1, s, 3) == (375, 500)
 
 
 def test_gradient_stream_is_a_permutation_per_epoch_and_slices_consistently():
@@ -169,41 +125,3 @@ def test_schedules_give_mean_staleness_near_m_minus_one(config, schedule):
   assert arrivals.shape == (800,) and np.bincount(arrivals).min() > 50
   staleness = compare.schedules.staleness(arrivals, 8)
   assert abs(staleness[100:].mean() - 7) < 0.5
-
-
-def test_markdown_table_has_the_papers_form():
-  rows = [
-      {"algorithm": "sequential", "workers": 1, "seed": 0, "final_test_error": 0.08},
-      {"algorithm": "sequential", "workers": 1, "seed": 1, "final_test_error": 0.10},
-      {"algorithm": "asgd", "workers": 4, "seed": 0, "final_test_error": 0.2},
-      {"algorithm": "asgd", "workers": 4, "seed": 1, "final_test_error": 0.3},
-      {"algorithm": "dc-asgd-a", "workers": 4, "seed": 0, "final_test_error": 0.1},
-  ]
-  lines = reporting.markdown_table(rows).splitlines()
-  assert lines[0] == "| M | sequential SGD | ASGD | DC-ASGD-a |"
-  assert lines[2] == "| 4 | 9.00 ± 1.41 | 25.00 ± 7.07 | 10.00 |"
-
-
-def test_main_trains_one_run_from_the_command_line(data_dir, tmp_path):
-  cmd = [
-      sys.executable, "-m", "experiments.main",
-      "--config=experiments/configs/tiny.py", "--config.algorithm=asgd",
-      "--config.num_workers=2", "--config.num_epochs=1",
-      f"--config.data_dir={data_dir}", f"--workdir={tmp_path}",
-  ]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-  with open(tmp_path / "summary.json") as f:
-    summary = json.load(f)
-  assert summary["algorithm"] == "asgd" and summary["workers"] == 2
-  assert json.dumps(summary, indent=2) in out.stdout  # printed at the end
-
-
-@pytest.mark.parametrize("name", ["default", "demo", "tiny", "cifar10_resnet20"])
-def test_every_config_file_is_valid_and_documents_its_command(name):
-  module = __import__(f"experiments.configs.{name}", fromlist=["get_config"])
-  c = module.get_config()
-  train.validate(c)
-  for run in compare.run_configs(c):
-    train.validate(run)
-  assert "python -m experiments." in module.__doc__ or "make demo" in module.__doc__
-  assert "Runtime" in module.__doc__ and "Expected result" in module.__doc__

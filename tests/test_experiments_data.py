@@ -13,11 +13,6 @@ from experiments.datasets.mnist5k import mnist5k
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
 def digits(data_dir):
   return data.load("mnist5k", data_dir=data_dir)
 

@@ -1,5 +1,6 @@
-"""The simulated-staleness harness against one-arrival-at-a-time loops."""
+"""Simulator: the asynchronous replay against a one-arrival-at-a-time loop."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,53 +12,19 @@ from dcasgd_optax.harness import SimState
 from dcasgd_optax.harness import Simulator
 from dcasgd_optax.harness import SyncSimulator
 from dcasgd_optax.harness import schedules
-
-W = 4  # workers
-A = 24  # arrivals
-XS = jax.random.normal(jax.random.key(0), (64, 3))
-YS = jnp.sin(XS @ jnp.array([1.0, -2.0, 0.5]))
-
-
-def loss_fn(params, idx):
-  """A tiny tanh network on closed-over data; ``idx`` picks the batch."""
-  h = jnp.tanh(XS[idx] @ params["w1"] + params["b1"][None])
-  return jnp.mean((h @ params["w2"] - YS[idx]) ** 2)
-
-
-def bn_loss_fn(params, model_state, idx):
-  """The network with a batch-norm layer: train-mode stats, EMA of the mean."""
-  z = XS[idx] @ params["w1"]
-  mean, var = jnp.mean(z, axis=0), jnp.var(z, axis=0)
-  z = (z - mean[None]) / jnp.sqrt(var[None] + 1e-5)
-  h = jnp.tanh(z + params["b1"][None])
-  loss = jnp.mean((h @ params["w2"] - YS[idx]) ** 2)
-  new_state = {
-      "mean": 0.9 * model_state["mean"] + 0.1 * mean,
-      "count": model_state["count"] + 1,
-  }
-  return loss, new_state
-
-
-def init_params():
-  k1, k2 = jax.random.split(jax.random.key(1))
-  return {
-      "w1": 0.5 * jax.random.normal(k1, (3, 5)),
-      "b1": jnp.zeros((5,)),
-      "w2": 0.5 * jax.random.normal(k2, (5,)),
-  }
-
-
-def init_model_state():
-  return {"mean": jnp.zeros((5,)), "count": jnp.zeros((), jnp.int32)}
-
-
-def make_batches(num, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).integers(0, 64, (num, 8)))
-
-
-def random_order(num_workers, num, seed):
-  rng = np.random.default_rng(seed)
-  return rng.integers(0, num_workers, num).astype(np.int32)
+from helpers import A
+from helpers import REPLAY_TOL
+from helpers import STRATEGIES
+from helpers import W
+from helpers import XS
+from helpers import YS
+from helpers import bn_loss_fn
+from helpers import find_dc_states
+from helpers import init_model_state
+from helpers import init_params
+from helpers import loss_fn
+from helpers import make_batches
+from helpers import random_order
 
 
 ORDERS = {
@@ -67,6 +34,8 @@ ORDERS = {
                                             speeds=[1.0, 2.0, 1.0, 0.5]),
     "random": lambda: random_order(W, A, seed=3),
 }
+
+
 OPTIMIZERS = {
     "dcasgd_a": lambda: dcasgd_optax.dcasgd(0.1, W, adaptive=True),
     "dcasgd_c": lambda: dcasgd_optax.dcasgd(0.1, W, adaptive=False,
@@ -85,7 +54,7 @@ def reference_replay(tx, params, batches, arrivals, *, model_state=None):
   """
   stateful = model_state is not None
   opt_state = tx.init(params)
-  has_dc = bool(dcasgd_optax._src.pull.find_states(opt_state))
+  has_dc = bool(find_dc_states(opt_state))
   held = [params] * W
   held_ms = [model_state] * W
   last_pull, losses, taus = [0] * W, [], []
@@ -107,15 +76,6 @@ def reference_replay(tx, params, batches, arrivals, *, model_state=None):
   return params, np.array(losses), np.array(taus), held, model_state
 
 
-STRATEGIES = ("compiled", "host_chunks")
-
-
-def assert_trees_close(a, b, tol=2e-5):
-  jax.tree.map(
-      lambda x, y: np.testing.assert_allclose(x, y, rtol=tol, atol=tol), a, b
-  )
-
-
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("order", sorted(ORDERS))
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
@@ -125,12 +85,14 @@ def test_replay_matches_one_at_a_time_loop(order, opt, strategy):
   state, metrics = sim.replay(sim.init(init_params()), batches, arrivals)
   params, losses, taus, held, _ = reference_replay(
       OPTIMIZERS[opt](), init_params(), batches, arrivals)
-  assert_trees_close(state.params, params)
+  chex.assert_trees_all_close(state.params, params, **REPLAY_TOL)
   np.testing.assert_allclose(metrics["loss"], losses, rtol=2e-5)
   np.testing.assert_array_equal(metrics["staleness"], taus)
   np.testing.assert_array_equal(metrics["worker"], arrivals)
   for m in range(W):  # what each worker holds is the backup, exactly
-    assert_trees_close(dcasgd_optax.worker_params(state.opt_state, m), held[m])
+    chex.assert_trees_all_close(
+        dcasgd_optax.worker_params(state.opt_state, m), held[m], **REPLAY_TOL
+    )
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -156,7 +118,7 @@ def test_inverse_staleness_scaling_receives_the_staleness():
   # Through a λ=0 delay compensation, so the reference passes staleness too.
   ref_tx = optax.chain(dcasgd_optax.delay_compensation(W, 0.0), tx())
   params, *_ = reference_replay(ref_tx, init_params(), batches, arrivals)
-  assert_trees_close(state.params, params)
+  chex.assert_trees_all_close(state.params, params, **REPLAY_TOL)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -167,7 +129,7 @@ def test_resuming_equals_one_replay(strategy):
   whole, m_whole = sim.replay(sim.init(init_params()), batches, arrivals)
   part, m1 = sim.replay(sim.init(init_params()), batches[:17], arrivals[:17])
   part, m2 = sim.replay(part, batches[17:], arrivals[17:])
-  assert_trees_close(part, whole, tol=1e-6)
+  chex.assert_trees_all_close(part, whole, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(
       np.concatenate([m1["staleness"], m2["staleness"]]), m_whole["staleness"])
 
@@ -177,21 +139,7 @@ def test_replay_is_bitwise_deterministic(strategy):
   arrivals, batches = random_order(W, A, seed=8), make_batches(A)
   sim = Simulator(loss_fn, dcasgd_optax.dcasgd(0.1, W), W, strategy=strategy)
   runs = [sim.replay(sim.init(init_params()), batches, arrivals) for _ in "ab"]
-  jax.tree.map(np.testing.assert_array_equal, runs[0], runs[1])
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_chunking_is_as_planned(strategy):
-  arrivals = schedules.cyclic(W, A)
-  sim = Simulator(loss_fn, optax.sgd(0.1), W, strategy=strategy)
-  assert sim.describe(arrivals, init_params()) == dict(
-      num_arrivals=A, num_runs=A // W, chunk=W, num_chunks=A // W,
-      fill_ratio=1.0, strategy=strategy)
-  sim = Simulator(loss_fn, optax.sgd(0.1), W, max_parallel=3,
-                  strategy=strategy)
-  plan = sim.describe([0, 1, 2, 3, 0, 1, 2, 3, 0], init_params())
-  assert plan["num_runs"] == 3 and plan["num_chunks"] == 5  # 2+2, 2+2, 1
-  assert plan["chunk"] == 2 and plan["fill_ratio"] == 9 / 10
+  chex.assert_trees_all_equal(runs[0], runs[1])
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -206,7 +154,7 @@ def test_batching_options_do_not_change_the_result(max_parallel, vmap_slots,
                     vmap_slots=vmap_slots, strategy=strategy)
   a, _ = default.replay(default.init(init_params()), batches, arrivals)
   b, _ = other.replay(other.init(init_params()), batches, arrivals)
-  assert_trees_close(a.params, b.params, tol=1e-6)
+  chex.assert_trees_all_close(a.params, b.params, rtol=1e-6, atol=1e-6)
 
 
 def test_sequential_sgd_is_one_worker():
@@ -218,7 +166,7 @@ def test_sequential_sgd_is_one_worker():
   for k in range(A):
     params = jax.tree.map(lambda p, g: p - 0.1 * g, params,
                           jax.grad(loss_fn)(params, batches[k]))
-  assert_trees_close(state.params, params)
+  chex.assert_trees_all_close(state.params, params, **REPLAY_TOL)
   assert not np.any(metrics["staleness"])
 
 
@@ -232,8 +180,8 @@ def test_batchnorm_model_state_follows_its_worker(strategy):
   state, metrics = sim.replay(state, batches, arrivals)
   params, losses, _, _, model_state = reference_replay(
       tx(), init_params(), batches, arrivals, model_state=init_model_state())
-  assert_trees_close(state.params, params)
-  assert_trees_close(state.model_state, model_state)
+  chex.assert_trees_all_close(state.params, params, **REPLAY_TOL)
+  chex.assert_trees_all_close(state.model_state, model_state, **REPLAY_TOL)
   np.testing.assert_allclose(metrics["loss"], losses, rtol=2e-5)
   counts = np.bincount(arrivals, minlength=W)
   np.testing.assert_array_equal(state.worker_model_states["count"], counts)
@@ -288,19 +236,7 @@ def test_strategies_agree_on_a_convnet_with_more_workers_than_a_chunk():
         8 if strategy == "host_chunks" else num_workers)
     results.append(sim.replay(sim.init(params), batches, arrivals))
   assert np.all(np.isfinite(results[0][1]["loss"]))
-  assert_trees_close(results[0], results[1], tol=1e-5)
-
-
-def test_sync_strategies_agree_with_rounds_of_several_groups():
-  num_workers = 19  # "host_chunks": 3 groups of 7 slots per round
-  batches = make_batches(2 * num_workers)
-  results = []
-  for strategy in STRATEGIES:
-    sim = SyncSimulator(bn_loss_fn, dcasgd_optax.dcasgd(0.1, num_workers),
-                        num_workers, has_model_state=True, strategy=strategy)
-    results.append(sim.replay(sim.init(init_params(), init_model_state()),
-                              batches))
-  assert_trees_close(results[0], results[1], tol=1e-5)
+  chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_strategy_raises():
@@ -314,44 +250,6 @@ def test_default_strategy_on_cpu_is_host_chunks():
   assert jax.default_backend() == "cpu"
   assert Simulator(loss_fn, optax.sgd(0.1), W).strategy == "host_chunks"
   assert SyncSimulator(loss_fn, optax.sgd(0.1), W).strategy == "host_chunks"
-
-
-def reference_sync(tx, params, batches, rounds):
-  opt_state = tx.init(params)
-  for r in range(rounds):
-    grads = [jax.grad(loss_fn)(params, batches[r * W + j]) for j in range(W)]
-    mean = jax.tree.map(lambda *g: jnp.mean(jnp.stack(g), axis=0), *grads)
-    updates, opt_state = tx.update(mean, opt_state, params)
-    params = optax.apply_updates(params, updates)
-  return params
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("vmap_slots", [None, W])
-def test_sync_simulator_averages_gradients_per_round(vmap_slots, strategy):
-  batches = make_batches(5 * W)
-  sim = SyncSimulator(loss_fn, optax.sgd(0.1, momentum=0.9), W,
-                      vmap_slots=vmap_slots, strategy=strategy)
-  state, metrics = sim.replay(sim.init(init_params()), batches)
-  params = reference_sync(optax.sgd(0.1, momentum=0.9), init_params(),
-                          batches, 5)
-  assert_trees_close(state.params, params)
-  assert metrics["loss"].shape == (5 * W,) and int(state.step) == 5
-  assert not np.any(metrics["staleness"])
-  dc = SyncSimulator(loss_fn, dcasgd_optax.dcasgd(0.1, W, momentum=0.9), W,
-                     strategy=strategy)
-  dc_state, _ = dc.replay(dc.init(init_params()), batches)
-  assert_trees_close(dc_state.params, params)
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_sync_simulator_averages_model_state(strategy):
-  sim = SyncSimulator(bn_loss_fn, optax.sgd(0.1), W, has_model_state=True,
-                      strategy=strategy)
-  state, _ = sim.replay(sim.init(init_params(), init_model_state()),
-                        make_batches(2 * W))
-  assert int(state.model_state["count"]) == 2
-  assert state.model_state["mean"].shape == (5,)
 
 
 BAD_ARRIVALS = {
@@ -409,27 +307,62 @@ def test_state_must_come_from_a_simulator_of_this_size():
     sim.replay(tuple(small), make_batches(4), schedules.cyclic(W - 1, 4))
 
 
-def test_sync_batches_must_fill_rounds():
-  sim = SyncSimulator(loss_fn, optax.sgd(0.1), W)
-  with pytest.raises(ValueError, match="R \\* num_workers"):
-    sim.replay(sim.init(init_params()), make_batches(W + 1))
-
-
 def test_sim_state_is_arrays_only():
   state = Simulator(loss_fn, optax.sgd(0.1), W).init(init_params())
   assert isinstance(state, SimState)
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
 
 
-def test_sync_replay_rejects_a_state_from_another_simulator():
-  params = {"w": jnp.zeros(3)}
-  loss = lambda p, b: jnp.sum((p["w"] - b) ** 2)
-  batches = jnp.ones((4, 3))
-  async_state = Simulator(loss, optax.sgd(0.1), 2).init(params)
-  sync = SyncSimulator(loss, optax.sgd(0.1), 2)
-  with pytest.raises(ValueError, match="opt_state"):
-    sync.replay(async_state, batches)
-  with pytest.raises(ValueError, match="workers"):
-    sync.replay(SyncSimulator(loss, optax.sgd(0.1), 4).init(params), batches)
-  state, _ = sync.replay(sync.init(params), batches)  # its own state works
-  assert int(state.step) == 2
+def pull_ahead(shift):
+  """A PullAfterPush whose pull sends the worker ``params + shift``.
+
+  A stand-in for a look-ahead pull: what the worker holds is not the server's
+  model, so a second pull by the simulator (of the plain params) would show.
+  """
+  inner = optax.with_extra_args_support(optax.chain(
+      dcasgd_optax.delay_compensation(W, 0.5), optax.sgd(0.1)))
+
+  def update_fn(updates, state, params=None, *, worker=None, **extra):
+    updates, state = inner.update(updates, state, params, worker=worker,
+                                  **extra)
+    ahead = jax.tree.map(lambda p, u: p + u + shift, params, updates)
+    return updates, dcasgd_optax.record_pull(state, ahead, worker)
+
+  return dcasgd_optax.PullAfterPush(inner.init, update_fn)
+
+
+def reference_held_from_backups(tx, params, batches, arrivals):
+  """One arrival at a time; each worker computes at what its backup holds.
+
+  The pull is ``tx``'s own when it is a PullAfterPush, else
+  :func:`dcasgd_optax.pull` after the update.
+  """
+  opt_state = tx.init(params)
+  for k, m in enumerate(np.asarray(arrivals).tolist()):
+    held = dcasgd_optax.worker_params(opt_state, m)
+    g = jax.grad(loss_fn)(held, batches[k])
+    updates, opt_state = tx.update(g, opt_state, params, worker=m)
+    params = optax.apply_updates(params, updates)
+    if not isinstance(tx, dcasgd_optax.PullAfterPush):
+      _, opt_state = dcasgd_optax.pull(opt_state, params, m)
+  return params, opt_state
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("make_tx", [
+    lambda: pull_ahead(0.05),
+    lambda: optax.chain(dcasgd_optax.delay_compensation(W, 0.5),
+                        optax.sgd(0.1)),
+], ids=["pulls_in_update", "pulled_by_simulator"])
+def test_each_arrival_is_pulled_once_and_workers_compute_at_the_pull(
+    make_tx, strategy):
+  arrivals, batches = random_order(W, A, seed=11), make_batches(A)
+  sim = Simulator(loss_fn, make_tx(), strategy=strategy)
+  state, _ = sim.replay(sim.init(init_params()), batches, arrivals)
+  params, opt_state = reference_held_from_backups(
+      make_tx(), init_params(), batches, arrivals)
+  chex.assert_trees_all_close(state.params, params, **REPLAY_TOL)
+  for m in range(W):  # the pull the tx made is what the worker holds
+    chex.assert_trees_all_close(
+        dcasgd_optax.worker_params(state.opt_state, m),
+        dcasgd_optax.worker_params(opt_state, m), **REPLAY_TOL)

@@ -1,5 +1,6 @@
 """The NNX models and their pure-function adapter."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +39,7 @@ def test_batchnorm_statistics_update_only_in_training():
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3)) + 3.0
   _, same = apply(params, state, x, train=False)
   _, moved = apply(params, state, x, train=True)
-  jax.tree.map(np.testing.assert_array_equal, same, state)
+  chex.assert_trees_all_equal(same, state)
   assert not np.allclose(moved["bn"]["mean"], state["bn"]["mean"])
 
 
@@ -60,7 +61,7 @@ def test_same_seed_same_init_and_other_seed_other_init():
   a = models.functional(models.create("small_cnn", image_shape=(28, 28, 1), num_classes=10, seed=3))[1]
   b = models.functional(models.create("small_cnn", image_shape=(28, 28, 1), num_classes=10, seed=3))[1]
   c = models.functional(models.create("small_cnn", image_shape=(28, 28, 1), num_classes=10, seed=4))[1]
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+  chex.assert_trees_all_equal(a, b)
   assert not np.array_equal(a["head"]["kernel"], c["head"]["kernel"])
 
 

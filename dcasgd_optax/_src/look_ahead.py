@@ -1,0 +1,138 @@
+"""Momentum SGD whose workers pull a look-ahead of the model (DANA-style)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dcasgd_optax._src import _checks
+from dcasgd_optax._src import _tree
+
+
+class LookAheadState(NamedTuple):
+  """State of :func:`look_ahead_momentum`.
+
+  Attributes:
+    count: int32 scalar, the number of updates so far.
+    trace: the momentum buffer :math:`v`, shaped like params (params'
+      dtypes), as in ``optax.sgd``.
+    look_ahead: float32 scalar :math:`a`, so that the predicted model is
+      :math:`w - a \\, v` (:func:`pull` sends it).
+  """
+
+  count: jax.Array
+  trace: Any
+  look_ahead: jax.Array
+
+
+def _coefficient(learning_rate: Any, momentum: Any, horizon: Any) -> jax.Array:
+  r""":math:`\eta \sum_{k=1}^{H} \mu^k = \eta \, \mu (1 - \mu^H) / (1 - \mu)`."""
+  mu = jnp.asarray(momentum, jnp.float32)
+  return jnp.asarray(learning_rate, jnp.float32) * mu * (1 - mu**horizon) / (
+      1 - mu
+  )
+
+
+def look_ahead_momentum(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: Any,
+    horizon: Any,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Heavy-ball SGD whose workers pull where the model will be (DANA-style).
+
+  The updates are exactly ``optax.sgd(learning_rate, momentum)``'s:
+  :math:`v \leftarrow g + \mu v`, :math:`u = -\eta_t v`. What changes is the
+  pull: a worker's gradient lands about ``horizon`` updates after it pulls,
+  and momentum keeps moving the model meanwhile, so :func:`pull` sends the
+  model those updates would reach if no new gradient arrived,
+
+  .. math::
+    \hat w = w - \eta_{t} \sum_{k=1}^{H} \mu^k \, v
+           = w - \eta_{t} \, \frac{\mu (1 - \mu^H)}{1 - \mu} \, v,
+
+  and records :math:`\hat w` as the worker's backup, so the worker computes
+  its gradient at :math:`\hat w` and :func:`delay_compensation`'s term
+  :math:`w - \hat w` is the true distance (DANA-DC). :math:`H = 1` is
+  Nesterov's look-ahead; :math:`H = 0` sends :math:`w` itself. The
+  prediction uses the learning rate of the next update for the whole
+  horizon. ``optax.masked`` leaves outside the mask are not shifted.
+
+  Put it last in a chain that holds a :func:`delay_compensation` (or
+  :func:`gap_aware`) for the backups, and pull through :func:`pull` (the
+  simulator, :func:`pull_after_push` and the Ray server do).
+
+  Args:
+    learning_rate: :math:`\eta`, a float or an optax schedule (of the update
+      count).
+    momentum: :math:`\mu`, in (0, 1): the look-ahead is read from the
+      momentum buffer, so there must be one.
+    horizon: :math:`H \geq 0`, the number of updates to look ahead: the
+      expected staleness (``num_workers - 1`` for cyclic arrivals).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import dcasgd_optax
+    >>> tx = optax.chain(dcasgd_optax.delay_compensation(2, 0.0),
+    ...                  dcasgd_optax.look_ahead_momentum(1.0, 0.5, horizon=2))
+    >>> params = {'w': jnp.zeros(1)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.ones(1)}, state, params, worker=0)
+    >>> params = optax.apply_updates(params, updates)  # w = -1, v = 1
+    >>> pulled, state = dcasgd_optax.pull(state, params, worker=0)
+    >>> pulled['w']  # -1 - (0.5 + 0.25) * 1
+    Array([-1.75], dtype=float32)
+
+  References:
+    Hakimi, Barkai, Gabel, Schuster, `Taming Momentum in a Distributed
+    Asynchronous Environment <https://arxiv.org/abs/1907.11612>`_, 2019
+    (DANA: workers compute gradients at a look-ahead of the model built from
+    the momentum; DANA-DC adds delay compensation). This uses one shared
+    momentum buffer and the multi-step Nesterov prediction above, not
+    DANA-Zero's per-worker momentum buffers.
+  """
+  _checks.check_scalar_range(
+      "momentum", momentum, low=0.0, high=1.0, low_inclusive=False
+  )
+  _checks.check_scalar_range("horizon", horizon, low=0.0)
+  if not callable(learning_rate):
+    _checks.check_scalar_range("learning_rate", learning_rate, low=0.0)
+
+  def lr_at(count):
+    return learning_rate(count) if callable(learning_rate) else learning_rate
+
+  def init_fn(params):
+    trace = jax.tree.map(jnp.zeros_like, params)
+    count = jnp.zeros([], jnp.int32)
+    return LookAheadState(
+        count, trace, _coefficient(lr_at(count), momentum, horizon)
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    lr = lr_at(state.count)
+    trace = jax.tree.map(
+        lambda g, v: (g + momentum * v).astype(v.dtype), updates, state.trace
+    )
+    out = jax.tree.map(lambda v, g: (-lr * v).astype(g.dtype), trace, updates)
+    count = state.count + 1
+    coef = _coefficient(lr_at(count), momentum, horizon)
+    return out, LookAheadState(count, trace, coef)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def look_ahead_of(state: LookAheadState, params: Any) -> Any:
+  """The predicted model :math:`w - a v` in ``params``' dtypes."""
+
+  def shift(w, v):
+    if _tree.is_masked(v):
+      return w
+    return (w - state.look_ahead * v).astype(jnp.asarray(w).dtype)
+
+  return jax.tree.map(shift, params, state.trace, is_leaf=_tree.is_masked)
