@@ -313,24 +313,6 @@ def test_sim_state_is_arrays_only():
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
 
 
-def pull_ahead(shift):
-  """A PullAfterPush whose pull sends the worker ``params + shift``.
-
-  A stand-in for a look-ahead pull: what the worker holds is not the server's
-  model, so a second pull by the simulator (of the plain params) would show.
-  """
-  inner = optax.with_extra_args_support(optax.chain(
-      dcasgd_optax.delay_compensation(W, 0.5), optax.sgd(0.1)))
-
-  def update_fn(updates, state, params=None, *, worker=None, **extra):
-    updates, state = inner.update(updates, state, params, worker=worker,
-                                  **extra)
-    ahead = jax.tree.map(lambda p, u: p + u + shift, params, updates)
-    return updates, dcasgd_optax.record_pull(state, ahead, worker)
-
-  return dcasgd_optax.PullAfterPush(inner.init, update_fn)
-
-
 def reference_held_from_backups(tx, params, batches, arrivals):
   """One arrival at a time; each worker computes at what its backup holds.
 
@@ -350,12 +332,14 @@ def reference_held_from_backups(tx, params, batches, arrivals):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("make_tx", [
-    lambda: pull_ahead(0.05),
+    lambda: dcasgd_optax.dana_dc(0.1, W, momentum=0.8),
     lambda: optax.chain(dcasgd_optax.delay_compensation(W, 0.5),
-                        optax.sgd(0.1)),
+                        dcasgd_optax.look_ahead_momentum(0.1, 0.8, 3)),
 ], ids=["pulls_in_update", "pulled_by_simulator"])
-def test_each_arrival_is_pulled_once_and_workers_compute_at_the_pull(
-    make_tx, strategy):
+def test_workers_compute_at_the_look_ahead_they_pulled(make_tx, strategy):
+  """A look-ahead pull (the worker holds a prediction, not the server's
+  model) reaches the simulated workers whether ``tx`` pulls inside its update
+  (a PullAfterPush) or the simulator pulls for it."""
   arrivals, batches = random_order(W, A, seed=11), make_batches(A)
   sim = Simulator(loss_fn, make_tx(), strategy=strategy)
   state, _ = sim.replay(sim.init(init_params()), batches, arrivals)

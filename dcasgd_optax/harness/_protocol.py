@@ -74,9 +74,10 @@ def stream_metrics(final_step: jax.Array, steps_A: np.ndarray,
 class SimulatorBase:
   """Construction, ``init`` and input checks shared by both simulators."""
 
-  # Whether each worker keeps its own model state (Simulator) or all compute
-  # with the server's (SyncSimulator).
-  _per_worker_model_state: bool
+  # Whether each worker keeps its own model (the backups) and model state,
+  # sharded by worker (Simulator), or all compute with the server's
+  # (SyncSimulator).
+  _per_worker: bool
 
   def __init__(
       self,
@@ -150,7 +151,7 @@ class SimulatorBase:
     model_state = _checks.check_model_state(model_state, self._has_model_state)
     return _state.initial_state(
         self.tx, self.workers_for(params), self.mesh, params, model_state,
-        per_worker_model_state=self._per_worker_model_state,
+        per_worker=self._per_worker,
     )
 
   def _check_state(self, state: Any) -> int:
@@ -162,9 +163,8 @@ class SimulatorBase:
     key = _checks.signature((state.params, state.model_state))
     if key not in self._abstract_states:
       expected = _state.abstract_initial_state(
-          self.tx, self.workers_for(state.params), state.params,
-          state.model_state,
-          per_worker_model_state=self._per_worker_model_state,
+          self.tx, self.workers_for(state.params), self.mesh, state.params,
+          state.model_state, per_worker=self._per_worker,
       )
       self._check_diagnostics(expected)
       self._abstract_states[key] = expected

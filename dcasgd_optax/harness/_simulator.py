@@ -26,6 +26,7 @@ from dcasgd_optax.harness import _gathers
 from dcasgd_optax.harness import _optimizer
 from dcasgd_optax.harness import _plan
 from dcasgd_optax.harness import _programs
+from dcasgd_optax.harness import _state
 from dcasgd_optax.harness._state import SimState
 
 
@@ -136,7 +137,7 @@ class Simulator(_protocol.SimulatorBase):
     True
   """
 
-  _per_worker_model_state = True
+  _per_worker = True
 
   def _server_tx(self, tx, num_workers):
     return _optimizer.with_backups(tx, num_workers)
@@ -145,13 +146,12 @@ class Simulator(_protocol.SimulatorBase):
     """The jitted replay (``"compiled"``) or chunk step (``"host_chunks"``)."""
     replay = _programs.Replay(
         self._loss_with_state, self.tx, self.mesh, self._vmap_slots,
-        tx_pulls=_optimizer.pulls_in_update(self._user_tx),
         diagnostics=self._diagnostics,
     )
     if self.strategy == "compiled":
       self._program = jax.jit(
           functools.partial(_programs.replay_program, replay),
-          static_argnames=("chunk", "loss_dtype"),
+          static_argnames=("loss_dtype",),
           donate_argnums=(0,) if self._donate else (),
       )
     else:  # a copy is donated when the caller's state is not (replay)
@@ -168,10 +168,11 @@ class Simulator(_protocol.SimulatorBase):
                                                   expected.params),
       )
 
-  def _plan(self, arrivals: np.ndarray, params: Any,
+  def _plan(self, arrivals_NxA: np.ndarray, params: Any,
             num_workers: int) -> _plan.Plan:
     limit = self._slot_limit(num_workers, params)
-    return _plan.make_plan(arrivals, limit, self.mesh.size)
+    rows = _state.worker_rows(num_workers, self.mesh) // self.mesh.size
+    return _plan.make_plan(arrivals_NxA, limit, self.mesh.size, rows)
 
   def describe(self, arrivals: Any, params: Any) -> dict[str, Any]:
     """How ``replay`` batches ``arrivals`` for ``params``: runs, chunks, fill.
@@ -182,7 +183,7 @@ class Simulator(_protocol.SimulatorBase):
     """
     num_workers = self.workers_for(params)
     arrivals = _checks.check_arrivals(arrivals, num_workers)
-    plan = self._plan(arrivals, params, num_workers)
+    plan = self._plan(arrivals[None], params, num_workers)
     slots = plan.num_chunks * plan.chunk
     return dict(
         num_arrivals=len(arrivals), num_runs=plan.num_runs, chunk=plan.chunk,
@@ -214,23 +215,62 @@ class Simulator(_protocol.SimulatorBase):
       :math:`\cos(d, f)`, ``"stale_error"`` :math:`\|g - f\| / \|f\|` and
       ``"applied_error"`` :math:`\|d - f\| / \|f\|`.
     """
-    num_workers = self._check_state(state)
-    arrivals = _checks.check_arrivals(arrivals, num_workers)
-    loss = self._check_batches(state, batches, len(arrivals))
-    plan = self._plan(arrivals, state.params, num_workers)
-    batches = _devices.replicate(batches, self.mesh)
+    arrivals, args, kwargs = self._program_inputs(state, batches, arrivals)
     if self.strategy == "compiled":
-      state, record = self._program(
-          state, batches, arrivals, plan.starts, plan.lengths,
-          np.int32(plan.num_chunks), chunk=plan.chunk, loss_dtype=loss.dtype,
-      )
+      state, record = self._program(*args, **kwargs)
     else:
+      state, batches, plan, sampled = args
       if not self._donate:
         state = _gathers.copy_tree(state)
       state, record = _programs.replay_host_chunks(
-          self._program, state, batches, arrivals, plan
+          self._program, state, batches, plan, sampled
       )
     steps_A = np.arange(1 - len(arrivals), 1)
     return state, _protocol.stream_metrics(
         state.step, steps_A, arrivals, record
     )
+
+  def _program_inputs(self, state, batches, arrivals):
+    """Checks ``replay``'s arguments; returns the arrivals and the program's
+    arguments (``"compiled"``) or what the host loop needs."""
+    num_workers = self._check_state(state)
+    arrivals = _checks.check_arrivals(arrivals, num_workers)
+    loss = self._check_batches(state, batches, len(arrivals))
+    plan = self._plan(arrivals[None], state.params, num_workers)
+    sampled = self._sampled(state, len(arrivals))
+    batches = _devices.replicate(batches, self.mesh)
+    if self.strategy != "compiled":
+      return arrivals, (state, batches, plan, sampled), {}
+    args = (state, batches, plan.starts, plan.lengths,
+            np.int32(plan.num_chunks), plan.slot_rows[0],
+            plan.slot_workers[0], plan.arrival_slots[0], sampled)
+    return arrivals, args, dict(loss_dtype=loss.dtype)
+
+  def lower(self, state: SimState, batches: Any,
+            arrivals: Any) -> jax.stages.Lowered:
+    """The program ``replay(state, batches, arrivals)`` runs, lowered.
+
+    For ``"compiled"`` the whole replay; for ``"host_chunks"`` the step it
+    calls once per chunk, lowered for the first chunk. Nothing runs and
+    ``state`` is not donated: this is for inspection, e.g.
+    ``sim.lower(...).compile().memory_analysis()`` gives the bytes each
+    device holds (benchmarks/harness_throughput.md records them).
+    """
+    arrivals, args, kwargs = self._program_inputs(state, batches, arrivals)
+    if self.strategy == "compiled":
+      return self._program.lower(*args, **kwargs)
+    state, batches, plan, sampled = args
+    rows = plan.slot_rows[0, 0]
+    batch_S = jax.tree.map(lambda x: x[rows], batches)
+    first = None if sampled is None else sampled[:plan.chunk]
+    return self._program.lower(
+        state, plan.slot_workers[0, 0], batch_S, plan.arrival_slots[0, 0],
+        plan.lengths[0], first,
+    )
+
+  def _sampled(self, state: SimState, num_arrivals: int) -> np.ndarray | None:
+    """Which arrivals the diagnostics measure (reads the state's step)."""
+    if self._diagnostics is None:
+      return None
+    return _diagnostics.sampled(int(state.step), num_arrivals,
+                                self._diagnostics.every)

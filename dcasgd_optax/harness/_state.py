@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dcasgd_optax._src.delay_compensation import DelayCompensationState
+from dcasgd_optax._src.pull import find_states
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
 
@@ -19,14 +21,18 @@ class SimState(NamedTuple):
   Attributes:
     params: the server's current model (a params pytree).
     opt_state: the state of ``sim.tx``. For :class:`Simulator` its
-      DelayCompensationState backups (``[num_workers, ...]`` per leaf) are
-      the models the workers hold:
+      DelayCompensationState backups are the models the workers hold:
       ``dcasgd_optax.worker_params(state.opt_state, m)`` is worker ``m``'s.
+      They are sharded by worker over the simulator's devices, each device
+      holding a contiguous block; with ``D`` devices their leading axis is
+      ``num_workers`` rounded up to a multiple of ``D`` (the extra rows are
+      padding).
     model_state: the server's model state (e.g. BatchNorm statistics), the
       one to evaluate with; ``()`` for stateless models. How each simulator
       forms it is its documented model-state policy.
     worker_model_states: the model state each worker holds, every leaf with a
-      leading ``num_workers`` axis (:class:`Simulator`); ``()`` for
+      leading axis of the backups' length, sharded likewise
+      (:class:`Simulator`); ``()`` for
       stateless models and for :class:`SyncSimulator`, whose workers all
       compute with the server's.
     step: int32 ``[]``, server updates so far.
@@ -70,37 +76,88 @@ def check_state(state: Any, expected: SimState) -> None:
       )
 
 
+def backups_of(opt_state: Any) -> Any:
+  """The backups of the one DelayCompensationState in ``opt_state``."""
+  return find_states(opt_state)[0].backups
+
+
+def with_backups(opt_state: Any, backups: Any) -> Any:
+  """``opt_state`` with its DelayCompensationState's backups replaced."""
+  is_dc = lambda x: isinstance(x, DelayCompensationState)
+  return jax.tree.map(
+      lambda s: s._replace(backups=backups) if is_dc(s) else s, opt_state,
+      is_leaf=is_dc,
+  )
+
+
+def worker_rows(num_workers: int, mesh: Any) -> int:
+  """Rows of per-worker storage: ``num_workers`` padded to the device count.
+
+  Each device holds a contiguous block of ``worker_rows / D`` workers'
+  backups and model states; rows past ``num_workers`` are padding (copies
+  of the initial model, never read as a worker's).
+  """
+  return _devices.round_up(num_workers, mesh.size)
+
+
 def initial_state(tx: Any, num_workers: int, mesh: Any, params: Any,
-                  model_state: Any, *, per_worker_model_state: bool) -> SimState:
-  """Every worker holds ``params``; copies, so the arguments are never donated."""
+                  model_state: Any, *, per_worker: bool) -> SimState:
+  """Every worker holds ``params``; copies, so the arguments are never donated.
+
+  With ``per_worker`` (:class:`Simulator`) the backups and the workers'
+  model states get :func:`worker_rows` rows, sharded by worker over ``mesh``;
+  everything else is replicated.
+  """
   args = _devices.replicate((params, model_state), mesh)
-  build = functools.partial(
-      _build, tx, num_workers, per_worker_model_state=per_worker_model_state
-  )
-  return jax.jit(build, out_shardings=_devices.replicated(mesh))(*args)
+  build = functools.partial(_build, tx, num_workers, mesh,
+                            per_worker=per_worker)
+  shardings = state_shardings(jax.eval_shape(build, *args), mesh)
+  return jax.jit(build, out_shardings=shardings)(*args)
 
 
-def abstract_initial_state(tx: Any, num_workers: int, params: Any,
-                           model_state: Any, *,
-                           per_worker_model_state: bool) -> SimState:
+def abstract_initial_state(tx: Any, num_workers: int, mesh: Any, params: Any,
+                           model_state: Any, *, per_worker: bool) -> SimState:
   """The shapes and dtypes :func:`initial_state` gives, computed abstractly."""
-  build = functools.partial(
-      _build, tx, num_workers, per_worker_model_state=per_worker_model_state
-  )
+  build = functools.partial(_build, tx, num_workers, mesh,
+                            per_worker=per_worker)
   return jax.eval_shape(build, _checks.abstract(params),
                         _checks.abstract(model_state))
 
 
-def _build(tx, num_workers, params, model_state, *, per_worker_model_state):
+def state_shardings(state: SimState, mesh: Any) -> SimState:
+  """Where each leaf of a state lives: per-worker rows split by worker."""
+  rep, split = _devices.replicated(mesh), _devices.sharded(mesh)
+  shardings = jax.tree.map(lambda _: rep, state)
+  opt_state = shardings.opt_state
+  if find_states(state.opt_state):
+    opt_state = with_backups(
+        opt_state,
+        jax.tree.map(lambda _: split, backups_of(state.opt_state)),
+    )
+  worker_ms = jax.tree.map(lambda _: split, state.worker_model_states)
+  return shardings._replace(opt_state=opt_state,
+                            worker_model_states=worker_ms)
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+  extra = jnp.broadcast_to(x[:1], (rows - x.shape[0], *x.shape[1:]))
+  return jnp.concatenate([x, extra])
+
+
+def _build(tx, num_workers, mesh, params, model_state, *, per_worker):
   params = jax.tree.map(jnp.copy, params)
   model_state = jax.tree.map(jnp.copy, model_state)
+  opt_state = tx.init(params)
   worker_ms = ()
-  if per_worker_model_state:
+  if per_worker:
+    rows = worker_rows(num_workers, mesh)
+    opt_state = with_backups(opt_state, jax.tree.map(
+        lambda b: _pad_rows(b, rows), backups_of(opt_state)))
     worker_ms = jax.tree.map(
-        lambda x: jnp.broadcast_to(x[None], (num_workers, *jnp.shape(x))),
+        lambda x: jnp.broadcast_to(x[None], (rows, *jnp.shape(x))),
         model_state,
     )
   return SimState(
-      params, tx.init(params), model_state, worker_ms,
+      params, opt_state, model_state, worker_ms,
       jnp.zeros((), jnp.int32), jnp.zeros((num_workers,), jnp.int32),
   )

@@ -45,7 +45,7 @@ def _group_gradients(loss_with_state, mesh, vmap_slots, params, model_state,
     return _slots.map_slots(slot, (batch_G,), vmap_slots, unroll=unroll)
 
   shared = (params, model_state)
-  loss_G, ms_G, grads_G = _devices.per_worker(local, mesh, shared, (batch_G,))
+  loss_G, ms_G, grads_G = _devices.spread(local, mesh, shared, (batch_G,))
   # The sum as a contraction: XLA:CPU reduces a leading axis much slower.
   grads = jax.tree.map(
       lambda g: jnp.tensordot(weights_G.astype(g.dtype), g, axes=1), grads_G
@@ -255,7 +255,7 @@ class SyncSimulator(_protocol.SimulatorBase):
     ([0, 1, 1, 0], [1, 1, 2, 2])
   """
 
-  _per_worker_model_state = False
+  _per_worker = False
 
   def _server_tx(self, tx, num_workers):
     del num_workers
