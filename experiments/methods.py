@@ -47,6 +47,7 @@ from ml_collections import config_flags
 
 from experiments import algorithms
 from experiments import reporting
+from experiments import run_files
 from experiments import train
 
 STAGES = ("tune", "report", "all")
@@ -162,6 +163,9 @@ def report(
 ) -> list[dict]:
   """Runs every cell's chosen setting on the reported seeds, then reports.
 
+  Also reruns the cells of ``config.report.diagnostics`` (one seed) with the
+  simulator's diagnostics, for the diagnostics plot.
+
   Args:
     config: the grid.
     workdir: where the runs and the report go.
@@ -184,8 +188,35 @@ def report(
   for cell in todo:
     setting = tuned[cell.key]["setting"]
     rows += [run(config, workdir, cell, s, setting) for s in config.grid.seeds]
-  print(reporting.write_methods_report(config, rows, workdir))
+  traces = diagnose(config, workdir, tuned)
+  print(reporting.write_methods_report(config, rows, workdir, traces))
   return rows
+
+
+def diagnose(
+    config: ml_collections.ConfigDict, workdir: str, tuned: dict[str, dict]
+) -> dict[tuple[str, str], dict]:
+  """Reruns the cells of ``config.report.diagnostics`` with diagnostics.
+
+  Returns:
+    ``(optimizer, algorithm) -> {field: list}``: the sampled arrivals'
+    staleness, step and diagnostics (:data:`run_files.DIAGNOSTICS`).
+  """
+  d = config.report.diagnostics
+  traces = {}
+  for cell in cells(config):
+    if (cell.optimizer not in d.optimizers or cell.schedule != d.schedule
+        or cell.num_workers != d.num_workers):
+      continue
+    c = cell_config(config, cell, d.seed, tuned[cell.key]["setting"])
+    c.diagnostics_every = d.every
+    rundir = os.path.join(workdir, "diagnostics", cell.key)
+    train.train_and_evaluate(c, rundir)
+    lines = run_files.read_diagnostics(rundir)
+    traces[(cell.optimizer, cell.algorithm)] = {
+        k: [v for line in lines for v in line[k]] for k in run_files.DIAGNOSTICS
+    }
+  return traces
 
 
 def main(argv):

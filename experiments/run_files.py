@@ -18,7 +18,8 @@ import ml_collections
 import numpy as np
 
 # Config fields that do not change a run's result, so may differ on resume.
-_NOT_RESULT = ("progress_bar", "data_dir", "download", "checkpoint_every_epochs", "grid")
+_NOT_RESULT = ("progress_bar", "data_dir", "download", "checkpoint_every_epochs",
+               "diagnostics_every", "grid")
 
 
 def _result_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -67,4 +67,9 @@ def get_config():
   c.tuning.dc_lambda = (2.0, 4.0, 8.0, 16.0)
   c.report = ml_collections.ConfigDict()
   c.report.min_gap = 0.005  # no gap to close when ASGD is within 0.5 points
+  c.report.remedy = ("dc-asgd-a", "dc-asgd-a-bc")  # the paired table: does it hurt?
+  # Reruns (one seed, tuned settings) with the simulator's diagnostics.
+  c.report.diagnostics = ml_collections.ConfigDict(dict(
+      optimizers=("sgd", "momentum"), schedule="gamma", num_workers=16,
+      every=4, seed=0))
   return c
