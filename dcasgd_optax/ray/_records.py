@@ -96,7 +96,3 @@ def merge(traces: Sequence[dict[str, np.ndarray]], start_time: float
       server_time=server_time, skipped=skipped,
   )
 
-
-def empty_records() -> UpdateRecords:
-  return merge([shard_trace([], lead=True)], 0.0)
-
