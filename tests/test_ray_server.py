@@ -6,6 +6,7 @@ non-finite gradient) leaves the state exactly as it was.
 """
 
 import importlib
+import stat
 import sys
 
 import chex
@@ -243,3 +244,17 @@ def test_shards_resume_from_their_checkpoints(tmp_path):
       resumed[k].apply(seq % 2, seq // 2, grads[seq][k])
   chex.assert_trees_all_equal([s.result() for s in live],
                               [s.result() for s in resumed])
+
+
+def test_checkpoint_directories_are_private_to_their_owner(tmp_path):
+  directory = tmp_path / "runs" / "ckpt"
+  params = {"w": np.ones(3, np.float32), "b": np.zeros(2, np.float32)}
+  for k in range(2):
+    server = dray.ParameterServer(optax.sgd(0.1), params, 1, shard=k,
+                                  num_shards=2, checkpoint_dir=str(directory))
+    server.save()
+    server.close()
+  # Owner only: the run's directory, each shard's, each step's.
+  for path in ["", "shard-0-of-2", "shard-0-of-2/0", "shard-1-of-2",
+               "shard-1-of-2/0"]:
+    assert stat.S_IMODE((directory / path).stat().st_mode) == 0o700, path
