@@ -141,8 +141,8 @@ def time_sync_gradients(loss_fn, params, num_workers, batches, repeats):
   The best of: a jitted scan over rounds, computing a round's gradients in
   one vmapped call or in a loop (``lax.map``); and one jitted call per round
   from Python, its gradients unrolled (no loop: on XLA:CPU a convolution's
-  gradient inside a loop is 7-15x slower). So the limit is the fastest
-  synchronous way.
+  gradient inside a loop is much slower; see harness_throughput.md). So the
+  limit is the fastest synchronous way.
   """
   rounds = batches.reshape(-1, num_workers, *batches.shape[1:])
   grad_fn = jax.grad(loss_fn)
@@ -190,8 +190,7 @@ def time_updates(params, num_workers, num_arrivals, repeats):
     def body(carry, m):
       params, state = carry
       updates, state = tx.update(grads, state, params, worker=m)
-      params = optax.apply_updates(params, updates)
-      return (params, dcasgd_optax.record_pull(state, params, m)), None
+      return (optax.apply_updates(params, updates), state), None  # pulled
 
     return jax.lax.scan(body, (params, state), workers)[0]
 
@@ -213,9 +212,8 @@ def time_naive(loss_fn, params, num_workers, arrivals, batches, repeats):
     return jax.grad(loss_fn)(dcasgd_optax.worker_params(state, m), batch)
 
   def update(params, state, grads, m):
-    updates, state = tx.update(grads, state, params, worker=m)
-    params = optax.apply_updates(params, updates)
-    return params, dcasgd_optax.record_pull(state, params, m)
+    updates, state = tx.update(grads, state, params, worker=m)  # and pull
+    return optax.apply_updates(params, updates), state
 
   update = jax.jit(update, donate_argnums=(0, 1))
   box = [(jax.tree.map(jnp.copy, params), tx.init(params))]

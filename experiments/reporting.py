@@ -8,6 +8,7 @@ redrawn without training.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -179,3 +180,240 @@ def _finish(fig, path: str, title: str, bottom: float = 0.0) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+# ------------------------------------------------ the evidence grid (methods)
+
+METHODS_COLUMNS = (
+    "optimizer", "schedule", "workers", "algorithm", "seed", "learning_rate",
+    "dc_lambda", "final_test_error", "best_test_error", "wall_time",
+    "mean_staleness", "epochs",
+)
+
+
+def gap_closed(
+    sequential: float, asgd: float, method: float, *, min_gap: float
+) -> float | None:
+  """The share of ASGD's gap to sequential SGD that a method closes.
+
+  ``(asgd - method) / (asgd - sequential)`` for mean errors: 1 when the
+  method matches sequential SGD, 0 when it matches ASGD, above 1 when it
+  beats sequential SGD, below 0 when it is worse than ASGD.
+
+  Returns:
+    The share, or ``None`` when ASGD is within ``min_gap`` of sequential
+    SGD (no gap worth closing).
+  """
+  gap = asgd - sequential
+  if gap < min_gap:
+    return None
+  return (asgd - method) / gap
+
+
+def _group(rows, **where) -> np.ndarray:
+  return np.array([
+      r["final_test_error"] for r in rows
+      if all(r[k] == v for k, v in where.items())
+  ])
+
+
+def cell_stats(rows: Sequence[dict[str, Any]], *, min_gap: float) -> list[dict]:
+  """Per cell: mean and std of the final test error, and the gap closed.
+
+  ``rows`` are the runs of :func:`experiments.methods.report` (keys
+  ``optimizer``, ``schedule``, ``num_workers``, ``algorithm``,
+  ``final_test_error``). Sequential SGD and ASGD are the references of
+  every cell with the same optimizer (and schedule and workers, for ASGD).
+  """
+  stats = []
+  keys = sorted({(r["optimizer"], r["schedule"], r["num_workers"], r["algorithm"])
+                 for r in rows})
+  sequential = {
+      r["optimizer"]: _group(rows, optimizer=r["optimizer"],
+                             algorithm=r["algorithm"]).mean()
+      for r in rows if r["algorithm"] == algorithms.SEQUENTIAL.name
+  }
+  for opt, schedule, m, name in keys:
+    errors = _group(rows, optimizer=opt, schedule=schedule, num_workers=m,
+                    algorithm=name)
+    asgd = _group(rows, optimizer=opt, schedule=schedule, num_workers=m,
+                  algorithm=algorithms.ASGD.name)
+    share = None
+    if opt in sequential and asgd.size:
+      share = gap_closed(sequential[opt], asgd.mean(), errors.mean(),
+                         min_gap=min_gap)
+    stats.append(dict(optimizer=opt, schedule=schedule, num_workers=m,
+                      algorithm=name, mean=float(errors.mean()),
+                      std=_std(errors), seeds=int(errors.size),
+                      gap_closed=share))
+  return stats
+
+
+def _stat_cell(stat: dict | None) -> str:
+  if stat is None:
+    return "n/a"
+  text = f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
+  if stat["gap_closed"] is not None and stat["algorithm"] != algorithms.ASGD.name:
+    text += f" ({100 * stat['gap_closed']:.0f}%)"
+  return text
+
+
+def methods_table(stats: Sequence[dict], optimizer: str, title: str) -> str:
+  """One optimizer's table: a row per (schedule, M), a column per method.
+
+  Cells: final test error (%), mean ± std over seeds, and in parentheses
+  the share of ASGD's gap to sequential SGD closed (absent when ASGD is
+  within the minimum gap of sequential SGD: nothing to close). Sequential
+  SGD's column repeats its single value in every row.
+  """
+  mine = [s for s in stats if s["optimizer"] == optimizer]
+  algs = algorithms.ordered(s["algorithm"] for s in mine)
+  rows = sorted({(s["schedule"], s["num_workers"]) for s in mine
+                 if not algorithms.get(s["algorithm"]).single_worker},
+                key=lambda r: (r[0], r[1]))
+  lookup = {(s["schedule"], s["num_workers"], s["algorithm"]): s for s in mine}
+  lines = [f"**{title}**", "",
+           "| arrivals | M | " + " | ".join(a.label for a in algs) + " |",
+           "|---" * (len(algs) + 2) + "|"]
+  for schedule, m in rows:
+    cells = [_stat_cell(lookup.get(
+        ("cyclic", 1, a.name) if a.single_worker else (schedule, m, a.name)))
+             for a in algs]
+    lines.append(f"| {schedule} | {m} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_gap_closed(stats: Sequence[dict], path: str, *, title: str = "") -> None:
+  """Share of ASGD's gap closed against M: a panel per optimizer, a line per
+  method (cyclic arrivals solid, Gamma dashed)."""
+  optimizers = list(dict.fromkeys(s["optimizer"] for s in stats))
+  fig, axes = plt.subplots(1, len(optimizers), figsize=(4.6 * len(optimizers), 4),
+                           sharey=True, squeeze=False)
+  for ax, opt in zip(axes[0], optimizers):
+    mine = [s for s in stats if s["optimizer"] == opt and s["gap_closed"] is not None]
+    for a in algorithms.ordered(s["algorithm"] for s in mine):
+      for schedule, ls in (("cyclic", "-"), ("gamma", "--")):
+        pts = sorted((s["num_workers"], 100 * s["gap_closed"]) for s in mine
+                     if s["algorithm"] == a.name and s["schedule"] == schedule)
+        if pts and a.name != algorithms.ASGD.name:
+          ax.plot(*zip(*pts), color=a.color, marker=a.marker, ls=ls,
+                  label=a.label if schedule == "cyclic" else None)
+    ax.axhline(100, color="k", lw=0.8)
+    ax.axhline(0, color=algorithms.ASGD.color, lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_title(opt)
+    ax.set_xlabel("workers M (solid: cyclic, dashed: Gamma)")
+    ax.set_ylim(-100, 150)
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("share of ASGD's gap to sequential closed (%)")
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  for ax in axes[0][1:]:
+    for h, l in zip(*ax.get_legend_handles_labels()):
+      if l not in labels:
+        handles.append(h)
+        labels.append(l)
+  if labels:
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6),
+               fontsize=8, bbox_to_anchor=(0.5, 0.0))
+  _finish(fig, path, title, bottom=0.14)
+
+
+def paired_table(stats: Sequence[dict], baseline: str, variant: str) -> str:
+  """``variant`` against ``baseline`` in every cell they share: their errors,
+  the difference, and whether the variant hurts (its mean is worse by more
+  than the larger of the two standard deviations)."""
+  by_cell = {(s["optimizer"], s["schedule"], s["num_workers"], s["algorithm"]): s
+             for s in stats}
+  lines = [f"| optimizer | arrivals | M | {algorithms.get(baseline).label} | "
+           f"{algorithms.get(variant).label} | difference | hurts? |",
+           "|---" * 7 + "|"]
+  for (opt, schedule, m, name), b in by_cell.items():
+    v = by_cell.get((opt, schedule, m, variant))
+    if name != baseline or v is None:
+      continue
+    diff = v["mean"] - b["mean"]
+    hurts = "yes" if diff > max(b["std"], v["std"]) else "no"
+    lines.append(f"| {opt} | {schedule} | {m} | {_stat_cell(b)} | {_stat_cell(v)} "
+                 f"| {100 * diff:+.2f} | {hurts} |")
+  return "\n".join(lines) + "\n"
+
+
+def _binned(x: np.ndarray, y: np.ndarray, edges: np.ndarray):
+  """Mean of ``y`` per bin of ``x`` (bins with no sample dropped)."""
+  which = np.digitize(x, edges) - 1
+  keep = [b for b in range(len(edges) - 1) if np.any(which == b)]
+  centers = np.array([(edges[b] + edges[b + 1]) / 2 for b in keep])
+  return centers, np.array([y[which == b].mean() for b in keep])
+
+
+def plot_diagnostics(traces: dict[tuple[str, str], dict], path: str, *,
+                     title: str = "") -> None:
+  """Is compensation helping? A row per optimizer: the cosine of the applied
+  direction to the fresh gradient against staleness (left; ASGD's is its
+  stale gradient's), and its relative error over training (right).
+
+  Args:
+    traces: ``(optimizer, algorithm) -> {"staleness", "step",
+      "applied_cosine", "applied_error", ...}``, arrays of sampled arrivals.
+    path: the PNG to write.
+    title: a figure title.
+  """
+  optimizers = list(dict.fromkeys(o for o, _ in traces))
+  fig, axes = plt.subplots(len(optimizers), 2, figsize=(11, 3.8 * len(optimizers)),
+                           squeeze=False)
+  for (ax_c, ax_e), opt in zip(axes, optimizers):
+    for a in algorithms.ordered(n for o, n in traces if o == opt):
+      t = {k: np.asarray(v) for k, v in traces[(opt, a.name)].items()}
+      tau = t["staleness"]
+      if tau.max() - tau.min() < 12:  # one bin per staleness
+        edges = np.arange(tau.min(), tau.max() + 2) - 0.5
+      else:
+        edges = np.linspace(tau.min() - 0.5, tau.max() + 0.5, 12)
+      ax_c.plot(*_binned(tau, t["applied_cosine"], edges), color=a.color,
+                marker=a.marker, ms=4, label=a.label)
+      window = max(1, len(t["step"]) // 40)
+      kernel = np.ones(window) / window
+      err = np.convolve(t["applied_error"], kernel, mode="valid")
+      ax_e.plot(t["step"][window - 1:], err, color=a.color, label=a.label, lw=1)
+    ax_c.set(xlabel="staleness τ", ylabel="cosine(applied, fresh gradient)",
+             title=f"{opt}: direction vs staleness")
+    ax_e.set(xlabel="server step", ylabel="‖applied − fresh‖ / ‖fresh‖",
+             yscale="log", title=f"{opt}: error over training (moving mean)")
+    for ax in (ax_c, ax_e):
+      ax.grid(alpha=0.3)
+    ax_e.legend(fontsize=7, ncol=2)
+  _finish(fig, path, title)
+
+
+def write_methods_report(config: Any, rows: Sequence[dict], workdir: str,
+                         traces: dict | None = None) -> str:
+  """Writes results.csv, stats.json, table.md (with the remedy's table) and
+  gap_closed.png (and diagnostics.png from ``traces``); returns the tables."""
+  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=METHODS_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({**r, "workers": r["num_workers"]} for r in rows)
+  stats = cell_stats(rows, min_gap=config.report.min_gap)
+  seeds = ", ".join(map(str, config.grid.seeds))
+  tables = [
+      methods_table(stats, opt, f"{opt}: final test error (%), mean ± std over "
+                    f"seeds {seeds} (share of ASGD's gap closed)")
+      for opt in config.grid.optimizers
+  ]
+  baseline, variant = config.report.remedy
+  tables.append(f"**{algorithms.get(variant).label} against "
+                f"{algorithms.get(baseline).label}**\n\n"
+                + paired_table(stats, baseline, variant))
+  text = "\n".join(tables)
+  with open(os.path.join(workdir, "table.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(workdir, "stats.json"), "w") as f:
+    json.dump(stats, f, indent=1)
+  plot_gap_closed(stats, os.path.join(workdir, "gap_closed.png"),
+                  title=f"{config.num_epochs} epochs, tuned learning rates")
+  if traces:
+    d = config.report.diagnostics
+    plot_diagnostics(traces, os.path.join(workdir, "diagnostics.png"),
+                     title=f"{d.schedule} arrivals, M = {d.num_workers}, seed "
+                     f"{d.seed}, every {d.every}th arrival")
+  return text

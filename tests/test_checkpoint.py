@@ -6,6 +6,7 @@ import stat
 import sys
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,13 +36,6 @@ def _state(scale=1.0):
   )
 
 
-def _assert_same(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert np.asarray(x).dtype == np.asarray(y).dtype
-
-
 def test_round_trip_keeps_values_types_shardings_and_metadata(tmp_path):
   state = _state()
   with Checkpointer(tmp_path) as ckpt:
@@ -51,7 +45,7 @@ def test_round_trip_keeps_values_types_shardings_and_metadata(tmp_path):
     assert ckpt.latest_step() == 7
     restored = ckpt.restore_latest(_state(scale=0.0))
   assert restored.step == 7 and restored.metadata == {"epochs": [{"loss": 0.5}]}
-  _assert_same(restored.tree, state)
+  chex.assert_trees_all_equal(restored.tree, state, strict=True)
   w = restored.tree.params["w"]
   assert isinstance(w, jax.Array) and w.sharding == state.params["w"].sharding
   assert isinstance(restored.tree.last_pull, np.ndarray)
@@ -65,7 +59,9 @@ def test_save_copies_to_host_before_returning(tmp_path):
     state.last_pull[:] = -1  # the caller reuses its buffers at once
     jax.tree.map(lambda x: x.delete(), state.params)  # or donates them
     ckpt.wait_until_finished()
-    _assert_same(ckpt.restore_latest(expected).tree, expected)
+    chex.assert_trees_all_equal(
+        ckpt.restore_latest(expected).tree, expected, strict=True
+    )
 
 
 def test_keeps_the_most_recent_and_skips_a_step_already_saved(tmp_path):
@@ -75,7 +71,7 @@ def test_keeps_the_most_recent_and_skips_a_step_already_saved(tmp_path):
     assert not ckpt.save(3, _state(scale=-1.0))
     restored = ckpt.restore_latest(_state())
   assert sorted(os.listdir(tmp_path)) == ["2", "3"]
-  _assert_same(restored.tree, _state(scale=3.0))
+  chex.assert_trees_all_equal(restored.tree, _state(scale=3.0), strict=True)
 
 
 def test_checkpoint_directories_are_private_to_their_owner(tmp_path):
@@ -106,7 +102,7 @@ def test_a_simulator_state_resumes_exactly(tmp_path):
   with Checkpointer(tmp_path) as ckpt:
     resumed = ckpt.restore_latest(fresh()).tree
   resumed, _ = sim.replay(resumed, jnp.arange(6, 12), arrivals[6:])
-  _assert_same(resumed, whole)
+  chex.assert_trees_all_equal(resumed, whole, strict=True)
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,8 @@ DCASGD_CASES = {
     "c_momentum_weight_decay": dict(adaptive=False, lambda_=0.5, momentum=0.5,
                                     weight_decay=1e-3),
     "per_worker_bias_warmup": dict(momentum=0.9, per_worker_mean_square=True,
-                                   bias_correction=True, lambda_warmup=3),
+                                   bias_correction=True, lambda_warmup=3,
+                                   correction_clip=0.5),
     "bf16_backups": dict(momentum=0.9, backup_dtype=jnp.bfloat16),
 }
 

@@ -93,3 +93,93 @@ def test_seeded_schedules_need_a_reproducible_seed(seed):
     schedules.shuffled_rounds(3, 2, seed=seed)
   with pytest.raises((TypeError, ValueError), match="seed"):
     schedules.gamma_speeds(3, 10, seed=seed)
+
+
+def _trace(arrivals, num_workers, seed=0):
+  """Records of a run with these arrivals, shuffled as a driver may log them."""
+  order = np.random.default_rng(seed).permutation(len(arrivals))
+  steps = np.arange(1, len(arrivals) + 1)
+  tau = np.asarray(_staleness_loop(list(arrivals), num_workers))
+  return {"step": steps[order], "worker": np.asarray(arrivals)[order],
+          "staleness": tau[order], "seq": np.zeros(len(arrivals), np.int64)}
+
+
+class _AttributeRecords:
+  """Records with attribute access only (like a NamedTuple of arrays)."""
+
+  def __init__(self, fields):
+    self.__dict__.update(fields)
+
+
+def test_from_trace_sorts_by_server_step():
+  arrivals = schedules.gamma_speeds(5, 80, seed=3, shape=2.0)
+  trace = _trace(arrivals, 5)
+  out = schedules.from_trace(trace, num_workers=5)
+  assert out.dtype == np.int32
+  np.testing.assert_array_equal(out, arrivals)
+  np.testing.assert_array_equal(schedules.from_trace(trace), arrivals)
+  np.testing.assert_array_equal(
+      schedules.from_trace(_AttributeRecords(trace), 5), arrivals)
+
+
+def test_from_trace_of_a_resumed_run_starts_at_its_first_step():
+  trace = {"step": np.array([12, 11, 13]), "worker": np.array([0, 2, 1]),
+           "staleness": np.array([9, 9, 9])}  # not checked: not from step 1
+  np.testing.assert_array_equal(schedules.from_trace(trace, 3), [2, 0, 1])
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(worker=np.array([0, 1, 2, 3])), r"worker id 3, outside \[0, 3\)"),
+    (dict(worker=np.array([0, -1, 2, 1])), "worker id -1"),
+    (dict(step=np.array([1, 2, 2, 3])), "share step 2"),
+    (dict(step=np.array([1, 2, 4, 5])), "no record has step 3"),
+    (dict(step=np.array([1.0, 2.0, 3.0, 4.0])), "integer"),
+    (dict(step=np.array([1, 2, 3])), "same, non-zero length"),
+    (dict(staleness=np.array([0, 1, 2, 0])), "staleness.*step 4"),
+    (dict(skipped=np.array([False, True, False, False])), "skipped"),
+])
+def test_from_trace_rejects_what_cannot_be_replayed(change, match):
+  trace = {"step": np.array([1, 2, 3, 4]), "worker": np.array([0, 1, 2, 1]),
+           "staleness": np.array([0, 1, 2, 1]), **change}
+  with pytest.raises(ValueError, match=match):
+    schedules.from_trace(trace, num_workers=3)
+
+
+def test_from_trace_needs_worker_and_step():
+  with pytest.raises(ValueError, match="'worker'"):
+    schedules.from_trace({"step": np.arange(1, 4)})
+
+
+@pytest.mark.parametrize("stragglers", [dict(straggler_prob=0.0),
+                                        dict(straggler_prob=0.3,
+                                             straggler_slowdown=1.0)])
+def test_without_slowdown_stragglers_change_nothing(stragglers):
+  plain = schedules.gamma_speeds(4, 200, seed=5, shape=3.0)
+  np.testing.assert_array_equal(
+      schedules.gamma_speeds(4, 200, seed=5, shape=3.0, **stragglers), plain)
+
+
+def test_stragglers_make_a_thin_tail_of_long_delays():
+  """Near-deterministic workers (shape 10^4): only a straggling gradient
+  arrives late, with about slowdown x (M - 1) staleness, as often as p."""
+  m, p, slowdown = 4, 0.03, 10.0
+  order = schedules.gamma_speeds(m, 6000, seed=1, shape=1e4,
+                                 straggler_prob=p, straggler_slowdown=slowdown)
+  again = schedules.gamma_speeds(m, 6000, seed=1, shape=1e4,
+                                 straggler_prob=p, straggler_slowdown=slowdown)
+  np.testing.assert_array_equal(order, again)
+  tau = schedules.staleness(order, m)[m:]
+  late = tau > 2 * (m - 1)
+  # A straggling time spans ~slowdown of the others' times: (M-1) * slowdown
+  # arrivals; the share of such arrivals is about p (binomial, 6000 draws).
+  assert 0.5 * p < np.mean(late) < 1.5 * p
+  assert 0.5 * slowdown * (m - 1) < np.median(tau[late]) < 1.5 * slowdown * (m - 1)
+  assert np.median(tau[~late]) == m - 1  # the body is untouched
+
+
+@pytest.mark.parametrize("kwargs", [dict(straggler_prob=-0.1),
+                                    dict(straggler_prob=1.5),
+                                    dict(straggler_slowdown=0.5)])
+def test_bad_straggler_arguments_raise(kwargs):
+  with pytest.raises(ValueError, match="straggler"):
+    schedules.gamma_speeds(4, 10, seed=0, **kwargs)

@@ -311,3 +311,42 @@ def test_sim_state_is_arrays_only():
   state = Simulator(loss_fn, optax.sgd(0.1), W).init(init_params())
   assert isinstance(state, SimState)
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
+
+
+def reference_held_from_backups(tx, params, batches, arrivals):
+  """One arrival at a time; each worker computes at what its backup holds.
+
+  The pull is ``tx``'s own when it is a PullAfterPush, else
+  :func:`dcasgd_optax.pull` after the update.
+  """
+  opt_state = tx.init(params)
+  for k, m in enumerate(np.asarray(arrivals).tolist()):
+    held = dcasgd_optax.worker_params(opt_state, m)
+    g = jax.grad(loss_fn)(held, batches[k])
+    updates, opt_state = tx.update(g, opt_state, params, worker=m)
+    params = optax.apply_updates(params, updates)
+    if not isinstance(tx, dcasgd_optax.PullAfterPush):
+      _, opt_state = dcasgd_optax.pull(opt_state, params, m)
+  return params, opt_state
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("make_tx", [
+    lambda: dcasgd_optax.dana_dc(0.1, W, momentum=0.8),
+    lambda: optax.chain(dcasgd_optax.delay_compensation(W, 0.5),
+                        dcasgd_optax.look_ahead_momentum(0.1, 0.8, 3)),
+], ids=["pulls_in_update", "pulled_by_simulator"])
+def test_workers_compute_at_the_look_ahead_they_pulled(make_tx, strategy):
+  """A look-ahead pull (the worker holds a prediction, not the server's
+  model) reaches the simulated workers whether ``tx`` pulls inside its update
+  (a PullAfterPush) or the simulator pulls for it."""
+  arrivals, batches = random_order(W, A, seed=11), make_batches(A)
+  sim = Simulator(loss_fn, make_tx(), strategy=strategy)
+  state, _ = sim.replay(sim.init(init_params()), batches, arrivals)
+  params, opt_state = reference_held_from_backups(
+      make_tx(), init_params(), batches, arrivals)
+  chex.assert_trees_all_close(state.params, params, **REPLAY_TOL)
+  for m in range(W):  # the pull the tx made is what the worker holds
+    chex.assert_trees_all_close(
+        dcasgd_optax.worker_params(state.opt_state, m),
+        dcasgd_optax.worker_params(opt_state, m), **REPLAY_TOL)

@@ -28,6 +28,7 @@ from helpers import backup_copies
 from helpers import builders
 from helpers import cost_analysis
 from helpers import params_tree
+from helpers import shifted
 from helpers import snapshot
 from helpers import stale_state
 from helpers import wide_params
@@ -77,10 +78,6 @@ def test_donated_record_pull_alone_writes_one_slice():
 
 PARAMS = {"dense": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)},
           "scale": jnp.array(2.0)}
-
-
-def shifted(tree, by):
-  return jax.tree.map(lambda x: x + by, tree)
 
 
 def nested_optimizers():

@@ -17,8 +17,9 @@ the same numbers, parameter by parameter, with every output written in place:
 
 Only the elementwise maths is written here, for the SGD tail (weight decay,
 momentum, Nesterov, the learning rate or its schedule, the pull): the
-backups-holding part is the very rule the composed transformation uses
-(:func:`compensation_rule`, :func:`gap_rule`), and the counts come from
+backups-holding part is the very ``correct`` function the composed
+transformation applies (:func:`compensation_correction`,
+:func:`gap_correction`), applied here to blocks, and the counts come from
 :func:`next_mean_square`. The tests check equality with the composed chain.
 Measured costs: ``benchmarks/update_cost.md``.
 """
@@ -67,7 +68,7 @@ def fused_sgd(
     composed: optax.GradientTransformationExtraArgs,
     num_workers: int,
     stats: MeanSquareSpec,
-    rule: Callable[..., Any],
+    correct: Callable[..., Any],
     tail: SgdTail,
 ) -> Any:
   """``composed``'s init with an update that gives its numbers in one pass.
@@ -77,7 +78,8 @@ def fused_sgd(
       optax.sgd(...)))``, whose state the fused update reads and returns.
     num_workers: the backups-holding transformation's worker count.
     stats: its mean-square spec.
-    rule: its elementwise rule, ``rule(count, total)(g, w, held, ms)``.
+    correct: its ``correct`` (see :func:`backups_transformation`), applied
+      to blocks of each parameter.
     tail: the members after it.
 
   Returns:
@@ -94,8 +96,7 @@ def fused_sgd(
         stats._replace(decay=None),
     )
     scalars, tail_states = _tail_scalars(tail, tail_states)
-    step = _Step(rule(count, jnp.sum(counted.count)), stats, tail, scalars,
-                 valid)
+    step = _Step(correct, count, counted, stats, tail, scalars, valid)
     row = jnp.clip(jnp.asarray(worker, jnp.int32), 0, num_workers - 1)
     trace = _trace_of(tail, tail_states)
     new_updates, backups, mean_square, trace = _map_leaves(
@@ -154,7 +155,9 @@ def _with_trace(tail: SgdTail, states: tuple, trace: Any) -> tuple:
 class _Step(NamedTuple):
   """One update's elementwise maths, as the composed chain computes it."""
 
-  leaf_rule: Callable[..., Any]  # the backups transformation's, this update
+  correct: Callable[..., Any]  # the backups transformation's
+  count: Any  # the mean square's count, this update included
+  counted: Any  # the DelayCompensationState with the counts updated
   stats: MeanSquareSpec
   tail: SgdTail
   scalars: _Scalars
@@ -182,7 +185,8 @@ class _Step(NamedTuple):
       stored_ms = jnp.where(self.valid, new_ms, ms)
     else:
       new_ms = stored_ms = None
-    u = self.leaf_rule(g, w, held, new_ms)
+    ms_seen = () if new_ms is None else new_ms
+    u = self.correct(g, w, held, ms_seen, self.count, self.counted)
     u = jnp.where(self.valid, u, jnp.asarray(np.nan, u.dtype))
     if self.scalars.weight_decay is not None:
       u = u + self.scalars.weight_decay * w

@@ -1,4 +1,4 @@
-"""The full DC-ASGD optimizer: delay compensation, weight decay, SGD."""
+"""Full optimizers: each method of the library with weight decay, SGD and the pull after push."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import optax
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src import _fused
 from dcasgd_optax._src.delay_compensation import MeanSquareSpec
-from dcasgd_optax._src.delay_compensation import compensation_rule
+from dcasgd_optax._src.delay_compensation import compensation_correction
 from dcasgd_optax._src.delay_compensation import default_lambda
 from dcasgd_optax._src.delay_compensation import delay_compensation
 from dcasgd_optax._src.delayed_nesterov import delayed_nesterov
 from dcasgd_optax._src.gap_aware import gap_aware
-from dcasgd_optax._src.gap_aware import gap_rule
+from dcasgd_optax._src.gap_aware import gap_correction
 from dcasgd_optax._src.look_ahead import look_ahead_momentum
 from dcasgd_optax._src.pull import find_states
 from dcasgd_optax._src.pull import pull
@@ -58,6 +58,7 @@ def dcasgd(
     per_worker_mean_square: bool = False,
     bias_correction: bool = False,
     lambda_warmup: Any = 0,
+    correction_clip: Any = None,
 ) -> PullAfterPush:
   r"""DC-ASGD as one optimizer, with the worker's pull recorded after its push.
 
@@ -101,6 +102,8 @@ def dcasgd(
       authors' code (see :func:`delay_compensation`).
     bias_correction: DC-ASGD-a's MeanSquare divided by :math:`1 - d^t`.
     lambda_warmup: ramp λ up over this many updates (0: none).
+    correction_clip: bound the term by ``correction_clip * |g|`` per
+      coordinate (``None``: no bound).
 
   Returns:
     A :class:`PullAfterPush` (an ``optax.GradientTransformationExtraArgs``);
@@ -121,29 +124,23 @@ def dcasgd(
     Array([ 0.8, -0.8], dtype=float32)
   """
   _check_sgd_arguments(learning_rate, momentum, nesterov, weight_decay)
-  compensation = delay_compensation(
-      num_workers,
-      lambda_,
-      adaptive=adaptive,
-      decay=decay,
-      eps=eps,
-      backup_dtype=backup_dtype,
-      per_worker_mean_square=per_worker_mean_square,
-      bias_correction=bias_correction,
-      lambda_warmup=lambda_warmup,
-  )
   composed = pull_after_push(optax.chain(
-      compensation,
+      _compensation(
+          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+          per_worker_mean_square, bias_correction, lambda_warmup,
+          correction_clip,
+      ),
       *_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   ))
-  rule = compensation_rule(
+  correct = compensation_correction(
       default_lambda(lambda_, adaptive), adaptive=adaptive, decay=decay,
       eps=eps, bias_correction=bias_correction, lambda_warmup=lambda_warmup,
+      correction_clip=correction_clip,
   )
   stats = MeanSquareSpec(decay if adaptive else None, per_worker_mean_square)
   return _fused.fused_sgd(
-      composed, num_workers, stats, rule,
+      composed, num_workers, stats, correct,
       _sgd_tail(learning_rate, momentum, nesterov, weight_decay),
   )
 
@@ -151,6 +148,19 @@ def dcasgd(
 def _sgd_tail(learning_rate, momentum, nesterov, weight_decay):
   wd = weight_decay if _decayed_weights(weight_decay) else None
   return _fused.SgdTail(learning_rate, momentum, nesterov, wd)
+
+
+def _compensation(
+    num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+    per_worker_mean_square, bias_correction, lambda_warmup, correction_clip,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`delay_compensation` from a full optimizer's arguments, in order."""
+  return delay_compensation(
+      num_workers, lambda_, adaptive=adaptive, decay=decay, eps=eps,
+      backup_dtype=backup_dtype, per_worker_mean_square=per_worker_mean_square,
+      bias_correction=bias_correction, lambda_warmup=lambda_warmup,
+      correction_clip=correction_clip,
+  )
 
 
 def _check_sgd_arguments(learning_rate, momentum, nesterov, weight_decay):
@@ -301,7 +311,7 @@ def gap_aware_sgd(
   ))
   return _fused.fused_sgd(
       composed, num_workers, MeanSquareSpec(decay),
-      gap_rule(step_size, decay=decay, eps=eps),
+      gap_correction(step_size, decay=decay, eps=eps),
       _sgd_tail(learning_rate, momentum, nesterov, weight_decay),
   )
 
@@ -315,7 +325,13 @@ def dana_dc(
     lambda_: Any = None,
     adaptive: bool = True,
     weight_decay: Any = 0.0,
-    **compensation: Any,
+    decay: Any = 0.95,
+    eps: Any = 1e-7,
+    backup_dtype: Any = None,
+    per_worker_mean_square: bool = False,
+    bias_correction: bool = False,
+    lambda_warmup: Any = 0,
+    correction_clip: Any = None,
 ) -> PullAfterPush:
   r"""DANA-DC: delay compensation, momentum SGD, and look-ahead pulls.
 
@@ -335,9 +351,8 @@ def dana_dc(
     lambda_: compensation strength (``None``: the variant's default).
     adaptive: DC-ASGD-a (default) or DC-ASGD-c.
     weight_decay: L2 coefficient added to the compensated gradient, >= 0.
-    **compensation: further keyword arguments of :func:`delay_compensation`
-      (``decay``, ``eps``, ``backup_dtype``, ``per_worker_mean_square``,
-      ``bias_correction``, ``lambda_warmup``).
+    decay, eps, backup_dtype, per_worker_mean_square, bias_correction,
+      lambda_warmup, correction_clip: as in :func:`delay_compensation`.
 
   Returns:
     A :class:`PullAfterPush`; ``update`` needs ``params`` and ``worker``.
@@ -370,8 +385,11 @@ def dana_dc(
   if horizon is None:
     horizon = num_workers - 1
   return pull_after_push(optax.chain(
-      delay_compensation(num_workers, lambda_, adaptive=adaptive,
-                         **compensation),
+      _compensation(
+          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+          per_worker_mean_square, bias_correction, lambda_warmup,
+          correction_clip,
+      ),
       *_decayed_weights(weight_decay),
       look_ahead_momentum(learning_rate, momentum, horizon),
   ))
@@ -387,7 +405,13 @@ def delayed_nesterov_dcasgd(
     lambda_: Any = None,
     adaptive: bool = True,
     weight_decay: Any = 0.0,
-    **compensation: Any,
+    decay: Any = 0.95,
+    eps: Any = 1e-7,
+    backup_dtype: Any = None,
+    per_worker_mean_square: bool = False,
+    bias_correction: bool = False,
+    lambda_warmup: Any = 0,
+    correction_clip: Any = None,
 ) -> PullAfterPush:
   r"""DC-ASGD with delayed Nesterov momentum, with the pull after each push.
 
@@ -408,9 +432,8 @@ def delayed_nesterov_dcasgd(
     lambda_: compensation strength (``None``: the variant's default).
     adaptive: DC-ASGD-a (default) or DC-ASGD-c.
     weight_decay: L2 coefficient added to the compensated gradient, >= 0.
-    **compensation: further keyword arguments of :func:`delay_compensation`
-      (``decay``, ``eps``, ``backup_dtype``, ``per_worker_mean_square``,
-      ``bias_correction``, ``lambda_warmup``).
+    decay, eps, backup_dtype, per_worker_mean_square, bias_correction,
+      lambda_warmup, correction_clip: as in :func:`delay_compensation`.
 
   Returns:
     A :class:`PullAfterPush`; ``update`` needs ``params`` and ``worker``.
@@ -436,8 +459,11 @@ def delayed_nesterov_dcasgd(
   if period is None:
     period = num_workers
   return pull_after_push(optax.chain(
-      delay_compensation(num_workers, lambda_, adaptive=adaptive,
-                         **compensation),
+      _compensation(
+          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+          per_worker_mean_square, bias_correction, lambda_warmup,
+          correction_clip,
+      ),
       *_decayed_weights(weight_decay),
       delayed_nesterov(learning_rate, period, momentum=momentum,
                        momentum_activation=momentum_activation),

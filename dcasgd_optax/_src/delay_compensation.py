@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,7 +60,8 @@ def delay_compensation(
     backup_dtype: Any = None,
     per_worker_mean_square: bool = False,
     bias_correction: bool = False,
-    lambda_warmup: int = 0,
+    lambda_warmup: Any = 0,
+    correction_clip: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Compensates the delay of an asynchronous worker's gradient (DC-ASGD).
 
@@ -82,7 +85,13 @@ def delay_compensation(
   divides ``ms`` by :math:`1 - d^t` (Adam's correction; ``t`` counts the
   gradients folded into that ``ms``) and ``lambda_warmup=k`` scales
   :math:`\lambda` by :math:`\min(1, t/k)` over the first ``k`` updates
-  (``t`` counts all updates). Both are off by default (the paper's method).
+  (``t`` counts all updates). A third, ``correction_clip=c``, bounds the
+  compensation term per coordinate by the gradient itself,
+  :math:`|\lambda g \odot g \odot (w - \mathrm{backup}[m])| \le c\,|g|`,
+  a trust region for the first-order Taylor step: it acts wherever
+  :math:`\lambda_t` is large (also later in training, on coordinates whose
+  gradient is rare). All are off by default (the paper's method); see the
+  measurements in the README before turning one on.
 
   Put it first in a chain, where it sees raw gradients. It only reads the
   backups; the server's side of a pull, :func:`pull`, writes them (the full
@@ -115,6 +124,8 @@ def delay_compensation(
     bias_correction: DC-ASGD-a only: use :math:`ms_t / (1 - d^t)`.
     lambda_warmup: number of updates over which :math:`\lambda` ramps up
       linearly from :math:`\lambda/k`; 0 (default) for none.
+    correction_clip: :math:`c > 0` bounding the term by :math:`c\,|g|` per
+      coordinate, or ``None`` (default) for no bound.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -145,16 +156,87 @@ def delay_compensation(
   _check_options(
       adaptive, per_worker_mean_square, bias_correction, lambda_warmup
   )
+  if correction_clip is not None:
+    _checks.check_scalar_range(
+        "correction_clip", correction_clip, low=0.0, low_inclusive=False
+    )
   lambda_ = default_lambda(lambda_, adaptive)
   _checks.check_scalar_range("lambda_", lambda_, low=0.0)
   _checks.check_scalar_range("decay", decay, low=0.0, high=1.0)
   _checks.check_scalar_range("eps", eps, low=0.0, low_inclusive=False)
   check_backup_dtype(backup_dtype)
   stats = MeanSquareSpec(decay if adaptive else None, per_worker_mean_square)
-  rule = compensation_rule(
+  correct = compensation_correction(
       lambda_, adaptive=adaptive, decay=decay, eps=eps,
       bias_correction=bias_correction, lambda_warmup=lambda_warmup,
+      correction_clip=correction_clip,
   )
+  return backups_transformation(num_workers, backup_dtype, stats, correct)
+
+
+def default_lambda(lambda_: Any, adaptive: bool) -> Any:
+  """``lambda_``, or the paper's default for the variant when it is None."""
+  if lambda_ is None:
+    return 2.0 if adaptive else 0.04
+  return lambda_
+
+
+def compensation_correction(
+    lambda_: Any,
+    *,
+    adaptive: bool,
+    decay: Any,
+    eps: Any,
+    bias_correction: bool,
+    lambda_warmup: Any,
+    correction_clip: Any,
+) -> Any:
+  """:func:`delay_compensation`'s ``correct`` (see :func:`backups_transformation`).
+
+  Its arguments, already validated and ``lambda_`` resolved. The fused full
+  optimizer applies the same function to blocks of each parameter, so both
+  compute the same numbers.
+  """
+  skip = _is_static_zero(lambda_)
+  warmup = not _is_static_zero(lambda_warmup)
+
+  def correct(updates, params, held, ms, count, state):
+    lam = jax.tree.map(lambda _: lambda_, updates)
+    if adaptive:
+      if bias_correction:
+        ms = jax.tree.map(lambda x: x / (1 - decay**count), ms)
+      lam = jax.tree.map(lambda x: lambda_ / jnp.sqrt(x + eps), ms)
+    if warmup:
+      lam = _warm_up(lam, jnp.sum(state.count), lambda_warmup)
+    if skip:
+      return updates
+    compensate = functools.partial(_compensate, clip=correction_clip)
+    return jax.tree.map(compensate, updates, params, held, lam)
+
+  return correct
+
+
+def backups_transformation(
+    num_workers: int, backup_dtype: Any, stats: MeanSquareSpec, correct: Any
+) -> optax.GradientTransformationExtraArgs:
+  """A transformation that keeps per-worker backups and corrects with them.
+
+  What :func:`delay_compensation` and :func:`gap_aware` share: the
+  :class:`DelayCompensationState`, the checks, the worker's backup, the mean
+  square and count, and NaN updates for a traced out-of-range worker.
+
+  Args:
+    num_workers: number of workers (checked by the caller).
+    backup_dtype: dtype of the backups, or ``None`` for each param's.
+    stats: which mean square the state keeps.
+    correct: ``correct(updates, params, held, ms, count, state)`` returns
+      the corrected updates, given the worker's backup ``held``, the mean
+      square ``ms`` this update sees and its ``count``, and the new state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
+    ``(updates, state, params, *, worker, **extra_args)``.
+  """
 
   def init_fn(params):
     return init_state(params, num_workers, backup_dtype, stats)
@@ -166,8 +248,7 @@ def delay_compensation(
     ms, count, state = next_mean_square(
         state, updates, worker, num_workers, stats
     )
-    leaf = rule(count, jnp.sum(state.count))
-    out = map_rule(leaf, updates, params, held, ms)
+    out = correct(updates, params, held, ms, count, state)
     return nan_unless(worker_is_valid(worker, num_workers), out), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -193,71 +274,13 @@ def _check_options(adaptive, per_worker, bias_correction, warmup) -> None:
   _checks.check_scalar_range("lambda_warmup", warmup, low=0.0)
 
 
-def default_lambda(lambda_: Any, adaptive: bool) -> Any:
-  """``lambda_``, or the paper's default for the variant when it is None."""
-  if lambda_ is None:
-    return 2.0 if adaptive else 0.04
-  return lambda_
-
-
-def compensation_rule(
-    lambda_: Any,
-    *,
-    adaptive: bool,
-    decay: Any,
-    eps: Any,
-    bias_correction: bool,
-    lambda_warmup: Any,
-) -> Any:
-  """The elementwise part of :func:`delay_compensation`'s update.
-
-  Shared by the composed transformation and the fused full optimizer, so
-  both compute the same numbers. Arguments are already validated.
-
-  Returns:
-    ``rule(count, total)`` giving ``leaf(g, w, held, ms) -> g_dc`` for one
-    update: ``count`` is the number of gradients in the mean square ``ms``
-    (this one included), ``total`` the number of updates so far (this one
-    included), ``ms`` the updated mean square (None for DC-ASGD-c).
-  """
-  skip = _is_static_zero(lambda_)
-  warmup = not _is_static_zero(lambda_warmup)
-
-  def rule(count, total):
-    ramp = _warmup_ramp(total, lambda_warmup) if warmup else None
-
-    def leaf(g, w, held, ms):
-      if skip:
-        return g
-      lam = lambda_
-      if adaptive:
-        if bias_correction:
-          ms = ms / (1 - decay ** count)
-        lam = lambda_ / jnp.sqrt(ms + eps)
-      if warmup:
-        lam = lam * ramp
-      return _compensate(g, w, held, lam)
-
-    return leaf
-
-  return rule
-
-
-def map_rule(leaf: Any, updates: Any, params: Any, held: Any, ms: Any) -> Any:
-  """``leaf(g, w, held, ms)`` over the trees; ``ms=()`` passes None."""
-  if isinstance(ms, tuple) and not ms:
-    return jax.tree.map(
-        lambda g, w, b: leaf(g, w, b, None), updates, params, held
-    )
-  return jax.tree.map(leaf, updates, params, held, ms)
-
-
-def _warmup_ramp(t: Any, steps: Any) -> Any:
-  """``min(1, t / steps)``; ``steps == 0`` means no warm-up (1)."""
+def _warm_up(lam: Any, t: Any, steps: Any) -> Any:
+  """``lam * min(1, t / steps)``; ``steps == 0`` means no warm-up."""
   steps = jnp.asarray(steps, jnp.float32)
-  return jnp.where(
+  ramp = jnp.where(
       steps > 0, jnp.minimum(1.0, t / jnp.maximum(steps, 1.0)), 1.0
   )
+  return jax.tree.map(lambda x: x * ramp, lam)
 
 
 def check_backup_dtype(backup_dtype: Any) -> None:
@@ -392,9 +415,16 @@ def held_by(backups: Any, worker: Any, num_workers: int) -> Any:
   )
 
 
-def _compensate(g, w, held, lam):
-  """Elementwise g + lam * g * g * (w - held), in at least float32."""
+def _compensate(g, w, held, lam, clip=None):
+  """Elementwise g + lam * g * g * (w - held), in at least float32.
+
+  With ``clip``, the term is bounded by ``clip * |g|``.
+  """
   dtype = _stats_dtype(g.dtype)
   g32 = g.astype(dtype)
   delta = w.astype(dtype) - held.astype(dtype)
-  return (g32 + lam * g32 * g32 * delta).astype(g.dtype)
+  term = lam * g32 * g32 * delta
+  if clip is not None:
+    bound = clip * jnp.abs(g32)
+    term = jnp.clip(term, -bound, bound)
+  return (g32 + term).astype(g.dtype)

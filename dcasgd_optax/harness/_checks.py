@@ -74,7 +74,8 @@ def check_batches(batches: Any, num: int, what: str) -> None:
           f"{shape}, but every leaf needs a leading axis of {what} = {num}."
       )
 
-def _abstract(tree: Any) -> Any:
+def abstract(tree: Any) -> Any:
+  """``tree`` with ``jax.ShapeDtypeStruct`` leaves (tracers included)."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree
   )
@@ -85,7 +86,7 @@ def signature(tree: Any) -> tuple[Any, ...]:
   return treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
 
 def check_loss_fn_cached(
-    cache: dict[Any, Any], loss3: LossWithState, params: Any,
+    cache: dict[Any, Any], loss_with_state: LossWithState, params: Any,
     model_state: Any, batches: Any,
 ) -> jax.ShapeDtypeStruct:
   """:func:`check_loss_fn`, traced once per (params, model state, one batch) signature."""
@@ -95,15 +96,15 @@ def check_loss_fn_cached(
   )
   key = signature((params, model_state, batch))
   if key not in cache:
-    cache[key] = check_loss_fn(loss3, params, model_state, batch)
+    cache[key] = check_loss_fn(loss_with_state, params, model_state, batch)
   return cache[key]
 
 def check_loss_fn(
-    loss3: LossWithState, params: Any, model_state: Any, batch: Any
+    loss_with_state: LossWithState, params: Any, model_state: Any, batch: Any
 ) -> jax.ShapeDtypeStruct:
   """Traces ``loss_fn`` on one abstract batch; returns the loss's abstract value."""
   loss, new_state = jax.eval_shape(
-      loss3, _abstract(params), _abstract(model_state), batch
+      loss_with_state, abstract(params), abstract(model_state), batch
   )
   if getattr(loss, "shape", None) != () or not jnp.issubdtype(
       loss.dtype, jnp.floating
@@ -112,10 +113,10 @@ def check_loss_fn(
         "`loss_fn` must return a floating scalar loss for one batch, got "
         f"{loss}."
     )
-  if signature(new_state) != signature(_abstract(model_state)):
+  if signature(new_state) != signature(abstract(model_state)):
     raise ValueError(
         "`loss_fn` must return the new model state with the structure, "
-        f"shapes and dtypes of the old one.\n  old: {_abstract(model_state)}"
-        f"\n  new: {_abstract(new_state)}"
+        f"shapes and dtypes of the old one.\n  old: {abstract(model_state)}"
+        f"\n  new: {abstract(new_state)}"
     )
   return loss

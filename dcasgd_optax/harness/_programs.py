@@ -1,141 +1,242 @@
 """The traced pieces of an asynchronous replay, and its two ways to run.
 
-A chunk is up to ``L`` arrivals of one run (no worker repeats): their ``L``
-gradients are computed together, each at its worker's model, then applied
-one by one, in arrival order. ``"compiled"`` runs every chunk inside one
-program (a loop over chunks); ``"host_chunks"`` calls one jitted program per
-chunk from Python, in which the ``L`` gradients are unrolled, not looped (see
-:func:`_setup.default_strategy`), with the state donated from call
-to call so the backups are updated in place.
+A chunk is up to ``S`` arrivals of one run (no worker repeats): their
+gradients are computed together, each at its worker's model on the device
+that holds that worker's backup (``_plan``), then applied one by one, in
+arrival order. ``"compiled"`` runs every chunk inside one program (a loop
+over chunks); ``"host_chunks"`` calls one jitted program per chunk from
+Python, in which the gradients are unrolled, not looped (see
+:func:`_protocol.default_strategy`), with the state donated from call to call
+so the backups are updated in place.
+
+The server's update sees the backups through a stand-in: the row of the
+arriving worker (its held model, already gathered for its gradient)
+broadcast to all ``num_workers`` rows, which XLA never materialises, since
+``tx`` reads only that worker's row. So ``tx`` runs on replicated data while
+the real backups stay sharded by worker; after the update the worker's pull
+(:func:`dcasgd_optax.pull`) is written to its row on the device that holds
+it, once per arrival (a pull ``tx`` made inside its update went to the
+stand-in and is not done twice).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcasgd_optax._src.pull import find_states
-from dcasgd_optax._src.pull import record_pull
+from dcasgd_optax._src.pull import pull
 from dcasgd_optax.harness import _devices
+from dcasgd_optax.harness import _diagnostics
 from dcasgd_optax.harness import _gathers
 from dcasgd_optax.harness import _slots
+from dcasgd_optax.harness import _state
 
 
-def chunk_gradients(loss3, mesh, vmap_slots, unroll, state, workers_L,
-                    batch_L):
-  """Loss, new model state and gradient of every slot, at its worker's model."""
-  backups = find_states(state.opt_state)[0].backups
+class Replay(NamedTuple):
+  """What the traced replay closes over (static, built once per simulator)."""
+
+  loss_with_state: Callable[..., Any]
+  tx: Any  # the server's transformation (keeps the backups)
+  mesh: Any
+  vmap_slots: int | None
+  diagnostics: _diagnostics.Diagnostics | None
+
+
+class Chunk(NamedTuple):
+  """One chunk's inputs and gradients, as the in-order updates read them."""
+
+  workers: jax.Array  # int32 [S]: each slot's worker (replicated)
+  arrival_slots: jax.Array  # int32 [S]: the slot of the k-th arrival
+  sampled: jax.Array | None  # bool [S]: arrival k diagnosed
+  batch: Any  # leaves [S, ...] (replicated)
+  # Split over the devices, each slot on the device that computed it:
+  loss: jax.Array  # [S]
+  new_model_states: Any  # leaves [S, ...]
+  grads: Any  # leaves [S, ...]
+  held: Any  # leaves [S, ...], the backups' rows (their dtype)
+
+
+def _rows_per_device(tree_R: Any, mesh: Any) -> int:
+  leaves = jax.tree.leaves(tree_R)
+  return leaves[0].shape[0] // mesh.size if leaves else 1
+
+
+def chunk_gradients(replay: Replay, state, workers_S, batch_S, *, unroll):
+  """Loss, new model state, gradient and held model (its backup row) of
+  every slot, each computed on the device that holds its worker."""
+  backups = _state.backups_of(state.opt_state)
+  rows = _rows_per_device(backups, replay.mesh)
   dtypes = jax.tree.map(lambda p: p.dtype, state.params)
-  grad_fn = jax.value_and_grad(loss3, has_aux=True)
+  grad_fn = jax.value_and_grad(replay.loss_with_state, has_aux=True)
 
-  def local(backups_W, worker_ms_W, workers_L, batch_L):
+  def local(ids, backups_R, worker_ms_R, workers_S, batch_S):
     def slot(worker, batch):
-      snap = jax.tree.map(lambda b, d: b[worker].astype(d), backups_W, dtypes)
-      model_state = jax.tree.map(lambda x: x[worker], worker_ms_W)
-      (loss, new_ms), grads = grad_fn(snap, model_state, batch)
-      return loss, new_ms, grads
+      row = worker - ids[0] * rows
+      held = jax.tree.map(lambda b: b[row], backups_R)
+      params = jax.tree.map(lambda h, d: h.astype(d), held, dtypes)
+      model_state = jax.tree.map(lambda x: x[row], worker_ms_R)
+      (loss, new_ms), grads = grad_fn(params, model_state, batch)
+      return loss, new_ms, grads, held
 
-    return _slots.map_slots(slot, (workers_L, batch_L), vmap_slots, unroll)
+    return _slots.map_slots(
+        slot, (workers_S, batch_S), replay.vmap_slots, unroll=unroll
+    )
 
-  shared = (backups, state.worker_model_states)
-  return _devices.per_worker(local, mesh, shared, (workers_L, batch_L))
+  split = (_devices.device_ids(replay.mesh), backups,
+           state.worker_model_states, workers_S, batch_S)
+  return _devices.spread(local, replay.mesh, (), split)
 
 
-def _arrive(tx, workers_L, grads_L, new_ms_L, k, carry):
-  """The server applies slot ``k``'s gradient; its worker pulls the result."""
-  state, staleness_L = carry
-  m = workers_L[k]
+def write_rows(mesh: Any, tree_R: Any, value: Any, worker: jax.Array) -> Any:
+  """``tree_R`` with row ``worker`` set to ``value``, on the device holding it."""
+  rows = _rows_per_device(tree_R, mesh)
+
+  def local(value, worker, ids, tree_R):
+    row = worker - ids[0] * rows
+    row = jnp.where(jnp.logical_and(row >= 0, row < rows), row, rows)
+    return jax.tree.map(
+        lambda x, v: x.at[row].set(v.astype(x.dtype), mode="drop"),
+        tree_R, value,
+    )
+
+  return _devices.spread(local, mesh, (value, worker),
+                         (_devices.device_ids(mesh), tree_R))
+
+
+def _stand_in(held: Any, num_workers: int) -> Any:
+  """Backups whose every row is ``held`` (a broadcast, never materialised)."""
+  return jax.tree.map(
+      lambda h: jnp.broadcast_to(h[None], (num_workers, *h.shape)), held
+  )
+
+
+def _arrive(replay: Replay, chunk: Chunk, k, carry):
+  """The server applies the chunk's ``k``-th arrival; its worker pulls."""
+  state, record = carry
+  slot = chunk.arrival_slots[k]
+  pick = functools.partial(_devices.take, replay.mesh, index=slot)
+  m = chunk.workers[slot]
   tau = state.step - state.last_pull[m]
-  grads = jax.tree.map(lambda g: g[k], grads_L)
-  updates, opt_state = tx.update(
-      grads, state.opt_state, state.params, worker=m, staleness=tau
+  grads = pick(chunk.grads)
+  stand_in = _state.with_backups(
+      state.opt_state,
+      _stand_in(pick(chunk.held), state.last_pull.shape[0]),
+  )
+  entry = {"loss": pick(chunk.loss), "staleness": tau}
+  if replay.diagnostics is not None:
+    entry.update(_diagnostics.measure(
+        replay.diagnostics, replay.loss_with_state,
+        state._replace(opt_state=stand_in), grads,
+        jax.tree.map(lambda x: x[slot], chunk.batch), m, tau,
+        chunk.sampled[k],
+    ))
+  updates, opt_state = replay.tx.update(
+      grads, stand_in, state.params, worker=m, staleness=tau
   )
   params = optax.apply_updates(state.params, updates)
-  opt_state = record_pull(opt_state, params, m)
-  model_state = jax.tree.map(lambda x: x[k], new_ms_L)
-  worker_ms = jax.tree.map(
-      lambda w, x: w.at[m].set(x), state.worker_model_states, model_state
-  )
+  pulled, opt_state = pull(opt_state, params, m)
+  backups = write_rows(replay.mesh, _state.backups_of(state.opt_state),
+                       pulled, m)
+  model_state = pick(chunk.new_model_states)
   step = state.step + 1
   state = state._replace(
-      params=params, opt_state=opt_state, model_state=model_state,
-      worker_model_states=worker_ms, step=step,
+      params=params, opt_state=_state.with_backups(opt_state, backups),
+      model_state=model_state, step=step,
+      worker_model_states=write_rows(
+          replay.mesh, state.worker_model_states, model_state, m),
       last_pull=state.last_pull.at[m].set(step),
   )
-  return state, staleness_L.at[k].set(tau)
+  record = {key: record[key].at[k].set(v) for key, v in entry.items()}
+  return state, record
 
 
-def chunk_program(loss3, tx, mesh, vmap_slots, unroll, state, workers_L,
-                  batch_L, length):
+def _empty_record(replay: Replay, size: int, loss_dtype) -> dict[str, Any]:
+  """The per-arrival record before any arrival: diagnostics NaN."""
+  record = {"loss": jnp.zeros((size,), loss_dtype),
+            "staleness": jnp.zeros((size,), jnp.int32)}
+  if replay.diagnostics is not None:
+    record.update(_diagnostics.not_measured(size))
+  return record
+
+
+def chunk_program(replay: Replay, state, workers_S, batch_S, arrival_slots_S,
+                  length, sampled_S=None, *, unroll):
   """One chunk: its gradients, then its first ``length`` arrivals applied.
 
-  Returns the new state, the slots' losses and staleness (0 past
-  ``length``).
+  Returns the new state and the record of the chunk's arrivals (entry ``k``
+  for its ``k``-th arrival; entries past ``length`` are padding).
   """
-  loss_L, new_ms_L, grads_L = chunk_gradients(
-      loss3, mesh, vmap_slots, unroll, state, workers_L, batch_L
+  loss, new_ms, grads, held = chunk_gradients(
+      replay, state, workers_S, batch_S, unroll=unroll
   )
-  arrive = functools.partial(_arrive, tx, workers_L, grads_L, new_ms_L)
-  staleness_L = jnp.zeros(workers_L.shape, jnp.int32)
-  state, staleness_L = jax.lax.fori_loop(
-      0, length, arrive, (state, staleness_L)
+  chunk = Chunk(workers_S, arrival_slots_S, sampled_S, batch_S, loss, new_ms,
+                grads, held)
+  record = _empty_record(replay, workers_S.shape[0], loss.dtype)
+  return jax.lax.fori_loop(
+      0, length, functools.partial(_arrive, replay, chunk), (state, record)
   )
-  return state, loss_L, staleness_L
 
 
-def replay_program(loss3, tx, mesh, vmap_slots, state, batches, arrivals,
-                   starts, lengths, num_chunks, *, chunk, loss_dtype):
-  """The whole replay as one program: a loop over chunks ("compiled")."""
-  num_arrivals = arrivals.shape[0]
+def replay_program(replay: Replay, state, batches, starts, lengths,
+                   num_chunks, slot_rows, slot_workers, arrival_slots,
+                   sampled=None, *, loss_dtype):
+  """The whole replay as one program: a loop over chunks ("compiled").
+
+  Returns the new state and the record, one entry per arrival.
+  """
+  num_arrivals, num_slots = slot_rows.shape
+  slot = jnp.arange(num_slots)
 
   def chunk_body(c, carry):
-    state, loss_A, staleness_A = carry
+    state, record_A = carry
     start, length = starts[c], lengths[c]
-    slot = jnp.arange(chunk)
     rows = jnp.minimum(start + slot, num_arrivals - 1)
-    state, loss_L, staleness_L = chunk_program(
-        loss3, tx, mesh, vmap_slots, False, state, arrivals[rows],
-        jax.tree.map(lambda x: x[rows], batches), length,
+    state, record = chunk_program(
+        replay, state, slot_workers[c],
+        jax.tree.map(lambda x: x[slot_rows[c]], batches), arrival_slots[c],
+        length, None if sampled is None else sampled[rows], unroll=False,
     )
     at = jnp.where(slot < length, start + slot, num_arrivals)
-    loss_A = loss_A.at[at].set(loss_L.astype(loss_dtype), mode="drop")
-    staleness_A = staleness_A.at[at].set(staleness_L, mode="drop")
-    return state, loss_A, staleness_A
+    record_A = {
+        key: x.at[at].set(record[key].astype(x.dtype), mode="drop")
+        for key, x in record_A.items()
+    }
+    return state, record_A
 
-  init = (
-      state,
-      jnp.zeros((num_arrivals,), loss_dtype),
-      jnp.zeros((num_arrivals,), jnp.int32),
-  )
-  state, loss_A, staleness_A = jax.lax.fori_loop(
-      0, num_chunks, chunk_body, init
-  )
-  return state, {"loss": loss_A, "staleness": staleness_A, "worker": arrivals}
+  record_A = _empty_record(replay, num_arrivals, loss_dtype)
+  return jax.lax.fori_loop(0, num_chunks, chunk_body, (state, record_A))
 
 
-def replay_host_chunks(step, state, batches, arrivals, plan):
+def replay_host_chunks(step, state, batches, plan, sampled=None):
   """The replay as one call of ``step`` (a jitted, donating
-  :func:`chunk_program`) per chunk of ``plan`` ("host_chunks")."""
-  chunk, num_chunks = plan.chunk, plan.num_chunks
+  :func:`chunk_program`) per chunk of ``plan`` ("host_chunks").
+
+  Returns the new state and the record, one entry per arrival.
+  """
+  num_chunks, num_slots = plan.num_chunks, plan.chunk
   starts, lengths = plan.starts[:num_chunks], plan.lengths[:num_chunks]
-  rows_CxL = np.minimum(
-      starts[:, None] + np.arange(chunk, dtype=np.int32), len(arrivals) - 1
-  )
-  workers_CxL = arrivals[rows_CxL]
-  losses, taus = [], []
-  for c, batch_L in enumerate(_gathers.split_chunks(batches, rows_CxL)):
-    state, loss_L, staleness_L = step(
-        state, workers_CxL[c], batch_L, lengths[c]
+  rows_CxS = plan.slot_rows[0, :num_chunks]
+  workers_CxS = plan.slot_workers[0, :num_chunks]
+  slots_CxS = plan.arrival_slots[0, :num_chunks]
+  if sampled is not None:
+    at = np.minimum(starts[:, None] + np.arange(num_slots), len(sampled) - 1)
+    sampled = sampled[at]
+  records = []
+  for c, batch_S in enumerate(_gathers.split_chunks(batches, rows_CxS)):
+    state, record = step(
+        state, workers_CxS[c], batch_S, slots_CxS[c], lengths[c],
+        None if sampled is None else sampled[c],
     )
-    losses.append(loss_L)
-    taus.append(staleness_L)
-  # Slots past a chunk's length are padding: keep the arrivals' only.
-  keep = np.flatnonzero(np.arange(chunk)[None] < lengths[:, None])
-  loss, staleness = _gathers.concat_rows((losses, taus), keep)
-  return state, {
-      "loss": loss, "staleness": staleness, "worker": jnp.asarray(arrivals)
-  }
+    records.append(record)
+  # Entries past a chunk's length are padding: keep the arrivals' only.
+  keep = np.flatnonzero(np.arange(num_slots)[None] < lengths[:, None])
+  keys = list(records[0])
+  joined = _gathers.concat_rows(
+      tuple([r[key] for r in records] for key in keys), keep
+  )
+  return state, dict(zip(keys, joined))

@@ -13,55 +13,28 @@ chunks run in one compiled program, or one jitted call each
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-import optax
 
-from dcasgd_optax._src import _checks as core_checks
-from dcasgd_optax._src import _tree
-from dcasgd_optax._src.delay_compensation import delay_compensation
-from dcasgd_optax._src.pull import find_states
+from dcasgd_optax.harness import _protocol
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
+from dcasgd_optax.harness import _diagnostics
 from dcasgd_optax.harness import _gathers
+from dcasgd_optax.harness import _optimizer
 from dcasgd_optax.harness import _plan
 from dcasgd_optax.harness import _programs
-from dcasgd_optax.harness import _setup
 from dcasgd_optax.harness import _state
 from dcasgd_optax.harness._state import SimState
 
 
-def _resolve_tx(tx: Any, params: Any, num_workers: int) -> Any:
-  """``tx`` if it keeps one full set of backups, else ``tx`` after λ=0 ones."""
-  states = find_states(jax.eval_shape(tx.init, params))
-  if not states:
-    return optax.chain(delay_compensation(num_workers, 0.0), tx)
-  if len(states) > 1 or any(
-      _tree.is_masked(b)
-      for b in jax.tree.leaves(states[0].backups, is_leaf=_tree.is_masked)
-  ):
-    raise ValueError(
-        "`tx` must hold exactly one DelayCompensationState covering every "
-        f"parameter (found {len(states)}, or one inside optax.masked): the "
-        "simulator reads what each worker holds from its backups."
-    )
-  leaves = jax.tree.leaves(states[0].backups)
-  if leaves and leaves[0].shape[0] != num_workers:
-    raise ValueError(
-        f"`num_workers`={num_workers} disagrees with `tx`, whose "
-        f"DelayCompensationState keeps backups for {leaves[0].shape[0]} "
-        "workers. Build both with the same number of workers."
-    )
-  return optax.with_extra_args_support(tx)
-
-
-class Simulator:
+class Simulator(_protocol.SimulatorBase):
   r"""Asynchronous SGD with simulated, exact staleness (ASGD, DC-ASGD, ...).
 
   Replays a given order of gradient arrivals at a parameter server with
-  ``num_workers`` workers. Every worker starts holding the initial params. At
+  ``M`` workers. Every worker starts holding the initial params. At
   arrival ``k`` worker ``m = arrivals[k]`` pushes the gradient of ``loss_fn``
   at the model it holds on ``batches[k]``; the server applies
 
@@ -70,28 +43,42 @@ class Simulator:
     \mathrm{staleness}=\tau), \quad w \leftarrow w + u
 
   with :math:`\tau` the server updates since ``m``'s last pull, and ``m``
-  pulls the new ``w`` (:func:`record_pull`). The workers' models are the
-  backups in ``tx``'s DelayCompensationState (one copy, not two); a ``tx``
-  without one (any optax optimizer) runs after ``delay_compensation(
-  num_workers, 0.0)``, i.e. as plain ASGD, through the same path.
+  pulls (:func:`dcasgd_optax.pull`: it then holds the new ``w``, or the
+  look-ahead a look-ahead optimizer predicts, and computes its next gradient
+  there). A ``tx`` that pulls inside its update (a
+  :class:`dcasgd_optax.PullAfterPush`, e.g. :func:`dcasgd_optax.dcasgd`) is
+  not pulled for twice. The workers' models are the
+  backups in ``tx``'s DelayCompensationState (one copy, not two), so ``M``
+  is the leading axis of those backups; a ``tx`` without one (any optax
+  optimizer) runs after ``delay_compensation(num_workers, 0.0)``, i.e. as
+  plain ASGD, through the same path (``sim.tx`` is the transformation the
+  server runs).
 
   The result equals a one-arrival-at-a-time loop (to float rounding) for any
   order, is bitwise deterministic, and ``replay(a)`` then ``replay(b)``
   equals ``replay(a + b)``. Sequential SGD is ``num_workers=1``.
 
   Stateful models (``has_model_state=True``): ``loss_fn(params, model_state,
-  batch) -> (loss, new_model_state)``. Each worker pulls the model state with
-  the params, so it computes with the state it last received; the server
-  keeps the state pushed by the most recent arrival (``SimState.model_state``,
-  the one to evaluate with). Since a worker pulls right after its push, each
-  worker's statistics evolve only on its own batches.
+  batch) -> (loss, new_model_state)``. The model-state policy is the one of a
+  parameter server: each worker computes with the model state it last pulled
+  and pushes the new one with its gradient; the server keeps the most recent
+  push (``SimState.model_state``, the one to evaluate with) and the worker
+  pulls it back with the params, so each worker's statistics (e.g. BatchNorm
+  running means) evolve on its own batches only. No averaging, on purpose:
+  an asynchronous server has no round to average over, and averaging in the
+  other workers' states would mix in statistics of models up to
+  :math:`\tau` updates old. (:class:`SyncSimulator` averages each round's
+  states; both keep one server state built from the latest update's
+  batches, and both evaluate with ``state.model_state``.)
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` (or the stateful form).
       Closing over on-device data and passing index arrays as batches is the
       common case.
     tx: any optax transformation; DC-ASGD from :func:`dcasgd_optax.dcasgd`.
-    num_workers: number of asynchronous workers (>= 1).
+    num_workers: number of asynchronous workers (>= 1). Optional when ``tx``
+      keeps per-worker backups (their leading axis is the number); if given
+      it must agree with them.
     devices: devices to spread each batch of gradients over (default: all
       local devices); the server state is replicated on each.
     has_model_state: whether ``loss_fn`` takes and returns a model state.
@@ -113,11 +100,25 @@ class Simulator:
       over the chunks, one jitted call each (the state donated from call to
       call), whose gradients are computed outside any loop. Default
       ``"host_chunks"`` on CPU, ``"compiled"`` elsewhere: XLA:CPU compiles a
-      convolution's gradient inside a loop to a slow path (9-24x slower), so
-      on CPU a convolutional net replays ~9x (small CNN) to ~25x (ResNet-20)
-      faster with host chunks, and an MLP about as fast
-      (benchmarks/harness_throughput.md). Both give the same result to float
-      rounding, each bitwise deterministic.
+      convolution's gradient inside a loop to a slow path, so on CPU a
+      convolutional net replays much faster with host chunks, and an MLP
+      about as fast (figures in benchmarks/harness_throughput.md). Both give
+      the same result to float rounding, each bitwise deterministic.
+    diagnostics: also measure whether compensation helps: for each sampled
+      arrival the server computes the fresh gradient :math:`f` on the same
+      batch at its current model (before the update) and compares with it
+      the pushed gradient :math:`g` and the direction :math:`d` the first
+      transformation of its chain made of it (see Returns). The extra cost
+      is one gradient per sampled arrival. Not with ``has_model_state``.
+    diagnostics_every: sample only the arrivals whose server step before
+      their update is a multiple of it (implies ``diagnostics``; ``True``
+      samples every arrival). Unsampled arrivals get NaN.
+    first_transform: the transformation that starts ``tx``'s chain, whose
+      output is the applied direction :math:`d` (it is run again on the
+      pushed gradient with its own part of the server's state, found in
+      ``tx``'s state by its structure). Needed for diagnostics when ``tx``
+      keeps its own DelayCompensationState; for an optimizer without one,
+      :math:`d = g` (plain ASGD applies what was pushed).
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -126,7 +127,7 @@ class Simulator:
     >>> targets = jnp.linspace(0.5, 1.5, 16)  # on-device data
     >>> loss_fn = lambda p, i: (p['w'] - targets[i]) ** 2  # batch: an index
     >>> tx = dcasgd_optax.dcasgd(0.1, num_workers=4)
-    >>> sim = Simulator(loss_fn, tx, num_workers=4)
+    >>> sim = Simulator(loss_fn, tx)  # 4 workers: tx's backups say so
     >>> state = sim.init({'w': jnp.zeros(())})
     >>> arrivals = schedules.cyclic(4, 16)
     >>> state, metrics = sim.replay(state, jnp.arange(16), arrivals)
@@ -136,80 +137,42 @@ class Simulator:
     True
   """
 
-  def __init__(
-      self,
-      loss_fn: Callable[..., Any],
-      tx: optax.GradientTransformation,
-      num_workers: int,
-      *,
-      devices: Sequence[Any] | None = None,
-      has_model_state: bool = False,
-      max_parallel: int | None = None,
-      vmap_slots: int | None = None,
-      donate: bool = True,
-      strategy: str | None = None,
-  ):
-    if max_parallel is not None:
-      core_checks.check_positive_int("max_parallel", max_parallel)
-    s = _setup.setup(loss_fn, tx, num_workers, devices, has_model_state,
-                     vmap_slots, strategy)
-    self.num_workers, self._loss3, self.mesh = s.num_workers, s.loss3, s.mesh
-    self._vmap_slots, self.strategy = s.vmap_slots, s.strategy
-    self._has_model_state = has_model_state
-    self._user_tx = tx
-    self._max_parallel = max_parallel
-    self._donate = donate
-    self._compiled: dict[Any, tuple[Any, Any]] = {}
-    self._loss_checked: dict[Any, Any] = {}
+  _per_worker = True
 
-  def _program(self, params: Any) -> tuple[Any, Any]:
-    """The transformation run and its jitted replay, cached per params shape."""
-    key = _checks.signature(params)
-    if key not in self._compiled:
-      tx = _resolve_tx(self._user_tx, params, self.num_workers)
-      args = (self._loss3, tx, self.mesh, self._vmap_slots)
-      if self.strategy == "compiled":
-        program = jax.jit(
-            functools.partial(_programs.replay_program, *args),
-            static_argnames=("chunk", "loss_dtype"),
-            donate_argnums=(0,) if self._donate else (),
-        )
-      else:  # a copy is donated when the caller's state is not (replay)
-        program = jax.jit(
-            functools.partial(_programs.chunk_program, *args, True),
-            donate_argnums=(0,),
-        )
-      self._compiled[key] = (tx, program)
-    return self._compiled[key]
+  def _server_tx(self, tx, num_workers):
+    return _optimizer.with_backups(tx, num_workers)
 
-  def tx(self, params: Any) -> optax.GradientTransformationExtraArgs:
-    """The transformation the server runs for params shaped like ``params``."""
-    return self._program(params)[0]
-
-  def init(self, params: Any, model_state: Any = None) -> SimState:
-    """Every worker holds ``params`` (and ``model_state``); no update yet.
-
-    Args:
-      params: the initial model (copied; the argument is never donated).
-      model_state: the initial model state, only with ``has_model_state``.
-
-    Returns:
-      A :class:`SimState`, replicated on the simulator's devices.
-    """
-    model_state = _checks.check_model_state(model_state, self._has_model_state)
-    tx, _ = self._program(params)
-    return _state.initial_state(
-        SimState, tx, self.num_workers, self.mesh, params, model_state,
-        per_worker_model_state=True,
+  def _make_programs(self) -> None:
+    """The jitted replay (``"compiled"``) or chunk step (``"host_chunks"``)."""
+    replay = _programs.Replay(
+        self._loss_with_state, self.tx, self.mesh, self._vmap_slots,
+        diagnostics=self._diagnostics,
     )
+    if self.strategy == "compiled":
+      self._program = jax.jit(
+          functools.partial(_programs.replay_program, replay),
+          static_argnames=("loss_dtype",),
+          donate_argnums=(0,) if self._donate else (),
+      )
+    else:  # a copy is donated when the caller's state is not (replay)
+      self._program = jax.jit(
+          functools.partial(_programs.chunk_program, replay, unroll=True),
+          donate_argnums=(0,),
+      )
 
-  def _plan(self, arrivals: np.ndarray, params: Any) -> _plan.Plan:
-    host = self.strategy == "host_chunks"
-    cap = _setup.HOST_SLOTS_PER_DEVICE if host else None
-    limit = _plan.slot_limit(
-        self.num_workers, self._max_parallel, self.mesh, params, cap
-    )
-    return _plan.make_plan(arrivals, limit, self.mesh.size)
+  def _check_diagnostics(self, expected: SimState) -> None:
+    if self._diagnostics is not None:
+      _diagnostics.check(
+          self._diagnostics, expected.opt_state, expected.params,
+          tx_compensates=_optimizer.keeps_backups(self._user_tx,
+                                                  expected.params),
+      )
+
+  def _plan(self, arrivals_NxA: np.ndarray, params: Any,
+            num_workers: int) -> _plan.Plan:
+    limit = self._slot_limit(num_workers, params)
+    rows = _state.worker_rows(num_workers, self.mesh) // self.mesh.size
+    return _plan.make_plan(arrivals_NxA, limit, self.mesh.size, rows)
 
   def describe(self, arrivals: Any, params: Any) -> dict[str, Any]:
     """How ``replay`` batches ``arrivals`` for ``params``: runs, chunks, fill.
@@ -218,8 +181,9 @@ class Simulator:
     into chunks of ``chunk`` gradient slots; ``fill_ratio`` is arrivals /
     slots computed (1.0: no padding); ``strategy`` is how the chunks run.
     """
-    arrivals = _checks.check_arrivals(arrivals, self.num_workers)
-    plan = self._plan(arrivals, params)
+    num_workers = self.workers_for(params)
+    arrivals = _checks.check_arrivals(arrivals, num_workers)
+    plan = self._plan(arrivals[None], params, num_workers)
     slots = plan.num_chunks * plan.chunk
     return dict(
         num_arrivals=len(arrivals), num_runs=plan.num_runs, chunk=plan.chunk,
@@ -230,51 +194,83 @@ class Simulator:
   def replay(
       self, state: SimState, batches: Any, arrivals: Any
   ) -> tuple[SimState, dict[str, jax.Array]]:
-    """Replays ``arrivals`` from ``state`` (see ``strategy``).
+    r"""Replays ``arrivals`` from ``state`` (see ``strategy``).
 
     Args:
       state: from :meth:`init` or a previous ``replay`` (donated unless the
         simulator was built with ``donate=False``).
       batches: a pytree whose leaves have leading axis ``len(arrivals)``;
         arrival ``k`` uses ``batches[k]``.
-      arrivals: concrete 1-D integer array of worker ids in
-        ``[0, num_workers)``, in the order their gradients reach the server.
+      arrivals: concrete 1-D integer array of worker ids in ``[0, M)``, in
+        the order their gradients reach the server.
 
     Returns:
-      ``(state, metrics)``; ``metrics`` holds arrays of length
-      ``len(arrivals)``: ``"loss"`` (the loss at the model the worker held,
-      non-finite values included), ``"staleness"`` (int32, server updates
-      since that worker's last pull) and ``"worker"`` (the arrivals).
+      ``(state, metrics)``; ``metrics`` maps each key to an array with one
+      entry per arrival: ``"worker"`` (the arrivals), ``"staleness"``
+      (int32, server updates since that worker's last pull), ``"loss"`` (at
+      the model the worker held, non-finite values included) and ``"step"``
+      (int32, the server step after this arrival's update, 1-based). With
+      diagnostics also (float32, NaN where not sampled)
+      ``"stale_cosine"`` :math:`\cos(g, f)`, ``"applied_cosine"``
+      :math:`\cos(d, f)`, ``"stale_error"`` :math:`\|g - f\| / \|f\|` and
+      ``"applied_error"`` :math:`\|d - f\| / \|f\|`.
     """
-    arrivals = _checks.check_arrivals(arrivals, self.num_workers)
-    _checks.check_batches(batches, len(arrivals), "len(arrivals)")
-    self._check_state(state)
-    _, program = self._program(state.params)
-    loss = self._check_loss(state, batches)
-    plan = self._plan(arrivals, state.params)
-    batches = _devices.replicate(batches, self.mesh)
+    arrivals, args, kwargs = self._program_inputs(state, batches, arrivals)
     if self.strategy == "compiled":
-      return program(
-          state, batches, arrivals, plan.starts, plan.lengths,
-          np.int32(plan.num_chunks), chunk=plan.chunk, loss_dtype=loss.dtype,
+      state, record = self._program(*args, **kwargs)
+    else:
+      state, batches, plan, sampled = args
+      if not self._donate:
+        state = _gathers.copy_tree(state)
+      state, record = _programs.replay_host_chunks(
+          self._program, state, batches, plan, sampled
       )
-    if not self._donate:
-      state = _gathers.copy_tree(state)
-    return _programs.replay_host_chunks(
-        program, state, batches, arrivals, plan
+    steps_A = np.arange(1 - len(arrivals), 1)
+    return state, _protocol.stream_metrics(
+        state.step, steps_A, arrivals, record
     )
 
-  def _check_state(self, state: Any) -> None:
-    _state.check_state(state, SimState, self.num_workers)
-    if len(find_states(state.opt_state)) != 1:
-      raise ValueError(
-          "`state.opt_state` must hold exactly one DelayCompensationState; "
-          "make the state with `sim.init`."
-      )
+  def _program_inputs(self, state, batches, arrivals):
+    """Checks ``replay``'s arguments; returns the arrivals and the program's
+    arguments (``"compiled"``) or what the host loop needs."""
+    num_workers = self._check_state(state)
+    arrivals = _checks.check_arrivals(arrivals, num_workers)
+    loss = self._check_batches(state, batches, len(arrivals))
+    plan = self._plan(arrivals[None], state.params, num_workers)
+    sampled = self._sampled(state, len(arrivals))
+    batches = _devices.replicate(batches, self.mesh)
+    if self.strategy != "compiled":
+      return arrivals, (state, batches, plan, sampled), {}
+    args = (state, batches, plan.starts, plan.lengths,
+            np.int32(plan.num_chunks), plan.slot_rows[0],
+            plan.slot_workers[0], plan.arrival_slots[0], sampled)
+    return arrivals, args, dict(loss_dtype=loss.dtype)
 
-  def _check_loss(self, state: SimState, batches: Any) -> Any:
-    """``loss_fn``'s abstract loss on one batch (checked once per shape)."""
-    return _checks.check_loss_fn_cached(
-        self._loss_checked, self._loss3, state.params, state.model_state,
-        batches,
+  def lower(self, state: SimState, batches: Any,
+            arrivals: Any) -> jax.stages.Lowered:
+    """The program ``replay(state, batches, arrivals)`` runs, lowered.
+
+    For ``"compiled"`` the whole replay; for ``"host_chunks"`` the step it
+    calls once per chunk, lowered for the first chunk. Nothing runs and
+    ``state`` is not donated: this is for inspection, e.g.
+    ``sim.lower(...).compile().memory_analysis()`` gives the bytes each
+    device holds (benchmarks/harness_throughput.md records them).
+    """
+    arrivals, args, kwargs = self._program_inputs(state, batches, arrivals)
+    if self.strategy == "compiled":
+      return self._program.lower(*args, **kwargs)
+    state, batches, plan, sampled = args
+    rows = plan.slot_rows[0, 0]
+    batch_S = jax.tree.map(lambda x: x[rows], batches)
+    first = None if sampled is None else sampled[:plan.chunk]
+    return self._program.lower(
+        state, plan.slot_workers[0, 0], batch_S, plan.arrival_slots[0, 0],
+        plan.lengths[0], first,
     )
+
+  def _sampled(self, state: SimState, num_arrivals: int) -> np.ndarray | None:
+    """Which arrivals the diagnostics measure (reads the state's step)."""
+    if self._diagnostics is None:
+      return None
+    return _diagnostics.sampled(int(state.step), num_arrivals,
+                                self._diagnostics.every)

@@ -12,19 +12,21 @@ def default_vmap_slots(mesh: Mesh, vmap_slots: int | None) -> int | None:
   """Slots vmapped together: ``vmap_slots``, else 1 on CPU and all elsewhere.
 
   XLA:CPU runs a vmapped convolution whose kernel differs per slot as a
-  grouped convolution, measured 30x slower than a loop over the slots.
+  grouped convolution, much slower than a loop over the slots
+  (benchmarks/harness_throughput.md).
   """
   if vmap_slots is not None:
     return vmap_slots
   return 1 if mesh.devices.flat[0].platform == "cpu" else None
 
 def map_slots(
-    fn: Callable, xs: tuple[Any, ...], vmap_slots: int | None,
+    fn: Callable, xs: tuple[Any, ...], vmap_slots: int | None, *,
     unroll: bool = False,
 ) -> Any:
   """``fn`` over the leading axis of ``xs``: vmapped ``vmap_slots`` at a time
   (all at once for ``None``), over the groups in a loop, or one after the
-  other in the program if ``unroll`` (no loop: see :func:`default_strategy`).
+  other in the program if ``unroll`` (no loop: see
+  :func:`_protocol.default_strategy`).
   """
   if vmap_slots is None:
     return jax.vmap(fn)(*xs)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dcasgd_optax._src.delay_compensation import DelayCompensationState
+from dcasgd_optax._src.pull import find_states
+from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
 
 
@@ -16,17 +20,25 @@ class SimState(NamedTuple):
 
   Attributes:
     params: the server's current model (a params pytree).
-    opt_state: the optimizer state of ``sim.tx(params)``; its
-      DelayCompensationState backups (``[num_workers, ...]`` per leaf) are
-      the models the workers hold:
+    opt_state: the state of ``sim.tx``. For :class:`Simulator` its
+      DelayCompensationState backups are the models the workers hold:
       ``dcasgd_optax.worker_params(state.opt_state, m)`` is worker ``m``'s.
-    model_state: the server's model state (e.g. BatchNorm statistics): the
-      one pushed by the most recent arrival; ``()`` for stateless models.
+      They are sharded by worker over the simulator's devices, each device
+      holding a contiguous block; with ``D`` devices their leading axis is
+      ``num_workers`` rounded up to a multiple of ``D`` (the extra rows are
+      padding).
+    model_state: the server's model state (e.g. BatchNorm statistics), the
+      one to evaluate with; ``()`` for stateless models. How each simulator
+      forms it is its documented model-state policy.
     worker_model_states: the model state each worker holds, every leaf with a
-      leading ``num_workers`` axis; ``()`` for stateless models.
+      leading axis of the backups' length, sharded likewise
+      (:class:`Simulator`); ``()`` for
+      stateless models and for :class:`SyncSimulator`, whose workers all
+      compute with the server's.
     step: int32 ``[]``, server updates so far.
     last_pull: int32 ``[num_workers]``, the step at which each worker last
       pulled (0 at init); an arrival's staleness is ``step - last_pull[m]``.
+      Its length is the number of workers the state is made for.
   """
 
   params: Any
@@ -37,36 +49,115 @@ class SimState(NamedTuple):
   last_pull: jax.Array
 
 
-def check_state(state: Any, state_type: type, num_workers: int) -> None:
-  """Raises unless ``state`` is a ``state_type`` made for ``num_workers``."""
-  if not isinstance(state, state_type):
-    raise ValueError(
-        f"`state` must be a {state_type.__name__} from `init`, got "
-        f"{type(state).__name__}."
-    )
-  if np.shape(state.last_pull) != (num_workers,):
-    raise ValueError(
-        f"`state` was made for {np.shape(state.last_pull)[0]} workers, but "
-        f"this simulator has num_workers={num_workers}."
-    )
+def check_state(state: Any, expected: SimState) -> None:
+  """Raises unless ``state`` has the structure, shapes and dtypes of ``expected``.
 
-def initial_state(state_type: type, tx: Any, num_workers: int, mesh: Any,
-                  params: Any, model_state: Any, *, per_worker_model_state: bool):
-  """Every worker holds ``params``; copies, so the arguments are never donated."""
-
-  def build(params, model_state):
-    params = jax.tree.map(jnp.copy, params)
-    model_state = jax.tree.map(jnp.copy, model_state)
-    worker_ms = ()
-    if per_worker_model_state:
-      worker_ms = jax.tree.map(
-          lambda x: jnp.broadcast_to(x[None], (num_workers, *jnp.shape(x))),
-          model_state,
+  ``expected`` is the abstract state the simulator's ``init`` makes for the
+  same params: so a state from another simulator, another ``tx`` or another
+  number of workers is caught here, before anything runs.
+  """
+  if not isinstance(state, SimState):
+    raise ValueError(
+        f"`state` must be a SimState from `init`, got {type(state).__name__}."
+    )
+  have, want = np.shape(state.last_pull), expected.last_pull.shape
+  if have != want:
+    raise ValueError(
+        f"`state` was made for {have[0] if have else '?'} workers, but this "
+        f"simulator has num_workers={want[0]} for these params."
+    )
+  for field in SimState._fields:
+    if _checks.signature(getattr(state, field)) != _checks.signature(
+        getattr(expected, field)):
+      raise ValueError(
+          f"`state.{field}` does not match what this simulator's `init` makes "
+          "for these params (a state from another simulator, or another "
+          "tx?); make it with `init`."
       )
-    return state_type(
-        params, tx.init(params), model_state, worker_ms,
-        jnp.zeros((), jnp.int32), jnp.zeros((num_workers,), jnp.int32),
-    )
 
+
+def backups_of(opt_state: Any) -> Any:
+  """The backups of the one DelayCompensationState in ``opt_state``."""
+  return find_states(opt_state)[0].backups
+
+
+def with_backups(opt_state: Any, backups: Any) -> Any:
+  """``opt_state`` with its DelayCompensationState's backups replaced."""
+  is_dc = lambda x: isinstance(x, DelayCompensationState)
+  return jax.tree.map(
+      lambda s: s._replace(backups=backups) if is_dc(s) else s, opt_state,
+      is_leaf=is_dc,
+  )
+
+
+def worker_rows(num_workers: int, mesh: Any) -> int:
+  """Rows of per-worker storage: ``num_workers`` padded to the device count.
+
+  Each device holds a contiguous block of ``worker_rows / D`` workers'
+  backups and model states; rows past ``num_workers`` are padding (copies
+  of the initial model, never read as a worker's).
+  """
+  return _devices.round_up(num_workers, mesh.size)
+
+
+def initial_state(tx: Any, num_workers: int, mesh: Any, params: Any,
+                  model_state: Any, *, per_worker: bool) -> SimState:
+  """Every worker holds ``params``; copies, so the arguments are never donated.
+
+  With ``per_worker`` (:class:`Simulator`) the backups and the workers'
+  model states get :func:`worker_rows` rows, sharded by worker over ``mesh``;
+  everything else is replicated.
+  """
   args = _devices.replicate((params, model_state), mesh)
-  return jax.jit(build, out_shardings=_devices.replicated(mesh))(*args)
+  build = functools.partial(_build, tx, num_workers, mesh,
+                            per_worker=per_worker)
+  shardings = state_shardings(jax.eval_shape(build, *args), mesh)
+  return jax.jit(build, out_shardings=shardings)(*args)
+
+
+def abstract_initial_state(tx: Any, num_workers: int, mesh: Any, params: Any,
+                           model_state: Any, *, per_worker: bool) -> SimState:
+  """The shapes and dtypes :func:`initial_state` gives, computed abstractly."""
+  build = functools.partial(_build, tx, num_workers, mesh,
+                            per_worker=per_worker)
+  return jax.eval_shape(build, _checks.abstract(params),
+                        _checks.abstract(model_state))
+
+
+def state_shardings(state: SimState, mesh: Any) -> SimState:
+  """Where each leaf of a state lives: per-worker rows split by worker."""
+  rep, split = _devices.replicated(mesh), _devices.sharded(mesh)
+  shardings = jax.tree.map(lambda _: rep, state)
+  opt_state = shardings.opt_state
+  if find_states(state.opt_state):
+    opt_state = with_backups(
+        opt_state,
+        jax.tree.map(lambda _: split, backups_of(state.opt_state)),
+    )
+  worker_ms = jax.tree.map(lambda _: split, state.worker_model_states)
+  return shardings._replace(opt_state=opt_state,
+                            worker_model_states=worker_ms)
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+  extra = jnp.broadcast_to(x[:1], (rows - x.shape[0], *x.shape[1:]))
+  return jnp.concatenate([x, extra])
+
+
+def _build(tx, num_workers, mesh, params, model_state, *, per_worker):
+  params = jax.tree.map(jnp.copy, params)
+  model_state = jax.tree.map(jnp.copy, model_state)
+  opt_state = tx.init(params)
+  worker_ms = ()
+  if per_worker:
+    rows = worker_rows(num_workers, mesh)
+    opt_state = with_backups(opt_state, jax.tree.map(
+        lambda b: _pad_rows(b, rows), backups_of(opt_state)))
+    worker_ms = jax.tree.map(
+        lambda x: jnp.broadcast_to(x[None], (rows, *jnp.shape(x))),
+        model_state,
+    )
+  return SimState(
+      params, opt_state, model_state, worker_ms,
+      jnp.zeros((), jnp.int32), jnp.zeros((num_workers,), jnp.int32),
+  )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +12,11 @@ import optax
 
 from dcasgd_optax._src.pull import find_states
 from dcasgd_optax._src.pull import record_pull
+from dcasgd_optax.harness import _protocol
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _gathers
-from dcasgd_optax.harness import _setup
 from dcasgd_optax.harness import _slots
-from dcasgd_optax.harness import _state
 from dcasgd_optax.harness._state import SimState
 
 
@@ -32,22 +31,22 @@ def _average_state(new_ms_W: Any) -> Any:
   return jax.tree.map(average, new_ms_W)
 
 
-def _group_gradients(loss3, mesh, vmap_slots, unroll, params, model_state,
-                     batch_G, weights_G):
+def _group_gradients(loss_with_state, mesh, vmap_slots, params, model_state,
+                     batch_G, weights_G, *, unroll):
   """Losses, new model states and ``weights_G``-weighted sum of a group's
   gradients, all at ``params``."""
-  grad_fn = jax.value_and_grad(loss3, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_with_state, has_aux=True)
 
   def local(params, model_state, batch_G):
     def slot(batch):
       (loss, new_ms), grads = grad_fn(params, model_state, batch)
       return loss, new_ms, grads
 
-    return _slots.map_slots(slot, (batch_G,), vmap_slots, unroll)
+    return _slots.map_slots(slot, (batch_G,), vmap_slots, unroll=unroll)
 
   shared = (params, model_state)
-  loss_G, ms_G, grads_G = _devices.per_worker(local, mesh, shared, (batch_G,))
-  # The sum as a contraction: XLA:CPU reduces a leading axis 40x slower.
+  loss_G, ms_G, grads_G = _devices.spread(local, mesh, shared, (batch_G,))
+  # The sum as a contraction: XLA:CPU reduces a leading axis much slower.
   grads = jax.tree.map(
       lambda g: jnp.tensordot(weights_G.astype(g.dtype), g, axes=1), grads_G
   )
@@ -70,70 +69,177 @@ def _apply(tx, num_workers, state, grads_N, ms_N):
   return SimState(params, opt_state, _average_state(ms_S), (), step, last_pull)
 
 
-def _weights(num_workers: int, slots: int) -> np.ndarray:
-  """``1 / num_workers`` for the workers' slots, 0 for padding."""
-  return np.where(np.arange(slots) < num_workers, 1.0 / num_workers, 0.0)
+class _Rounds(NamedTuple):
+  """Which batch each gradient slot of each round computes (host side)."""
+
+  rows_RxNxG: np.ndarray  # int32: batch row of group n's slot g in round r
+  weights_NxG: np.ndarray  # float32: 1/M for a worker's slot, 0 for padding
+  loss_at: np.ndarray  # int32 [R*M]: arrival k's loss in the flat R*N*G slots
 
 
-def _sync_program(loss3, tx, mesh, vmap_slots, num_workers, slots, state,
-                  batches):
-  """A scan over rounds; round ``r`` uses batches ``r*W .. r*W + W - 1``."""
-  num_rounds = jax.tree.leaves(batches)[0].shape[0] // num_workers
-  batches_RW = jax.tree.map(
-      lambda x: x.reshape(num_rounds, num_workers, *x.shape[1:]), batches
+def _rounds(arrivals: np.ndarray, num_workers: int, limit: int,
+            num_devices: int) -> _Rounds:
+  """Slot ``j < M`` of a round is worker ``j``; rounds cut into equal groups.
+
+  A round's ``round_up(M, D)`` slots are split into ``N`` groups of ``G``
+  slots (``G`` a multiple of the device count, at most ``limit``, padded as
+  little as possible); padding slots repeat worker ``M - 1``'s batch with
+  weight 0.
+  """
+  m = num_workers
+  slots = _devices.round_up(m, num_devices)
+  num_groups = -(-slots // limit)
+  group = _devices.round_up(-(-slots // num_groups), num_devices)
+  arrivals_RxM = arrivals.reshape(-1, m)
+  num_rounds = arrivals_RxM.shape[0]
+  # Worker w's batch in round r: the position of w among the round's arrivals.
+  rows_RxM = np.argsort(arrivals_RxM, axis=1) + m * np.arange(num_rounds)[:, None]
+  pad = np.minimum(np.arange(num_groups * group), m - 1)
+  rows = rows_RxM[:, pad].reshape(num_rounds, num_groups, group)
+  weights = np.where(np.arange(num_groups * group) < m, 1.0 / m, 0.0)
+  flat = num_groups * group * np.arange(num_rounds)[:, None] + arrivals_RxM
+  return _Rounds(
+      rows.astype(np.int32),
+      weights.reshape(num_groups, group).astype(np.float32),
+      flat.reshape(-1).astype(np.int32),
   )
-  rows = np.minimum(np.arange(slots), num_workers - 1)
-  weights_S = jnp.asarray(_weights(num_workers, slots), jnp.float32)
 
-  def body(state, batch_W):
-    batch_S = jax.tree.map(lambda x: x[rows], batch_W)
-    loss_S, ms_S, grads = _group_gradients(
-        loss3, mesh, vmap_slots, False, state.params, state.model_state,
-        batch_S, weights_S,
+
+def _sync_program(loss_with_state, tx, mesh, vmap_slots, num_workers, state,
+                  batches, rows_RxNxG, weights_NxG):
+  """A scan over rounds, each a scan over its groups summing the gradients.
+
+  Returns the new state and every slot's loss, round-major (``[R*N*G]``).
+  """
+
+  def round_body(state, rows_NxG):
+    def group_body(grads_sum, xs):
+      rows_G, weights_G = xs
+      loss_G, ms_G, grads = _group_gradients(
+          loss_with_state, mesh, vmap_slots, state.params, state.model_state,
+          jax.tree.map(lambda x: x[rows_G], batches), weights_G, unroll=False,
+      )
+      return jax.tree.map(jnp.add, grads_sum, grads), (loss_G, ms_G)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (loss_NxG, ms_NxG) = jax.lax.scan(
+        group_body, zeros, (rows_NxG, weights_NxG)
     )
+    ms_S = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), ms_NxG)
     state = _apply(tx, num_workers, state, [grads], [ms_S])
-    return state, loss_S[:num_workers]
+    return state, loss_NxG.reshape(-1)
 
-  state, loss_RW = jax.lax.scan(body, state, batches_RW)
-  loss = loss_RW.reshape(-1)
-  return state, {"loss": loss, "staleness": jnp.zeros(loss.shape, jnp.int32)}
+  state, loss_RxS = jax.lax.scan(round_body, state, rows_RxNxG)
+  return state, loss_RxS.reshape(-1)
 
 
-class SyncSimulator:
+def _fresh_by_construction(step_before_A: jax.Array,
+                           every: int) -> dict[str, jax.Array]:
+  """SSGD's diagnostics: every gradient is the fresh one, so on sampled
+  arrivals ``stale_cosine`` is 1 and ``stale_error`` 0 (no gradient is
+  computed for them); ``applied_*`` are NaN, as the server transforms the
+  round's mean, not each worker's gradient."""
+  sampled = step_before_A % every == 0
+  nan = jnp.full(step_before_A.shape, jnp.nan, jnp.float32)
+  return {
+      "stale_cosine": jnp.where(sampled, 1.0, nan),
+      "applied_cosine": nan,
+      "stale_error": jnp.where(sampled, 0.0, nan),
+      "applied_error": nan,
+  }
+
+
+def _check_rounds(arrivals: Any, num_workers: int, num: int) -> np.ndarray:
+  """``arrivals`` (default: worker ``j`` computes batch ``r*M + j``) as
+  rounds in which every worker arrives once."""
+  if arrivals is None:
+    if num == 0 or num % num_workers:
+      raise ValueError(
+          "`batches` leaves need a leading axis of R * num_workers "
+          f"(num_workers={num_workers}, R >= 1), got {num}."
+      )
+    return np.tile(np.arange(num_workers, dtype=np.int32), num // num_workers)
+  arrivals = _checks.check_arrivals(arrivals, num_workers)
+  if len(arrivals) % num_workers:
+    raise ValueError(
+        f"`arrivals` must be whole rounds of num_workers={num_workers} "
+        f"arrivals (SSGD), got {len(arrivals)}."
+    )
+  rounds = np.sort(arrivals.reshape(-1, num_workers), axis=1)
+  bad = np.flatnonzero(np.any(rounds != np.arange(num_workers), axis=1))
+  if bad.size:
+    r = int(bad[0])
+    raise ValueError(
+        f"`arrivals` must hold every worker once per round of "
+        f"num_workers={num_workers} (SSGD); round {r} is "
+        f"{arrivals[r * num_workers:(r + 1) * num_workers].tolist()}."
+    )
+  return arrivals
+
+
+class SyncSimulator(_protocol.SimulatorBase):
   r"""Synchronous data-parallel SGD (SSGD) with the Simulator's interface.
 
-  In each round all ``num_workers`` workers compute a gradient at the same
-  params, each on its own batch; the server applies one update with their
-  mean:
+  In each round all ``M`` workers compute a gradient at the same params, each
+  on its own batch; the server applies one update with their mean:
 
   .. math::
     w \leftarrow w + \mathrm{tx.update}\Big(\frac{1}{M}\sum_{m} g_m(w)\Big)
 
-  A round's gradients are one batched call spread over ``devices``. ``tx`` is
-  used as a plain optax optimizer; if it holds a DelayCompensationState (e.g.
-  :func:`dcasgd_optax.dcasgd`, so one ``tx`` serves every method) it is
-  called with ``worker=0`` and worker 0's pull is recorded, so the
-  compensation term is zero and the update is exactly ``tx``'s SGD part.
+  It has :class:`Simulator`'s interface: the same constructor arguments,
+  ``tx``, ``init``, ``replay(state, batches, arrivals)``, ``describe`` and
+  metric keys. Here ``arrivals`` says which worker computes which batch:
+  each block of ``M`` consecutive arrivals is one round and holds every
+  worker once (``None``: worker ``j`` computes batch ``r * M + j``). The
+  update does not depend on the order inside a round (the gradients are
+  summed in worker order), so ``arrivals`` only labels the metrics.
 
-  Stateful models (``has_model_state=True``): every worker computes with the
-  server's model state; the new state is the workers' mean (floating leaves)
-  or worker 0's (other leaves).
+  A round's gradients are computed in groups of at most ``max_parallel``,
+  each one batched call spread over ``devices``. ``tx`` is used as a plain
+  optax optimizer; if it holds a DelayCompensationState (e.g.
+  :func:`dcasgd_optax.dcasgd`, so one ``tx`` serves every method) it is
+  called with ``worker=0`` and worker 0's backup is then set to the new
+  params (:func:`dcasgd_optax.record_pull`: SSGD's workers compute at the
+  server's model, never at a look-ahead), so the compensation term is zero
+  and the update is exactly ``tx``'s SGD part;
+  ``M`` is then read from its backups as in :class:`Simulator`.
+
+  Stateful models (``has_model_state=True``): the model-state policy is the
+  one of synchronous data parallelism with the buffers all-reduced after
+  each step: every worker computes with the server's model state, and the
+  new state is the round's workers' mean (floating leaves, e.g. BatchNorm
+  running statistics) or worker 0's (other leaves, e.g. counters). Why: a
+  round's ``M`` states all start from the same one and each saw one batch,
+  so their mean uses every batch the update used (worker 0's alone would
+  drop ``M - 1`` of them). :class:`Simulator` keeps the latest push instead
+  (it has no rounds); both evaluate with ``state.model_state``.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` (or the stateful form, see
       :class:`Simulator`).
     tx: an optax transformation.
-    num_workers: workers per round (>= 1).
+    num_workers: workers per round (>= 1); optional when ``tx`` keeps
+      per-worker backups (see :class:`Simulator`).
     devices: devices to spread a round's gradients over (default: all local).
     has_model_state: whether ``loss_fn`` takes and returns a model state.
+    max_parallel: most gradients computed at once, per group of a round
+      (default as in :class:`Simulator`); it never changes results beyond
+      float rounding.
     vmap_slots: gradients per vmapped call on a device (see
       :class:`Simulator`); default all on GPU/TPU, one on CPU.
     donate: donate the input state to ``replay``.
-    strategy: ``"compiled"``: one program, a scan over rounds.
-      ``"host_chunks"``: Python loops over rounds; a round's gradients are
-      computed outside any loop, in jitted calls of at most 8 per device,
+    strategy: ``"compiled"``: one program, a scan over rounds (and over a
+      round's groups). ``"host_chunks"``: Python loops over rounds; a
+      round's groups are computed outside any loop, one jitted call each,
       then one jitted update (state donated). Default ``"host_chunks"`` on
       CPU, ``"compiled"`` elsewhere (see :class:`Simulator`).
+    diagnostics, diagnostics_every, first_transform: as in
+      :class:`Simulator`, so one caller builds both. SSGD's gradients are
+      fresh by construction: sampled arrivals (a round is sampled when its
+      server step before the update is a multiple of ``diagnostics_every``)
+      report ``stale_cosine`` 1 and ``stale_error`` 0 with no extra
+      gradient, and ``applied_*`` NaN, as the server transforms the round's
+      mean, not each worker's gradient.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -141,121 +247,127 @@ class SyncSimulator:
     >>> loss_fn = lambda p, x: jnp.mean((x - p['w']) ** 2)
     >>> sim = SyncSimulator(loss_fn, optax.sgd(0.25), num_workers=2)
     >>> state = sim.init({'w': jnp.zeros(())})
-    >>> state, metrics = sim.replay(state, jnp.array([1.0, 3.0, 1.0, 3.0]))
+    >>> batches = jnp.array([1.0, 3.0, 1.0, 3.0])
+    >>> state, metrics = sim.replay(state, batches, [0, 1, 1, 0])
     >>> state.params['w'], metrics['staleness'].tolist()
     (Array(1.5, dtype=float32), [0, 0, 0, 0])
+    >>> metrics['worker'].tolist(), metrics['step'].tolist()
+    ([0, 1, 1, 0], [1, 1, 2, 2])
   """
 
-  def __init__(
-      self,
-      loss_fn: Callable[..., Any],
-      tx: optax.GradientTransformation,
-      num_workers: int,
-      *,
-      devices: Sequence[Any] | None = None,
-      has_model_state: bool = False,
-      vmap_slots: int | None = None,
-      donate: bool = True,
-      strategy: str | None = None,
-  ):
-    s = _setup.setup(loss_fn, tx, num_workers, devices, has_model_state,
-                     vmap_slots, strategy)
-    self.num_workers, self._loss3, self.mesh = s.num_workers, s.loss3, s.mesh
-    vmap_slots, self.strategy = s.vmap_slots, s.strategy
-    self._has_model_state = has_model_state
-    self.tx = optax.with_extra_args_support(tx)
-    slots = _devices.round_up(self.num_workers, self.mesh.size)
-    self._donate = donate
+  _per_worker = False
+
+  def _server_tx(self, tx, num_workers):
+    del num_workers
+    return optax.with_extra_args_support(tx)
+
+  def _make_programs(self) -> None:
     self._program = jax.jit(
         functools.partial(
-            _sync_program, self._loss3, self.tx, self.mesh, vmap_slots,
-            self.num_workers, slots,
+            _sync_program, self._loss_with_state, self.tx, self.mesh,
+            self._vmap_slots,
         ),
-        donate_argnums=(0,) if donate else (),
+        static_argnums=(0,),
+        donate_argnums=(1,) if self._donate else (),
     )
-    # "host_chunks": rounds of ``_num_groups`` equal groups of ``_group``
-    # slots, each at most the cap, padded as little as possible.
-    cap = _setup.HOST_SLOTS_PER_DEVICE * self.mesh.size
-    self._num_groups = -(-slots // cap)
-    self._group = _devices.round_up(-(-slots // self._num_groups), self.mesh.size)
     self._group_step = jax.jit(functools.partial(
-        _group_gradients, self._loss3, self.mesh, vmap_slots, True
+        _group_gradients, self._loss_with_state, self.mesh, self._vmap_slots,
+        unroll=True,
     ))
     self._apply_step = jax.jit(
-        functools.partial(_apply, self.tx, self.num_workers),
-        donate_argnums=(0,),
+        functools.partial(_apply, self.tx), static_argnums=(0,),
+        donate_argnums=(1,),
     )
-    self._loss_checked: dict[Any, Any] = {}
 
-  def init(self, params: Any, model_state: Any = None) -> SimState:
-    """The initial state (no ``worker_model_states``: all hold the server's)."""
-    model_state = _checks.check_model_state(model_state, self._has_model_state)
-    return _state.initial_state(
-        SimState, self.tx, self.num_workers, self.mesh, params, model_state,
-        per_worker_model_state=False,
+  def _rounds(self, arrivals, params, num_workers) -> _Rounds:
+    limit = self._slot_limit(num_workers, params)
+    return _rounds(arrivals, num_workers, limit, self.mesh.size)
+
+  def describe(self, arrivals: Any, params: Any) -> dict[str, Any]:
+    """How ``replay`` computes ``arrivals``' rounds for ``params``.
+
+    ``num_runs`` is the number of rounds, each computed as groups of
+    ``chunk`` slots (``num_chunks`` groups in all); ``fill_ratio`` is
+    arrivals / slots computed; ``strategy`` is how the groups run.
+    """
+    num_workers = self.workers_for(params)
+    arrivals = _check_rounds(arrivals, num_workers, 0)
+    rounds = self._rounds(arrivals, params, num_workers)
+    num_rounds, num_groups, group = rounds.rows_RxNxG.shape
+    return dict(
+        num_arrivals=len(arrivals), num_runs=num_rounds, chunk=group,
+        num_chunks=num_rounds * num_groups,
+        fill_ratio=len(arrivals) / rounds.rows_RxNxG.size,
+        strategy=self.strategy,
     )
 
   def replay(
-      self, state: SimState, batches: Any
+      self, state: SimState, batches: Any, arrivals: Any = None
   ) -> tuple[SimState, dict[str, jax.Array]]:
-    """Runs ``R`` rounds, where ``R * num_workers`` is the batches' length.
+    """Runs ``R`` rounds of ``M`` gradients, one update each.
 
     Args:
       state: from :meth:`init` or a previous ``replay``.
-      batches: a pytree whose leaves have leading axis ``R * num_workers``;
-        round ``r`` gives worker ``j`` batch ``r * num_workers + j``.
+      batches: a pytree whose leaves have leading axis ``len(arrivals)``
+        (``R * M``); arrival ``k`` uses ``batches[k]``.
+      arrivals: concrete 1-D integer array of worker ids, ``R`` rounds of
+        ``M`` in which every worker arrives once; ``None`` (the default):
+        worker ``j`` computes batch ``r * M + j``.
 
     Returns:
-      ``(state, metrics)``; ``metrics["loss"]`` (length ``R * num_workers``,
-      round-major) is each worker's loss at the round's params and
-      ``metrics["staleness"]`` is all zeros.
+      ``(state, metrics)``, with :class:`Simulator`'s keys, one entry per
+      arrival: ``"worker"``, ``"staleness"`` (all zeros), ``"loss"`` (each
+      worker's loss at the round's params) and ``"step"`` (the server step
+      after its round's update, 1-based); with diagnostics also their four
+      keys (see ``diagnostics``).
     """
+    num_workers = self._check_state(state)
     leaves = jax.tree.leaves(batches)
     num = np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) else 0
-    if num == 0 or num % self.num_workers:
-      raise ValueError(
-          "`batches` leaves need a leading axis of R * num_workers "
-          f"(num_workers={self.num_workers}, R >= 1), got {num}."
-      )
-    _checks.check_batches(batches, num, "R * num_workers")
-    _state.check_state(state, SimState, self.num_workers)
-    want = jax.tree.structure(jax.eval_shape(self.tx.init, state.params))
-    if jax.tree.structure(state.opt_state) != want:
-      raise ValueError(
-          "`state.opt_state` does not match this SyncSimulator's optimizer "
-          "(a state from a Simulator, or another tx?); make it with `init`."
-      )
-    _checks.check_loss_fn_cached(
-        self._loss_checked, self._loss3, state.params, state.model_state,
-        batches,
-    )
+    arrivals = _check_rounds(arrivals, num_workers, num)
+    self._check_batches(state, batches, len(arrivals))
+    rounds = self._rounds(arrivals, state.params, num_workers)
     batches = _devices.replicate(batches, self.mesh)
     if self.strategy == "compiled":
-      return self._program(state, batches)
-    return self._replay_host(state, batches, num // self.num_workers)
+      state, loss_slots = self._program(
+          num_workers, state, batches, rounds.rows_RxNxG, rounds.weights_NxG
+      )
+    else:
+      state, loss_slots = self._replay_host(state, batches, rounds,
+                                            num_workers)
+    num_rounds = rounds.rows_RxNxG.shape[0]
+    steps_A = np.repeat(np.arange(1 - num_rounds, 1), num_workers)
+    record = {
+        "loss": loss_slots[rounds.loss_at],
+        "staleness": jnp.zeros((len(arrivals),), jnp.int32),
+    }
+    if self._diagnostics is not None:
+      record.update(_fresh_by_construction(
+          state.step + jnp.asarray(steps_A - 1), self._diagnostics.every
+      ))
+    return state, _protocol.stream_metrics(
+        state.step, steps_A, arrivals, record
+    )
 
-  def _replay_host(self, state, batches, num_rounds):
+  def _replay_host(self, state, batches, rounds, num_workers):
     """``"host_chunks"``: per round, a jitted call per group, one update."""
-    num_workers, size, n = self.num_workers, self._group, self._num_groups
-    rows_S = np.minimum(np.arange(n * size), num_workers - 1)
-    rows = np.arange(num_rounds)[:, None] * num_workers + rows_S[None]
-    groups = _gathers.split_chunks(batches, rows.reshape(-1, size))
-    weights = _weights(num_workers, n * size).astype(np.float32)
-    weights = weights.reshape(n, size)
+    num_rounds, num_groups, group = rounds.rows_RxNxG.shape
+    groups = _gathers.split_chunks(batches, rounds.rows_RxNxG.reshape(-1, group))
     if not self._donate:
       state = _gathers.copy_tree(state)
     losses = []
     for r in range(num_rounds):
       outs = [
           self._group_step(
-              state.params, state.model_state, groups[r * n + g], weights[g]
+              state.params, state.model_state, groups[r * num_groups + g],
+              rounds.weights_NxG[g],
           )
-          for g in range(n)
+          for g in range(num_groups)
       ]
       losses += [loss_G for loss_G, _, _ in outs]
       state = self._apply_step(
-          state, [grads for *_, grads in outs], [ms for _, ms, _ in outs]
+          num_workers, state, [grads for *_, grads in outs],
+          [ms for _, ms, _ in outs],
       )
-    keep = np.flatnonzero(np.tile(rows_S == np.arange(n * size), num_rounds))
-    (loss,) = _gathers.concat_rows((losses,), keep)
-    return state, {"loss": loss, "staleness": jnp.zeros(loss.shape, jnp.int32)}
+    (loss,) = _gathers.concat_rows((losses,), np.arange(len(losses) * group))
+    return state, loss

@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Model: one of experiments.models.MODELS.
   c.model = "mlp"
   c.mlp_hidden = (128,)
-  # Algorithm: one of experiments.algorithms.ALGORITHMS.
+  # Algorithm: one of experiments.algorithms.REGISTRY.
   c.algorithm = "dc-asgd-a"
   c.num_workers = 16  # ignored (1) for sequential
   c.schedule = "cyclic"  # cyclic | shuffled | gamma
@@ -43,7 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.lr_boundaries_epochs = ()  # epochs at which the rate is multiplied by...
   c.lr_decay_factor = 0.1
   c.warmup_epochs = 0.0
-  c.momentum = 0.0  # 0: plain SGD
+  c.optimizer = "sgd"  # sgd | adam (experiments.algorithms.OPTIMIZERS)
+  c.momentum = 0.0  # SGD's momentum; 0: plain SGD
   c.nesterov = False
   c.weight_decay = 0.0
   # DC-ASGD. dc_lambda None: the paper's defaults (2.0 adaptive, 0.04 constant).
@@ -53,7 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Bookkeeping.
   c.seed = 0
   c.eval_batch_size = 500
-  c.checkpoint_every_epochs = 1
+  c.checkpoint_every_epochs = 1  # 0: never (an interrupted run restarts)
+  # Compare every k-th arrival's gradient with the fresh one (0: off; one
+  # extra gradient per sampled arrival; see experiments/train.py).
+  c.diagnostics_every = 0
   c.progress_bar = True
   # The grid run by experiments.compare (sequential runs once per seed).
   c.grid = ml_collections.ConfigDict()

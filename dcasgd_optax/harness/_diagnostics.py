@@ -1,0 +1,156 @@
+"""Is compensation helping, here? Each gradient against the fresh one.
+
+For a sampled arrival of worker ``m`` with batch ``b`` the server also
+computes the fresh gradient :math:`f = \\nabla L(w, b)` at its current model
+``w`` (before the update) and compares with it the gradient the worker pushed,
+:math:`g = \\nabla L(w_m, b)`, and the direction :math:`d` that the first
+transformation of the server's chain made of it (the compensated gradient):
+
+.. math::
+  \\mathrm{cosine}(x) = \\frac{\\langle x, f \\rangle}{\\|x\\| \\, \\|f\\|},
+  \\qquad \\mathrm{error}(x) = \\frac{\\|x - f\\|}{\\|f\\|},
+
+over all parameters at once: ``stale_*`` for :math:`x = g`, ``applied_*`` for
+:math:`x = d`. The extra cost is one gradient per sampled arrival.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dcasgd_optax._src import _checks as core_checks
+from dcasgd_optax.harness import _checks
+
+KEYS = ("stale_cosine", "applied_cosine", "stale_error", "applied_error")
+
+
+class Diagnostics(NamedTuple):
+  """Which arrivals to diagnose, and how to get their applied direction."""
+
+  every: int  # arrivals at server steps that are multiples of it are sampled
+  first_transform: Any  # optax transformation, or None: the identity
+
+
+def make(diagnostics: bool, diagnostics_every: int | None,
+         first_transform: Any, has_model_state: bool) -> Diagnostics | None:
+  """The validated constructor arguments, or None when diagnostics are off."""
+  if not isinstance(diagnostics, bool):
+    raise TypeError(f"`diagnostics` must be a bool, got {diagnostics!r}.")
+  if diagnostics_every is not None:
+    core_checks.check_positive_int("diagnostics_every", diagnostics_every)
+  if first_transform is not None and not (
+      hasattr(first_transform, "init") and hasattr(first_transform, "update")):
+    raise TypeError(
+        "`first_transform` must be an optax transformation (the first member "
+        f"of tx's chain) or None, got {first_transform!r}."
+    )
+  if not diagnostics and diagnostics_every is None:
+    return None
+  if has_model_state:
+    raise ValueError(
+        "`diagnostics` are not supported with has_model_state=True: the fresh "
+        "gradient of a stateful model depends on which model state it is "
+        "taken with. Diagnose a stateless loss_fn."
+    )
+  if first_transform is not None:
+    first_transform = optax.with_extra_args_support(first_transform)
+  return Diagnostics(diagnostics_every or 1, first_transform)
+
+
+def _is_state_of(target: Any) -> Any:
+  return lambda node: _checks.signature(node) == target
+
+
+def first_state(opt_state: Any, first_transform: Any, params: Any) -> Any:
+  """The node of ``opt_state`` with the structure of ``first_transform``'s state.
+
+  The first such node in ``opt_state``'s flattening order: for an
+  ``optax.chain`` (also inside :func:`dcasgd_optax.pull_after_push`), the
+  state of its first member.
+
+  Raises:
+    ValueError: if there is none.
+  """
+  target = _checks.signature(
+      jax.eval_shape(first_transform.init, _checks.abstract(params))
+  )
+  nodes = jax.tree.leaves(opt_state, is_leaf=_is_state_of(target))
+  for node in nodes:
+    if _is_state_of(target)(node):
+      return node
+  raise ValueError(
+      "`first_transform`'s state was not found in `tx`'s state: pass the "
+      "transformation that starts tx's chain (e.g. the "
+      "`dcasgd_optax.delay_compensation(...)` you chained)."
+  )
+
+
+def check(diagnostics: Diagnostics, opt_state: Any, params: Any,
+          tx_compensates: bool) -> None:
+  """Raises before anything runs if the applied direction cannot be had."""
+  if diagnostics.first_transform is None:
+    if tx_compensates:
+      raise ValueError(
+          "`diagnostics` need `first_transform` when `tx` keeps its own "
+          "DelayCompensationState: pass the transformation that starts tx's "
+          "chain (e.g. dc = dcasgd_optax.delay_compensation(...); tx = "
+          "dcasgd_optax.pull_after_push(optax.chain(dc, optax.sgd(lr))); "
+          "Simulator(loss_fn, tx, diagnostics=True, first_transform=dc))."
+      )
+    return
+  first_state(opt_state, diagnostics.first_transform, params)
+
+
+def not_measured(num_slots: int) -> dict[str, jax.Array]:
+  """NaN for every key: arrivals that are not sampled."""
+  return {k: jnp.full((num_slots,), jnp.nan, jnp.float32) for k in KEYS}
+
+
+def _flat(tree: Any) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
+
+
+def _compare(x: Any, fresh: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Cosine similarity and relative L2 distance of ``x`` to ``fresh``."""
+  x = _flat(x)
+  norm_fresh = jnp.linalg.norm(fresh)
+  cosine = jnp.vdot(x, fresh) / (jnp.linalg.norm(x) * norm_fresh)
+  return cosine, jnp.linalg.norm(x - fresh) / norm_fresh
+
+
+def sampled(first_step: int, num_arrivals: int, every: int) -> np.ndarray:
+  """Which of the arrivals after server step ``first_step`` are diagnosed:
+  those whose server step before the update is a multiple of ``every``."""
+  return (first_step + np.arange(num_arrivals)) % every == 0
+
+
+def measure(diagnostics: Diagnostics, loss_with_state: Any, state: Any,
+            grads: Any, batch: Any, worker: Any, staleness: Any,
+            is_sampled: jax.Array) -> dict[str, jax.Array]:
+  """The four figures for one arrival (before its update), or NaN if unsampled."""
+
+  def measured():
+    fresh = _flat(jax.grad(
+        lambda p: loss_with_state(p, (), batch)[0])(state.params))
+    direction = grads
+    if diagnostics.first_transform is not None:
+      sub_state = first_state(state.opt_state, diagnostics.first_transform,
+                              state.params)
+      direction, _ = diagnostics.first_transform.update(
+          grads, sub_state, state.params, worker=worker, staleness=staleness
+      )
+    stale_cosine, stale_error = _compare(grads, fresh)
+    applied_cosine, applied_error = _compare(direction, fresh)
+    return dict(stale_cosine=stale_cosine, applied_cosine=applied_cosine,
+                stale_error=stale_error, applied_error=applied_error)
+
+  def skipped():
+    return {k: jnp.full((), jnp.nan, jnp.float32) for k in KEYS}
+
+  return jax.lax.cond(is_sampled, measured, skipped)

@@ -1,0 +1,196 @@
+"""The protocol both simulators share: constructor arguments, init, checks.
+
+:class:`Simulator` (asynchronous) and :class:`SyncSimulator` (SSGD) take the
+same constructor arguments, keep the server's transformation in the attribute
+``tx``, make a :class:`SimState` with ``init(params, model_state=None)``,
+``replay(state, batches, arrivals)`` and ``describe(arrivals, params)`` it,
+and report the same metric keys (``worker``, ``staleness``, ``loss``,
+``step``), so a caller never branches on which one it holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from dcasgd_optax._src import _checks as core_checks
+from dcasgd_optax.harness import _checks
+from dcasgd_optax.harness import _devices
+from dcasgd_optax.harness import _diagnostics
+from dcasgd_optax.harness import _optimizer
+from dcasgd_optax.harness import _plan
+from dcasgd_optax.harness import _slots
+from dcasgd_optax.harness import _state
+from dcasgd_optax.harness._state import SimState
+
+# How a replay runs: one compiled program, or the host looping over chunks.
+STRATEGIES = ("compiled", "host_chunks")
+
+# Most gradient slots per device in one "host_chunks" call, by default: the
+# program holds one unrolled copy of the gradient per slot, so its compile
+# time grows with it.
+HOST_SLOTS_PER_DEVICE = 8
+
+
+def default_strategy(mesh: Mesh, strategy: str | None) -> str:
+  """``strategy``, else ``"host_chunks"`` on CPU and ``"compiled"`` elsewhere.
+
+  XLA:CPU compiles a convolution's kernel gradient inside a loop body
+  (``while``, hence ``scan``) to a slow path, much slower than the same
+  gradient outside any loop; ``"host_chunks"`` keeps gradients out of loops
+  (figures in benchmarks/harness_throughput.md).
+  """
+  if strategy is None:
+    return "host_chunks" if mesh.devices.flat[0].platform == "cpu" else (
+        "compiled")
+  if strategy not in STRATEGIES:
+    raise ValueError(
+        f"`strategy` must be one of {STRATEGIES} or None, got {strategy!r}."
+    )
+  return strategy
+
+
+def stream_metrics(final_step: jax.Array, steps_A: np.ndarray,
+                   arrivals: np.ndarray, record: dict[str, Any]) -> dict[str, Any]:
+  """The per-arrival record both simulators return (the keys Ray uses too).
+
+  ``record`` holds ``"loss"``, ``"staleness"`` and any diagnostics; this adds
+  ``"worker"`` (the arrivals) and ``"step"``, the server step after the
+  update that applied the arrival (1-based): ``final_step + steps_A``, with
+  ``steps_A`` counted back from the replay's last update (0).
+  """
+  return {
+      "worker": jnp.asarray(arrivals),
+      "step": final_step + jnp.asarray(steps_A, jnp.int32),
+      **record,
+  }
+
+
+class SimulatorBase:
+  """Construction, ``init`` and input checks shared by both simulators."""
+
+  # Whether each worker keeps its own model (the backups) and model state,
+  # sharded by worker (Simulator), or all compute with the server's
+  # (SyncSimulator).
+  _per_worker: bool
+
+  def __init__(
+      self,
+      loss_fn: Callable[..., Any],
+      tx: optax.GradientTransformation,
+      num_workers: int | None = None,
+      *,
+      devices: Sequence[Any] | None = None,
+      has_model_state: bool = False,
+      max_parallel: int | None = None,
+      vmap_slots: int | None = None,
+      donate: bool = True,
+      strategy: str | None = None,
+      diagnostics: bool = False,
+      diagnostics_every: int | None = None,
+      first_transform: Any = None,
+  ):
+    for name, value in (("num_workers", num_workers),
+                        ("max_parallel", max_parallel),
+                        ("vmap_slots", vmap_slots)):
+      if value is not None:
+        core_checks.check_positive_int(name, value)
+    if not hasattr(tx, "init") or not hasattr(tx, "update"):
+      raise TypeError(f"`tx` must be an optax transformation, got {tx!r}.")
+    self.num_workers = num_workers
+    self.mesh = _devices.make_mesh(devices)
+    self.strategy = default_strategy(self.mesh, strategy)
+    self._loss_with_state = _checks.with_model_state(loss_fn, has_model_state)
+    self._has_model_state = has_model_state
+    self._vmap_slots = _slots.default_vmap_slots(self.mesh, vmap_slots)
+    self._max_parallel = max_parallel
+    self._donate = donate
+    self._diagnostics = _diagnostics.make(
+        diagnostics, diagnostics_every, first_transform, has_model_state
+    )
+    self._user_tx = tx
+    self.tx = self._server_tx(tx, num_workers)
+    self._workers: dict[Any, int] = {}
+    self._abstract_states: dict[Any, SimState] = {}
+    self._loss_checked: dict[Any, Any] = {}
+    self._make_programs()
+
+  def _server_tx(self, tx: Any, num_workers: int | None) -> Any:
+    """The transformation the server runs (the attribute ``tx``)."""
+    raise NotImplementedError
+
+  def _make_programs(self) -> None:
+    """Builds the jitted programs (once: they close over ``tx``)."""
+    raise NotImplementedError
+
+  def workers_for(self, params: Any) -> int:
+    """The number of workers for ``params`` (from ``tx``'s state's shape)."""
+    key = _checks.signature(params)
+    if key not in self._workers:
+      self._workers[key] = _optimizer.workers_of(
+          self._user_tx, params, self.num_workers
+      )
+    return self._workers[key]
+
+  def init(self, params: Any, model_state: Any = None) -> SimState:
+    """Every worker holds ``params`` (and ``model_state``); no update yet.
+
+    Args:
+      params: the initial model (copied; the argument is never donated).
+      model_state: the initial model state, only with ``has_model_state``.
+
+    Returns:
+      A :class:`SimState`, replicated on the simulator's devices, made for
+      :meth:`workers_for` ``(params)`` workers.
+    """
+    model_state = _checks.check_model_state(model_state, self._has_model_state)
+    return _state.initial_state(
+        self.tx, self.workers_for(params), self.mesh, params, model_state,
+        per_worker=self._per_worker,
+    )
+
+  def _check_state(self, state: Any) -> int:
+    """Raises unless ``state`` is what ``init`` makes; returns its workers."""
+    if not isinstance(state, SimState):
+      raise ValueError(
+          f"`state` must be a SimState from `init`, got {type(state).__name__}."
+      )
+    key = _checks.signature((state.params, state.model_state))
+    if key not in self._abstract_states:
+      expected = _state.abstract_initial_state(
+          self.tx, self.workers_for(state.params), self.mesh, state.params,
+          state.model_state, per_worker=self._per_worker,
+      )
+      self._check_diagnostics(expected)
+      self._abstract_states[key] = expected
+    expected = self._abstract_states[key]
+    _state.check_state(state, expected)
+    return expected.last_pull.shape[0]
+
+  def _check_diagnostics(self, expected: SimState) -> None:
+    """Raises if the diagnostics cannot run for this state (see subclasses)."""
+
+  def _check_batches(self, state: SimState, batches: Any, num: int) -> Any:
+    """Checks ``batches`` against ``num`` arrivals and ``loss_fn``.
+
+    Returns:
+      The loss's abstract value (traced once per shape).
+    """
+    _checks.check_batches(batches, num, "len(arrivals)")
+    return _checks.check_loss_fn_cached(
+        self._loss_checked, self._loss_with_state, state.params,
+        state.model_state, batches,
+    )
+
+  def _slot_limit(self, num_workers: int, params: Any) -> int:
+    """Most gradients computed at once (see ``max_parallel``)."""
+    host = self.strategy == "host_chunks"
+    cap = HOST_SLOTS_PER_DEVICE if host else None
+    return _plan.slot_limit(
+        num_workers, self._max_parallel, self.mesh, params, cap
+    )

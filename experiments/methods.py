@@ -1,0 +1,249 @@
+r"""The evidence grid: every method tuned on its own seeds, reported on others.
+
+Example::
+
+  python -m experiments.methods --config=experiments/configs/methods.py \
+      --workdir=runs/methods --stage=tune     # the sweep: writes tuned.json
+  python -m experiments.methods --config=experiments/configs/methods.py \
+      --workdir=runs/methods --stage=report   # reported seeds: table, plots
+
+A *cell* is one optimizer preset (``config.grid.optimizers``), arrival
+schedule, worker count and algorithm; sequential SGD has one cell per
+optimizer. Every run trains through :func:`experiments.train.
+train_and_evaluate` in ``WORKDIR/runs/<cell>-<hyperparameters>-seed<seed>``,
+so an interrupted sweep resumes where it stopped.
+
+**Tuning** (:func:`tune`): every cell of an optimizer tries the same
+learning rates, ``config.tuning.learning_rates[optimizer]``, with the same
+training budget (``config.num_epochs``). An algorithm with a second tuned
+field (``Algorithm.tuned``: DC-ASGD-c's λ, ``dc-asgd-a-tuned``'s λ0) tries
+every learning rate with every value of it (``config.tuning.<field>``), so
+it gets that many times the trials; the report says so. The setting with the
+lowest mean final test error over ``config.tuning.seeds`` wins (the first in
+grid order on a tie). The chosen settings go to ``WORKDIR/tuned.json``.
+
+**Reporting** (:func:`report`): each cell runs its chosen setting on
+``config.grid.seeds``, which are disjoint from the tuning seeds, and
+:mod:`experiments.reporting` writes ``results.csv``, ``table.md`` (final
+test error, mean ± std, and the share of ASGD's gap to sequential SGD each
+method closes) and the plots.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from experiments import algorithms
+from experiments import reporting
+from experiments import run_files
+from experiments import train
+
+STAGES = ("tune", "report", "all")
+
+
+class Cell(NamedTuple):
+  """One optimizer preset, schedule, worker count and algorithm."""
+
+  optimizer: str
+  schedule: str
+  num_workers: int
+  algorithm: str
+
+  @property
+  def key(self) -> str:
+    """A name for files: ``sgd-cyclic-M16-asgd``, or ``sgd-sequential``."""
+    if algorithms.get(self.algorithm).single_worker:
+      return f"{self.optimizer}-{self.algorithm}"
+    return f"{self.optimizer}-{self.schedule}-M{self.num_workers}-{self.algorithm}"
+
+
+def cell_config(
+    config: ml_collections.ConfigDict, cell: Cell, seed: int,
+    setting: dict[str, float],
+) -> ml_collections.ConfigDict:
+  """The run config of ``cell`` with hyperparameters ``setting``."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.update(config.optimizer_presets[cell.optimizer].to_dict())
+  c.algorithm, c.schedule = cell.algorithm, cell.schedule
+  c.num_workers, c.seed = cell.num_workers, seed
+  c.update(setting)
+  return c
+
+
+def cells(config: ml_collections.ConfigDict) -> list[Cell]:
+  """Every cell of the grid whose algorithm applies to its optimizer."""
+  out = []
+  for opt in config.grid.optimizers:
+    preset = cell_config(
+        config, Cell(opt, "cyclic", 1, algorithms.SEQUENTIAL.name), 0, {})
+    for a in algorithms.ordered(config.grid.algorithms):
+      if not a.applies_to(preset):
+        continue
+      if a.single_worker:
+        out.append(Cell(opt, "cyclic", 1, a.name))
+        continue
+      for schedule, m in itertools.product(config.grid.schedules,
+                                           sorted(config.grid.num_workers)):
+        out.append(Cell(opt, schedule, m, a.name))
+  return out
+
+
+def candidates(config: ml_collections.ConfigDict, cell: Cell) -> list[dict]:
+  """The settings ``cell`` tries: every learning rate of its optimizer
+  (``config.tuning.learning_rates``), times every value of the fields the
+  algorithm tunes besides it (``Algorithm.tuned``, values from
+  ``config.tuning``)."""
+  rates = config.tuning.learning_rates[cell.optimizer]
+  extra = algorithms.get(cell.algorithm).tuned
+  grids = [config.tuning[f] for f in extra]
+  return [
+      {"learning_rate": lr, **dict(zip(extra, values))}
+      for lr, *values in itertools.product(rates, *grids)
+  ]
+
+
+def setting_name(setting: dict[str, float]) -> str:
+  return "-".join(f"{k}{v:g}" for k, v in sorted(setting.items()))
+
+
+def run(config, workdir: str, cell: Cell, seed: int, setting: dict) -> dict:
+  """One run (resumed if its directory holds one); returns its summary."""
+  c = cell_config(config, cell, seed, setting)
+  name = f"{cell.key}-{setting_name(setting)}-seed{seed}"
+  summary = train.train_and_evaluate(c, os.path.join(workdir, "runs", name))
+  return {**summary, **cell._asdict(), **setting}
+
+
+def _error(summary: dict) -> float:
+  """Final test error; a diverged run (NaN) counts as chance or worse."""
+  e = summary["final_test_error"]
+  return 1.0 if math.isnan(e) else e
+
+
+def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+  """Runs every candidate on the tuning seeds; writes and returns the choice.
+
+  Returns:
+    ``cell key -> {"setting": ..., "tuning_error": mean final test error,
+    "tried": [(setting, mean error), ...]}``, also written to
+    ``WORKDIR/tuned.json``.
+  """
+  chosen = {}
+  for cell in cells(config):
+    t0 = time.perf_counter()
+    tried = []
+    for setting in candidates(config, cell):
+      errors = [_error(run(config, workdir, cell, s, setting))
+                for s in config.tuning.seeds]
+      tried.append((setting, sum(errors) / len(errors)))
+    best = min(tried, key=lambda t: t[1])  # the first on a tie
+    chosen[cell.key] = {"setting": best[0], "tuning_error": best[1],
+                        "tried": tried}
+    logging.warning("%s: %s (%.4f) in %.0f s", cell.key, best[0], best[1],
+                    time.perf_counter() - t0)
+  with open(os.path.join(workdir, "tuned.json"), "w") as f:
+    json.dump(chosen, f, indent=1)
+  return chosen
+
+
+def report(
+    config: ml_collections.ConfigDict, workdir: str, tuned: dict[str, dict]
+) -> list[dict]:
+  """Runs every cell's chosen setting on the reported seeds, then reports.
+
+  Also reruns the cells of ``config.report.diagnostics`` (one seed) with the
+  simulator's diagnostics, for the diagnostics plot.
+
+  Args:
+    config: the grid.
+    workdir: where the runs and the report go.
+    tuned: :func:`tune`'s result (cell key -> chosen setting).
+
+  Returns:
+    One row per run (the run's summary, its cell and its setting).
+  """
+  overlap = set(config.grid.seeds) & set(config.tuning.seeds)
+  if overlap:
+    raise ValueError(
+        f"config.grid.seeds and config.tuning.seeds share {sorted(overlap)}: "
+        "reported seeds must not be tuned on."
+    )
+  todo = cells(config)
+  missing = [c.key for c in todo if c.key not in tuned]
+  if missing:
+    raise ValueError(f"No tuned setting for {missing[:3]}...; run --stage=tune.")
+  rows = []
+  for cell in todo:
+    setting = tuned[cell.key]["setting"]
+    rows += [run(config, workdir, cell, s, setting) for s in config.grid.seeds]
+  traces = diagnose(config, workdir, tuned)
+  print(reporting.write_methods_report(config, rows, workdir, traces))
+  return rows
+
+
+def diagnose(
+    config: ml_collections.ConfigDict, workdir: str, tuned: dict[str, dict]
+) -> dict[tuple[str, str], dict]:
+  """Reruns the cells of ``config.report.diagnostics`` with diagnostics.
+
+  Returns:
+    ``(optimizer, algorithm) -> {field: list}``: the sampled arrivals'
+    staleness, step and diagnostics (:data:`run_files.DIAGNOSTICS`).
+  """
+  d = config.report.diagnostics
+  traces = {}
+  for cell in cells(config):
+    if (cell.optimizer not in d.optimizers or cell.schedule != d.schedule
+        or cell.num_workers != d.num_workers):
+      continue
+    c = cell_config(config, cell, d.seed, tuned[cell.key]["setting"])
+    c.diagnostics_every = d.every
+    rundir = os.path.join(workdir, "diagnostics", cell.key)
+    train.train_and_evaluate(c, rundir)
+    lines = run_files.read_diagnostics(rundir)
+    traces[(cell.optimizer, cell.algorithm)] = {
+        k: [v for line in lines for v in line[k]] for k in run_files.DIAGNOSTICS
+    }
+  return traces
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  config, workdir, stage = flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.stage
+  os.makedirs(workdir, exist_ok=True)
+  # The runs of a cell differ only in injected hyperparameters and seeds, so
+  # they compile to the same programs: a persistent cache compiles them once.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  if stage in ("tune", "all"):
+    tuned = tune(config, workdir)
+  else:
+    with open(flags.FLAGS.tuned or os.path.join(workdir, "tuned.json")) as f:
+      tuned = json.load(f)
+  if stage in ("report", "all"):
+    report(config, workdir, tuned)
+
+
+if __name__ == "__main__":
+  # Flags are defined only when run as a program (see compare.py).
+  flags.DEFINE_string("workdir", None, "Directory for all runs and the report.")
+  flags.DEFINE_enum("stage", "all", STAGES, "tune, report, or both.")
+  flags.DEFINE_string("tuned", None, "tuned.json to report (default WORKDIR's).")
+  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
