@@ -94,8 +94,9 @@ def cells(config: ml_collections.ConfigDict) -> list[Cell]:
       if a.single_worker:
         out.append(Cell(opt, "cyclic", 1, a.name))
         continue
-      for schedule, m in itertools.product(config.grid.schedules,
-                                           sorted(config.grid.num_workers)):
+      # Schedules innermost: their runs share one compiled program.
+      for m, schedule in itertools.product(sorted(config.grid.num_workers),
+                                           config.grid.schedules):
         out.append(Cell(opt, schedule, m, a.name))
   return out
 

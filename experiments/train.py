@@ -243,11 +243,12 @@ _PROGRAMS: dict[str, _Program] = {}  # the most recent two, by program_key
 
 
 def program_key(config: ml_collections.ConfigDict) -> str:
-  """The config without what a run's programs do not depend on: its seed
-  and the injected hyperparameters (:func:`algorithms.injected`), unless the
-  diagnostics bake them into their adjustment."""
+  """The config without what a run's programs do not depend on: its seed,
+  its arrivals and length, and the injected hyperparameters
+  (:func:`algorithms.injected`), unless the diagnostics bake them into
+  their adjustment."""
   fields = json.loads(config.to_json())
-  drop = {"seed"}
+  drop = {"seed", "schedule", "gamma_shape", "num_epochs"}  # data, not code
   if not config.diagnostics_every:
     drop |= set(algorithms.injected(config))
   return json.dumps({k: v for k, v in fields.items() if k not in drop},
