@@ -6,7 +6,7 @@ sgd))``) but run a fused update. Each is compared here, under ``jit``, with
 that chain built from the public transformations over a few updates,
 including one from a traced out-of-range worker. The model has a parameter
 large enough to be processed block by block on CPU (more than two blocks of
-64Ki elements, with a partial last block) and small ones.
+8Ki elements, with a partial last block) and small ones.
 
 The comparison allows a few units in the last place: XLA:CPU contracts a
 multiply and an add into one rounding (FMA) where both sit in one fusion,
@@ -219,3 +219,18 @@ def test_record_pull_of_bf16_backups_writes_that_row_only():
   np.testing.assert_array_equal(
       held.astype(np.float32), [[0] * 3, [0] * 3, [1.5] * 3, [0] * 3]
   )
+
+
+def test_under_vmap_each_simulation_gets_the_chains_numbers():
+  """Sweeps vmap the update over simulations, each with its own worker."""
+  fused = dcasgd_optax.dcasgd(0.1, M, momentum=0.9)
+  composed = composed_dcasgd(0.1, M, momentum=0.9)
+  params = jax.tree.map(lambda p: jnp.stack([p, 2 * p]), model())
+  workers = jnp.array([2, 0], jnp.int32)
+
+  def run(tx):
+    state = jax.vmap(tx.init)(params)
+    update = jax.vmap(lambda g, s, p, m: tx.update(g, s, p, worker=m))
+    return jax.jit(update)(grads_at(params, 1), state, params, workers)
+
+  assert_same_numbers(run(fused), run(composed))

@@ -42,9 +42,10 @@ from dcasgd_optax._src.delay_compensation import fold_square
 from dcasgd_optax._src.delay_compensation import next_mean_square
 from dcasgd_optax._src.delay_compensation import worker_is_valid
 
-# Elements per block on CPU: 64Ki float32 are 256 KiB per array, so the ~9
-# block-sized arrays of one iteration fit the cores' L2 caches.
-BLOCK_SIZE = 1 << 16
+# Elements per block on CPU: 8Ki float32 are 32 KiB per array, so an
+# iteration's blocks stay in L2 even when other processes share the core.
+# 4Ki to 16Ki measured alike, 32Ki and more slower (benchmarks/update_cost.md).
+BLOCK_SIZE = 1 << 13
 
 
 class SgdTail(NamedTuple):
@@ -153,7 +154,12 @@ def _with_trace(tail: SgdTail, states: tuple, trace: Any) -> tuple:
 
 
 class _Step(NamedTuple):
-  """One update's elementwise maths, as the composed chain computes it."""
+  """One update's elementwise maths, as the composed chain computes it.
+
+  In three phases, so that on CPU each can write its output in place before
+  the next reads it: the mean square, then the momentum (and the updates
+  where they are an output), then the pull.
+  """
 
   correct: Callable[..., Any]  # the backups transformation's
   count: Any  # the mean square's count, this update included
@@ -162,6 +168,10 @@ class _Step(NamedTuple):
   tail: SgdTail
   scalars: _Scalars
   valid: Any  # the worker id is in range
+
+  @property
+  def has_ms(self) -> bool:
+    return self.stats.decay is not None
 
   @property
   def has_trace(self) -> bool:
@@ -178,29 +188,48 @@ class _Step(NamedTuple):
       return jnp.array(self.scalars.step_size, dtype=u.dtype) * u
     return self.scalars.step_size * u
 
-  def __call__(self, g, w, held, ms, trace):
-    """Returns ``(ms, trace, updates)``, None where not kept or not fresh."""
-    if self.stats.decay is not None:
-      new_ms = fold_square(ms, g, self.stats.decay)
-      stored_ms = jnp.where(self.valid, new_ms, ms)
-    else:
-      new_ms = stored_ms = None
-    ms_seen = () if new_ms is None else new_ms
-    u = self.correct(g, w, held, ms_seen, self.count, self.counted)
+  def mean_square(self, ms, g):
+    """The stored mean square (unchanged for an out-of-range worker)."""
+    return jnp.where(self.valid, fold_square(ms, g, self.stats.decay), ms)
+
+  def gradient(self, g, w, held, ms):
+    """The corrected gradient plus weight decay (NaN if out of range).
+
+    ``ms`` is the stored one: it differs from what the chain's correction
+    sees only for an out-of-range worker, whose result is NaN either way.
+    """
+    u = self.correct(g, w, held, () if ms is None else ms, self.count,
+                     self.counted)
     u = jnp.where(self.valid, u, jnp.asarray(np.nan, u.dtype))
     if self.scalars.weight_decay is not None:
       u = u + self.scalars.weight_decay * w
-    new_trace = None
-    if self.has_trace:
-      new_trace = u + self.tail.momentum * trace
-      u = u + self.tail.momentum * new_trace if self.tail.nesterov else new_trace
-    return stored_ms, new_trace, self.scale(u) if self.fresh_updates else None
+    return u
 
-  def pull(self, w, trace, u):
+  def momentum(self, u, trace):
+    """``optax.trace``'s new momentum."""
+    return u + self.tail.momentum * trace
+
+  def updates(self, u, new_trace):
+    """The updates, from the gradient and the new momentum (if fresh)."""
+    if self.has_trace:
+      u = u + self.tail.momentum * new_trace  # Nesterov.
+    return self.scale(u)
+
+  def pull(self, w, new_trace, u):
     """What the worker pulls: ``params + updates`` (written only if valid)."""
     if not self.fresh_updates:
-      u = self.scale(trace)
+      u = self.scale(new_trace)
     return (w + u).astype(w.dtype)
+
+
+class _Leaf(NamedTuple):
+  """One parameter's arrays; None where the state keeps none."""
+
+  g: jax.Array
+  w: jax.Array
+  backups: jax.Array  # (num_workers, *shape)
+  ms: Any  # shape, or (num_workers, *shape) per worker
+  trace: Any  # shape
 
 
 def _map_leaves(step, row, updates, params, dc_state, trace):
@@ -213,21 +242,16 @@ def _map_leaves(step, row, updates, params, dc_state, trace):
   g_leaves, g_def = jax.tree.flatten(updates)
   trees = (params, dc_state.backups, dc_state.mean_square, trace)
   flat = [jax.tree.flatten(t) for t in trees]
-  has_ms = step.stats.decay is not None
   outs = []
   for k, g in enumerate(g_leaves):
-    arrays, stacked = [g], [False]
-    for (leaves, _), s, kept in zip(
-        flat,
-        (False, True, step.stats.per_worker, False),
-        (True, True, has_ms, step.has_trace),
-    ):
-      if kept:
-        arrays.append(leaves[k])
-        stacked.append(s)
-    outs.append(_leaf_update(step, arrays, stacked, row))
+    leaf = _Leaf(
+        g, flat[0][0][k], flat[1][0][k],
+        flat[2][0][k] if step.has_ms else None,
+        flat[3][0][k] if step.has_trace else None,
+    )
+    outs.append(_leaf_update(step, leaf, row))
   columns = list(zip(*outs)) if outs else [()] * 4
-  kept = (step.fresh_updates, True, has_ms, step.has_trace)
+  kept = (step.fresh_updates, True, step.has_ms, step.has_trace)
   defs = (g_def, flat[1][1], flat[2][1], flat[3][1])
   old = (None, dc_state.backups, dc_state.mean_square, trace)
   return tuple(
@@ -236,199 +260,139 @@ def _map_leaves(step, row, updates, params, dc_state, trace):
   )
 
 
-def _leaf_update(step, arrays, stacked, row):
-  """``step`` over one parameter: its ``(updates, backup, ms, trace)``.
+def _leaf_update(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
+  """One parameter's ``(updates, backups, ms, trace)`` (None where not kept).
 
-  ``arrays`` are the gradient, the param, the backups, then the mean square
-  and the momentum where kept.
+  On CPU, block by block when the parameter is larger than two blocks (and
+  not a narrow float: XLA:CPU converts those whole for any slice written).
   """
-  at = {"ms": 3} if step.stats.decay is not None else {}
-  if step.has_trace:
-    at["trace"] = len(arrays) - 1
-
-  def fn(*blocks):
-    get = lambda name: blocks[at[name]] if name in at else None
-    ms, trace, u = step(*blocks[:3], get("ms"), get("trace"))
-    written = [blocks[2]] + [v for v in (ms, trace) if v is not None]
-    return written, [] if u is None else [u]
-
-  def pulled(w, results):  # results: ms, trace (where kept), then updates.
-    trace = results[len(at) - 1] if step.has_trace else None
-    u = results[-1] if step.fresh_updates else None
-    return step.pull(w, trace, u)
-
-  fresh = [arrays[0].dtype] if step.fresh_updates else []
-  written = [2, *at.values()]
-  new, fresh_out = map_in_place(
-      fn, arrays, stacked, row, step.valid, written, fresh,
-      late=(2, 1, pulled),
-  )
-  pick = lambda name: new[at[name]] if name in at else None
-  u = fresh_out[0] if fresh_out else None
-  return u, new[2], pick("ms"), pick("trace")
-
-
-def map_in_place(
-    fn: Callable[..., tuple[list, list]],
-    arrays: Sequence[jax.Array],
-    stacked: Sequence[bool],
-    row: jax.Array,
-    valid: jax.Array,
-    written: Sequence[int],
-    fresh: Sequence[Any],
-    late: Any = None,
-) -> tuple[list[jax.Array], list[jax.Array]]:
-  """An elementwise ``fn`` over one parameter's arrays, written in place.
-
-  Args:
-    fn: ``fn(*blocks) -> (written_blocks, fresh_blocks)``, elementwise: the
-      blocks are same-shaped pieces of ``arrays`` (of row ``row`` where
-      stacked); ``written_blocks[j]`` replaces ``arrays[written[j]]`` there,
-      ``fresh_blocks[j]`` is a piece of a new array of dtype ``fresh[j]``.
-    arrays: arrays shaped like the parameter, or with a leading axis of
-      workers where ``stacked``.
-    stacked: which arrays have the leading workers axis.
-    row: the worker whose rows are read and written (in range).
-    valid: whether the stacked arrays' rows are written at all.
-    written: indices of the arrays ``fn`` overwrites.
-    fresh: dtypes of the new arrays ``fn`` returns.
-    late: optional ``(j, k, h)``: the value written into ``arrays[j]`` (one
-      of ``written``; ``fn`` returns a placeholder for it) is
-      ``h(block of arrays[k], results)``, ``results`` being ``fn``'s other
-      written and fresh blocks in order. On CPU it is computed when the block
-      is written, from results already computed, so no fusion recomputes
-      them (XLA:CPU fuses a cheap producer into each of its consumers).
-
-  Returns:
-    ``arrays`` with the written ones replaced, and the fresh arrays.
-  """
-  size = int(np.prod(arrays[0].shape))
-  args = (list(arrays), row, valid)
-  whole = functools.partial(_whole, fn, stacked, written, late)
-  narrow = any(_rows.is_narrow(a.dtype) for a, s in zip(arrays, stacked)
-               if not s)
+  size = int(np.prod(leaf.w.shape))
+  whole = functools.partial(_whole, step)
+  narrow = _rows.is_narrow(leaf.w.dtype) or _rows.is_narrow(leaf.g.dtype)
   if size < 2 * BLOCK_SIZE or narrow:
-    return whole(*args)
-  blocked = functools.partial(_blocked, fn, stacked, written, fresh, late)
-  return lax.platform_dependent(*args, cpu=blocked, default=whole)
+    return whole(leaf, row)
+  blocked = functools.partial(_blocked, step)
+  return lax.platform_dependent(leaf, row, cpu=blocked, default=whole)
 
 
-def _whole(fn, stacked, written, late, arrays, row, valid):
-  """``fn`` on whole arrays (one fusion per output, XLA's own choice)."""
-  blocks = [_rows.read_row(a, row) if s else a for a, s in zip(arrays, stacked)]
-  outs, fresh = fn(*blocks)
-  if late is not None:
-    j, k, h = late
-    others = [o for i, o in zip(written, outs) if i != j] + list(fresh)
-    outs = [h(blocks[k], others) if i == j else o for i, o in zip(written, outs)]
-  arrays = list(arrays)
-  for j, out in zip(written, outs):
-    a = arrays[j]
-    if stacked[j]:
-      arrays[j] = _rows.write_row(a, row, out, valid)
-    else:
-      arrays[j] = out.astype(a.dtype)
-  return arrays, list(fresh)
+def _whole(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
+  """The phases on whole arrays (one fusion per output, XLA's choice)."""
+  per_worker = step.stats.per_worker
+  ms = leaf.ms
+  if step.has_ms:
+    seen = _rows.read_row(ms, row) if per_worker else ms
+    new_ms = step.mean_square(seen, leaf.g)
+    ms = _rows.write_row(ms, row, new_ms, step.valid) if per_worker else new_ms
+  else:
+    new_ms = None
+  held = _rows.read_row(leaf.backups, row)
+  u = step.gradient(leaf.g, leaf.w, held, new_ms)
+  trace = step.momentum(u, leaf.trace) if step.has_trace else None
+  u = step.updates(u, trace) if step.fresh_updates else None
+  pulled = step.pull(leaf.w, trace, u)
+  backups = _rows.write_row(leaf.backups, row, pulled, step.valid)
+  return u, backups, ms, trace
 
 
-def _blocked(fn, stacked, written, fresh, late, arrays, row, valid):
-  """``fn`` block by block, software-pipelined so every write is in place.
+def _blocked(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
+  """The phases block by block, each output written in place.
 
-  Iteration ``i`` writes block ``i - 1``'s results (carried from the
-  iteration before), then reads block ``i`` from the arrays as just written
-  and computes its results. Every read of an array follows its write, so
-  XLA updates all of them in place; writing a block from values read in the
-  same iteration makes it copy whole arrays (each output's fusion reads
-  arrays that sibling outputs overwrite). Blocks are aligned to the end: the
-  first one starts at 0 and overlaps the second, whose elements it writes
-  back as it read them, before the second block is written.
+  Iteration ``i`` writes, for block ``i - 1``, the pull into the worker's
+  backup row, then, for block ``i``, the mean square, the momentum (and the
+  updates), each phase reading the arrays as the one before wrote them.
+  Every value is written by one fusion that reads only that array's block
+  being overwritten or arrays already written, so XLA updates all of them
+  in place; computing several outputs from the same reads makes it copy
+  whole arrays. The pull is one block late because it needs the new
+  momentum while the momentum needs the old backup. Blocks are aligned to
+  the end: the first starts at 0 and overlaps the second, writing back the
+  elements it does not own as it read them, before the second is read.
 
-  A stacked narrow-float array (bfloat16 backups) is neither read nor
-  written in the loop: XLA:CPU would convert all of it to float32 there.
-  Its row is copied out as same-width integers first, updated in the loop,
-  and written back after it (:func:`_rows.write_row`).
+  Narrow-float backups (bfloat16) are not sliced in the loop: XLA:CPU would
+  convert all of them to float32 first. The worker's row is copied out as
+  same-width integers, updated in the loop, and written back after it.
   """
-  shape = arrays[0].shape
-  size = int(np.prod(shape))
-  narrow = [s and _rows.is_narrow(a.dtype) for a, s in zip(arrays, stacked)]
-  in_loop_stacked = [s and not n for s, n in zip(stacked, narrow)]
-  flat = []
-  for a, s, n in zip(arrays, stacked, narrow):
-    if n:
-      a = _rows.read_row(_rows.to_bits(a), row)
-    flat.append(a.reshape(a.shape[0], size) if s and not n else a.reshape(size))
-  buffers = [jnp.zeros((size,), d) for d in fresh]
+  shape, size = leaf.w.shape, int(np.prod(leaf.w.shape))
   num_blocks = -(-size // BLOCK_SIZE)
+  per_worker = step.stats.per_worker
+  narrow = _rows.is_narrow(leaf.backups.dtype)
+  flat = lambda a: None if a is None else a.reshape(-1)
+  g, w, trace = flat(leaf.g), flat(leaf.w), flat(leaf.trace)
+  ms = leaf.ms
+  if ms is not None:
+    ms = ms.reshape(-1, size) if per_worker else ms.reshape(-1)
+  if narrow:
+    held = _rows.read_row(_rows.to_bits(leaf.backups), row).reshape(-1)
+  else:
+    held = leaf.backups.reshape(-1, size)
+  u = jnp.zeros((size,), leaf.g.dtype) if step.fresh_updates else None
 
-  def read(j, a, start):
-    if in_loop_stacked[j]:
+  def span(k):
+    """Block ``k``'s start and which of its elements it owns."""
+    end = size - (num_blocks - 1 - k) * BLOCK_SIZE
+    start = jnp.clip(end - BLOCK_SIZE, 0, size - BLOCK_SIZE)
+    return start, start + jnp.arange(BLOCK_SIZE) < end
+
+  def get(a, start, stacked=False):
+    if stacked:
       return lax.dynamic_slice(a, (row, start), (1, BLOCK_SIZE))[0]
-    block = lax.dynamic_slice_in_dim(a, start, BLOCK_SIZE)
-    return _rows.from_bits(block, arrays[j].dtype)
+    return lax.dynamic_slice_in_dim(a, start, BLOCK_SIZE)
 
-  def compute(i, flat, buffers):
-    end = size - (num_blocks - 1 - i) * BLOCK_SIZE
-    start = jnp.maximum(end - BLOCK_SIZE, 0)
-    blocks = [read(j, a, start) for j, a in enumerate(flat)]
-    outs, new = fn(*blocks)
-    current = [blocks[j] for j in written]
-    current += [lax.dynamic_slice_in_dim(b, start, BLOCK_SIZE) for b in buffers]
-    todo = start + jnp.arange(BLOCK_SIZE) < end
-    masks = [todo & valid if stacked[j] else todo for j in written]
-    masks += [todo] * len(buffers)
-    results = [
-        cur if late is not None and j == late[0] else
-        jnp.where(mask, out.astype(cur.dtype), cur)
-        for j, mask, out, cur in zip(
-            [*written, *[None] * len(new)], masks, [*outs, *new], current
-        )
-    ]
-    if late is not None:  # Its mask, for the write.
-      results.append(masks[written.index(late[0])])
-    return start, results
+  def put(a, value, start, stacked=False):
+    if stacked:
+      return lax.dynamic_update_slice(a, value[None], (row, start))
+    return lax.dynamic_update_slice_in_dim(a, value, start, 0)
 
-  def write(start, results, flat, buffers):
-    flat = list(flat)
-    if late is not None:
-      j, k, h = late
-      mask, results = results[-1], list(results[:-1])
-      at = written.index(j)
-      others = results[:at] + results[at + 1:]
-      value = h(read(k, flat[k], start), others)
-      results[at] = jnp.where(mask, value.astype(results[at].dtype),
-                              results[at])
-    for j, value in zip(written, results):
-      if in_loop_stacked[j]:
-        flat[j] = lax.dynamic_update_slice(flat[j], value[None], (row, start))
-      else:
-        value = _rows.to_bits(value) if narrow[j] else value
-        flat[j] = lax.dynamic_update_slice_in_dim(flat[j], value, start, 0)
-    buffers = [
-        lax.dynamic_update_slice_in_dim(b, v, start, 0)
-        for b, v in zip(buffers, results[len(written):])
-    ]
-    return flat, buffers
+  def get_held(held, start):
+    block = get(held, start, stacked=not narrow)
+    return _rows.from_bits(block, leaf.backups.dtype) if narrow else block
+
+  def put_held(held, value, start):
+    value = value.astype(leaf.backups.dtype)
+    return put(held, _rows.to_bits(value) if narrow else value, start,
+               stacked=not narrow)
 
   def body(i, carry):
-    start, results, flat, buffers = carry
-    flat, buffers = write(start, results, flat, buffers)
-    start, results = compute(i, flat, buffers)
-    return start, results, flat, buffers
+    held, ms, trace, u = carry
+    start, owned = span(i - 1)  # The pull of the block before.
+    pulled = step.pull(get(w, start),
+                       None if trace is None else get(trace, start),
+                       None if u is None else get(u, start))
+    now = get_held(held, start)
+    held = put_held(held, jnp.where(owned & step.valid, pulled, now), start)
+    start, owned = span(i)
+    owned &= i < num_blocks  # The extra last iteration only pulls.
+    new_ms = None
+    if ms is not None:
+      now = get(ms, start, per_worker)
+      ms = put(ms, jnp.where(owned, step.mean_square(now, get(g, start)), now),
+               start, per_worker)
+      new_ms = get(ms, start, per_worker)
+    grad = step.gradient(get(g, start), get(w, start), get_held(held, start),
+                         new_ms)
+    new_trace = None
+    if trace is not None:
+      now = get(trace, start)
+      trace = put(trace, jnp.where(owned, step.momentum(grad, now), now), start)
+      new_trace = get(trace, start)
+    if u is not None:
+      now = get(u, start)
+      u = put(u, jnp.where(owned, step.updates(grad, new_trace), now), start)
+    return held, ms, trace, u
 
-  # One iteration more than blocks: the last one writes the last block (what
-  # it computes is discarded). Writing after the loop instead makes XLA copy
-  # the arrays it writes into.
-  start, results = compute(0, flat, buffers)
-  carry = (start, results, flat, buffers)
-  _, _, flat, buffers = lax.fori_loop(1, num_blocks + 1, body, carry)
-  out = list(arrays)
-  for j in written:
-    if narrow[j]:  # The loop kept the row as it was if not valid.
-      value = flat[j].reshape((1, *shape))
-      bits = lax.dynamic_update_index_in_dim(
-          _rows.to_bits(arrays[j]), value[0], row, 0
-      )
-      out[j] = _rows.from_bits(bits, arrays[j].dtype)
-    else:
-      out[j] = flat[j].reshape(arrays[j].shape)
-  return out, [b.reshape(shape) for b in buffers]
+  held, ms, trace, u = lax.fori_loop(
+      0, num_blocks + 1, body, (held, ms, trace, u)
+  )
+  if narrow:  # The loop kept the row as it was if not valid.
+    bits = lax.dynamic_update_index_in_dim(
+        _rows.to_bits(leaf.backups), held.reshape(shape), row, 0
+    )
+    backups = _rows.from_bits(bits, leaf.backups.dtype)
+  else:
+    backups = held.reshape(leaf.backups.shape)
+  return (
+      None if u is None else u.reshape(shape),
+      backups,
+      None if ms is None else ms.reshape(leaf.ms.shape),
+      None if trace is None else trace.reshape(shape),
+  )
