@@ -350,3 +350,62 @@ def test_workers_compute_at_the_look_ahead_they_pulled(make_tx, strategy):
     chex.assert_trees_all_close(
         dcasgd_optax.worker_params(state.opt_state, m),
         dcasgd_optax.worker_params(opt_state, m), **REPLAY_TOL)
+
+
+N = 3  # simulations replayed together
+
+
+def injected_dcasgd():
+  """DC-ASGD with the learning rate and λ carried in the state."""
+  return optax.inject_hyperparams(
+      dcasgd_optax.dcasgd, static_args=("num_workers",))(
+          learning_rate=0.1, num_workers=W, lambda_=2.0)
+
+
+def stacked(trees):
+  return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("shared_arrivals", [True, False])
+def test_replay_many_equals_separate_replays(shared_arrivals, strategy):
+  sim = Simulator(loss_fn, injected_dcasgd(), strategy=strategy)
+  params = [jax.tree.map(lambda x, i=i: x * (1.0 + 0.1 * i), init_params())
+            for i in range(N)]
+  lrs, lams = jnp.array([0.05, 0.1, 0.2]), jnp.array([0.0, 1.0, 4.0])
+  arrivals = [random_order(W, A, seed=20 + (0 if shared_arrivals else i))
+              for i in range(N)]
+  batches = [make_batches(A, seed=30 + i) for i in range(N)]
+  states = sim.init_many(stacked(params),
+                         hyperparams={"learning_rate": lrs, "lambda_": lams})
+  states, record = sim.replay_many(
+      states, stacked(batches),
+      arrivals[0] if shared_arrivals else np.stack(arrivals))
+  for i in range(N):
+    state = sim.init(params[i])
+    hyper = dict(state.opt_state.hyperparams, learning_rate=lrs[i],
+                 lambda_=lams[i])
+    state = state._replace(opt_state=state.opt_state._replace(
+        hyperparams=hyper))
+    state, alone = sim.replay(state, batches[i], arrivals[i])
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x, i=i: x[i], states), state, **REPLAY_TOL)
+    for key, value in alone.items():
+      assert record[key].shape == (N, A), key
+      chex.assert_trees_all_close(record[key][i], value, **REPLAY_TOL)
+
+
+def test_replay_many_rejects_what_replay_would_and_more():
+  sim = Simulator(loss_fn, injected_dcasgd())
+  states = sim.init_many(stacked([init_params()] * N))
+  batches = jnp.stack([make_batches(4)] * N)
+  with pytest.raises(ValueError, match="leading axis"):
+    sim.replay_many(sim.init(init_params()), batches[0], schedules.cyclic(W, 4))
+  with pytest.raises(ValueError, match="arrivals"):
+    sim.replay_many(states, batches, np.zeros((N + 1, 4), np.int32))
+  with pytest.raises(ValueError, match="N, len\\(arrivals\\)"):
+    sim.replay_many(states, batches[:2], schedules.cyclic(W, 4))
+  with pytest.raises(ValueError, match="momentum"):
+    sim.init_many(stacked([init_params()] * N),
+                  hyperparams={"momentum": jnp.ones(N)})
+  assert not states.params["w1"].is_deleted()

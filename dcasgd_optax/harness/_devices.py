@@ -30,9 +30,10 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   """Puts every leaf on every device of ``mesh`` (no copy if it is already)."""
   return jax.device_put(tree, replicated(mesh))
 
-def sharded(mesh: Mesh) -> NamedSharding:
-  """Leading axis split over the mesh's devices, in contiguous blocks."""
-  return NamedSharding(mesh, P(AXIS))
+def sharded(mesh: Mesh, leading: int = 0) -> NamedSharding:
+  """The axis after ``leading`` ones split over the mesh's devices, in
+  contiguous blocks."""
+  return NamedSharding(mesh, P(*[None] * leading, AXIS))
 
 
 def device_ids(mesh: Mesh) -> jax.Array:

@@ -12,6 +12,7 @@ cuts: a run ends where any of them repeats a worker.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -63,7 +64,8 @@ def slot_limit(
   limit = num_workers if max_parallel is None else max_parallel
   if max_parallel is None and mesh.devices.flat[0].platform == "cpu":
     leaves = jax.tree.leaves(params)
-    nbytes = sum(np.size(x) * jnp.dtype(x.dtype).itemsize for x in leaves)
+    nbytes = sum(math.prod(np.shape(x)) * jnp.dtype(x.dtype).itemsize
+                 for x in leaves)
     limit = min(limit, max(1, _CPU_CHUNK_BYTES // max(nbytes, 1)) * size)
   if max_parallel is None and per_device_cap is not None:
     limit = min(limit, per_device_cap * size)

@@ -10,7 +10,7 @@ Python, in which the gradients are unrolled, not looped (see
 so the backups are updated in place.
 
 The server's update sees the backups through a stand-in: the row of the
-arriving worker (its held model, already gathered for its gradient)
+arriving worker (its held model, brought from the device that holds it)
 broadcast to all ``num_workers`` rows, which XLA never materialises, since
 ``tx`` reads only that worker's row. So ``tx`` runs on replicated data while
 the real backups stay sharded by worker; after the update the worker's pull
@@ -58,7 +58,6 @@ class Chunk(NamedTuple):
   loss: jax.Array  # [S]
   new_model_states: Any  # leaves [S, ...]
   grads: Any  # leaves [S, ...]
-  held: Any  # leaves [S, ...], the backups' rows (their dtype)
 
 
 def _rows_per_device(tree_R: Any, mesh: Any) -> int:
@@ -67,8 +66,8 @@ def _rows_per_device(tree_R: Any, mesh: Any) -> int:
 
 
 def chunk_gradients(replay: Replay, state, workers_S, batch_S, *, unroll):
-  """Loss, new model state, gradient and held model (its backup row) of
-  every slot, each computed on the device that holds its worker."""
+  """Loss, new model state and gradient of every slot, each computed on the
+  device that holds its worker, at the model it holds (its backup row)."""
   backups = _state.backups_of(state.opt_state)
   rows = _rows_per_device(backups, replay.mesh)
   dtypes = jax.tree.map(lambda p: p.dtype, state.params)
@@ -81,7 +80,7 @@ def chunk_gradients(replay: Replay, state, workers_S, batch_S, *, unroll):
       params = jax.tree.map(lambda h, d: h.astype(d), held, dtypes)
       model_state = jax.tree.map(lambda x: x[row], worker_ms_R)
       (loss, new_ms), grads = grad_fn(params, model_state, batch)
-      return loss, new_ms, grads, held
+      return loss, new_ms, grads
 
     return _slots.map_slots(
         slot, (workers_S, batch_S), replay.vmap_slots, unroll=unroll
@@ -93,16 +92,29 @@ def chunk_gradients(replay: Replay, state, workers_S, batch_S, *, unroll):
 
 
 def write_rows(mesh: Any, tree_R: Any, value: Any, worker: jax.Array) -> Any:
-  """``tree_R`` with row ``worker`` set to ``value``, on the device holding it."""
+  """``tree_R`` with row ``worker`` set to ``value``, on the device holding it.
+
+  An in-place dynamic update (a device not holding the row writes back what
+  it has), not a scatter: it stays a slice update when vmapped over
+  simulations that share ``worker``.
+  """
   rows = _rows_per_device(tree_R, mesh)
+  if mesh.size == 1:
+    return jax.tree.map(
+        lambda x, v: jax.lax.dynamic_update_index_in_dim(
+            x, v.astype(x.dtype), worker, 0), tree_R, value)
 
   def local(value, worker, ids, tree_R):
     row = worker - ids[0] * rows
-    row = jnp.where(jnp.logical_and(row >= 0, row < rows), row, rows)
-    return jax.tree.map(
-        lambda x, v: x.at[row].set(v.astype(x.dtype), mode="drop"),
-        tree_R, value,
-    )
+    holds = jnp.logical_and(row >= 0, row < rows)
+    row = jnp.clip(row, 0, rows - 1)
+
+    def put(x, v):
+      old = jax.lax.dynamic_index_in_dim(x, row, keepdims=False)
+      new = jnp.where(holds, v.astype(x.dtype), old)
+      return jax.lax.dynamic_update_index_in_dim(x, new, row, 0)
+
+    return jax.tree.map(put, tree_R, value)
 
   return _devices.spread(local, mesh, (value, worker),
                          (_devices.device_ids(mesh), tree_R))
@@ -123,10 +135,12 @@ def _arrive(replay: Replay, chunk: Chunk, k, carry):
   m = chunk.workers[slot]
   tau = state.step - state.last_pull[m]
   grads = pick(chunk.grads)
+  # The worker's row: what it held when the chunk began (no worker repeats
+  # in a chunk, so its row is unchanged until its own pull below).
+  backups = _state.backups_of(state.opt_state)
+  held = _devices.take(replay.mesh, backups, m)
   stand_in = _state.with_backups(
-      state.opt_state,
-      _stand_in(pick(chunk.held), state.last_pull.shape[0]),
-  )
+      state.opt_state, _stand_in(held, state.last_pull.shape[0]))
   entry = {"loss": pick(chunk.loss), "staleness": tau}
   if replay.diagnostics is not None:
     entry.update(_diagnostics.measure(
@@ -140,8 +154,7 @@ def _arrive(replay: Replay, chunk: Chunk, k, carry):
   )
   params = optax.apply_updates(state.params, updates)
   pulled, opt_state = pull(opt_state, params, m)
-  backups = write_rows(replay.mesh, _state.backups_of(state.opt_state),
-                       pulled, m)
+  backups = write_rows(replay.mesh, backups, pulled, m)
   model_state = pick(chunk.new_model_states)
   step = state.step + 1
   state = state._replace(
@@ -171,11 +184,11 @@ def chunk_program(replay: Replay, state, workers_S, batch_S, arrival_slots_S,
   Returns the new state and the record of the chunk's arrivals (entry ``k``
   for its ``k``-th arrival; entries past ``length`` are padding).
   """
-  loss, new_ms, grads, held = chunk_gradients(
+  loss, new_ms, grads = chunk_gradients(
       replay, state, workers_S, batch_S, unroll=unroll
   )
   chunk = Chunk(workers_S, arrival_slots_S, sampled_S, batch_S, loss, new_ms,
-                grads, held)
+                grads)
   record = _empty_record(replay, workers_S.shape[0], loss.dtype)
   return jax.lax.fori_loop(
       0, length, functools.partial(_arrive, replay, chunk), (state, record)
@@ -212,24 +225,34 @@ def replay_program(replay: Replay, state, batches, starts, lengths,
   return jax.lax.fori_loop(0, num_chunks, chunk_body, (state, record_A))
 
 
-def replay_host_chunks(step, state, batches, plan, sampled=None):
+def replay_host_chunks(step, state, batches, plan, sampled=None, *,
+                       many=False):
   """The replay as one call of ``step`` (a jitted, donating
-  :func:`chunk_program`) per chunk of ``plan`` ("host_chunks").
+  :func:`chunk_program`, vmapped over simulations if ``many``) per chunk of
+  ``plan`` ("host_chunks").
 
-  Returns the new state and the record, one entry per arrival.
+  Returns the new state and the record, one entry per arrival (``[N, A]``
+  per key if ``many``).
   """
   num_chunks, num_slots = plan.num_chunks, plan.chunk
-  starts, lengths = plan.starts[:num_chunks], plan.lengths[:num_chunks]
-  rows_CxS = plan.slot_rows[0, :num_chunks]
-  workers_CxS = plan.slot_workers[0, :num_chunks]
-  slots_CxS = plan.arrival_slots[0, :num_chunks]
+  lengths = plan.lengths[:num_chunks]
+  batched = many and plan.slot_rows.shape[0] > 1  # one order per simulation
+  pick = (lambda a: a[:, :num_chunks]) if batched else (
+      lambda a: a[0, :num_chunks])
+  rows, workers, slots = (pick(plan.slot_rows), pick(plan.slot_workers),
+                          pick(plan.arrival_slots))
+  if many and not batched:  # the same rows of every simulation's batches
+    num_sims = jax.tree.leaves(batches)[0].shape[0]
+    rows = np.broadcast_to(rows, (num_sims, *rows.shape))
   if sampled is not None:
-    at = np.minimum(starts[:, None] + np.arange(num_slots), len(sampled) - 1)
+    at = np.minimum(plan.starts[:num_chunks, None] + np.arange(num_slots),
+                    len(sampled) - 1)
     sampled = sampled[at]
   records = []
-  for c, batch_S in enumerate(_gathers.split_chunks(batches, rows_CxS)):
+  for c, batch_S in enumerate(_gathers.split_chunks(batches, rows)):
+    of_chunk = (lambda a: a[:, c]) if batched else (lambda a: a[c])
     state, record = step(
-        state, workers_CxS[c], batch_S, slots_CxS[c], lengths[c],
+        state, of_chunk(workers), batch_S, of_chunk(slots), lengths[c],
         None if sampled is None else sampled[c],
     )
     records.append(record)
@@ -237,6 +260,40 @@ def replay_host_chunks(step, state, batches, plan, sampled=None):
   keep = np.flatnonzero(np.arange(num_slots)[None] < lengths[:, None])
   keys = list(records[0])
   joined = _gathers.concat_rows(
-      tuple([r[key] for r in records] for key in keys), keep
+      tuple([r[key] for r in records] for key in keys), keep,
+      axis=1 if many else 0,
   )
   return state, dict(zip(keys, joined))
+
+
+def _sims_axis(shared: bool) -> int | None:
+  """The simulations' axis of the per-slot arrays: none when all share them."""
+  return None if shared else 0
+
+
+def replay_many_program(replay: Replay, states, batches, starts, lengths,
+                        num_chunks, slot_rows, slot_workers, arrival_slots,
+                        sampled=None, *, loss_dtype, shared):
+  """:func:`replay_program` vmapped over ``N`` simulations: their states and
+  batches have a leading axis ``N``, the slot arrays too unless ``shared``
+  (one arrival order for all, so the workers' rows are read and written
+  with plain slices); the chunks are shared."""
+  run = functools.partial(replay_program, replay, loss_dtype=loss_dtype)
+  sims = _sims_axis(shared)
+  return jax.vmap(run, in_axes=(0, 0, None, None, None, sims, sims, sims,
+                                None))(
+      states, batches, starts, lengths, num_chunks, slot_rows, slot_workers,
+      arrival_slots, sampled,
+  )
+
+
+def chunk_many_program(replay: Replay, states, workers_S, batch_NxS,
+                       arrival_slots_S, length, sampled_S=None, *, unroll,
+                       shared):
+  """:func:`chunk_program` vmapped over ``N`` simulations (shared length;
+  see :func:`replay_many_program` for ``shared``)."""
+  run = functools.partial(chunk_program, replay, unroll=unroll)
+  sims = _sims_axis(shared)
+  return jax.vmap(run, in_axes=(0, sims, 0, sims, None, None))(
+      states, workers_S, batch_NxS, arrival_slots_S, length, sampled_S
+  )

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from dcasgd_optax._src.delay_compensation import DelayCompensationState
 from dcasgd_optax._src.pull import find_states
@@ -49,22 +50,26 @@ class SimState(NamedTuple):
   last_pull: jax.Array
 
 
-def check_state(state: Any, expected: SimState) -> None:
+def check_state(state: Any, expected: SimState, leading: tuple = ()) -> None:
   """Raises unless ``state`` has the structure, shapes and dtypes of ``expected``.
 
   ``expected`` is the abstract state the simulator's ``init`` makes for the
   same params: so a state from another simulator, another ``tx`` or another
-  number of workers is caught here, before anything runs.
+  number of workers is caught here, before anything runs. ``leading`` is a
+  shape every leaf of ``state`` has in front (``(N,)`` for N simulations).
   """
+  expected = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((*leading, *x.shape), x.dtype), expected
+  )
   if not isinstance(state, SimState):
     raise ValueError(
         f"`state` must be a SimState from `init`, got {type(state).__name__}."
     )
   have, want = np.shape(state.last_pull), expected.last_pull.shape
-  if have != want:
+  if have[len(leading):] != want[len(leading):]:
     raise ValueError(
-        f"`state` was made for {have[0] if have else '?'} workers, but this "
-        f"simulator has num_workers={want[0]} for these params."
+        f"`state` was made for {have[-1] if have else '?'} workers, but this "
+        f"simulator has num_workers={want[-1]} for these params."
     )
   for field in SimState._fields:
     if _checks.signature(getattr(state, field)) != _checks.signature(
@@ -115,6 +120,56 @@ def initial_state(tx: Any, num_workers: int, mesh: Any, params: Any,
   return jax.jit(build, out_shardings=shardings)(*args)
 
 
+def initial_states(tx: Any, num_workers: int, mesh: Any, params_N: Any,
+                   model_state_N: Any, hyperparams_N: dict[str, Any], *,
+                   per_worker: bool) -> SimState:
+  """:func:`initial_state` for ``N`` simulations: every leaf of ``params_N``
+  and ``model_state_N`` (and every value of ``hyperparams_N``) has a leading
+  axis ``N``; so does every leaf of the result."""
+  args = _devices.replicate((params_N, model_state_N, hyperparams_N), mesh)
+
+  def build(params, model_state, hyperparams):
+    state = _build(tx, num_workers, mesh, params, model_state,
+                   per_worker=per_worker)
+    return state._replace(
+        opt_state=set_hyperparams(state.opt_state, hyperparams))
+
+  build_N = jax.vmap(build)
+  shardings = state_shardings(jax.eval_shape(build_N, *args), mesh,
+                              leading=1)
+  return jax.jit(build_N, out_shardings=shardings)(*args)
+
+
+def set_hyperparams(opt_state: Any, hyperparams: dict[str, Any]) -> Any:
+  """``opt_state`` with the named values of its ``optax.inject_hyperparams``
+  states replaced (every such state that has the name).
+
+  Raises:
+    ValueError: for a name no such state has.
+  """
+  is_injected = lambda x: isinstance(
+      x, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState))
+  found = set()
+
+  def replace(node):
+    if not is_injected(node):
+      return node
+    names = set(hyperparams) & set(node.hyperparams)
+    found.update(names)
+    values = {k: jnp.asarray(hyperparams[k], node.hyperparams[k].dtype)
+              for k in names}
+    return node._replace(hyperparams={**node.hyperparams, **values})
+
+  opt_state = jax.tree.map(replace, opt_state, is_leaf=is_injected)
+  if set(hyperparams) - found:
+    raise ValueError(
+        f"`hyperparams` names {sorted(set(hyperparams) - found)}, which no "
+        "optax.inject_hyperparams state in `tx` holds: build tx with "
+        "optax.inject_hyperparams(...) and name its hyperparameters."
+    )
+  return opt_state
+
+
 def abstract_initial_state(tx: Any, num_workers: int, mesh: Any, params: Any,
                            model_state: Any, *, per_worker: bool) -> SimState:
   """The shapes and dtypes :func:`initial_state` gives, computed abstractly."""
@@ -124,9 +179,10 @@ def abstract_initial_state(tx: Any, num_workers: int, mesh: Any, params: Any,
                         _checks.abstract(model_state))
 
 
-def state_shardings(state: SimState, mesh: Any) -> SimState:
-  """Where each leaf of a state lives: per-worker rows split by worker."""
-  rep, split = _devices.replicated(mesh), _devices.sharded(mesh)
+def state_shardings(state: SimState, mesh: Any, leading: int = 0) -> SimState:
+  """Where each leaf of a state lives: per-worker rows split by worker (the
+  axis after ``leading`` ones)."""
+  rep, split = _devices.replicated(mesh), _devices.sharded(mesh, leading)
   shardings = jax.tree.map(lambda _: rep, state)
   opt_state = shardings.opt_state
   if find_states(state.opt_state):

@@ -159,7 +159,7 @@ def _check_rounds(arrivals: Any, num_workers: int, num: int) -> np.ndarray:
           f"(num_workers={num_workers}, R >= 1), got {num}."
       )
     return np.tile(np.arange(num_workers, dtype=np.int32), num // num_workers)
-  arrivals = _checks.check_arrivals(arrivals, num_workers)
+  arrivals = _checks.check_arrivals(arrivals, num_workers)[0]
   if len(arrivals) % num_workers:
     raise ValueError(
         f"`arrivals` must be whole rounds of num_workers={num_workers} "
