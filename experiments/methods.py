@@ -207,7 +207,8 @@ def diagnose(
   traces = {}
   for cell in cells(config):
     if (cell.optimizer not in d.optimizers or cell.schedule != d.schedule
-        or cell.num_workers != d.num_workers):
+        or cell.num_workers != d.num_workers
+        or cell.algorithm not in d.algorithms):
       continue
     c = cell_config(config, cell, d.seed, tuned[cell.key]["setting"])
     c.diagnostics_every = d.every

@@ -295,21 +295,27 @@ class _Run:
         self.steps_per_epoch, epoch,
     )
 
+  def inputs(self, epoch: int) -> tuple[dict, np.ndarray]:
+    """Epoch ``epoch``'s batches (``{'idx'}``, plus ``'key'`` with
+    augmentation; gradient ``g``'s key is ``fold_in(rng, g)``) and arrivals."""
+    start, stop = self.epoch_range(epoch)
+    idx = gradient_indices(
+        self.config.seed, len(self.ds.train_labels), self.config.batch_size,
+        start, stop,
+    )
+    batches = {"idx": idx}
+    if self.ds.augment:
+      steps = jnp.arange(start, stop, dtype=jnp.int32)
+      batches["key"] = jax.vmap(jax.random.fold_in, (None, 0))(self.rng, steps)
+    return batches, self.arrivals[start:stop]
+
   def epoch(self, state, epoch: int) -> tuple[Any, dict[str, np.ndarray]]:
     """Replays epoch ``epoch``; returns the new state and its per-arrival
     metrics (``loss``, ``staleness``, ``step`` ..., see ``Simulator.replay``)."""
     start, stop = self.epoch_range(epoch)
     if stop == start:  # SSGD with more workers than gradients per epoch.
       return state, {"loss": np.zeros((0,)), "staleness": np.zeros((0,), np.int32)}
-    idx = gradient_indices(
-        self.config.seed, len(self.ds.train_labels), self.config.batch_size,
-        start, stop,
-    )
-    batches = {"idx": idx}
-    if self.ds.augment:  # gradient g's key: fold_in(rng, g)
-      steps = jnp.arange(start, stop, dtype=jnp.int32)
-      batches["key"] = jax.vmap(jax.random.fold_in, (None, 0))(self.rng, steps)
-    state, metrics = self.sim.replay(state, batches, self.arrivals[start:stop])
+    state, metrics = self.sim.replay(state, *self.inputs(epoch))
     return state, {k: np.asarray(v) for k, v in metrics.items()}
 
   def record(self, state, epoch: int, metrics: dict, seconds: float) -> dict:

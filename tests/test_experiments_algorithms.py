@@ -53,7 +53,7 @@ def test_every_record_builds_where_it_applies(opt, momentum):
   params = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
   for name, algorithm in algorithms.REGISTRY.items():
     config = _config(name, optimizer=opt, momentum=momentum)
-    needs_momentum = name in ("delayed-nesterov", "dana", "dana-dc")
+    needs_momentum = name in ("delayed-nesterov", "delayed-nesterov-dc", "dana", "dana-dc")
     sgd_only = name == "gap-aware"
     expected = not (needs_momentum and not momentum) and not (sgd_only and opt != "sgd")
     assert algorithm.applies_to(config) == expected, name

@@ -16,9 +16,9 @@ def test_the_grid_has_every_applicable_cell_and_each_validates():
   cells = methods.cells(c)
   per_optimizer = {o: [x for x in cells if x.optimizer == o] for o in c.grid.optimizers}
   # sequential once; 6 = 2 schedules x 3 worker counts for the others.
-  assert len(per_optimizer["sgd"]) == 1 + 8 * 6  # no momentum-only methods
-  assert len(per_optimizer["momentum"]) == 1 + 11 * 6  # + delayed Nesterov, DANA(-DC)
-  assert len(per_optimizer["adam"]) == 1 + 7 * 6  # neither, nor Gap-Aware (SGD only)
+  assert len(per_optimizer["sgd"]) == 1 + 11 * 6  # no momentum-only methods
+  assert len(per_optimizer["momentum"]) == 1 + 15 * 6  # + delayed Nesterov (2), DANA(-DC)
+  assert len(per_optimizer["adam"]) == 1 + 10 * 6  # neither, nor Gap-Aware (SGD only)
   assert len({x.key for x in cells}) == len(cells)
   for cell in cells:
     train.validate(methods.cell_config(c, cell, 0, methods.candidates(c, cell)[0]))
@@ -36,7 +36,8 @@ def tiny(data_dir):
   c.grid.seeds, c.tuning.seeds = (0, 1), (100,)
   c.tuning.learning_rates.sgd = (0.02, 0.4)
   c.report.diagnostics.update(dict(
-      optimizers=("sgd",), schedule="cyclic", num_workers=2, every=2, seed=0))
+      optimizers=("sgd",), schedule="cyclic", num_workers=2, every=2, seed=0,
+      algorithms=("asgd",)))
   return c
 
 
