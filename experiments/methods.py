@@ -13,15 +13,14 @@ optimizer. Every run trains through :func:`experiments.train.
 train_and_evaluate` in ``WORKDIR/runs/<cell>-<hyperparameters>-seed<seed>``,
 so an interrupted sweep resumes where it stopped.
 
-**Tuning** (:func:`tune`): each cell tries the same number of settings,
-``config.tuning.budget``, over the same learning-rate range
-(``config.tuning.learning_rates[optimizer]``, spaced by a constant factor).
-A method with a second hyperparameter (``Algorithm.tuned``, e.g. DC-ASGD's
-λ0 over ``config.tuning.dc_lambda``) tries every value of it with an
-evenly thinned subset of the learning rates, so that its count of settings
-is the same. The setting with the lowest mean final test error over
-``config.tuning.seeds`` wins (the first in grid order on a tie). The chosen
-settings go to ``WORKDIR/tuned.json``.
+**Tuning** (:func:`tune`): every cell of an optimizer tries the same
+learning rates, ``config.tuning.learning_rates[optimizer]``, with the same
+training budget (``config.num_epochs``). An algorithm with a second tuned
+field (``Algorithm.tuned``: DC-ASGD-c's λ, ``dc-asgd-a-tuned``'s λ0) tries
+every learning rate with every value of it (``config.tuning.<field>``), so
+it gets that many times the trials; the report says so. The setting with the
+lowest mean final test error over ``config.tuning.seeds`` wins (the first in
+grid order on a tie). The chosen settings go to ``WORKDIR/tuned.json``.
 
 **Reporting** (:func:`report`): each cell runs its chosen setting on
 ``config.grid.seeds``, which are disjoint from the tuning seeds, and
@@ -39,6 +38,7 @@ import os
 import time
 from typing import Any, NamedTuple
 
+import jax
 import ml_collections
 from absl import app
 from absl import flags
@@ -47,6 +47,7 @@ from ml_collections import config_flags
 
 from experiments import algorithms
 from experiments import reporting
+from experiments import run_files
 from experiments import train
 
 STAGES = ("tune", "report", "all")
@@ -74,7 +75,7 @@ def cell_config(
 ) -> ml_collections.ConfigDict:
   """The run config of ``cell`` with hyperparameters ``setting``."""
   c = ml_collections.ConfigDict(config.to_dict())
-  c.update(config.grid.optimizers[cell.optimizer].to_dict())
+  c.update(config.optimizer_presets[cell.optimizer].to_dict())
   c.algorithm, c.schedule = cell.algorithm, cell.schedule
   c.num_workers, c.seed = cell.num_workers, seed
   c.update(setting)
@@ -85,42 +86,32 @@ def cells(config: ml_collections.ConfigDict) -> list[Cell]:
   """Every cell of the grid whose algorithm applies to its optimizer."""
   out = []
   for opt in config.grid.optimizers:
-    preset = cell_config(config, Cell(opt, "cyclic", 1, "sequential"), 0, {})
+    preset = cell_config(
+        config, Cell(opt, "cyclic", 1, algorithms.SEQUENTIAL.name), 0, {})
     for a in algorithms.ordered(config.grid.algorithms):
       if not a.applies_to(preset):
         continue
       if a.single_worker:
         out.append(Cell(opt, "cyclic", 1, a.name))
         continue
-      for schedule, m in itertools.product(config.grid.schedules,
-                                           sorted(config.grid.num_workers)):
+      # Schedules innermost: their runs share one compiled program.
+      for m, schedule in itertools.product(sorted(config.grid.num_workers),
+                                           config.grid.schedules):
         out.append(Cell(opt, schedule, m, a.name))
   return out
 
 
 def candidates(config: ml_collections.ConfigDict, cell: Cell) -> list[dict]:
-  """The settings ``cell`` tries: ``config.tuning.budget`` of them.
-
-  The learning rates are ``config.tuning.learning_rates[optimizer]``; a
-  method with more tuned fields (``Algorithm.tuned``) takes every value of
-  those (from ``config.tuning``) with every ``k``-th learning rate, ``k``
-  the number of their combinations, so every method tries the same number
-  of settings over the same learning-rate range.
-  """
-  rates = list(config.tuning.learning_rates[cell.optimizer])
+  """The settings ``cell`` tries: every learning rate of its optimizer
+  (``config.tuning.learning_rates``), times every value of the fields the
+  algorithm tunes besides it (``Algorithm.tuned``, values from
+  ``config.tuning``)."""
+  rates = config.tuning.learning_rates[cell.optimizer]
   extra = algorithms.get(cell.algorithm).tuned
-  combos = list(itertools.product(*(config.tuning[f] for f in extra)))
-  if len(rates) % len(combos):
-    raise ValueError(
-        f"config.tuning.learning_rates[{cell.optimizer!r}] has {len(rates)} "
-        f"values, not a multiple of the {len(combos)} combinations of "
-        f"{', '.join(extra)} that {cell.algorithm} tunes."
-    )
-  k = len(combos)
-  thinned = rates[k // 2::k]
+  grids = [config.tuning[f] for f in extra]
   return [
-      {"learning_rate": lr, **dict(zip(extra, combo))}
-      for lr, combo in itertools.product(thinned, combos)
+      {"learning_rate": lr, **dict(zip(extra, values))}
+      for lr, *values in itertools.product(rates, *grids)
   ]
 
 
@@ -173,6 +164,9 @@ def report(
 ) -> list[dict]:
   """Runs every cell's chosen setting on the reported seeds, then reports.
 
+  Also reruns the cells of ``config.report.diagnostics`` (one seed) with the
+  simulator's diagnostics, for the diagnostics plot.
+
   Args:
     config: the grid.
     workdir: where the runs and the report go.
@@ -195,8 +189,36 @@ def report(
   for cell in todo:
     setting = tuned[cell.key]["setting"]
     rows += [run(config, workdir, cell, s, setting) for s in config.grid.seeds]
-  print(reporting.write_methods_report(config, rows, workdir))
+  traces = diagnose(config, workdir, tuned)
+  print(reporting.write_methods_report(config, rows, workdir, traces))
   return rows
+
+
+def diagnose(
+    config: ml_collections.ConfigDict, workdir: str, tuned: dict[str, dict]
+) -> dict[tuple[str, str], dict]:
+  """Reruns the cells of ``config.report.diagnostics`` with diagnostics.
+
+  Returns:
+    ``(optimizer, algorithm) -> {field: list}``: the sampled arrivals'
+    staleness, step and diagnostics (:data:`run_files.DIAGNOSTICS`).
+  """
+  d = config.report.diagnostics
+  traces = {}
+  for cell in cells(config):
+    if (cell.optimizer not in d.optimizers or cell.schedule != d.schedule
+        or cell.num_workers != d.num_workers
+        or cell.algorithm not in d.algorithms):
+      continue
+    c = cell_config(config, cell, d.seed, tuned[cell.key]["setting"])
+    c.diagnostics_every = d.every
+    rundir = os.path.join(workdir, "diagnostics", cell.key)
+    train.train_and_evaluate(c, rundir)
+    lines = run_files.read_diagnostics(rundir)
+    traces[(cell.optimizer, cell.algorithm)] = {
+        k: [v for line in lines for v in line[k]] for k in run_files.DIAGNOSTICS
+    }
+  return traces
 
 
 def main(argv):
@@ -206,6 +228,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   config, workdir, stage = flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.stage
   os.makedirs(workdir, exist_ok=True)
+  # The runs of a cell differ only in injected hyperparameters and seeds, so
+  # they compile to the same programs: a persistent cache compiles them once.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   if stage in ("tune", "all"):
     tuned = tune(config, workdir)
   else:

@@ -2,9 +2,11 @@ r"""Asynchronous SGD on Ray on the offline MNIST subset, and its staleness.
 
 Trains the model of ``config.model`` (the MLP of :mod:`experiments.models` by
 default) on ``config.dataset`` (the offline ``mnist5k``, see
-:mod:`experiments.data`) with :func:`dcasgd_optax.ray.train`: one
-parameter-server actor, ``num_workers`` worker actors each sampling
-minibatches from its own ``1/M`` of the training set, no barrier. Each
+:mod:`experiments.data`) with :func:`dcasgd_optax.ray.train`:
+``config.num_shards`` parameter-server shards, ``num_workers`` worker actors
+each sampling minibatches from its own ``1/M`` of the training set and
+pushing to the shards directly (in ``config.wire_dtype``, e.g. bfloat16, or
+the params' own), no barrier. Each
 algorithm of ``config.grid.algorithms`` gets its optimizer from the registry
 (:mod:`experiments.algorithms`, the same as in the simulator) and the same
 initial params and data stream.
@@ -63,10 +65,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"config.grid.algorithms: {name!r} is synchronous; Ray runs the "
           "asynchronous ones."
       )
-  if (isinstance(config.num_updates, bool)
-      or not isinstance(config.num_updates, int) or config.num_updates < 1):
+  for field in ("num_updates", "num_shards"):
+    value = config[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{field} must be an int >= 1, got {value!r}.")
+  if config.wire_dtype not in (None, "bfloat16", "float16", "float32"):
     raise ValueError(
-        f"config.num_updates must be an int >= 1, got {config.num_updates!r}."
+        "config.wire_dtype must be None, 'bfloat16', 'float16' or 'float32', "
+        f"got {config.wire_dtype!r}."
     )
 
 
@@ -147,7 +153,8 @@ def train_algorithm(
                            config.batch_size, config.seed)
   result = dray.train(
       loss_fn, make_tx(algorithm, config, len(ds.train_labels)), params,
-      batches, workers, config.num_updates, address=address,
+      batches, workers, config.num_updates, num_shards=config.num_shards,
+      wire_dtype=config.wire_dtype, address=address,
   )
   rec = result.records
   accuracy = float(np.mean(predict(result.params, ds.test_images)
@@ -160,7 +167,9 @@ def train_algorithm(
       "server_share": result.server_share,
       "staleness_mean": float(rec.staleness.mean()),
       "staleness_max": int(rec.staleness.max()),
-      "records": {k: v.tolist() for k, v in rec._asdict().items()},
+      "shard_times": result.shard_times.tolist(),
+      "skipped": int(rec.skipped.sum()),
+      "records": {k: v.tolist() for k, v in rec.items()},
   }
 
 
@@ -261,9 +270,9 @@ def run(
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   ds = data.load(config.dataset, data_dir=config.data_dir)
-  started = not ray.is_initialized()
-  if started:  # One Ray for all runs (train would start one per call).
-    ray.init(address=address)
+  # One Ray for all runs (train would start one per call); like train,
+  # connect refuses an existing cluster without authentication.
+  started = dray.connect(address)
   try:
     runs = [train_algorithm(a, config, ds, address)
             for a in config.grid.algorithms]

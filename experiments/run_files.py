@@ -2,7 +2,8 @@
 
 ``workdir/config.json`` holds the fields of the config that change a run's
 result, so that resuming with a different config fails loudly;
-``workdir/metrics.jsonl`` holds one JSON line per finished epoch. The
+``workdir/metrics.jsonl`` holds one JSON line per finished epoch, and
+``workdir/summary.json`` the result of a finished run. The
 checkpoints (``workdir/checkpoints``, see :mod:`dcasgd_optax.checkpoint`)
 are written by :mod:`experiments.train`.
 """
@@ -14,9 +15,11 @@ import os
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 # Config fields that do not change a run's result, so may differ on resume.
-_NOT_RESULT = ("progress_bar", "data_dir", "download", "checkpoint_every_epochs", "grid")
+_NOT_RESULT = ("progress_bar", "data_dir", "download", "checkpoint_every_epochs",
+               "diagnostics_every", "grid")
 
 
 def _result_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -62,4 +65,49 @@ def append_metrics(workdir: str, record: dict) -> None:
 def read_metrics(workdir: str) -> list[dict]:
   """The per-epoch records of ``workdir/metrics.jsonl``."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def write_summary(workdir: str, summary: dict) -> None:
+  """Writes ``summary.json``: the run is finished."""
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+
+
+def read_summary(workdir: str) -> dict | None:
+  """The finished run's ``summary.json``, or ``None`` if it is not finished."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+DIAGNOSTICS = ("staleness", "step", "stale_cosine", "applied_cosine",
+               "stale_error", "applied_error")
+"""The per-arrival fields ``diagnostics.jsonl`` keeps, for sampled arrivals."""
+
+
+def append_diagnostics(workdir: str, epoch: int, metrics: dict) -> None:
+  """Appends epoch ``epoch``'s sampled arrivals (those not NaN) as one line."""
+  sampled = ~np.isnan(metrics["stale_cosine"])
+  line = {"epoch": epoch,
+          **{k: np.asarray(metrics[k])[sampled].tolist() for k in DIAGNOSTICS}}
+  with open(os.path.join(workdir, "diagnostics.jsonl"), "a") as f:
+    f.write(json.dumps(line) + "\n")
+
+
+def keep_diagnostics(workdir: str, epochs: int) -> None:
+  """Drops the diagnostics of epochs after ``epochs`` (a resumed run's)."""
+  path = os.path.join(workdir, "diagnostics.jsonl")
+  if not os.path.exists(path):
+    return
+  lines = [l for l in read_diagnostics(workdir) if l["epoch"] <= epochs]
+  with open(path, "w") as f:
+    f.writelines(json.dumps(l) + "\n" for l in lines)
+
+
+def read_diagnostics(workdir: str) -> list[dict]:
+  """The lines of ``diagnostics.jsonl``, one per epoch."""
+  with open(os.path.join(workdir, "diagnostics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]

@@ -9,7 +9,8 @@ machine.
 
 Per epoch the run replays that epoch's gradients through the simulator
 (with no per-arrival Python), evaluates the test error, appends a line to
-``workdir/metrics.jsonl`` and saves a checkpoint
+``workdir/metrics.jsonl`` and, every ``config.checkpoint_every_epochs``
+epochs (never if 0), saves a checkpoint
 (:class:`dcasgd_optax.checkpoint.Checkpointer` under
 ``workdir/checkpoints``: the whole simulator state, i.e. params, optimizer
 state with the per-worker backups, model states, step and last pulls, plus
@@ -17,7 +18,12 @@ the metrics history so far). Everything else a run needs (data order,
 arrival schedule, augmentation keys) is recomputed from the config, so
 rerunning with the same ``workdir`` resumes from the latest checkpoint and
 ends with exactly the result of an uninterrupted run. The final summary is
-``workdir/summary.json``.
+``workdir/summary.json``; a ``workdir`` that holds one is finished, and
+rerunning returns it without training. With ``config.diagnostics_every = k``
+the simulator also compares every ``k``-th arrival's gradient (and the
+algorithm's adjusted gradient) with the fresh one at the server's model
+(:class:`dcasgd_optax.harness.Simulator`'s diagnostics) and the run writes
+them to ``workdir/diagnostics.jsonl``.
 """
 
 from __future__ import annotations
@@ -52,9 +58,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   algorithms.check_optimizer(config.optimizer)
   if not algorithm.applies_to(config):
     raise ValueError(
-        f"config.algorithm={config.algorithm!r} acts on SGD's momentum "
-        f"buffer; it needs config.optimizer='sgd' and config.momentum > 0, "
-        f"got {config.optimizer!r} with momentum {config.momentum}."
+        f"config.algorithm={config.algorithm!r} needs "
+        f"{algorithm.requirement()}; got config.optimizer="
+        f"{config.optimizer!r} with momentum {config.momentum}."
     )
   data.check_name(config.dataset)
   if config.model not in models.MODELS:
@@ -67,10 +73,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"Unknown schedule {config.schedule!r}; valid choices: "
         f"{', '.join(SCHEDULES)}."
     )
-  for name in ("num_workers", "batch_size", "num_epochs", "eval_batch_size"):
+  for name in ("num_workers", "batch_size", "num_epochs", "eval_batch_size",
+               "checkpoint_every_epochs", "diagnostics_every"):
     value = config[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"config.{name} must be an int >= 1, got {value!r}.")
+    low = 0 if name in ("checkpoint_every_epochs", "diagnostics_every") else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f"config.{name} must be an int >= {low}, got {value!r}.")
   if not config.learning_rate > 0:
     raise ValueError(
         f"config.learning_rate must be > 0, got {config.learning_rate!r}."
@@ -109,12 +117,20 @@ def gradient_indices(
   return np.concatenate(rows)[start - first : stop - first].astype(np.int32)
 
 
-def arrival_schedule(config: Any, num_workers: int, num_arrivals: int) -> np.ndarray:
-  """The whole run's order of arrivals (worker ids), from ``config.seed``."""
+def arrival_schedule(
+    config: Any, num_workers: int, num_arrivals: int,
+    schedule: str | None = None,
+) -> np.ndarray:
+  """The whole run's order of arrivals (worker ids), from ``config.seed``.
+
+  ``schedule`` (default ``config.schedule``): ``cyclic``, ``shuffled`` or
+  ``gamma``.
+  """
+  schedule = schedule or config.schedule
   seed = int(np.random.SeedSequence([config.seed, 2]).generate_state(1)[0])
-  if config.schedule == "cyclic":
+  if schedule == "cyclic":
     return schedules.cyclic(num_workers, num_arrivals)
-  if config.schedule == "shuffled":
+  if schedule == "shuffled":
     rounds = -(-num_arrivals // num_workers)
     return schedules.shuffled_rounds(num_workers, rounds, seed)[:num_arrivals]
   return schedules.gamma_speeds(
@@ -136,12 +152,11 @@ def epoch_range(
   return (epoch * s // g) * g, ((epoch + 1) * s // g) * g
 
 
-def make_loss(apply, ds: data.Dataset, rng: jax.Array):
+def make_loss(apply, ds: data.Dataset):
   """``loss(params, model_state, batch) -> (loss, model_state)`` on device data.
 
-  ``batch`` is ``{'idx': int32 [B], 'step': int32 []}``: the minibatch's
-  example indices and its index in the gradient stream, from which the
-  augmentation key is derived (``fold_in(rng, step)``).
+  ``batch`` is ``{'idx': int32 [B]}``: the minibatch's example indices, plus
+  ``'key'``, its augmentation key, when ``ds.augment``.
   """
   images = jnp.asarray(ds.train_images)
   labels = jnp.asarray(ds.train_labels)
@@ -149,9 +164,7 @@ def make_loss(apply, ds: data.Dataset, rng: jax.Array):
   def loss_fn(params, model_state, batch):
     x_BxHxWxC = images[batch["idx"]]
     if ds.augment:
-      x_BxHxWxC = data.crop_and_flip(
-          jax.random.fold_in(rng, batch["step"]), x_BxHxWxC
-      )
+      x_BxHxWxC = data.crop_and_flip(batch["key"], x_BxHxWxC)
     logits, model_state = apply(params, model_state, x_BxHxWxC, train=True)
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits, labels[batch["idx"]]
@@ -194,26 +207,21 @@ def load_dataset(name: str, data_dir: str | None, download: bool) -> data.Datase
   return data.load(name, data_dir=data_dir, download=download)
 
 
-class _Run:
-  """Everything one run needs, built from its config."""
+class _Program:
+  """What runs that differ only in seed and injected hyperparameters share:
+  the data on device, the model's ``apply``, the simulator and the
+  evaluation, with their compiled programs."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.config = config
     self.algorithm = algorithms.get(config.algorithm)
     self.num_workers = self.algorithm.effective_workers(config.num_workers)
     self.ds = load_dataset(config.dataset, config.data_dir, config.download)
     self.steps_per_epoch = steps_per_epoch(
         len(self.ds.train_labels), config.batch_size
     )
-    model = models.create(
-        config.model, image_shape=self.ds.image_shape,
-        num_classes=self.ds.num_classes, seed=config.seed,
-        mlp_hidden=tuple(config.mlp_hidden),
-    )
-    apply, self.params, self.model_state = models.functional(model)
-    self.stateful = bool(jax.tree.leaves(self.model_state))
-    rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-    stateful_loss = make_loss(apply, self.ds, rng)
+    apply, _, model_state = models.functional(create_model(config, self.ds))
+    self.stateful = bool(jax.tree.leaves(model_state))
+    stateful_loss = make_loss(apply, self.ds)
     loss_fn = (stateful_loss if self.stateful
                else lambda p, b: stateful_loss(p, {}, b)[0])
     self.sim = algorithms.make_simulator(
@@ -221,13 +229,65 @@ class _Run:
         has_model_state=self.stateful,
     )
     self.evaluate = make_evaluate(apply, self.ds, config.eval_batch_size)
+
+
+def create_model(config: Any, ds: data.Dataset):
+  """The config's model for ``ds``, initialized from ``config.seed``."""
+  return models.create(
+      config.model, image_shape=ds.image_shape, num_classes=ds.num_classes,
+      seed=config.seed, mlp_hidden=tuple(config.mlp_hidden),
+  )
+
+
+_PROGRAMS: dict[str, _Program] = {}  # the most recent two, by program_key
+
+
+def program_key(config: ml_collections.ConfigDict) -> str:
+  """The config without what a run's programs do not depend on: its seed,
+  its arrivals and length, and the injected hyperparameters
+  (:func:`algorithms.injected`), unless the diagnostics bake them into
+  their adjustment."""
+  fields = json.loads(config.to_json())
+  drop = {"seed", "schedule", "gamma_shape", "num_epochs"}  # data, not code
+  if not config.diagnostics_every:
+    drop |= set(algorithms.injected(config))
+  return json.dumps({k: v for k, v in fields.items() if k not in drop},
+                    sort_keys=True)
+
+
+def shared_program(config: ml_collections.ConfigDict) -> _Program:
+  """The :class:`_Program` of ``config``, built once for a sweep's runs."""
+  key = program_key(config)
+  if key not in _PROGRAMS:
+    while len(_PROGRAMS) >= 2:
+      del _PROGRAMS[next(iter(_PROGRAMS))]
+    _PROGRAMS[key] = _Program(config)
+  return _PROGRAMS[key]
+
+
+class _Run:
+  """One run: its config's program, initial model, arrivals and keys."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    program = shared_program(config)
+    self.algorithm, self.num_workers = program.algorithm, program.num_workers
+    self.ds, self.steps_per_epoch = program.ds, program.steps_per_epoch
+    self.sim, self.evaluate = program.sim, program.evaluate
+    self.stateful = program.stateful
+    _, self.params, self.model_state = models.functional(
+        create_model(config, self.ds))
+    self.rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     self.arrivals = arrival_schedule(
-        config, self.num_workers, config.num_epochs * self.steps_per_epoch
+        config, self.num_workers, config.num_epochs * self.steps_per_epoch,
+        self.algorithm.arrival_schedule(config.schedule),
     )
 
   def init(self):
     ms = self.model_state if self.stateful else None
-    return self.sim.init(self.params, ms)
+    state = self.sim.init(self.params, ms)
+    return state._replace(
+        opt_state=algorithms.set_injected(state.opt_state, self.config))
 
   def epoch_range(self, epoch: int) -> tuple[int, int]:
     return epoch_range(
@@ -235,26 +295,33 @@ class _Run:
         self.steps_per_epoch, epoch,
     )
 
-  def epoch(self, state, epoch: int):
-    """Replays epoch ``epoch``; returns the new state and the epoch's metrics."""
+  def inputs(self, epoch: int) -> tuple[dict, np.ndarray]:
+    """Epoch ``epoch``'s batches (``{'idx'}``, plus ``'key'`` with
+    augmentation; gradient ``g``'s key is ``fold_in(rng, g)``) and arrivals."""
     start, stop = self.epoch_range(epoch)
-    if stop == start:  # SSGD with more workers than gradients per epoch.
-      return state, np.zeros((0,)), np.zeros((0,), np.int32)
     idx = gradient_indices(
         self.config.seed, len(self.ds.train_labels), self.config.batch_size,
         start, stop,
     )
-    batches = {"idx": idx, "step": np.arange(start, stop, dtype=np.int32)}
-    # TODO(h-exp): one call once SyncSimulator.replay takes `arrivals`.
-    if self.algorithm.synchronous:
-      state, metrics = self.sim.replay(state, batches)
-    else:
-      state, metrics = self.sim.replay(state, batches, self.arrivals[start:stop])
-    return state, np.asarray(metrics["loss"]), np.asarray(metrics["staleness"])
+    batches = {"idx": idx}
+    if self.ds.augment:
+      steps = jnp.arange(start, stop, dtype=jnp.int32)
+      batches["key"] = jax.vmap(jax.random.fold_in, (None, 0))(self.rng, steps)
+    return batches, self.arrivals[start:stop]
 
-  def record(self, state, epoch: int, loss, staleness, seconds: float) -> dict:
+  def epoch(self, state, epoch: int) -> tuple[Any, dict[str, np.ndarray]]:
+    """Replays epoch ``epoch``; returns the new state and its per-arrival
+    metrics (``loss``, ``staleness``, ``step`` ..., see ``Simulator.replay``)."""
+    start, stop = self.epoch_range(epoch)
+    if stop == start:  # SSGD with more workers than gradients per epoch.
+      return state, {"loss": np.zeros((0,)), "staleness": np.zeros((0,), np.int32)}
+    state, metrics = self.sim.replay(state, *self.inputs(epoch))
+    return state, {k: np.asarray(v) for k, v in metrics.items()}
+
+  def record(self, state, epoch: int, metrics: dict, seconds: float) -> dict:
     model_state = state.model_state if self.stateful else {}
     error, test_loss = self.evaluate(state.params, model_state)
+    loss, staleness = metrics["loss"], metrics["staleness"]
     return {
         "epoch": epoch + 1,
         "updates": int(state.step),
@@ -276,7 +343,7 @@ def summarize(config: Any, history: list[dict]) -> dict[str, Any]:
   return {
       "algorithm": config.algorithm,
       "workers": algorithm.effective_workers(config.num_workers),
-      "schedule": "sync" if algorithm.synchronous else config.schedule,
+      "schedule": algorithm.schedule_label(config.schedule),
       "seed": config.seed,
       "final_test_error": history[-1]["test_error"],
       "best_test_error": min(h["test_error"] for h in history),
@@ -302,36 +369,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   run_files.check_same_config(config, workdir)
+  summary = run_files.read_summary(workdir)
+  if summary is not None:  # Finished earlier: nothing to do.
+    return summary
   run = _Run(config)
-  with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
-    state, history = _restore(ckpt, run.init())
-    run_files.write_metrics(workdir, history)
-    desc = f"{config.algorithm} M={run.num_workers} seed={config.seed}"
-    bar = tqdm.tqdm(total=config.num_epochs, initial=len(history), desc=desc,
-                    unit="epoch", disable=not config.progress_bar, leave=False)
-    for epoch in range(len(history), config.num_epochs):
-      t0 = time.perf_counter()
-      state, loss, staleness = run.epoch(state, epoch)
-      jax.block_until_ready(state)
-      record = run.record(state, epoch, loss, staleness, time.perf_counter() - t0)
-      history.append(record)
-      if (epoch + 1) % config.checkpoint_every_epochs == 0 or (
-          epoch + 1 == config.num_epochs):
-        ckpt.save(epoch + 1, state, metadata={"epochs": history})
-      run_files.append_metrics(workdir, record)
-      bar.set_postfix(test_error=f"{record['test_error']:.4f}", refresh=False)
-      bar.update(1)
-      logging.info("%s epoch %d: %s", desc, epoch + 1, record)
-    bar.close()
+  if config.checkpoint_every_epochs:
+    with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+      history = _train(run, workdir, ckpt)
+  else:
+    history = _train(run, workdir, None)
   summary = summarize(config, history)
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  run_files.write_summary(workdir, summary)
   return summary
 
 
-def _restore(ckpt: Checkpointer, fresh_state: Any) -> tuple[Any, list[dict]]:
+def _train(run: _Run, workdir: str, ckpt: Checkpointer | None) -> list[dict]:
+  """Trains ``run`` from its latest checkpoint (if any) to the last epoch."""
+  config = run.config
+  state, history = _restore(ckpt, run.init())
+  run_files.write_metrics(workdir, history)
+  run_files.keep_diagnostics(workdir, len(history))
+  desc = f"{config.algorithm} M={run.num_workers} seed={config.seed}"
+  bar = tqdm.tqdm(total=config.num_epochs, initial=len(history), desc=desc,
+                  unit="epoch", disable=not config.progress_bar, leave=False)
+  for epoch in range(len(history), config.num_epochs):
+    t0 = time.perf_counter()
+    state, metrics = run.epoch(state, epoch)
+    jax.block_until_ready(state)
+    record = run.record(state, epoch, metrics, time.perf_counter() - t0)
+    history.append(record)
+    if config.diagnostics_every:
+      run_files.append_diagnostics(workdir, epoch + 1, metrics)
+    done = epoch + 1 == config.num_epochs
+    if ckpt and (done or (epoch + 1) % config.checkpoint_every_epochs == 0):
+      ckpt.save(epoch + 1, state, metadata={"epochs": history})
+    run_files.append_metrics(workdir, record)
+    bar.set_postfix(test_error=f"{record['test_error']:.4f}", refresh=False)
+    bar.update(1)
+    logging.info("%s epoch %d: %s", desc, epoch + 1, record)
+  bar.close()
+  return history
+
+
+def _restore(
+    ckpt: Checkpointer | None, fresh_state: Any
+) -> tuple[Any, list[dict]]:
   """The latest checkpoint's ``(state, history)``, or ``(fresh_state, [])``."""
-  restored = ckpt.restore_latest(fresh_state)
+  restored = ckpt.restore_latest(fresh_state) if ckpt else None
   if restored is None:
     return fresh_state, []
   history = restored.metadata["epochs"]

@@ -114,6 +114,16 @@ def assert_bitwise_equal(a, b):
     assert x.tobytes() == y.tobytes(), (x, y)
 
 
+def assert_same_updates_bitwise(tx, want_tx, params, num_steps=4):
+  """``tx`` and ``want_tx`` turn the same gradients into the same updates."""
+  state, want_state = tx.init(params), want_tx.init(params)
+  for seed in range(num_steps):
+    g = grads_like(params, seed)
+    got, state = tx.update(g, state)
+    want, want_state = want_tx.update(g, want_state)
+    assert_bitwise_equal(got, want)
+
+
 def leaves_np(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
@@ -122,6 +132,29 @@ def assert_close_to_reference(lib_tree, ref_leaves, what):
   """A library pytree (float32) against the reference's float64 leaves."""
   for got, want in zip(leaves_np(lib_tree), ref_leaves, strict=True):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5, err_msg=what)
+
+
+def replay_against_reference(tx, ref, w0, order, rng, spec, *, check_pulls=False):
+  """Workers push random gradients in ``order``, each pulling right after.
+
+  ``tx`` (pulling after push, under ``jit``) and the reference server ``ref``
+  see the same gradients; params must agree after every push, and with
+  ``check_pulls`` so must what the pushing worker now holds. Returns the
+  library's final (params, opt_state).
+  """
+  step = jax.jit(update_step(tx))
+  params = jax.tree.map(jnp.asarray, w0)
+  state = tx.init(params)
+  for i, m in enumerate(order):
+    g = random_tree(rng, spec)
+    ref.push(leaves_np(g), m)
+    ref.pull(m)
+    params, state = step(params, state, g, jnp.int32(m))
+    assert_close_to_reference(params, ref.w, f"params after push {i}")
+    if check_pulls:
+      assert_close_to_reference(
+          dcasgd_optax.worker_params(state, m), ref.backup[m], f"pull {i}")
+  return params, state
 
 
 # --- hypothesis: random pytrees and SGD settings -----------------------------

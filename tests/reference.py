@@ -18,6 +18,26 @@ The SGD direction with momentum mu is the usual heavy-ball buffer
 v <- d + mu * v, stepping along v (or d + mu * v for Nesterov), where d is the
 compensated gradient plus weight decay; lr_t is the learning rate at the
 t-th push (t counted from 0).
+
+Beyond the paper (issue 10), each from its own source:
+- per-worker MeanSquare (the authors' released code): ms[m] is updated only
+  by worker m's gradients and used for them.
+- bias correction (Adam): lam = lambda_ / sqrt(ms / (1 - decay**t) + eps),
+  t = number of gradients folded into that ms.
+- lambda warm-up: lam *= min(1, t / k), t = number of pushes so far (this one
+  included).
+- correction clip: the term lam * g * g * (w - backup) is clipped to
+  [-c |g|, c |g|] per coordinate.
+- Gap-Aware (Barkai, Hakimi, Schuster 2019): v <- b v + (1 - b) g * g,
+  C = eta * (sqrt(v / (1 - b**t)) + eps), g <- g / (1 + |w - backup[m]| / C).
+- Delayed Nesterov (Liu et al. 2024, Algorithm 2): D <- D + g; on every N-th
+  push m <- beta m + D / N, w <- w - lr ((1 - cN + c) beta m + g / N), D <- 0;
+  otherwise w <- w - lr (c beta m + g / N).
+- Look-ahead pull (DANA-style, Hakimi et al. 2019): a pull sends, and records
+  as the backup, w - lr_t * (mu + mu^2 + ... + mu^H) * v, the model H further
+  heavy-ball steps would reach with no new gradient.
+- Staleness rules: inverse 1 / max(tau, 1) (Zhang et al. 2016), sqrt
+  1 / sqrt(1 + tau), delay-adaptive n / max(n, tau) (Mishchenko et al. 2022).
 """
 
 from __future__ import annotations
@@ -47,6 +67,13 @@ class ParameterServer:
       momentum: float | None = None,
       nesterov: bool = False,
       weight_decay: float = 0.0,
+      per_worker_mean_square: bool = False,
+      bias_correction: bool = False,
+      lambda_warmup: int = 0,
+      correction_clip: float | None = None,
+      delayed_nesterov_period: int | None = None,
+      momentum_activation: float = 0.0,
+      look_ahead_horizon: int | None = None,
   ):
     self.w = _f64(w0)
     # At the start every worker holds w_0.
@@ -62,41 +89,125 @@ class ParameterServer:
     self.weight_decay = weight_decay
     self.velocity = [np.zeros_like(x) for x in self.w]
     self.pushes = 0
+    self.per_worker = per_worker_mean_square
+    self.bias_correction = bias_correction
+    self.lambda_warmup = lambda_warmup
+    self.correction_clip = correction_clip
+    # One (ms, count) per worker, or one shared pair.
+    n_stats = num_workers if per_worker_mean_square else 1
+    self.worker_ms = [[np.zeros_like(x) for x in self.w] for _ in range(n_stats)]
+    self.worker_count = [0] * n_stats
+    self.period = delayed_nesterov_period
+    self.activation = momentum_activation
+    self.accumulated = [np.zeros_like(x) for x in self.w]
+    self.horizon = look_ahead_horizon
+
+  def _lr(self, t: int) -> float:
+    lr = self.learning_rate
+    return float(lr(t)) if callable(lr) else float(lr)
 
   def pull(self, m: int) -> list[np.ndarray]:
-    """Worker m pulls: the server remembers what m now holds."""
-    self.backup[m] = _f64(self.w)
-    return _f64(self.w)
+    """Worker m pulls: the server sends, and remembers, what m now holds."""
+    sent = _f64(self.w)
+    if self.horizon is not None:
+      mu, h = self.momentum, self.horizon
+      ahead = sum(mu**k for k in range(1, h + 1))
+      lr = self._lr(self.pushes)  # the rate of the next push
+      sent = [wi - lr * ahead * vi for wi, vi in zip(sent, self.velocity)]
+    self.backup[m] = sent
+    return _f64(sent)
+
+  def _fold_mean_square(self, g: list[np.ndarray], m: int) -> tuple[list, int]:
+    """Updates worker m's (or the shared) ms with g; returns it and its count."""
+    k = m if self.per_worker else 0
+    self.worker_ms[k] = [
+        self.decay * ms + (1.0 - self.decay) * gi * gi
+        for ms, gi in zip(self.worker_ms[k], g)
+    ]
+    self.worker_count[k] += 1
+    self.mean_square = self.worker_ms[k] if not self.per_worker else self.worker_ms
+    return self.worker_ms[k], self.worker_count[k]
 
   def compensated_gradient(self, g: Sequence[np.ndarray], m: int) -> list[np.ndarray]:
     """g + lam * g * g * (w - backup[m]); updates ms first for DC-ASGD-a."""
     g = _f64(g)
     if self.adaptive:
-      self.mean_square = [
-          self.decay * ms + (1.0 - self.decay) * gi * gi
-          for ms, gi in zip(self.mean_square, g)
-      ]
-      lams = [self.lambda_ / np.sqrt(ms + self.eps) for ms in self.mean_square]
+      ms, t = self._fold_mean_square(g, m)
+      if self.bias_correction:
+        ms = [x / (1.0 - self.decay**t) for x in ms]
+      lams = [self.lambda_ / np.sqrt(x + self.eps) for x in ms]
     else:
       lams = [self.lambda_ for _ in g]
-    return [
-        gi + lam * gi * gi * (wi - bi)
-        for gi, lam, wi, bi in zip(g, lams, self.w, self.backup[m])
-    ]
+    if self.lambda_warmup:
+      ramp = min(1.0, (self.pushes + 1) / self.lambda_warmup)
+      lams = [lam * ramp for lam in lams]
+    out = []
+    for gi, lam, wi, bi in zip(g, lams, self.w, self.backup[m]):
+      term = lam * gi * gi * (wi - bi)
+      if self.correction_clip is not None:
+        bound = self.correction_clip * np.abs(gi)
+        term = np.clip(term, -bound, bound)
+      out.append(gi + term)
+    return out
+
+  def _delayed_nesterov(self, d: list[np.ndarray]) -> list[np.ndarray]:
+    """The direction of Liu et al.'s Algorithm 2 for this push."""
+    n, c, beta = self.period, self.activation, self.momentum
+    self.accumulated = [a + di for a, di in zip(self.accumulated, d)]
+    if (self.pushes + 1) % n == 0:
+      self.velocity = [beta * v + a / n for v, a in zip(self.velocity, self.accumulated)]
+      self.accumulated = [np.zeros_like(a) for a in self.accumulated]
+      coeff = (1.0 - c * n + c) * beta
+    else:
+      coeff = c * beta
+    return [coeff * v + di / n for v, di in zip(self.velocity, d)]
 
   def push(self, g: Sequence[np.ndarray], m: int) -> list[np.ndarray]:
     """Worker m pushes g; returns the change applied to w."""
     g_dc = self.compensated_gradient(g, m)
     d = [gi + self.weight_decay * wi for gi, wi in zip(g_dc, self.w)]
-    if self.momentum is not None:
+    if self.period is not None:
+      d = self._delayed_nesterov(d)
+    elif self.momentum is not None:
       self.velocity = [di + self.momentum * vi for di, vi in zip(d, self.velocity)]
       if self.nesterov:
         d = [di + self.momentum * vi for di, vi in zip(d, self.velocity)]
       else:
         d = list(self.velocity)
-    lr = self.learning_rate
-    lr = float(lr(self.pushes)) if callable(lr) else float(lr)
+    lr = self._lr(self.pushes)
     step = [-lr * di for di in d]
     self.w = [wi + si for wi, si in zip(self.w, step)]
     self.pushes += 1
     return step
+
+
+class GapAwareServer(ParameterServer):
+  """The same server with Gap-Aware's penalty in place of compensation.
+
+  eta_max is the step size of C; decay and eps are Gap-Aware's b and eps.
+  """
+
+  def __init__(self, w0, num_workers, eta_max: float, *, decay: float = 0.999,
+               eps: float = 1e-8, **sgd):
+    super().__init__(w0, num_workers, 0.0, decay=decay, eps=eps, **sgd)
+    self.eta_max = eta_max
+
+  def compensated_gradient(self, g: Sequence[np.ndarray], m: int) -> list[np.ndarray]:
+    g = _f64(g)
+    v, t = self._fold_mean_square(g, m)
+    out = []
+    for gi, vi, wi, bi in zip(g, v, self.w, self.backup[m]):
+      c = self.eta_max * (np.sqrt(vi / (1.0 - self.decay**t)) + self.eps)
+      out.append(gi / (1.0 + np.abs(wi - bi) / c))
+    return out
+
+
+def staleness_scale(rule: str, tau: int, num_workers: int | None = None) -> float:
+  """The factor a staleness rule multiplies a gradient of staleness tau by."""
+  if rule == "inverse":
+    return 1.0 / max(tau, 1)
+  if rule == "sqrt":
+    return 1.0 / np.sqrt(1.0 + tau)
+  if rule == "delay_adaptive":
+    return num_workers / max(num_workers, tau)
+  raise ValueError(rule)

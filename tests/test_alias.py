@@ -24,8 +24,8 @@ from helpers import grad_arrays
 from helpers import leaves_np
 from helpers import pytree_specs
 from helpers import random_tree
+from helpers import replay_against_reference
 from helpers import sgd_configs
-from helpers import update_step
 import reference  # tests/reference.py (pytest puts tests/ on sys.path)
 
 
@@ -58,16 +58,7 @@ def test_dcasgd_matches_reference_server_with_pull_after_push(
       lr, num_workers, lambda_=lambda_, adaptive=adaptive, **sgd
   )
 
-  step = jax.jit(update_step(tx))
-
-  params = jax.tree.map(jnp.asarray, w0)
-  state = tx.init(params)
-  for i, m in enumerate(order):
-    g = random_tree(rng, spec)
-    ref.push(leaves_np(g), m)
-    ref.pull(m)
-    params, state = step(params, state, g, m)
-    assert_close_to_reference(params, ref.w, f"params after push {i}")
+  _, state = replay_against_reference(tx, ref, w0, order, rng, spec)
   for m in range(num_workers):
     held = dcasgd_optax.worker_params(state, m)
     assert_close_to_reference(held, ref.backup[m], f"backup of worker {m}")

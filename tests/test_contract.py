@@ -1,10 +1,12 @@
 """The optax contract, shared by every exported optimizer.
 
-One parametrized suite: each case is a way to build a DC-ASGD transformation
-(``delay_compensation`` in both variants, ``dcasgd``, ``pull_after_push``),
-and every test checks one promise an optax user relies on: jit, vmap, the
-usual wrappers, extra args, no recompilation per worker, dtypes, and finding
-the state with ``record_pull``/``worker_params``.
+One parametrized suite: each case is a way to build a transformation that
+keeps per-worker backups (``delay_compensation`` in both variants,
+``dcasgd``, ``pull_after_push``, ``gap_aware_sgd``,
+``dana_dc``, ``delayed_nesterov_dcasgd``), and every test checks one promise
+an optax user relies on: jit, vmap, the usual wrappers, extra args, no
+recompilation per worker, dtypes, and finding the state with
+``record_pull``/``worker_params``.
 """
 
 from __future__ import annotations
@@ -50,10 +52,17 @@ class Case:
   kwargs: dict[str, Any]
   static_args: tuple[str, ...]
   pulls_after_push: bool  # does update() record the pull itself?
-  adaptive: bool  # DC-ASGD-a (keeps a mean square)?
+  adaptive: bool  # keeps a mean square (DC-ASGD-a, gap-aware)?
+  # The hyperparameter that turns the correction off, and its off value.
+  knob: str = "lambda_"
+  off: float = 0.0
+  look_ahead: bool = False  # does a pull send a prediction?
 
   def make(self, **overrides):
     return self.factory(**{**self.kwargs, **overrides})
+
+  def make_off(self):
+    return self.make(**{self.knob: self.off})
 
 
 CASES = [
@@ -95,6 +104,37 @@ CASES = [
         True,
         False,
     ),
+    Case(
+        "gap_aware_sgd",
+        dcasgd_optax.gap_aware_sgd,
+        dict(learning_rate=0.1, num_workers=NUM_WORKERS, momentum=0.9,
+             weight_decay=1e-2, step_size=0.05, decay=0.5),
+        ("num_workers",),
+        True,
+        True,
+        # C grows so large that 1 + gap / C rounds to 1: no penalty.
+        knob="step_size",
+        off=1e30,
+    ),
+    Case(
+        "dana_dc",
+        dcasgd_optax.dana_dc,
+        dict(learning_rate=0.1, num_workers=NUM_WORKERS, lambda_=0.5,
+             momentum=0.9),
+        ("num_workers",),
+        True,
+        True,
+        look_ahead=True,
+    ),
+    Case(
+        "delayed_nesterov_dcasgd",
+        dcasgd_optax.delayed_nesterov_dcasgd,
+        dict(learning_rate=0.1, num_workers=NUM_WORKERS, lambda_=0.5,
+             period=2, momentum_activation=0.25),
+        ("num_workers", "period"),
+        True,
+        True,
+    ),
 ]
 
 case_params = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -121,7 +161,7 @@ def run(tx, params, state, steps=((0, 0), (2, 1), (1, 2))):
 def test_compensation_changes_a_stale_gradient(case):
   """Guards the suite: with stale backups the update differs from lambda_=0."""
   params = make_params()
-  tx, tx0 = case.make(), case.make(lambda_=0.0)
+  tx, tx0 = case.make(), case.make_off()
   (u,), _ = run(tx, params, stale_state(tx, params), steps=((1, 0),))
   (u0,), _ = run(tx0, params, stale_state(tx0, params), steps=((1, 0),))
   diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), u, u0)
@@ -190,23 +230,24 @@ def test_inside_named_chain_matches_alone(case):
 
 
 @case_params
-def test_inject_hyperparams_lambda_changes_behaviour(case):
+def test_inject_hyperparams_strength_changes_behaviour(case):
   params = make_params()
   injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)(
       **case.kwargs
   )
   state = stale_state(injected, params)
-  assert set(state.hyperparams) >= {"lambda_"}
+  assert set(state.hyperparams) >= {case.knob}
   chex.clear_trace_counter()
   step = jax.jit(chex.assert_max_traces(lambda s: run(injected, params, s), n=1))
   got, _ = step(state)
   want, _ = run(case.make(), params, stale_state(case.make(), params))
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
   # Changing the hyperparameter in the state changes the behaviour, with
-  # no rebuild: lambda_=0 gives the uncompensated updates.
-  state.hyperparams["lambda_"] = jnp.zeros_like(state.hyperparams["lambda_"])
+  # no rebuild: the off value gives the uncorrected updates.
+  state.hyperparams[case.knob] = jnp.full_like(
+      state.hyperparams[case.knob], case.off)
   got0, _ = step(state)
-  want0, _ = run(case.make(lambda_=0.0), params, stale_state(case.make(), params))
+  want0, _ = run(case.make_off(), params, stale_state(case.make(), params))
   chex.assert_trees_all_close(got0, want0, rtol=1e-5, atol=1e-6)
 
 
@@ -390,8 +431,13 @@ def test_update_records_the_pull_only_when_pulling_after_push(case):
   before = dcasgd_optax.worker_params(state, 1)
   updates, state = tx.update(grads_like(params, 0), state, params, worker=1)
   held = dcasgd_optax.worker_params(state, 1)
-  if case.pulls_after_push:
-    chex.assert_trees_all_equal(held, optax.apply_updates(params, updates))
+  new_params = optax.apply_updates(params, updates)
+  if case.look_ahead:  # The worker holds the prediction a pull sends.
+    ahead, _ = dcasgd_optax.pull(state, new_params, 1)
+    chex.assert_trees_all_equal(held, ahead)
+    assert not np.allclose(ahead["scale"], new_params["scale"])
+  elif case.pulls_after_push:
+    chex.assert_trees_all_equal(held, new_params)
   else:
     chex.assert_trees_all_equal(held, before)
   for m in (0, 2):  # nobody else's backup moves

@@ -547,3 +547,130 @@ def test_a_pull_that_rewrites_every_backup_is_caught_even_when_donated():
   """An O(num_workers) pull (select over all backups) fails the cost check."""
   grown = growth(full_rewrite_step, donate=True)
   assert grown["bytes_accessed"] >= (MANY_WORKERS - FEW_WORKERS) * WIDE_MODEL_BYTES
+
+
+# --- the opt-in variants: per-worker MeanSquare, remedies -------------------
+
+
+@hypothesis.settings(SETTINGS, max_examples=8)
+@hypothesis.given(
+    spec=pytree_specs(),
+    run=user_pull_runs(),
+    per_worker=st.booleans(),
+    bias_correction=st.booleans(),
+    warmup=st.sampled_from([0, 3]),
+    clip=st.sampled_from([None, 0.5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_variants_match_reference_server(
+    spec, run, per_worker, bias_correction, warmup, clip, seed
+):
+  num_workers, events = run
+  lr, decay = 0.05, 0.5
+  rng = np.random.default_rng(seed)
+  w0 = random_tree(rng, spec)
+  options = dict(per_worker_mean_square=per_worker,
+                 bias_correction=bias_correction, lambda_warmup=warmup,
+                 correction_clip=clip)
+  ref = reference.ParameterServer(
+      leaves_np(w0), num_workers, 2.0, adaptive=True, decay=decay,
+      learning_rate=lr, **options)
+  tx = optax.chain(
+      dcasgd_optax.delay_compensation(
+          num_workers, 2.0, adaptive=True, decay=decay, **options),
+      optax.sgd(lr),
+  )
+  push = jax.jit(lambda g, s, p, m: tx.update(g, s, p, worker=m))
+  params = jax.tree.map(jnp.asarray, w0)
+  state = tx.init(params)
+  for i, (kind, m) in enumerate(events):
+    if kind == "pull":
+      ref.pull(m)
+      _, state = dcasgd_optax.pull(state, params, m)
+    else:
+      g = random_tree(rng, spec)
+      want = ref.push(leaves_np(g), m)
+      updates, state = push(g, state, params, jnp.int32(m))
+      assert_close_to_reference(updates, want, f"updates at event {i}")
+      params = optax.apply_updates(params, updates)
+  mean_square = state[0].mean_square
+  if per_worker:  # one row per worker, each fed by that worker's gradients
+    for m in range(num_workers):
+      row = jax.tree.map(lambda x: x[m], mean_square)
+      assert_close_to_reference(row, ref.worker_ms[m], f"ms of worker {m}")
+    np.testing.assert_array_equal(state[0].count, ref.worker_count)
+  else:
+    assert_close_to_reference(mean_square, ref.worker_ms[0], "ms")
+    assert int(state[0].count) == ref.worker_count[0]
+
+
+def test_reference_variants_by_hand():
+  """Pins the reference's remedies on one hand-worked push."""
+  g = np.array([2.0, 1.0])
+
+  def first_step(**options):
+    ref = reference.ParameterServer([np.array([1.0, 2.0])], 2, 2.0,
+                                    adaptive=True, decay=0.75, eps=0.0,
+                                    learning_rate=1.0, **options)
+    ref.backup[1] = [np.array([0.0, 2.5])]  # w - backup = [1, -0.5]
+    return -ref.push([g], 1)[0]
+
+  # ms = 0.25 g^2, so lam = 2 / (0.5 |g|) and the term is 4 |g| (w - b).
+  np.testing.assert_allclose(first_step(), g + 4 * np.abs(g) * [1, -0.5])
+  # Bias-corrected: ms / (1 - 0.75) = g^2, the term is 2 |g| (w - b).
+  np.testing.assert_allclose(first_step(bias_correction=True),
+                             g + 2 * np.abs(g) * [1, -0.5])
+  # Warm-up over 4 pushes: a quarter of the term at the first push.
+  np.testing.assert_allclose(first_step(lambda_warmup=4),
+                             g + np.abs(g) * [1, -0.5])
+  # Clipped to |g|.
+  np.testing.assert_allclose(first_step(correction_clip=1.0),
+                             g + np.abs(g) * [1, -1])
+
+
+def test_per_worker_mean_square_costs_one_model_per_worker():
+  params = {"w": jnp.zeros((3, 2))}
+  shared = dcasgd_optax.delay_compensation(4, adaptive=True).init(params)
+  own = dcasgd_optax.delay_compensation(
+      4, adaptive=True, per_worker_mean_square=True).init(params)
+  assert shared.mean_square["w"].shape == (3, 2) and shared.count.shape == ()
+  assert own.mean_square["w"].shape == (4, 3, 2) and own.count.shape == (4,)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(per_worker_mean_square=True), ValueError,
+         "`per_worker_mean_square=True` needs `adaptive=True`"),
+        (dict(bias_correction=True), ValueError,
+         "`bias_correction=True` needs `adaptive=True`"),
+        (dict(adaptive=True, bias_correction=1), TypeError, "`bias_correction`"),
+        (dict(adaptive=True, per_worker_mean_square="yes"), TypeError,
+         "`per_worker_mean_square`"),
+        (dict(lambda_warmup=-1), ValueError, "`lambda_warmup`"),
+        (dict(correction_clip=0.0), ValueError, "`correction_clip`"),
+        (dict(correction_clip=-1.0), ValueError, "`correction_clip`"),
+    ],
+)
+def test_bad_variant_arguments_name_themselves(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    dcasgd_optax.delay_compensation(2, **kwargs)
+
+
+def test_variants_under_inject_hyperparams_and_jit_match_the_plain_build():
+  """The variants' numeric options become arrays (traced in a jitted update)."""
+  options = dict(num_workers=NUM_WORKERS, lambda_=2.0, adaptive=True,
+                 per_worker_mean_square=True, bias_correction=True,
+                 lambda_warmup=2, correction_clip=1.0)
+  injected = optax.inject_hyperparams(
+      dcasgd_optax.delay_compensation, static_args=("num_workers",))(**options)
+  plain = dcasgd_optax.delay_compensation(**options)
+  params = params_tree()
+  state, plain_state = stale_state(injected, params), stale_state(plain, params)
+  step = jax.jit(lambda g, s, m: injected.update(g, s, params, worker=m))
+  for m, seed in ((1, 0), (2, 1), (1, 2)):
+    g = jax.tree.map(lambda p: p * (seed + 1.0), params)
+    got, state = step(g, state, m)
+    want, plain_state = plain.update(g, plain_state, params, worker=m)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(state.inner_state, plain_state, rtol=1e-5)

@@ -82,7 +82,10 @@ def test_cifar10_resnet20_path_under_mock_data(config, tmp_path):
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("algorithm", "hogwild", "valid choices: sequential, ssgd, asgd, sa-asgd, dc-asgd-c, dc-asgd-a"),
+        ("algorithm", "hogwild", "valid choices: sequential, ssgd, asgd, sa-asgd, "),
+        ("algorithm", "dana", "needs config.optimizer='sgd' with config.momentum > 0"),
+        ("optimizer", "rmsprop", "valid choices: sgd, adam"),
+        ("checkpoint_every_epochs", -1, "checkpoint_every_epochs must be an int >= 0"),
         ("num_workers", 0, "num_workers must be an int >= 1"),
         ("dataset", "imagenet", "valid choices: mnist5k, mnist, fashion_mnist, cifar10"),
         ("schedule", "poisson", "valid choices: cyclic, shuffled, gamma"),

@@ -14,7 +14,6 @@ from dcasgd_optax.harness import schedules
 from helpers import STRATEGIES
 from helpers import W
 from helpers import bn_loss_fn
-from helpers import init_model_state
 from helpers import init_params
 from helpers import loss_fn
 from helpers import make_batches

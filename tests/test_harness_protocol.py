@@ -1,6 +1,7 @@
 """Simulator and SyncSimulator share one protocol: arguments, tx, init,
 replay(state, batches, arrivals), describe and the per-arrival record."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,6 +120,6 @@ def test_async_tx_is_the_server_transformation():
   grads = jax.grad(loss_fn)(PARAMS, make_batches(1)[0])
   updates, opt_state = sim.tx.update(grads, opt_state, PARAMS, worker=2)
   want, _ = optax.sgd(0.1).update(grads, optax.sgd(0.1).init(PARAMS))
-  jax.tree.map(np.testing.assert_array_equal, updates, want)
+  chex.assert_trees_all_equal(updates, want)
   held = dcasgd_optax.worker_params(opt_state, 2)
-  jax.tree.map(np.testing.assert_array_equal, held, PARAMS)
+  chex.assert_trees_all_equal(held, PARAMS)

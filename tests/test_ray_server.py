@@ -1,10 +1,17 @@
-"""dcasgd_optax.ray's parameter server, called directly (no Ray started)."""
+"""dcasgd_optax.ray's parameter-server shard, called directly (no Ray started).
+
+Against NumPy references; and every bad push (unknown worker, duplicate or
+out-of-order seq, wrong structure, shape or dtype, a stale incarnation, a
+non-finite gradient) leaves the state exactly as it was.
+"""
 
 import importlib
 import stat
 import sys
 
 import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -23,9 +30,13 @@ def test_import_error_names_the_extra(monkeypatch):
     importlib.import_module("dcasgd_optax.ray")
 
 
+def _f32(*values):
+  return np.array(values, np.float32)
+
+
 def test_server_applies_dcasgd_like_a_numpy_reference():
   lr, lam = 0.1, 0.5
-  w = np.array([1.0, -2.0, 0.5], np.float32)
+  w = _f32(1.0, -2.0, 0.5)
   # No pull_after_push: the server itself must record each worker's pull.
   tx = optax.chain(dcasgd_optax.delay_compensation(2, lam), optax.sgd(lr))
   server = dray.ParameterServer(tx, {"w": w}, 2)
@@ -35,11 +46,34 @@ def test_server_applies_dcasgd_like_a_numpy_reference():
   rng = np.random.default_rng(0)
   for seq, m in enumerate([0, 1, 1, 0, 1]):
     g = rng.normal(size=3).astype(np.float32)
-    info, (step, got) = server.apply(m, seq, {"w": g})
+    info, pulled = server.apply(m, server.progress()[1][m] + 1, [g])
     w = w - lr * (g + lam * g * g * (w - backups[m]))
     backups[m] = w.copy()
-    np.testing.assert_allclose(got["w"], w, rtol=1e-6)
-  assert step == 5 and info.applied
+    np.testing.assert_allclose(pulled.params[0], w, rtol=1e-6)
+    assert info.status == "applied" and pulled.step == seq + 1
+
+
+def test_two_shards_hold_the_halves_of_one_servers_update():
+  tx = dcasgd_optax.dcasgd(0.1, 2, momentum=0.9)
+  params = {"a": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(4)}
+  one = dray.ParameterServer(tx, params, 2)
+  two = [dray.ParameterServer(tx, params, 2, shard=k, num_shards=2)
+         for k in (0, 1)]
+  layout = dray.make_layout(params, 2)
+  rng = np.random.default_rng(1)
+  for seq, m in enumerate([0, 1, 1, 0]):
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32),
+                         params)
+    seq = one.progress()[1][m] + 1
+    _, want = one.apply(m, seq, jax.tree.leaves(grads))
+    got = [s.apply(m, seq, pieces)[1] for s, pieces in
+           zip(two, layout.split(grads))]
+    chex.assert_trees_all_close(layout.join([p.params for p in got]),
+                                jax.tree.unflatten(layout.treedef,
+                                                   want.params), rtol=1e-6)
+  init = optax.with_extra_args_support(tx).init
+  joined = layout.join_states(init, [s.result()[2] for s in two])
+  chex.assert_trees_all_close(joined, one.result()[2], rtol=1e-6)
 
 
 def test_server_staleness_counts_updates_since_pull():
@@ -49,73 +83,178 @@ def test_server_staleness_counts_updates_since_pull():
   for m in (0, 1, 2):
     server.pull(m)
   for m in (0, 0, 1, 2, 0):
-    info, (_, params) = server.apply(m, server.progress()[1][m] + 1,
-                                     {"w": np.ones(1, np.float32)})
+    info, pulled = server.apply(m, server.progress()[1][m] + 1, [_f32(1.0)])
     got.append(info.staleness)
   assert got == [0, 0, 2, 3, 2]
   # Staleness-aware scaling saw them: -(1 + 1 + 1/2 + 1/3 + 1/2).
-  np.testing.assert_allclose(params["w"], [-(3 + 1 / 3)], rtol=1e-6)
+  np.testing.assert_allclose(pulled.params[0], [-(3 + 1 / 3)], rtol=1e-6)
+  np.testing.assert_array_equal(server.trace()["staleness"], got)
 
 
-def test_server_ignores_a_duplicate_push():
-  params = {"w": np.zeros(2, np.float32)}
-  server = dray.ParameterServer(optax.sgd(1.0), params, 2)
-  g = {"w": np.ones(2, np.float32)}
-  first, _ = server.apply(1, 0, g)
-  again, (step, params) = server.apply(1, 0, g)
-  assert first.applied and not again.applied
-  assert step == 1
-  np.testing.assert_array_equal(params["w"], [-1.0, -1.0])
+def _server():
+  tx = dcasgd_optax.dcasgd(0.1, 2, momentum=0.9)
+  params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(2)}
+  server = dray.ParameterServer(tx, params, 2)
+  server.apply(1, 0, [_f32(1, 2), np.ones((2, 3), np.float32)])
+  return server
 
 
-@pytest.mark.parametrize("bad", [-1, 2, 2.0, True])
-def test_server_rejects_a_bad_worker_id_and_stays_usable(bad):
-  tx = dcasgd_optax.dcasgd(1.0, num_workers=2, lambda_=0.0)
-  server = dray.ParameterServer(tx, {"w": np.zeros(2, np.float32)}, 2)
-  g = {"w": np.ones(2, np.float32)}
-  with pytest.raises((ValueError, TypeError), match="worker"):
-    server.apply(bad, 0, g)
-  with pytest.raises((ValueError, TypeError), match="worker"):
-    server.pull(bad)
-  info, (step, params) = server.apply(1, 0, g)  # nothing was consumed
-  assert info.applied and step == 1 and info.staleness == 0
-  np.testing.assert_array_equal(params["w"], [-1.0, -1.0])
-  assert server.progress()[1].tolist() == [-1, 0]
+def _state(server):
+  return jax.tree.map(np.copy, server.result()), server.progress()
 
 
-def test_server_rejects_a_tx_built_for_another_worker_count():
+def _bad_pushes():
+  good = [_f32(1, 2), np.ones((2, 3), np.float32)]
+  return {
+      "unknown worker": ((2, 0, good), "does not know that worker"),
+      "negative worker": ((-1, 0, good), "does not know that worker"),
+      "bool worker": ((True, 0, good), "`worker` must be an int"),
+      "duplicate": ((1, 0, good), r"worker 1 sent gradient seq=0.*duplicate"),
+      "out of order": ((1, 2, good), r"seq=2.*expected is 1 \(out of order"),
+      "dict, not list": ((0, 0, {"w": good[1], "b": good[0]}),
+                         "worker 0 sent a gradient that is not a list"),
+      "missing piece": ((0, 0, good[:1]), "not a list of this shard's 2"),
+      "wrong shape": ((0, 0, [good[0], np.ones((3, 2), np.float32)]),
+                      r"worker 0 sent piece 1 \(of params\['w'\]\)"),
+      "wrong dtype": ((0, 0, [good[0].astype(np.float64), good[1]]),
+                      r"piece 0 \(of params\['b'\]\).*float64"),
+      "not an array": ((0, 0, [[1.0, 2.0], good[1]]), "piece 0"),
+  }
+
+
+@pytest.mark.parametrize("case", list(_bad_pushes()))
+def test_a_bad_push_is_rejected_naming_the_worker_and_changes_nothing(case):
+  server = _server()
+  before = _state(server)
+  args, match = _bad_pushes()[case]
+  with pytest.raises((ValueError, TypeError), match=match):
+    server.apply(*args)
+  chex.assert_trees_all_equal(_state(server), before)
+  # Still usable: the next good push is applied.
+  info, _ = server.apply(0, 0, [_f32(1, 2), np.ones((2, 3), np.float32)])
+  assert info.status == "applied" and info.step == 2
+
+
+def test_a_bad_worker_id_fails_pull_grant_and_attach_too():
+  server = _server()
+  for method in (server.pull, server.grant, lambda w: server.attach(w, 1)):
+    with pytest.raises(ValueError, match="does not know"):
+      method(5)
+
+
+@pytest.mark.parametrize("where", ["in the gradient", "flagged by the worker"])
+def test_a_non_finite_gradient_is_skipped_and_corrupts_nothing(where):
+  server = _server()
+  (step, params, opt_state), _ = _state(server)
+  grads = [_f32(1, np.nan), np.full((2, 3), np.inf, np.float32)]
+  finite = where == "flagged by the worker"
+  if finite:  # The worker saw a NaN in another shard's piece.
+    grads = [_f32(1, 2), np.ones((2, 3), np.float32)]
+  info, pulled = server.apply(0, 0, grads, finite=not finite)
+  assert info.status == "skipped" and info.step == step + 1
+  new_step, new_params, new_state = server.result()
+  chex.assert_trees_all_equal(new_params, params)
+  # Nothing changed but worker 0's pull: its backup is the (same) params.
+  tree = jax.tree.unflatten(jax.tree.structure({"b": 0, "w": 0}), params)
+  want = dcasgd_optax.record_pull(jax.tree.map(jnp.asarray, opt_state), tree, 0)
+  chex.assert_trees_all_equal(new_state, jax.tree.map(np.asarray, want))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(new_state))
+  assert server.trace()["skipped"].tolist() == [False, True]
+  info, _ = server.apply(0, 1, [_f32(1, 2), np.ones((2, 3), np.float32)])
+  assert info.status == "applied" and new_step == step + 1
+
+
+def test_a_push_from_before_a_restart_is_ignored():
+  server = _server()
+  assert server.attach(1, epoch=1) == 0  # Worker 1 restarted.
+  before = _state(server)
+  info, pulled = server.apply(1, 1, [_f32(1, 2), np.ones((2, 3), np.float32)],
+                              epoch=0)
+  assert info.status == "stale" and not pulled.ticket
+  chex.assert_trees_all_equal(_state(server), before)
+  info, _ = server.apply(1, 1, [_f32(1, 2), np.ones((2, 3), np.float32)],
+                         epoch=1)
+  assert info.status == "applied"
+
+
+def test_tickets_stop_at_the_limit_and_stay_with_their_gradient():
+  server = dray.ParameterServer(optax.sgd(1.0), {"w": np.zeros(2)}, 2)
+  server.set_limit(3)
+  g = [np.ones(2, np.float32)]
+  assert server.grant(0) and server.grant(0)  # One ticket, asked twice.
+  assert server.grant(1)
+  _, pulled = server.apply(0, 0, g)
+  assert pulled.ticket  # The third and last.
+  _, pulled = server.apply(1, 0, g)
+  assert not pulled.ticket and not server.grant(1)
+  assert server.grant(0)  # Worker 0 still holds the third.
+  server.apply(0, 1, g)
+  assert not server.grant(0) and server.progress()[0] == 3
+
+
+def test_wire_dtype_rounds_what_travels_and_what_the_backups_hold():
+  tx = optax.chain(dcasgd_optax.delay_compensation(1, 0.0), optax.sgd(1.0))
+  w = _f32(1.0 + 2**-10, 3.0)  # Not a bfloat16 number.
+  server = dray.ParameterServer(tx, {"w": w}, 1, wire_dtype=jnp.bfloat16)
+  pulled = server.pull(0)
+  assert pulled.params[0].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(pulled.params[0].astype(np.float32), [1, 3])
+  with pytest.raises(ValueError, match="float32"):
+    server.apply(0, 0, [_f32(1, 1)])  # Must come in bfloat16.
+  g = np.array([0.5, 0.5], jnp.bfloat16)
+  _, pulled = server.apply(0, 0, [g])
+  _, params, opt_state = server.result()
+  np.testing.assert_array_equal(params[0], w - 0.5)
+  np.testing.assert_array_equal(opt_state[0].backups["w"][0],
+                                (w - 0.5).astype(jnp.bfloat16))
+
+
+def test_num_workers_is_read_from_tx_and_checked_against_it():
+  server = dray.ParameterServer(dcasgd_optax.dcasgd(0.1, 3), {"w": np.zeros(2)})
+  assert server.progress()[1].shape == (3,)
   with pytest.raises(ValueError, match="backups for 2 workers"):
     dray.ParameterServer(dcasgd_optax.dcasgd(0.1, 2), {"w": np.zeros(2)}, 4)
+  with pytest.raises(ValueError, match="`num_workers` is None"):
+    dray.ParameterServer(optax.sgd(0.1), {"w": np.zeros(2)})
 
 
-def test_server_resumes_from_its_checkpoint(tmp_path):
-  tx = dcasgd_optax.dcasgd(0.1, 2)
-  params = {"w": np.ones(3, np.float32)}
-  grads = [{"w": np.full(3, s, np.float32)} for s in range(5)]
-  server = dray.ParameterServer(
-      tx, params, 2, checkpoint_dir=tmp_path, checkpoint_every=2
-  )
+def test_shards_resume_from_their_checkpoints(tmp_path):
+  tx = dcasgd_optax.dcasgd(0.1, 2, momentum=0.5)
+  params = {"w": np.ones(5, np.float32), "b": np.zeros(2, np.float32)}
+  layout = dray.make_layout(params, 2)
+  make = lambda k: dray.ParameterServer(tx, params, 2, shard=k, num_shards=2,
+                                        checkpoint_dir=str(tmp_path))
+  grads = [layout.split({"w": np.full(5, s, np.float32),
+                         "b": np.full(2, -s, np.float32)}) for s in range(5)]
+  live = [make(0), make(1)]
   for seq in range(3):
-    server.apply(seq % 2, seq // 2, grads[seq])
-  server.close()  # Saves step 3 too.
-  resumed = dray.ParameterServer(tx, params, 2, checkpoint_dir=tmp_path,
-                                 resume=True)
-  step, last_seq = resumed.progress()
-  assert step == 3 and list(last_seq) == [1, 0]
+    for k, server in enumerate(live):
+      server.apply(seq % 2, seq // 2, grads[seq][k])
+  assert [s.save() for s in live] == [3, 3]
+  for s in live:
+    s.close()
+  resumed = [make(0), make(1)]
+  assert [s.checkpoint_steps() for s in resumed] == [[3], [3]]
+  for s in resumed:
+    s.restore(3)
+    assert s.progress()[0] == 3 and s.progress()[1].tolist() == [1, 0]
   for seq in (3, 4):
-    server.apply(seq % 2, seq // 2, grads[seq])
-    resumed.apply(seq % 2, seq // 2, grads[seq])
-  chex.assert_trees_all_equal(server.result(), resumed.result())
-  with pytest.raises(ValueError, match="resume=True"):
-    dray.ParameterServer(tx, params, 2, checkpoint_dir=tmp_path)
+    for k in (0, 1):
+      live[k].apply(seq % 2, seq // 2, grads[seq][k])
+      resumed[k].apply(seq % 2, seq // 2, grads[seq][k])
+  chex.assert_trees_all_equal([s.result() for s in live],
+                              [s.result() for s in resumed])
 
 
-def test_server_checkpoints_are_private_to_their_owner(tmp_path):
+def test_checkpoint_directories_are_private_to_their_owner(tmp_path):
   directory = tmp_path / "runs" / "ckpt"
-  server = dray.ParameterServer(optax.sgd(0.1), {"w": np.ones(3, np.float32)},
-                                1, checkpoint_dir=directory)
-  server.apply(0, 0, {"w": np.ones(3, np.float32)})
-  server.close()
-  modes = {p.name: stat.S_IMODE(p.stat().st_mode)
-           for p in [directory, *directory.iterdir()] if p.is_dir()}
-  assert modes == {"ckpt": 0o700, "1": 0o700}
+  params = {"w": np.ones(3, np.float32), "b": np.zeros(2, np.float32)}
+  for k in range(2):
+    server = dray.ParameterServer(optax.sgd(0.1), params, 1, shard=k,
+                                  num_shards=2, checkpoint_dir=str(directory))
+    server.save()
+    server.close()
+  # Owner only: the run's directory, each shard's, each step's.
+  for path in ["", "shard-0-of-2", "shard-0-of-2/0", "shard-1-of-2",
+               "shard-1-of-2/0"]:
+    assert stat.S_IMODE((directory / path).stat().st_mode) == 0o700, path

@@ -1,4 +1,4 @@
-"""scale_by_inverse_staleness: u / max(tau, 1) under jit, and bad input."""
+"""scale_by_staleness (and its alias scale_by_inverse_staleness) under jit, and bad input."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import dcasgd_optax
+import reference
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -34,3 +35,52 @@ def test_negative_concrete_staleness_is_rejected():
   tx = dcasgd_optax.scale_by_inverse_staleness()
   with pytest.raises(ValueError, match="staleness"):
     tx.update({"w": jnp.ones(2)}, tx.init(None), staleness=-1)
+
+
+# --- scale_by_staleness: every rule against its formula ----------------------
+
+RULES = ("inverse", "sqrt", "delay_adaptive")
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_each_rule_scales_by_its_formula_under_jit(rule):
+  n = 4
+  tx = dcasgd_optax.scale_by_staleness(rule, num_workers=n)
+  updates = {"a": jnp.array([1.0, -3.0]), "b": jnp.array(6.0)}
+  step = jax.jit(lambda u, tau: tx.update(u, tx.init(None), staleness=tau)[0])
+  for tau in (0, 1, 3, 4, 7, 30):
+    got = step(updates, jnp.int32(tau))
+    scale = reference.staleness_scale(rule, tau, n)
+    for name, u in updates.items():
+      np.testing.assert_allclose(got[name], np.asarray(u) * scale, rtol=1e-6)
+
+
+def test_inverse_alias_gives_identical_results():
+  alias = dcasgd_optax.scale_by_inverse_staleness()
+  rule = dcasgd_optax.scale_by_staleness("inverse")
+  updates = {"w": jnp.linspace(-1.0, 1.0, 5)}
+  for tau in range(5):
+    a, _ = alias.update(updates, alias.init(None), staleness=tau)
+    b, _ = rule.update(updates, rule.init(None), staleness=tau)
+    assert a["w"].tobytes() == b["w"].tobytes()
+  assert dcasgd_optax.ScaleByInverseStalenessState is dcasgd_optax.ScaleByStalenessState
+
+
+def test_delay_adaptive_keeps_the_full_step_up_to_n_workers():
+  tx = dcasgd_optax.scale_by_staleness("delay_adaptive", num_workers=8)
+  u = {"w": jnp.ones(1)}
+  scales = [float(tx.update(u, tx.init(None), staleness=t)[0]["w"][0])
+            for t in (0, 8, 16)]
+  np.testing.assert_allclose(scales, [1.0, 1.0, 0.5])
+
+
+def test_unknown_rule_lists_the_valid_ones():
+  with pytest.raises(ValueError, match="`rule` must be one of 'inverse', 'sqrt'"):
+    dcasgd_optax.scale_by_staleness("linear")
+
+
+def test_delay_adaptive_needs_num_workers():
+  with pytest.raises(ValueError, match="`num_workers` is required"):
+    dcasgd_optax.scale_by_staleness("delay_adaptive")
+  with pytest.raises(ValueError, match="`num_workers`"):
+    dcasgd_optax.scale_by_staleness("delay_adaptive", num_workers=0)

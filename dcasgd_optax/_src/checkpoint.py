@@ -163,6 +163,10 @@ class Checkpointer:
     """The step of the newest complete checkpoint, or ``None`` if none."""
     return self._manager.latest_step()
 
+  def steps(self) -> list[int]:
+    """The steps of all complete checkpoints kept, oldest first."""
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, tree: Any, *, metadata: Any = None) -> bool:
     """Starts saving ``tree`` (and ``metadata``) under ``step``.
 
@@ -217,8 +221,14 @@ class Checkpointer:
         between the checkpoint and ``like``.
     """
     step = self._manager.latest_step()
-    if step is None:
-      return None
+    return None if step is None else self.restore(step, like)
+
+  def restore(self, step: int, like: Any) -> Restored:
+    """The checkpoint of ``step`` (one of :meth:`steps`), shaped like ``like``.
+
+    Raises:
+      ValueError: as :meth:`restore_latest`.
+    """
     record = self._manager.restore(
         step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()})
     )[_METADATA]

@@ -160,15 +160,83 @@ def delay_compensation(
     _checks.check_scalar_range(
         "correction_clip", correction_clip, low=0.0, low_inclusive=False
     )
-  if lambda_ is None:
-    lambda_ = 2.0 if adaptive else 0.04
+  lambda_ = default_lambda(lambda_, adaptive)
   _checks.check_scalar_range("lambda_", lambda_, low=0.0)
   _checks.check_scalar_range("decay", decay, low=0.0, high=1.0)
   _checks.check_scalar_range("eps", eps, low=0.0, low_inclusive=False)
   check_backup_dtype(backup_dtype)
-  skip = _is_static_zero(lambda_)
   stats = MeanSquareSpec(decay if adaptive else None, per_worker_mean_square)
+  correct = compensation_correction(
+      lambda_, adaptive=adaptive, decay=decay, eps=eps,
+      bias_correction=bias_correction, lambda_warmup=lambda_warmup,
+      correction_clip=correction_clip,
+  )
+  return backups_transformation(num_workers, backup_dtype, stats, correct)
+
+
+def default_lambda(lambda_: Any, adaptive: bool) -> Any:
+  """``lambda_``, or the paper's default for the variant when it is None."""
+  if lambda_ is None:
+    return 2.0 if adaptive else 0.04
+  return lambda_
+
+
+def compensation_correction(
+    lambda_: Any,
+    *,
+    adaptive: bool,
+    decay: Any,
+    eps: Any,
+    bias_correction: bool,
+    lambda_warmup: Any,
+    correction_clip: Any,
+) -> Any:
+  """:func:`delay_compensation`'s ``correct`` (see :func:`backups_transformation`).
+
+  Its arguments, already validated and ``lambda_`` resolved. The fused full
+  optimizer applies the same function to blocks of each parameter, so both
+  compute the same numbers.
+  """
+  skip = _is_static_zero(lambda_)
   warmup = not _is_static_zero(lambda_warmup)
+
+  def correct(updates, params, held, ms, count, state):
+    lam = jax.tree.map(lambda _: lambda_, updates)
+    if adaptive:
+      if bias_correction:
+        ms = jax.tree.map(lambda x: x / (1 - decay**count), ms)
+      lam = jax.tree.map(lambda x: lambda_ / jnp.sqrt(x + eps), ms)
+    if warmup:
+      lam = _warm_up(lam, jnp.sum(state.count), lambda_warmup)
+    if skip:
+      return updates
+    compensate = functools.partial(_compensate, clip=correction_clip)
+    return jax.tree.map(compensate, updates, params, held, lam)
+
+  return correct
+
+
+def backups_transformation(
+    num_workers: int, backup_dtype: Any, stats: MeanSquareSpec, correct: Any
+) -> optax.GradientTransformationExtraArgs:
+  """A transformation that keeps per-worker backups and corrects with them.
+
+  What :func:`delay_compensation` and :func:`gap_aware` share: the
+  :class:`DelayCompensationState`, the checks, the worker's backup, the mean
+  square and count, and NaN updates for a traced out-of-range worker.
+
+  Args:
+    num_workers: number of workers (checked by the caller).
+    backup_dtype: dtype of the backups, or ``None`` for each param's.
+    stats: which mean square the state keeps.
+    correct: ``correct(updates, params, held, ms, count, state)`` returns
+      the corrected updates, given the worker's backup ``held``, the mean
+      square ``ms`` this update sees and its ``count``, and the new state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
+    ``(updates, state, params, *, worker, **extra_args)``.
+  """
 
   def init_fn(params):
     return init_state(params, num_workers, backup_dtype, stats)
@@ -180,17 +248,7 @@ def delay_compensation(
     ms, count, state = next_mean_square(
         state, updates, worker, num_workers, stats
     )
-    lam = jax.tree.map(lambda _: lambda_, updates)
-    if adaptive:
-      if bias_correction:
-        ms = jax.tree.map(lambda x: x / (1 - decay ** count), ms)
-      lam = jax.tree.map(lambda x: lambda_ / jnp.sqrt(x + eps), ms)
-    if warmup:
-      lam = _warm_up(lam, jnp.sum(state.count), lambda_warmup)
-    out = updates
-    if not skip:
-      compensate = functools.partial(_compensate, clip=correction_clip)
-      out = jax.tree.map(compensate, updates, params, held, lam)
+    out = correct(updates, params, held, ms, count, state)
     return nan_unless(worker_is_valid(worker, num_workers), out), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -314,16 +372,18 @@ def next_mean_square(
     ms = held_by(ms, worker, num_workers)
     count = held_by(count, worker, num_workers)
   if stats.decay is not None:
-    d = stats.decay
-    ms = jax.tree.map(
-        lambda m, g: d * m + (1 - d) * jnp.square(g.astype(m.dtype)), ms, grads
-    )
+    ms = jax.tree.map(lambda m, g: fold_square(m, g, stats.decay), ms, grads)
   count = count + 1
   new_state = state._replace(
       mean_square=_store(state.mean_square, ms, worker, valid, stats),
       count=_store(state.count, count, worker, valid, stats),
   )
   return ms, count, new_state
+
+
+def fold_square(ms: Any, g: Any, decay: Any) -> Any:
+  """One step of the running mean of ``g * g``: ``d * ms + (1 - d) * g * g``."""
+  return decay * ms + (1 - decay) * jnp.square(g.astype(ms.dtype))
 
 
 def _store(old: Any, new: Any, worker: Any, valid: Any,

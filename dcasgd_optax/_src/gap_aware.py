@@ -10,13 +10,8 @@ import optax
 
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src.delay_compensation import MeanSquareSpec
+from dcasgd_optax._src.delay_compensation import backups_transformation
 from dcasgd_optax._src.delay_compensation import check_backup_dtype
-from dcasgd_optax._src.delay_compensation import check_update
-from dcasgd_optax._src.delay_compensation import held_by
-from dcasgd_optax._src.delay_compensation import init_state
-from dcasgd_optax._src.delay_compensation import nan_unless
-from dcasgd_optax._src.delay_compensation import next_mean_square
-from dcasgd_optax._src.delay_compensation import worker_is_valid
 
 
 def gap_aware(
@@ -92,17 +87,16 @@ def gap_aware(
   _checks.check_scalar_range("eps", eps, low=0.0, low_inclusive=False)
   check_backup_dtype(backup_dtype)
   stats = MeanSquareSpec(decay)
+  correct = gap_correction(step_size, decay=decay, eps=eps)
+  return backups_transformation(num_workers, backup_dtype, stats, correct)
 
-  def init_fn(params):
-    return init_state(params, num_workers, backup_dtype, stats)
 
-  def update_fn(updates, state, params=None, *, worker=None, **extra_args):
-    del extra_args
-    check_update(updates, state, params, worker, num_workers)
-    held = held_by(state.backups, worker, num_workers)
-    v, count, state = next_mean_square(
-        state, updates, worker, num_workers, stats
-    )
+def gap_correction(step_size: Any, *, decay: Any, eps: Any) -> Any:
+  """:func:`gap_aware`'s ``correct`` (arguments validated; see
+  :func:`backups_transformation`), shared with the fused full optimizer."""
+
+  def correct(updates, params, held, v, count, state):
+    del state
     correction = 1 - decay**count
 
     def damp(g, w, b, v):
@@ -110,7 +104,6 @@ def gap_aware(
       gap = jnp.abs(w.astype(v.dtype) - b.astype(v.dtype)) / scale
       return (g.astype(v.dtype) / (1 + gap)).astype(g.dtype)
 
-    out = jax.tree.map(damp, updates, params, held, v)
-    return nan_unless(worker_is_valid(worker, num_workers), out), state
+    return jax.tree.map(damp, updates, params, held, v)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return correct

@@ -16,11 +16,14 @@ except ModuleNotFoundError as e:
 del _ocp, _ray
 
 from dcasgd_optax.ray._cluster import connect
-from dcasgd_optax.ray._driver import UpdateRecords
-from dcasgd_optax.ray._train import TrainResult
-from dcasgd_optax.ray._train import train
+from dcasgd_optax.ray._layout import Layout
+from dcasgd_optax.ray._layout import make_layout
+from dcasgd_optax.ray._records import UpdateRecords
 from dcasgd_optax.ray._server import ApplyInfo
 from dcasgd_optax.ray._server import ParameterServer
+from dcasgd_optax.ray._server import Pulled
+from dcasgd_optax.ray._train import TrainResult
+from dcasgd_optax.ray._train import train
 from dcasgd_optax.ray._worker import GradientMeta
 from dcasgd_optax.ray._worker import GradientWorker
 
@@ -28,9 +31,12 @@ __all__ = (
     "ApplyInfo",
     "GradientMeta",
     "GradientWorker",
+    "Layout",
     "ParameterServer",
+    "Pulled",
     "TrainResult",
     "UpdateRecords",
     "connect",
+    "make_layout",
     "train",
 )

@@ -1,10 +1,14 @@
-"""Saving and restoring the parameter server's state with orbax-checkpoint.
+"""One server shard's state, and where its checkpoints go.
 
-A checkpoint is one pytree ``{params, opt_state, step, last_seq,
-pulled_step}`` of host (NumPy) arrays, written by ``ocp.CheckpointManager``
-under ``checkpoint_dir/<step>``. Saves are asynchronous: the arrays are
-copied to host memory first, so the server may keep donating its device
-buffers while orbax writes.
+Shard ``k`` of ``K`` saves with the project's
+:class:`~dcasgd_optax.checkpoint.Checkpointer` under
+``checkpoint_dir/shard-k-of-K/<step>`` (directories readable by their owner
+only). The driver saves every shard at the same step, when no gradient is in
+flight (see :mod:`_driver`), so the checkpoints of one step are consistent
+with each other; a run resumes from the latest step that every shard holds.
+Orbax cannot save empty arrays (the leaves a shard does not hold, see
+:mod:`_layout`): only the non-empty leaves are saved, keyed by their index
+in the state's leaves, and the empty ones are rebuilt from the template.
 """
 
 from __future__ import annotations
@@ -14,70 +18,66 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-# Checkpoint directories: owner only (they hold the model and optimizer state).
-_DIR_MODE = 0o700
+from dcasgd_optax._src.checkpoint import Checkpointer
 
 
 class ServerState(NamedTuple):
-  """Everything a parameter server needs to continue a run.
+  """Everything a parameter-server shard needs to continue a run.
 
   Attributes:
-    params: the global model, a pytree.
-    opt_state: the optax state (holding the per-worker backups, if any).
-    step: number of updates applied so far, int64 scalar.
-    last_seq: int64 ``[num_workers]``, the sequence number of the last
-      gradient applied from each worker (-1 before its first).
-    pulled_step: int64 ``[num_workers]``, the ``step`` at which each worker
-      last pulled the params (its gradient's staleness is measured from it).
+    params: the shard's part of the model (its shard tree, see
+      :mod:`_layout`).
+    opt_state: the optax state of that part (holding its slice of each
+      worker's backup, if any).
+    step: int64 ``[]``, gradients processed so far.
+    last_seq: int64 ``[num_workers]``, the seq of the last gradient processed
+      from each worker (-1 before its first).
+    last_pull: int64 ``[num_workers]``, the ``step`` at which each worker
+      last pulled (its next gradient's staleness is measured from it).
   """
 
   params: Any
   opt_state: Any
   step: Any
   last_seq: Any
-  pulled_step: Any
+  last_pull: Any
 
 
-def _to_host(state: ServerState) -> dict[str, Any]:
-  # np.array copies, so later donation of the server's buffers is safe.
-  return jax.tree.map(np.array, state._asdict())
+def shard_directory(checkpoint_dir: str, shard: int, num_shards: int) -> str:
+  """Where shard ``shard`` of ``num_shards`` keeps its checkpoints."""
+  return os.path.join(os.path.abspath(os.fspath(checkpoint_dir)),
+                      f"shard-{shard}-of-{num_shards}")
 
 
-def open_manager(
-    directory: str, *, max_to_keep: int = 2
-) -> ocp.CheckpointManager:
-  """A CheckpointManager writing to ``directory`` (created if missing).
+def open_shard(checkpoint_dir: str, shard: int, num_shards: int) -> Checkpointer:
+  """The Checkpointer of one shard, creating ``checkpoint_dir`` if missing.
 
-  ``directory`` (if this creates it) and every step directory get mode
-  ``0o700``: a checkpoint holds the whole model and optimizer state, readable
-  by its owner only.
+  A directory created here gets mode ``0o700`` (owner only), like the shard
+  and step directories the Checkpointer creates: checkpoints hold the model.
   """
-  directory = os.path.abspath(os.fspath(directory))
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep,
-      create=True,
-      file_options=ocp.options.FileOptions(path_permission_mode=_DIR_MODE),
-  )
-  return ocp.CheckpointManager(directory, options=options)
+  os.makedirs(os.path.abspath(os.fspath(checkpoint_dir)), mode=0o700,
+              exist_ok=True)
+  return Checkpointer(shard_directory(checkpoint_dir, shard, num_shards))
 
 
-def save(manager: ocp.CheckpointManager, state: ServerState) -> None:
-  """Starts an asynchronous save of ``state`` under its step."""
-  step = int(state.step)
-  if manager.latest_step() == step:
-    return
-  manager.save(step, args=ocp.args.StandardSave(_to_host(state)))
+def _nonempty(state: ServerState) -> dict[str, Any]:
+  return {f"{i:06d}": x for i, x in enumerate(jax.tree.leaves(state))
+          if np.size(x)}
 
 
-def restore_latest(
-    manager: ocp.CheckpointManager, like: ServerState
-) -> ServerState | None:
-  """The latest checkpoint, shaped like ``like``; None if there is none."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_host(like))
-  tree = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  return ServerState(**tree)
+def save(checkpointer: Checkpointer, state: ServerState) -> None:
+  """Starts saving ``state`` under its step (copied first: safe to donate)."""
+  checkpointer.save(int(state.step), _nonempty(state))
+
+
+def restore(checkpointer: Checkpointer, step: int,
+            like: ServerState) -> ServerState:
+  """The checkpoint of ``step``, shaped like ``like`` (NumPy leaves)."""
+  leaves, treedef = jax.tree.flatten(like)
+  template = {k: np.empty(np.shape(x), x.dtype)
+              for k, x in _nonempty(like).items()}
+  saved = checkpointer.restore(step, template).tree
+  keys = [f"{i:06d}" for i in range(len(leaves))]
+  return jax.tree.unflatten(treedef, [
+      saved[k] if k in saved else np.asarray(x) for k, x in zip(keys, leaves)])

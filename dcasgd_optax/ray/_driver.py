@@ -1,129 +1,155 @@
-"""The driver's loop: one gradient in flight per worker, no barrier.
+"""The driver: starts the workers' loops, watches them, stops them.
 
-It takes whichever gradient is ready first (``ray.wait``), has the server
-apply it with that worker's id, and hands the new params straight to that
-worker (an ``ObjectRef`` the worker resolves itself, so params never pass
-through the driver). It also restarts failed workers and collects the
-records of every update.
+It is on no gradient's or parameter's path: workers push to the shards and
+take the new params from their replies (:mod:`_worker`). The driver asks the
+shards for every worker's first pull (so all start at the same step), starts
+one :meth:`GradientWorker.run` per worker, restarts the loop of a worker
+that died (Ray restarts the actor), and, every ``checkpoint_every`` updates,
+lets the workers' loops run dry (the first shard stops granting tickets),
+saves every shard at that same step and starts them again.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import ray
 
-from dcasgd_optax.ray._server import ApplyInfo
-from dcasgd_optax.ray._worker import GradientMeta
-
 _log = logging.getLogger(__name__)
-# How often the loop checks on restarting workers.
+# How often the driver looks at the run when nothing finishes.
 _POLL_S = 1.0
-# The loop fetches the server's ApplyInfos in batches of about this many.
-_COLLECT_EVERY = 512
 
 
-class UpdateRecords(NamedTuple):
-  """One entry per update applied in this run, in the server's order.
-
-  Attributes:
-    step: int64 ``[U]``, the server step after the update (1, 2, ...).
-    worker: int64 ``[U]``, whose gradient it was.
-    seq: int64 ``[U]``, that worker's gradient number (0, 1, ...).
-    staleness: int64 ``[U]``, server updates between the worker's pull and
-      this update (0 for a fresh gradient).
-    loss: float32 ``[U]``, the worker's minibatch loss at the params it
-      pulled.
-    time: float64 ``[U]``, seconds from the start of the run to the update
-      (the server's wall clock against the driver's).
-    compute_time: float64 ``[U]``, seconds the worker spent loading the batch
-      and computing the gradient.
-    server_time: float64 ``[U]``, seconds the server spent applying it and
-      serving the worker's pull.
-  """
-
-  step: np.ndarray
-  worker: np.ndarray
-  seq: np.ndarray
-  staleness: np.ndarray
-  loss: np.ndarray
-  time: np.ndarray
-  compute_time: np.ndarray
-  server_time: np.ndarray
+class ShardDiedError(RuntimeError):
+  """A server shard died; the run must resume from a checkpoint."""
 
 
 class Driver:
-  """The asynchronous loop: one gradient in flight per worker, no barrier.
+  """Watches one run: the shards, the workers and their loops.
 
-  ``inflight`` maps each pending ref to ``(worker, seq, grads)``: the ``meta``
-  ref of a gradient being computed (``grads`` its ref), or, after a worker
-  failed, the ref of its ``ready`` call (``grads`` None), which Ray retries
-  until the restarted actor answers; only then does the worker pull.
+  Args:
+    shards: the server shards' actor handles (shard 0 grants tickets).
+    workers: the workers' actor handles.
+    restart_timeout_s: fail if a dead worker is not back this much later.
+    pinned: object refs the workers' constructors need (kept alive so Ray
+      can restart them).
   """
 
-  def __init__(self, server, workers, restart_timeout_s: float,
+  def __init__(self, shards, workers, restart_timeout_s: float,
                pinned: Any = ()):
-    self.server = server
+    self.shards = shards
     self.workers = workers
     self.restart_timeout_s = restart_timeout_s
-    self.pinned = pinned  # Object refs the workers' constructors need.
+    self.pinned = pinned
     self.failures = np.zeros(len(workers), np.int64)
-    self.inflight: dict[Any, tuple[int, int, Any]] = {}
-    self.restarting: dict[int, float] = {}  # worker -> when it failed
-    # Updates sent to the server: ApplyInfo refs, fetched in batches.
-    self.pending: list[tuple[Any, GradientMeta]] = []
-    self.applied: list[tuple[ApplyInfo, GradientMeta]] = []
+    self.loops: dict[Any, int] = {}  # run() ref -> worker
+    self.restarting: dict[Any, tuple[int, float]] = {}  # ready ref -> ...
+    self.log_every: int | None = None
+    self._logged = 0
 
-  @property
-  def num_sent(self) -> int:
-    return len(self.applied) + len(self.pending)
+  def wait_for_actors(self) -> tuple[int, np.ndarray]:
+    """Waits for every actor to start; returns the shards' common progress."""
+    ray.get([w.ready.remote() for w in self.workers])
+    return self.progress()
 
-  def collect(self, keep: int = 0) -> None:
-    """Fetches the ApplyInfos of all but the last ``keep`` updates sent."""
-    done, self.pending = self.pending[:len(self.pending) - keep], (
-        self.pending[len(self.pending) - keep:])
+  def progress(self) -> tuple[int, np.ndarray]:
+    """``(step, last_seq)`` of the shards; raises if they disagree."""
     try:
-      infos = ray.get([info for info, _ in done])
-    except ray.exceptions.RayActorError:
-      self.check_server()
-      raise
-    if not all(i.applied for i in infos):
-      raise RuntimeError("A gradient was pushed twice; this is a bug.")
-    self.applied += [(i, meta) for i, (_, meta) in zip(infos, done)]
+      states = ray.get([s.progress.remote() for s in self.shards])
+    except ray.exceptions.RayActorError as e:
+      raise self._shard_died() from e
+    step, last_seq = states[0]
+    for k, (other_step, other_seq) in enumerate(states[1:], 1):
+      if other_step != step or not np.array_equal(other_seq, last_seq):
+        raise RuntimeError(
+            f"Shards 0 and {k} disagree (steps {step} and {other_step}); "
+            "this is a bug."
+        )
+    return step, last_seq
 
-  def submit(self, worker: int, seq: int, pulled: Any) -> None:
-    """Has ``worker`` compute gradient ``seq`` at ``pulled`` (a ref)."""
-    compute = self.workers[worker].compute.options(num_returns=2)
-    meta, grads = compute.remote(seq, pulled)
-    self.inflight[meta] = (worker, seq, grads)
+  def _shard_died(self) -> ShardDiedError:
+    dead = []
+    for k, s in enumerate(self.shards):
+      try:
+        ray.get(s.progress.remote(), timeout=30)
+      except (ray.exceptions.RayError, TimeoutError):
+        dead.append(k)
+    return ShardDiedError(
+        f"Server shard(s) {dead} died; rerun `train` with the same "
+        "`checkpoint_dir` and `resume=True` to continue from the last step "
+        "that every shard saved."
+    )
 
-  def check_server(self) -> None:
-    """Raises a RuntimeError saying how to resume if the server is dead."""
+  def start(self, progress: tuple[int, np.ndarray]) -> None:
+    """Every worker pulls from every shard, then its loop starts."""
+    _, last_seq = progress
+    pulls = [[s.pull.remote(m) for s in self.shards]
+             for m in range(len(self.workers))]
+    # All first pulls happen before any push (fetch_local: data stays put).
+    flat = [r for refs in pulls for r in refs]
+    ray.wait(flat, num_returns=len(flat), fetch_local=False)
+    for m, refs in enumerate(pulls):
+      run = self.workers[m].run.remote(0, int(last_seq[m]) + 1, *refs)
+      self.loops[run] = m
+
+  def resume_loops(self) -> None:
+    """Starts every worker's loop again (after a checkpoint)."""
+    for m, w in enumerate(self.workers):
+      self.loops[w.run.remote(int(self.failures[m]))] = m
+
+  def wait_loops(self) -> None:
+    """Returns when every worker's loop has run out of tickets."""
+    while self.loops or self.restarting:
+      pending = [*self.loops, *self.restarting]
+      ready, _ = ray.wait(pending, num_returns=1, timeout=_POLL_S)
+      if not ready and self.log_every:
+        self._log_progress()
+      for ref in ready:
+        if ref in self.loops:
+          self._loop_ended(ref, self.loops.pop(ref))
+        else:
+          self._restarted(ref, *self.restarting.pop(ref))
+      self._check_restarts()
+
+  def _loop_ended(self, ref: Any, worker: int) -> None:
     try:
-      ray.get(self.server.progress.remote())
+      ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+      # Raised inside the loop: a shard died or rejected a push, or the
+      # user's loss_fn or data_fn raised.
+      if isinstance(e, ray.exceptions.RayActorError):
+        raise self._shard_died() from e
+      raise RuntimeError(f"Worker {worker} failed: {e}") from e
+    except ray.exceptions.RayActorError as e:  # The worker itself died.
+      self.failures[worker] += 1
+      _log.warning("Worker %d died (%s); it restarts and resumes.", worker,
+                   type(e).__name__)
+      ready = self.workers[worker].ready.options(max_task_retries=-1).remote()
+      self.restarting[ready] = (worker, time.monotonic())
+
+  def _restarted(self, ref: Any, worker: int, _: float) -> None:
+    try:
+      ray.get(ref)
     except ray.exceptions.RayActorError as e:
       raise RuntimeError(
-          "The parameter server died; rerun `train` with the same "
-          "`checkpoint_dir` and `resume=True` to continue from its last "
-          "checkpoint."
+          f"Worker {worker} died and could not be restarted (it failed "
+          f"{self.failures[worker]} times; see `max_restarts`)."
       ) from e
+    run = self.workers[worker].run.remote(int(self.failures[worker]))
+    self.loops[run] = worker
 
-  def failed(self, worker: int, seq: int, error: Exception) -> None:
-    """After ``worker``'s gradient ``seq`` was lost: wait for its restart."""
-    self.check_server()  # A dead server fails every worker's next task too.
-    self.failures[worker] += 1
-    _log.warning("Worker %d failed (%s); it restarts, pulls and resumes.",
-                 worker, error)
-    ready = self.workers[worker].ready.options(max_task_retries=-1).remote()
-    self.inflight[ready] = (worker, seq, None)
-    self.restarting[worker] = time.monotonic()
+  def _log_progress(self) -> None:
+    step, loss = ray.get(self.shards[0].recent_loss.remote(self.log_every))
+    if step // self.log_every > self._logged // self.log_every:
+      _log.info("update %d: mean loss of the last %d %.4f", step,
+                self.log_every, loss)
+      self._logged = step
 
-  def check_restarts(self) -> None:
-    """Raises if a failed worker has not come back in time."""
-    for worker, since in self.restarting.items():
+  def _check_restarts(self) -> None:
+    for worker, since in self.restarting.values():
       if time.monotonic() - since > self.restart_timeout_s:
         raise RuntimeError(
             f"Worker {worker} failed and has not restarted within "
@@ -131,70 +157,31 @@ class Driver:
             "free resources for it?)."
         )
 
-  def wait_for_actors(self) -> tuple[int, np.ndarray]:
-    """Waits for all actors to start; returns the server's progress."""
-    ray.get([w.ready.remote() for w in self.workers])
-    return ray.get(self.server.progress.remote())
+  def run(self, num_updates: int, checkpoint_every: int | None,
+          progress: tuple[int, np.ndarray]) -> None:
+    """Runs until every shard has processed exactly ``num_updates`` gradients."""
+    step = progress[0]
+    while True:
+      limit = num_updates
+      if checkpoint_every:
+        limit = min(limit, (step // checkpoint_every + 1) * checkpoint_every)
+      ray.get(self.shards[0].set_limit.remote(limit))
+      if step == progress[0]:
+        self.start(progress)
+      else:
+        self.resume_loops()
+      self.wait_loops()
+      step, _ = self.progress()
+      if step != limit:
+        raise RuntimeError(f"The shards stopped at step {step}, not {limit}; "
+                           "this is a bug.")
+      if step == num_updates:
+        return
+      self.save()
 
-  def next_gradient(self) -> tuple[int, int, Any, GradientMeta] | None:
-    """The first gradient to finish, or None if something else happened."""
-    ready, _ = ray.wait(list(self.inflight), num_returns=1,
-                        timeout=_POLL_S if self.restarting else None)
-    if not ready:
-      self.check_restarts()
-      return None
-    worker, seq, grads = self.inflight.pop(ready[0])
+  def save(self) -> None:
+    """Every shard saves its state (at the same step: nothing is in flight)."""
     try:
-      meta = ray.get(ready[0])
+      ray.get([s.save.remote() for s in self.shards])
     except ray.exceptions.RayActorError as e:
-      if grads is None:  # The worker's restarts are used up.
-        raise RuntimeError(
-            f"Worker {worker} died and could not be restarted (it failed "
-            f"{self.failures[worker]} times; see `max_restarts`)."
-        ) from e
-      self.failed(worker, seq, e)
-      return None
-    if grads is None:  # Restarted: pull the current params and go on.
-      del self.restarting[worker]
-      self.submit(worker, seq, self.server.pull.remote(worker))
-      return None
-    return worker, seq, grads, meta
-
-  def run(self, progress: tuple[int, np.ndarray], num_updates: int,
-          log_every: int | None) -> None:
-    """Applies gradients until the server's step is exactly ``num_updates``."""
-    step, last_seq = progress
-    remaining = num_updates - step
-    for m in range(min(len(self.workers), remaining)):
-      self.submit(m, int(last_seq[m]) + 1, self.server.pull.remote(m))
-    while self.num_sent < remaining:
-      got = self.next_gradient()
-      if got is None:
-        continue
-      worker, seq, grads, meta = got
-      info, pulled = self.server.apply.options(num_returns=2).remote(
-          worker, seq, grads)
-      self.pending.append((info, meta))
-      if self.num_sent + len(self.inflight) < remaining:
-        self.submit(worker, seq + 1, pulled)
-      if len(self.pending) >= 2 * _COLLECT_EVERY:
-        self.collect(keep=_COLLECT_EVERY)  # Those are long done.
-      if log_every and self.num_sent % log_every == 0:
-        _log.info("update %d: worker %d loss %.4f", step + self.num_sent,
-                  worker, meta.loss)
-    self.collect()
-
-  def records(self, start_time: float) -> UpdateRecords:
-    """The records of every update applied."""
-    infos = [info for info, _ in self.applied]
-    metas = [meta for _, meta in self.applied]
-    return UpdateRecords(
-        step=np.array([i.step for i in infos], np.int64),
-        worker=np.array([m.worker for m in metas], np.int64),
-        seq=np.array([m.seq for m in metas], np.int64),
-        staleness=np.array([i.staleness for i in infos], np.int64),
-        loss=np.array([m.loss for m in metas], np.float32),
-        time=np.array([i.time - start_time for i in infos], np.float64),
-        compute_time=np.array([m.seconds for m in metas], np.float64),
-        server_time=np.array([i.seconds for i in infos], np.float64),
-    )
+      raise self._shard_died() from e

@@ -1,13 +1,24 @@
-"""The parameter server: global params and optax state, one update per push.
+"""A parameter-server shard: its part of the params and optax state.
 
-``ParameterServer`` is a plain class; :func:`dcasgd_optax.ray.train` runs it
-as a Ray actor, and tests call it directly. Its methods run one at a time
-(a synchronous actor), so every update sees the result of the previous one.
-Params travel as NumPy pytrees (the Ray object store reads them zero-copy).
+``ParameterServer`` is a plain class; :func:`dcasgd_optax.ray.train` runs
+``num_shards`` of them as Ray actors (shard ``k`` holds the pieces that
+:mod:`_layout` assigns it), and tests call it directly. Its methods run one
+at a time (a synchronous actor), so every update sees the result of the
+previous one. Pieces travel as lists of NumPy arrays (the Ray object store
+reads them zero-copy; they are never written to in place).
+
+Every push is checked before any state is touched: the worker id, its
+restart ``epoch``, that ``seq`` is the next one expected from that worker,
+and each piece's shape and dtype. A bad push raises ``ValueError`` (or
+``TypeError``) naming the worker, and the shard stays usable. A gradient that
+is not finite (or that its worker flagged as such) is skipped: it counts as
+processed (the step advances), but params and optax state keep their
+values; the worker's pull is still recorded.
 """
 
 from __future__ import annotations
 
+import numbers
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -17,211 +28,418 @@ import numpy as np
 import optax
 
 from dcasgd_optax._src import _checks
-from dcasgd_optax.ray import _checkpoint
 from dcasgd_optax._src.delay_compensation import num_workers_of
 from dcasgd_optax._src.pull import find_states
+from dcasgd_optax._src.pull import pull as pull_hook
 from dcasgd_optax._src.pull import record_pull
+from dcasgd_optax.ray import _layout
+from dcasgd_optax.ray import _records
+from dcasgd_optax.ray import _checkpoint
+from dcasgd_optax.ray._admission import Admission
 from dcasgd_optax.ray._checkpoint import ServerState
 
 
-class ApplyInfo(NamedTuple):
-  """What the server did with one pushed gradient.
+class Pulled(NamedTuple):
+  """What a worker receives from one shard when it pulls.
 
   Attributes:
-    applied: False if the gradient was a duplicate (its ``(worker, seq)`` was
-      applied before) and was ignored.
-    step: the server step after this push (unchanged if not applied).
-    staleness: server updates since the worker pulled the params its
-      gradient was computed at.
-    time: the server's ``time.time()`` when the update finished.
-    seconds: time spent applying it and serving the worker's pull (the jitted
-      steps and the host copy of the params; Ray's serialization of the
-      returned params happens after the method returns and is not counted).
+    step: the shard's step when the worker pulled.
+    params: the shard's pieces of the params, NumPy arrays in the wire dtype.
+    ticket: whether the worker may compute its next gradient (decided by
+      the first shard; the others always say True).
   """
 
-  applied: bool
+  step: int
+  params: list[np.ndarray]
+  ticket: bool
+
+
+class ApplyInfo(NamedTuple):
+  """What a shard did with one pushed gradient.
+
+  Attributes:
+    status: ``"applied"``; ``"skipped"`` (not finite: processed, not
+      applied); or ``"stale"`` (sent by a worker's earlier incarnation, from
+      before it restarted: ignored, nothing changed).
+    step: the shard's step after this push.
+    staleness: updates this shard applied between the worker's pull and
+      this push.
+    time: the shard's ``time.time()`` when it was done.
+    seconds: time spent on it, the worker's pull included.
+  """
+
+  status: str
   step: int
   staleness: int
   time: float
   seconds: float
 
 
-def check_tx_workers(tx: Any, params: Any, num_workers: int) -> None:
-  """Raises unless every DelayCompensationState in ``tx`` has ``num_workers`` backups."""
+def resolve_num_workers(tx: Any, params: Any, num_workers: int | None) -> int:
+  """The number of workers: given, or read from ``tx``'s backups; checked.
+
+  Raises:
+    ValueError: if ``tx`` keeps backups for another number of workers, or
+      if it keeps none and ``num_workers`` is None.
+  """
   shapes = jax.eval_shape(optax.with_extra_args_support(tx).init, params)
-  for state in find_states(shapes):
-    if num_workers_of(state) not in (None, num_workers):
+  counts = {num_workers_of(s) for s in find_states(shapes)} - {None}
+  if num_workers is None:
+    if len(counts) != 1:
       raise ValueError(
-          f"`tx` keeps backups for {num_workers_of(state)} workers, but "
-          f"`num_workers` is {num_workers}; build tx with the same count."
+          "`num_workers` is None, but `tx` keeps no per-worker backups to "
+          "read it from (or several counts); pass `num_workers`."
       )
-
-
-def _has_backups(tx: optax.GradientTransformation, params: Any) -> bool:
-  return bool(find_states(jax.eval_shape(tx.init, params)))
-
-
-def _make_steps(tx: Any, has_backups: bool) -> tuple[Callable, Callable]:
-  """The jitted apply and pull steps, closing over ``tx``."""
-
-  def apply_step(params, opt_state, grads, worker, staleness):
-    updates, opt_state = tx.update(
-        grads, opt_state, params, worker=worker, staleness=staleness
+    return counts.pop()
+  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  if counts - {num_workers}:
+    raise ValueError(
+        f"`tx` keeps backups for {counts.pop()} workers, but `num_workers` "
+        f"is {num_workers}; build tx with the same count."
     )
-    return optax.apply_updates(params, updates), opt_state
-
-  def pull_step(params, opt_state, worker):
-    if has_backups:  # Without backups nothing needs to know who holds what.
-      opt_state = record_pull(opt_state, params, worker)
-    return opt_state
-
-  return (
-      jax.jit(apply_step, donate_argnums=(0, 1)),
-      jax.jit(pull_step, donate_argnums=(1,)),
-  )
+  return num_workers
 
 
-def _to_numpy(tree: Any) -> Any:
-  # A copy, not a view: the next step donates the device buffers.
-  return jax.tree.map(np.array, tree)
+def check_wire_dtype(wire_dtype: Any) -> np.dtype | None:
+  """``None``, or the floating dtype pieces are sent in (e.g. bfloat16)."""
+  if wire_dtype is None:
+    return None
+  try:
+    dtype = np.dtype(jnp.dtype(wire_dtype))
+  except TypeError as e:
+    raise TypeError(f"`wire_dtype` must be a floating dtype or None, got "
+                    f"{wire_dtype!r}.") from e
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"`wire_dtype` must be a floating dtype or None, got "
+                    f"{wire_dtype!r}.")
+  return dtype
+
+
+def _make_steps(tx: Any, layout: _layout.Layout, shard: int,
+                wire: np.dtype | None, has_backups: bool
+                ) -> tuple[Callable, Callable]:
+  """The jitted ``apply`` (update, then pull) and ``pull`` of one shard."""
+  specs = _layout.piece_specs(layout, shard)
+
+  def on_wire(x):
+    return x if wire is None else x.astype(wire)
+
+  def pull(params, opt_state, worker):
+    """The worker's pull (dcasgd_optax.pull: maybe a look-ahead), on the wire."""
+    pulled = params
+    if has_backups:
+      pulled, recorded = pull_hook(opt_state, params, worker)
+      if wire is None:
+        opt_state = recorded
+      else:  # The worker holds the rounded params: record those instead.
+        pulled = jax.tree.map(lambda x: on_wire(x).astype(x.dtype), pulled)
+        opt_state = record_pull(opt_state, pulled, worker)
+    return opt_state, [on_wire(x) for x in _layout.owned(layout, shard, pulled)]
+
+  def apply(params, opt_state, grads, worker, staleness, finite):
+    grads = [g.astype(d) for g, (_, d) in zip(grads, specs)]
+    finite = jnp.logical_and(
+        finite, jnp.all(jnp.array([jnp.isfinite(g).all() for g in grads])))
+    grads = _layout.shard_tree(layout, shard, grads)
+
+    def update(operand):
+      params, opt_state = operand
+      updates, opt_state = tx.update(grads, opt_state, params, worker=worker,
+                                     staleness=staleness)
+      return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(finite, update, lambda o: o,
+                                     (params, opt_state))
+    # Pull even if tx's update pulled already (a PullAfterPush): redundant
+    # then, not wrong, and it keeps skipped updates and wire rounding right.
+    opt_state, pulled = pull(params, opt_state, worker)
+    return params, opt_state, pulled, finite
+
+  return (jax.jit(apply, donate_argnums=(0, 1)),
+          jax.jit(pull, donate_argnums=(1,)))
 
 
 class ParameterServer:
-  """Holds the params and the optax state; applies gradients as they arrive.
+  """Holds one shard of the params and optax state; applies pushes as they come.
 
   Args:
     tx: any optax transformation. Its ``update`` gets ``params`` and the
       keywords ``worker`` and ``staleness`` (transformations that take no
       extra arguments are wrapped with ``optax.with_extra_args_support``).
       If its state holds a :class:`DelayCompensationState`, each worker's
-      backup is set to the params it pulls.
-    params: the initial params (ignored when resuming from a checkpoint).
-    num_workers: number of workers.
-    checkpoint_dir: where to save checkpoints with orbax, or None.
-    checkpoint_every: save every this many updates (and at :meth:`close`).
-    resume: start from the latest checkpoint in ``checkpoint_dir``.
+      backup (of this shard's part) is set to the params it pulls. With
+      ``num_shards > 1`` its state must split elementwise (see
+      :mod:`_layout`).
+    params: the full initial params (the shard keeps its pieces).
+    num_workers: number of workers; ``None`` reads it from ``tx``'s backups.
+    shard: this shard's index in ``[0, num_shards)``; shard 0 also grants
+      the tickets that keep the run's count exact (:mod:`_admission`).
+    num_shards: how many shards share the params.
+    wire_dtype: dtype of the pieces on the wire (``None``: the params'
+      own); e.g. ``jnp.bfloat16`` halves the bytes moved. Pushed gradients
+      are expected in it; pulled params are rounded to it, and the rounded
+      params are what the backups record.
+    checkpoint_dir: the run's checkpoint directory (this shard writes in
+      its own subdirectory), or ``None``.
+
+  Examples:
+    >>> import numpy as np, optax
+    >>> from dcasgd_optax.ray import ParameterServer
+    >>> server = ParameterServer(optax.sgd(1.0), {'w': np.zeros(2)}, 1)
+    >>> info, pulled = server.apply(0, 0, [np.ones(2, np.float32)])
+    >>> info.status, pulled.step, pulled.params[0].tolist()
+    ('applied', 1, [-1.0, -1.0])
   """
 
   def __init__(
       self,
       tx: optax.GradientTransformation,
       params: Any,
-      num_workers: int,
+      num_workers: int | None = None,
       *,
+      shard: int = 0,
+      num_shards: int = 1,
+      wire_dtype: Any = None,
       checkpoint_dir: str | None = None,
-      checkpoint_every: int | None = None,
-      resume: bool = False,
   ):
-    num_workers = _checks.check_positive_int("num_workers", num_workers)
-    check_tx_workers(tx, params, num_workers)
-    self._num_workers = num_workers
+    num_workers = resolve_num_workers(tx, params, num_workers)
+    layout = _layout.make_layout(params, num_shards)
+    if isinstance(shard, bool) or not isinstance(shard, numbers.Integral) or (
+        not 0 <= shard < num_shards):
+      raise ValueError(f"`shard` must be an int in [0, {num_shards}), got "
+                       f"{shard!r}.")
     tx = optax.with_extra_args_support(tx)
-    has_backups = _has_backups(tx, params)
-    self._apply, self._pull = _make_steps(tx, has_backups)
-    self._every = checkpoint_every
-    params = jax.tree.map(jnp.asarray, params)
+    if num_shards > 1:
+      _layout.check_shardable(tx.init, params, layout)
+    self._wire = check_wire_dtype(wire_dtype)
+    self._layout, self._shard, self._num_workers = layout, shard, num_workers
+    self._specs = [(s, self._wire or d)
+                   for s, d in _layout.piece_specs(layout, shard)]
+    self._names = _layout.leaf_names(layout)
+    pieces = _layout.split(layout, jax.device_get(params))[shard]
+    tree = _layout.shard_tree(layout, shard, [jnp.asarray(p) for p in pieces])
+    opt_state = tx.init(tree)
+    has_backups = bool(find_states(opt_state))
+    self._apply, self._pull = _make_steps(tx, layout, shard, self._wire,
+                                          has_backups)
     self._state = ServerState(
-        params=params,
-        opt_state=tx.init(params),
-        step=np.int64(0),
+        params=tree, opt_state=opt_state, step=np.int64(0),
         last_seq=np.full((num_workers,), -1, np.int64),
-        pulled_step=np.zeros((num_workers,), np.int64),
+        last_pull=np.zeros((num_workers,), np.int64),
     )
-    self._manager = None
+    self._epochs = np.zeros((num_workers,), np.int64)
+    self._admission = Admission(num_workers, 0) if shard == 0 else None
+    self._rows: list[tuple] = []
+    self._checkpoints = None
     if checkpoint_dir is not None:
-      self._manager = _checkpoint.open_manager(checkpoint_dir)
-      self._start_from_checkpoint(resume)
+      self._checkpoints = _checkpoint.open_shard(checkpoint_dir, shard,
+                                                 num_shards)
     self.busy_seconds = 0.0
 
-  def _start_from_checkpoint(self, resume: bool) -> None:
-    latest = self._manager.latest_step()
-    if latest is not None and not resume:
-      raise ValueError(
-          f"`checkpoint_dir` {self._manager.directory} already holds a "
-          f"checkpoint (step {latest}); pass `resume=True` to continue from "
-          "it, or use an empty directory."
-      )
-    restored = _checkpoint.restore_latest(self._manager, self._state)
-    if restored is not None:
-      self._state = ServerState(
-          params=jax.tree.map(jnp.asarray, restored.params),
-          opt_state=jax.tree.map(jnp.asarray, restored.opt_state),
-          step=np.int64(restored.step),
-          last_seq=np.array(restored.last_seq, np.int64),
-          pulled_step=np.array(restored.pulled_step, np.int64),
-      )
+  # ------------------------------------------------------------ the protocol
 
   def progress(self) -> tuple[int, np.ndarray]:
-    """The current step and each worker's last applied sequence number."""
+    """The step and each worker's last processed seq (-1: none yet)."""
     return int(self._state.step), self._state.last_seq.copy()
 
-  def pull(self, worker: int) -> tuple[int, Any]:
-    """Worker ``worker`` pulls: records it and returns ``(step, params)``."""
+  def pull(self, worker: int) -> Pulled:
+    """Worker ``worker`` pulls: records it; returns this shard's pieces."""
     self._check_worker(worker)
     start = time.perf_counter()
-    s = self._state
-    opt_state = self._pull(s.params, s.opt_state, np.int32(worker))
-    s.pulled_step[worker] = s.step
-    self._state = s._replace(opt_state=opt_state)
-    pulled = (int(s.step), _to_numpy(s.params))
+    pulled = self._record_pull(worker)
     self.busy_seconds += time.perf_counter() - start
     return pulled
 
-  def apply(
-      self, worker: int, seq: int, grads: Any
-  ) -> tuple[ApplyInfo, tuple[int, Any]]:
-    """Applies worker ``worker``'s gradient number ``seq``, then it pulls.
+  def _record_pull(self, worker: int) -> Pulled:
+    s = self._state
+    opt_state, pieces = self._pull(s.params, s.opt_state, np.int32(worker))
+    s.last_pull[worker] = s.step
+    self._state = s._replace(opt_state=opt_state)
+    return Pulled(int(s.step), [np.asarray(x) for x in pieces], True)
 
-    Returns:
-      ``(info, (step, params))``: what happened, and the params the worker
-      continues from. A ``seq`` at or below the last one applied from this
-      worker is a duplicate: the state is left as it is (the pull is still
-      recorded) and ``info.applied`` is False.
+  def attach(self, worker: int, epoch: int) -> int:
+    """A restarted worker (incarnation ``epoch``) attaches: returns its last seq.
+
+    From now on pushes from its earlier incarnations are ignored as stale.
     """
     self._check_worker(worker)
+    epoch = self._check_epoch(epoch)
+    self._epochs[worker] = max(self._epochs[worker], epoch)
+    return int(self._state.last_seq[worker])
+
+  def grant(self, worker: int) -> bool:
+    """Whether ``worker`` may compute its next gradient (first shard only)."""
+    self._check_worker(worker)
+    if self._admission is None:
+      return True
+    return self._admission.grant(worker, int(self._state.last_seq[worker]))
+
+  def set_limit(self, limit: int | None) -> None:
+    """Grant tickets only until ``limit`` gradients are processed in all."""
+    if self._admission is not None:
+      self._admission.limit = limit
+
+  def apply(
+      self,
+      worker: int,
+      seq: int,
+      grads: list[np.ndarray],
+      *,
+      epoch: int = 0,
+      finite: bool = True,
+      meta: tuple[float, float] = (float("nan"), float("nan")),
+  ) -> tuple[ApplyInfo, Pulled]:
+    """Processes worker ``worker``'s gradient number ``seq``; the worker pulls.
+
+    Args:
+      worker: the worker's id.
+      seq: the gradient's number; must be the next one from this worker.
+      grads: this shard's pieces of the gradient, NumPy arrays shaped like
+        :attr:`piece_specs` (in the wire dtype, if one is set).
+      epoch: the worker's incarnation (0, then one more per restart).
+      finite: False if the worker found its whole gradient not finite
+        (every shard then skips its part).
+      meta: ``(loss, compute_time)``, recorded by the first shard.
+
+    Returns:
+      ``(info, pulled)``: what happened, and the params the worker continues
+      from.
+
+    Raises:
+      ValueError, TypeError: naming the worker, for a bad id, a seq that is
+        not the next one expected (a duplicate or out of order), or pieces
+        of the wrong number, shape or dtype. Nothing is changed.
+    """
     start = time.perf_counter()
+    if not self._check_push(worker, seq, grads, epoch):
+      info = ApplyInfo("stale", int(self._state.step), 0, time.time(), 0.0)
+      return info, Pulled(info.step, [], False)
     s = self._state
-    staleness = int(s.step - s.pulled_step[worker])
-    applied = seq > s.last_seq[worker]
-    if applied:
-      params, opt_state = self._apply(
-          s.params, s.opt_state, grads, np.int32(worker), np.int32(staleness)
-      )
-      s.last_seq[worker] = seq
-      self._state = s._replace(
-          params=params, opt_state=opt_state, step=s.step + 1
-      )
-      self._maybe_checkpoint()
-    self.busy_seconds += time.perf_counter() - start
-    step, params = self.pull(worker)
+    staleness = int(s.step - s.last_pull[worker])
+    params, opt_state, pieces, ok = self._apply(
+        s.params, s.opt_state, list(grads), np.int32(worker),
+        np.int32(staleness), np.bool_(finite))
+    s.last_seq[worker] = seq
+    s.last_pull[worker] = s.step + 1
+    self._state = s._replace(params=params, opt_state=opt_state,
+                             step=s.step + 1)
+    pulled = Pulled(int(s.step + 1), [np.asarray(x) for x in pieces],
+                    self.grant(worker))
     seconds = time.perf_counter() - start
-    info = ApplyInfo(bool(applied), step, staleness, time.time(), seconds)
-    return info, (step, params)
+    self.busy_seconds += seconds
+    info = ApplyInfo("applied" if bool(ok) else "skipped", pulled.step,
+                     staleness, time.time(), seconds)
+    row = (worker, seq, info.step, staleness, info.time, seconds, not bool(ok))
+    self._rows.append(row + (tuple(meta) if self._shard == 0 else ()))
+    return info, pulled
+
+  # ------------------------------------------------------------------ checks
+
+  @property
+  def piece_specs(self) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """``(shape, dtype)`` of each piece a push must carry, in order."""
+    return list(self._specs)
 
   def _check_worker(self, worker: Any) -> None:
     """Rejects a bad id before any state (donated buffers included) is touched."""
-    if isinstance(worker, bool) or not isinstance(worker, (int, np.integer)):
+    if isinstance(worker, bool) or not isinstance(worker, numbers.Integral):
       raise TypeError(f"`worker` must be an int, got {worker!r}.")
     if not 0 <= worker < self._num_workers:
       raise ValueError(
-          f"`worker` must be in [0, {self._num_workers}), got {worker}."
+          f"`worker` must be in [0, {self._num_workers}), got {worker}: "
+          "this server does not know that worker."
       )
 
-  def _maybe_checkpoint(self) -> None:
-    if self._manager is not None and self._every:
-      if int(self._state.step) % self._every == 0:
-        _checkpoint.save(self._manager, self._state)
+  def _check_epoch(self, epoch: Any) -> int:
+    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or (
+        epoch < 0):
+      raise TypeError(f"`epoch` must be an int >= 0, got {epoch!r}.")
+    return int(epoch)
 
-  def result(self) -> tuple[int, Any, Any]:
-    """``(step, params, opt_state)`` as NumPy pytrees."""
+  def _check_push(self, worker: Any, seq: Any, grads: Any, epoch: Any) -> bool:
+    """Raises for a bad push; False for a stale one (ignore it); else True."""
+    self._check_worker(worker)
+    epoch = self._check_epoch(epoch)
+    if epoch < self._epochs[worker]:
+      return False
+    self._epochs[worker] = epoch
+    who = f"Shard {self._shard}: worker {worker}"
+    if isinstance(seq, bool) or not isinstance(seq, numbers.Integral):
+      raise TypeError(f"{who} sent `seq`={seq!r}, not an int.")
+    expected = int(self._state.last_seq[worker]) + 1
+    if seq != expected:
+      kind = "a duplicate" if seq < expected else "out of order"
+      raise ValueError(
+          f"{who} sent gradient seq={seq}, but the next expected is "
+          f"{expected} ({kind}); rejected, nothing changed."
+      )
+    self._check_pieces(who, grads)
+    return True
+
+  def _check_pieces(self, who: str, grads: Any) -> None:
+    if not isinstance(grads, (list, tuple)) or len(grads) != len(self._specs):
+      raise ValueError(
+          f"{who} sent a gradient that is not a list of this shard's "
+          f"{len(self._specs)} pieces (got {type(grads).__name__}"
+          f"{f' of {len(grads)}' if isinstance(grads, (list, tuple)) else ''}"
+          "); rejected, nothing changed."
+      )
+    for i, (g, (shape, dtype)) in enumerate(zip(grads, self._specs)):
+      got = (tuple(np.shape(g)), getattr(g, "dtype", type(g).__name__))
+      if not isinstance(g, (np.ndarray, jax.Array)) or got != (shape, dtype):
+        name = self._names[self._layout.pieces[self._shard][i].leaf]
+        raise ValueError(
+            f"{who} sent piece {i} (of params{name}) with (shape, dtype) "
+            f"{got}, expected {(shape, dtype)}; rejected, nothing changed."
+        )
+
+  # ---------------------------------------------------- results, checkpoints
+
+  def recent_loss(self, count: int) -> tuple[int, float]:
+    """The step and the mean loss of the last ``count`` gradients (shard 0)."""
+    losses = [row[-2] for row in self._rows[-count:]] if self._shard == 0 else []
+    return int(self._state.step), float(np.mean(losses)) if losses else float(
+        "nan")
+
+  def trace(self) -> dict[str, np.ndarray]:
+    """This shard's record of every gradient it processed, in its order."""
+    return _records.shard_trace(self._rows, lead=self._shard == 0)
+
+  def result(self) -> tuple[int, list[np.ndarray], Any]:
+    """``(step, pieces, opt_state)`` as NumPy."""
     s = self._state
-    return int(s.step), _to_numpy(s.params), _to_numpy(s.opt_state)
+    pieces = _layout.owned(self._layout, self._shard, s.params)
+    return int(s.step), [np.array(x) for x in pieces], jax.tree.map(
+        np.array, s.opt_state)
+
+  def checkpoint_steps(self) -> list[int]:
+    """The steps this shard has complete checkpoints of."""
+    return self._checkpoints.steps() if self._checkpoints else []
+
+  def save(self) -> int:
+    """Starts saving the state (asynchronously); returns its step."""
+    if self._checkpoints is None:
+      raise ValueError("This server has no `checkpoint_dir`.")
+    _checkpoint.save(self._checkpoints, self._state)
+    return int(self._state.step)
+
+  def restore(self, step: int) -> None:
+    """Continues from the checkpoint of ``step``; no ticket is out after it."""
+    if self._checkpoints is None:
+      raise ValueError("This server has no `checkpoint_dir`.")
+    r = _checkpoint.restore(self._checkpoints, step, self._state)
+    self._state = ServerState(
+        params=jax.tree.map(jnp.asarray, r.params),
+        opt_state=jax.tree.map(jnp.asarray, r.opt_state),
+        step=np.int64(r.step), last_seq=np.array(r.last_seq, np.int64),
+        last_pull=np.array(r.last_pull, np.int64),
+    )
+    if self._admission is not None:
+      self._admission.reset(int(r.step))
 
   def close(self) -> float:
-    """Saves a final checkpoint, waits for pending saves; returns busy time."""
-    if self._manager is not None:
-      _checkpoint.save(self._manager, self._state)
-      self._manager.wait_until_finished()
-      self._manager.close()
-      self._manager = None
+    """Waits for pending saves; returns the seconds this shard was busy."""
+    if self._checkpoints is not None:
+      self._checkpoints.close()
+      self._checkpoints = None
     return self.busy_seconds

@@ -1,10 +1,12 @@
 """Asynchronous parameter-server training on Ray, with any optax transformation.
 
-One parameter-server actor (:mod:`_server`) holds the params and the optax
-state; worker actors (:mod:`_worker`) compute gradients on their own data;
-the driver's loop (:mod:`_driver`) connects them without a barrier. This
-module is the entry point, :func:`train`: it validates the arguments, starts
-and stops the actors (and Ray, if needed), and returns a :class:`TrainResult`.
+``num_shards`` server actors (:mod:`_server`) each hold a part of the params
+and of the optax state (:mod:`_layout`); worker actors (:mod:`_worker`)
+compute gradients on their own data and push each shard its piece directly;
+the driver (:mod:`_driver`) starts, watches and stops them. This module is
+the entry point, :func:`train`: it validates the arguments (before any actor
+starts), starts and stops the actors (and Ray, if needed), and returns a
+:class:`TrainResult`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -22,13 +24,15 @@ import ray
 from dcasgd_optax._src import _checks
 from dcasgd_optax.ray import _cluster
 from dcasgd_optax.ray import _driver
+from dcasgd_optax.ray import _layout
+from dcasgd_optax.ray import _records
 from dcasgd_optax.ray import _server
-from dcasgd_optax.ray._driver import UpdateRecords
+from dcasgd_optax.ray._records import UpdateRecords
 from dcasgd_optax.ray._server import ParameterServer
 from dcasgd_optax.ray._worker import GradientWorker
 
 _log = logging.getLogger(__name__)
-# How long shutdown waits for the server's last checkpoint to be written.
+# How long shutdown waits for the shards' last checkpoints to be written.
 _CLOSE_TIMEOUT_S = 300.0
 
 
@@ -37,15 +41,19 @@ class TrainResult(NamedTuple):
 
   Attributes:
     params: the final params, a NumPy pytree.
-    opt_state: the final optax state, a NumPy pytree.
+    opt_state: the final optax state, a NumPy pytree (with several shards,
+      reassembled from theirs).
     step: the server's step, always the ``num_updates`` asked for.
-    records: an :class:`UpdateRecords` for the updates of this run (a
+    records: an :class:`UpdateRecords` trace of the updates of this run (a
       resumed run records only those after the checkpoint).
-    wall_time: seconds from the first pull to the last update.
-    server_time: seconds the server spent applying updates and pulls.
-    worker_failures: int64 ``[num_workers]``, per worker, how many of its
-      gradients were lost because it died (or became unreachable) and were
-      recomputed after it restarted.
+    wall_time: seconds from the start of the workers to the last update.
+    server_time: seconds the busiest shard spent on updates and pulls.
+    worker_failures: int64 ``[num_workers]``, per worker, how many times it
+      died (or became unreachable) and was restarted.
+    shard_records: each shard's own trace (fields ``worker``, ``seq``,
+      ``step``, ``staleness``, ``time``, ``server_time``, ``skipped``, as in
+      ``records``), in the order that shard processed the gradients.
+    shard_times: float64 ``[num_shards]``, seconds each shard was busy.
   """
 
   params: Any
@@ -55,30 +63,31 @@ class TrainResult(NamedTuple):
   wall_time: float
   server_time: float
   worker_failures: np.ndarray
+  shard_records: tuple[dict[str, np.ndarray], ...]
+  shard_times: np.ndarray
 
   @property
   def server_share(self) -> float:
-    """The fraction of the wall time the server was busy."""
+    """The fraction of the wall time the busiest shard was busy."""
     return self.server_time / max(self.wall_time, 1e-12)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
-  """train's keyword options that the actors and the loop need."""
+  """train's keyword options that the actors and the driver need."""
 
+  num_shards: int
+  wire_dtype: np.dtype | None
   checkpoint_dir: str | None
   checkpoint_every: int | None
   resume: bool
   max_restarts: int
   restart_timeout_s: float
-  server_options: dict[str, Any] | None
+  server_options: Any
   worker_options: dict[str, Any] | None
 
 
-def _check_args(tx, params, num_workers, num_updates, opts: _Options) -> None:
-  """Validates train's arguments before any actor starts."""
-  _checks.check_positive_int("num_workers", num_workers)
-  _checks.check_positive_int("num_updates", num_updates)
+def _check_options(opts: _Options) -> None:
   if opts.checkpoint_every is not None:
     _checks.check_positive_int("checkpoint_every", opts.checkpoint_every)
   if opts.checkpoint_dir is None and (
@@ -93,69 +102,167 @@ def _check_args(tx, params, num_workers, num_updates, opts: _Options) -> None:
     raise ValueError(f"`max_restarts` must be >= 0, got {restarts}.")
   _checks.check_scalar_range("restart_timeout_s", opts.restart_timeout_s,
                              low=0.0, low_inclusive=False)
-  _server.check_tx_workers(tx, params, num_workers)
+  options = opts.server_options
+  if isinstance(options, (list, tuple)) and len(options) != opts.num_shards:
+    raise ValueError(
+        f"`server_options` is a list of {len(options)}, but `num_shards` is "
+        f"{opts.num_shards}: give one dict for all shards or one per shard."
+    )
 
 
-def _start_actors(tx, params, loss_fn, data_fn, num_workers, opts: _Options):
-  """Creates the server and the workers (Ray starts them asynchronously)."""
-  server = (
+def _check_data(loss_fn: Callable, params: Any, data_fn: Callable) -> None:
+  """Checks ``loss_fn(params, data_fn(0, 0))`` is a scalar, abstractly."""
+  try:
+    batch = data_fn(0, 0)
+  except Exception as e:
+    raise ValueError(f"`data_fn(0, 0)` raised {type(e).__name__}: {e}") from e
+  try:
+    loss = jax.eval_shape(loss_fn, params, batch)
+  except Exception as e:
+    raise ValueError(
+        "`loss_fn(params, data_fn(0, 0))` fails: the batch from `data_fn` "
+        f"does not fit `loss_fn` ({type(e).__name__}: {e})."
+    ) from e
+  if not (hasattr(loss, "shape") and loss.shape == () and
+          jax.numpy.issubdtype(loss.dtype, jax.numpy.floating)):
+    raise ValueError(
+        "`loss_fn(params, batch)` must return a float scalar, got "
+        f"{getattr(loss, 'shape', loss)!r} "
+        f"{getattr(loss, 'dtype', type(loss).__name__)}."
+    )
+
+
+def _check_args(loss_fn, tx, params, data_fn, num_workers, num_updates,
+                opts: _Options) -> tuple[int, _layout.Layout]:
+  """Validates train's arguments before any actor starts."""
+  num_workers = _server.resolve_num_workers(tx, params, num_workers)
+  if num_updates is None:
+    raise TypeError("`num_updates` is required.")
+  _checks.check_positive_int("num_updates", num_updates)
+  _check_options(opts)
+  layout = _layout.make_layout(params, opts.num_shards)
+  if opts.num_shards > 1:
+    _layout.check_shardable(optax.with_extra_args_support(tx).init, params,
+                            layout)
+  _check_data(loss_fn, params, data_fn)
+  return num_workers, layout
+
+
+def _shard_options(opts: _Options, shard: int) -> dict[str, Any]:
+  options = opts.server_options or {}
+  if isinstance(options, (list, tuple)):
+    options = options[shard] or {}
+  return dict(options)
+
+
+def _start_actors(tx, params, loss_fn, data_fn, num_workers, layout,
+                  opts: _Options):
+  """Creates the shards and the workers (Ray starts them asynchronously)."""
+  params_ref = ray.put(jax.device_get(params))
+  shards = [
       ray.remote(ParameterServer)
-      .options(max_restarts=0, **(opts.server_options or {}))
-      .remote(
-          tx,
-          jax.device_get(params),
-          num_workers,
-          checkpoint_dir=opts.checkpoint_dir,
-          checkpoint_every=opts.checkpoint_every,
-          resume=opts.resume,
-      )
-  )
+      .options(max_restarts=0, **_shard_options(opts, k))
+      .remote(tx, params_ref, num_workers, shard=k,
+              num_shards=opts.num_shards, wire_dtype=opts.wire_dtype,
+              checkpoint_dir=opts.checkpoint_dir)
+      for k in range(opts.num_shards)
+  ]
   worker_cls = ray.remote(GradientWorker).options(
       max_restarts=opts.max_restarts,
       max_task_retries=0,
       **(opts.worker_options or {}),
   )
   # Restarting a worker reruns its constructor: the driver keeps these refs
-  # (in _driver.Driver.pinned) so its arguments stay in the object store.
-  fns = ray.put(loss_fn), ray.put(data_fn)
-  workers = [worker_cls.remote(m, *fns) for m in range(num_workers)]
-  return server, workers, fns
+  # (Driver.pinned) so its arguments stay in the object store.
+  pinned = ray.put(loss_fn), ray.put(data_fn), ray.put(layout)
+  workers = [worker_cls.remote(m, *pinned, shards, opts.wire_dtype)
+             for m in range(num_workers)]
+  return shards, workers, pinned
 
 
-def _finish(
-    driver: _driver.Driver, start_time: float, num_updates: int
-) -> TrainResult:
-  """Collects the records, closes the server and builds the result."""
-  records = driver.records(start_time)
+def _restore(driver: _driver.Driver, resume: bool) -> None:
+  """Restores every shard from the latest step all of them saved."""
+  steps = ray.get([s.checkpoint_steps.remote() for s in driver.shards])
+  saved = [set(s) for s in steps if s]
+  if saved and not resume:
+    raise ValueError(
+        "`checkpoint_dir` already holds checkpoints (steps "
+        f"{sorted(set().union(*saved))}); pass `resume=True` to continue from "
+        "them, or use an empty directory."
+    )
+  if not saved:
+    return
+  common = set.intersection(*saved) if len(saved) == len(steps) else set()
+  if not common:
+    raise ValueError(
+        "`checkpoint_dir` holds no step that every shard saved (were they "
+        f"written with another `num_shards`?): {steps}."
+    )
+  step = max(common)
+  ray.get([s.restore.remote(step) for s in driver.shards])
+
+
+def _finish(driver: _driver.Driver, start_time: float, num_updates: int,
+            tx: Any, layout: _layout.Layout, checkpointing: bool
+            ) -> TrainResult:
+  """Saves, collects the traces and the final state, closes the shards."""
+  shards = driver.shards
+  if checkpointing:
+    driver.save()
+  traces = ray.get([s.trace.remote() for s in shards])
+  records = _records.merge(traces, start_time)
+  for trace in traces:
+    trace["time"] = trace["time"] - start_time
   wall_time = float(records.time[-1]) if len(records.time) else 0.0
-  server_time = ray.get(driver.server.close.remote())
-  step, params, opt_state = ray.get(driver.server.result.remote())
-  if step != num_updates:
-    raise RuntimeError(f"The server stopped at step {step}, not {num_updates}.")
+  shard_times = np.array(ray.get([s.close.remote() for s in shards]))
+  results = ray.get([s.result.remote() for s in shards])
+  steps = {r[0] for r in results}
+  if steps != {num_updates}:
+    raise RuntimeError(f"The shards stopped at steps {steps}, not "
+                       f"{num_updates}.")
+  params = _layout.join(layout, [r[1] for r in results])
+  if layout.num_shards == 1:
+    opt_state = results[0][2]
+  else:
+    init = optax.with_extra_args_support(tx).init
+    opt_state = layout.join_states(init, [r[2] for r in results])
   return TrainResult(
-      params=params,
-      opt_state=opt_state,
-      step=step,
-      records=records,
-      wall_time=wall_time,
-      server_time=server_time,
+      params=params, opt_state=opt_state, step=num_updates, records=records,
+      wall_time=wall_time, server_time=float(shard_times.max()),
       worker_failures=driver.failures.copy(),
+      shard_records=tuple(traces), shard_times=shard_times,
   )
 
 
-def _shutdown(actors: list[Any], started_ray: bool) -> None:
-  """Flushes checkpoints, kills this run's actors (and Ray if train started it).
+def _save_if_consistent(shards: Sequence[Any]) -> None:
+  """After a failure: saves the shards' state if they agree on it.
 
-  After a failure the server (if alive) still saves its state, which is
-  consistent between updates, so the run can resume from it.
+  Shards that processed different gradients (a push cut short) are not
+  saved: their last common checkpoint stays the one to resume from.
   """
-  if actors:
-    try:
-      ray.get(actors[0].close.remote(), timeout=_CLOSE_TIMEOUT_S)
-    except (ray.exceptions.RayError, TimeoutError) as e:
-      _log.warning("Could not close the parameter server cleanly: %s", e)
-  for actor in actors:
-    ray.kill(actor, no_restart=True)
+  try:
+    states = ray.get([s.progress.remote() for s in shards],
+                     timeout=_CLOSE_TIMEOUT_S)
+    if all(st[0] == states[0][0] and np.array_equal(st[1], states[0][1])
+           for st in states):
+      ray.get([s.save.remote() for s in shards], timeout=_CLOSE_TIMEOUT_S)
+  except (ray.exceptions.RayError, ValueError) as e:
+    _log.warning("Could not save the shards' state after the failure: %s", e)
+
+
+def _shutdown(shards: Sequence[Any], workers: Sequence[Any], failed: bool,
+              checkpointing: bool, started_ray: bool) -> None:
+  """Saves what can be saved, kills this run's actors (and Ray if train started it)."""
+  for w in workers:  # First, so no push lands after the last save.
+    ray.kill(w, no_restart=True)
+  if failed and checkpointing and shards:
+    _save_if_consistent(shards)
+  try:
+    ray.get([s.close.remote() for s in shards], timeout=_CLOSE_TIMEOUT_S)
+  except (ray.exceptions.RayError, TimeoutError) as e:
+    _log.warning("Could not close the server shards cleanly: %s", e)
+  for s in shards:
+    ray.kill(s, no_restart=True)
   if started_ray:
     ray.shutdown()
 
@@ -165,9 +272,11 @@ def train(
     tx: optax.GradientTransformation,
     params: Any,
     data_fn: Callable[[int, int], Any],
-    num_workers: int,
-    num_updates: int,
+    num_workers: int | None = None,
+    num_updates: int | None = None,
     *,
+    num_shards: int = 1,
+    wire_dtype: Any = None,
     address: str | None = None,
     allow_insecure_cluster: bool = False,
     checkpoint_dir: str | None = None,
@@ -175,46 +284,63 @@ def train(
     resume: bool = False,
     max_restarts: int = 3,
     restart_timeout_s: float = 600.0,
-    server_options: dict[str, Any] | None = None,
+    server_options: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
     worker_options: dict[str, Any] | None = None,
     init_kwargs: dict[str, Any] | None = None,
     log_every: int | None = None,
 ) -> TrainResult:
-  r"""Trains asynchronously on Ray: one parameter server, ``num_workers`` workers.
+  r"""Trains asynchronously on Ray: ``num_shards`` server shards, ``num_workers`` workers.
 
-  Worker ``m`` pulls the params, computes ``jax.grad(loss_fn)`` on
-  ``data_fn(m, seq)`` and pushes it; the server applies it at once with
+  Worker ``m`` computes ``jax.value_and_grad(loss_fn)`` on ``data_fn(m,
+  seq)`` at the params it holds and pushes each shard its piece of the
+  gradient; each shard applies its piece at once with
 
   .. code-block:: python
 
     updates, opt_state = tx.update(grads, opt_state, params, worker=m,
-                                   staleness=step - step_pulled_by_m)
+                                   staleness=step - last_pull[m])
 
-  and the worker pulls the result (recorded in the backups of any
-  :func:`~dcasgd_optax.delay_compensation` inside ``tx``) and continues. There
-  is no barrier: gradients are applied in the order they finish.
+  and replies with its piece of the new params, which the worker pulls
+  (recorded in the shard's part of the backups of any
+  :func:`~dcasgd_optax.delay_compensation` inside ``tx``). There is no
+  barrier, and the driver is on no gradient's or parameter's path. With one
+  shard this is exactly the paper's parameter server; with several, each
+  shard applies the pieces in the order they reach it (see docs/ray.md for
+  what step and staleness mean then).
 
-  Exactly ``num_updates - step_at_start`` gradients are applied, each once;
-  only as many gradients as updates remain are computed. A worker that dies
-  is restarted (up to ``max_restarts`` times) and resumes by pulling the
-  current params; the gradient it was computing is recomputed with the same
-  ``seq``. With ``checkpoint_dir`` the server saves params, optax state,
-  step and per-worker sequence numbers with orbax every ``checkpoint_every``
-  updates and at the end; ``resume=True`` continues from the latest one.
+  Exactly ``num_updates - step_at_start`` gradients are processed by every
+  shard, each once; only that many are computed. A worker that dies is
+  restarted (up to ``max_restarts`` times): it finishes the gradient it was
+  pushing, or recomputes the one it was computing with the same ``seq``,
+  at the current params. A gradient that is not finite is skipped (counted,
+  not applied; ``records.skipped``). With ``checkpoint_dir`` every shard
+  saves its part with orbax every ``checkpoint_every`` updates (all at the
+  same step, the workers paused) and at the end; ``resume=True`` continues
+  from the latest step every shard saved.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, jitted on the workers.
     tx: any optax transformation: :func:`~dcasgd_optax.dcasgd`, a chain with
       :func:`~dcasgd_optax.delay_compensation` or
-      :func:`~dcasgd_optax.scale_by_inverse_staleness`, or plain optax.
+      :func:`~dcasgd_optax.scale_by_inverse_staleness`, or plain optax. With
+      ``num_shards > 1`` its state must split elementwise (checked), and a
+      transformation that combines leaves (``clip_by_global_norm``) sees
+      only each shard's part.
     params: the initial params (ignored when resuming from a checkpoint).
     data_fn: ``data_fn(worker, seq) -> batch``: the minibatch for gradient
-      number ``seq`` of ``worker``, called in the worker's process. Make it
-      deterministic in its arguments, so a recomputed gradient sees the
-      same data; draw randomness from e.g. ``fold_in(key, seq)``.
-    num_workers: number of worker actors (>= 1).
+      number ``seq`` of ``worker``, called in the worker's process (and once,
+      as ``data_fn(0, 0)``, in the driver to check it fits ``loss_fn``).
+      Make it deterministic in its arguments, so a recomputed gradient sees
+      the same data; draw randomness from e.g. ``fold_in(key, seq)``.
+    num_workers: number of worker actors (>= 1); ``None`` reads it from
+      ``tx``'s per-worker backups.
     num_updates: the server step to stop at (a total: a resumed run goes on
-      from the checkpoint's step up to it).
+      from the checkpoint's step up to it). Required.
+    num_shards: how many server actors share the params, balanced by size
+      (in ``[1, number of param elements]``).
+    wire_dtype: the dtype gradients and params travel in, e.g.
+      ``jnp.bfloat16`` (half the bytes; workers then compute at params
+      rounded to it); ``None``: the params' own.
     address: the Ray cluster for ``ray.init(address=...)``: ``None`` (a
       running cluster if one is known, else a new local one), ``"auto"``,
       ``"local"``, or ``"host:6379"``. Ignored if Ray is already initialised.
@@ -231,12 +357,13 @@ def train(
     max_restarts: how many times each worker may die and be restarted.
     restart_timeout_s: fail the run if a dead worker is not back this many
       seconds later (instead of waiting forever for resources).
-    server_options: Ray actor options for the server, e.g. ``{"num_cpus":
-      1}`` or a node's resource.
+    server_options: Ray actor options for the shards, e.g. ``{"num_cpus":
+      1}``: one dict for all, or a list with one per shard (to place them).
     worker_options: Ray actor options for every worker, e.g. ``{"num_gpus":
       1}``.
     init_kwargs: extra keyword arguments for ``ray.init``.
-    log_every: log the loss every this many updates (``logging.INFO``).
+    log_every: log the step and the mean loss about every this many updates
+      (``logging.INFO``).
 
   Returns:
     A :class:`TrainResult`.
@@ -252,11 +379,13 @@ def train(
     ...   return x, (x[:, 0] > x[:, 1]).astype(np.float32)
     >>> result = dcasgd_optax.ray.train(  # doctest: +SKIP
     ...     loss_fn, dcasgd_optax.dcasgd(0.1, num_workers=2),
-    ...     {'w': jnp.zeros(2)}, data_fn, num_workers=2, num_updates=50)
-    >>> result.step, len(result.records.staleness)  # doctest: +SKIP
+    ...     {'w': jnp.zeros(2)}, data_fn, num_updates=50)
+    >>> result.step, len(result.records['staleness'])  # doctest: +SKIP
     (50, 50)
   """
   opts = _Options(
+      num_shards=num_shards,
+      wire_dtype=_server.check_wire_dtype(wire_dtype),
       checkpoint_dir=checkpoint_dir,
       checkpoint_every=checkpoint_every,
       resume=resume,
@@ -265,20 +394,30 @@ def train(
       server_options=server_options,
       worker_options=worker_options,
   )
-  _check_args(tx, params, num_workers, num_updates, opts)
+  num_workers, layout = _check_args(loss_fn, tx, params, data_fn, num_workers,
+                                    num_updates, opts)
   started_ray = _cluster.connect(
       address, allow_insecure_cluster=allow_insecure_cluster,
       **(init_kwargs or {}))
-  actors = []
+  shards, workers, failed = [], [], True
   try:
-    server, workers, pinned = _start_actors(
-        tx, params, loss_fn, data_fn, num_workers, opts
-    )
-    actors = [server, *workers]
-    driver = _driver.Driver(server, workers, restart_timeout_s, pinned)
+    shards, workers, pinned = _start_actors(
+        tx, params, loss_fn, data_fn, num_workers, layout, opts)
+    driver = _driver.Driver(shards, workers, restart_timeout_s, pinned)
+    driver.log_every = log_every
+    _restore(driver, resume)
     progress = driver.wait_for_actors()
+    if progress[0] > num_updates:
+      raise ValueError(
+          f"The checkpoint is at step {progress[0]}, beyond `num_updates`="
+          f"{num_updates} (a total, not a count of further updates)."
+      )
     start_time = time.time()
-    driver.run(progress, num_updates, log_every)
-    return _finish(driver, start_time, num_updates)
+    driver.run(num_updates, checkpoint_every, progress)
+    result = _finish(driver, start_time, num_updates, tx, layout,
+                     checkpoint_dir is not None)
+    failed = False
+    return result
   finally:
-    _shutdown(actors, started_ray)
+    _shutdown(shards, workers, failed, checkpoint_dir is not None,
+              started_ray)

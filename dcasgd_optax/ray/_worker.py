@@ -1,69 +1,167 @@
-"""A worker: computes a JAX gradient of the loss on its own data.
+"""A worker: computes gradients and pushes them straight to the server shards.
 
 ``GradientWorker`` is a plain class that :func:`dcasgd_optax.ray.train` runs
-as a Ray actor. It holds no training state, so a restarted worker only needs
-to pull the current params to continue.
+as a Ray actor. Its :meth:`~GradientWorker.run` loop is the whole data path:
+compute a gradient at the params it holds, push each shard its piece, take
+each shard's reply (its pieces of the new params) and go on, for as long as
+the first shard grants tickets. The driver is on no gradient's or
+parameter's path. The worker holds no state that matters: a restarted one
+attaches to every shard, finishes a gradient that only some shards got,
+pulls and continues.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import ray
+
+from dcasgd_optax.ray import _layout
+from dcasgd_optax.ray._server import Pulled
 
 
 class GradientMeta(NamedTuple):
-  """The small part of a worker's push (the gradient travels separately).
+  """The small part of a worker's gradient (the pieces travel separately).
 
   Attributes:
     worker: the worker's id.
-    seq: the gradient's sequence number for this worker (0, 1, ...).
-    version: the server step of the params it was computed at.
-    loss: the minibatch loss at those params.
+    seq: the gradient's number for this worker (0, 1, ...).
+    loss: the minibatch loss at the params it was computed at.
     seconds: time spent loading the batch and computing the gradient.
+    finite: whether every element of the gradient is finite.
   """
 
   worker: int
   seq: int
-  version: int
   loss: float
   seconds: float
+  finite: bool
+
+
+def _make_grad(loss_fn: Callable, layout: _layout.Layout,
+               wire: np.dtype | None) -> Callable:
+  """Jitted: shards' pieces and a batch -> (loss, finite, pieces per shard)."""
+
+  def grad(pieces_by_shard, batch):
+    params = _layout.join(layout, pieces_by_shard)
+    params = jax.tree.map(lambda p, d: p.astype(d), params,
+                          layout.treedef.unflatten(layout.dtypes))
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    finite = jnp.all(jnp.array(
+        [jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
+    pieces = _layout.split(layout, grads)
+    if wire is not None:
+      pieces = [[g.astype(wire) for g in shard] for shard in pieces]
+    return loss, finite, pieces
+
+  return jax.jit(grad)
 
 
 class GradientWorker:
-  """Computes ``jax.value_and_grad(loss_fn)`` on batches from ``data_fn``.
+  """Computes ``jax.value_and_grad(loss_fn)`` on ``data_fn``'s batches.
 
   Args:
     worker: this worker's id in ``[0, num_workers)``.
     loss_fn: ``loss_fn(params, batch) -> scalar``.
     data_fn: ``data_fn(worker, seq) -> batch``, the batch of this worker's
       gradient number ``seq``; called in the worker's process.
+    layout: how the params are split over the shards (:mod:`_layout`).
+    shards: the shards' actor handles, in order (only :meth:`run` needs
+      them).
+    wire_dtype: the dtype pieces travel in, or ``None``.
   """
 
-  def __init__(self, worker: int, loss_fn: Callable, data_fn: Callable):
+  def __init__(self, worker: int, loss_fn: Callable, data_fn: Callable,
+               layout: _layout.Layout, shards: Sequence[Any] = (),
+               wire_dtype: Any = None):
     self._worker = worker
     self._data_fn = data_fn
-    self._grad = jax.jit(jax.value_and_grad(loss_fn))
+    self._shards = list(shards)
+    self._grad = _make_grad(loss_fn, layout, wire_dtype)
+    self._held: list[Pulled] | None = None  # What each shard last sent.
+    self._seq = 0  # The next gradient's number.
+    self._ticket = False
 
   def ready(self) -> bool:
-    """Returns once the actor has started (lets the driver time the run)."""
+    """Returns once the actor has started."""
     return True
 
-  def compute(
-      self, seq: int, pulled: tuple[int, Any]
-  ) -> tuple[GradientMeta, Any]:
-    """The gradient number ``seq`` at the pulled ``(step, params)``.
+  def compute(self, seq: int, *pulled: Pulled) -> tuple[Any, ...]:
+    """Gradient number ``seq`` at the params the shards sent (``pulled``).
 
     Returns:
-      ``(meta, grads)`` with ``grads`` a NumPy pytree shaped like params.
+      ``(meta, pieces_0, ..., pieces_{K-1})``: a :class:`GradientMeta`, then
+      each shard's pieces of the gradient (NumPy).
     """
     start = time.perf_counter()
-    version, params = pulled
     batch = self._data_fn(self._worker, seq)
-    loss, grads = self._grad(params, batch)
-    grads = jax.tree.map(np.asarray, grads)
-    seconds = time.perf_counter() - start
-    meta = GradientMeta(self._worker, seq, version, float(loss), seconds)
-    return meta, grads
+    loss, finite, pieces = self._grad([p.params for p in pulled], batch)
+    pieces = [[np.asarray(g) for g in shard] for shard in pieces]
+    meta = GradientMeta(self._worker, seq, float(loss),
+                        time.perf_counter() - start, bool(finite))
+    return (meta, *pieces)
+
+  def _push(self, meta: GradientMeta, pieces: Sequence[list[np.ndarray]],
+            epoch: int, to: Sequence[int]) -> None:
+    """Pushes gradient ``meta.seq`` to shards ``to``; keeps their replies."""
+    refs = [
+        self._shards[k].apply.remote(
+            self._worker, meta.seq, pieces[k], epoch=epoch,
+            finite=meta.finite, meta=(meta.loss, meta.seconds))
+        for k in to
+    ]
+    for k, (_, pulled) in zip(to, ray.get(refs)):
+      self._held[k] = pulled
+    if 0 in to:
+      self._ticket = self._held[0].ticket
+    self._seq = meta.seq + 1
+
+  def _recover(self, epoch: int) -> None:
+    """After a restart: finish a gradient some shards lack, then hold params.
+
+    A push reaches the shards one by one, so a worker that died during one
+    may have left gradient ``s`` on some shards only (never more than one
+    apart). It is recomputed at the current params and pushed to the
+    shards that lack it.
+    """
+    shards = self._shards
+    last = ray.get([s.attach.remote(self._worker, epoch) for s in shards])
+    self._held = ray.get([s.pull.remote(self._worker) for s in shards])
+    lo, hi = min(last), max(last)
+    self._seq = lo + 1
+    if hi > lo:
+      out = self.compute(hi, *self._held)
+      lagging = [k for k, seq in enumerate(last) if seq == lo]
+      self._push(out[0], out[1:], epoch, lagging)
+    self._ticket = False
+
+  def run(self, epoch: int, seq: int | None = None, *initial: Pulled) -> int:
+    """Computes and pushes gradients while the first shard grants tickets.
+
+    Args:
+      epoch: this incarnation's number (0, then one more per restart).
+      seq: the first gradient's number, with ``initial``: the shards'
+        replies to this worker's first pull (the driver asks for them,
+        before any gradient, so every worker starts at the same step).
+      *initial: see ``seq``. Without them the worker continues from the
+        params it holds, or, after a restart, recovers (see above).
+
+    Returns:
+      How many gradients it pushed in this call.
+    """
+    if initial:
+      self._held, self._seq = list(initial), seq
+    elif self._held is None:
+      self._recover(epoch)
+    count = 0
+    if not self._ticket:
+      self._ticket = ray.get(self._shards[0].grant.remote(self._worker))
+    while self._ticket:
+      out = self.compute(self._seq, *self._held)
+      self._push(out[0], out[1:], epoch, range(len(self._shards)))
+      count += 1
+    return count

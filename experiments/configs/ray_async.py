@@ -19,10 +19,14 @@ with shape 100 (71%), plus a thin tail of long delays; the fitted schedule
 spreads far wider (about 30% at 3). See docs/ray.md.
 
 The fields are those of ``default.py`` (model, optimizer, DC-ASGD, seed,
-data) plus ``num_updates``; ``grid.algorithms`` lists the algorithms run,
+data) plus ``num_updates``, ``num_shards`` (parameter-server shards) and
+``wire_dtype`` (``None`` or e.g. ``"bfloat16"``: what gradients and params
+travel in); ``grid.algorithms`` lists the algorithms run,
 one Ray run each. The simulator-only fields (``schedule``, ``gamma_shape``,
 ``num_epochs``, ``grid.num_workers``, ``grid.seeds``) are not used.
 """
+
+from ml_collections import config_dict
 
 from experiments.configs import default
 
@@ -32,5 +36,7 @@ def get_config():
   c = default.get_config()
   c.num_workers = 4
   c.num_updates = 3000  # server updates per algorithm
+  c.num_shards = 1  # parameter-server shards (docs/ray.md)
+  c.wire_dtype = config_dict.placeholder(str)  # "bfloat16": half the bytes
   c.grid.algorithms = ("asgd", "dc-asgd-a")
   return c
