@@ -243,3 +243,25 @@ def test_shards_resume_from_their_checkpoints(tmp_path):
       resumed[k].apply(seq % 2, seq // 2, grads[seq][k])
   chex.assert_trees_all_equal([s.result() for s in live],
                               [s.result() for s in resumed])
+
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_workers_pull_the_look_ahead_of_dana_dc(num_shards):
+  tx = dcasgd_optax.dana_dc(0.5, num_workers=2, momentum=0.5)
+  params = {"w": jnp.linspace(-1.0, 1.0, 5), "b": jnp.ones(2)}
+  layout = dray.make_layout(params, num_shards)
+  shards = [dray.ParameterServer(tx, params, 2, shard=k, num_shards=num_shards)
+            for k in range(num_shards)]
+  state, want = tx.init(params), params
+  rng = np.random.default_rng(2)
+  for seq, m in enumerate([0, 1, 1, 0]):
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32),
+                         params)
+    seq = shards[0].progress()[1][m] + 1
+    updates, state = tx.update(grads, state, want, worker=m)
+    want = optax.apply_updates(want, updates)
+    pulled, state = dcasgd_optax.pull(state, want, m)  # The look-ahead.
+    got = [s.apply(m, seq, pieces)[1].params for s, pieces in
+           zip(shards, layout.split(grads))]
+    chex.assert_trees_all_close(layout.join(got), pulled, rtol=1e-6)
+    assert not np.allclose(layout.join(got)["w"], want["w"])  # Not the params.
