@@ -162,7 +162,7 @@ def main() -> None:
   args = parser.parse_args()
   ints = lambda s: [int(v.replace("_", "")) for v in s.split(",")]
   wire = jnp.dtype(args.wire) if args.wire else None
-  ray.init(include_dashboard=False, log_to_driver=False)
+  ray.init(address="local", include_dashboard=False, log_to_driver=False)
   print(f"Ray {ray.__version__}, JAX {jax.__version__}, {os.cpu_count()} "
         f"CPUs, load average {os.getloadavg()[0]:.1f} at the start, "
         f"wire {args.wire or 'float32'}")
