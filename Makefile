@@ -8,8 +8,10 @@ PYTHON ?= $(shell for p in python3 python3.12 python3.13 python3.11 python; do \
 	&& { echo $$p; break; }; done)
 PYTEST_ARGS ?=
 DEMO_DIR ?= runs/demo
+METHODS_DIR ?= runs/methods
+METHODS := $(PY) -m experiments.methods --config=experiments/configs/methods.py --workdir=$(METHODS_DIR)
 
-.PHONY: test test-slow test-py312 demo bench venv clean
+.PHONY: test test-slow test-py312 demo methods methods-tune bench venv clean
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; set PYTHON=/path/to/python3.11+"; exit 1; }
@@ -43,6 +45,15 @@ test-py312:
 
 demo: $(VENV)/.installed-experiments
 	$(PY) -m experiments.compare --config=experiments/configs/demo.py --workdir=$(DEMO_DIR)
+
+# The evidence grid on the reported seeds, with the committed tuning choice.
+methods: $(VENV)/.installed-experiments
+	$(METHODS) --stage=report --tuned=experiments/results/methods/tuned.json
+
+# The tuning sweep that chose experiments/results/methods/tuned.json (long:
+# see experiments/README.md); it writes $(METHODS_DIR)/tuned.json.
+methods-tune: $(VENV)/.installed-experiments
+	$(METHODS) --stage=tune
 
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/update_cost.py

@@ -8,14 +8,15 @@ For an MLP on 784-dimensional inputs and a small CNN on 28x28 images (batch
   elsewhere); ``compiled``: the same with ``strategy="compiled"``, and the
   first call of each (compilation included), in seconds.
 - ``limit``: the same gradients computed synchronously (num_workers at a
-  time, at one shared model, in one jitted scan; the faster of a vmapped
-  call and a loop per round) plus one server update
-  (DC update + apply + pull) per arrival in another jitted scan, each timed
-  alone; ``limit / replay`` is the fraction of that bound reached (target
-  >= 0.8).
+  time, at one shared model; the fastest of a vmapped call, a loop, and
+  unrolled calls per round) plus one server update (DC update + apply +
+  pull) per arrival in another jitted scan, each timed alone;
+  ``limit / replay`` is the fraction of that bound reached (target >= 0.8).
+- ``floor``: the same, but each of a round's gradients at its own model (16
+  workers hold 16 models: what a replay must compute); ``floor / replay``
+  (target >= 0.9 where the limit is out of reach for that reason).
 - ``naive``: a Python loop with one jitted gradient call and one jitted,
-  donated update per arrival; ``naive / replay`` is the speed-up (target
-  >= 5x).
+  donated update per arrival; ``naive / replay`` is the speed-up.
 - the replay time per gradient at num_workers = 4, 16, 64 (target: flat).
 
 Models: ``mlp`` 784-256-256-10 (270k params), ``cnn`` conv3x3/16 -> conv3x3/32
@@ -25,6 +26,9 @@ per-call dispatch weighs most against compute).
 Each time is the best of ``--repeats`` runs after a warm-up (compilation).
 
 Run: python benchmarks/harness_throughput.py [--arrivals 256] [--repeats 3]
+     python benchmarks/harness_throughput.py --sweep 8   # replay_many, 8 seeds
+     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+       python benchmarks/harness_throughput.py --memory  # bytes per device
      PYTHONPATH=. python benchmarks/harness_throughput.py --resnet20 2,8
 """
 
@@ -135,46 +139,59 @@ def time_replay(loss_fn, params, num_workers, arrivals, batches, repeats,
   return best / len(arrivals), sim.describe(arrivals, params), first
 
 
-def time_sync_gradients(loss_fn, params, num_workers, batches, repeats):
-  """``num_workers`` gradients at a time at one model.
+def time_round_gradients(loss_fn, params, num_workers, batches, repeats, *,
+                         own_models):
+  """``num_workers`` gradients at a time, at one model or at one each.
 
-  The best of: a jitted scan over rounds, computing a round's gradients in
-  one vmapped call or in a loop (``lax.map``); and one jitted call per round
-  from Python, its gradients unrolled (no loop: on XLA:CPU a convolution's
-  gradient inside a loop is much slower; see harness_throughput.md). So the
-  limit is the fastest synchronous way.
+  ``own_models=False``: all at one shared model (the limit's synchronous
+  gradients); ``True``: each at its own model (the floor: what an
+  asynchronous replay must compute, 16 workers holding 16 models). The best
+  of: a jitted scan over rounds computing a round's gradients in one vmapped
+  call or in a loop (``lax.map``); and one jitted call per round from
+  Python, its gradients unrolled (no loop: on XLA:CPU a convolution's
+  gradient inside a loop is much slower; see harness_throughput.md). So each
+  is the fastest way we know.
   """
   rounds = batches.reshape(-1, num_workers, *batches.shape[1:])
   grad_fn = jax.grad(loss_fn)
+  # The models: the same one, or num_workers slightly different ones.
+  models = jax.tree.map(
+      lambda p: p[None] * (1.0 + 0.01 * jnp.arange(num_workers).reshape(
+          -1, *[1] * p.ndim)), params)
+  in_axes = 0 if own_models else None
   best = float("inf")
   for batched in (True, False):
 
-    def round_grads(params, batch_W, batched=batched):
+    def round_grads(models, batch_W, batched=batched):
       if batched:
-        return jax.vmap(grad_fn, in_axes=(None, 0))(params, batch_W)
+        return jax.vmap(grad_fn, in_axes=(in_axes, 0))(
+            models if own_models else params, batch_W)
+      if own_models:
+        return jax.lax.map(lambda a: grad_fn(*a), (models, batch_W))
       return jax.lax.map(lambda b: grad_fn(params, b), batch_W)
 
     @jax.jit
-    def run(params, rounds, round_grads=round_grads):
+    def run(models, rounds, round_grads=round_grads):
       # The carry is the round's gradients, so none can be skipped; summing
       # them instead would cost more than computing them on XLA:CPU.
       def body(grads_W, batch_W):
         del grads_W
-        return round_grads(params, batch_W), None
+        return round_grads(models, batch_W), None
 
-      shapes = jax.eval_shape(round_grads, params, rounds[0])
+      shapes = jax.eval_shape(round_grads, models, rounds[0])
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       return jax.lax.scan(body, zeros, rounds)[0]
 
-    fn = lambda run=run: jax.block_until_ready(run(params, rounds))
+    fn = lambda run=run: jax.block_until_ready(run(models, rounds))
     best = min(best, best_time(fn, repeats))
 
-  unrolled = jax.jit(lambda params, batch_W: [
-      grad_fn(params, batch_W[i]) for i in range(num_workers)])
+  unrolled = jax.jit(lambda models, batch_W: [
+      grad_fn(jax.tree.map(lambda m: m[i], models) if own_models else params,
+              batch_W[i]) for i in range(num_workers)])
   round_list = list(rounds)
 
   def host_rounds():
-    jax.block_until_ready([unrolled(params, b) for b in round_list])
+    jax.block_until_ready([unrolled(models, b) for b in round_list])
 
   best = min(best, best_time(host_rounds, repeats))
   return best / batches.shape[0]
@@ -230,7 +247,7 @@ def time_naive(loss_fn, params, num_workers, arrivals, batches, repeats):
 
 
 def compare(name, loss_fn, params, num_workers, num_arrivals, repeats):
-  """One row: replay vs its limit and vs the naive loop, in microseconds."""
+  """One row: replay vs its limit, its floor and the naive loop (µs)."""
   arrivals = schedules.cyclic(num_workers, num_arrivals)
   batches = jnp.asarray(np.random.default_rng(0).integers(
       0, NUM_EXAMPLES, (num_arrivals, BATCH)))
@@ -239,14 +256,18 @@ def compare(name, loss_fn, params, num_workers, num_arrivals, repeats):
   other = "compiled" if plan["strategy"] != "compiled" else "host_chunks"
   other_replay, _, other_first = time_replay(
       loss_fn, params, num_workers, arrivals, batches, repeats, other)
-  grads = time_sync_gradients(loss_fn, params, num_workers, batches, repeats)
+  grads = time_round_gradients(loss_fn, params, num_workers, batches, repeats,
+                               own_models=False)
+  own = time_round_gradients(loss_fn, params, num_workers, batches, repeats,
+                             own_models=True)
   updates = time_updates(params, num_workers, num_arrivals, repeats)
   naive = time_naive(loss_fn, params, num_workers, arrivals, batches, repeats)
-  limit = grads + updates
+  limit, floor = grads + updates, own + updates
   print(f"| {name} | {num_workers} | {plan['strategy']} | "
-        f"{replay * 1e6:.0f} | {grads * 1e6:.0f} | "
-        f"{updates * 1e6:.0f} | {limit / replay:.2f} | {naive * 1e6:.0f} | "
-        f"{naive / replay:.1f}x | {other_replay * 1e6:.0f} ({other}) | "
+        f"{replay * 1e6:.0f} | {grads * 1e6:.0f} | {own * 1e6:.0f} | "
+        f"{updates * 1e6:.0f} | {limit / replay:.2f} | {floor / replay:.2f} | "
+        f"{naive * 1e6:.0f} | {naive / replay:.1f}x | "
+        f"{other_replay * 1e6:.0f} ({other}) | "
         f"{first:.1f} / {other_first:.1f} |", flush=True)
 
 
@@ -268,6 +289,71 @@ def scaling(name, loss_fn, params, num_arrivals, repeats):
     print(f"| {name} | {num_workers} | {row[0] * 1e6:.0f} | "
           f"{row[0] / base:.2f} | {row[2] * 1e6:.0f} | {row[3]:.2f} |",
           flush=True)
+
+
+def sweep(name, loss_fn, params, num_sims, num_workers, num_arrivals,
+          repeats):
+  """``num_sims`` seeds: one ``replay_many`` against as many ``replay``s."""
+  arrivals = schedules.cyclic(num_workers, num_arrivals)
+  batches = jnp.asarray(np.random.default_rng(0).integers(
+      0, NUM_EXAMPLES, (num_sims, num_arrivals, BATCH)))
+  params_N = jax.tree.map(
+      lambda p: p[None] * (1.0 + 0.01 * jnp.arange(num_sims).reshape(
+          -1, *[1] * p.ndim)), params)
+  sim = Simulator(loss_fn, make_tx(num_workers))
+  box = [[sim.init(jax.tree.map(lambda x, i=i: x[i], params_N))
+          for i in range(num_sims)], sim.init_many(params_N)]
+
+  def one_by_one():
+    out = [sim.replay(state, batches[i], arrivals)
+           for i, state in enumerate(box[0])]
+    box[0] = [state for state, _ in out]
+    jax.block_until_ready(out)
+
+  def together():
+    box[1], record = sim.replay_many(box[1], batches, arrivals)
+    jax.block_until_ready((box[1], record))
+
+  separate, first_separate = best_and_first_time(one_by_one, repeats)
+  many, first_many = best_and_first_time(together, repeats)
+  per = num_sims * num_arrivals
+  print(f"| {name} | {num_sims} | {num_workers} | {separate / per * 1e6:.0f} "
+        f"| {many / per * 1e6:.0f} | {separate / many:.2f}x | "
+        f"{first_separate:.1f} / {first_many:.1f} |", flush=True)
+
+
+def memory(num_params: int = 1 << 20) -> None:
+  """Per-device bytes of a replay step on 1..D devices, from XLA's memory
+  analysis (run with XLA_FLAGS=--xla_force_host_platform_device_count=8)."""
+  params = {"w": jnp.zeros((num_params,))}
+  xs = jax.random.normal(jax.random.key(0), (64, num_params // 1024))
+
+  def loss_fn(p, idx):
+    return jnp.mean((xs[idx] @ p["w"].reshape(-1, 1024)) ** 2)
+
+  mib = lambda n: n / 2**20
+  print(f"model: {num_params} float32 params ({mib(4 * num_params):.0f} MiB);"
+        " DC-ASGD-a with momentum; MiB per device\n")
+  print("| workers | devices | strategy | backups (shard) | XLA arguments | "
+        "XLA temp | XLA output (aliased) |\n|---|---|---|---|---|---|---|")
+  for num_workers in (16, 6):
+    for num_devices in sorted({1, 2, 4, len(jax.devices())}):
+      for strategy in ("host_chunks", "compiled"):
+        sim = Simulator(loss_fn, make_tx(num_workers),
+                        devices=jax.devices()[:num_devices],
+                        strategy=strategy)
+        state = sim.init(params)
+        arrivals = schedules.cyclic(num_workers, 2 * num_workers)
+        batches = np.random.default_rng(0).integers(0, 64, (len(arrivals), 8))
+        analysis = sim.lower(state, batches, arrivals).compile(
+            ).memory_analysis()
+        shard = [x for x in jax.tree.leaves(state.opt_state)
+                 if x.ndim == 2][0].addressable_shards[0].data.nbytes
+        print(f"| {num_workers} | {num_devices} | {strategy} | "
+              f"{mib(shard):.1f} | {mib(analysis.argument_size_in_bytes):.1f} "
+              f"| {mib(analysis.temp_size_in_bytes):.1f} | "
+              f"{mib(analysis.output_size_in_bytes):.1f} "
+              f"({mib(analysis.alias_size_in_bytes):.1f}) |", flush=True)
 
 
 def resnet20_compile(workers: list[int], batch: int = 128) -> None:
@@ -310,6 +396,14 @@ def main():
   parser.add_argument("--arrivals", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--models", default="mlp,cnn,mlp32")
+  parser.add_argument("--memory", action="store_true",
+                      help="per-device bytes on 1..D (fake) devices instead "
+                      "of the tables")
+  parser.add_argument("--sweep", type=int, default=0,
+                      help="S: time S seeds with replay_many against S "
+                      "replays instead of the tables")
+  parser.add_argument("--no-scaling", action="store_true",
+                      help="skip the 4/16/64-worker table")
   parser.add_argument("--resnet20", default="",
                       help="worker counts, e.g. 2,8: time ResNet-20 replays "
                       "(compilation included) instead of the tables")
@@ -317,17 +411,30 @@ def main():
   if args.resnet20:
     resnet20_compile([int(w) for w in args.resnet20.split(",")])
     return
+  if args.memory:
+    memory()
+    return
   models = {"mlp": mlp(), "cnn": cnn(), "mlp32": mlp(hidden=32)}
   models = {k: models[k] for k in args.models.split(",")}
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind} x "
         f"{len(jax.devices())}, {args.arrivals} arrivals, batch {BATCH}; "
         "times in microseconds per gradient\n")
-  print("| model | workers | strategy | replay | sync grads | updates | "
-        "limit/replay | naive | naive/replay | other strategy | first call, "
-        "s (this / other) |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  if args.sweep:
+    print("| model | simulations | workers | S replays | replay_many | "
+          "speed-up | first call, s (replays / many) |\n|---|---|---|---|---|"
+          "---|---|")
+    for name, (params, loss_fn) in models.items():
+      sweep(name, loss_fn, params, args.sweep, 16, args.arrivals,
+            args.repeats)
+    return
+  print("| model | workers | strategy | replay | sync grads | own-model "
+        "grads | updates | limit/replay | floor/replay | naive | naive/replay "
+        "| other strategy | first call, s (this / other) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for name, (params, loss_fn) in models.items():
     compare(name, loss_fn, params, 16, args.arrivals, args.repeats)
+  if args.no_scaling:
+    return
   print("\n| model | workers | replay, cyclic | vs 4 workers | replay, Gamma "
         "(shape 4) | Gamma fill ratio |")
   print("|---|---|---|---|---|---|")

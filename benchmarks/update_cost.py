@@ -1,21 +1,37 @@
-"""Cost of one DC-ASGD-a update against plain SGD with momentum, in one process.
+"""Cost of one DC-ASGD-a update against SGD with momentum, in one process.
 
-Measures, on a 25M-parameter tree, a jitted and donated step (update + apply)
-of ``dcasgd(..., adaptive=True, momentum=0.9)`` against ``optax.sgd(momentum=0.9)``,
-and the same DC-ASGD step at 1 vs 64 workers, with float32 and bfloat16
-backups. Prints ratios beside the memory-traffic bound: DC-ASGD-a with
-momentum reads 5 model-sized arrays (g, w, backup[m], ms, momentum) and writes
-4 (w, backup[m], ms, momentum); SGD with momentum reads 3 and writes 2, so a
-bandwidth-bound step costs 9/5 = 1.8x.
+A jitted step (update + apply, params and state donated) on a tree of about
+25M float32 parameters, for ``optax.sgd(momentum=0.9)`` (the baseline) and
+``dcasgd(..., momentum=0.9)`` (DC-ASGD-a, worker id traced) at 1 and 64
+workers, with float32 and bfloat16 backups, and the same optimizer composed
+as a chain (``pull_after_push(chain(delay_compensation, sgd))``, what
+``dcasgd`` was before its update was fused).
 
-Run: python benchmarks/update_cost.py [--params 25_000_000] [--repeats 7]
+Each configuration is timed in its own phase, interleaved with the baseline
+(so both see the same machine), and only that phase's buffers are alive. The
+baseline is first timed alone; the script exits with status 1 if its timing
+inside any phase drifts from that by more than ``--tolerance`` (the
+interleaved figures would then not be what a user gets).
+
+Besides ms/step and the ratio to the baseline it prints the achieved
+bandwidth: the bytes a step must move at least (the baseline reads g, w,
+momentum and writes w, momentum: 5 model-sized arrays; DC-ASGD-a with
+momentum also reads and writes the worker's backup row and the mean
+square: 9, so a bandwidth-bound step costs 9/5 = 1.8x) over its time, next
+to the copy bandwidth measured here (a jitted, donated ``w + g``: 3 arrays),
+and the peak memory of the compiled step from XLA's memory analysis.
+
+Run: python benchmarks/update_cost.py [--params 25_000_000] [--repeats 9]
+Results and the machine: benchmarks/update_cost.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +41,7 @@ import optax
 import dcasgd_optax
 
 _TRAFFIC_BOUND = 9 / 5
+_TARGET = 2.0
 
 
 def make_params(num_params: int) -> dict[str, jax.Array]:
@@ -38,106 +55,218 @@ def make_params(num_params: int) -> dict[str, jax.Array]:
   }
 
 
-def make_step(tx):
-  """A jitted step that donates params and state (closes over tx)."""
+class Config(NamedTuple):
+  """One optimizer to time.
 
-  def step(params, state, grads, worker):
-    updates, state = tx.update(grads, state, params, worker=worker)
-    return optax.apply_updates(params, updates), state
+  Attributes:
+    name: the table's row label.
+    make: builds the optimizer.
+    num_workers: worker ids cycle through ``range(num_workers)``.
+    arrays_moved: model-sized arrays a step must read plus write at least.
+  """
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  name: str
+  make: Callable[[], Any]
+  num_workers: int
+  arrays_moved: float
 
 
 class Runner:
-  """Holds one optimizer's live buffers and times steps on them."""
+  """One optimizer's live buffers, its jitted donated step, and its timings."""
 
-  def __init__(self, tx, params, grads, num_workers):
-    self.step = make_step(optax.with_extra_args_support(tx))
+  def __init__(self, config: Config, params, grads):
+    self.config = config
+    tx = optax.with_extra_args_support(config.make())
+
+    def step(params, state, grads, worker):
+      updates, state = tx.update(grads, state, params, worker=worker)
+      return optax.apply_updates(params, updates), state
+
     self.params = jax.tree.map(jnp.copy, params)
     self.state = tx.init(self.params)
     self.grads = grads
-    self.num_workers = num_workers
+    worker = jnp.int32(0)
+    self.step = jax.jit(step, donate_argnums=(0, 1)).lower(
+        self.params, self.state, grads, worker
+    ).compile()
+    self.memory = self.step.memory_analysis()
     self.k = 0
-    self.run(2)  # compile and warm up
+    self.run(2)  # Warm up.
 
-  def run(self, n: int) -> float:
+  def run(self, steps: int) -> float:
+    """Seconds per step over ``steps`` back-to-back steps."""
+    workers = [
+        jnp.int32((self.k + i) % self.config.num_workers)
+        for i in range(steps)
+    ]
+    self.k += steps
     start = time.perf_counter()
-    for _ in range(n):
-      worker = self.k % self.num_workers
+    for worker in workers:
       self.params, self.state = self.step(
           self.params, self.state, self.grads, worker
       )
-      self.k += 1
     jax.block_until_ready((self.params, self.state))
-    return (time.perf_counter() - start) / n
+    return (time.perf_counter() - start) / steps
 
-  def state_bytes(self) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(self.state))
+  def state_mib(self) -> float:
+    return sum(x.nbytes for x in jax.tree.leaves(self.state)) / 2**20
 
-  def close(self):
-    del self.params, self.state
+  def extra_mib(self) -> float:
+    """Memory the step needs beyond its inputs (new outputs, temporaries)."""
+    m = self.memory
+    new_outputs = m.output_size_in_bytes - m.alias_size_in_bytes
+    return (new_outputs + m.temp_size_in_bytes) / 2**20
+
+  def peak_mib(self) -> float:
+    """Arguments + outputs not aliased to them + XLA temporaries, in MiB."""
+    m = self.memory
+    new_outputs = m.output_size_in_bytes - m.alias_size_in_bytes
+    return (m.argument_size_in_bytes + new_outputs + m.temp_size_in_bytes) / 2**20
 
 
-def time_interleaved(runners: dict[str, Runner], repeats: int, steps: int):
-  """Median seconds per step, alternating runners to share machine noise."""
-  samples = {name: [] for name in runners}
+class Row(NamedTuple):
+  config: Config
+  seconds: float  # per step
+  baseline: float  # the baseline's seconds per step in the same phase
+  state_mib: float
+  peak_mib: float
+  extra_mib: float  # peak beyond the step's inputs (params, state, grads)
+
+
+def copy_bandwidth(params, grads, repeats: int) -> float:
+  """GB/s of a jitted, donated ``w + g`` over the params (3 arrays moved)."""
+  add = jax.jit(lambda w, g: jax.tree.map(jnp.add, w, g), donate_argnums=0)
+  w = jax.tree.map(jnp.copy, params)
+  w = jax.block_until_ready(add(w, grads))
+  times = []
   for _ in range(repeats):
-    for name, r in runners.items():
-      samples[name].append(r.run(steps))
-  return {name: statistics.median(s) for name, s in samples.items()}
+    start = time.perf_counter()
+    w = jax.block_until_ready(add(w, grads))
+    times.append(time.perf_counter() - start)
+  model_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  return 3 * model_bytes / statistics.median(times) / 1e9
 
 
-def main():
+def time_interleaved(runners: list[Runner], repeats: int, steps: int):
+  """Per-step medians, the runners alternating to share the machine's noise."""
+  samples = [[] for _ in runners]
+  for _ in range(repeats):
+    for s, r in zip(samples, runners):
+      s.append(r.run(steps))
+  return [statistics.median(s) for s in samples], samples
+
+
+def relative_spread(samples: list[float]) -> float:
+  """Interquartile range over the median."""
+  q1, _, q3 = statistics.quantiles(samples, n=4)
+  return (q3 - q1) / statistics.median(samples)
+
+
+def configs(lr: float = 0.01) -> list[Config]:
+  def fused(workers, dtype=None):
+    return lambda: dcasgd_optax.dcasgd(
+        lr, workers, momentum=0.9, backup_dtype=dtype
+    )
+
+  def composed(workers):
+    return lambda: dcasgd_optax.pull_after_push(optax.chain(
+        dcasgd_optax.delay_compensation(workers, adaptive=True),
+        optax.sgd(lr, momentum=0.9),
+    ))
+
+  return [
+      Config("dcasgd-a, 1 worker", fused(1), 1, 9),
+      Config("dcasgd-a, 64 workers", fused(64), 64, 9),
+      Config("dcasgd-a, 64 workers, bf16 backups", fused(64, jnp.bfloat16),
+             64, 8),
+      Config("composed chain, 1 worker", composed(1), 1, 9),
+      Config("composed chain, 64 workers", composed(64), 64, 9),
+  ]
+
+
+def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--params", type=int, default=25_000_000)
-  parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=9)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument(
+      "--tolerance", type=float, default=0.15,
+      help="largest relative drift of the in-phase baseline allowed",
+  )
+  parser.add_argument(
+      "--only", default="",
+      help="comma-separated substrings: time only the matching rows",
+  )
   args = parser.parse_args()
 
   params = make_params(args.params)
-  n = sum(x.size for x in jax.tree.leaves(params))
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  model_gb = sum(x.nbytes for x in jax.tree.leaves(params)) / 1e9
   print(f"device: {jax.devices()[0].device_kind}, params: {n / 1e6:.1f}M, "
         f"jax {jax.__version__}, optax {optax.__version__}")
 
-  def dc(workers, backup_dtype=None):
-    tx = dcasgd_optax.dcasgd(
-        0.01, workers, momentum=0.9, backup_dtype=backup_dtype
-    )
-    return Runner(tx, params, grads, workers)
+  copy_gbs = copy_bandwidth(params, grads, args.repeats)
+  baseline = Config(
+      "sgd(momentum=0.9)", lambda: optax.sgd(0.01, momentum=0.9), 1, 5
+  )
+  base = Runner(baseline, params, grads)
+  (alone,), (alone_samples,) = time_interleaved([base], args.repeats,
+                                                args.steps)
+  print(f"copy bandwidth (jitted donated w + g): {copy_gbs:.1f} GB/s")
+  print(f"baseline alone: {alone * 1e3:.1f} ms/step "
+        f"(spread {relative_spread(alone_samples):.0%})")
 
-  configs = {
-      "sgd(momentum=0.9)": lambda: Runner(
-          optax.sgd(0.01, momentum=0.9), params, grads, 1
-      ),
-      "dcasgd-a, 1 worker": lambda: dc(1),
-      "dcasgd-a, 64 workers": lambda: dc(64),
-      "dcasgd-a, 64 workers, bf16 backups": lambda: dc(64, jnp.bfloat16),
-  }
-  runners = {name: make() for name, make in configs.items()}
-  times = time_interleaved(runners, args.repeats, args.steps)
-  base = times["sgd(momentum=0.9)"]
-  print("\n| optimizer | ms/step | vs sgd+momentum | state MiB |")
-  print("|---|---|---|---|")
-  for name, t in times.items():
-    mib = runners[name].state_bytes() / 2**20
-    print(f"| {name} | {t * 1e3:.1f} | {t / base:.2f}x | {mib:,.0f} |")
-  print(
-      f"\nmemory-traffic bound for DC-ASGD-a+momentum vs SGD+momentum: "
-      f"{_TRAFFIC_BOUND:.1f}x (target <= 2.0x)"
-  )
-  print(
-      "growth with workers (64 vs 1): "
-      f"{times['dcasgd-a, 64 workers'] / times['dcasgd-a, 1 worker']:.2f}x "
-      "(target: no growth, 1.0x)"
-  )
-  if jax.default_backend() == "cpu":
+  rows = [Row(baseline, alone, alone, base.state_mib(), base.peak_mib(),
+              base.extra_mib())]
+  drifts = []
+  wanted = [s for s in args.only.split(",") if s]
+  for config in configs():
+    if wanted and not any(s in config.name for s in wanted):
+      continue
+    runner = Runner(config, params, grads)
+    (t_base, t), _ = time_interleaved([base, runner], args.repeats,
+                                      args.steps)
+    drifts.append((config.name, t_base / alone - 1))
+    rows.append(Row(config, t, t_base, runner.state_mib(),
+                    runner.peak_mib(), runner.extra_mib()))
+    del runner  # Free its buffers before the next phase.
+
+  print("\n| optimizer | ms/step | GB/s | vs baseline | baseline in phase, "
+        "ms | state MiB | peak MiB | beyond inputs MiB |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    gbs = r.config.arrays_moved * model_gb / r.seconds
+    print(f"| {r.config.name} | {r.seconds * 1e3:.1f} | {gbs:.1f} | "
+          f"{r.seconds / r.baseline:.2f}x | {r.baseline * 1e3:.1f} | "
+          f"{r.state_mib:,.0f} | {r.peak_mib:,.0f} | {r.extra_mib:,.1f} |")
+  print(f"\ncopy bandwidth: {copy_gbs:.1f} GB/s; memory-traffic bound for "
+        f"DC-ASGD-a+momentum: {_TRAFFIC_BOUND:.1f}x (target <= {_TARGET}x)")
+  ratio = {r.config.name: r.seconds / r.baseline for r in rows}
+  one, many = "dcasgd-a, 1 worker", "dcasgd-a, 64 workers"
+  if one in ratio and many in ratio:
+    print(f"growth with workers (64 vs 1): {ratio[many] / ratio[one]:.2f}x "
+          "(target <= 1.1x)")
+  return _check_baseline(drifts, args.tolerance)
+
+
+def _check_baseline(drifts: list[tuple[str, float]], tolerance: float) -> int:
+  bad = [(name, d) for name, d in drifts if abs(d) > tolerance]
+  if not bad:
+    worst = max((abs(d) for _, d in drifts), default=0.0)
+    print(f"baseline check: in-phase baseline within {worst:.0%} of its "
+          f"standalone timing (tolerance {tolerance:.0%})")
+    return 0
+  for name, d in bad:
     print(
-        "note: XLA:CPU upcasts a bfloat16 dynamic-update-slice to float32, so "
-        "on CPU bf16 backups convert the whole backup array every step; they "
-        "save memory, not time (GPU/TPU have native bf16; not measured here)."
+        f"BASELINE DRIFT: while timing '{name}' the baseline took {d:+.0%} "
+        f"vs its standalone timing (tolerance {tolerance:.0%}). The machine "
+        "is too noisy (check `uptime`) or the phases disturb each other; "
+        "these ratios are not what a user gets.",
+        file=sys.stderr,
     )
+  return 1
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -1,23 +1,27 @@
 """The registry of the algorithms compared: the one place their names are spelled.
 
-=====================  ==============================================  ==========
-name                   server update (each on top of the optimizer)    simulator
-=====================  ==============================================  ==========
-``sequential``         one worker (staleness 0)                        async, M=1
-``ssgd``               the mean of M fresh gradients per round         sync
-``asgd``               each stale gradient as it arrives               async
-``sa-asgd``            step / max(τ, 1) (Zhang et al. 2016)            async
-``sqrt-asgd``          step / sqrt(1 + τ)                              async
-``da-asgd``            step · M / max(M, τ) (Mishchenko et al. 2022)   async
-``dc-asgd-c``          DC-ASGD, constant λ (default 0.04)              async
-``dc-asgd-a``          DC-ASGD-a, λ_t = λ0 / sqrt(MeanSquare + ε)      async
-``dc-asgd-a-bc``       DC-ASGD-a, bias-corrected MeanSquare            async
-``dc-asgd-a-tuned``    DC-ASGD-a whose λ0 the evidence grid tunes      async
-``gap-aware``          g / (1 + |w - w_m| / C) (Barkai et al. 2019)    async
-``delayed-nesterov``   momentum once per M pushes (Liu et al. 2024)    async
-``dana``               pull a look-ahead w - η Σ μ^k v (Hakimi 2019)   async
-``dana-dc``            the look-ahead pull and DC-ASGD-a               async
-=====================  ==============================================  ==========
+========================  =============================================  ==========
+name                      server update (each on top of the optimizer)   simulator
+========================  =============================================  ==========
+``sequential``            one worker (staleness 0)                       async, M=1
+``ssgd``                  the mean of M fresh gradients per round        sync
+``asgd``                  each stale gradient as it arrives              async
+``sa-asgd``               step / max(τ, 1) (Zhang et al. 2016)           async
+``sqrt-asgd``             step / sqrt(1 + τ)                             async
+``da-asgd``               step · M / max(M, τ) (Mishchenko et al. 2022)  async
+``dc-asgd-c``             DC-ASGD, constant λ (default 0.04)             async
+``dc-asgd-a``             DC-ASGD-a, λ_t = λ0 / sqrt(MeanSquare + ε)     async
+``dc-asgd-a-bc``          DC-ASGD-a, bias-corrected MeanSquare           async
+``dc-asgd-a-warmup``      DC-ASGD-a, λ ramped up over 100 updates        async
+``dc-asgd-a-clip``        DC-ASGD-a, term bounded by |g| per coordinate  async
+``dc-asgd-a-tuned``       DC-ASGD-a whose λ0 the evidence grid tunes     async
+``dc-asgd-a-clip-tuned``  the clipped one, λ0 tuned                      async
+``gap-aware``             g / (1 + |w - w_m| / C) (Barkai et al. 2019)   async
+``delayed-nesterov``      momentum once per M pushes (Liu et al. 2024)   async
+``delayed-nesterov-dc``   the same after DC-ASGD-a, λ0 tuned             async
+``dana``                  pull a look-ahead w - η Σ μ^k v (Hakimi 2019)  async
+``dana-dc``               the look-ahead pull and DC-ASGD-a              async
+========================  =============================================  ==========
 
 The formulas and sources are in the docstrings of the ``dcasgd_optax``
 transformations each one chains (:func:`dcasgd_optax.scale_by_staleness`,
@@ -35,9 +39,10 @@ compares names. A new algorithm is one new record in :data:`REGISTRY`.
 
 All share the same optimizer core, :func:`optimizer`: L2 weight decay added
 to the gradient, then ``config.optimizer`` (:data:`OPTIMIZERS`: SGD with the
-config's momentum, or Adam) with the config's learning-rate schedule, so the
-only difference between two algorithms is how a gradient is adjusted before
-it.
+config's momentum, or Adam) with the config's learning-rate schedule. An
+algorithm adds an adjustment of the stale gradient before it (weight decay
+is added to the adjusted gradient), or replaces the optimizer's momentum
+(delayed Nesterov, the look-ahead).
 
 **What an epoch is.** An epoch is ``S = num_train // batch_size`` minibatch
 gradients, for every algorithm: the gradients are the same data stream (see
@@ -51,17 +56,24 @@ each on ``M`` times the data, with the same learning rate (not scaled with
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import optax
 
 import dcasgd_optax
 from dcasgd_optax import harness
 
-# (config, num_workers, learning_rate) -> the server's optimizer; ``config``
-# is read by attribute, its tuned fields possibly arrays (see make_tx).
-TxBuilder = Callable[[Any, int, optax.ScalarOrSchedule], optax.GradientTransformation]
+# (config, num_workers, learning_rate) -> (adjustment or None, core): the
+# transformation of the stale gradient and the optimizer parts after it.
+# ``config`` is read by attribute, its tuned fields possibly arrays.
+TxBuilder = Callable[
+    [Any, int, optax.ScalarOrSchedule],
+    tuple[optax.GradientTransformation | None, list],
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +85,9 @@ class Algorithm:
     label: the display name in tables and plots.
     color: its matplotlib colour, the same in every figure.
     marker: its matplotlib marker.
-    build_tx: ``(config, num_workers, learning_rate) -> optax transformation``.
+    build_tx: ``(config, num_workers, learning_rate) -> (adjustment, core)``:
+      the transformation of the stale gradient (or ``None``) and the
+      optimizer parts after it (:func:`make_tx` chains them).
     synchronous: run by ``harness.SyncSimulator`` (one update per round of
       ``num_workers`` fresh gradients) instead of ``harness.Simulator``.
     single_worker: always runs with one worker (sequential SGD), whatever
@@ -197,15 +211,13 @@ def optimizer(config: Any, learning_rate: optax.ScalarOrSchedule) -> list:
 
 def _sgd(config, num_workers, learning_rate):
   del num_workers
-  return optax.chain(*optimizer(config, learning_rate))
+  return None, optimizer(config, learning_rate)
 
 
 def _staleness_scaled(rule: str) -> TxBuilder:
   def build(config, num_workers, learning_rate):
-    *decay, core = optimizer(config, learning_rate)
-    # The gradient, weight decay included, is scaled: a step of η·scale(τ).
     scale = dcasgd_optax.scale_by_staleness(rule, num_workers=num_workers)
-    return optax.chain(*decay, scale, core)
+    return scale, optimizer(config, learning_rate)
 
   return build
 
@@ -216,7 +228,7 @@ def _delay_compensated(adaptive: bool, **options: Any) -> TxBuilder:
         num_workers, config.dc_lambda, adaptive=adaptive,
         decay=config.dc_decay, eps=config.dc_eps, **options,
     )
-    return optax.chain(compensation, *optimizer(config, learning_rate))
+    return compensation, optimizer(config, learning_rate)
 
   return build
 
@@ -224,35 +236,43 @@ def _delay_compensated(adaptive: bool, **options: Any) -> TxBuilder:
 def _gap_aware(config, num_workers, learning_rate):
   # C's step: the base rate's steady-state step with momentum, η / (1 - μ).
   step = config.learning_rate / (1.0 - config.momentum)
-  return optax.chain(dcasgd_optax.gap_aware(num_workers, step),
-                     *optimizer(config, learning_rate))
+  return (dcasgd_optax.gap_aware(num_workers, step),
+          optimizer(config, learning_rate))
 
 
 def _delayed_nesterov(config, num_workers, learning_rate):
   # The rate is per push: each push steps η / N, so the period's η is N times
   # it, and a period moves the model about as far as N pushes of momentum SGD.
   *decay, _ = optimizer(config, learning_rate)
-  return optax.chain(
-      *decay,
-      dcasgd_optax.delayed_nesterov(
-          lambda count: num_workers * learning_rate(count), num_workers,
-          momentum=config.momentum, momentum_activation=0.0),
-  )
+  nesterov = dcasgd_optax.delayed_nesterov(
+      lambda count: num_workers * learning_rate(count), num_workers,
+      momentum=config.momentum, momentum_activation=0.0)
+  return None, [*decay, nesterov]
+
+
+def _delayed_nesterov_compensated(config, num_workers, learning_rate):
+  compensation, _ = _delay_compensated(True)(config, num_workers, learning_rate)
+  return compensation, _delayed_nesterov(config, num_workers, learning_rate)[1]
 
 
 def _look_ahead(compensate: bool) -> TxBuilder:
   def build(config, num_workers, learning_rate):
     *decay, _ = optimizer(config, learning_rate)
+    # The backups record the look-ahead each worker pulls; λ = 0: DANA alone.
     compensation = dcasgd_optax.delay_compensation(
         num_workers, config.dc_lambda if compensate else 0.0,
         adaptive=compensate, decay=config.dc_decay, eps=config.dc_eps,
     )
     ahead = dcasgd_optax.look_ahead_momentum(
         learning_rate, config.momentum, horizon=num_workers - 1)
-    return optax.chain(compensation, *decay, ahead)
+    return compensation, [*decay, ahead]
 
   return build
 
+
+# DC-ASGD-a's λ warm-up: the first 100 updates, where notebook 03 measured
+# the over-compensation (MeanSquare needs about 1 / (1 - 0.95) = 20 to settle).
+LAMBDA_WARMUP = 100
 
 REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("sequential", "sequential SGD", "k", "None", _sgd,
@@ -269,12 +289,22 @@ REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("dc-asgd-a", "DC-ASGD-a", "C3", "D", _delay_compensated(True)),
     Algorithm("dc-asgd-a-bc", "DC-ASGD-a, bias-corr.", "C6", "d",
               _delay_compensated(True, bias_correction=True)),
+    Algorithm("dc-asgd-a-warmup", "DC-ASGD-a, λ warm-up", "gold", "d",
+              _delay_compensated(True, lambda_warmup=LAMBDA_WARMUP)),
+    Algorithm("dc-asgd-a-clip", "DC-ASGD-a, clip", "brown", "s",
+              _delay_compensated(True, correction_clip=1.0)),
     Algorithm("dc-asgd-a-tuned", "DC-ASGD-a, λ0 tuned", "C5", "P",
               _delay_compensated(True), tuned=("dc_lambda",)),
+    Algorithm("dc-asgd-a-clip-tuned", "DC-ASGD-a, clip, λ0 tuned", "pink", "P",
+              _delay_compensated(True, correction_clip=1.0),
+              tuned=("dc_lambda",)),
     Algorithm("gap-aware", "Gap-Aware", "C7", "X", _gap_aware,
               optimizers=("sgd",)),
     Algorithm("delayed-nesterov", "delayed Nesterov", "olive", "h",
               _delayed_nesterov, requires_momentum=True),
+    Algorithm("delayed-nesterov-dc", "delayed Nesterov + DC, λ0 tuned",
+              "darkgreen", "H", _delayed_nesterov_compensated,
+              requires_momentum=True, tuned=("dc_lambda",)),
     Algorithm("dana", "look-ahead (DANA)", "teal", "*", _look_ahead(False),
               requires_momentum=True),
     Algorithm("dana-dc", "DANA-DC", "navy", "p", _look_ahead(True),
@@ -303,32 +333,92 @@ def ordered(names) -> list[Algorithm]:
   return [a for a in REGISTRY.values() if a.name in names]
 
 
+def _relative(config: Any, algorithm: Algorithm, num_workers: int,
+              steps_per_epoch: int) -> optax.Schedule:
+  return relative_schedule(
+      config, algorithm.updates_per_epoch(num_workers, steps_per_epoch))
+
+
 def make_tx(
     config: Any, num_workers: int, steps_per_epoch: int
 ) -> optax.GradientTransformation:
   """The optimizer of ``config.algorithm`` for ``num_workers`` workers.
 
-  The base learning rate and the algorithm's tuned fields
-  (``Algorithm.tuned``) are injected with ``optax.inject_hyperparams``: they
-  are arrays in the optimizer state, so runs that differ only in them (or in
-  the seed) compile to the same program, and a sweep compiles once per cell.
+  Its chain is the algorithm's gradient adjustment (if any), then the
+  optimizer core (:func:`optimizer`). The base learning rate and the
+  algorithm's tuned fields (``Algorithm.tuned``) are injected with
+  ``optax.inject_hyperparams``: they are arrays in the optimizer state, so
+  runs that differ only in them (or in the seed) compile to the same
+  program, and a sweep compiles once per cell.
   """
   algorithm = get(config.algorithm)
-  relative = relative_schedule(
-      config, algorithm.updates_per_epoch(num_workers, steps_per_epoch)
-  )
+  relative = _relative(config, algorithm, num_workers, steps_per_epoch)
 
-  def factory(learning_rate, **tuned):
-    fields = types.SimpleNamespace(
-        **{**config.to_dict(), "learning_rate": learning_rate, **tuned})
-    return algorithm.build_tx(
-        fields, num_workers, lambda count: learning_rate * relative(count)
-    )
+  def factory(**hyperparams):
+    lr = hyperparams["learning_rate"]
+    fields = types.SimpleNamespace(**{**config.to_dict(), **hyperparams})
+    adjust, core = algorithm.build_tx(
+        fields, num_workers, lambda count: lr * relative(count))
+    return optax.chain(*([] if adjust is None else [adjust]), *core)
 
-  tuned = {f: config[f] for f in algorithm.tuned}
-  return optax.inject_hyperparams(factory)(
-      learning_rate=config.learning_rate, **tuned
-  )
+  names = ("learning_rate", *algorithm.tuned)
+  # inject_hyperparams injects the factory's named parameters (its numbers).
+  factory.__signature__ = inspect.Signature([
+      inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in names])
+  return optax.inject_hyperparams(factory)(**{n: config[n] for n in names})
+
+
+def injected(config: Any) -> dict[str, Any]:
+  """The values :func:`make_tx` injects: the base learning rate and the
+  algorithm's tuned fields that are numbers (a ``None`` stays static)."""
+  names = ("learning_rate", *get(config.algorithm).tuned)
+  return {n: config[n] for n in names if config[n] is not None}
+
+
+def _is_injected_state(node: Any) -> bool:
+  return isinstance(node, optax.InjectStatefulHyperparamsState)
+
+
+def set_injected(opt_state: Any, config: Any) -> Any:
+  """``opt_state`` with its injected hyperparameters set to ``config``'s.
+
+  The state of :func:`make_tx`'s optimizer for one config serves any config
+  that differs only in :func:`injected` values: this is how a compiled
+  program is reused across a sweep (optax allows setting numeric
+  hyperparameters by hand). Each value keeps the dtype and sharding of the
+  one it replaces.
+  """
+  values = injected(config)
+
+  def set_values(node):
+    if not _is_injected_state(node):
+      return node
+    hyperparams = {
+        k: jax.device_put(jnp.asarray(values[k], v.dtype), v.sharding)
+        if k in values else v
+        for k, v in node.hyperparams.items()
+    }
+    return node._replace(hyperparams=hyperparams)
+
+  return jax.tree.map(set_values, opt_state, is_leaf=_is_injected_state)
+
+
+def gradient_adjustment(
+    config: Any, num_workers: int, steps_per_epoch: int
+) -> optax.GradientTransformation | None:
+  """The transformation that starts ``make_tx``'s chain and adjusts the
+  stale gradient (delay compensation, Gap-Aware, a staleness rule), built
+  with the config's values; ``None`` when the algorithm adjusts nothing.
+
+  It is what the simulator's diagnostics need as ``first_transform`` to
+  report the applied direction (they find its state in ``make_tx``'s by
+  structure).
+  """
+  algorithm = get(config.algorithm)
+  relative = _relative(config, algorithm, num_workers, steps_per_epoch)
+  adjust, _ = algorithm.build_tx(
+      config, num_workers, lambda count: config.learning_rate * relative(count))
+  return adjust
 
 
 def make_simulator(
@@ -338,8 +428,16 @@ def make_simulator(
     steps_per_epoch: int,
     has_model_state: bool,
 ) -> harness.Simulator | harness.SyncSimulator:
-  """The simulator that runs ``config.algorithm`` (its effective workers)."""
+  """The simulator that runs ``config.algorithm`` (its effective workers),
+  with diagnostics every ``config.diagnostics_every`` arrivals (0: none)."""
   algorithm = get(config.algorithm)
   m = algorithm.effective_workers(config.num_workers)
   tx = make_tx(config, m, steps_per_epoch)
-  return algorithm.simulator(loss_fn, tx, m, has_model_state=has_model_state)
+  diagnostics = {}
+  if config.diagnostics_every:
+    diagnostics = dict(
+        diagnostics_every=config.diagnostics_every,
+        first_transform=gradient_adjustment(config, m, steps_per_epoch),
+    )
+  return algorithm.simulator(loss_fn, tx, m, has_model_state=has_model_state,
+                             **diagnostics)

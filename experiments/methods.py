@@ -47,6 +47,7 @@ from ml_collections import config_flags
 
 from experiments import algorithms
 from experiments import reporting
+from experiments import run_files
 from experiments import train
 
 STAGES = ("tune", "report", "all")
@@ -93,8 +94,9 @@ def cells(config: ml_collections.ConfigDict) -> list[Cell]:
       if a.single_worker:
         out.append(Cell(opt, "cyclic", 1, a.name))
         continue
-      for schedule, m in itertools.product(config.grid.schedules,
-                                           sorted(config.grid.num_workers)):
+      # Schedules innermost: their runs share one compiled program.
+      for m, schedule in itertools.product(sorted(config.grid.num_workers),
+                                           config.grid.schedules):
         out.append(Cell(opt, schedule, m, a.name))
   return out
 
@@ -162,6 +164,9 @@ def report(
 ) -> list[dict]:
   """Runs every cell's chosen setting on the reported seeds, then reports.
 
+  Also reruns the cells of ``config.report.diagnostics`` (one seed) with the
+  simulator's diagnostics, for the diagnostics plot.
+
   Args:
     config: the grid.
     workdir: where the runs and the report go.
@@ -184,8 +189,36 @@ def report(
   for cell in todo:
     setting = tuned[cell.key]["setting"]
     rows += [run(config, workdir, cell, s, setting) for s in config.grid.seeds]
-  print(reporting.write_methods_report(config, rows, workdir))
+  traces = diagnose(config, workdir, tuned)
+  print(reporting.write_methods_report(config, rows, workdir, traces))
   return rows
+
+
+def diagnose(
+    config: ml_collections.ConfigDict, workdir: str, tuned: dict[str, dict]
+) -> dict[tuple[str, str], dict]:
+  """Reruns the cells of ``config.report.diagnostics`` with diagnostics.
+
+  Returns:
+    ``(optimizer, algorithm) -> {field: list}``: the sampled arrivals'
+    staleness, step and diagnostics (:data:`run_files.DIAGNOSTICS`).
+  """
+  d = config.report.diagnostics
+  traces = {}
+  for cell in cells(config):
+    if (cell.optimizer not in d.optimizers or cell.schedule != d.schedule
+        or cell.num_workers != d.num_workers
+        or cell.algorithm not in d.algorithms):
+      continue
+    c = cell_config(config, cell, d.seed, tuned[cell.key]["setting"])
+    c.diagnostics_every = d.every
+    rundir = os.path.join(workdir, "diagnostics", cell.key)
+    train.train_and_evaluate(c, rundir)
+    lines = run_files.read_diagnostics(rundir)
+    traces[(cell.optimizer, cell.algorithm)] = {
+        k: [v for line in lines for v in line[k]] for k in run_files.DIAGNOSTICS
+    }
+  return traces
 
 
 def main(argv):

@@ -312,13 +312,83 @@ def plot_gap_closed(stats: Sequence[dict], path: str, *, title: str = "") -> Non
       if l not in labels:
         handles.append(h)
         labels.append(l)
-  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6),
-             fontsize=8, bbox_to_anchor=(0.5, 0.0))
+  if labels:
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6),
+               fontsize=8, bbox_to_anchor=(0.5, 0.0))
   _finish(fig, path, title, bottom=0.14)
 
 
-def write_methods_report(config: Any, rows: Sequence[dict], workdir: str) -> str:
-  """Writes results.csv, table.md and gap_closed.png; returns the tables."""
+def paired_table(stats: Sequence[dict], baseline: str, variant: str) -> str:
+  """``variant`` against ``baseline`` in every cell they share: their errors,
+  the difference, and whether the variant hurts (its mean is worse by more
+  than the larger of the two standard deviations)."""
+  by_cell = {(s["optimizer"], s["schedule"], s["num_workers"], s["algorithm"]): s
+             for s in stats}
+  lines = [f"| optimizer | arrivals | M | {algorithms.get(baseline).label} | "
+           f"{algorithms.get(variant).label} | difference | hurts? |",
+           "|---" * 7 + "|"]
+  for (opt, schedule, m, name), b in by_cell.items():
+    v = by_cell.get((opt, schedule, m, variant))
+    if name != baseline or v is None:
+      continue
+    diff = v["mean"] - b["mean"]
+    hurts = "yes" if diff > max(b["std"], v["std"]) else "no"
+    lines.append(f"| {opt} | {schedule} | {m} | {_stat_cell(b)} | {_stat_cell(v)} "
+                 f"| {100 * diff:+.2f} | {hurts} |")
+  return "\n".join(lines) + "\n"
+
+
+def _binned(x: np.ndarray, y: np.ndarray, edges: np.ndarray):
+  """Mean of ``y`` per bin of ``x`` (bins with no sample dropped)."""
+  which = np.digitize(x, edges) - 1
+  keep = [b for b in range(len(edges) - 1) if np.any(which == b)]
+  centers = np.array([(edges[b] + edges[b + 1]) / 2 for b in keep])
+  return centers, np.array([y[which == b].mean() for b in keep])
+
+
+def plot_diagnostics(traces: dict[tuple[str, str], dict], path: str, *,
+                     title: str = "") -> None:
+  """Is compensation helping? A row per optimizer: the cosine of the applied
+  direction to the fresh gradient against staleness (left; ASGD's is its
+  stale gradient's), and its relative error over training (right).
+
+  Args:
+    traces: ``(optimizer, algorithm) -> {"staleness", "step",
+      "applied_cosine", "applied_error", ...}``, arrays of sampled arrivals.
+    path: the PNG to write.
+    title: a figure title.
+  """
+  optimizers = list(dict.fromkeys(o for o, _ in traces))
+  fig, axes = plt.subplots(len(optimizers), 2, figsize=(11, 3.8 * len(optimizers)),
+                           squeeze=False)
+  for (ax_c, ax_e), opt in zip(axes, optimizers):
+    for a in algorithms.ordered(n for o, n in traces if o == opt):
+      t = {k: np.asarray(v) for k, v in traces[(opt, a.name)].items()}
+      tau = t["staleness"]
+      if tau.max() - tau.min() < 12:  # one bin per staleness
+        edges = np.arange(tau.min(), tau.max() + 2) - 0.5
+      else:
+        edges = np.linspace(tau.min() - 0.5, tau.max() + 0.5, 12)
+      ax_c.plot(*_binned(tau, t["applied_cosine"], edges), color=a.color,
+                marker=a.marker, ms=4, label=a.label)
+      window = max(1, len(t["step"]) // 40)
+      kernel = np.ones(window) / window
+      err = np.convolve(t["applied_error"], kernel, mode="valid")
+      ax_e.plot(t["step"][window - 1:], err, color=a.color, label=a.label, lw=1)
+    ax_c.set(xlabel="staleness τ", ylabel="cosine(applied, fresh gradient)",
+             title=f"{opt}: direction vs staleness")
+    ax_e.set(xlabel="server step", ylabel="‖applied − fresh‖ / ‖fresh‖",
+             yscale="log", title=f"{opt}: error over training (moving mean)")
+    for ax in (ax_c, ax_e):
+      ax.grid(alpha=0.3)
+    ax_e.legend(fontsize=7, ncol=2)
+  _finish(fig, path, title)
+
+
+def write_methods_report(config: Any, rows: Sequence[dict], workdir: str,
+                         traces: dict | None = None) -> str:
+  """Writes results.csv, stats.json, table.md (with the remedy's table) and
+  gap_closed.png (and diagnostics.png from ``traces``); returns the tables."""
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=METHODS_COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -330,6 +400,10 @@ def write_methods_report(config: Any, rows: Sequence[dict], workdir: str) -> str
                     f"seeds {seeds} (share of ASGD's gap closed)")
       for opt in config.grid.optimizers
   ]
+  baseline, variant = config.report.remedy
+  tables.append(f"**{algorithms.get(variant).label} against "
+                f"{algorithms.get(baseline).label}**\n\n"
+                + paired_table(stats, baseline, variant))
   text = "\n".join(tables)
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(text)
@@ -337,4 +411,9 @@ def write_methods_report(config: Any, rows: Sequence[dict], workdir: str) -> str
     json.dump(stats, f, indent=1)
   plot_gap_closed(stats, os.path.join(workdir, "gap_closed.png"),
                   title=f"{config.num_epochs} epochs, tuned learning rates")
+  if traces:
+    d = config.report.diagnostics
+    plot_diagnostics(traces, os.path.join(workdir, "diagnostics.png"),
+                     title=f"{d.schedule} arrivals, M = {d.num_workers}, seed "
+                     f"{d.seed}, every {d.every}th arrival")
   return text

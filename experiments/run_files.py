@@ -15,9 +15,14 @@ import os
 from typing import Any
 
 import ml_collections
+import numpy as np
 
-# Config fields that do not change a run's result, so may differ on resume.
-_NOT_RESULT = ("progress_bar", "data_dir", "download", "checkpoint_every_epochs", "grid")
+# Config fields that do not change a run's result, so may differ on resume:
+# bookkeeping, and the sweep-level fields a run does not read (the grids,
+# the tuning grid, the report's settings, the optimizer presets).
+_NOT_RESULT = ("progress_bar", "data_dir", "download", "checkpoint_every_epochs",
+               "diagnostics_every", "grid", "tuning", "report",
+               "optimizer_presets")
 
 
 def _result_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -79,3 +84,33 @@ def read_summary(workdir: str) -> dict | None:
     return None
   with open(path) as f:
     return json.load(f)
+
+
+DIAGNOSTICS = ("staleness", "step", "stale_cosine", "applied_cosine",
+               "stale_error", "applied_error")
+"""The per-arrival fields ``diagnostics.jsonl`` keeps, for sampled arrivals."""
+
+
+def append_diagnostics(workdir: str, epoch: int, metrics: dict) -> None:
+  """Appends epoch ``epoch``'s sampled arrivals (those not NaN) as one line."""
+  sampled = ~np.isnan(metrics["stale_cosine"])
+  line = {"epoch": epoch,
+          **{k: np.asarray(metrics[k])[sampled].tolist() for k in DIAGNOSTICS}}
+  with open(os.path.join(workdir, "diagnostics.jsonl"), "a") as f:
+    f.write(json.dumps(line) + "\n")
+
+
+def keep_diagnostics(workdir: str, epochs: int) -> None:
+  """Drops the diagnostics of epochs after ``epochs`` (a resumed run's)."""
+  path = os.path.join(workdir, "diagnostics.jsonl")
+  if not os.path.exists(path):
+    return
+  lines = [l for l in read_diagnostics(workdir) if l["epoch"] <= epochs]
+  with open(path, "w") as f:
+    f.writelines(json.dumps(l) + "\n" for l in lines)
+
+
+def read_diagnostics(workdir: str) -> list[dict]:
+  """The lines of ``diagnostics.jsonl``, one per epoch."""
+  with open(os.path.join(workdir, "diagnostics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -19,12 +19,17 @@ arrival schedule, augmentation keys) is recomputed from the config, so
 rerunning with the same ``workdir`` resumes from the latest checkpoint and
 ends with exactly the result of an uninterrupted run. The final summary is
 ``workdir/summary.json``; a ``workdir`` that holds one is finished, and
-rerunning returns it without training.
+rerunning returns it without training. With ``config.diagnostics_every = k``
+the simulator also compares every ``k``-th arrival's gradient (and the
+algorithm's adjusted gradient) with the fresh one at the server's model
+(:class:`dcasgd_optax.harness.Simulator`'s diagnostics) and the run writes
+them to ``workdir/diagnostics.jsonl``.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from typing import Any
@@ -69,8 +74,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"{', '.join(SCHEDULES)}."
     )
   for name in ("num_workers", "batch_size", "num_epochs", "eval_batch_size",
-               "checkpoint_every_epochs"):
-    value, low = config[name], 0 if name == "checkpoint_every_epochs" else 1
+               "checkpoint_every_epochs", "diagnostics_every"):
+    value = config[name]
+    low = 0 if name in ("checkpoint_every_epochs", "diagnostics_every") else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
       raise ValueError(f"config.{name} must be an int >= {low}, got {value!r}.")
   if not config.learning_rate > 0:
@@ -146,12 +152,11 @@ def epoch_range(
   return (epoch * s // g) * g, ((epoch + 1) * s // g) * g
 
 
-def make_loss(apply, ds: data.Dataset, rng: jax.Array):
+def make_loss(apply, ds: data.Dataset):
   """``loss(params, model_state, batch) -> (loss, model_state)`` on device data.
 
-  ``batch`` is ``{'idx': int32 [B], 'step': int32 []}``: the minibatch's
-  example indices and its index in the gradient stream, from which the
-  augmentation key is derived (``fold_in(rng, step)``).
+  ``batch`` is ``{'idx': int32 [B]}``: the minibatch's example indices, plus
+  ``'key'``, its augmentation key, when ``ds.augment``.
   """
   images = jnp.asarray(ds.train_images)
   labels = jnp.asarray(ds.train_labels)
@@ -159,9 +164,7 @@ def make_loss(apply, ds: data.Dataset, rng: jax.Array):
   def loss_fn(params, model_state, batch):
     x_BxHxWxC = images[batch["idx"]]
     if ds.augment:
-      x_BxHxWxC = data.crop_and_flip(
-          jax.random.fold_in(rng, batch["step"]), x_BxHxWxC
-      )
+      x_BxHxWxC = data.crop_and_flip(batch["key"], x_BxHxWxC)
     logits, model_state = apply(params, model_state, x_BxHxWxC, train=True)
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits, labels[batch["idx"]]
@@ -204,26 +207,21 @@ def load_dataset(name: str, data_dir: str | None, download: bool) -> data.Datase
   return data.load(name, data_dir=data_dir, download=download)
 
 
-class _Run:
-  """Everything one run needs, built from its config."""
+class _Program:
+  """What runs that differ only in seed and injected hyperparameters share:
+  the data on device, the model's ``apply``, the simulator and the
+  evaluation, with their compiled programs."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.config = config
     self.algorithm = algorithms.get(config.algorithm)
     self.num_workers = self.algorithm.effective_workers(config.num_workers)
     self.ds = load_dataset(config.dataset, config.data_dir, config.download)
     self.steps_per_epoch = steps_per_epoch(
         len(self.ds.train_labels), config.batch_size
     )
-    model = models.create(
-        config.model, image_shape=self.ds.image_shape,
-        num_classes=self.ds.num_classes, seed=config.seed,
-        mlp_hidden=tuple(config.mlp_hidden),
-    )
-    apply, self.params, self.model_state = models.functional(model)
-    self.stateful = bool(jax.tree.leaves(self.model_state))
-    rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-    stateful_loss = make_loss(apply, self.ds, rng)
+    apply, _, model_state = models.functional(create_model(config, self.ds))
+    self.stateful = bool(jax.tree.leaves(model_state))
+    stateful_loss = make_loss(apply, self.ds)
     loss_fn = (stateful_loss if self.stateful
                else lambda p, b: stateful_loss(p, {}, b)[0])
     self.sim = algorithms.make_simulator(
@@ -231,6 +229,55 @@ class _Run:
         has_model_state=self.stateful,
     )
     self.evaluate = make_evaluate(apply, self.ds, config.eval_batch_size)
+
+
+def create_model(config: Any, ds: data.Dataset):
+  """The config's model for ``ds``, initialized from ``config.seed``."""
+  return models.create(
+      config.model, image_shape=ds.image_shape, num_classes=ds.num_classes,
+      seed=config.seed, mlp_hidden=tuple(config.mlp_hidden),
+  )
+
+
+_PROGRAMS: dict[str, _Program] = {}  # the most recent two, by program_key
+
+
+def program_key(config: ml_collections.ConfigDict) -> str:
+  """The config without what a run's programs do not depend on: its seed,
+  its arrivals and length, and the injected hyperparameters
+  (:func:`algorithms.injected`), unless the diagnostics bake them into
+  their adjustment."""
+  fields = json.loads(config.to_json())
+  drop = {"seed", "schedule", "gamma_shape", "num_epochs"}  # data, not code
+  if not config.diagnostics_every:
+    drop |= set(algorithms.injected(config))
+  return json.dumps({k: v for k, v in fields.items() if k not in drop},
+                    sort_keys=True)
+
+
+def shared_program(config: ml_collections.ConfigDict) -> _Program:
+  """The :class:`_Program` of ``config``, built once for a sweep's runs."""
+  key = program_key(config)
+  if key not in _PROGRAMS:
+    while len(_PROGRAMS) >= 2:
+      del _PROGRAMS[next(iter(_PROGRAMS))]
+    _PROGRAMS[key] = _Program(config)
+  return _PROGRAMS[key]
+
+
+class _Run:
+  """One run: its config's program, initial model, arrivals and keys."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    program = shared_program(config)
+    self.algorithm, self.num_workers = program.algorithm, program.num_workers
+    self.ds, self.steps_per_epoch = program.ds, program.steps_per_epoch
+    self.sim, self.evaluate = program.sim, program.evaluate
+    self.stateful = program.stateful
+    _, self.params, self.model_state = models.functional(
+        create_model(config, self.ds))
+    self.rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     self.arrivals = arrival_schedule(
         config, self.num_workers, config.num_epochs * self.steps_per_epoch,
         self.algorithm.arrival_schedule(config.schedule),
@@ -238,7 +285,9 @@ class _Run:
 
   def init(self):
     ms = self.model_state if self.stateful else None
-    return self.sim.init(self.params, ms)
+    state = self.sim.init(self.params, ms)
+    return state._replace(
+        opt_state=algorithms.set_injected(state.opt_state, self.config))
 
   def epoch_range(self, epoch: int) -> tuple[int, int]:
     return epoch_range(
@@ -246,22 +295,33 @@ class _Run:
         self.steps_per_epoch, epoch,
     )
 
-  def epoch(self, state, epoch: int):
-    """Replays epoch ``epoch``; returns the new state and the epoch's metrics."""
+  def inputs(self, epoch: int) -> tuple[dict, np.ndarray]:
+    """Epoch ``epoch``'s batches (``{'idx'}``, plus ``'key'`` with
+    augmentation; gradient ``g``'s key is ``fold_in(rng, g)``) and arrivals."""
     start, stop = self.epoch_range(epoch)
-    if stop == start:  # SSGD with more workers than gradients per epoch.
-      return state, np.zeros((0,)), np.zeros((0,), np.int32)
     idx = gradient_indices(
         self.config.seed, len(self.ds.train_labels), self.config.batch_size,
         start, stop,
     )
-    batches = {"idx": idx, "step": np.arange(start, stop, dtype=np.int32)}
-    state, metrics = self.sim.replay(state, batches, self.arrivals[start:stop])
-    return state, np.asarray(metrics["loss"]), np.asarray(metrics["staleness"])
+    batches = {"idx": idx}
+    if self.ds.augment:
+      steps = jnp.arange(start, stop, dtype=jnp.int32)
+      batches["key"] = jax.vmap(jax.random.fold_in, (None, 0))(self.rng, steps)
+    return batches, self.arrivals[start:stop]
 
-  def record(self, state, epoch: int, loss, staleness, seconds: float) -> dict:
+  def epoch(self, state, epoch: int) -> tuple[Any, dict[str, np.ndarray]]:
+    """Replays epoch ``epoch``; returns the new state and its per-arrival
+    metrics (``loss``, ``staleness``, ``step`` ..., see ``Simulator.replay``)."""
+    start, stop = self.epoch_range(epoch)
+    if stop == start:  # SSGD with more workers than gradients per epoch.
+      return state, {"loss": np.zeros((0,)), "staleness": np.zeros((0,), np.int32)}
+    state, metrics = self.sim.replay(state, *self.inputs(epoch))
+    return state, {k: np.asarray(v) for k, v in metrics.items()}
+
+  def record(self, state, epoch: int, metrics: dict, seconds: float) -> dict:
     model_state = state.model_state if self.stateful else {}
     error, test_loss = self.evaluate(state.params, model_state)
+    loss, staleness = metrics["loss"], metrics["staleness"]
     return {
         "epoch": epoch + 1,
         "updates": int(state.step),
@@ -328,15 +388,18 @@ def _train(run: _Run, workdir: str, ckpt: Checkpointer | None) -> list[dict]:
   config = run.config
   state, history = _restore(ckpt, run.init())
   run_files.write_metrics(workdir, history)
+  run_files.keep_diagnostics(workdir, len(history))
   desc = f"{config.algorithm} M={run.num_workers} seed={config.seed}"
   bar = tqdm.tqdm(total=config.num_epochs, initial=len(history), desc=desc,
                   unit="epoch", disable=not config.progress_bar, leave=False)
   for epoch in range(len(history), config.num_epochs):
     t0 = time.perf_counter()
-    state, loss, staleness = run.epoch(state, epoch)
+    state, metrics = run.epoch(state, epoch)
     jax.block_until_ready(state)
-    record = run.record(state, epoch, loss, staleness, time.perf_counter() - t0)
+    record = run.record(state, epoch, metrics, time.perf_counter() - t0)
     history.append(record)
+    if config.diagnostics_every:
+      run_files.append_diagnostics(workdir, epoch + 1, metrics)
     done = epoch + 1 == config.num_epochs
     if ckpt and (done or (epoch + 1) % config.checkpoint_every_epochs == 0):
       ckpt.save(epoch + 1, state, metadata={"epochs": history})

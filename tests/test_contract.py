@@ -1,8 +1,8 @@
 """The optax contract, shared by every exported optimizer.
 
 One parametrized suite: each case is a way to build a transformation that
-keeps per-worker backups (``delay_compensation`` in both variants and with
-its opt-in variants, ``dcasgd``, ``pull_after_push``, ``gap_aware_sgd``,
+keeps per-worker backups (``delay_compensation`` in both variants,
+``dcasgd``, ``pull_after_push``, ``gap_aware_sgd``,
 ``dana_dc``, ``delayed_nesterov_dcasgd``), and every test checks one promise
 an optax user relies on: jit, vmap, the usual wrappers, extra args, no
 recompilation per worker, dtypes, and finding the state with
@@ -103,16 +103,6 @@ CASES = [
         ("num_workers", "backup_dtype"),
         True,
         False,
-    ),
-    Case(
-        "delay_compensation_variants",
-        dcasgd_optax.delay_compensation,
-        dict(num_workers=NUM_WORKERS, lambda_=2.0, adaptive=True,
-             per_worker_mean_square=True, bias_correction=True,
-             lambda_warmup=2, correction_clip=1.0),
-        ("num_workers",),
-        False,
-        True,
     ),
     Case(
         "gap_aware_sgd",

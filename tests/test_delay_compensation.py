@@ -655,3 +655,22 @@ def test_per_worker_mean_square_costs_one_model_per_worker():
 def test_bad_variant_arguments_name_themselves(kwargs, error, match):
   with pytest.raises(error, match=match):
     dcasgd_optax.delay_compensation(2, **kwargs)
+
+
+def test_variants_under_inject_hyperparams_and_jit_match_the_plain_build():
+  """The variants' numeric options become arrays (traced in a jitted update)."""
+  options = dict(num_workers=NUM_WORKERS, lambda_=2.0, adaptive=True,
+                 per_worker_mean_square=True, bias_correction=True,
+                 lambda_warmup=2, correction_clip=1.0)
+  injected = optax.inject_hyperparams(
+      dcasgd_optax.delay_compensation, static_args=("num_workers",))(**options)
+  plain = dcasgd_optax.delay_compensation(**options)
+  params = params_tree()
+  state, plain_state = stale_state(injected, params), stale_state(plain, params)
+  step = jax.jit(lambda g, s, m: injected.update(g, s, params, worker=m))
+  for m, seed in ((1, 0), (2, 1), (1, 2)):
+    g = jax.tree.map(lambda p: p * (seed + 1.0), params)
+    got, state = step(g, state, m)
+    want, plain_state = plain.update(g, plain_state, params, worker=m)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(state.inner_state, plain_state, rtol=1e-5)

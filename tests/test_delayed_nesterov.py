@@ -18,7 +18,7 @@ import helpers
 import reference
 
 
-@helpers.SETTINGS
+@hypothesis.settings(helpers.SETTINGS, max_examples=6)
 @hypothesis.given(
     spec=helpers.pytree_specs(),
     num_workers=st.integers(1, 4),

@@ -1,5 +1,7 @@
 """experiments.reporting: the results table in the paper's form."""
 
+import pytest
+
 from experiments import reporting
 
 
@@ -14,3 +16,39 @@ def test_markdown_table_has_the_papers_form():
   lines = reporting.markdown_table(rows).splitlines()
   assert lines[0] == "| M | sequential SGD | ASGD | DC-ASGD-a |"
   assert lines[2] == "| 4 | 9.00 ± 1.41 | 25.00 ± 7.07 | 10.00 |"
+
+
+def test_gap_closed_against_a_hand_computation():
+  # Sequential 6%, ASGD 16%: a gap of 10 points; a method at 7% closes 90%.
+  assert reporting.gap_closed(0.06, 0.16, 0.07, min_gap=0.005) == pytest.approx(0.9)
+  assert reporting.gap_closed(0.06, 0.16, 0.05, min_gap=0.005) == pytest.approx(1.1)
+  assert reporting.gap_closed(0.06, 0.16, 0.18, min_gap=0.005) == pytest.approx(-0.2)
+  assert reporting.gap_closed(0.06, 0.063, 0.05, min_gap=0.005) is None  # no gap
+
+
+def _row(optimizer, algorithm, error, *, schedule="cyclic", workers=32, seed=0):
+  return dict(optimizer=optimizer, schedule=schedule, num_workers=workers,
+              algorithm=algorithm, seed=seed, final_test_error=error)
+
+
+def test_each_cell_is_measured_from_its_optimizers_sequential_and_its_asgd():
+  rows = [
+      _row("sgd", "sequential", 0.05, workers=1), _row("sgd", "sequential", 0.07, workers=1, seed=1),
+      _row("sgd", "asgd", 0.15), _row("sgd", "asgd", 0.17, seed=1),
+      _row("sgd", "dc-asgd-a", 0.07), _row("sgd", "dc-asgd-a", 0.07, seed=1),
+      _row("sgd", "asgd", 0.061, workers=8), _row("sgd", "dc-asgd-a", 0.05, workers=8),
+      _row("momentum", "sequential", 0.05, workers=1),
+      _row("momentum", "asgd", 0.25), _row("momentum", "dc-asgd-a", 0.15),
+  ]
+  stats = {(s["optimizer"], s["num_workers"], s["algorithm"]): s
+           for s in reporting.cell_stats(rows, min_gap=0.005)}
+  dc = stats[("sgd", 32, "dc-asgd-a")]
+  assert dc["mean"] == pytest.approx(0.07) and dc["std"] == 0 and dc["seeds"] == 2
+  assert dc["gap_closed"] == pytest.approx((0.16 - 0.07) / (0.16 - 0.06))
+  assert stats[("sgd", 8, "dc-asgd-a")]["gap_closed"] is None  # ASGD 6.1 vs 6.0
+  assert stats[("momentum", 32, "dc-asgd-a")]["gap_closed"] == pytest.approx(0.5)
+  assert stats[("sgd", 32, "asgd")]["std"] == pytest.approx(0.01414, abs=1e-4)
+  table = reporting.methods_table(list(stats.values()), "sgd", "title").splitlines()
+  assert table[2] == "| arrivals | M | sequential SGD | ASGD | DC-ASGD-a |"
+  assert table[4] == "| cyclic | 8 | 6.00 ± 1.41 | 6.10 ± 0.00 | 5.00 ± 0.00 |"
+  assert table[5] == "| cyclic | 32 | 6.00 ± 1.41 | 16.00 ± 1.41 | 7.00 ± 0.00 (90%) |"

@@ -46,6 +46,19 @@ _SCRIPT = textwrap.dedent("""
       jax.tree.map(lambda x, y: np.testing.assert_allclose(
           np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6), a, b)
 
+    def workers_only(state, num_workers):
+      # The state without the padding rows that round the per-worker
+      # storage up to a multiple of the device count (documented layout).
+      trim = lambda x: x[:num_workers]
+      dc = [s for s in jax.tree.leaves(
+          state.opt_state, is_leaf=lambda x: isinstance(
+              x, dcasgd_optax.DelayCompensationState))
+            if isinstance(s, dcasgd_optax.DelayCompensationState)][0]
+      return (state.params, jax.tree.map(trim, dc.backups), dc.mean_square,
+              state.model_state,
+              jax.tree.map(trim, state.worker_model_states), state.step,
+              state.last_pull)
+
     def run_async(devices, num_workers, arrivals, stateful=False):
       tx = dcasgd_optax.dcasgd(0.1, num_workers, momentum=0.5)
       batches = jnp.asarray(
@@ -58,7 +71,10 @@ _SCRIPT = textwrap.dedent("""
       state, m1 = sim.replay(state, batches[:20], arrivals[:20])
       state, m2 = sim.replay(state, batches[20:], arrivals[20:])
       assert state.params["w1"].sharding.device_set == set(devices)
-      return state, m1, m2
+      for m in range(num_workers):  # what each worker holds
+        held = dcasgd_optax.worker_params(state.opt_state, m)
+        assert held["w1"].shape == (3, 5)
+      return workers_only(state, num_workers), m1, m2
 
     cases = [
         (6, np.random.default_rng(1).integers(0, 6, 50)),  # 6 % 8 != 0
@@ -81,6 +97,31 @@ _SCRIPT = textwrap.dedent("""
 
     for num_workers in (3, 8, 12, 70):  # 70: "host_chunks" 2 groups
       close(run_sync(one, num_workers), run_sync(eight, num_workers))
+
+    # Per-device bytes, from XLA's memory analysis of the replay's program:
+    # each device holds 1/8 of the backups, and nothing gathers them whole.
+    wide = {"w": jnp.zeros((1 << 16,))}
+    wide_xs = jax.random.normal(jax.random.key(1), (64, 64))
+    wide_loss = lambda p, i: jnp.mean(
+        (wide_xs[i] @ p["w"].reshape(64, 1024)) ** 2)
+    backups_bytes = 16 * 4 * (1 << 16)
+    analyses = {}
+    for devices in (one, eight):
+      sim = Simulator(wide_loss, dcasgd_optax.dcasgd(0.1, 16), devices=devices,
+                      strategy=STRATEGY)
+      state = sim.init(wide)
+      rows = [x for x in jax.tree.leaves(state.opt_state) if x.ndim == 2][0]
+      assert {s.data.nbytes for s in rows.addressable_shards} == {
+          backups_bytes // len(devices)}
+      analyses[len(devices)] = sim.lower(
+          state, np.zeros((32, 8), np.int32),
+          schedules.cyclic(16, 32)).compile().memory_analysis()
+    saved = (analyses[1].argument_size_in_bytes
+             - analyses[8].argument_size_in_bytes)
+    # The arguments shrink by 7/8 of the backups (small host arrays aside).
+    assert abs(saved - backups_bytes * 7 / 8) < 0.01 * backups_bytes, (
+        saved, backups_bytes)
+    assert analyses[8].temp_size_in_bytes < backups_bytes / 2, analyses[8]
     print("OK")
 """)
 

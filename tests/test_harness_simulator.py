@@ -313,24 +313,6 @@ def test_sim_state_is_arrays_only():
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
 
 
-def pull_ahead(shift):
-  """A PullAfterPush whose pull sends the worker ``params + shift``.
-
-  A stand-in for a look-ahead pull: what the worker holds is not the server's
-  model, so a second pull by the simulator (of the plain params) would show.
-  """
-  inner = optax.with_extra_args_support(optax.chain(
-      dcasgd_optax.delay_compensation(W, 0.5), optax.sgd(0.1)))
-
-  def update_fn(updates, state, params=None, *, worker=None, **extra):
-    updates, state = inner.update(updates, state, params, worker=worker,
-                                  **extra)
-    ahead = jax.tree.map(lambda p, u: p + u + shift, params, updates)
-    return updates, dcasgd_optax.record_pull(state, ahead, worker)
-
-  return dcasgd_optax.PullAfterPush(inner.init, update_fn)
-
-
 def reference_held_from_backups(tx, params, batches, arrivals):
   """One arrival at a time; each worker computes at what its backup holds.
 
@@ -350,12 +332,14 @@ def reference_held_from_backups(tx, params, batches, arrivals):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("make_tx", [
-    lambda: pull_ahead(0.05),
+    lambda: dcasgd_optax.dana_dc(0.1, W, momentum=0.8),
     lambda: optax.chain(dcasgd_optax.delay_compensation(W, 0.5),
-                        optax.sgd(0.1)),
+                        dcasgd_optax.look_ahead_momentum(0.1, 0.8, 3)),
 ], ids=["pulls_in_update", "pulled_by_simulator"])
-def test_each_arrival_is_pulled_once_and_workers_compute_at_the_pull(
-    make_tx, strategy):
+def test_workers_compute_at_the_look_ahead_they_pulled(make_tx, strategy):
+  """A look-ahead pull (the worker holds a prediction, not the server's
+  model) reaches the simulated workers whether ``tx`` pulls inside its update
+  (a PullAfterPush) or the simulator pulls for it."""
   arrivals, batches = random_order(W, A, seed=11), make_batches(A)
   sim = Simulator(loss_fn, make_tx(), strategy=strategy)
   state, _ = sim.replay(sim.init(init_params()), batches, arrivals)
@@ -366,3 +350,62 @@ def test_each_arrival_is_pulled_once_and_workers_compute_at_the_pull(
     chex.assert_trees_all_close(
         dcasgd_optax.worker_params(state.opt_state, m),
         dcasgd_optax.worker_params(opt_state, m), **REPLAY_TOL)
+
+
+N = 3  # simulations replayed together
+
+
+def injected_dcasgd():
+  """DC-ASGD with the learning rate and λ carried in the state."""
+  return optax.inject_hyperparams(
+      dcasgd_optax.dcasgd, static_args=("num_workers",))(
+          learning_rate=0.1, num_workers=W, lambda_=2.0)
+
+
+def stacked(trees):
+  return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("shared_arrivals", [True, False])
+def test_replay_many_equals_separate_replays(shared_arrivals, strategy):
+  sim = Simulator(loss_fn, injected_dcasgd(), strategy=strategy)
+  params = [jax.tree.map(lambda x, i=i: x * (1.0 + 0.1 * i), init_params())
+            for i in range(N)]
+  lrs, lams = jnp.array([0.05, 0.1, 0.2]), jnp.array([0.0, 1.0, 4.0])
+  arrivals = [random_order(W, A, seed=20 + (0 if shared_arrivals else i))
+              for i in range(N)]
+  batches = [make_batches(A, seed=30 + i) for i in range(N)]
+  states = sim.init_many(stacked(params),
+                         hyperparams={"learning_rate": lrs, "lambda_": lams})
+  states, record = sim.replay_many(
+      states, stacked(batches),
+      arrivals[0] if shared_arrivals else np.stack(arrivals))
+  for i in range(N):
+    state = sim.init(params[i])
+    hyper = dict(state.opt_state.hyperparams, learning_rate=lrs[i],
+                 lambda_=lams[i])
+    state = state._replace(opt_state=state.opt_state._replace(
+        hyperparams=hyper))
+    state, alone = sim.replay(state, batches[i], arrivals[i])
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x, i=i: x[i], states), state, **REPLAY_TOL)
+    for key, value in alone.items():
+      assert record[key].shape == (N, A), key
+      chex.assert_trees_all_close(record[key][i], value, **REPLAY_TOL)
+
+
+def test_replay_many_rejects_what_replay_would_and_more():
+  sim = Simulator(loss_fn, injected_dcasgd())
+  states = sim.init_many(stacked([init_params()] * N))
+  batches = jnp.stack([make_batches(4)] * N)
+  with pytest.raises(ValueError, match="leading axis"):
+    sim.replay_many(sim.init(init_params()), batches[0], schedules.cyclic(W, 4))
+  with pytest.raises(ValueError, match="arrivals"):
+    sim.replay_many(states, batches, np.zeros((N + 1, 4), np.int32))
+  with pytest.raises(ValueError, match="N, len\\(arrivals\\)"):
+    sim.replay_many(states, batches[:2], schedules.cyclic(W, 4))
+  with pytest.raises(ValueError, match="momentum"):
+    sim.init_many(stacked([init_params()] * N),
+                  hyperparams={"momentum": jnp.ones(N)})
+  assert not states.params["w1"].is_deleted()

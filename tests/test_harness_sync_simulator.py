@@ -88,3 +88,30 @@ def test_sync_replay_rejects_a_state_from_another_simulator():
     sync.replay(SyncSimulator(loss, optax.sgd(0.1), 4).init(params), batches)
   state, _ = sync.replay(sync.init(params), batches)  # its own state works
   assert int(state.step) == 2
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sync_replay_many_equals_separate_replays(strategy):
+  """N SSGD runs (different initial models, learning rates and model-state
+  statistics) as one program, against N replays."""
+  num_sims, rounds = 2, 3
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.5)
+  sim = SyncSimulator(bn_loss_fn, tx, W, has_model_state=True,
+                      strategy=strategy)
+  params = [jax.tree.map(lambda x, i=i: x * (1.0 + 0.2 * i), init_params())
+            for i in range(num_sims)]
+  lrs = jnp.array([0.1, 0.3])
+  batches = [make_batches(rounds * W, seed=i) for i in range(num_sims)]
+  stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
+  states = sim.init_many(stack(params), stack([init_model_state()] * 2),
+                         hyperparams={"learning_rate": lrs})
+  states, record = sim.replay_many(states, stack(batches))
+  for i in range(num_sims):
+    state = sim.init(params[i], init_model_state())
+    state = state._replace(opt_state=state.opt_state._replace(
+        hyperparams=dict(state.opt_state.hyperparams, learning_rate=lrs[i])))
+    state, alone = sim.replay(state, batches[i])
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x, i=i: x[i], states), state, **REPLAY_TOL)
+    for key, value in alone.items():
+      chex.assert_trees_all_close(record[key][i], value, **REPLAY_TOL)

@@ -6,6 +6,7 @@ non-finite gradient) leaves the state exactly as it was.
 """
 
 import importlib
+import stat
 import sys
 
 import chex
@@ -289,3 +290,17 @@ def test_a_mid_sized_push_travels_in_chunks_and_bad_chunks_are_rejected():
   new = [params["b"] - grads[0], params["w"] - grads[1]]  # SGD, lr 1.
   want = np.concatenate([p.reshape(-1).view(np.uint8) for p in new])
   np.testing.assert_array_equal(got, want)
+
+
+def test_checkpoint_directories_are_private_to_their_owner(tmp_path):
+  directory = tmp_path / "runs" / "ckpt"
+  params = {"w": np.ones(3, np.float32), "b": np.zeros(2, np.float32)}
+  for k in range(2):
+    server = dray.ParameterServer(optax.sgd(0.1), params, 1, shard=k,
+                                  num_shards=2, checkpoint_dir=str(directory))
+    server.save()
+    server.close()
+  # Owner only: the run's directory, each shard's, each step's.
+  for path in ["", "shard-0-of-2", "shard-0-of-2/0", "shard-1-of-2",
+               "shard-1-of-2/0"]:
+    assert stat.S_IMODE((directory / path).stat().st_mode) == 0o700, path

@@ -8,9 +8,14 @@ from typing import Any
 import optax
 
 from dcasgd_optax._src import _checks
+from dcasgd_optax._src import _fused
+from dcasgd_optax._src.delay_compensation import MeanSquareSpec
+from dcasgd_optax._src.delay_compensation import compensation_correction
+from dcasgd_optax._src.delay_compensation import default_lambda
 from dcasgd_optax._src.delay_compensation import delay_compensation
 from dcasgd_optax._src.delayed_nesterov import delayed_nesterov
 from dcasgd_optax._src.gap_aware import gap_aware
+from dcasgd_optax._src.gap_aware import gap_correction
 from dcasgd_optax._src.look_ahead import look_ahead_momentum
 from dcasgd_optax._src.pull import find_states
 from dcasgd_optax._src.pull import pull
@@ -70,6 +75,11 @@ def dcasgd(
   other times, use :func:`delay_compensation` in your own chain and call
   :func:`pull` when they do.
 
+  The state is the chain's; the update gives the chain's numbers but is
+  fused: each parameter is read and written once per update (on CPU, block
+  by block through the cache) instead of once per chain member. Costs:
+  ``benchmarks/update_cost.md``.
+
   A traced ``worker`` outside ``[0, num_workers)`` leaves the backups and
   DC-ASGD-a's statistics as they were, but the update is NaN and, with
   momentum, so is the momentum buffer from then on: loud, not silent. A
@@ -114,7 +124,7 @@ def dcasgd(
     Array([ 0.8, -0.8], dtype=float32)
   """
   _check_sgd_arguments(learning_rate, momentum, nesterov, weight_decay)
-  return pull_after_push(optax.chain(
+  composed = pull_after_push(optax.chain(
       _compensation(
           num_workers, lambda_, adaptive, decay, eps, backup_dtype,
           per_worker_mean_square, bias_correction, lambda_warmup,
@@ -123,6 +133,21 @@ def dcasgd(
       *_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   ))
+  correct = compensation_correction(
+      default_lambda(lambda_, adaptive), adaptive=adaptive, decay=decay,
+      eps=eps, bias_correction=bias_correction, lambda_warmup=lambda_warmup,
+      correction_clip=correction_clip,
+  )
+  stats = MeanSquareSpec(decay if adaptive else None, per_worker_mean_square)
+  return _fused.fused_sgd(
+      composed, num_workers, stats, correct,
+      _sgd_tail(learning_rate, momentum, nesterov, weight_decay),
+  )
+
+
+def _sgd_tail(learning_rate, momentum, nesterov, weight_decay):
+  wd = weight_decay if _decayed_weights(weight_decay) else None
+  return _fused.SgdTail(learning_rate, momentum, nesterov, wd)
 
 
 def _compensation(
@@ -236,7 +261,8 @@ def gap_aware_sgd(
   Chains :func:`gap_aware`, ``optax.add_decayed_weights`` (when
   ``weight_decay > 0``) and ``optax.sgd``: the stale gradient is divided per
   coordinate by :math:`1 + |w - b_m| / C`, then weight decay and SGD (with
-  momentum when set) apply, and worker ``m`` pulls the result.
+  momentum when set) apply, and worker ``m`` pulls the result. Like
+  :func:`dcasgd`, the update is fused (the chain's numbers in one pass).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -277,12 +303,17 @@ def gap_aware_sgd(
           "the schedule's peak (divided by 1 - momentum with momentum)."
       )
     step_size = learning_rate / (1.0 - (momentum or 0.0))
-  return pull_after_push(optax.chain(
+  composed = pull_after_push(optax.chain(
       gap_aware(num_workers, step_size, decay=decay, eps=eps,
                 backup_dtype=backup_dtype),
       *_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   ))
+  return _fused.fused_sgd(
+      composed, num_workers, MeanSquareSpec(decay),
+      gap_correction(step_size, decay=decay, eps=eps),
+      _sgd_tail(learning_rate, momentum, nesterov, weight_decay),
+  )
 
 
 def dana_dc(

@@ -160,14 +160,44 @@ def delay_compensation(
     _checks.check_scalar_range(
         "correction_clip", correction_clip, low=0.0, low_inclusive=False
     )
-  if lambda_ is None:
-    lambda_ = 2.0 if adaptive else 0.04
+  lambda_ = default_lambda(lambda_, adaptive)
   _checks.check_scalar_range("lambda_", lambda_, low=0.0)
   _checks.check_scalar_range("decay", decay, low=0.0, high=1.0)
   _checks.check_scalar_range("eps", eps, low=0.0, low_inclusive=False)
   check_backup_dtype(backup_dtype)
-  skip = _is_static_zero(lambda_)
   stats = MeanSquareSpec(decay if adaptive else None, per_worker_mean_square)
+  correct = compensation_correction(
+      lambda_, adaptive=adaptive, decay=decay, eps=eps,
+      bias_correction=bias_correction, lambda_warmup=lambda_warmup,
+      correction_clip=correction_clip,
+  )
+  return backups_transformation(num_workers, backup_dtype, stats, correct)
+
+
+def default_lambda(lambda_: Any, adaptive: bool) -> Any:
+  """``lambda_``, or the paper's default for the variant when it is None."""
+  if lambda_ is None:
+    return 2.0 if adaptive else 0.04
+  return lambda_
+
+
+def compensation_correction(
+    lambda_: Any,
+    *,
+    adaptive: bool,
+    decay: Any,
+    eps: Any,
+    bias_correction: bool,
+    lambda_warmup: Any,
+    correction_clip: Any,
+) -> Any:
+  """:func:`delay_compensation`'s ``correct`` (see :func:`backups_transformation`).
+
+  Its arguments, already validated and ``lambda_`` resolved. The fused full
+  optimizer applies the same function to blocks of each parameter, so both
+  compute the same numbers.
+  """
+  skip = _is_static_zero(lambda_)
   warmup = not _is_static_zero(lambda_warmup)
 
   def correct(updates, params, held, ms, count, state):
@@ -183,7 +213,7 @@ def delay_compensation(
     compensate = functools.partial(_compensate, clip=correction_clip)
     return jax.tree.map(compensate, updates, params, held, lam)
 
-  return backups_transformation(num_workers, backup_dtype, stats, correct)
+  return correct
 
 
 def backups_transformation(
@@ -342,16 +372,18 @@ def next_mean_square(
     ms = held_by(ms, worker, num_workers)
     count = held_by(count, worker, num_workers)
   if stats.decay is not None:
-    d = stats.decay
-    ms = jax.tree.map(
-        lambda m, g: d * m + (1 - d) * jnp.square(g.astype(m.dtype)), ms, grads
-    )
+    ms = jax.tree.map(lambda m, g: fold_square(m, g, stats.decay), ms, grads)
   count = count + 1
   new_state = state._replace(
       mean_square=_store(state.mean_square, ms, worker, valid, stats),
       count=_store(state.count, count, worker, valid, stats),
   )
   return ms, count, new_state
+
+
+def fold_square(ms: Any, g: Any, decay: Any) -> Any:
+  """One step of the running mean of ``g * g``: ``d * ms + (1 - d) * g * g``."""
+  return decay * ms + (1 - decay) * jnp.square(g.astype(ms.dtype))
 
 
 def _store(old: Any, new: Any, worker: Any, valid: Any,

@@ -87,6 +87,13 @@ def gap_aware(
   _checks.check_scalar_range("eps", eps, low=0.0, low_inclusive=False)
   check_backup_dtype(backup_dtype)
   stats = MeanSquareSpec(decay)
+  correct = gap_correction(step_size, decay=decay, eps=eps)
+  return backups_transformation(num_workers, backup_dtype, stats, correct)
+
+
+def gap_correction(step_size: Any, *, decay: Any, eps: Any) -> Any:
+  """:func:`gap_aware`'s ``correct`` (arguments validated; see
+  :func:`backups_transformation`), shared with the fused full optimizer."""
 
   def correct(updates, params, held, v, count, state):
     del state
@@ -99,4 +106,4 @@ def gap_aware(
 
     return jax.tree.map(damp, updates, params, held, v)
 
-  return backups_transformation(num_workers, backup_dtype, stats, correct)
+  return correct

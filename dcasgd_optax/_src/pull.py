@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from dcasgd_optax._src import _checks
+from dcasgd_optax._src import _rows
 from dcasgd_optax._src import _tree
 from dcasgd_optax._src.delay_compensation import DelayCompensationState
 from dcasgd_optax._src.delay_compensation import held_by
@@ -86,10 +87,13 @@ def record_pull(opt_state: Any, params: Any, worker: Any) -> Any:
     valid = jnp.logical_and(worker >= 0, worker < num_workers)
     # An invalid id becomes num_workers, which `mode="drop"` ignores.
     idx = jnp.where(valid, jnp.asarray(worker, jnp.int32), num_workers)
+    row = jnp.clip(jnp.asarray(worker, jnp.int32), 0, num_workers - 1)
 
     def put(b, p):
       if _tree.is_masked(b):
         return b
+      if _rows.is_narrow(b.dtype):  # A scatter would convert all of b.
+        return _rows.write_row(b, row, jnp.asarray(p), valid)
       return b.at[idx].set(jnp.asarray(p).astype(b.dtype), mode="drop")
 
     backups = _tree.map_like(put, state.backups, params)

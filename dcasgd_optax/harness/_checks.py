@@ -35,8 +35,13 @@ def check_model_state(model_state: Any, has_model_state: bool) -> Any:
     )
   return () if model_state is None else model_state
 
-def check_arrivals(arrivals: Any, num_workers: int) -> np.ndarray:
-  """``arrivals`` as a non-empty 1-D int32 NumPy array of ids in range."""
+def check_arrivals(arrivals: Any, num_workers: int,
+                   num_sims: int | None = None) -> np.ndarray:
+  """``arrivals`` as an int32 ``[N, A]`` NumPy array of ids in range.
+
+  ``arrivals`` is 1-D (``N = 1``, or shared by ``num_sims`` simulations) or,
+  with ``num_sims``, ``[num_sims, A]``; ``A >= 1``.
+  """
   if isinstance(arrivals, jax.core.Tracer):
     raise ValueError(
         "`arrivals` must be concrete (a NumPy or JAX array known now), not "
@@ -48,8 +53,10 @@ def check_arrivals(arrivals: Any, num_workers: int) -> np.ndarray:
         f"`arrivals` must be an integer array of worker ids, got dtype "
         f"{arr.dtype}."
     )
-  if arr.ndim != 1:
-    raise ValueError(f"`arrivals` must be 1-D, got shape {arr.shape}.")
+  shapes = "1-D" if num_sims is None else f"1-D or [{num_sims}, A]"
+  if arr.ndim != 1 and not (num_sims is not None and arr.ndim == 2
+                            and arr.shape[0] == num_sims):
+    raise ValueError(f"`arrivals` must be {shapes}, got shape {arr.shape}.")
   if arr.size == 0:
     raise ValueError("`arrivals` is empty: replay needs at least one arrival.")
   lo, hi = int(arr.min()), int(arr.max())
@@ -59,19 +66,22 @@ def check_arrivals(arrivals: Any, num_workers: int) -> np.ndarray:
         f"`arrivals` must lie in [0, {num_workers}) (num_workers="
         f"{num_workers}), got worker id {bad}."
     )
-  return arr.astype(np.int32)
+  arr = np.broadcast_to(arr, (num_sims or 1, arr.shape[-1]))
+  return np.ascontiguousarray(arr, np.int32)
 
-def check_batches(batches: Any, num: int, what: str) -> None:
-  """Raises unless every leaf of ``batches`` has leading axis ``num``."""
+def check_batches(batches: Any, num: int | tuple[int, ...], what: str) -> None:
+  """Raises unless every leaf of ``batches`` has leading axes ``num``."""
+  want = (num,) if isinstance(num, int) else tuple(num)
   leaves = jax.tree_util.tree_flatten_with_path(batches)[0]
   if not leaves:
     raise ValueError("`batches` has no array leaves.")
   for path, x in leaves:
     shape = np.shape(x)
-    if not shape or shape[0] != num:
+    if shape[:len(want)] != want:
+      sizes = want[0] if len(want) == 1 else want
       raise ValueError(
           f"`batches` leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
-          f"{shape}, but every leaf needs a leading axis of {what} = {num}."
+          f"{shape}, but every leaf needs a leading axis of {what} = {sizes}."
       )
 
 def abstract(tree: Any) -> Any:
@@ -120,3 +130,47 @@ def check_loss_fn(
         f"\n  new: {abstract(new_state)}"
     )
   return loss
+
+def leading_axis(name: str, tree: Any, num: int | None = None) -> int:
+  """The length of every leaf's leading axis (``num`` if given); raises
+  unless all leaves share it."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  for path, x in leaves:
+    shape = np.shape(x)
+    if not shape or (num is not None and shape[0] != num):
+      raise ValueError(
+          f"`{name}` leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
+          f"{shape}, but every leaf needs a leading axis of "
+          f"{'N' if num is None else num} (one entry per simulation)."
+      )
+    num = shape[0]
+  if num is None:
+    raise ValueError(f"`{name}` has no array leaves.")
+  return num
+
+
+def _sub_jaxprs(params: dict[str, Any]) -> list[Any]:
+  """The jaxprs an equation calls (loop bodies, branches, ...), duck-typed:
+  a jaxpr has ``eqns``; a closed jaxpr holds one as ``jaxpr``."""
+  subs = []
+  for value in params.values():
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      jaxpr = getattr(v, "jaxpr", v)
+      if hasattr(jaxpr, "eqns"):
+        subs.append(jaxpr)
+  return subs
+
+
+def convolves(loss_with_state: LossWithState, params: Any, model_state: Any,
+              batch: Any) -> bool:
+  """Whether the gradient of ``loss_fn`` on one abstract batch convolves."""
+  grad = jax.grad(lambda p, ms, b: loss_with_state(p, ms, b)[0])
+  stack = [jax.make_jaxpr(grad)(
+      abstract(params), abstract(model_state), batch).jaxpr]
+  while stack:
+    jaxpr = stack.pop()
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        return True
+      stack.extend(_sub_jaxprs(eqn.params))
+  return False

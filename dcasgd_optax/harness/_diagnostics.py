@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dcasgd_optax._src import _checks as core_checks
@@ -123,12 +124,18 @@ def _compare(x: Any, fresh: jax.Array) -> tuple[jax.Array, jax.Array]:
   return cosine, jnp.linalg.norm(x - fresh) / norm_fresh
 
 
+def sampled(first_step: int, num_arrivals: int, every: int) -> np.ndarray:
+  """Which of the arrivals after server step ``first_step`` are diagnosed:
+  those whose server step before the update is a multiple of ``every``."""
+  return (first_step + np.arange(num_arrivals)) % every == 0
+
+
 def measure(diagnostics: Diagnostics, loss_with_state: Any, state: Any,
-            grads: Any, batch: Any, worker: Any,
-            staleness: Any) -> dict[str, jax.Array]:
+            grads: Any, batch: Any, worker: Any, staleness: Any,
+            is_sampled: jax.Array) -> dict[str, jax.Array]:
   """The four figures for one arrival (before its update), or NaN if unsampled."""
 
-  def sampled():
+  def measured():
     fresh = _flat(jax.grad(
         lambda p: loss_with_state(p, (), batch)[0])(state.params))
     direction = grads
@@ -146,4 +153,4 @@ def measure(diagnostics: Diagnostics, loss_with_state: Any, state: Any,
   def skipped():
     return {k: jnp.full((), jnp.nan, jnp.float32) for k in KEYS}
 
-  return jax.lax.cond(state.step % diagnostics.every == 0, sampled, skipped)
+  return jax.lax.cond(is_sampled, measured, skipped)

@@ -1,12 +1,18 @@
-"""Planning a replay: cutting a concrete arrival order into chunks (host side).
+"""Planning a replay: cutting concrete arrival orders into chunks (host side).
 
 Greedy maximal runs with no repeated worker are exactly the sets of arrivals
-whose gradients can be computed together; each run is cut into chunks of one
-fixed length (a multiple of the device count), chosen per replay.
+whose gradients can be computed together. Each device holds the backups of a
+contiguous block of workers (``rows_per_device`` of them) and computes the
+gradients of those workers only, so a run is cut into chunks in which no
+device has more than ``slots_per_device`` arrivals; a chunk's slots are laid
+out device-major (slot ``d * slots_per_device + j`` is device ``d``'s
+``j``-th). ``N`` simulations replayed together (``replay_many``) share the
+cuts: a run ends where any of them repeats a worker.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -25,38 +31,25 @@ _CPU_CHUNK_BYTES = 16 * 2**20
 
 
 class Plan(NamedTuple):
-  """How a concrete arrival order is cut into chunks (NumPy, host side)."""
+  """How concrete arrival orders are cut into chunks (NumPy, host side).
 
-  chunk: int  # slots per chunk, a multiple of the device count
-  starts: np.ndarray  # int32 [A]: first arrival of chunk c (padded with 0)
-  lengths: np.ndarray  # int32 [A]: arrivals in chunk c (padded with 0)
-  num_chunks: int
+  ``C`` chunks of ``S = num_devices * slots_per_device`` slots; the arrays
+  are padded to ``A`` chunks (one per arrival at most), so a compiled replay
+  is keyed on ``A`` alone. ``N`` is the number of simulations.
+  """
+
+  slots_per_device: int
+  num_chunks: int  # C
   num_runs: int
+  starts: np.ndarray  # int32 [A]: first arrival of chunk c (0 past C)
+  lengths: np.ndarray  # int32 [A]: arrivals in chunk c (0 past C)
+  slot_rows: np.ndarray  # int32 [N, A, S]: arrival each slot computes
+  slot_workers: np.ndarray  # int32 [N, A, S]: worker each slot computes for
+  arrival_slots: np.ndarray  # int32 [N, A, S]: slot of chunk c's k-th arrival
 
-
-def _run_lengths(arrivals: np.ndarray) -> list[int]:
-  """Lengths of the greedy maximal runs in which no worker repeats."""
-  last_seen: dict[int, int] = {}
-  starts = [0]
-  for k, m in enumerate(arrivals.tolist()):
-    if last_seen.get(m, -1) >= starts[-1]:
-      starts.append(k)
-    last_seen[m] = k
-  return np.diff(starts + [len(arrivals)]).tolist()
-
-
-def _choose_chunk(runs: np.ndarray, limit: int, num_devices: int) -> int:
-  """The chunk length minimising padded slots plus per-chunk overhead."""
-  candidates = {limit}
-  size = num_devices
-  while size < limit:
-    candidates.add(size)
-    size *= 2
-
-  def cost(chunk):
-    return np.sum(-(-runs // chunk)) * (chunk + _CHUNK_OVERHEAD)
-
-  return min(sorted(candidates), key=cost)
+  @property
+  def chunk(self) -> int:
+    return self.slot_rows.shape[-1]
 
 
 def slot_limit(
@@ -71,7 +64,8 @@ def slot_limit(
   limit = num_workers if max_parallel is None else max_parallel
   if max_parallel is None and mesh.devices.flat[0].platform == "cpu":
     leaves = jax.tree.leaves(params)
-    nbytes = sum(np.size(x) * jnp.dtype(x.dtype).itemsize for x in leaves)
+    nbytes = sum(math.prod(np.shape(x)) * jnp.dtype(x.dtype).itemsize
+                 for x in leaves)
     limit = min(limit, max(1, _CPU_CHUNK_BYTES // max(nbytes, 1)) * size)
   if max_parallel is None and per_device_cap is not None:
     limit = min(limit, per_device_cap * size)
@@ -79,21 +73,103 @@ def slot_limit(
   return max(size, limit // size * size)
 
 
-def make_plan(arrivals: np.ndarray, limit: int, num_devices: int) -> Plan:
-  """Cuts ``arrivals`` into runs with no repeated worker, then into chunks."""
-  runs = np.array(_run_lengths(arrivals))
-  chunk = _choose_chunk(runs, limit, num_devices)
-  starts, lengths, at = [], [], 0
-  for run in runs.tolist():
-    for offset in range(0, run, chunk):
-      starts.append(at + offset)
-      lengths.append(min(chunk, run - offset))
-    at += run
-  pad = len(arrivals) - len(starts)
+def _run_starts(arrivals_NxA: np.ndarray) -> list[int]:
+  """Where the greedy maximal runs begin (no simulation repeats a worker)."""
+  num_sims, num_arrivals = arrivals_NxA.shape
+  starts = [0]
+  last_seen = [dict() for _ in range(num_sims)]
+  columns = arrivals_NxA.T.tolist()
+  for k, workers in enumerate(columns):
+    if any(seen.get(m, -1) >= starts[-1]
+           for seen, m in zip(last_seen, workers)):
+      starts.append(k)
+    for seen, m in zip(last_seen, workers):
+      seen[m] = k
+  return starts
+
+
+def _cut(owners_NxA: np.ndarray, run_starts: list[int],
+         slots_per_device: int, num_devices: int) -> list[tuple[int, int]]:
+  """Chunks ``(start, length)``: each run cut greedily so that no device
+  computes more than ``slots_per_device`` of a chunk's arrivals."""
+  num_arrivals = owners_NxA.shape[1]
+  bounds = run_starts + [num_arrivals]
+  if num_devices == 1:  # one device owns every worker: equal pieces
+    return [(k, min(slots_per_device, b - k))
+            for a, b in zip(bounds[:-1], bounds[1:])
+            for k in range(a, b, slots_per_device)]
+  columns = owners_NxA.T.tolist()
+  chunks = []
+  for a, b in zip(bounds[:-1], bounds[1:]):
+    k = a
+    while k < b:
+      start, counts = k, [[0] * num_devices for _ in columns[0]]
+      while k < b and all(c[d] < slots_per_device
+                          for c, d in zip(counts, columns[k])):
+        for c, d in zip(counts, columns[k]):
+          c[d] += 1
+        k += 1
+      chunks.append((start, k - start))
+  return chunks
+
+
+def _layout(arrivals_A, owners_A, chunks, slots_per_device, num_devices,
+            rows_per_device, num_arrivals):
+  """One simulation's slot arrays ``[A, S]`` for ``chunks``."""
+  num_slots = slots_per_device * num_devices
+  rows = np.zeros((num_arrivals, num_slots), np.int32)
+  workers = np.zeros((num_arrivals, num_slots), np.int32)
+  slot_of = np.zeros((num_arrivals, num_slots), np.int32)
+  for c, (start, length) in enumerate(chunks):
+    # Padding: device d's slots compute its first worker on the chunk's
+    # first batch; their results are never used.
+    rows[c] = start
+    workers[c] = np.arange(num_slots) // slots_per_device * rows_per_device
+    used = [0] * num_devices
+    for k in range(length):
+      d = owners_A[start + k]
+      slot = d * slots_per_device + used[d]
+      used[d] += 1
+      rows[c, slot], workers[c, slot] = start + k, arrivals_A[start + k]
+      slot_of[c, k] = slot
+  return rows, workers, slot_of
+
+
+def make_plan(arrivals_NxA: np.ndarray, limit: int, num_devices: int,
+              rows_per_device: int) -> Plan:
+  """Cuts ``arrivals_NxA`` (N simulations' orders) into runs, then chunks.
+
+  The number of slots per device is chosen among powers of two up to
+  ``limit / num_devices`` to minimise padded slots plus per-chunk overhead.
+  """
+  num_sims, num_arrivals = arrivals_NxA.shape
+  owners = arrivals_NxA // rows_per_device
+  run_starts = _run_starts(arrivals_NxA)
+  candidates, size = {limit // num_devices}, 1
+  while size < limit // num_devices:
+    candidates.add(size)
+    size *= 2
+
+  def cost(per_device):
+    chunks = _cut(owners, run_starts, per_device, num_devices)
+    return len(chunks) * (per_device * num_devices + _CHUNK_OVERHEAD), chunks
+
+  per_device = min(sorted(candidates), key=lambda p: cost(p)[0])
+  chunks = cost(per_device)[1]
+  layouts = [
+      _layout(arrivals_NxA[n], owners[n], chunks, per_device, num_devices,
+              rows_per_device, num_arrivals)
+      for n in range(num_sims)
+  ]
+  pad = num_arrivals - len(chunks)
+  starts, lengths = (list(x) for x in zip(*chunks))
   return Plan(
-      chunk=chunk,
+      slots_per_device=per_device,
+      num_chunks=len(chunks),
+      num_runs=len(run_starts),
       starts=np.array(starts + [0] * pad, np.int32),
       lengths=np.array(lengths + [0] * pad, np.int32),
-      num_chunks=len(starts),
-      num_runs=len(runs),
+      slot_rows=np.stack([x[0] for x in layouts]),
+      slot_workers=np.stack([x[1] for x in layouts]),
+      arrival_slots=np.stack([x[2] for x in layouts]),
   )

@@ -1,12 +1,22 @@
 """The traced pieces of an asynchronous replay, and its two ways to run.
 
-A chunk is up to ``L`` arrivals of one run (no worker repeats): their ``L``
-gradients are computed together, each at its worker's model, then applied
-one by one, in arrival order. ``"compiled"`` runs every chunk inside one
-program (a loop over chunks); ``"host_chunks"`` calls one jitted program per
-chunk from Python, in which the ``L`` gradients are unrolled, not looped (see
-:func:`_protocol.default_strategy`), with the state donated from call
-to call so the backups are updated in place.
+A chunk is up to ``S`` arrivals of one run (no worker repeats): their
+gradients are computed together, each at its worker's model on the device
+that holds that worker's backup (``_plan``), then applied one by one, in
+arrival order. ``"compiled"`` runs every chunk inside one program (a loop
+over chunks); ``"host_chunks"`` calls one jitted program per chunk from
+Python, in which the gradients are unrolled, not looped (see
+:func:`_protocol.default_strategy`), with the state donated from call to call
+so the backups are updated in place.
+
+The server's update sees the backups through a stand-in: the row of the
+arriving worker (its held model, brought from the device that holds it)
+broadcast to all ``num_workers`` rows, which XLA never materialises, since
+``tx`` reads only that worker's row. So ``tx`` runs on replicated data while
+the real backups stay sharded by worker; after the update the worker's pull
+(:func:`dcasgd_optax.pull`) is written to its row on the device that holds
+it, once per arrival (a pull ``tx`` made inside its update went to the
+stand-in and is not done twice).
 """
 
 from __future__ import annotations
@@ -19,12 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcasgd_optax._src.pull import find_states
 from dcasgd_optax._src.pull import pull
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _diagnostics
 from dcasgd_optax.harness import _gathers
 from dcasgd_optax.harness import _slots
+from dcasgd_optax.harness import _state
 
 
 class Replay(NamedTuple):
@@ -34,144 +44,256 @@ class Replay(NamedTuple):
   tx: Any  # the server's transformation (keeps the backups)
   mesh: Any
   vmap_slots: int | None
-  tx_pulls: bool  # tx pulls inside its update (a PullAfterPush)
   diagnostics: _diagnostics.Diagnostics | None
 
 
-def chunk_gradients(replay: Replay, state, workers_L, batch_L, *, unroll):
-  """Loss, new model state and gradient of every slot, at its worker's model."""
-  backups = find_states(state.opt_state)[0].backups
+class Chunk(NamedTuple):
+  """One chunk's inputs and gradients, as the in-order updates read them."""
+
+  workers: jax.Array  # int32 [S]: each slot's worker (replicated)
+  arrival_slots: jax.Array  # int32 [S]: the slot of the k-th arrival
+  sampled: jax.Array | None  # bool [S]: arrival k diagnosed
+  batch: Any  # leaves [S, ...] (replicated)
+  # Split over the devices, each slot on the device that computed it:
+  loss: jax.Array  # [S]
+  new_model_states: Any  # leaves [S, ...]
+  grads: Any  # leaves [S, ...]
+
+
+def _rows_per_device(tree_R: Any, mesh: Any) -> int:
+  leaves = jax.tree.leaves(tree_R)
+  return leaves[0].shape[0] // mesh.size if leaves else 1
+
+
+def chunk_gradients(replay: Replay, state, workers_S, batch_S, *, unroll):
+  """Loss, new model state and gradient of every slot, each computed on the
+  device that holds its worker, at the model it holds (its backup row)."""
+  backups = _state.backups_of(state.opt_state)
+  rows = _rows_per_device(backups, replay.mesh)
   dtypes = jax.tree.map(lambda p: p.dtype, state.params)
   grad_fn = jax.value_and_grad(replay.loss_with_state, has_aux=True)
 
-  def local(backups_W, worker_ms_W, workers_L, batch_L):
+  def local(ids, backups_R, worker_ms_R, workers_S, batch_S):
     def slot(worker, batch):
-      snap = jax.tree.map(lambda b, d: b[worker].astype(d), backups_W, dtypes)
-      model_state = jax.tree.map(lambda x: x[worker], worker_ms_W)
-      (loss, new_ms), grads = grad_fn(snap, model_state, batch)
+      row = worker - ids[0] * rows
+      held = jax.tree.map(lambda b: b[row], backups_R)
+      params = jax.tree.map(lambda h, d: h.astype(d), held, dtypes)
+      model_state = jax.tree.map(lambda x: x[row], worker_ms_R)
+      (loss, new_ms), grads = grad_fn(params, model_state, batch)
       return loss, new_ms, grads
 
     return _slots.map_slots(
-        slot, (workers_L, batch_L), replay.vmap_slots, unroll=unroll
+        slot, (workers_S, batch_S), replay.vmap_slots, unroll=unroll
     )
 
-  shared = (backups, state.worker_model_states)
-  return _devices.per_worker(local, replay.mesh, shared, (workers_L, batch_L))
+  split = (_devices.device_ids(replay.mesh), backups,
+           state.worker_model_states, workers_S, batch_S)
+  return _devices.spread(local, replay.mesh, (), split)
 
 
-def _arrive(replay: Replay, workers_L, grads_L, new_ms_L, batch_L, k, carry):
-  """The server applies slot ``k``'s gradient; its worker pulls the result.
+def write_rows(mesh: Any, tree_R: Any, value: Any, worker: jax.Array) -> Any:
+  """``tree_R`` with row ``worker`` set to ``value``, on the device holding it.
 
-  The pull is :func:`dcasgd_optax.pull` (the worker then holds what it
-  returns, e.g. a look-ahead), done here unless ``replay.tx_pulls``: ``tx``
-  did it inside its update already, and once is enough. Slot ``k``'s
-  staleness (and diagnostics) go into the per-slot ``record_L``.
+  An in-place dynamic update (a device not holding the row writes back what
+  it has), not a scatter: it stays a slice update when vmapped over
+  simulations that share ``worker``.
   """
-  state, record_L = carry
-  m = workers_L[k]
+  rows = _rows_per_device(tree_R, mesh)
+  if mesh.size == 1:
+    return jax.tree.map(
+        lambda x, v: jax.lax.dynamic_update_index_in_dim(
+            x, v.astype(x.dtype), worker, 0), tree_R, value)
+
+  def local(value, worker, ids, tree_R):
+    row = worker - ids[0] * rows
+    holds = jnp.logical_and(row >= 0, row < rows)
+    row = jnp.clip(row, 0, rows - 1)
+
+    def put(x, v):
+      old = jax.lax.dynamic_index_in_dim(x, row, keepdims=False)
+      new = jnp.where(holds, v.astype(x.dtype), old)
+      return jax.lax.dynamic_update_index_in_dim(x, new, row, 0)
+
+    return jax.tree.map(put, tree_R, value)
+
+  return _devices.spread(local, mesh, (value, worker),
+                         (_devices.device_ids(mesh), tree_R))
+
+
+def _stand_in(held: Any, num_workers: int) -> Any:
+  """Backups whose every row is ``held`` (a broadcast, never materialised)."""
+  return jax.tree.map(
+      lambda h: jnp.broadcast_to(h[None], (num_workers, *h.shape)), held
+  )
+
+
+def _arrive(replay: Replay, chunk: Chunk, k, carry):
+  """The server applies the chunk's ``k``-th arrival; its worker pulls."""
+  state, record = carry
+  slot = chunk.arrival_slots[k]
+  pick = functools.partial(_devices.take, replay.mesh, index=slot)
+  m = chunk.workers[slot]
   tau = state.step - state.last_pull[m]
-  grads = jax.tree.map(lambda g: g[k], grads_L)
-  record = {"staleness": tau}
+  grads = pick(chunk.grads)
+  # The worker's row: what it held when the chunk began (no worker repeats
+  # in a chunk, so its row is unchanged until its own pull below).
+  backups = _state.backups_of(state.opt_state)
+  held = _devices.take(replay.mesh, backups, m)
+  stand_in = _state.with_backups(
+      state.opt_state, _stand_in(held, state.last_pull.shape[0]))
+  entry = {"loss": pick(chunk.loss), "staleness": tau}
   if replay.diagnostics is not None:
-    record.update(_diagnostics.measure(
-        replay.diagnostics, replay.loss_with_state, state, grads,
-        jax.tree.map(lambda x: x[k], batch_L), m, tau,
+    entry.update(_diagnostics.measure(
+        replay.diagnostics, replay.loss_with_state,
+        state._replace(opt_state=stand_in), grads,
+        jax.tree.map(lambda x: x[slot], chunk.batch), m, tau,
+        chunk.sampled[k],
     ))
   updates, opt_state = replay.tx.update(
-      grads, state.opt_state, state.params, worker=m, staleness=tau
+      grads, stand_in, state.params, worker=m, staleness=tau
   )
   params = optax.apply_updates(state.params, updates)
-  if not replay.tx_pulls:
-    _, opt_state = pull(opt_state, params, m)
-  model_state = jax.tree.map(lambda x: x[k], new_ms_L)
-  worker_ms = jax.tree.map(
-      lambda w, x: w.at[m].set(x), state.worker_model_states, model_state
-  )
+  pulled, opt_state = pull(opt_state, params, m)
+  backups = write_rows(replay.mesh, backups, pulled, m)
+  model_state = pick(chunk.new_model_states)
   step = state.step + 1
   state = state._replace(
-      params=params, opt_state=opt_state, model_state=model_state,
-      worker_model_states=worker_ms, step=step,
+      params=params, opt_state=_state.with_backups(opt_state, backups),
+      model_state=model_state, step=step,
+      worker_model_states=write_rows(
+          replay.mesh, state.worker_model_states, model_state, m),
       last_pull=state.last_pull.at[m].set(step),
   )
-  record_L = {key: record_L[key].at[k].set(v) for key, v in record.items()}
-  return state, record_L
+  record = {key: record[key].at[k].set(v) for key, v in entry.items()}
+  return state, record
 
 
-def _empty_record(replay: Replay, num_slots: int) -> dict[str, jax.Array]:
-  """The per-slot record before any arrival: staleness 0, diagnostics NaN."""
-  record = {"staleness": jnp.zeros((num_slots,), jnp.int32)}
+def _empty_record(replay: Replay, size: int, loss_dtype) -> dict[str, Any]:
+  """The per-arrival record before any arrival: diagnostics NaN."""
+  record = {"loss": jnp.zeros((size,), loss_dtype),
+            "staleness": jnp.zeros((size,), jnp.int32)}
   if replay.diagnostics is not None:
-    record.update(_diagnostics.not_measured(num_slots))
+    record.update(_diagnostics.not_measured(size))
   return record
 
 
-def chunk_program(replay: Replay, state, workers_L, batch_L, length, *,
-                  unroll):
+def chunk_program(replay: Replay, state, workers_S, batch_S, arrival_slots_S,
+                  length, sampled_S=None, *, unroll):
   """One chunk: its gradients, then its first ``length`` arrivals applied.
 
-  Returns the new state and the per-slot record (``"loss"``,
-  ``"staleness"``, the diagnostics; past ``length`` slots are padding).
+  Returns the new state and the record of the chunk's arrivals (entry ``k``
+  for its ``k``-th arrival; entries past ``length`` are padding).
   """
-  loss_L, new_ms_L, grads_L = chunk_gradients(
-      replay, state, workers_L, batch_L, unroll=unroll
+  loss, new_ms, grads = chunk_gradients(
+      replay, state, workers_S, batch_S, unroll=unroll
   )
-  arrive = functools.partial(
-      _arrive, replay, workers_L, grads_L, new_ms_L, batch_L
+  chunk = Chunk(workers_S, arrival_slots_S, sampled_S, batch_S, loss, new_ms,
+                grads)
+  record = _empty_record(replay, workers_S.shape[0], loss.dtype)
+  return jax.lax.fori_loop(
+      0, length, functools.partial(_arrive, replay, chunk), (state, record)
   )
-  record_L = _empty_record(replay, workers_L.shape[0])
-  state, record_L = jax.lax.fori_loop(0, length, arrive, (state, record_L))
-  return state, {"loss": loss_L, **record_L}
 
 
-def replay_program(replay: Replay, state, batches, arrivals, starts, lengths,
-                   num_chunks, *, chunk, loss_dtype):
+def replay_program(replay: Replay, state, batches, starts, lengths,
+                   num_chunks, slot_rows, slot_workers, arrival_slots,
+                   sampled=None, *, loss_dtype):
   """The whole replay as one program: a loop over chunks ("compiled").
 
   Returns the new state and the record, one entry per arrival.
   """
-  num_arrivals = arrivals.shape[0]
+  num_arrivals, num_slots = slot_rows.shape
+  slot = jnp.arange(num_slots)
 
   def chunk_body(c, carry):
     state, record_A = carry
     start, length = starts[c], lengths[c]
-    slot = jnp.arange(chunk)
     rows = jnp.minimum(start + slot, num_arrivals - 1)
-    state, record_L = chunk_program(
-        replay, state, arrivals[rows],
-        jax.tree.map(lambda x: x[rows], batches), length, unroll=False,
+    state, record = chunk_program(
+        replay, state, slot_workers[c],
+        jax.tree.map(lambda x: x[slot_rows[c]], batches), arrival_slots[c],
+        length, None if sampled is None else sampled[rows], unroll=False,
     )
     at = jnp.where(slot < length, start + slot, num_arrivals)
     record_A = {
-        key: x.at[at].set(record_L[key].astype(x.dtype), mode="drop")
+        key: x.at[at].set(record[key].astype(x.dtype), mode="drop")
         for key, x in record_A.items()
     }
     return state, record_A
 
-  record_A = {"loss": jnp.zeros((num_arrivals,), loss_dtype),
-              **_empty_record(replay, num_arrivals)}
+  record_A = _empty_record(replay, num_arrivals, loss_dtype)
   return jax.lax.fori_loop(0, num_chunks, chunk_body, (state, record_A))
 
 
-def replay_host_chunks(step, state, batches, arrivals, plan):
+def replay_host_chunks(step, state, batches, plan, sampled=None, *,
+                       many=False):
   """The replay as one call of ``step`` (a jitted, donating
-  :func:`chunk_program`) per chunk of ``plan`` ("host_chunks").
+  :func:`chunk_program`, vmapped over simulations if ``many``) per chunk of
+  ``plan`` ("host_chunks").
 
-  Returns the new state and the record, one entry per arrival.
+  Returns the new state and the record, one entry per arrival (``[N, A]``
+  per key if ``many``).
   """
-  chunk, num_chunks = plan.chunk, plan.num_chunks
-  starts, lengths = plan.starts[:num_chunks], plan.lengths[:num_chunks]
-  rows_CxL = np.minimum(
-      starts[:, None] + np.arange(chunk, dtype=np.int32), len(arrivals) - 1
-  )
-  workers_CxL = arrivals[rows_CxL]
+  num_chunks, num_slots = plan.num_chunks, plan.chunk
+  lengths = plan.lengths[:num_chunks]
+  batched = many and plan.slot_rows.shape[0] > 1  # one order per simulation
+  pick = (lambda a: a[:, :num_chunks]) if batched else (
+      lambda a: a[0, :num_chunks])
+  rows, workers, slots = (pick(plan.slot_rows), pick(plan.slot_workers),
+                          pick(plan.arrival_slots))
+  if many and not batched:  # the same rows of every simulation's batches
+    num_sims = jax.tree.leaves(batches)[0].shape[0]
+    rows = np.broadcast_to(rows, (num_sims, *rows.shape))
+  if sampled is not None:
+    at = np.minimum(plan.starts[:num_chunks, None] + np.arange(num_slots),
+                    len(sampled) - 1)
+    sampled = sampled[at]
   records = []
-  for c, batch_L in enumerate(_gathers.split_chunks(batches, rows_CxL)):
-    state, record_L = step(state, workers_CxL[c], batch_L, lengths[c])
-    records.append(record_L)
-  # Slots past a chunk's length are padding: keep the arrivals' only.
-  keep = np.flatnonzero(np.arange(chunk)[None] < lengths[:, None])
+  for c, batch_S in enumerate(_gathers.split_chunks(batches, rows)):
+    of_chunk = (lambda a: a[:, c]) if batched else (lambda a: a[c])
+    state, record = step(
+        state, of_chunk(workers), batch_S, of_chunk(slots), lengths[c],
+        None if sampled is None else sampled[c],
+    )
+    records.append(record)
+  # Entries past a chunk's length are padding: keep the arrivals' only.
+  keep = np.flatnonzero(np.arange(num_slots)[None] < lengths[:, None])
   keys = list(records[0])
   joined = _gathers.concat_rows(
-      tuple([r[key] for r in records] for key in keys), keep
+      tuple([r[key] for r in records] for key in keys), keep,
+      axis=1 if many else 0,
   )
   return state, dict(zip(keys, joined))
+
+
+def _sims_axis(shared: bool) -> int | None:
+  """The simulations' axis of the per-slot arrays: none when all share them."""
+  return None if shared else 0
+
+
+def replay_many_program(replay: Replay, states, batches, starts, lengths,
+                        num_chunks, slot_rows, slot_workers, arrival_slots,
+                        sampled=None, *, loss_dtype, shared):
+  """:func:`replay_program` vmapped over ``N`` simulations: their states and
+  batches have a leading axis ``N``, the slot arrays too unless ``shared``
+  (one arrival order for all, so the workers' rows are read and written
+  with plain slices); the chunks are shared."""
+  run = functools.partial(replay_program, replay, loss_dtype=loss_dtype)
+  sims = _sims_axis(shared)
+  return jax.vmap(run, in_axes=(0, 0, None, None, None, sims, sims, sims,
+                                None))(
+      states, batches, starts, lengths, num_chunks, slot_rows, slot_workers,
+      arrival_slots, sampled,
+  )
+
+
+def chunk_many_program(replay: Replay, states, workers_S, batch_NxS,
+                       arrival_slots_S, length, sampled_S=None, *, unroll,
+                       shared):
+  """:func:`chunk_program` vmapped over ``N`` simulations (shared length;
+  see :func:`replay_many_program` for ``shared``)."""
+  run = functools.partial(chunk_program, replay, unroll=unroll)
+  sims = _sims_axis(shared)
+  return jax.vmap(run, in_axes=(0, sims, 0, sims, None, None))(
+      states, workers_S, batch_NxS, arrival_slots_S, length, sampled_S
+  )

@@ -5,7 +5,8 @@ same constructor arguments, keep the server's transformation in the attribute
 ``tx``, make a :class:`SimState` with ``init(params, model_state=None)``,
 ``replay(state, batches, arrivals)`` and ``describe(arrivals, params)`` it,
 and report the same metric keys (``worker``, ``staleness``, ``loss``,
-``step``), so a caller never branches on which one it holds.
+``step``), so a caller never branches on which one it holds. Both also run
+``N`` simulations as one program: ``init_many`` and ``replay_many``.
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def stream_metrics(final_step: jax.Array, steps_A: np.ndarray,
 class SimulatorBase:
   """Construction, ``init`` and input checks shared by both simulators."""
 
-  # Whether each worker keeps its own model state (Simulator) or all compute
-  # with the server's (SyncSimulator).
-  _per_worker_model_state: bool
+  # Whether each worker keeps its own model (the backups) and model state,
+  # sharded by worker (Simulator), or all compute with the server's
+  # (SyncSimulator).
+  _per_worker: bool
 
   def __init__(
       self,
@@ -106,6 +108,7 @@ class SimulatorBase:
     self.strategy = default_strategy(self.mesh, strategy)
     self._loss_with_state = _checks.with_model_state(loss_fn, has_model_state)
     self._has_model_state = has_model_state
+    self._vmap_slots_given = vmap_slots
     self._vmap_slots = _slots.default_vmap_slots(self.mesh, vmap_slots)
     self._max_parallel = max_parallel
     self._donate = donate
@@ -150,41 +153,77 @@ class SimulatorBase:
     model_state = _checks.check_model_state(model_state, self._has_model_state)
     return _state.initial_state(
         self.tx, self.workers_for(params), self.mesh, params, model_state,
-        per_worker_model_state=self._per_worker_model_state,
+        per_worker=self._per_worker,
     )
 
-  def _check_state(self, state: Any) -> int:
-    """Raises unless ``state`` is what ``init`` makes; returns its workers."""
+  def init_many(self, params: Any, model_state: Any = None, *,
+                hyperparams: dict[str, Any] | None = None) -> SimState:
+    """``N`` initial states at once, for :meth:`replay_many`.
+
+    Args:
+      params: the initial models, every leaf with a leading axis ``N`` (e.g.
+        ``jax.vmap(init_fn)(keys)`` for ``N`` seeds).
+      model_state: the initial model states likewise, only with
+        ``has_model_state``.
+      hyperparams: optional values per simulation, ``name -> [N]`` array,
+        of the hyperparameters ``tx`` carries in its state through
+        ``optax.inject_hyperparams`` (e.g. ``{"learning_rate": lrs}``).
+
+    Returns:
+      A :class:`SimState` whose every leaf has a leading axis ``N``.
+    """
+    model_state = _checks.check_model_state(model_state, self._has_model_state)
+    num = _checks.leading_axis("params", params)
+    _checks.leading_axis("model_state", model_state, num)
+    hyperparams = dict(hyperparams or {})
+    _checks.leading_axis("hyperparams", hyperparams, num)
+    one = jax.tree.map(lambda x: x[0], params)
+    return _state.initial_states(
+        self.tx, self.workers_for(one), self.mesh, params, model_state,
+        hyperparams, per_worker=self._per_worker,
+    )
+
+  def _check_state(self, state: Any, num_sims: int | None = None) -> int:
+    """Raises unless ``state`` is what ``init`` makes (``init_many`` for
+    ``num_sims`` simulations); returns its number of workers."""
     if not isinstance(state, SimState):
       raise ValueError(
           f"`state` must be a SimState from `init`, got {type(state).__name__}."
       )
-    key = _checks.signature((state.params, state.model_state))
+    leading = () if num_sims is None else (num_sims,)
+    one = state if num_sims is None else jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), state)
+    key = _checks.signature((one.params, one.model_state))
     if key not in self._abstract_states:
       expected = _state.abstract_initial_state(
-          self.tx, self.workers_for(state.params), state.params,
-          state.model_state,
-          per_worker_model_state=self._per_worker_model_state,
+          self.tx, self.workers_for(one.params), self.mesh, one.params,
+          one.model_state, per_worker=self._per_worker,
       )
       self._check_diagnostics(expected)
       self._abstract_states[key] = expected
     expected = self._abstract_states[key]
-    _state.check_state(state, expected)
+    _state.check_state(state, expected, leading)
     return expected.last_pull.shape[0]
 
   def _check_diagnostics(self, expected: SimState) -> None:
     """Raises if the diagnostics cannot run for this state (see subclasses)."""
 
-  def _check_batches(self, state: SimState, batches: Any, num: int) -> Any:
-    """Checks ``batches`` against ``num`` arrivals and ``loss_fn``.
+  def _check_batches(self, state: SimState, batches: Any, num: int,
+                     leading: tuple = ()) -> Any:
+    """Checks ``batches`` against ``num`` arrivals (after ``leading`` axes,
+    ``(N,)`` for N simulations) and ``loss_fn`` (with ``state``, one
+    simulation's).
 
     Returns:
       The loss's abstract value (traced once per shape).
     """
-    _checks.check_batches(batches, num, "len(arrivals)")
+    what = "N, len(arrivals)" if leading else "len(arrivals)"
+    _checks.check_batches(batches, (*leading, num), what)
+    one_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        np.shape(x)[len(leading):], jnp.result_type(x)), batches)
     return _checks.check_loss_fn_cached(
         self._loss_checked, self._loss_with_state, state.params,
-        state.model_state, batches,
+        state.model_state, one_batch,
     )
 
   def _slot_limit(self, num_workers: int, params: Any) -> int:

@@ -16,6 +16,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dcasgd_optax.harness import _protocol
@@ -26,6 +27,8 @@ from dcasgd_optax.harness import _gathers
 from dcasgd_optax.harness import _optimizer
 from dcasgd_optax.harness import _plan
 from dcasgd_optax.harness import _programs
+from dcasgd_optax.harness import _slots
+from dcasgd_optax.harness import _state
 from dcasgd_optax.harness._state import SimState
 
 
@@ -90,8 +93,9 @@ class Simulator(_protocol.SimulatorBase):
       results.
     vmap_slots: how many of a device's gradients one vmapped call computes;
       the groups run in a loop (``"compiled"``) or one after the other
-      (``"host_chunks"``). Default: all of them on GPU/TPU, one on CPU
-      (where vmapping a convolution over per-worker kernels is very slow).
+      (``"host_chunks"``). Default: all of them, except one on CPU when
+      ``loss_fn``'s gradient convolves (XLA:CPU runs a convolution vmapped
+      over per-worker kernels as a slow grouped convolution).
     donate: donate the input state to ``replay`` so the backups are updated
       in place (the state passed in is then deleted).
     strategy: ``"compiled"``: the whole replay is one compiled program, a
@@ -136,29 +140,58 @@ class Simulator(_protocol.SimulatorBase):
     True
   """
 
-  _per_worker_model_state = True
+  _per_worker = True
 
   def _server_tx(self, tx, num_workers):
     return _optimizer.with_backups(tx, num_workers)
 
   def _make_programs(self) -> None:
-    """The jitted replay (``"compiled"``) or chunk step (``"host_chunks"``)."""
+    self._programs: dict[Any, tuple[Any, Any]] = {}
+    self._vmap_slots_for: dict[Any, Any] = {}
+
+  def _programs_for(self, vmap_slots: int | None) -> tuple[Any, Any]:
+    """The jitted replay (``"compiled"``) or chunk step (``"host_chunks"``)
+    for one simulation, and vmapped over ``N`` (``replay_many``)."""
+    if vmap_slots in self._programs:
+      return self._programs[vmap_slots]
     replay = _programs.Replay(
-        self._loss_with_state, self.tx, self.mesh, self._vmap_slots,
-        tx_pulls=_optimizer.pulls_in_update(self._user_tx),
+        self._loss_with_state, self.tx, self.mesh, vmap_slots,
         diagnostics=self._diagnostics,
     )
     if self.strategy == "compiled":
-      self._program = jax.jit(
-          functools.partial(_programs.replay_program, replay),
-          static_argnames=("chunk", "loss_dtype"),
-          donate_argnums=(0,) if self._donate else (),
-      )
+      jit = functools.partial(
+          jax.jit, donate_argnums=(0,) if self._donate else ())
+      one = jit(functools.partial(_programs.replay_program, replay),
+                static_argnames=("loss_dtype",))
+      many = jit(functools.partial(_programs.replay_many_program, replay),
+                 static_argnames=("loss_dtype", "shared"))
     else:  # a copy is donated when the caller's state is not (replay)
-      self._program = jax.jit(
-          functools.partial(_programs.chunk_program, replay, unroll=True),
-          donate_argnums=(0,),
-      )
+      jit = functools.partial(jax.jit, donate_argnums=(0,))
+      one = jit(functools.partial(
+          _programs.chunk_program, replay, unroll=True))
+      many = {
+          shared: jit(functools.partial(
+              _programs.chunk_many_program, replay, unroll=True,
+              shared=shared))
+          for shared in (True, False)
+      }
+    self._programs[vmap_slots] = one, many
+    return one, many
+
+  def _resolve_vmap_slots(self, params: Any, model_state: Any,
+                          batches: Any, leading: int) -> int | None:
+    """``vmap_slots``, else all slots, but one on CPU if ``loss_fn``
+    convolves (traced once per shape)."""
+    if self._vmap_slots_given is not None:
+      return self._vmap_slots_given
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        np.shape(x)[leading + 1:], jnp.result_type(x)), batches)
+    key = _checks.signature((params, model_state, batch))
+    if key not in self._vmap_slots_for:
+      self._vmap_slots_for[key] = _slots.default_vmap_slots(
+          self.mesh, None, _checks.convolves(
+              self._loss_with_state, params, model_state, batch))
+    return self._vmap_slots_for[key]
 
   def _check_diagnostics(self, expected: SimState) -> None:
     if self._diagnostics is not None:
@@ -168,10 +201,11 @@ class Simulator(_protocol.SimulatorBase):
                                                   expected.params),
       )
 
-  def _plan(self, arrivals: np.ndarray, params: Any,
+  def _plan(self, arrivals_NxA: np.ndarray, params: Any,
             num_workers: int) -> _plan.Plan:
     limit = self._slot_limit(num_workers, params)
-    return _plan.make_plan(arrivals, limit, self.mesh.size)
+    rows = _state.worker_rows(num_workers, self.mesh) // self.mesh.size
+    return _plan.make_plan(arrivals_NxA, limit, self.mesh.size, rows)
 
   def describe(self, arrivals: Any, params: Any) -> dict[str, Any]:
     """How ``replay`` batches ``arrivals`` for ``params``: runs, chunks, fill.
@@ -185,8 +219,8 @@ class Simulator(_protocol.SimulatorBase):
     plan = self._plan(arrivals, params, num_workers)
     slots = plan.num_chunks * plan.chunk
     return dict(
-        num_arrivals=len(arrivals), num_runs=plan.num_runs, chunk=plan.chunk,
-        num_chunks=plan.num_chunks, fill_ratio=len(arrivals) / slots,
+        num_arrivals=arrivals.shape[-1], num_runs=plan.num_runs, chunk=plan.chunk,
+        num_chunks=plan.num_chunks, fill_ratio=arrivals.shape[-1] / slots,
         strategy=self.strategy,
     )
 
@@ -214,23 +248,127 @@ class Simulator(_protocol.SimulatorBase):
       :math:`\cos(d, f)`, ``"stale_error"`` :math:`\|g - f\| / \|f\|` and
       ``"applied_error"`` :math:`\|d - f\| / \|f\|`.
     """
-    num_workers = self._check_state(state)
-    arrivals = _checks.check_arrivals(arrivals, num_workers)
-    loss = self._check_batches(state, batches, len(arrivals))
-    plan = self._plan(arrivals, state.params, num_workers)
-    batches = _devices.replicate(batches, self.mesh)
+    return self._run(state, batches, arrivals, many=False)
+
+  def replay_many(
+      self, states: SimState, batches: Any, arrivals: Any
+  ) -> tuple[SimState, dict[str, jax.Array]]:
+    r"""Replays ``N`` simulations as one program, e.g. ``N`` seeds or
+    hyperparameters of the same run.
+
+    Every simulation is exactly a :meth:`replay` of its own state, batches
+    and arrivals; they run together: each chunk computes all ``N x S``
+    gradients in one call and applies the ``N`` servers' updates side by
+    side (``jax.vmap``). Hyperparameters such as the learning rate or
+    :math:`\lambda` differ per simulation when ``tx`` carries them in its
+    state through ``optax.inject_hyperparams`` (:meth:`init_many`'s
+    ``hyperparams``). The simulations share the chunking: a run of distinct
+    workers ends where any of them repeats one.
+
+    Args:
+      states: from :meth:`init_many` or a previous ``replay_many`` (every
+        leaf with a leading axis ``N``; donated like ``replay``'s).
+      batches: a pytree whose leaves have leading axes ``[N, A]``.
+      arrivals: ``[A]`` worker ids shared by all simulations, or ``[N, A]``,
+        one order per simulation.
+
+    Returns:
+      ``(states, metrics)``, ``metrics`` with :meth:`replay`'s keys, each
+      ``[N, A]``.
+    """
+    return self._run(states, batches, arrivals, many=True)
+
+  def _run(self, state, batches, arrivals, *, many):
+    shared = not many or np.ndim(arrivals) == 1  # one order for all
+    arrivals, args, kwargs, (one, many_program) = self._program_inputs(
+        state, batches, arrivals, many=many)
+    program = one
+    if many and self.strategy == "compiled":
+      program = many_program
+    elif many:  # host_chunks: one step per kind of arrivals
+      program = many_program[shared]
     if self.strategy == "compiled":
-      state, record = self._program(
-          state, batches, arrivals, plan.starts, plan.lengths,
-          np.int32(plan.num_chunks), chunk=plan.chunk, loss_dtype=loss.dtype,
-      )
+      state, record = program(*args, **kwargs)
     else:
+      state, batches, plan, sampled = args
       if not self._donate:
         state = _gathers.copy_tree(state)
       state, record = _programs.replay_host_chunks(
-          self._program, state, batches, arrivals, plan
+          program, state, batches, plan, sampled, many=many
       )
-    steps_A = np.arange(1 - len(arrivals), 1)
+    num_arrivals = arrivals.shape[-1]
+    steps_A = np.arange(1 - num_arrivals, 1)
+    if many:
+      return state, _protocol.stream_metrics(
+          state.step[:, None], steps_A[None], arrivals, record)
     return state, _protocol.stream_metrics(
-        state.step, steps_A, arrivals, record
+        state.step, steps_A, arrivals[0], record
     )
+
+  def _program_inputs(self, state, batches, arrivals, *, many=False):
+    """Checks ``replay``'s (``replay_many``'s) arguments; returns the
+    arrivals ``[N, A]`` and the program's arguments (``"compiled"``) or what
+    the host loop needs."""
+    shared = not many or np.ndim(arrivals) == 1
+    num_sims = _checks.leading_axis("state", state) if many else None
+    num_workers = self._check_state(state, num_sims)
+    arrivals = _checks.check_arrivals(arrivals, num_workers, num_sims)
+    num_arrivals = arrivals.shape[-1]
+    one = state if not many else jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state)
+    loss = self._check_batches(
+        one, batches, num_arrivals,
+        leading=() if not many else (num_sims,))
+    plan = self._plan(arrivals[:1] if shared else arrivals, one.params,
+                      num_workers)
+    sampled = self._sampled(state, num_arrivals)
+    programs = self._programs_for(self._resolve_vmap_slots(
+        one.params, one.model_state, batches, int(many)))
+    batches = _devices.replicate(batches, self.mesh)
+    if self.strategy != "compiled":
+      return arrivals, (state, batches, plan, sampled), {}, programs
+    pick = (lambda a: a) if not shared else (lambda a: a[0])
+    args = (state, batches, plan.starts, plan.lengths,
+            np.int32(plan.num_chunks), pick(plan.slot_rows),
+            pick(plan.slot_workers), pick(plan.arrival_slots), sampled)
+    kwargs = dict(loss_dtype=loss.dtype)
+    if many:
+      kwargs["shared"] = shared
+    return arrivals, args, kwargs, programs
+
+  def lower(self, state: SimState, batches: Any,
+            arrivals: Any) -> jax.stages.Lowered:
+    """The program ``replay(state, batches, arrivals)`` runs, lowered.
+
+    For ``"compiled"`` the whole replay; for ``"host_chunks"`` the step it
+    calls once per chunk, lowered for the first chunk. Nothing runs and
+    ``state`` is not donated: this is for inspection, e.g.
+    ``sim.lower(...).compile().memory_analysis()`` gives the bytes each
+    device holds (benchmarks/harness_throughput.md records them).
+    """
+    _, args, kwargs, (program, _) = self._program_inputs(
+        state, batches, arrivals)
+    if self.strategy == "compiled":
+      return program.lower(*args, **kwargs)
+    state, batches, plan, sampled = args
+    rows = plan.slot_rows[0, 0]
+    batch_S = jax.tree.map(lambda x: x[rows], batches)
+    first = None if sampled is None else sampled[:plan.chunk]
+    return program.lower(
+        state, plan.slot_workers[0, 0], batch_S, plan.arrival_slots[0, 0],
+        plan.lengths[0], first,
+    )
+
+  def _sampled(self, state: SimState, num_arrivals: int) -> np.ndarray | None:
+    """Which arrivals the diagnostics measure (reads the state's step)."""
+    if self._diagnostics is None:
+      return None
+    steps = np.unique(np.asarray(state.step))
+    if steps.size != 1:
+      raise ValueError(
+          "`states` are at different server steps "
+          f"({steps.tolist()}): diagnostics sample the same arrivals in "
+          "every simulation, so replay them from states made together."
+      )
+    return _diagnostics.sampled(int(steps[0]), num_arrivals,
+                                self._diagnostics.every)

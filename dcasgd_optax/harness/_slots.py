@@ -8,16 +8,19 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-def default_vmap_slots(mesh: Mesh, vmap_slots: int | None) -> int | None:
-  """Slots vmapped together: ``vmap_slots``, else 1 on CPU and all elsewhere.
+def default_vmap_slots(mesh: Mesh, vmap_slots: int | None,
+                       convolves: bool = True) -> int | None:
+  """Slots vmapped together: ``vmap_slots``, else all of them, except 1 on
+  CPU for a ``loss_fn`` that ``convolves``.
 
   XLA:CPU runs a vmapped convolution whose kernel differs per slot as a
-  grouped convolution, much slower than a loop over the slots
-  (benchmarks/harness_throughput.md).
+  grouped convolution, much slower than one convolution per slot; matrix
+  products at different models batch well (benchmarks/harness_throughput.md).
   """
   if vmap_slots is not None:
     return vmap_slots
-  return 1 if mesh.devices.flat[0].platform == "cpu" else None
+  cpu = mesh.devices.flat[0].platform == "cpu"
+  return 1 if cpu and convolves else None
 
 def map_slots(
     fn: Callable, xs: tuple[Any, ...], vmap_slots: int | None, *,

@@ -45,7 +45,7 @@ def _group_gradients(loss_with_state, mesh, vmap_slots, params, model_state,
     return _slots.map_slots(slot, (batch_G,), vmap_slots, unroll=unroll)
 
   shared = (params, model_state)
-  loss_G, ms_G, grads_G = _devices.per_worker(local, mesh, shared, (batch_G,))
+  loss_G, ms_G, grads_G = _devices.spread(local, mesh, shared, (batch_G,))
   # The sum as a contraction: XLA:CPU reduces a leading axis much slower.
   grads = jax.tree.map(
       lambda g: jnp.tensordot(weights_G.astype(g.dtype), g, axes=1), grads_G
@@ -159,7 +159,7 @@ def _check_rounds(arrivals: Any, num_workers: int, num: int) -> np.ndarray:
           f"(num_workers={num_workers}, R >= 1), got {num}."
       )
     return np.tile(np.arange(num_workers, dtype=np.int32), num // num_workers)
-  arrivals = _checks.check_arrivals(arrivals, num_workers)
+  arrivals = _checks.check_arrivals(arrivals, num_workers)[0]
   if len(arrivals) % num_workers:
     raise ValueError(
         f"`arrivals` must be whole rounds of num_workers={num_workers} "
@@ -255,29 +255,37 @@ class SyncSimulator(_protocol.SimulatorBase):
     ([0, 1, 1, 0], [1, 1, 2, 2])
   """
 
-  _per_worker_model_state = False
+  _per_worker = False
 
   def _server_tx(self, tx, num_workers):
     del num_workers
     return optax.with_extra_args_support(tx)
 
   def _make_programs(self) -> None:
-    self._program = jax.jit(
-        functools.partial(
-            _sync_program, self._loss_with_state, self.tx, self.mesh,
-            self._vmap_slots,
-        ),
-        static_argnums=(0,),
-        donate_argnums=(1,) if self._donate else (),
-    )
-    self._group_step = jax.jit(functools.partial(
+    """The jitted programs, for one simulation and vmapped over ``N``."""
+    program = functools.partial(
+        _sync_program, self._loss_with_state, self.tx, self.mesh,
+        self._vmap_slots)
+    group_step = functools.partial(
         _group_gradients, self._loss_with_state, self.mesh, self._vmap_slots,
-        unroll=True,
-    ))
-    self._apply_step = jax.jit(
-        functools.partial(_apply, self.tx), static_argnums=(0,),
-        donate_argnums=(1,),
-    )
+        unroll=True)
+    apply_step = functools.partial(_apply, self.tx)
+    donate = (1,) if self._donate else ()
+    self._program = jax.jit(program, static_argnums=(0,),
+                            donate_argnums=donate)
+    self._group_step = jax.jit(group_step)
+    self._apply_step = jax.jit(apply_step, static_argnums=(0,),
+                               donate_argnums=(1,))
+    # N simulations: states and batches with a leading axis N, one schedule.
+    self._program_many = jax.jit(
+        lambda m, *args: jax.vmap(functools.partial(program, m),
+                                  in_axes=(0, 0, None, None))(*args),
+        static_argnums=(0,), donate_argnums=donate)
+    self._group_step_many = jax.jit(
+        jax.vmap(group_step, in_axes=(0, 0, 0, None)))
+    self._apply_step_many = jax.jit(
+        lambda m, *args: jax.vmap(functools.partial(apply_step, m))(*args),
+        static_argnums=(0,), donate_argnums=(1,))
 
   def _rounds(self, arrivals, params, num_workers) -> _Rounds:
     limit = self._slot_limit(num_workers, params)
@@ -321,53 +329,92 @@ class SyncSimulator(_protocol.SimulatorBase):
       after its round's update, 1-based); with diagnostics also their four
       keys (see ``diagnostics``).
     """
-    num_workers = self._check_state(state)
+    return self._run(state, batches, arrivals, num_sims=None)
+
+  def replay_many(
+      self, states: SimState, batches: Any, arrivals: Any = None
+  ) -> tuple[SimState, dict[str, jax.Array]]:
+    """:meth:`replay` for ``N`` simulations as one program (as
+    :meth:`Simulator.replay_many`; states from :meth:`init_many`).
+
+    Args:
+      states: every leaf with a leading axis ``N``.
+      batches: leaves with leading axes ``[N, R * M]``.
+      arrivals: one schedule of rounds for all simulations (``None``: worker
+        ``j`` computes batch ``r * M + j``).
+
+    Returns:
+      ``(states, metrics)``, each metric ``[N, R * M]``.
+    """
+    return self._run(states, batches, arrivals,
+                     num_sims=_checks.leading_axis("state", states))
+
+  def _run(self, state, batches, arrivals, *, num_sims):
+    many = num_sims is not None
+    num_workers = self._check_state(state, num_sims)
     leaves = jax.tree.leaves(batches)
-    num = np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) else 0
+    num = np.shape(leaves[0])[int(many)] if leaves and np.ndim(
+        leaves[0]) > int(many) else 0
     arrivals = _check_rounds(arrivals, num_workers, num)
-    self._check_batches(state, batches, len(arrivals))
-    rounds = self._rounds(arrivals, state.params, num_workers)
+    one = state if not many else jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state)
+    self._check_batches(one, batches, len(arrivals),
+                        leading=(num_sims,) if many else ())
+    rounds = self._rounds(arrivals, one.params, num_workers)
     batches = _devices.replicate(batches, self.mesh)
     if self.strategy == "compiled":
-      state, loss_slots = self._program(
+      program = self._program_many if many else self._program
+      state, loss_slots = program(
           num_workers, state, batches, rounds.rows_RxNxG, rounds.weights_NxG
       )
     else:
       state, loss_slots = self._replay_host(state, batches, rounds,
-                                            num_workers)
+                                            num_workers, num_sims)
     num_rounds = rounds.rows_RxNxG.shape[0]
     steps_A = np.repeat(np.arange(1 - num_rounds, 1), num_workers)
+    final = state.step[:, None] if many else state.step
+    if many:
+      steps_A = steps_A[None]
     record = {
-        "loss": loss_slots[rounds.loss_at],
-        "staleness": jnp.zeros((len(arrivals),), jnp.int32),
+        "loss": loss_slots[..., rounds.loss_at],
+        "staleness": jnp.zeros(loss_slots.shape[:-1] + (len(arrivals),),
+                               jnp.int32),
     }
     if self._diagnostics is not None:
       record.update(_fresh_by_construction(
-          state.step + jnp.asarray(steps_A - 1), self._diagnostics.every
+          final + jnp.asarray(steps_A - 1), self._diagnostics.every
       ))
-    return state, _protocol.stream_metrics(
-        state.step, steps_A, arrivals, record
-    )
+    if many:
+      arrivals = np.broadcast_to(arrivals, (num_sims, arrivals.shape[-1]))
+    return state, _protocol.stream_metrics(final, steps_A, arrivals, record)
 
-  def _replay_host(self, state, batches, rounds, num_workers):
-    """``"host_chunks"``: per round, a jitted call per group, one update."""
+  def _replay_host(self, state, batches, rounds, num_workers, num_sims):
+    """``"host_chunks"``: per round, a jitted call per group, one update
+    (each vmapped over the ``num_sims`` simulations, if not None)."""
     num_rounds, num_groups, group = rounds.rows_RxNxG.shape
-    groups = _gathers.split_chunks(batches, rounds.rows_RxNxG.reshape(-1, group))
+    rows = rounds.rows_RxNxG.reshape(-1, group)
+    many = num_sims is not None
+    if many:
+      rows = np.broadcast_to(rows, (num_sims, *rows.shape))
+    group_step = self._group_step_many if many else self._group_step
+    apply_step = self._apply_step_many if many else self._apply_step
+    groups = _gathers.split_chunks(batches, rows)
     if not self._donate:
       state = _gathers.copy_tree(state)
     losses = []
     for r in range(num_rounds):
       outs = [
-          self._group_step(
+          group_step(
               state.params, state.model_state, groups[r * num_groups + g],
               rounds.weights_NxG[g],
           )
           for g in range(num_groups)
       ]
       losses += [loss_G for loss_G, _, _ in outs]
-      state = self._apply_step(
+      state = apply_step(
           num_workers, state, [grads for *_, grads in outs],
           [ms for _, ms, _ in outs],
       )
-    (loss,) = _gathers.concat_rows((losses,), np.arange(len(losses) * group))
+    (loss,) = _gathers.concat_rows(
+        (losses,), np.arange(len(losses) * group), axis=int(many))
     return state, loss

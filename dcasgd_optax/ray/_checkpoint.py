@@ -50,6 +50,17 @@ def shard_directory(checkpoint_dir: str, shard: int, num_shards: int) -> str:
                       f"shard-{shard}-of-{num_shards}")
 
 
+def open_shard(checkpoint_dir: str, shard: int, num_shards: int) -> Checkpointer:
+  """The Checkpointer of one shard, creating ``checkpoint_dir`` if missing.
+
+  A directory created here gets mode ``0o700`` (owner only), like the shard
+  and step directories the Checkpointer creates: checkpoints hold the model.
+  """
+  os.makedirs(os.path.abspath(os.fspath(checkpoint_dir)), mode=0o700,
+              exist_ok=True)
+  return Checkpointer(shard_directory(checkpoint_dir, shard, num_shards))
+
+
 def _nonempty(state: ServerState) -> dict[str, Any]:
   return {f"{i:06d}": x for i, x in enumerate(jax.tree.leaves(state))
           if np.size(x)}

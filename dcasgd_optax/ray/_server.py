@@ -35,7 +35,6 @@ from dcasgd_optax._src.pull import record_pull
 from dcasgd_optax.ray import _layout
 from dcasgd_optax.ray import _records
 from dcasgd_optax.ray import _wire
-from dcasgd_optax.checkpoint import Checkpointer
 from dcasgd_optax.ray import _checkpoint
 from dcasgd_optax.ray._admission import Admission
 from dcasgd_optax.ray._checkpoint import ServerState
@@ -234,8 +233,8 @@ class ParameterServer:
     self._rows: list[tuple] = []
     self._checkpoints = None
     if checkpoint_dir is not None:
-      self._checkpoints = Checkpointer(
-          _checkpoint.shard_directory(checkpoint_dir, shard, num_shards))
+      self._checkpoints = _checkpoint.open_shard(checkpoint_dir, shard,
+                                                 num_shards)
     self.busy_seconds = 0.0
 
   # ------------------------------------------------------------ the protocol

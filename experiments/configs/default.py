@@ -55,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.eval_batch_size = 500
   c.checkpoint_every_epochs = 1  # 0: never (an interrupted run restarts)
+  # Compare every k-th arrival's gradient with the fresh one (0: off; one
+  # extra gradient per sampled arrival; see experiments/train.py).
+  c.diagnostics_every = 0
   c.progress_bar = True
   # The grid run by experiments.compare (sequential runs once per seed).
   c.grid = ml_collections.ConfigDict()

@@ -20,9 +20,10 @@ each preset of ``grid.optimizers``: plain SGD, SGD with momentum 0.9, Adam.
 Tuning (``--stage=tune``, experiments.methods.tune): every cell of an
 optimizer tries the same eight learning rates,
 ``tuning.learning_rates[optimizer]`` (a factor 2 apart), with the same
-training budget; ``dc-asgd-a-tuned`` also tries every λ0 of
-``tuning.dc_lambda`` with each (4x the trials: it shows what tuning λ0 buys,
-beside DC-ASGD-a with the paper's λ0 = 2 at the common budget). The lowest
+training budget; the ``-tuned`` DC variants (and ``delayed-nesterov-dc``)
+also try every λ0 of ``tuning.dc_lambda`` with each (4x the trials: they
+show what tuning λ0 buys, beside DC-ASGD-a with the paper's λ0 = 2 at the
+common budget). The lowest
 mean final test error over ``tuning.seeds`` wins. Reported seeds
 (``grid.seeds``) are never tuned on.
 
@@ -42,8 +43,9 @@ def get_config():
   c.progress_bar = False
   c.grid.algorithms = (
       "sequential", "asgd", "sa-asgd", "sqrt-asgd", "da-asgd", "dc-asgd-a",
-      "dc-asgd-a-bc", "dc-asgd-a-tuned", "gap-aware", "delayed-nesterov",
-      "dana", "dana-dc",
+      "dc-asgd-a-bc", "dc-asgd-a-warmup", "dc-asgd-a-clip", "dc-asgd-a-tuned",
+      "dc-asgd-a-clip-tuned", "gap-aware", "delayed-nesterov",
+      "delayed-nesterov-dc", "dana", "dana-dc",
   )
   c.grid.num_workers = (8, 16, 32)
   c.grid.schedules = ("cyclic", "gamma")
@@ -67,4 +69,12 @@ def get_config():
   c.tuning.dc_lambda = (2.0, 4.0, 8.0, 16.0)
   c.report = ml_collections.ConfigDict()
   c.report.min_gap = 0.005  # no gap to close when ASGD is within 0.5 points
+  c.report.remedy = ("dc-asgd-a", "dc-asgd-a-bc")  # the paired table: does it hurt?
+  # Reruns (one seed, tuned settings) with the simulator's diagnostics.
+  c.report.diagnostics = ml_collections.ConfigDict(dict(
+      optimizers=("sgd", "momentum"), schedule="gamma", num_workers=16,
+      every=4, seed=0,
+      algorithms=("asgd", "dc-asgd-a", "dc-asgd-a-bc", "dc-asgd-a-clip",
+                  "dc-asgd-a-tuned", "gap-aware", "delayed-nesterov", "dana",
+                  "dana-dc")))
   return c

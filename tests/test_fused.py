@@ -1,0 +1,236 @@
+"""The fused full optimizers give the composed chains' numbers, in place.
+
+``dcasgd`` and ``gap_aware_sgd`` document themselves as chains
+(``pull_after_push(chain(<backups transformation>, [add_decayed_weights],
+sgd))``) but run a fused update. Each is compared here, under ``jit``, with
+that chain built from the public transformations over a few updates,
+including one from a traced out-of-range worker. The model has a parameter
+large enough to be processed block by block on CPU (more than two blocks of
+8Ki elements, with a partial last block) and small ones.
+
+The comparison allows a few units in the last place: XLA:CPU contracts a
+multiply and an add into one rounding (FMA) where both sit in one fusion,
+so even the composed chain's low bits depend on how XLA fuses it (e.g. on
+whether the step also returns the updates). A wrong formula is far outside.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dcasgd_optax
+
+M = 3
+WORKERS = (0, 2, 1, 2, 7)  # 7 is out of range: NaN update, state kept.
+
+
+def model():
+  return {
+      "big": jnp.linspace(-1.0, 1.0, 140_000).reshape(2, 70_000),
+      "small": jnp.arange(15.0).reshape(3, 5) / 15,
+      "bias": jnp.array([0.5]),
+  }
+
+
+def grads_at(params, t):
+  return jax.tree.map(lambda p: jnp.sin(p * (t + 1)) + 0.1 * t, params)
+
+
+def composed_dcasgd(learning_rate, num_workers, *, momentum=None,
+                    nesterov=False, weight_decay=0.0, backup_dtype=None,
+                    adaptive=True, lambda_=None, **compensation):
+  """dcasgd as its docstring spells it, from the public transformations."""
+  parts = [dcasgd_optax.delay_compensation(
+      num_workers, lambda_, adaptive=adaptive, backup_dtype=backup_dtype,
+      **compensation
+  )]
+  if callable(weight_decay) or not isinstance(weight_decay, (int, float)) \
+      or weight_decay != 0:
+    parts.append(optax.add_decayed_weights(weight_decay))
+  parts.append(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+  return dcasgd_optax.pull_after_push(optax.chain(*parts))
+
+
+def composed_gap_aware_sgd(learning_rate, num_workers, *, momentum=None,
+                           step_size=None, **kwargs):
+  step_size = step_size or learning_rate / (1.0 - (momentum or 0.0))
+  return dcasgd_optax.pull_after_push(optax.chain(
+      dcasgd_optax.gap_aware(num_workers, step_size, **kwargs),
+      optax.sgd(learning_rate, momentum=momentum),
+  ))
+
+
+def trajectory(tx, workers=WORKERS):
+  """Updates and states of a jitted, donated step over ``workers``."""
+
+  def step(params, state, grads, worker):
+    updates, state = tx.update(grads, state, params, worker=worker)
+    return optax.apply_updates(params, updates), state, updates
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  params = model()
+  state = tx.init(params)
+  seen = []
+  for t, worker in enumerate(workers):
+    params, state, updates = step(params, state, grads_at(params, t),
+                                  jnp.int32(worker))
+    seen.append(updates)
+  return params, state, seen
+
+
+def assert_same_numbers(fused, composed):
+  chex.assert_trees_all_close(fused, composed, rtol=1e-6, atol=1e-6)
+
+
+SCHEDULE = optax.linear_schedule(0.1, 0.01, 4)
+
+DCASGD_CASES = {
+    "a_momentum": dict(momentum=0.9),
+    "a_plain_sgd": dict(),
+    "a_nesterov_schedules": dict(momentum=0.9, nesterov=True,
+                                 learning_rate=SCHEDULE,
+                                 weight_decay=optax.constant_schedule(1e-3)),
+    "c_momentum_weight_decay": dict(adaptive=False, lambda_=0.5, momentum=0.5,
+                                    weight_decay=1e-3),
+    "per_worker_bias_warmup": dict(momentum=0.9, per_worker_mean_square=True,
+                                   bias_correction=True, lambda_warmup=3,
+                                   correction_clip=0.5),
+    "bf16_backups": dict(momentum=0.9, backup_dtype=jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("kwargs", DCASGD_CASES.values(), ids=DCASGD_CASES)
+def test_dcasgd_gives_the_composed_chains_numbers(kwargs):
+  kwargs = {"learning_rate": 0.1, **kwargs}
+  fused = trajectory(dcasgd_optax.dcasgd(num_workers=M, **kwargs))
+  composed = trajectory(composed_dcasgd(num_workers=M, **kwargs))
+  assert_same_numbers(fused, composed)
+
+
+def test_gap_aware_sgd_gives_the_composed_chains_numbers():
+  fused = trajectory(dcasgd_optax.gap_aware_sgd(0.1, M, momentum=0.9))
+  composed = trajectory(composed_gap_aware_sgd(0.1, M, momentum=0.9))
+  assert_same_numbers(fused, composed)
+
+
+def test_under_inject_hyperparams_the_numbers_are_the_chains():
+  def composed(learning_rate, num_workers, momentum, weight_decay, lambda_):
+    return composed_dcasgd(learning_rate, num_workers, momentum=momentum,
+                           weight_decay=weight_decay, lambda_=lambda_)
+
+  def inject(make):
+    return optax.inject_hyperparams(make, static_args=("num_workers",))(
+        learning_rate=0.1, num_workers=M, momentum=0.9, weight_decay=1e-3,
+        lambda_=1.5,
+    )
+
+  params, state, updates = trajectory(inject(dcasgd_optax.dcasgd))
+  params_c, state_c, updates_c = trajectory(inject(composed))
+  assert_same_numbers((params, state.inner_state, updates),
+                      (params_c, state_c.inner_state, updates_c))
+
+
+def test_an_out_of_range_traced_worker_gives_nan_and_keeps_the_state():
+  """The documented edge, checked on the fused update itself."""
+  tx = dcasgd_optax.dcasgd(0.1, M, momentum=0.9)
+  update = jax.jit(lambda g, s, p, m: tx.update(g, s, p, worker=m))
+  params = model()
+  _, state = update(params, tx.init(params), params, jnp.int32(1))
+  updates, after = update(params, state, params, jnp.int32(7))
+  assert all(np.isnan(u).all() for u in jax.tree.leaves(updates))
+  chex.assert_trees_all_equal(after[0], state[0])  # Backups, ms, count.
+
+
+# --- memory: every output written in place ----------------------------------
+
+WIDE = {"w": jnp.zeros((2_000_000,)), "b": jnp.zeros((10,))}
+WIDE_BYTES = sum(x.nbytes for x in jax.tree.leaves(WIDE))
+
+
+def extra_bytes(tx, donate=True):
+  """What the compiled step needs beyond its inputs (new outputs + temps)."""
+
+  def step(params, state, grads, worker):
+    updates, state = tx.update(grads, state, params, worker=worker)
+    return optax.apply_updates(params, updates), state
+
+  state = jax.eval_shape(tx.init, WIDE)
+  jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  memory = jitted.lower(WIDE, state, WIDE, jnp.int32(0)).compile()
+  memory = memory.memory_analysis()
+  unaliased = memory.output_size_in_bytes - memory.alias_size_in_bytes
+  return unaliased + memory.temp_size_in_bytes
+
+
+@pytest.mark.parametrize("num_workers", [2, 32])
+def test_with_momentum_the_update_needs_no_model_sized_buffer(num_workers):
+  """Momentum, mean square, the worker's backup and params: all in place."""
+  extra = extra_bytes(dcasgd_optax.dcasgd(0.1, num_workers, momentum=0.9))
+  assert extra <= WIDE_BYTES // 2, (extra, WIDE_BYTES)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(momentum=0.9, nesterov=True), dict()],
+    ids=["nesterov", "sgd"],
+)
+def test_otherwise_it_needs_one_model_sized_buffer_for_the_updates(kwargs):
+  """The updates are an output of their own (they read the old backup)."""
+  extra = extra_bytes(dcasgd_optax.dcasgd(0.1, 32, **kwargs))
+  assert extra <= 1.5 * WIDE_BYTES, (extra, WIDE_BYTES)
+
+
+def test_bf16_backups_are_not_converted_whole():
+  """XLA:CPU converts a bf16 backup array whole unless written as integers."""
+  tx = dcasgd_optax.dcasgd(0.1, 32, momentum=0.9, backup_dtype=jnp.bfloat16)
+  backups_bytes = 32 * WIDE_BYTES // 2
+  # One bf16 row (the worker's, copied out) and the blocks.
+  assert extra_bytes(tx) <= WIDE_BYTES < backups_bytes
+
+
+def test_without_donation_the_memory_check_sees_the_copies():
+  """The checks above can fail: without donation the outputs are new arrays."""
+  extra = extra_bytes(dcasgd_optax.dcasgd(0.1, 2, momentum=0.9), donate=False)
+  assert extra > 2 * WIDE_BYTES
+
+
+def test_record_pull_of_bf16_backups_writes_one_row_in_place():
+  tx = dcasgd_optax.delay_compensation(32, backup_dtype=jnp.bfloat16)
+  state = jax.eval_shape(tx.init, WIDE)
+  pull = jax.jit(dcasgd_optax.record_pull, donate_argnums=0)
+  memory = pull.lower(state, WIDE, jnp.int32(0)).compile().memory_analysis()
+  backups_bytes = 32 * WIDE_BYTES // 2
+  assert memory.temp_size_in_bytes <= WIDE_BYTES  # Not 2 * backups_bytes.
+  assert memory.alias_size_in_bytes >= backups_bytes
+
+
+def test_record_pull_of_bf16_backups_writes_that_row_only():
+  tx = dcasgd_optax.delay_compensation(4, backup_dtype=jnp.bfloat16)
+  pull = jax.jit(dcasgd_optax.record_pull)
+  state = pull(tx.init({"w": jnp.zeros(3)}), {"w": jnp.full(3, 1.5)},
+               jnp.int32(2))
+  state = pull(state, {"w": jnp.full(3, 9.0)}, jnp.int32(4))  # Out of range.
+  held = state.backups["w"]
+  assert held.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(
+      held.astype(np.float32), [[0] * 3, [0] * 3, [1.5] * 3, [0] * 3]
+  )
+
+
+def test_under_vmap_each_simulation_gets_the_chains_numbers():
+  """Sweeps vmap the update over simulations, each with its own worker."""
+  fused = dcasgd_optax.dcasgd(0.1, M, momentum=0.9)
+  composed = composed_dcasgd(0.1, M, momentum=0.9)
+  params = jax.tree.map(lambda p: jnp.stack([p, 2 * p]), model())
+  workers = jnp.array([2, 0], jnp.int32)
+
+  def run(tx):
+    state = jax.vmap(tx.init)(params)
+    update = jax.vmap(lambda g, s, p, m: tx.update(g, s, p, worker=m))
+    return jax.jit(update)(grads_at(params, 1), state, params, workers)
+
+  assert_same_numbers(run(fused), run(composed))
