@@ -17,9 +17,11 @@ of shards ``K`` and number of workers ``M``, and reports per run:
 Before the runs, what the machine can do at each size, measured in the same
 process: one host copy of the params (GB/s), the jitted gradient and the
 jitted DC-ASGD apply alone (no Ray), and a Ray round trip to an actor that
-sends the same bytes back (one object each way, and an empty call). From
+sends the same bytes back (one object each way, an empty call, and for
+100-512 kB the inline 96 kB chunks ``train`` uses). From
 them, the ceilings: one worker cannot beat ``1 / (grad + apply + round
-trip)`` (it waits for its pull), and one shard cannot beat ``1 / apply``.
+trip)`` (it waits for its pull; the faster of the two round trips), and one
+shard cannot beat ``1 / apply``.
 
 Two data paths, in the same run: ``direct`` is ``train`` (workers push to the
 shards and take the new params from their replies); ``driver`` is the path
@@ -160,6 +162,9 @@ class Echo:
   def echo(self, x):
     return x
 
+  def echo_all(self, *xs):
+    return xs
+
 
 def _best_ms(fn, repeats: int) -> float:
   """The fastest of ``repeats`` calls of ``fn`` (after one warm-up), in ms."""
@@ -201,25 +206,33 @@ def machine_limits(num_params: int) -> dict:
   echo = ray.remote(Echo).remote()
   trip_ms = _best_ms(lambda: ray.get(echo.echo.remote(flat)), repeats)
   empty_ms = _best_ms(lambda: ray.get(echo.echo.remote(None)), repeats)
+  # As train sends 100-512 kB: inline chunks of 96 kB, each way.
+  chunks = [flat.view(np.uint8)[i:i + 96_000]
+            for i in range(0, flat.nbytes, 96_000)]
+  inline_ms = (_best_ms(lambda: ray.get(list(echo.echo_all.options(
+      num_returns=len(chunks)).remote(*chunks))), repeats)
+               if 1 < len(chunks) <= 6 else float("nan"))
   ray.kill(echo)
   return dict(size=flat.size, copy_gbs=flat.nbytes / copy_ms / 1e6,
               grad_ms=grad_ms, apply_ms=apply_ms, trip_ms=trip_ms,
-              empty_ms=empty_ms,
-              worker_cap=1e3 / (grad_ms + apply_ms + trip_ms),
+              empty_ms=empty_ms, inline_ms=inline_ms,
+              worker_cap=1e3 / (grad_ms + apply_ms + np.nanmin([trip_ms,
+                                                                inline_ms])),
               shard_cap=1e3 / apply_ms)
 
 
 def print_limits(sizes) -> None:
   """The table of :func:`machine_limits` for every size."""
   print("| params | host copy GB/s | grad ms | apply ms | Ray round trip ms "
-        "(empty call) | one-worker ceiling updates/s | one-shard ceiling "
-        "updates/s |")
-  print("|---:|---:|---:|---:|---:|---:|---:|")
+        "(empty call) | inline chunks ms | one-worker ceiling updates/s | "
+        "one-shard ceiling updates/s |")
+  print("|---:|---:|---:|---:|---:|---:|---:|---:|")
   for p in sizes:
     r = machine_limits(p)
     print(f"| {r['size']:,} | {r['copy_gbs']:.1f} | {r['grad_ms']:.2f} | "
           f"{r['apply_ms']:.2f} | {r['trip_ms']:.2f} ({r['empty_ms']:.2f}) | "
-          f"{r['worker_cap']:.3g} | {r['shard_cap']:.3g} |", flush=True)
+          f"{r['inline_ms']:.2f} | {r['worker_cap']:.3g} | "
+          f"{r['shard_cap']:.3g} |", flush=True)
 
 
 def _updates_for(num_params: int, seconds: float) -> int:
