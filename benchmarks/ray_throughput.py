@@ -147,7 +147,7 @@ def measure(path, num_params, num_shards, num_workers, num_updates, wire):
 def _updates_for(num_params: int, seconds: float) -> int:
   """Enough updates for about ``seconds`` of steady state on this machine."""
   per_second = 300 if num_params <= 200_000 else 3e7 / num_params
-  return int(max(20, seconds * per_second))
+  return int(max(8, seconds * per_second))
 
 
 def main() -> None:
@@ -162,7 +162,7 @@ def main() -> None:
   args = parser.parse_args()
   ints = lambda s: [int(v.replace("_", "")) for v in s.split(",")]
   wire = jnp.dtype(args.wire) if args.wire else None
-  ray.init(include_dashboard=False, log_to_driver=False)
+  ray.init(address="local", include_dashboard=False, log_to_driver=False)
   print(f"Ray {ray.__version__}, JAX {jax.__version__}, {os.cpu_count()} "
         f"CPUs, load average {os.getloadavg()[0]:.1f} at the start, "
         f"wire {args.wire or 'float32'}")
@@ -176,7 +176,7 @@ def main() -> None:
         for k in ints(args.shards) if path == "direct" else [1]:
           for m in ints(args.workers):
             r = measure(path, p, k, m, n + 2 * m, wire)
-            print(f"| {r['size']:,} | {path} | {k} | {m} | {r['rate']:.0f} | "
+            print(f"| {r['size']:,} | {path} | {k} | {m} | {r['rate']:.3g} | "
                   f"{r['share']:.0%} | {r['apply_ms']:.2f} | "
                   f"{r['grad_ms']:.1f} | {r['mb']:.1f} |", flush=True)
   finally:

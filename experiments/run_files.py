@@ -17,9 +17,12 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-# Config fields that do not change a run's result, so may differ on resume.
+# Config fields that do not change a run's result, so may differ on resume:
+# bookkeeping, and the sweep-level fields a run does not read (the grids,
+# the tuning grid, the report's settings, the optimizer presets).
 _NOT_RESULT = ("progress_bar", "data_dir", "download", "checkpoint_every_epochs",
-               "diagnostics_every", "grid")
+               "diagnostics_every", "grid", "tuning", "report",
+               "optimizer_presets")
 
 
 def _result_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:

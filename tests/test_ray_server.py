@@ -246,6 +246,52 @@ def test_shards_resume_from_their_checkpoints(tmp_path):
                               [s.result() for s in resumed])
 
 
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_workers_pull_the_look_ahead_of_dana_dc(num_shards):
+  tx = dcasgd_optax.dana_dc(0.5, num_workers=2, momentum=0.5)
+  params = {"w": jnp.linspace(-1.0, 1.0, 5), "b": jnp.ones(2)}
+  layout = dray.make_layout(params, num_shards)
+  shards = [dray.ParameterServer(tx, params, 2, shard=k, num_shards=num_shards)
+            for k in range(num_shards)]
+  state, want = tx.init(params), params
+  rng = np.random.default_rng(2)
+  for seq, m in enumerate([0, 1, 1, 0]):
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32),
+                         params)
+    seq = shards[0].progress()[1][m] + 1
+    updates, state = tx.update(grads, state, want, worker=m)
+    want = optax.apply_updates(want, updates)
+    pulled, state = dcasgd_optax.pull(state, want, m)  # The look-ahead.
+    got = [s.apply(m, seq, pieces)[1].params for s, pieces in
+           zip(shards, layout.split(grads))]
+    chex.assert_trees_all_close(layout.join(got), pulled, rtol=1e-6)
+    assert not np.allclose(layout.join(got)["w"], want["w"])  # Not the params.
+
+
+def test_a_mid_sized_push_travels_in_chunks_and_bad_chunks_are_rejected():
+  # 60,002 float32 parameters: 240 kB, sent as the bytes of the pieces, in
+  # order, in chunks of at most 96 kB (each small enough to go inline).
+  params = {"w": np.zeros((200, 300), np.float32), "b": np.ones(2, np.float32)}
+  server = dray.ParameterServer(optax.sgd(1.0), params, 1)
+  grads = [np.full(2, 0.5, np.float32), np.full((200, 300), 2.0, np.float32)]
+  data = np.concatenate([g.reshape(-1).view(np.uint8) for g in grads])
+  chunks = [data[i:i + 96_000] for i in range(0, len(data), 96_000)]
+  assert len(chunks) == 3
+  before = _state(server)
+  for bad, match in [(chunks[:2], "2 parts, not 3"),
+                     ([chunks[0], chunks[1], chunks[2][:-4]], "bytes"),
+                     ([c.view(np.float32) for c in chunks], "byte arrays")]:
+    with pytest.raises(ValueError, match=f"worker 0 sent a malformed.*{match}"):
+      server.push(0, 0, 0, True, (0.0, 0.0), *bad)
+  chex.assert_trees_all_equal(_state(server), before)
+  info, step, ticket, *reply = server.push(0, 0, 0, True, (0.0, 0.0), *chunks)
+  assert info.status == "applied" and step == 1 and ticket
+  got = np.concatenate(reply)
+  new = [params["b"] - grads[0], params["w"] - grads[1]]  # SGD, lr 1.
+  want = np.concatenate([p.reshape(-1).view(np.uint8) for p in new])
+  np.testing.assert_array_equal(got, want)
+
+
 def test_checkpoint_directories_are_private_to_their_owner(tmp_path):
   directory = tmp_path / "runs" / "ckpt"
   params = {"w": np.ones(3, np.float32), "b": np.zeros(2, np.float32)}

@@ -132,25 +132,39 @@ def _sequential_reference(loss_fn, tx, params, data_fn, num_updates):
   return params, state
 
 
-@pytest.mark.usefixtures("local_ray")
-def test_three_shards_in_bfloat16_resume_and_match_a_sequential_loop(
-    tmp_path):
+def _three_shards_in_bfloat16(tmp_path):
   loss_fn, data_fn, params, _ = digits_problem()
   tx = optax.chain(dcasgd_optax.delay_compensation(1, 2.0, adaptive=True),
                    optax.sgd(0.3, momentum=0.9))
   run = lambda n, **kw: dray.train(
       loss_fn, tx, params, data_fn, 1, n, num_shards=3,
       wire_dtype=jnp.bfloat16, checkpoint_dir=str(tmp_path), **kw)
-  first = run(20, checkpoint_every=10)
+  reference = lambda n: _sequential_reference(loss_fn, tx, params, data_fn, n)
+  return run, reference
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_three_shards_in_bfloat16_match_a_sequential_loop(tmp_path):
+  run, reference = _three_shards_in_bfloat16(tmp_path)
+  result = run(20, checkpoint_every=10)
+  np.testing.assert_array_equal(result.records.seq, np.arange(20))
+  # Saved at 10 (the workers paused) and at the end, every shard alike.
   saved = {p.name: sorted(os.listdir(p)) for p in tmp_path.iterdir()}
   assert saved == {f"shard-{k}-of-3": ["10", "20"] for k in range(3)}
+  chex.assert_trees_all_close((result.params, result.opt_state),
+                              reference(20), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
+def test_three_shards_resume_from_their_checkpoints(tmp_path):
+  run, reference = _three_shards_in_bfloat16(tmp_path)
+  run(20, checkpoint_every=10)
   resumed = run(30, resume=True)
-  np.testing.assert_array_equal(first.records.seq, np.arange(20))
   np.testing.assert_array_equal(resumed.records.step, np.arange(21, 31))
-  want_params, want_state = _sequential_reference(loss_fn, tx, params,
-                                                  data_fn, 30)
+  np.testing.assert_array_equal(resumed.records.seq, np.arange(20, 30))
   chex.assert_trees_all_close((resumed.params, resumed.opt_state),
-                              (want_params, want_state), rtol=1e-5, atol=1e-6)
+                              reference(30), rtol=1e-5, atol=1e-6)
 
 
 def _num_actors():

@@ -34,6 +34,7 @@ from dcasgd_optax._src.pull import pull as pull_hook
 from dcasgd_optax._src.pull import record_pull
 from dcasgd_optax.ray import _layout
 from dcasgd_optax.ray import _records
+from dcasgd_optax.ray import _wire
 from dcasgd_optax.ray import _checkpoint
 from dcasgd_optax.ray._admission import Admission
 from dcasgd_optax.ray._checkpoint import ServerState
@@ -332,6 +333,28 @@ class ParameterServer:
     row = (worker, seq, info.step, staleness, info.time, seconds, not bool(ok))
     self._rows.append(row + (tuple(meta) if self._shard == 0 else ()))
     return info, pulled
+
+  def push(self, worker: int, seq: int, epoch: int, finite: bool,
+           meta: tuple[float, float], *chunks: Any) -> tuple[Any, ...]:
+    """:meth:`apply` for a worker's call: the pieces come and go as chunks.
+
+    ``chunks`` is the gradient packed by ``_wire.pack`` for
+    :attr:`piece_specs`; the reply is ``(info, step, ticket, *chunks)``, the
+    params packed the same way (``3 + _wire.num_chunks(piece_specs)``
+    values, so that small messages travel inside the call).
+    """
+    try:
+      grads = _wire.unpack(chunks, self._specs)
+    except ValueError as e:
+      raise ValueError(f"Shard {self._shard}: worker {worker} sent a "
+                       f"malformed gradient ({e}); rejected, nothing "
+                       "changed.") from e
+    info, pulled = self.apply(worker, seq, grads, epoch=epoch, finite=finite,
+                              meta=meta)
+    if info.status == "stale":
+      return (info, info.step, False, *[None] * _wire.num_chunks(self._specs))
+    return (info, pulled.step, pulled.ticket,
+            *_wire.pack(pulled.params, self._specs))
 
   # ------------------------------------------------------------------ checks
 

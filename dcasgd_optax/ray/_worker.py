@@ -21,7 +21,9 @@ import numpy as np
 import ray
 
 from dcasgd_optax.ray import _layout
+from dcasgd_optax.ray import _wire
 from dcasgd_optax.ray._server import Pulled
+from dcasgd_optax.ray._server import check_wire_dtype
 
 
 class GradientMeta(NamedTuple):
@@ -78,10 +80,14 @@ class GradientWorker:
   def __init__(self, worker: int, loss_fn: Callable, data_fn: Callable,
                layout: _layout.Layout, shards: Sequence[Any] = (),
                wire_dtype: Any = None):
+    wire_dtype = check_wire_dtype(wire_dtype)
     self._worker = worker
     self._data_fn = data_fn
     self._shards = list(shards)
     self._grad = _make_grad(loss_fn, layout, wire_dtype)
+    self._specs = [[(shape, wire_dtype or dtype) for shape, dtype in
+                    _layout.piece_specs(layout, k)]
+                   for k in range(layout.num_shards)]
     self._held: list[Pulled] | None = None  # What each shard last sent.
     self._seq = 0  # The next gradient's number.
     self._ticket = False
@@ -108,14 +114,20 @@ class GradientWorker:
   def _push(self, meta: GradientMeta, pieces: Sequence[list[np.ndarray]],
             epoch: int, to: Sequence[int]) -> None:
     """Pushes gradient ``meta.seq`` to shards ``to``; keeps their replies."""
-    refs = [
-        self._shards[k].apply.remote(
-            self._worker, meta.seq, pieces[k], epoch=epoch,
-            finite=meta.finite, meta=(meta.loss, meta.seconds))
-        for k in to
-    ]
-    for k, (_, pulled) in zip(to, ray.get(refs)):
-      self._held[k] = pulled
+    calls = []
+    for k in to:
+      specs = self._specs[k]
+      push = self._shards[k].push.options(
+          num_returns=3 + _wire.num_chunks(specs))
+      calls.append(push.remote(self._worker, meta.seq, epoch, meta.finite,
+                               (meta.loss, meta.seconds),
+                               *_wire.pack(pieces[k], specs)))
+    replies = ray.get([r for refs in calls for r in refs])
+    for k in to:
+      n = 3 + _wire.num_chunks(self._specs[k])
+      (_, step, ticket, *chunks), replies = replies[:n], replies[n:]
+      self._held[k] = Pulled(step, _wire.unpack(chunks, self._specs[k]),
+                             ticket)
     if 0 in to:
       self._ticket = self._held[0].ticket
     self._seq = meta.seq + 1
