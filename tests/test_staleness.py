@@ -41,6 +41,15 @@ def test_negative_concrete_staleness_is_rejected():
     tx.update({"w": jnp.ones(2)}, tx.init(None), staleness=-1)
 
 
+@pytest.mark.parametrize("rule", ["inverse", "sqrt", "delay_adaptive"])
+def test_traced_negative_staleness_gives_nan_updates(rule):
+  tx = dcasgd_optax.scale_by_staleness(rule, num_workers=4)
+  step = jax.jit(lambda tau: tx.update({"w": jnp.ones(3)}, tx.init(None),
+                                       staleness=tau)[0])
+  assert np.isnan(step(jnp.int32(-1))["w"]).all()
+  assert np.isfinite(step(jnp.int32(0))["w"]).all()
+
+
 # --- scale_by_staleness: every rule against its formula ----------------------
 
 RULES = ("inverse", "sqrt", "delay_adaptive")

@@ -43,7 +43,13 @@ def scale_by_staleness(
   :math:`(1+\tau)^{-a}` with its example :math:`a = 1/2` (the damping
   asynchronous local-SGD work applies to stale pseudo-gradients), or the
   delay-adaptive step :math:`\eta \, n / \max(n, \tau)` (the full step
-  while the delay is within the number of workers). The simulator passes ``staleness`` to every update.
+  while the delay is within the number of workers). The simulator and the
+  Ray server pass ``staleness`` to every update.
+
+  Edges: a concrete negative ``staleness`` raises ``ValueError``; a traced
+  one cannot be rejected at trace time, so the updates are all-NaN (as
+  :func:`delay_compensation`'s are for a traced out-of-range worker), never
+  silently scaled.
 
   Args:
     rule: one of ``"inverse"``, ``"sqrt"``, ``"delay_adaptive"``.
@@ -80,7 +86,9 @@ def scale_by_staleness(
 
   def update_fn(updates, state, params=None, *, staleness=None, **extra_args):
     del params, extra_args
-    scale = scale_fn(_checked_staleness(staleness))
+    tau = _checked_staleness(staleness)
+    # A traced negative staleness cannot be rejected: make it loud.
+    scale = jnp.where(tau >= 0, scale_fn(tau), jnp.nan)
     return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
