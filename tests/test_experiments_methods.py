@@ -61,6 +61,10 @@ def test_tuning_picks_the_lowest_error_and_the_report_uses_other_seeds(tiny, tmp
     assert len(list(csv.DictReader(f))) == 4
   table = (tmp_path / "table.md").read_text()
   assert "| method | cyclic M=2 |" in table and "| sequential SGD | " in table
+  lr = tuned["sgd-cyclic-M2-asgd"]["setting"]["learning_rate"]
+  seq_at_lr = dict((s["learning_rate"], e) for s, e in tuned["sgd-sequential"]["tried"])[lr]
+  assert f"| sgd | cyclic | 2 | {lr:g} | " in table
+  assert f"| {100 * seq_at_lr:.2f} | {100 * tuned['sgd-cyclic-M2-asgd']['tuning_error']:.2f} |" in table
   settings = (tmp_path / "tuned.md").read_text()
   for cell in methods.cells(tiny):
     lr = tuned[cell.key]["setting"]["learning_rate"]

@@ -92,3 +92,13 @@ def test_tuned_table_shows_each_cells_setting():
   assert table[2:] == ["| method | cyclic M=32 |", "|---|---|",
                        "| sequential SGD | 0.2 |",
                        "| DC-ASGD-a, λ0 tuned | 0.025, λ 8 |"]
+
+
+def test_rate_gap_splits_asgds_gap_into_rate_and_staleness():
+  # Sequential 5% at its best rate, 8% at ASGD's rate; ASGD 10%: 3 of the
+  # 5 points come from the smaller rate.
+  item = dict(optimizer="sgd", schedule="cyclic", num_workers=32,
+              learning_rate=0.0125, sequential=0.05,
+              sequential_at_asgd_rate=0.08, asgd=0.10)
+  line = reporting.rate_gap_table([item]).splitlines()[2]
+  assert line == "| sgd | cyclic | 32 | 0.0125 | 5.00 | 8.00 | 10.00 | 60% |"
