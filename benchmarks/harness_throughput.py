@@ -340,9 +340,9 @@ def memory(num_params: int = 1 << 20) -> None:
       dcasgd_optax.delay_compensation(m, 2.0, adaptive=True),
       optax.sgd(0.01, momentum=0.9)))
   for name, build, strategy, num_workers in (
-      [("composed", composed, s, m) for m in (16, 64, 6)
+      [("dcasgd", make_tx, s, m) for m in (16, 64, 6)
        for s in ("host_chunks", "compiled")]
-      + [("dcasgd", make_tx, "host_chunks", m) for m in (16, 64)]):
+      + [("composed", composed, "host_chunks", m) for m in (16, 64)]):
     for num_devices in sorted({1, 2, 4, len(jax.devices())}):
       sim = Simulator(loss_fn, build(num_workers),
                       devices=jax.devices()[:num_devices],

@@ -142,7 +142,11 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("strategy", ["compiled", "host_chunks"])
+# "compiled" (the default on GPU and TPU, where several devices are the rule)
+# runs by default; "host_chunks" (the CPU default) is the slow variant: each
+# subprocess compiles some twenty programs.
+@pytest.mark.parametrize("strategy", [
+    "compiled", pytest.param("host_chunks", marks=pytest.mark.slow)])
 def test_one_and_eight_devices_agree(strategy):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
