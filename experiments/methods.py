@@ -83,13 +83,15 @@ def cell_config(
 
 
 def cells(config: ml_collections.ConfigDict) -> list[Cell]:
-  """Every cell of the grid whose algorithm applies to its optimizer."""
+  """Every cell of the grid whose algorithm applies to its optimizer, but
+  those of ``config.grid.skip`` (``(optimizer, algorithm)`` pairs)."""
+  skip = {tuple(pair) for pair in config.grid.get("skip", ())}
   out = []
   for opt in config.grid.optimizers:
     preset = cell_config(
         config, Cell(opt, "cyclic", 1, algorithms.SEQUENTIAL.name), 0, {})
     for a in algorithms.ordered(config.grid.algorithms):
-      if not a.applies_to(preset):
+      if not a.applies_to(preset) or (opt, a.name) in skip:
         continue
       if a.single_worker:
         out.append(Cell(opt, "cyclic", 1, a.name))
