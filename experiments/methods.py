@@ -84,7 +84,8 @@ def cell_config(
 
 def cells(config: ml_collections.ConfigDict) -> list[Cell]:
   """Every cell of the grid whose algorithm applies to its optimizer, but
-  those of ``config.grid.skip`` (``(optimizer, algorithm)`` pairs)."""
+  those of ``config.grid.skip``: ``(optimizer, algorithm)`` leaves out all
+  of that pair's cells, ``(optimizer, algorithm, M)`` those with M workers."""
   skip = {tuple(pair) for pair in config.grid.get("skip", ())}
   out = []
   for opt in config.grid.optimizers:
@@ -99,7 +100,8 @@ def cells(config: ml_collections.ConfigDict) -> list[Cell]:
       # Schedules innermost: their runs share one compiled program.
       for m, schedule in itertools.product(sorted(config.grid.num_workers),
                                            config.grid.schedules):
-        out.append(Cell(opt, schedule, m, a.name))
+        if (opt, a.name, m) not in skip:
+          out.append(Cell(opt, schedule, m, a.name))
   return out
 
 
