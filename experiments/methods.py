@@ -83,13 +83,16 @@ def cell_config(
 
 
 def cells(config: ml_collections.ConfigDict) -> list[Cell]:
-  """Every cell of the grid whose algorithm applies to its optimizer."""
+  """Every cell of the grid whose algorithm applies to its optimizer, but
+  those of ``config.grid.skip``: ``(optimizer, algorithm)`` leaves out all
+  of that pair's cells, ``(optimizer, algorithm, M)`` those with M workers."""
+  skip = {tuple(pair) for pair in config.grid.get("skip", ())}
   out = []
   for opt in config.grid.optimizers:
     preset = cell_config(
         config, Cell(opt, "cyclic", 1, algorithms.SEQUENTIAL.name), 0, {})
     for a in algorithms.ordered(config.grid.algorithms):
-      if not a.applies_to(preset):
+      if not a.applies_to(preset) or (opt, a.name) in skip:
         continue
       if a.single_worker:
         out.append(Cell(opt, "cyclic", 1, a.name))
@@ -97,7 +100,8 @@ def cells(config: ml_collections.ConfigDict) -> list[Cell]:
       # Schedules innermost: their runs share one compiled program.
       for m, schedule in itertools.product(sorted(config.grid.num_workers),
                                            config.grid.schedules):
-        out.append(Cell(opt, schedule, m, a.name))
+        if (opt, a.name, m) not in skip:
+          out.append(Cell(opt, schedule, m, a.name))
   return out
 
 
