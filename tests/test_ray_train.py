@@ -167,6 +167,22 @@ def test_three_shards_resume_from_their_checkpoints(tmp_path):
                               reference(30), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("local_ray")
+def test_a_failing_worker_is_named_and_nothing_is_left_running():
+  loss_fn, data_fn, params, _ = digits_problem()
+
+  def failing(worker, seq):  # Raises in worker 1's actor, at its 3rd batch.
+    if (worker, seq) == (1, 2) and ray.get_runtime_context().get_actor_id():
+      raise OSError("batch 2 of worker 1 is unreadable")
+    return data_fn(worker, seq)
+
+  with pytest.raises(RuntimeError, match=r"(?s)Worker 1 failed:.*batch 2 of "
+                     "worker 1 is unreadable"):
+    dray.train(loss_fn, optax.sgd(0.5), params, failing, num_workers=2,
+               num_updates=40)
+  assert ray.is_initialized() and not alive_actors()
+
+
 def _num_actors():
   """How many actors Ray has ever started (0 if Ray is not running)."""
   if not ray.is_initialized():
