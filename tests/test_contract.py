@@ -2,7 +2,7 @@
 
 One parametrized suite: each case is a way to build a transformation that
 keeps per-worker backups (``delay_compensation`` in both variants,
-``dcasgd``, ``pull_after_push``, ``gap_aware_sgd``,
+``dcasgd``, ``pull_after_push``, ``gap_aware``, ``gap_aware_sgd``,
 ``dana_dc``, ``delayed_nesterov_dcasgd``), and every test checks one promise
 an optax user relies on: jit, vmap, the usual wrappers, extra args, no
 recompilation per worker, dtypes, and finding the state with
@@ -106,6 +106,16 @@ CASES = [
         ("num_workers", "backup_dtype"),
         True,
         False,
+    ),
+    Case(
+        "gap_aware",
+        dcasgd_optax.gap_aware,
+        dict(num_workers=NUM_WORKERS, step_size=0.05, decay=0.5),
+        ("num_workers",),
+        False,
+        True,
+        knob="step_size",
+        off=1e30,
     ),
     Case(
         "gap_aware_sgd",
