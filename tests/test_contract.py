@@ -516,7 +516,7 @@ piece_params = pytest.mark.parametrize("piece", PIECES, ids=lambda p: p.name)
 
 
 def run_piece(tx, params, state, staleness=(0, 3, 5, 1)):
-  """Updates with fresh-and-stale gradients; returns every update and the state."""
+  """Updates with fresh and stale gradients; returns the updates and state."""
   outs = []
   for seed, tau in enumerate(staleness):
     g = grads_like(params, seed)
@@ -547,7 +547,8 @@ def test_piece_inside_chain_after_compensation_matches_alone(piece):
   chained = optax.chain(dc, tx, optax.scale(2.0))
   got, got_state = run_piece(chained, params, chained.init(params))
   want, want_state = run_piece(tx, params, tx.init(params))
-  chex.assert_trees_all_close(got, [jax.tree.map(lambda u: 2 * u, w) for w in want], **TOL)
+  doubled = [jax.tree.map(lambda u: 2 * u, w) for w in want]
+  chex.assert_trees_all_close(got, doubled, **TOL)
   chex.assert_trees_all_close(got_state[1], want_state, **TOL)
 
 
