@@ -46,9 +46,13 @@ test-py312:
 demo: $(VENV)/.installed-experiments
 	$(PY) -m experiments.compare --config=experiments/configs/demo.py --workdir=$(DEMO_DIR)
 
-# The evidence grid on the reported seeds, with the committed tuning choice.
+# The evidence grid on the reported seeds, with the committed tuning choice;
+# the tables and plots are then copied to experiments/results/methods.
+METHODS_RESULTS ?= experiments/results/methods
+METHODS_FILES := table.md tuned.md stats.json results.csv gap_closed.png errors.png diagnostics.png
 methods: $(VENV)/.installed-experiments
-	$(METHODS) --stage=report --tuned=experiments/results/methods/tuned.json
+	$(METHODS) --stage=report --tuned=$(METHODS_RESULTS)/tuned.json
+	cd $(METHODS_DIR) && cp $(METHODS_FILES) $(abspath $(METHODS_RESULTS))/
 
 # The tuning sweep that chose experiments/results/methods/tuned.json (long:
 # see experiments/README.md); it writes $(METHODS_DIR)/tuned.json.
