@@ -2,7 +2,7 @@
 
 One parametrized suite: each case is a way to build a transformation that
 keeps per-worker backups (``delay_compensation`` in both variants,
-``dcasgd``, ``pull_after_push``, ``gap_aware_sgd``,
+``dcasgd``, ``pull_after_push``, ``gap_aware``, ``gap_aware_sgd``,
 ``dana_dc``, ``delayed_nesterov_dcasgd``), and every test checks one promise
 an optax user relies on: jit, vmap, the usual wrappers, extra args, no
 recompilation per worker, dtypes, and finding the state with
@@ -106,6 +106,16 @@ CASES = [
         ("num_workers", "backup_dtype"),
         True,
         False,
+    ),
+    Case(
+        "gap_aware",
+        dcasgd_optax.gap_aware,
+        dict(num_workers=NUM_WORKERS, step_size=0.05, decay=0.5),
+        ("num_workers",),
+        False,
+        True,
+        knob="step_size",
+        off=1e30,
     ),
     Case(
         "gap_aware_sgd",
@@ -506,7 +516,7 @@ piece_params = pytest.mark.parametrize("piece", PIECES, ids=lambda p: p.name)
 
 
 def run_piece(tx, params, state, staleness=(0, 3, 5, 1)):
-  """Updates with fresh-and-stale gradients; returns every update and the state."""
+  """Updates with fresh and stale gradients; returns the updates and state."""
   outs = []
   for seed, tau in enumerate(staleness):
     g = grads_like(params, seed)
@@ -537,7 +547,8 @@ def test_piece_inside_chain_after_compensation_matches_alone(piece):
   chained = optax.chain(dc, tx, optax.scale(2.0))
   got, got_state = run_piece(chained, params, chained.init(params))
   want, want_state = run_piece(tx, params, tx.init(params))
-  chex.assert_trees_all_close(got, [jax.tree.map(lambda u: 2 * u, w) for w in want], **TOL)
+  doubled = [jax.tree.map(lambda u: 2 * u, w) for w in want]
+  chex.assert_trees_all_close(got, doubled, **TOL)
   chex.assert_trees_all_close(got_state[1], want_state, **TOL)
 
 
