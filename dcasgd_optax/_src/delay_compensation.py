@@ -205,7 +205,10 @@ def compensation_correction(
     if adaptive:
       if bias_correction:
         ms = jax.tree.map(lambda x: x / (1 - decay**count), ms)
-      lam = jax.tree.map(lambda x: lambda_ / jnp.sqrt(x + eps), ms)
+      # sqrt(1 / .), not 1 / sqrt(.): XLA rewrites the latter to rsqrt,
+      # which XLA:CPU (JAX 0.12) runs ~5x slower inside the fused update's
+      # loop (benchmarks/update_cost.md).
+      lam = jax.tree.map(lambda x: lambda_ * jnp.sqrt(1 / (x + eps)), ms)
     if warmup:
       lam = _warm_up(lam, jnp.sum(state.count), lambda_warmup)
     if skip:
