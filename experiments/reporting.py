@@ -294,10 +294,12 @@ def methods_table(stats: Sequence[dict], optimizer: str, title: str) -> str:
   return _grid_table(mine, lambda s, a: _stat_cell(s), title)
 
 
-def plot_gap_closed(stats: Sequence[dict], path: str, *, title: str = "") -> None:
-  """Share of ASGD's gap closed against M: a panel per optimizer, a line per
-  method (cyclic arrivals solid, Gamma dashed)."""
-  optimizers = list(dict.fromkeys(s["optimizer"] for s in stats))
+def plot_gap_closed(stats: Sequence[dict], path: str, *, title: str = "",
+                    optimizers: Sequence[str] = ()) -> None:
+  """Share of ASGD's gap closed against M: a panel per optimizer (in
+  ``optimizers``' order, default the stats'), a line per method (cyclic
+  arrivals solid, Gamma dashed)."""
+  optimizers = list(optimizers) or list(dict.fromkeys(s["optimizer"] for s in stats))
   fig, axes = plt.subplots(1, len(optimizers), figsize=(4.6 * len(optimizers), 4),
                            sharey=True, squeeze=False)
   for ax, opt in zip(axes[0], optimizers):
@@ -312,6 +314,8 @@ def plot_gap_closed(stats: Sequence[dict], path: str, *, title: str = "") -> Non
     ax.axhline(100, color="k", lw=0.8)
     ax.axhline(0, color=algorithms.ASGD.color, lw=0.8)
     ax.set_xscale("log", base=2)
+    workers = sorted({s["num_workers"] for s in mine})
+    ax.set_xticks(workers, [str(m) for m in workers])
     ax.set_title(opt)
     ax.set_xlabel("workers M (solid: cyclic, dashed: Gamma)")
     ax.set_ylim(-100, 150)
@@ -471,10 +475,12 @@ def tuned_table(rows: Sequence[dict], optimizer: str) -> str:
       "is tuned)")
 
 
-def plot_methods_errors(stats: Sequence[dict], path: str, *, title: str = "") -> None:
-  """Final test error (mean ± std) against M: a row per optimizer, a column
-  per arrival schedule, a line per method; sequential SGD as a level."""
-  optimizers = list(dict.fromkeys(s["optimizer"] for s in stats))
+def plot_methods_errors(stats: Sequence[dict], path: str, *, title: str = "",
+                        optimizers: Sequence[str] = ()) -> None:
+  """Final test error (mean ± std) against M: a row per optimizer (in
+  ``optimizers``' order, default the stats'), a column per arrival schedule,
+  a line per method; sequential SGD as a level."""
+  optimizers = list(optimizers) or list(dict.fromkeys(s["optimizer"] for s in stats))
   schedules = sorted({s["schedule"] for s in stats
                       if not algorithms.get(s["algorithm"]).single_worker})
   fig, axes = plt.subplots(len(optimizers), len(schedules), squeeze=False,
@@ -496,13 +502,15 @@ def plot_methods_errors(stats: Sequence[dict], path: str, *, title: str = "") ->
                           ms=4, capsize=2, lw=1)
         labels.setdefault(a.label, h)
       ax.set_xscale("log", base=2)
+      workers = sorted({s["num_workers"] for s in mine} - {1})
+      ax.set_xticks(workers, [str(m) for m in workers])
       ax.set_title(f"{opt}, {schedule} arrivals")
       ax.set_xlabel("workers M")
       _log_percent_axis(ax)
     row[0].set_ylabel("final test error (%)")
   fig.legend(list(labels.values()), list(labels), loc="lower center",
              ncol=min(len(labels), 6), fontsize=8, bbox_to_anchor=(0.5, 0.0))
-  _finish(fig, path, title, bottom=0.1)
+  _finish(fig, path, title, bottom=0.07)
 
 
 def rate_gap_table(items: Sequence[dict]) -> str:
@@ -565,8 +573,11 @@ def write_methods_report(config: Any, rows: Sequence[dict], workdir: str,
   with open(os.path.join(workdir, "stats.json"), "w") as f:
     json.dump(stats, f, indent=1)
   title = f"{config.num_epochs} epochs, tuned learning rates, seeds {seeds}"
-  plot_gap_closed(stats, os.path.join(workdir, "gap_closed.png"), title=title)
-  plot_methods_errors(stats, os.path.join(workdir, "errors.png"), title=title)
+  order = config.grid.optimizers
+  plot_gap_closed(stats, os.path.join(workdir, "gap_closed.png"), title=title,
+                  optimizers=order)
+  plot_methods_errors(stats, os.path.join(workdir, "errors.png"), title=title,
+                      optimizers=order)
   if traces:
     d = config.report.diagnostics
     plot_diagnostics(traces, os.path.join(workdir, "diagnostics.png"),
