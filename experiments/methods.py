@@ -24,9 +24,11 @@ grid order on a tie). The chosen settings go to ``WORKDIR/tuned.json``.
 
 **Reporting** (:func:`report`): each cell runs its chosen setting on
 ``config.grid.seeds``, which are disjoint from the tuning seeds, and
-:mod:`experiments.reporting` writes ``results.csv``, ``table.md`` (final
-test error, mean ± std, and the share of ASGD's gap to sequential SGD each
-method closes) and the plots.
+:mod:`experiments.reporting` writes ``results.csv``, ``table.md`` (the
+targets, final test error, mean ± std, and the share of ASGD's gap to
+sequential SGD each method closes, the early-training remedies against
+DC-ASGD-a, where ASGD's gap comes from), ``tuned.md`` (the settings) and the
+plots. Cells of ``config.grid.skip`` are left out of both stages.
 """
 
 from __future__ import annotations
