@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= $(shell for p in python3 python3.12 python3.13 python3.11 python; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
 	&& { echo $$p; break; }; done)
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 DEMO_DIR ?= runs/demo
 METHODS_DIR ?= runs/methods
 METHODS := $(PY) -m experiments.methods --config=experiments/configs/methods.py --workdir=$(METHODS_DIR)
@@ -46,9 +46,13 @@ test-py312:
 demo: $(VENV)/.installed-experiments
 	$(PY) -m experiments.compare --config=experiments/configs/demo.py --workdir=$(DEMO_DIR)
 
-# The evidence grid on the reported seeds, with the committed tuning choice.
+# The evidence grid on the reported seeds, with the committed tuning choice;
+# the tables and plots are then copied to experiments/results/methods.
+METHODS_RESULTS ?= experiments/results/methods
+METHODS_FILES := table.md tuned.md stats.json results.csv gap_closed.png errors.png diagnostics.png
 methods: $(VENV)/.installed-experiments
-	$(METHODS) --stage=report --tuned=experiments/results/methods/tuned.json
+	$(METHODS) --stage=report --tuned=$(METHODS_RESULTS)/tuned.json
+	cd $(METHODS_DIR) && cp $(METHODS_FILES) $(abspath $(METHODS_RESULTS))/
 
 # The tuning sweep that chose experiments/results/methods/tuned.json (long:
 # see experiments/README.md); it writes $(METHODS_DIR)/tuned.json.

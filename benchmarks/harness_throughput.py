@@ -334,26 +334,31 @@ def memory(num_params: int = 1 << 20) -> None:
   mib = lambda n: n / 2**20
   print(f"model: {num_params} float32 params ({mib(4 * num_params):.0f} MiB);"
         " DC-ASGD-a with momentum; MiB per device\n")
-  print("| workers | devices | strategy | backups (shard) | XLA arguments | "
-        "XLA temp | XLA output (aliased) |\n|---|---|---|---|---|---|---|")
-  for num_workers in (16, 6):
+  print("| tx | workers | devices | strategy | backups (shard) | XLA arguments "
+        "| XLA temp | XLA output (aliased) |\n|---|---|---|---|---|---|---|---|")
+  composed = lambda m: dcasgd_optax.pull_after_push(optax.chain(
+      dcasgd_optax.delay_compensation(m, 2.0, adaptive=True),
+      optax.sgd(0.01, momentum=0.9)))
+  for name, build, strategy, num_workers in (
+      [("dcasgd", make_tx, s, m) for m in (16, 64, 6)
+       for s in ("host_chunks", "compiled")]
+      + [("composed", composed, "host_chunks", m) for m in (16, 64)]):
     for num_devices in sorted({1, 2, 4, len(jax.devices())}):
-      for strategy in ("host_chunks", "compiled"):
-        sim = Simulator(loss_fn, make_tx(num_workers),
-                        devices=jax.devices()[:num_devices],
-                        strategy=strategy)
-        state = sim.init(params)
-        arrivals = schedules.cyclic(num_workers, 2 * num_workers)
-        batches = np.random.default_rng(0).integers(0, 64, (len(arrivals), 8))
-        analysis = sim.lower(state, batches, arrivals).compile(
-            ).memory_analysis()
-        shard = [x for x in jax.tree.leaves(state.opt_state)
-                 if x.ndim == 2][0].addressable_shards[0].data.nbytes
-        print(f"| {num_workers} | {num_devices} | {strategy} | "
-              f"{mib(shard):.1f} | {mib(analysis.argument_size_in_bytes):.1f} "
-              f"| {mib(analysis.temp_size_in_bytes):.1f} | "
-              f"{mib(analysis.output_size_in_bytes):.1f} "
-              f"({mib(analysis.alias_size_in_bytes):.1f}) |", flush=True)
+      sim = Simulator(loss_fn, build(num_workers),
+                      devices=jax.devices()[:num_devices],
+                      strategy=strategy)
+      state = sim.init(params)
+      arrivals = schedules.cyclic(num_workers, 2 * num_workers)
+      batches = np.random.default_rng(0).integers(0, 64, (len(arrivals), 8))
+      analysis = sim.lower(state, batches, arrivals).compile(
+          ).memory_analysis()
+      shard = [x for x in jax.tree.leaves(state.opt_state)
+               if x.ndim == 2][0].addressable_shards[0].data.nbytes
+      print(f"| {name} | {num_workers} | {num_devices} | {strategy} | "
+            f"{mib(shard):.1f} | {mib(analysis.argument_size_in_bytes):.1f} "
+            f"| {mib(analysis.temp_size_in_bytes):.1f} | "
+            f"{mib(analysis.output_size_in_bytes):.1f} "
+            f"({mib(analysis.alias_size_in_bytes):.1f}) |", flush=True)
 
 
 def resnet20_compile(workers: list[int], batch: int = 128) -> None:

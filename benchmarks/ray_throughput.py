@@ -11,7 +11,17 @@ of shards ``K`` and number of workers ``M``, and reports per run:
 * the shard's apply cost, ms per update (its busy time per update);
 * the worker's time per gradient (batch and ``value_and_grad``);
 * bytes moved per update: the gradient pushed plus the params pulled, as
-  they travel (the same on both paths; halved with ``--wire bfloat16``).
+  they travel (the same on both paths; halved with ``--wire bfloat16``),
+  and the MB/s that makes.
+
+Before the runs, what the machine can do at each size, measured in the same
+process: one host copy of the params (GB/s), the jitted gradient and the
+jitted DC-ASGD apply alone (no Ray), and a Ray round trip to an actor that
+sends the same bytes back (one object each way, an empty call, and for
+100-512 kB the inline 96 kB chunks ``train`` uses). From
+them, the ceilings: one worker cannot beat ``1 / (grad + apply + round
+trip)`` (it waits for its pull; the faster of the two round trips), and one
+shard cannot beat ``1 / apply``.
 
 Two data paths, in the same run: ``direct`` is ``train`` (workers push to the
 shards and take the new params from their replies); ``driver`` is the path
@@ -28,12 +38,14 @@ Results and the machine they came from: benchmarks/ray_throughput.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import ray
 from sklearn.datasets import load_digits
 
@@ -144,6 +156,85 @@ def measure(path, num_params, num_shards, num_workers, num_updates, wire):
   )
 
 
+class Echo:
+  """An actor that sends back what it gets (a Ray round trip, no work)."""
+
+  def echo(self, x):
+    return x
+
+  def echo_all(self, *xs):
+    return xs
+
+
+def _best_ms(fn, repeats: int) -> float:
+  """The fastest of ``repeats`` calls of ``fn`` (after one warm-up), in ms."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return 1e3 * min(times)
+
+
+def machine_limits(num_params: int) -> dict:
+  """Copy, gradient, apply and Ray round trip at this size, no training."""
+  loss_fn, data_fn, params = make_problem(num_params)
+  repeats = 20 if num_params <= 2_000_000 else 5
+  flat = np.ones(sum(x.size for x in jax.tree.leaves(params)), np.float32)
+  out = np.empty_like(flat)
+  copy_ms = _best_ms(lambda: np.copyto(out, flat), repeats)
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+  batch = data_fn(0, 0)
+  grad_ms = _best_ms(lambda: jax.block_until_ready(grad_fn(params, batch)),
+                     repeats)
+  tx = dcasgd_optax.dcasgd(0.01, 1)
+  grads = jax.block_until_ready(grad_fn(params, batch)[1])
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def apply(params, state):
+    updates, state = tx.update(grads, state, params, worker=0)
+    return optax.apply_updates(params, updates), state
+
+  held = [jax.tree.map(jnp.copy, params), tx.init(params)]
+
+  def one_apply():
+    held[:] = apply(*held)
+    jax.block_until_ready(held)
+
+  apply_ms = _best_ms(one_apply, repeats)
+  echo = ray.remote(Echo).remote()
+  trip_ms = _best_ms(lambda: ray.get(echo.echo.remote(flat)), repeats)
+  empty_ms = _best_ms(lambda: ray.get(echo.echo.remote(None)), repeats)
+  # As train sends 100-512 kB: inline chunks of 96 kB, each way.
+  chunks = [flat.view(np.uint8)[i:i + 96_000]
+            for i in range(0, flat.nbytes, 96_000)]
+  inline_ms = (_best_ms(lambda: ray.get(list(echo.echo_all.options(
+      num_returns=len(chunks)).remote(*chunks))), repeats)
+               if 1 < len(chunks) <= 6 else float("nan"))
+  ray.kill(echo)
+  return dict(size=flat.size, copy_gbs=flat.nbytes / copy_ms / 1e6,
+              grad_ms=grad_ms, apply_ms=apply_ms, trip_ms=trip_ms,
+              empty_ms=empty_ms, inline_ms=inline_ms,
+              worker_cap=1e3 / (grad_ms + apply_ms + np.nanmin([trip_ms,
+                                                                inline_ms])),
+              shard_cap=1e3 / apply_ms)
+
+
+def print_limits(sizes) -> None:
+  """The table of :func:`machine_limits` for every size."""
+  print("| params | host copy GB/s | grad ms | apply ms | Ray round trip ms "
+        "(empty call) | inline chunks ms | one-worker ceiling updates/s | "
+        "one-shard ceiling updates/s |")
+  print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+  for p in sizes:
+    r = machine_limits(p)
+    print(f"| {r['size']:,} | {r['copy_gbs']:.1f} | {r['grad_ms']:.2f} | "
+          f"{r['apply_ms']:.2f} | {r['trip_ms']:.2f} ({r['empty_ms']:.2f}) | "
+          f"{r['inline_ms']:.2f} | {r['worker_cap']:.3g} | "
+          f"{r['shard_cap']:.3g} |", flush=True)
+
+
 def _updates_for(num_params: int, seconds: float) -> int:
   """Enough updates for about ``seconds`` of steady state on this machine."""
   per_second = 300 if num_params <= 200_000 else 3e7 / num_params
@@ -159,17 +250,22 @@ def main() -> None:
   parser.add_argument("--paths", default="driver,direct")
   parser.add_argument("--seconds", type=float, default=3.0)
   parser.add_argument("--wire", default=None)
+  parser.add_argument("--no-limits", dest="limits", action="store_false",
+                      help="skip the table of what the machine can do")
   args = parser.parse_args()
   ints = lambda s: [int(v.replace("_", "")) for v in s.split(",")]
   wire = jnp.dtype(args.wire) if args.wire else None
   ray.init(address="local", include_dashboard=False, log_to_driver=False)
+  started = time.time()
   print(f"Ray {ray.__version__}, JAX {jax.__version__}, {os.cpu_count()} "
         f"CPUs, load average {os.getloadavg()[0]:.1f} at the start, "
         f"wire {args.wire or 'float32'}")
-  print("| params | path | shards | workers | updates/s | server share | "
-        "apply ms/update | worker ms/grad | MB/update |")
-  print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
   try:
+    if args.limits:
+      print_limits(ints(args.params))
+    print("| params | path | shards | workers | updates/s | server share | "
+          "apply ms/update | worker ms/grad | MB/update | MB/s |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p in ints(args.params):
       n = _updates_for(p, args.seconds)
       for path in args.paths.split(","):
@@ -178,9 +274,11 @@ def main() -> None:
             r = measure(path, p, k, m, n + 2 * m, wire)
             print(f"| {r['size']:,} | {path} | {k} | {m} | {r['rate']:.3g} | "
                   f"{r['share']:.0%} | {r['apply_ms']:.2f} | "
-                  f"{r['grad_ms']:.1f} | {r['mb']:.1f} |", flush=True)
+                  f"{r['grad_ms']:.1f} | {r['mb']:.1f} | "
+                  f"{r['rate'] * r['mb']:.3g} |", flush=True)
   finally:
-    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end, "
+          f"{time.time() - started:.0f} s")
     ray.shutdown()
 
 

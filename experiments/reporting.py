@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -258,35 +259,47 @@ def _stat_cell(stat: dict | None) -> str:
   return text
 
 
+def _columns(items: Sequence[dict]) -> list[tuple[str, int]]:
+  """The (schedule, M) pairs of ``items``' multi-worker cells, in order."""
+  return sorted({(s["schedule"], s["num_workers"]) for s in items
+                 if not algorithms.get(s["algorithm"]).single_worker})
+
+
+def _grid_table(items: Sequence[dict], text, title: str) -> str:
+  """A row per method, a column per (schedule, M): ``text(item, algorithm)``
+  of each cell's item (sequential SGD's single item in every column)."""
+  algs = algorithms.ordered(s["algorithm"] for s in items)
+  columns = _columns(items)
+  lookup = {(s["schedule"], s["num_workers"], s["algorithm"]): s for s in items}
+  lines = [f"**{title}**", "",
+           "| method | " + " | ".join(f"{sc} M={m}" for sc, m in columns) + " |",
+           "|---" * (len(columns) + 1) + "|"]
+  for a in algs:
+    found = [lookup.get(("cyclic", 1, a.name) if a.single_worker
+                        else (sc, m, a.name)) for sc, m in columns]
+    lines.append(f"| {a.label} | " + " | ".join(
+        "n/a" if f is None else text(f, a) for f in found) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def methods_table(stats: Sequence[dict], optimizer: str, title: str) -> str:
-  """One optimizer's table: a row per (schedule, M), a column per method.
+  """One optimizer's table: a row per method, a column per (schedule, M).
 
   Cells: final test error (%), mean ± std over seeds, and in parentheses
   the share of ASGD's gap to sequential SGD closed (absent when ASGD is
   within the minimum gap of sequential SGD: nothing to close). Sequential
-  SGD's column repeats its single value in every row.
+  SGD's row repeats its single value in every column.
   """
   mine = [s for s in stats if s["optimizer"] == optimizer]
-  algs = algorithms.ordered(s["algorithm"] for s in mine)
-  rows = sorted({(s["schedule"], s["num_workers"]) for s in mine
-                 if not algorithms.get(s["algorithm"]).single_worker},
-                key=lambda r: (r[0], r[1]))
-  lookup = {(s["schedule"], s["num_workers"], s["algorithm"]): s for s in mine}
-  lines = [f"**{title}**", "",
-           "| arrivals | M | " + " | ".join(a.label for a in algs) + " |",
-           "|---" * (len(algs) + 2) + "|"]
-  for schedule, m in rows:
-    cells = [_stat_cell(lookup.get(
-        ("cyclic", 1, a.name) if a.single_worker else (schedule, m, a.name)))
-             for a in algs]
-    lines.append(f"| {schedule} | {m} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+  return _grid_table(mine, lambda s, a: _stat_cell(s), title)
 
 
-def plot_gap_closed(stats: Sequence[dict], path: str, *, title: str = "") -> None:
-  """Share of ASGD's gap closed against M: a panel per optimizer, a line per
-  method (cyclic arrivals solid, Gamma dashed)."""
-  optimizers = list(dict.fromkeys(s["optimizer"] for s in stats))
+def plot_gap_closed(stats: Sequence[dict], path: str, *, title: str = "",
+                    optimizers: Sequence[str] = ()) -> None:
+  """Share of ASGD's gap closed against M: a panel per optimizer (in
+  ``optimizers``' order, default the stats'), a line per method (cyclic
+  arrivals solid, Gamma dashed)."""
+  optimizers = list(optimizers) or list(dict.fromkeys(s["optimizer"] for s in stats))
   fig, axes = plt.subplots(1, len(optimizers), figsize=(4.6 * len(optimizers), 4),
                            sharey=True, squeeze=False)
   for ax, opt in zip(axes[0], optimizers):
@@ -301,6 +314,8 @@ def plot_gap_closed(stats: Sequence[dict], path: str, *, title: str = "") -> Non
     ax.axhline(100, color="k", lw=0.8)
     ax.axhline(0, color=algorithms.ASGD.color, lw=0.8)
     ax.set_xscale("log", base=2)
+    workers = sorted({s["num_workers"] for s in mine})
+    ax.set_xticks(workers, [str(m) for m in workers])
     ax.set_title(opt)
     ax.set_xlabel("workers M (solid: cyclic, dashed: Gamma)")
     ax.set_ylim(-100, 150)
@@ -385,32 +400,184 @@ def plot_diagnostics(traces: dict[tuple[str, str], dict], path: str, *,
   _finish(fig, path, title)
 
 
+def remedy_summary(stats: Sequence[dict], baseline: str,
+                   variants: Sequence[str]) -> str:
+  """One line per variant of ``baseline``: in how many of the cells they
+  share its mean is lower, higher, and higher by more than the larger of
+  the two standard deviations ("hurts", as in :func:`paired_table`), and
+  the largest such difference."""
+  by_cell = {(s["optimizer"], s["schedule"], s["num_workers"], s["algorithm"]): s
+             for s in stats}
+  lines = [f"| remedy (against {algorithms.get(baseline).label}) | cells | "
+           "better | worse | hurts | worst difference (points) |",
+           "|---" * 6 + "|"]
+  for variant in variants:
+    diffs = []
+    for (opt, schedule, m, name), b in by_cell.items():
+      v = by_cell.get((opt, schedule, m, variant))
+      if name == baseline and v is not None:
+        diffs.append((v["mean"] - b["mean"], max(b["std"], v["std"])))
+    if not diffs:
+      continue
+    worse = sum(d > 0 for d, _ in diffs)
+    hurts = sum(d > tol for d, tol in diffs)
+    lines.append(
+        f"| {algorithms.get(variant).label} | {len(diffs)} | "
+        f"{sum(d < 0 for d, _ in diffs)} | {worse} | {hurts} | "
+        f"{100 * max(d for d, _ in diffs):+.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def targets_table(stats: Sequence[dict], targets: Sequence[Sequence]) -> str:
+  """Per target ``(optimizer, schedule, M, share)``: sequential SGD and ASGD
+  in that cell, the methods whose mean closes at least ``share`` of ASGD's
+  gap, and the best method (lowest mean error)."""
+  lines = ["| optimizer | arrivals | M | needed | sequential SGD | ASGD | "
+           "methods that reach it (share closed) | best method |",
+           "|---" * 8 + "|"]
+  for opt, schedule, m, share in targets:
+    mine = [s for s in stats if s["optimizer"] == opt]
+    cell = [s for s in mine if s["schedule"] == schedule and s["num_workers"] == m]
+    seq = [s for s in mine if algorithms.get(s["algorithm"]).single_worker]
+    asgd = [s for s in cell if s["algorithm"] == algorithms.ASGD.name]
+    others = [s for s in cell if s["algorithm"] != algorithms.ASGD.name]
+    if not (seq and asgd and others):
+      continue
+    reach = sorted((s for s in others if s["gap_closed"] is not None
+                    and s["gap_closed"] >= share), key=lambda s: s["mean"])
+    best = min(others, key=lambda s: s["mean"])
+    named = ", ".join(f"{algorithms.get(s['algorithm']).label} "
+                      f"({100 * s['gap_closed']:.0f}%)" for s in reach) or "none"
+    lines.append(
+        f"| {opt} | {schedule} | {m} | {100 * share:.0f}% | {_stat_cell(seq[0])} | "
+        f"{_stat_cell(asgd[0])} | {named} | "
+        f"{algorithms.get(best['algorithm']).label}: {_stat_cell(best)} |")
+  return "\n".join(lines) + "\n"
+
+
+# How tuned config fields are named in tables (DC's λ is λ0 for DC-ASGD-a).
+FIELD_LABELS = {"dc_lambda": "λ"}
+
+
+def _setting_text(row: dict, algorithm: algorithms.Algorithm) -> str:
+  """``row``'s learning rate, then its other tuned fields: ``0.05, λ 8``."""
+  return ", ".join([f"{row['learning_rate']:g}"] + [
+      f"{FIELD_LABELS.get(f, f)} {row[f]:g}" for f in algorithm.tuned])
+
+
+def tuned_table(rows: Sequence[dict], optimizer: str) -> str:
+  """The setting each cell of ``optimizer`` was reported with: its learning
+  rate (and the other tuned fields, ``Algorithm.tuned``)."""
+  mine = [r for r in rows if r["optimizer"] == optimizer]
+  return _grid_table(
+      mine, _setting_text,
+      f"{optimizer}: the tuned learning rate (and λ, DC-ASGD-a's λ0, where it "
+      "is tuned)")
+
+
+def plot_methods_errors(stats: Sequence[dict], path: str, *, title: str = "",
+                        optimizers: Sequence[str] = ()) -> None:
+  """Final test error (mean ± std) against M: a row per optimizer (in
+  ``optimizers``' order, default the stats'), a column per arrival schedule,
+  a line per method; sequential SGD as a level."""
+  optimizers = list(optimizers) or list(dict.fromkeys(s["optimizer"] for s in stats))
+  schedules = sorted({s["schedule"] for s in stats
+                      if not algorithms.get(s["algorithm"]).single_worker})
+  fig, axes = plt.subplots(len(optimizers), len(schedules), squeeze=False,
+                           figsize=(5.2 * len(schedules), 3.8 * len(optimizers)))
+  labels = {}
+  for row, opt in zip(axes, optimizers):
+    mine = [s for s in stats if s["optimizer"] == opt]
+    for ax, schedule in zip(row, schedules):
+      for a in algorithms.ordered(s["algorithm"] for s in mine):
+        if a.single_worker:
+          s = [s for s in mine if s["algorithm"] == a.name][0]
+          h = ax.axhline(100 * s["mean"], color=a.color, ls=a.linestyle)
+        else:
+          pts = sorted((s["num_workers"], 100 * s["mean"], 100 * s["std"])
+                       for s in mine
+                       if s["algorithm"] == a.name and s["schedule"] == schedule)
+          ms, mean, std = zip(*pts)
+          h = ax.errorbar(ms, mean, yerr=std, color=a.color, marker=a.marker,
+                          ms=4, capsize=2, lw=1)
+        labels.setdefault(a.label, h)
+      ax.set_xscale("log", base=2)
+      workers = sorted({s["num_workers"] for s in mine} - {1})
+      ax.set_xticks(workers, [str(m) for m in workers])
+      ax.set_title(f"{opt}, {schedule} arrivals")
+      ax.set_xlabel("workers M")
+      _log_percent_axis(ax)
+    row[0].set_ylabel("final test error (%)")
+  fig.legend(list(labels.values()), list(labels), loc="lower center",
+             ncol=min(len(labels), 6), fontsize=8, bbox_to_anchor=(0.5, 0.0))
+  _finish(fig, path, title, bottom=0.07)
+
+
+def rate_gap_table(items: Sequence[dict]) -> str:
+  """ASGD's gap split in two (``experiments.methods.rate_gap``'s items):
+  sequential SGD at ASGD's learning rate against sequential SGD at its own
+  best rate (what the smaller rate costs), and ASGD against sequential SGD at
+  the same rate (what staleness costs at that rate)."""
+  lines = ["| optimizer | arrivals | M | ASGD's rate | sequential SGD (its best "
+           "rate) | sequential SGD at ASGD's rate | ASGD | share of the gap "
+           "from the rate |", "|---" * 8 + "|"]
+  for r in items:
+    gap = r["asgd"] - r["sequential"]
+    share = ((r["sequential_at_asgd_rate"] - r["sequential"]) / gap
+             if gap > 0 else math.nan)
+    lines.append(
+        f"| {r['optimizer']} | {r['schedule']} | {r['num_workers']} | "
+        f"{r['learning_rate']:g} | {100 * r['sequential']:.2f} | "
+        f"{100 * r['sequential_at_asgd_rate']:.2f} | {100 * r['asgd']:.2f} | "
+        + ("-" if math.isnan(share) else f"{100 * share:.0f}%") + " |")
+  return "\n".join(lines) + "\n"
+
+
 def write_methods_report(config: Any, rows: Sequence[dict], workdir: str,
-                         traces: dict | None = None) -> str:
-  """Writes results.csv, stats.json, table.md (with the remedy's table) and
-  gap_closed.png (and diagnostics.png from ``traces``); returns the tables."""
+                         traces: dict | None = None,
+                         rate_gap: Sequence[dict] = ()) -> str:
+  """Writes results.csv, stats.json, table.md (the targets, one table per
+  optimizer, the remedies against DC-ASGD-a), tuned.md (the settings) and
+  the plots gap_closed.png, errors.png (and diagnostics.png from
+  ``traces``); returns table.md's text."""
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=METHODS_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows({**r, "workers": r["num_workers"]} for r in rows)
   stats = cell_stats(rows, min_gap=config.report.min_gap)
   seeds = ", ".join(map(str, config.grid.seeds))
-  tables = [
+  r = config.report
+  tables = ["**Targets: the share of ASGD's gap to sequential SGD one method "
+            "must close**\n\n" + targets_table(stats, r.targets)]
+  tables += [
       methods_table(stats, opt, f"{opt}: final test error (%), mean ± std over "
                     f"seeds {seeds} (share of ASGD's gap closed)")
       for opt in config.grid.optimizers
   ]
-  baseline, variant = config.report.remedy
-  tables.append(f"**{algorithms.get(variant).label} against "
-                f"{algorithms.get(baseline).label}**\n\n"
-                + paired_table(stats, baseline, variant))
+  tables.append("**The early-training remedies against "
+                f"{algorithms.get(r.remedy_baseline).label}** (hurts: worse "
+                "by more than the larger standard deviation)\n\n"
+                + remedy_summary(stats, r.remedy_baseline, r.remedies))
+  tables += [f"**{algorithms.get(v).label} against "
+             f"{algorithms.get(r.remedy_baseline).label}**\n\n"
+             + paired_table(stats, r.remedy_baseline, v) for v in r.remedies]
+  if rate_gap:
+    tables.append("**Where ASGD's gap comes from** (mean final test error (%) "
+                  f"over the tuning seeds {', '.join(map(str, config.tuning.seeds))})"
+                  "\n\n" + rate_gap_table(rate_gap))
   text = "\n".join(tables)
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(text)
+  with open(os.path.join(workdir, "tuned.md"), "w") as f:
+    f.write("\n".join(tuned_table(rows, opt) for opt in config.grid.optimizers))
   with open(os.path.join(workdir, "stats.json"), "w") as f:
     json.dump(stats, f, indent=1)
-  plot_gap_closed(stats, os.path.join(workdir, "gap_closed.png"),
-                  title=f"{config.num_epochs} epochs, tuned learning rates")
+  title = f"{config.num_epochs} epochs, tuned learning rates, seeds {seeds}"
+  order = config.grid.optimizers
+  plot_gap_closed(stats, os.path.join(workdir, "gap_closed.png"), title=title,
+                  optimizers=order)
+  plot_methods_errors(stats, os.path.join(workdir, "errors.png"), title=title,
+                      optimizers=order)
   if traces:
     d = config.report.diagnostics
     plot_diagnostics(traces, os.path.join(workdir, "diagnostics.png"),

@@ -37,7 +37,8 @@ Beyond the paper (issue 10), each from its own source:
   as the backup, w - lr_t * (mu + mu^2 + ... + mu^H) * v, the model H further
   heavy-ball steps would reach with no new gradient.
 - Staleness rules: inverse 1 / max(tau, 1) (Zhang et al. 2016), sqrt
-  1 / sqrt(1 + tau), delay-adaptive n / max(n, tau) (Mishchenko et al. 2022).
+  1 / sqrt(1 + tau) (Xie et al. 2019, FedAsync's polynomial (1 + tau)^-a, a = 1/2),
+  delay-adaptive n / max(n, tau) (Mishchenko et al. 2022).
 """
 
 from __future__ import annotations

@@ -2,11 +2,14 @@
 
 One parametrized suite: each case is a way to build a transformation that
 keeps per-worker backups (``delay_compensation`` in both variants,
-``dcasgd``, ``pull_after_push``, ``gap_aware_sgd``,
+``dcasgd``, ``pull_after_push``, ``gap_aware``, ``gap_aware_sgd``,
 ``dana_dc``, ``delayed_nesterov_dcasgd``), and every test checks one promise
 an optax user relies on: jit, vmap, the usual wrappers, extra args, no
 recompilation per worker, dtypes, and finding the state with
-``record_pull``/``worker_params``.
+``record_pull``/``worker_params``. A second, smaller suite holds the chain
+pieces that keep no backups (``scale_by_staleness`` in each rule,
+``delayed_nesterov``, ``look_ahead_momentum``) to the same promises: jit,
+bf16 in and out, inside a chain, ``inject_hyperparams``, extra args.
 """
 
 from __future__ import annotations
@@ -103,6 +106,16 @@ CASES = [
         ("num_workers", "backup_dtype"),
         True,
         False,
+    ),
+    Case(
+        "gap_aware",
+        dcasgd_optax.gap_aware,
+        dict(num_workers=NUM_WORKERS, step_size=0.05, decay=0.5),
+        ("num_workers",),
+        False,
+        True,
+        knob="step_size",
+        off=1e30,
     ),
     Case(
         "gap_aware_sgd",
@@ -464,3 +477,113 @@ def test_inject_hyperparams_dcasgd_with_zero_weight_decay_runs_under_jit():
   plain = dcasgd_optax.dcasgd(0.1, NUM_WORKERS, lambda_=0.5, weight_decay=0.5)
   want, _ = run(plain, params, stale_state(plain, params))
   chex.assert_trees_all_close(decayed, want, rtol=1e-5, atol=1e-6)
+
+
+# --- Chain pieces: the transformations that keep no backups ------------------
+# scale_by_staleness, delayed_nesterov and look_ahead_momentum go after the
+# backups-holding transformation in a chain; each keeps the same promises.
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  name: str
+  factory: Callable[..., optax.GradientTransformation]
+  kwargs: dict[str, Any]
+  static_args: tuple[str, ...] = ()
+  knob: str | None = None  # a numeric hyperparameter, and another value of it
+  other: float = 0.0
+
+  def make(self, **overrides):
+    return self.factory(**{**self.kwargs, **overrides})
+
+
+PIECES = [
+    Piece("staleness_inverse", dcasgd_optax.scale_by_staleness,
+          dict(rule="inverse")),
+    Piece("staleness_sqrt", dcasgd_optax.scale_by_staleness,
+          dict(rule="sqrt")),
+    Piece("staleness_delay_adaptive", dcasgd_optax.scale_by_staleness,
+          dict(rule="delay_adaptive", num_workers=2), ("num_workers",)),
+    Piece("delayed_nesterov", dcasgd_optax.delayed_nesterov,
+          dict(learning_rate=0.1, period=2, momentum=0.9,
+               momentum_activation=0.25), ("period",), "momentum", 0.5),
+    Piece("look_ahead_momentum", dcasgd_optax.look_ahead_momentum,
+          dict(learning_rate=0.1, momentum=0.9, horizon=3), (),
+          "learning_rate", 0.05),
+]
+
+piece_params = pytest.mark.parametrize("piece", PIECES, ids=lambda p: p.name)
+
+
+def run_piece(tx, params, state, staleness=(0, 3, 5, 1)):
+  """Updates with fresh and stale gradients; returns the updates and state."""
+  outs = []
+  for seed, tau in enumerate(staleness):
+    g = grads_like(params, seed)
+    updates, state = tx.update(g, state, params, staleness=tau, worker=seed % 2)
+    outs.append(updates)
+  return outs, state
+
+
+@piece_params
+def test_piece_under_jit_matches_eager_and_keeps_bf16(piece):
+  tx = piece.make()
+  for dtype in (jnp.float32, jnp.bfloat16):
+    params = make_params(dtype)
+    eager, eager_state = run_piece(tx, params, tx.init(params))
+    jitted, jitted_state = jax.jit(
+        lambda s, p=params: run_piece(tx, p, s))(tx.init(params))
+    tol = TOL if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-2)
+    chex.assert_trees_all_close(jitted, eager, **tol)
+    chex.assert_trees_all_close(jitted_state, eager_state, **tol)
+    assert {u.dtype for u in jax.tree.leaves(jitted)} == {jnp.dtype(dtype)}
+
+
+@piece_params
+def test_piece_inside_chain_after_compensation_matches_alone(piece):
+  params = make_params()
+  tx = piece.make()
+  dc = dcasgd_optax.delay_compensation(NUM_WORKERS, 0.0)
+  chained = optax.chain(dc, tx, optax.scale(2.0))
+  got, got_state = run_piece(chained, params, chained.init(params))
+  want, want_state = run_piece(tx, params, tx.init(params))
+  doubled = [jax.tree.map(lambda u: 2 * u, w) for w in want]
+  chex.assert_trees_all_close(got, doubled, **TOL)
+  chex.assert_trees_all_close(got_state[1], want_state, **TOL)
+
+
+@piece_params
+def test_piece_under_inject_hyperparams_is_the_plain_build(piece):
+  params = make_params()
+  injected = optax.inject_hyperparams(
+      piece.factory, static_args=piece.static_args)(**piece.kwargs)
+  state = injected.init(params)
+  chex.clear_trace_counter()
+  steps = jax.jit(chex.assert_max_traces(
+      lambda s: run_piece(injected, params, s), n=1))
+  got, _ = steps(state)
+  plain = piece.make()
+  want, _ = run_piece(plain, params, plain.init(params))
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  if piece.knob is None:
+    return
+  # Changing the hyperparameter in the state changes the updates, no retrace.
+  state.hyperparams[piece.knob] = jnp.full_like(
+      state.hyperparams[piece.knob], piece.other)
+  got, _ = steps(state)
+  plain = piece.make(**{piece.knob: piece.other})
+  want_other, _ = run_piece(plain, params, plain.init(params))
+  chex.assert_trees_all_close(got, want_other, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(got[-1]["scale"], want[-1]["scale"])
+
+
+@piece_params
+def test_piece_accepts_unrelated_extra_args(piece):
+  params = make_params()
+  tx = piece.make()
+  g = grads_like(params, 0)
+  want, want_state = tx.update(g, tx.init(params), params, staleness=2)
+  got, got_state = tx.update(g, tx.init(params), params, staleness=2,
+                             worker=1, loss=1.5, key=jax.random.key(0))
+  chex.assert_trees_all_equal(got, want)
+  chex.assert_trees_all_equal(got_state, want_state)

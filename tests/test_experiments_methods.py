@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from experiments import algorithms
 from experiments import methods
 from experiments import run_files
 from experiments import train
@@ -17,8 +18,13 @@ def test_the_grid_has_every_applicable_cell_and_each_validates():
   per_optimizer = {o: [x for x in cells if x.optimizer == o] for o in c.grid.optimizers}
   # sequential once; 6 = 2 schedules x 3 worker counts for the others.
   assert len(per_optimizer["sgd"]) == 1 + 11 * 6  # no momentum-only methods
-  assert len(per_optimizer["momentum"]) == 1 + 15 * 6  # + delayed Nesterov (2), DANA(-DC)
-  assert len(per_optimizer["adam"]) == 1 + 10 * 6  # neither, nor Gap-Aware (SGD only)
+  # + delayed Nesterov (2), DANA(-DC); delayed Nesterov + DC skipped at M = 32.
+  assert len(per_optimizer["momentum"]) == 1 + 15 * 6 - 2
+  # Neither, nor Gap-Aware (SGD only), nor the skipped clipped DC, λ0 tuned.
+  assert len(per_optimizer["adam"]) == 1 + 9 * 6
+  assert "dc-asgd-a-clip-tuned" not in {x.algorithm for x in per_optimizer["adam"]}
+  c.grid.skip = (("momentum", "dana", 32),)  # one worker count only
+  assert len(methods.cells(c)) == len(cells) + 6 + 2 - 2
   assert len({x.key for x in cells}) == len(cells)
   for cell in cells:
     train.validate(methods.cell_config(c, cell, 0, methods.candidates(c, cell)[0]))
@@ -59,8 +65,16 @@ def test_tuning_picks_the_lowest_error_and_the_report_uses_other_seeds(tiny, tmp
   with open(tmp_path / "results.csv") as f:
     assert len(list(csv.DictReader(f))) == 4
   table = (tmp_path / "table.md").read_text()
-  assert "| cyclic | 2 | " in table and "sequential SGD" in table
-  for plot in ("gap_closed.png", "diagnostics.png"):
+  assert "| method | cyclic M=2 |" in table and "| sequential SGD | " in table
+  lr = tuned["sgd-cyclic-M2-asgd"]["setting"]["learning_rate"]
+  seq_at_lr = dict((s["learning_rate"], e) for s, e in tuned["sgd-sequential"]["tried"])[lr]
+  assert f"| sgd | cyclic | 2 | {lr:g} | " in table
+  assert f"| {100 * seq_at_lr:.2f} | {100 * tuned['sgd-cyclic-M2-asgd']['tuning_error']:.2f} |" in table
+  settings = (tmp_path / "tuned.md").read_text()
+  for cell in methods.cells(tiny):
+    lr = tuned[cell.key]["setting"]["learning_rate"]
+    assert f"| {algorithms.get(cell.algorithm).label} | {lr:g} |" in settings
+  for plot in ("gap_closed.png", "errors.png", "diagnostics.png"):
     assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
   # ASGD's 8 arrivals, those at even server steps diagnosed ("step" is the
   # step after the update, 1-based): staleness 0, then 1.

@@ -49,6 +49,56 @@ def test_each_cell_is_measured_from_its_optimizers_sequential_and_its_asgd():
   assert stats[("momentum", 32, "dc-asgd-a")]["gap_closed"] == pytest.approx(0.5)
   assert stats[("sgd", 32, "asgd")]["std"] == pytest.approx(0.01414, abs=1e-4)
   table = reporting.methods_table(list(stats.values()), "sgd", "title").splitlines()
-  assert table[2] == "| arrivals | M | sequential SGD | ASGD | DC-ASGD-a |"
-  assert table[4] == "| cyclic | 8 | 6.00 ± 1.41 | 6.10 ± 0.00 | 5.00 ± 0.00 |"
-  assert table[5] == "| cyclic | 32 | 6.00 ± 1.41 | 16.00 ± 1.41 | 7.00 ± 0.00 (90%) |"
+  assert table[2] == "| method | cyclic M=8 | cyclic M=32 |"
+  assert table[4:] == ["| sequential SGD | 6.00 ± 1.41 | 6.00 ± 1.41 |",
+                       "| ASGD | 6.10 ± 0.00 | 16.00 ± 1.41 |",
+                       "| DC-ASGD-a | 5.00 ± 0.00 | 7.00 ± 0.00 (90%) |"]
+
+
+def test_targets_name_every_method_that_closes_enough_of_the_gap():
+  # Sequential 6%, ASGD 16%: bias-corrected closes 95%, DC-ASGD-a 85%.
+  rows = [_row("sgd", "sequential", 0.06, workers=1), _row("sgd", "asgd", 0.16),
+          _row("sgd", "dc-asgd-a", 0.075), _row("sgd", "dc-asgd-a-bc", 0.065),
+          _row("sgd", "asgd", 0.10, workers=16)]
+  stats = reporting.cell_stats(rows, min_gap=0.005)
+  table = reporting.targets_table(
+      stats, [("sgd", "cyclic", 32, 0.9), ("sgd", "cyclic", 32, 0.8),
+              ("sgd", "cyclic", 16, 0.8)]).splitlines()
+  assert len(table) == 4  # M = 16 has no method besides ASGD: no line
+  assert table[2].endswith(
+      "| DC-ASGD-a, bias-corr. (95%) | DC-ASGD-a, bias-corr.: 6.50 ± 0.00 (95%) |")
+  assert "| 80% |" in table[3] and "bias-corr. (95%), DC-ASGD-a (85%) |" in table[3]
+
+
+def test_remedy_summary_counts_cells_where_the_remedy_hurts():
+  rows = []
+  for m, base, remedy in ((8, 0.10, 0.09), (16, 0.10, 0.105), (32, 0.10, 0.14)):
+    for seed, noise in enumerate((-0.01, 0.01)):
+      rows += [_row("sgd", "dc-asgd-a", base + noise, workers=m, seed=seed),
+               _row("sgd", "dc-asgd-a-bc", remedy, workers=m, seed=seed)]
+  stats = reporting.cell_stats(rows, min_gap=0.005)
+  line = reporting.remedy_summary(stats, "dc-asgd-a", ["dc-asgd-a-bc"]).splitlines()[2]
+  # Better at M = 8, worse at 16 (within the std 1.41), hurts at 32 (+4 points).
+  assert line == "| DC-ASGD-a, bias-corr. | 3 | 1 | 2 | 1 | +4.00 |"
+  paired = reporting.paired_table(stats, "dc-asgd-a", "dc-asgd-a-bc")
+  assert paired.count("| yes |") == 1 and paired.count("| no |") == 2
+
+
+def test_tuned_table_shows_each_cells_setting():
+  rows = [dict(_row("sgd", "sequential", 0.06, workers=1), learning_rate=0.2),
+          dict(_row("sgd", "dc-asgd-a-tuned", 0.07), learning_rate=0.025,
+               dc_lambda=8.0)]
+  table = reporting.tuned_table(rows, "sgd").splitlines()
+  assert table[2:] == ["| method | cyclic M=32 |", "|---|---|",
+                       "| sequential SGD | 0.2 |",
+                       "| DC-ASGD-a, λ0 tuned | 0.025, λ 8 |"]
+
+
+def test_rate_gap_splits_asgds_gap_into_rate_and_staleness():
+  # Sequential 5% at its best rate, 8% at ASGD's rate; ASGD 10%: 3 of the
+  # 5 points come from the smaller rate.
+  item = dict(optimizer="sgd", schedule="cyclic", num_workers=32,
+              learning_rate=0.0125, sequential=0.05,
+              sequential_at_asgd_rate=0.08, asgd=0.10)
+  line = reporting.rate_gap_table([item]).splitlines()[2]
+  assert line == "| sgd | cyclic | 32 | 0.0125 | 5.00 | 8.00 | 10.00 | 60% |"

@@ -1,5 +1,7 @@
 """Simulator: the asynchronous replay against a one-arrival-at-a-time loop."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -350,6 +352,53 @@ def test_workers_compute_at_the_look_ahead_they_pulled(make_tx, strategy):
     chex.assert_trees_all_close(
         dcasgd_optax.worker_params(state.opt_state, m),
         dcasgd_optax.worker_params(opt_state, m), **REPLAY_TOL)
+
+
+def backup_writes(sim, params, num_workers):
+  """How many row writes into the backups one arrival's program executes.
+
+  Counted in the lowered StableHLO: ops (scatters, dynamic-update-slices)
+  taking and returning the backups' type, through the functions ``@main``
+  calls (a function called twice counts twice). The model is a vector of 7,
+  so no other array has that type. One arrival: no loop runs it twice.
+  """
+  state = sim.init(params)
+  text = sim.lower(state, np.zeros((1, 1), np.int32), np.arange(1)).as_text()
+  backups = f"tensor<{num_workers}x7xf32>"
+  write = re.compile(rf"\({backups}, [^)]*\) -> {backups}")
+  bodies, name = {}, None
+  for line in text.splitlines():
+    found = re.match(r"\s*func\.func \w+ @([\w.]+)\(", line)
+    if found:
+      name = found.group(1)
+      bodies[name] = []
+    elif name is not None:
+      bodies[name].append(line)
+
+  def count(name):
+    calls = [re.search(r"func\.call @([\w.]+)\(", x) for x in bodies[name]]
+    direct = sum(bool(write.search(x)) and c is None
+                 for x, c in zip(bodies[name], calls))
+    return direct + sum(count(c.group(1)) for c in calls if c)
+
+  return count("main")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("make_tx", [
+    lambda: dcasgd_optax.dcasgd(0.1, W),
+    lambda: dcasgd_optax.pull_after_push(optax.chain(
+        dcasgd_optax.delay_compensation(W, 0.5), optax.sgd(0.1))),
+    lambda: optax.chain(dcasgd_optax.delay_compensation(W, 0.5),
+                        optax.sgd(0.1)),
+], ids=["dcasgd", "pull_after_push", "pulled_by_simulator"])
+def test_each_arrival_writes_its_pull_once(make_tx, strategy):
+  """The pull is written once per arrival: by ``tx`` if it pulls inside its
+  update (a PullAfterPush), else by the simulator, never by both."""
+  xs = jnp.linspace(0.0, 1.0, 4 * 7).reshape(4, 7)
+  vector_loss = lambda p, i: jnp.sum((xs[i] @ p["w"]) ** 2)
+  sim = Simulator(vector_loss, make_tx(), strategy=strategy)
+  assert backup_writes(sim, {"w": jnp.ones(7)}, W) == 1
 
 
 N = 3  # simulations replayed together

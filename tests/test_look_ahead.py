@@ -111,3 +111,22 @@ def test_two_look_aheads_in_one_state_are_rejected_at_the_pull():
   state = tx.init({"w": jnp.ones(2)})
   with pytest.raises(ValueError, match="LookAheadStates"):
     dcasgd_optax.pull(state, {"w": jnp.ones(2)}, 0)
+
+
+def test_a_fractional_horizon_takes_the_closed_form_between_its_neighbours():
+  g = {"w": jnp.array([1.0, -2.0])}
+
+  def pulled_at(horizon):
+    tx = optax.chain(dcasgd_optax.delay_compensation(2, 0.0),
+                     dcasgd_optax.look_ahead_momentum(0.1, 0.5, horizon))
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    updates, state = tx.update(g, state, params, worker=0)
+    params = optax.apply_updates(params, updates)
+    return np.asarray(dcasgd_optax.pull(state, params, 1)[0]["w"])
+
+  one, half, two = pulled_at(1), pulled_at(1.5), pulled_at(2)
+  # w = -0.1 g, v = g; the look-ahead is 0.1 * 0.5 (1 - 0.5^H) / 0.5 * v.
+  np.testing.assert_allclose(
+      half, -0.1 * g["w"] - 0.1 * (1 - 0.5**1.5) * g["w"], rtol=1e-6)
+  assert np.all((np.abs(one) < np.abs(half)) & (np.abs(half) < np.abs(two)))

@@ -2,7 +2,8 @@
 
 ``nnx.Optimizer`` wraps every leaf of the optax state in ``OptVariable`` and
 ``nnx.state(model, nnx.Param)`` wraps params in ``Param``. The same training
-run through NNX and through plain pytrees must give the same numbers.
+run through NNX and through plain pytrees must give the same numbers, also
+when a pull sends a look-ahead read from the (wrapped) momentum buffer.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ OPTIMIZERS = {
     "chain": lambda: optax.chain(
         dcasgd_optax.delay_compensation(3, 2.0, adaptive=True),
         optax.sgd(0.1)),
+    # Pulls a look-ahead after each push (read from the wrapped momentum).
+    "dana_dc": lambda: dcasgd_optax.dana_dc(0.1, 3, momentum=0.9),
+    # A bare chain whose explicit pulls send the look-ahead.
+    "look_ahead_chain": lambda: optax.chain(
+        dcasgd_optax.delay_compensation(3, 2.0, adaptive=True),
+        dcasgd_optax.look_ahead_momentum(0.1, 0.9, horizon=2)),
 }
 EVENTS = ((0, True), (2, False), (2, True), (0, True))
 

@@ -302,3 +302,48 @@ def test_cluster_without_auth_is_refused_unless_allowed(start_node,
   assert not result["ray_initialized"]
   result = run_driver(cluster_dir, address, env, allow_insecure_cluster=True)
   assert_trained(result)
+
+
+# Starts a local Ray through connect, with a dashboard on port argv[1], and
+# writes to argv[2] whether that port answers on 127.0.0.1 and on this node's
+# own address.
+LOCAL_DASHBOARD = r'''
+import json, socket, sys, time
+import ray
+import dcasgd_optax.ray as dray
+
+port, out_path = int(sys.argv[1]), sys.argv[2]
+dray.connect("local", num_cpus=1, include_dashboard=True,
+             dashboard_port=port, log_to_driver=False)
+
+def answers(host):
+  try:
+    with socket.create_connection((host, port), timeout=2):
+      return True
+  except OSError:
+    return False
+
+deadline = time.monotonic() + 120
+while not answers("127.0.0.1") and time.monotonic() < deadline:
+  time.sleep(0.5)
+node_ip = ray.util.get_node_ip_address()
+with open(out_path, "w") as f:
+  json.dump({"node_ip": node_ip, "localhost": answers("127.0.0.1"),
+             "node": answers(node_ip)}, f)
+ray.shutdown()
+'''
+
+
+def test_a_local_ray_binds_its_dashboard_to_localhost(cluster_dir):  # pylint: disable=redefined-outer-name
+  script, out = cluster_dir / "dashboard.py", cluster_dir / "dashboard.json"
+  script.write_text(LOCAL_DASHBOARD)
+  env = base_env(cluster_dir / "home", RAY_AUTH_MODE="token")
+  proc = subprocess.run(
+      [sys.executable, str(script), str(free_port()), str(out)], env=env,
+      capture_output=True, text=True, timeout=_DRIVER_TIMEOUT_S)
+  assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["localhost"], result  # The dashboard is up...
+  if result["node_ip"].startswith("127."):
+    pytest.skip("this host has no address but the loopback")
+  assert not result["node"], result  # ...and only on the loopback.

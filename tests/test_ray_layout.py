@@ -19,8 +19,8 @@ import dcasgd_optax.ray as dray  # pylint: disable=g-import-not-at-top
 
 
 def _params(sizes):
-  return {f"p{i:02d}": jnp.arange(float(n)).reshape(n) if n % 2 else
-          jnp.arange(float(n)).reshape(2, n // 2) for i, n in enumerate(sizes)}
+  return {f"p{i:02d}": np.arange(float(n)).reshape(n) if n % 2 else
+          np.arange(float(n)).reshape(2, n // 2) for i, n in enumerate(sizes)}
 
 
 @hypothesis.settings(max_examples=60, deadline=None)

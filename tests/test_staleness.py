@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hypothesis
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import dcasgd_optax
+import helpers
 import reference
 
 
@@ -37,6 +41,15 @@ def test_negative_concrete_staleness_is_rejected():
     tx.update({"w": jnp.ones(2)}, tx.init(None), staleness=-1)
 
 
+@pytest.mark.parametrize("rule", ["inverse", "sqrt", "delay_adaptive"])
+def test_traced_negative_staleness_gives_nan_updates(rule):
+  tx = dcasgd_optax.scale_by_staleness(rule, num_workers=4)
+  step = jax.jit(lambda tau: tx.update({"w": jnp.ones(3)}, tx.init(None),
+                                       staleness=tau)[0])
+  assert np.isnan(step(jnp.int32(-1))["w"]).all()
+  assert np.isfinite(step(jnp.int32(0))["w"]).all()
+
+
 # --- scale_by_staleness: every rule against its formula ----------------------
 
 RULES = ("inverse", "sqrt", "delay_adaptive")
@@ -53,6 +66,37 @@ def test_each_rule_scales_by_its_formula_under_jit(rule):
     scale = reference.staleness_scale(rule, tau, n)
     for name, u in updates.items():
       np.testing.assert_allclose(got[name], np.asarray(u) * scale, rtol=1e-6)
+
+
+@hypothesis.settings(helpers.SETTINGS, max_examples=6)
+@hypothesis.given(
+    spec=helpers.pytree_specs(),
+    rule=st.sampled_from(RULES),
+    num_workers=st.integers(1, 8),
+    staleness=st.lists(st.integers(0, 40), min_size=1, max_size=6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sgd_with_each_rule_matches_reference_over_random_pytrees(
+    spec, rule, num_workers, staleness, seed
+):
+  """Chained before SGD, every leaf moves by -lr * scale(tau) * g."""
+  lr = 0.1
+  rng = np.random.default_rng(seed)
+  tx = optax.chain(
+      dcasgd_optax.scale_by_staleness(rule, num_workers=num_workers),
+      optax.sgd(lr),
+  )
+  w = helpers.random_tree(rng, spec)
+  state = tx.init(w)
+  step = jax.jit(lambda g, s, tau: tx.update(g, s, staleness=tau))
+  want = helpers.leaves_np(w)
+  for tau in staleness:
+    g = helpers.random_tree(rng, spec)
+    updates, state = step(g, state, jnp.int32(tau))
+    w = optax.apply_updates(w, updates)
+    scale = reference.staleness_scale(rule, tau, num_workers)
+    want = [x - lr * scale * gi for x, gi in zip(want, helpers.leaves_np(g))]
+    helpers.assert_close_to_reference(w, want, f"staleness {tau}")
 
 
 def test_inverse_alias_gives_identical_results():

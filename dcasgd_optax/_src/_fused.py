@@ -310,19 +310,23 @@ def _blocked(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
 
   Narrow-float backups (bfloat16) are not sliced in the loop: XLA:CPU would
   convert all of them to float32 first. The worker's row is copied out as
-  same-width integers, updated in the loop, and written back after it.
+  same-width integers, updated in the loop, and written back after it. So
+  are stand-in backups (:func:`_rows.stand_in_backups`), which carried
+  whole through the loop would be materialised.
   """
   shape, size = leaf.w.shape, int(np.prod(leaf.w.shape))
   num_blocks = -(-size // BLOCK_SIZE)
   per_worker = step.stats.per_worker
   narrow = _rows.is_narrow(leaf.backups.dtype)
+  one_row = narrow or _rows.backups_are_stand_in()  # Loop over the row only.
+  bits = lambda a: _rows.to_bits(a) if narrow else a
   flat = lambda a: None if a is None else a.reshape(-1)
   g, w, trace = flat(leaf.g), flat(leaf.w), flat(leaf.trace)
   ms = leaf.ms
   if ms is not None:
     ms = ms.reshape(-1, size) if per_worker else ms.reshape(-1)
-  if narrow:
-    held = _rows.read_row(_rows.to_bits(leaf.backups), row).reshape(-1)
+  if one_row:
+    held = _rows.read_row(bits(leaf.backups), row).reshape(-1)
   else:
     held = leaf.backups.reshape(-1, size)
   u = jnp.zeros((size,), leaf.g.dtype) if step.fresh_updates else None
@@ -344,13 +348,12 @@ def _blocked(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
     return lax.dynamic_update_slice_in_dim(a, value, start, 0)
 
   def get_held(held, start):
-    block = get(held, start, stacked=not narrow)
-    return _rows.from_bits(block, leaf.backups.dtype) if narrow else block
+    block = get(held, start, stacked=not one_row)
+    return _rows.from_bits(block, leaf.backups.dtype)
 
   def put_held(held, value, start):
-    value = value.astype(leaf.backups.dtype)
-    return put(held, _rows.to_bits(value) if narrow else value, start,
-               stacked=not narrow)
+    value = bits(value.astype(leaf.backups.dtype))
+    return put(held, value, start, stacked=not one_row)
 
   def body(i, carry):
     held, ms, trace, u = carry
@@ -383,11 +386,10 @@ def _blocked(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
   held, ms, trace, u = lax.fori_loop(
       0, num_blocks + 1, body, (held, ms, trace, u)
   )
-  if narrow:  # The loop kept the row as it was if not valid.
-    bits = lax.dynamic_update_index_in_dim(
-        _rows.to_bits(leaf.backups), held.reshape(shape), row, 0
-    )
-    backups = _rows.from_bits(bits, leaf.backups.dtype)
+  if one_row:  # The loop kept the row as it was if not valid.
+    backups = _rows.from_bits(lax.dynamic_update_index_in_dim(
+        bits(leaf.backups), held.reshape(shape), row, 0
+    ), leaf.backups.dtype)
   else:
     backups = held.reshape(leaf.backups.shape)
   return (

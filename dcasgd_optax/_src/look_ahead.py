@@ -70,7 +70,9 @@ def look_ahead_momentum(
     momentum: :math:`\mu`, in (0, 1): the look-ahead is read from the
       momentum buffer, so there must be one.
     horizon: :math:`H \geq 0`, the number of updates to look ahead: the
-      expected staleness (``num_workers - 1`` for cyclic arrivals).
+      expected staleness (``num_workers - 1`` for cyclic arrivals). A
+      float is taken through the closed form above (e.g. the mean
+      staleness of event-driven arrivals).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra args are ignored.

@@ -33,16 +33,23 @@ def scale_by_staleness(
   ``rule``                      scale
   ============================  ==========================================
   ``"inverse"``                 :math:`1 / \max(\tau, 1)` (Zhang et al.)
-  ``"sqrt"``                    :math:`1 / \sqrt{1 + \tau}`
+  ``"sqrt"``                    :math:`1 / \sqrt{1 + \tau}` (Xie et al.)
   ``"delay_adaptive"``          :math:`n / \max(n, \tau)` (Mishchenko et al.)
   ============================  ==========================================
 
   Chained before ``optax.sgd(eta)`` this is the step size
   :math:`\eta \cdot \mathrm{scale}(\tau)`: staleness-aware ASGD's
-  :math:`\alpha_0/\tau`, the :math:`1/\sqrt{1+\tau}` damping used for stale
-  pseudo-gradients in asynchronous local-SGD, or the delay-adaptive step
-  :math:`\eta \, n / \max(n, \tau)` (the full step while the delay is within
-  the number of workers). The simulator passes ``staleness`` to every update.
+  :math:`\alpha_0/\tau`, FedAsync's polynomial staleness function
+  :math:`(1+\tau)^{-a}` with its example :math:`a = 1/2` (the damping
+  asynchronous local-SGD work applies to stale pseudo-gradients), or the
+  delay-adaptive step :math:`\eta \, n / \max(n, \tau)` (the full step
+  while the delay is within the number of workers). The simulator and the
+  Ray server pass ``staleness`` to every update.
+
+  Edges: a concrete negative ``staleness`` raises ``ValueError``; a traced
+  one cannot be rejected at trace time, so the updates are all-NaN (as
+  :func:`delay_compensation`'s are for a traced out-of-range worker), never
+  silently scaled.
 
   Args:
     rule: one of ``"inverse"``, ``"sqrt"``, ``"delay_adaptive"``.
@@ -65,6 +72,9 @@ def scale_by_staleness(
   References:
     Zhang, Gupta, Lian, Liu, `Staleness-aware Async-SGD for Distributed Deep
     Learning <https://arxiv.org/abs/1511.05950>`_, IJCAI 2016.
+    Xie, Koyejo, Gupta, `Asynchronous Federated Optimization
+    <https://arxiv.org/abs/1903.03934>`_, 2019 (FedAsync; the polynomial
+    staleness function).
     Mishchenko, Bach, Even, Woodworth, `Asynchronous SGD Beats Minibatch SGD
     Under Arbitrary Delays <https://arxiv.org/abs/2206.07638>`_, NeurIPS 2022.
   """
@@ -76,7 +86,9 @@ def scale_by_staleness(
 
   def update_fn(updates, state, params=None, *, staleness=None, **extra_args):
     del params, extra_args
-    scale = scale_fn(_checked_staleness(staleness))
+    tau = _checked_staleness(staleness)
+    # A traced negative staleness cannot be rejected: make it loud.
+    scale = jnp.where(tau >= 0, scale_fn(tau), jnp.nan)
     return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,4 +1,4 @@
-"""Planning a replay: cutting concrete arrival orders into chunks (host side).
+"""Planning a replay (host side): chunks of arrivals, and SSGD's rounds.
 
 Greedy maximal runs with no repeated worker are exactly the sets of arrivals
 whose gradients can be computed together. Each device holds the backups of a
@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
 
 # Fixed cost of one chunk (gather, loop step, launch), in units of one
@@ -173,3 +174,70 @@ def make_plan(arrivals_NxA: np.ndarray, limit: int, num_devices: int,
       slot_workers=np.stack([x[1] for x in layouts]),
       arrival_slots=np.stack([x[2] for x in layouts]),
   )
+
+
+# --- SSGD: rounds in which every worker computes once ---------------------
+
+
+class Rounds(NamedTuple):
+  """Which batch each gradient slot of each round computes (host side)."""
+
+  rows_RxNxG: np.ndarray  # int32: batch row of group n's slot g in round r
+  weights_NxG: np.ndarray  # float32: 1/M for a worker's slot, 0 for padding
+  loss_at: np.ndarray  # int32 [R*M]: arrival k's loss in the flat R*N*G slots
+
+
+def plan_rounds(arrivals: np.ndarray, num_workers: int, limit: int,
+                num_devices: int) -> Rounds:
+  """Slot ``j < M`` of a round is worker ``j``; rounds cut into equal groups.
+
+  A round's ``round_up(M, D)`` slots are split into ``N`` groups of ``G``
+  slots (``G`` a multiple of the device count, at most ``limit``, padded as
+  little as possible); padding slots repeat worker ``M - 1``'s batch with
+  weight 0.
+  """
+  m = num_workers
+  slots = _devices.round_up(m, num_devices)
+  num_groups = -(-slots // limit)
+  group = _devices.round_up(-(-slots // num_groups), num_devices)
+  arrivals_RxM = arrivals.reshape(-1, m)
+  num_rounds = arrivals_RxM.shape[0]
+  # Worker w's batch in round r: the position of w among the round's arrivals.
+  rows_RxM = np.argsort(arrivals_RxM, axis=1) + m * np.arange(num_rounds)[:, None]
+  pad = np.minimum(np.arange(num_groups * group), m - 1)
+  rows = rows_RxM[:, pad].reshape(num_rounds, num_groups, group)
+  weights = np.where(np.arange(num_groups * group) < m, 1.0 / m, 0.0)
+  flat = num_groups * group * np.arange(num_rounds)[:, None] + arrivals_RxM
+  return Rounds(
+      rows.astype(np.int32),
+      weights.reshape(num_groups, group).astype(np.float32),
+      flat.reshape(-1).astype(np.int32),
+  )
+
+
+def check_rounds(arrivals: Any, num_workers: int, num: int) -> np.ndarray:
+  """``arrivals`` (default: worker ``j`` computes batch ``r*M + j``) as
+  rounds in which every worker arrives once."""
+  if arrivals is None:
+    if num == 0 or num % num_workers:
+      raise ValueError(
+          "`batches` leaves need a leading axis of R * num_workers "
+          f"(num_workers={num_workers}, R >= 1), got {num}."
+      )
+    return np.tile(np.arange(num_workers, dtype=np.int32), num // num_workers)
+  arrivals = _checks.check_arrivals(arrivals, num_workers)[0]
+  if len(arrivals) % num_workers:
+    raise ValueError(
+        f"`arrivals` must be whole rounds of num_workers={num_workers} "
+        f"arrivals (SSGD), got {len(arrivals)}."
+    )
+  rounds = np.sort(arrivals.reshape(-1, num_workers), axis=1)
+  bad = np.flatnonzero(np.any(rounds != np.arange(num_workers), axis=1))
+  if bad.size:
+    r = int(bad[0])
+    raise ValueError(
+        f"`arrivals` must hold every worker once per round of "
+        f"num_workers={num_workers} (SSGD); round {r} is "
+        f"{arrivals[r * num_workers:(r + 1) * num_workers].tolist()}."
+    )
+  return arrivals

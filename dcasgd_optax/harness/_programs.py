@@ -9,18 +9,23 @@ Python, in which the gradients are unrolled, not looped (see
 :func:`_protocol.default_strategy`), with the state donated from call to call
 so the backups are updated in place.
 
-The server's update sees the backups through a stand-in: the row of the
-arriving worker (its held model, brought from the device that holds it)
-broadcast to all ``num_workers`` rows, which XLA never materialises, since
-``tx`` reads only that worker's row. So ``tx`` runs on replicated data while
-the real backups stay sharded by worker; after the update the worker's pull
-(:func:`dcasgd_optax.pull`) is written to its row on the device that holds
-it, once per arrival (a pull ``tx`` made inside its update went to the
-stand-in and is not done twice).
+On one device ``tx`` updates the state itself, in place, and the worker's
+pull (:func:`dcasgd_optax.pull`) is made once per arrival: by ``tx`` if it
+pulls inside its update (a :class:`dcasgd_optax.PullAfterPush`), else by the
+simulator. On several devices the backups are sharded by worker and ``tx``
+sees a stand-in: the arriving worker's row (brought from the device that
+holds it) broadcast to all ``num_workers`` rows, which XLA does not
+materialise as long as ``tx`` reads only that row by a dynamic slice and
+what it writes to the stand-in is dropped. The composed chains do so; the
+fused CPU update of :func:`dcasgd_optax.dcasgd`, which otherwise carries the
+whole backups through its loop over blocks, is traced inside
+``stand_in_backups`` and loops over the worker's row alone. After the
+update the pull is written to the worker's row on the device that holds it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dcasgd_optax._src._rows import stand_in_backups
 from dcasgd_optax._src.pull import pull
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _diagnostics
@@ -45,6 +51,7 @@ class Replay(NamedTuple):
   mesh: Any
   vmap_slots: int | None
   diagnostics: _diagnostics.Diagnostics | None
+  tx_pulls: bool  # tx pulls inside its update (a PullAfterPush)
 
 
 class Chunk(NamedTuple):
@@ -127,6 +134,43 @@ def _stand_in(held: Any, num_workers: int) -> Any:
   )
 
 
+def _server_view(replay: Replay, opt_state: Any, worker: jax.Array,
+                 num_workers: int) -> Any:
+  """The optimizer state ``tx.update`` sees: on one device the state itself;
+  on several, a stand-in for the backups sharded by worker (the arriving
+  worker's row, brought from the device that holds it)."""
+  if replay.mesh.size == 1:
+    return opt_state
+  held = _devices.take(replay.mesh, _state.backups_of(opt_state), worker)
+  return _state.with_backups(opt_state, _stand_in(held, num_workers))
+
+
+def _update(replay: Replay, grads: Any, view: Any, params: Any,
+            worker: jax.Array, tau: jax.Array) -> tuple[Any, Any]:
+  """``tx.update`` on the server's view; on several devices traced as
+  reading a stand-in, so no update materialises it (the fused CPU update
+  then loops over the worker's row only: ``_rows.stand_in_backups``)."""
+  reading = (contextlib.nullcontext() if replay.mesh.size == 1
+             else stand_in_backups())
+  with reading:
+    return replay.tx.update(grads, view, params, worker=worker,
+                            staleness=tau)
+
+
+def _pull(replay: Replay, before: Any, after: Any, params: Any,
+          worker: jax.Array) -> Any:
+  """The worker's pull of ``params``, once: on one device into ``after``
+  itself (unless ``tx`` did it); on several, written to the worker's row of
+  the real backups (``before``'s), on the device holding it."""
+  if replay.mesh.size == 1:
+    if not replay.tx_pulls:
+      _, after = pull(after, params, worker)
+    return after
+  pulled, after = pull(after, params, worker)
+  backups = write_rows(replay.mesh, _state.backups_of(before), pulled, worker)
+  return _state.with_backups(after, backups)
+
+
 def _arrive(replay: Replay, chunk: Chunk, k, carry):
   """The server applies the chunk's ``k``-th arrival; its worker pulls."""
   state, record = carry
@@ -135,30 +179,24 @@ def _arrive(replay: Replay, chunk: Chunk, k, carry):
   m = chunk.workers[slot]
   tau = state.step - state.last_pull[m]
   grads = pick(chunk.grads)
-  # The worker's row: what it held when the chunk began (no worker repeats
-  # in a chunk, so its row is unchanged until its own pull below).
-  backups = _state.backups_of(state.opt_state)
-  held = _devices.take(replay.mesh, backups, m)
-  stand_in = _state.with_backups(
-      state.opt_state, _stand_in(held, state.last_pull.shape[0]))
+  # No worker repeats in a chunk: its row is what it held when the chunk
+  # began, unchanged until its own pull below.
+  view = _server_view(replay, state.opt_state, m, state.last_pull.shape[0])
   entry = {"loss": pick(chunk.loss), "staleness": tau}
   if replay.diagnostics is not None:
     entry.update(_diagnostics.measure(
         replay.diagnostics, replay.loss_with_state,
-        state._replace(opt_state=stand_in), grads,
+        state._replace(opt_state=view), grads,
         jax.tree.map(lambda x: x[slot], chunk.batch), m, tau,
         chunk.sampled[k],
     ))
-  updates, opt_state = replay.tx.update(
-      grads, stand_in, state.params, worker=m, staleness=tau
-  )
+  updates, opt_state = _update(replay, grads, view, state.params, m, tau)
   params = optax.apply_updates(state.params, updates)
-  pulled, opt_state = pull(opt_state, params, m)
-  backups = write_rows(replay.mesh, backups, pulled, m)
   model_state = pick(chunk.new_model_states)
   step = state.step + 1
   state = state._replace(
-      params=params, opt_state=_state.with_backups(opt_state, backups),
+      params=params,
+      opt_state=_pull(replay, state.opt_state, opt_state, params, m),
       model_state=model_state, step=step,
       worker_model_states=write_rows(
           replay.mesh, state.worker_model_states, model_state, m),

@@ -47,10 +47,11 @@ class Simulator(_protocol.SimulatorBase):
   with :math:`\tau` the server updates since ``m``'s last pull, and ``m``
   pulls (:func:`dcasgd_optax.pull`: it then holds the new ``w``, or the
   look-ahead a look-ahead optimizer predicts, and computes its next gradient
-  there). A ``tx`` that pulls inside its update (a
-  :class:`dcasgd_optax.PullAfterPush`, e.g. :func:`dcasgd_optax.dcasgd`) is
-  not pulled for twice. The workers' models are the
-  backups in ``tx``'s DelayCompensationState (one copy, not two), so ``M``
+  there); the pull is made once per arrival, by ``tx`` if it pulls inside
+  its update (a :class:`dcasgd_optax.PullAfterPush`, e.g.
+  :func:`dcasgd_optax.dcasgd`), else by the simulator. The workers' models
+  are the backups in ``tx``'s
+  DelayCompensationState (one copy, not two), so ``M``
   is the leading axis of those backups; a ``tx`` without one (any optax
   optimizer) runs after ``delay_compensation(num_workers, 0.0)``, i.e. as
   plain ASGD, through the same path (``sim.tx`` is the transformation the
@@ -81,8 +82,14 @@ class Simulator(_protocol.SimulatorBase):
     num_workers: number of asynchronous workers (>= 1). Optional when ``tx``
       keeps per-worker backups (their leading axis is the number); if given
       it must agree with them.
-    devices: devices to spread each batch of gradients over (default: all
-      local devices); the server state is replicated on each.
+    devices: devices to spread the workers over (default: all local
+      devices). Each device holds the backups (and model states) of a
+      contiguous block of workers and computes their gradients, so backup
+      memory per device falls as 1/D; the server's params and optimizer
+      statistics are replicated, and on several devices ``tx`` reads the
+      arriving worker's row through a stand-in (that row broadcast to all
+      rows), so it must read only that worker's row, as every
+      transformation of :mod:`dcasgd_optax` does.
     has_model_state: whether ``loss_fn`` takes and returns a model state.
     max_parallel: most gradients computed at once (bounds the memory they
       take). Default ``num_workers``, except on CPU, where it is capped so
@@ -157,6 +164,7 @@ class Simulator(_protocol.SimulatorBase):
     replay = _programs.Replay(
         self._loss_with_state, self.tx, self.mesh, vmap_slots,
         diagnostics=self._diagnostics,
+        tx_pulls=_optimizer.pulls_in_update(self._user_tx),
     )
     if self.strategy == "compiled":
       jit = functools.partial(

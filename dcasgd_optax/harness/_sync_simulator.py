@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ from dcasgd_optax.harness import _protocol
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _gathers
+from dcasgd_optax.harness import _plan
 from dcasgd_optax.harness import _slots
 from dcasgd_optax.harness._state import SimState
 
@@ -69,42 +70,6 @@ def _apply(tx, num_workers, state, grads_N, ms_N):
   return SimState(params, opt_state, _average_state(ms_S), (), step, last_pull)
 
 
-class _Rounds(NamedTuple):
-  """Which batch each gradient slot of each round computes (host side)."""
-
-  rows_RxNxG: np.ndarray  # int32: batch row of group n's slot g in round r
-  weights_NxG: np.ndarray  # float32: 1/M for a worker's slot, 0 for padding
-  loss_at: np.ndarray  # int32 [R*M]: arrival k's loss in the flat R*N*G slots
-
-
-def _rounds(arrivals: np.ndarray, num_workers: int, limit: int,
-            num_devices: int) -> _Rounds:
-  """Slot ``j < M`` of a round is worker ``j``; rounds cut into equal groups.
-
-  A round's ``round_up(M, D)`` slots are split into ``N`` groups of ``G``
-  slots (``G`` a multiple of the device count, at most ``limit``, padded as
-  little as possible); padding slots repeat worker ``M - 1``'s batch with
-  weight 0.
-  """
-  m = num_workers
-  slots = _devices.round_up(m, num_devices)
-  num_groups = -(-slots // limit)
-  group = _devices.round_up(-(-slots // num_groups), num_devices)
-  arrivals_RxM = arrivals.reshape(-1, m)
-  num_rounds = arrivals_RxM.shape[0]
-  # Worker w's batch in round r: the position of w among the round's arrivals.
-  rows_RxM = np.argsort(arrivals_RxM, axis=1) + m * np.arange(num_rounds)[:, None]
-  pad = np.minimum(np.arange(num_groups * group), m - 1)
-  rows = rows_RxM[:, pad].reshape(num_rounds, num_groups, group)
-  weights = np.where(np.arange(num_groups * group) < m, 1.0 / m, 0.0)
-  flat = num_groups * group * np.arange(num_rounds)[:, None] + arrivals_RxM
-  return _Rounds(
-      rows.astype(np.int32),
-      weights.reshape(num_groups, group).astype(np.float32),
-      flat.reshape(-1).astype(np.int32),
-  )
-
-
 def _sync_program(loss_with_state, tx, mesh, vmap_slots, num_workers, state,
                   batches, rows_RxNxG, weights_NxG):
   """A scan over rounds, each a scan over its groups summing the gradients.
@@ -147,34 +112,6 @@ def _fresh_by_construction(step_before_A: jax.Array,
       "stale_error": jnp.where(sampled, 0.0, nan),
       "applied_error": nan,
   }
-
-
-def _check_rounds(arrivals: Any, num_workers: int, num: int) -> np.ndarray:
-  """``arrivals`` (default: worker ``j`` computes batch ``r*M + j``) as
-  rounds in which every worker arrives once."""
-  if arrivals is None:
-    if num == 0 or num % num_workers:
-      raise ValueError(
-          "`batches` leaves need a leading axis of R * num_workers "
-          f"(num_workers={num_workers}, R >= 1), got {num}."
-      )
-    return np.tile(np.arange(num_workers, dtype=np.int32), num // num_workers)
-  arrivals = _checks.check_arrivals(arrivals, num_workers)[0]
-  if len(arrivals) % num_workers:
-    raise ValueError(
-        f"`arrivals` must be whole rounds of num_workers={num_workers} "
-        f"arrivals (SSGD), got {len(arrivals)}."
-    )
-  rounds = np.sort(arrivals.reshape(-1, num_workers), axis=1)
-  bad = np.flatnonzero(np.any(rounds != np.arange(num_workers), axis=1))
-  if bad.size:
-    r = int(bad[0])
-    raise ValueError(
-        f"`arrivals` must hold every worker once per round of "
-        f"num_workers={num_workers} (SSGD); round {r} is "
-        f"{arrivals[r * num_workers:(r + 1) * num_workers].tolist()}."
-    )
-  return arrivals
 
 
 class SyncSimulator(_protocol.SimulatorBase):
@@ -287,9 +224,9 @@ class SyncSimulator(_protocol.SimulatorBase):
         lambda m, *args: jax.vmap(functools.partial(apply_step, m))(*args),
         static_argnums=(0,), donate_argnums=(1,))
 
-  def _rounds(self, arrivals, params, num_workers) -> _Rounds:
+  def _rounds(self, arrivals, params, num_workers) -> _plan.Rounds:
     limit = self._slot_limit(num_workers, params)
-    return _rounds(arrivals, num_workers, limit, self.mesh.size)
+    return _plan.plan_rounds(arrivals, num_workers, limit, self.mesh.size)
 
   def describe(self, arrivals: Any, params: Any) -> dict[str, Any]:
     """How ``replay`` computes ``arrivals``' rounds for ``params``.
@@ -299,7 +236,7 @@ class SyncSimulator(_protocol.SimulatorBase):
     arrivals / slots computed; ``strategy`` is how the groups run.
     """
     num_workers = self.workers_for(params)
-    arrivals = _check_rounds(arrivals, num_workers, 0)
+    arrivals = _plan.check_rounds(arrivals, num_workers, 0)
     rounds = self._rounds(arrivals, params, num_workers)
     num_rounds, num_groups, group = rounds.rows_RxNxG.shape
     return dict(
@@ -355,7 +292,7 @@ class SyncSimulator(_protocol.SimulatorBase):
     leaves = jax.tree.leaves(batches)
     num = np.shape(leaves[0])[int(many)] if leaves and np.ndim(
         leaves[0]) > int(many) else 0
-    arrivals = _check_rounds(arrivals, num_workers, num)
+    arrivals = _plan.check_rounds(arrivals, num_workers, num)
     one = state if not many else jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state)
     self._check_batches(one, batches, len(arrivals),
