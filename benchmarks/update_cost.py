@@ -148,9 +148,9 @@ def _cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def copy_bandwidth(params, grads, repeats: int) -> float:
-  """GB/s of a jitted, donated ``w + g`` over the params (3 arrays moved)."""
-  add = jax.jit(lambda w, g: jax.tree.map(jnp.add, w, g), donate_argnums=0)
+def _add_bandwidth(add, params, grads, repeats: int) -> float:
+  """GB/s of a jitted, donated ``add(w, g)`` (3 model-sized arrays moved),
+  from the median of ``repeats`` timed calls after a warm-up."""
   w = jax.tree.map(jnp.copy, params)
   w = jax.block_until_ready(add(w, grads))
   times = []
@@ -160,6 +160,12 @@ def copy_bandwidth(params, grads, repeats: int) -> float:
     times.append(time.perf_counter() - start)
   model_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   return 3 * model_bytes / statistics.median(times) / 1e9
+
+
+def copy_bandwidth(params, grads, repeats: int) -> float:
+  """GB/s of a jitted, donated ``w + g`` over the params (3 arrays moved)."""
+  add = jax.jit(lambda w, g: jax.tree.map(jnp.add, w, g), donate_argnums=0)
+  return _add_bandwidth(add, params, grads, repeats)
 
 
 def blocked_copy_bandwidth(params, grads, repeats: int) -> float:
@@ -187,15 +193,7 @@ def blocked_copy_bandwidth(params, grads, repeats: int) -> float:
     return lax.fori_loop(0, len(starts), body, w).reshape(shape)
 
   step = jax.jit(lambda w, g: jax.tree.map(add, w, g), donate_argnums=0)
-  w = jax.tree.map(jnp.copy, params)
-  w = jax.block_until_ready(step(w, grads))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    w = jax.block_until_ready(step(w, grads))
-    times.append(time.perf_counter() - start)
-  model_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-  return 3 * model_bytes / statistics.median(times) / 1e9
+  return _add_bandwidth(step, params, grads, repeats)
 
 
 def time_interleaved(runners: list[Runner], repeats: int, steps: int):
