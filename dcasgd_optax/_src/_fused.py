@@ -7,11 +7,16 @@ that reads each input once and writes each output once would do (XLA:CPU
 does not fuse sibling loops with several outputs). The fused update computes
 the same numbers, parameter by parameter, with every output written in place:
 
-* on CPU, a parameter larger than two blocks is processed by a loop over
-  cache-sized blocks; each iteration reads one block of every input (the
-  gradient, the params, the worker's backup row, the mean square, the
-  momentum) and writes every output for it, so the passes of the chain's
-  members run on data already in cache;
+* on CPU, :func:`dcasgd`'s large float32 parameters go to a hand-written
+  kernel (:mod:`._cpu_kernel`, an XLA FFI custom call): one pass that reads
+  each input once and updates the state in place, on all of XLA's threads.
+  Where it does not apply (Gap-Aware, other dtypes, no C++ compiler, or
+  ``DCASGD_OPTAX_CPU_KERNEL=0``), a parameter larger than two blocks is
+  processed by a loop over cache-sized blocks; each iteration reads one
+  block of every input (the gradient, the params, the worker's backup row,
+  the mean square, the momentum) and writes every output for it, so the
+  passes of the chain's members run on data already in cache (XLA:CPU runs
+  that loop on one core);
 * elsewhere (GPU and TPU fuse multi-output loops themselves), and for small
   parameters, the same elementwise function runs on whole arrays.
 
@@ -35,6 +40,8 @@ import numpy as np
 import optax
 from jax import lax
 
+from dcasgd_optax._src import _checks
+from dcasgd_optax._src import _cpu_kernel
 from dcasgd_optax._src import _rows
 from dcasgd_optax._src.delay_compensation import MeanSquareSpec
 from dcasgd_optax._src.delay_compensation import check_update
@@ -71,6 +78,7 @@ def fused_sgd(
     stats: MeanSquareSpec,
     correct: Callable[..., Any],
     tail: SgdTail,
+    compensation: _cpu_kernel.Compensation | None = None,
 ) -> Any:
   """``composed``'s init with an update that gives its numbers in one pass.
 
@@ -82,6 +90,9 @@ def fused_sgd(
     correct: its ``correct`` (see :func:`backups_transformation`), applied
       to blocks of each parameter.
     tail: the members after it.
+    compensation: ``correct``'s arguments when it is
+      :func:`compensation_correction` (DC-ASGD), for the CPU kernel; None
+      keeps XLA's path everywhere.
 
   Returns:
     A transformation of ``composed``'s type, with ``composed.init``.
@@ -97,7 +108,8 @@ def fused_sgd(
         stats._replace(decay=None),
     )
     scalars, tail_states = _tail_scalars(tail, tail_states)
-    step = _Step(correct, count, counted, stats, tail, scalars, valid)
+    step = _Step(correct, count, counted, stats, tail, scalars, valid,
+                 compensation)
     row = jnp.clip(jnp.asarray(worker, jnp.int32), 0, num_workers - 1)
     trace = _trace_of(tail, tail_states)
     new_updates, backups, mean_square, trace = _map_leaves(
@@ -168,6 +180,7 @@ class _Step(NamedTuple):
   tail: SgdTail
   scalars: _Scalars
   valid: Any  # the worker id is in range
+  compensation: Any  # _cpu_kernel.Compensation, or None (no CPU kernel)
 
   @property
   def has_ms(self) -> bool:
@@ -263,16 +276,113 @@ def _map_leaves(step, row, updates, params, dc_state, trace):
 def _leaf_update(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
   """One parameter's ``(updates, backups, ms, trace)`` (None where not kept).
 
-  On CPU, block by block when the parameter is larger than two blocks (and
-  not a narrow float: XLA:CPU converts those whole for any slice written).
+  On CPU, by the kernel where it applies, else block by block when the
+  parameter is larger than two blocks (and not a narrow float: XLA:CPU
+  converts those whole for any slice written).
   """
   size = int(np.prod(leaf.w.shape))
   whole = functools.partial(_whole, step)
+  if _kernel_applies(step, leaf, size):
+    kernel = functools.partial(_by_kernel, step)
+    return lax.platform_dependent(leaf, row, cpu=kernel, default=whole)
   narrow = _rows.is_narrow(leaf.w.dtype) or _rows.is_narrow(leaf.g.dtype)
   if size < 2 * BLOCK_SIZE or narrow:
     return whole(leaf, row)
   blocked = functools.partial(_blocked, step)
   return lax.platform_dependent(leaf, row, cpu=blocked, default=whole)
+
+
+def _kernel_applies(step: _Step, leaf: _Leaf, size: int) -> bool:
+  """Whether the CPU kernel computes this parameter's update.
+
+  DC-ASGD's correction (not a static zero lambda), float32 arrays but for
+  float32 or bfloat16 backups, at least ``_cpu_kernel.MIN_SIZE`` elements,
+  a CPU default backend, and the kernel built and switched on.
+  """
+  c = step.compensation
+  if c is None or c.adaptive != step.has_ms or _is_static_zero(c.lambda_):
+    return False
+  f32 = jnp.dtype(jnp.float32)
+  wide = (leaf.g, leaf.w, leaf.ms, leaf.trace)
+  if any(x is not None and x.dtype != f32 for x in wide):
+    return False
+  if leaf.backups.dtype not in (f32, jnp.dtype(jnp.bfloat16)):
+    return False
+  if size < _cpu_kernel.MIN_SIZE or jax.default_backend() != "cpu":
+    return False
+  return _cpu_kernel.enabled()
+
+
+def _is_static_zero(x: Any) -> bool:
+  v = _checks.concrete_value(x)
+  return v is not None and v.shape == () and float(v) == 0.0
+
+
+def _by_kernel(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
+  """The update by the CPU kernel, every state array aliased in place.
+
+  Stand-in backups (:func:`_rows.stand_in_backups`) would be materialised
+  if handed to the kernel whole: it gets the worker's row alone, written
+  back after (unchanged for an invalid worker).
+  """
+  backups, at = leaf.backups, row
+  stand_in = _rows.backups_are_stand_in()
+  bits = lambda a: _rows.to_bits(a) if _rows.is_narrow(a.dtype) else a
+  if stand_in:
+    backups = _rows.from_bits(lax.dynamic_slice_in_dim(
+        bits(leaf.backups), row, 1), leaf.backups.dtype)
+    at = jnp.int32(0)
+  u, backups, ms, trace = _cpu_kernel.leaf_update(
+      leaf.g, leaf.w, backups, leaf.ms, leaf.trace, _kernel_scalars(step),
+      at, _kernel_flags(step, leaf),
+  )
+  if stand_in:
+    backups = _rows.from_bits(lax.dynamic_update_slice_in_dim(
+        bits(leaf.backups), bits(backups), row, 0), leaf.backups.dtype)
+  if u is not None:
+    u = u.astype(leaf.g.dtype)
+  return u, backups, ms, trace
+
+
+def _kernel_flags(step: _Step, leaf: _Leaf) -> _cpu_kernel.Flags:
+  """Which parts of the update the kernel computes."""
+  flag, c = _cpu_kernel.Flags, step.compensation
+  parts = {
+      flag.ADAPTIVE: step.has_ms,
+      flag.PER_WORKER_MS: step.has_ms and step.stats.per_worker,
+      flag.BIAS_CORRECTION: step.has_ms and c.bias_correction,
+      flag.CLIP: c.correction_clip is not None,
+      flag.WEIGHT_DECAY: step.scalars.weight_decay is not None,
+      flag.MOMENTUM: step.has_trace,
+      flag.NESTEROV: step.has_trace and step.tail.nesterov,
+      flag.BF16_BACKUPS: leaf.backups.dtype == jnp.bfloat16,
+  }
+  return functools.reduce(
+      lambda a, b: a | b, (f for f, on in parts.items() if on), flag(0)
+  )
+
+
+def _kernel_scalars(step: _Step) -> jax.Array:
+  """This update's scalars for the kernel, computed as the chain does."""
+  c, s, decay = step.compensation, step.scalars, step.stats.decay
+  ramp = 1.0
+  if not _is_static_zero(c.lambda_warmup):  # delay_compensation's _warm_up.
+    steps = jnp.asarray(c.lambda_warmup, jnp.float32)
+    t = jnp.sum(step.counted.count)
+    ramp = jnp.where(
+        steps > 0, jnp.minimum(1.0, t / jnp.maximum(steps, 1.0)), 1.0
+    )
+  bias = step.has_ms and c.bias_correction
+  zero = lambda x: 0.0 if x is None else x
+  return _cpu_kernel.Scalars(
+      valid=step.valid, decay=zero(decay),
+      one_minus_decay=0.0 if decay is None else 1 - decay,
+      lambda_=c.lambda_, eps=c.eps,
+      bias_denominator=1 - decay**step.count if bias else 1.0,
+      ramp=ramp, clip=zero(c.correction_clip),
+      weight_decay=zero(s.weight_decay), momentum=zero(step.tail.momentum),
+      step_size=s.step_size,
+  ).stack()
 
 
 def _whole(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:

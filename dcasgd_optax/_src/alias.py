@@ -8,6 +8,7 @@ from typing import Any
 import optax
 
 from dcasgd_optax._src import _checks
+from dcasgd_optax._src import _cpu_kernel
 from dcasgd_optax._src import _fused
 from dcasgd_optax._src.delay_compensation import MeanSquareSpec
 from dcasgd_optax._src.delay_compensation import compensation_correction
@@ -142,6 +143,10 @@ def dcasgd(
   return _fused.fused_sgd(
       composed, num_workers, stats, correct,
       _sgd_tail(learning_rate, momentum, nesterov, weight_decay),
+      _cpu_kernel.Compensation(
+          default_lambda(lambda_, adaptive), adaptive, eps, bias_correction,
+          lambda_warmup, correction_clip,
+      ),
   )
 
 

@@ -1,0 +1,303 @@
+// The fused DC-ASGD + SGD update of one parameter, as an XLA FFI custom call
+// for CPU: one multi-threaded pass over memory.
+//
+// dcasgd_optax/_src/_cpu_kernel.py compiles this file on first use and
+// registers `DcasgdSgdUpdate` as the CPU target "dcasgd_optax_sgd_update";
+// dcasgd_optax/_src/_fused.py calls it for every large float32 parameter of
+// `dcasgd` (the composed chain pull_after_push(chain(delay_compensation,
+// [add_decayed_weights], sgd)) in one pass). For each element i, with g the
+// gradient, w the params, b the arriving worker's backup row, v the mean
+// square (DC-ASGD-a), t the momentum trace, and the scalars below:
+//
+//   v  <- decay * v + one_minus_decay * g * g              (adaptive only)
+//   lam = lambda * sqrt(1 / (v / bc + eps)) * ramp         (adaptive; bc
+//         only with bias correction)  or  lambda * ramp    (DC-ASGD-c)
+//   c   = lam * g * g * (w - b), clipped to [-clip |g|, clip |g|] if clipped
+//   u   = g + c  (+ wd * w with weight decay)
+//   t  <- u + momentum * t                                 (momentum only)
+//   d   = step * t (heavy ball) | step * (u + momentum * t) (Nesterov)
+//         | step * u (no momentum);   step = -learning_rate
+//   updates <- d                            (written unless heavy ball, where
+//                                            the caller computes step * t)
+//   b  <- w + d                             (the pull: rounded to bfloat16,
+//                                            nearest even, for bf16 backups)
+//
+// in the order of operations of the composed chain, so the results agree to
+// rounding (the compiler may contract a * b + c into one FMA, as XLA does).
+// For an out-of-range worker ("valid" = 0) u is NaN: v and b are left as they
+// were, t and the updates become NaN, as in the chain.
+//
+// Aliasing contract: the call's operands are
+//   0 g        f32[n]            read
+//   1 w        f32[n]            read
+//   2 backups  f32|bf16[rows, n] the row `row` is read, then written if valid
+//   3 ms       f32[n] or f32[rows, n] (per worker) or f32[0] (none)
+//   4 trace    f32[n] or f32[0] (no momentum)
+//   5 scalars  f32[kNumScalars]  (see enum Scalar)
+//   6 row      s32[]             in [0, rows) (the caller clamps it)
+// and its results (backups, ms, trace, updates), the first three aliased to
+// operands 2, 3 and 4 (input_output_aliases), so that XLA hands the kernel
+// the same buffers and the update is in place; updates is f32[n], or f32[0]
+// for heavy-ball momentum. Each element is read and written by one thread
+// only; the range is split into chunks shared out over XLA's intra-op thread
+// pool and the calling thread.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// The `flags` attribute (kept in step with _cpu_kernel.Flags).
+enum Flag : int64_t {
+  kAdaptive = 1,        // DC-ASGD-a: ms is kept and lambda adapts to it.
+  kPerWorkerMs = 2,     // ms has one row per worker.
+  kBiasCorrection = 4,  // ms is divided by bc before use.
+  kClip = 8,            // the term is clipped to clip * |g|.
+  kWeightDecay = 16,    // wd * w is added.
+  kMomentum = 32,       // heavy-ball momentum.
+  kNesterov = 64,       // Nesterov momentum (with kMomentum).
+  kBf16Backups = 128,   // backups are bfloat16.
+};
+
+enum Scalar {
+  kValid, kDecay, kOneMinusDecay, kLambda, kEps, kBiasDenominator, kRamp,
+  kClipBound, kWd, kMomentumCoef, kStepSize, kNumScalars
+};
+
+struct Pointers {
+  const float* g;
+  const float* w;
+  void* held;  // the worker's backup row
+  float* ms;   // the mean square this worker folds into (or null)
+  float* trace;
+  float* updates;
+  float s[kNumScalars];
+};
+
+inline float Bf16ToF32(uint16_t b) {
+  uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round to nearest even, NaN kept NaN (quiet): XLA's convert to bfloat16.
+inline uint16_t F32ToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  uint32_t quiet = (u >> 16) | 0x40u;
+  return uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
+}
+
+// Elements [lo, hi) for a valid worker, the flags known at compile time so
+// that the loop has no branches and vectorizes.
+template <int64_t F>
+void ValidRange(const Pointers& p, int64_t lo, int64_t hi) {
+  using Held = std::conditional_t<(F & kBf16Backups) != 0, uint16_t, float>;
+  const float* __restrict g_ = p.g + lo;
+  const float* __restrict w_ = p.w + lo;
+  Held* __restrict b_ = static_cast<Held*>(p.held) + lo;
+  float* __restrict v_ = (F & kAdaptive) ? p.ms + lo : nullptr;
+  float* __restrict t_ = (F & kMomentum) ? p.trace + lo : nullptr;
+  float* __restrict d_ = p.updates ? p.updates + lo : nullptr;
+  const float* s = p.s;
+  const float decay = s[kDecay], one_minus_decay = s[kOneMinusDecay];
+  const float lambda = s[kLambda], eps = s[kEps], bc = s[kBiasDenominator];
+  const float ramp = s[kRamp], clip = s[kClipBound], wd = s[kWd];
+  const float momentum = s[kMomentumCoef], step = s[kStepSize];
+  const int64_t n = hi - lo;
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = g_[i], w = w_[i];
+    float held;
+    if constexpr ((F & kBf16Backups) != 0) held = Bf16ToF32(b_[i]);
+    else held = b_[i];
+    float lam = lambda;
+    if constexpr ((F & kAdaptive) != 0) {
+      const float v = decay * v_[i] + one_minus_decay * (g * g);
+      v_[i] = v;
+      float x = v;
+      if constexpr ((F & kBiasCorrection) != 0) x = x / bc;
+      lam = lambda * std::sqrt(1.0f / (x + eps));
+    }
+    lam = lam * ramp;
+    float term = lam * g * g * (w - held);
+    if constexpr ((F & kClip) != 0) {
+      const float bound = clip * std::fabs(g);
+      term = std::min(std::max(term, -bound), bound);
+    }
+    float u = g + term;
+    if constexpr ((F & kWeightDecay) != 0) u = u + wd * w;
+    float d;
+    if constexpr ((F & kMomentum) != 0) {
+      const float t = u + momentum * t_[i];
+      t_[i] = t;
+      if constexpr ((F & kNesterov) != 0) d = step * (u + momentum * t);
+      else d = step * t;
+    } else {
+      d = step * u;
+    }
+    if constexpr ((F & kMomentum) == 0 || (F & kNesterov) != 0) d_[i] = d;
+    const float pulled = w + d;
+    if constexpr ((F & kBf16Backups) != 0) b_[i] = F32ToBf16(pulled);
+    else b_[i] = pulled;
+  }
+}
+
+// An out-of-range worker: the update is NaN, so are the momentum and the
+// updates; the mean square and the backups are kept.
+void InvalidRange(const Pointers& p, int64_t flags, int64_t lo, int64_t hi) {
+  const float nan = std::nanf("");
+  if (flags & kMomentum) std::fill(p.trace + lo, p.trace + hi, nan);
+  if (p.updates) std::fill(p.updates + lo, p.updates + hi, nan);
+}
+
+using RangeFn = void (*)(const Pointers&, int64_t, int64_t);
+
+// The instantiation for `flags` (kPerWorkerMs only moves the ms pointer).
+template <int64_t F, int Bit>
+RangeFn Select(int64_t flags) {
+  if constexpr (Bit > kBf16Backups) {
+    return &ValidRange<F>;
+  } else if constexpr (Bit == kPerWorkerMs ||
+                       (Bit == kBiasCorrection && !(F & kAdaptive)) ||
+                       (Bit == kNesterov && !(F & kMomentum))) {
+    return Select<F, Bit * 2>(flags);
+  } else {
+    return (flags & Bit) ? Select<F | Bit, Bit * 2>(flags)
+                         : Select<F, Bit * 2>(flags);
+  }
+}
+
+// One call's work, shared by the threads that take part (kept alive by the
+// tasks that hold it, which may start after the call returned).
+struct Work {
+  Pointers p;
+  int64_t flags = 0;
+  bool valid = true;
+  RangeFn fn = nullptr;
+  int64_t size = 0, chunk = 0, num_chunks = 0;
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mu;
+  std::condition_variable all_done;
+
+  void Run() {
+    int64_t k, finished = 0;
+    while ((k = next.fetch_add(1)) < num_chunks) {
+      const int64_t lo = k * chunk, hi = std::min(size, lo + chunk);
+      if (valid) fn(p, lo, hi);
+      else InvalidRange(p, flags, lo, hi);
+      ++finished;
+    }
+    if (finished && done.fetch_add(finished) + finished == num_chunks) {
+      std::lock_guard<std::mutex> lock(mu);
+      all_done.notify_all();
+    }
+  }
+};
+
+// Elements per chunk: enough to amortise a task, few enough to balance.
+constexpr int64_t kChunk = int64_t{1} << 16;
+
+// Copies `in` into `out` unless XLA aliased them (it does when told to).
+void AliasOrCopy(ffi::AnyBuffer in, ffi::Result<ffi::AnyBuffer>& out) {
+  if (in.untyped_data() != out->untyped_data() && in.size_bytes() > 0)
+    std::memcpy(out->untyped_data(), in.untyped_data(), in.size_bytes());
+}
+
+ffi::Error Check(int64_t flags, int64_t n, ffi::Buffer<ffi::F32> g,
+                 ffi::AnyBuffer backups, ffi::AnyBuffer ms,
+                 ffi::AnyBuffer trace, ffi::Buffer<ffi::F32> scalars,
+                 int64_t row, ffi::Result<ffi::AnyBuffer>& updates) {
+  const bool bf16 = flags & kBf16Backups;
+  const auto held = bf16 ? ffi::DataType::BF16 : ffi::DataType::F32;
+  if (int64_t(g.element_count()) != n || backups.element_type() != held ||
+      n == 0 || backups.element_count() % n != 0)
+    return ffi::Error::InvalidArgument("g, w, backups: sizes or dtype");
+  const int64_t rows = int64_t(backups.element_count()) / n;
+  if (row < 0 || row >= rows)
+    return ffi::Error::InvalidArgument("row out of range");
+  const int64_t ms_size = !(flags & kAdaptive) ? 0
+                          : (flags & kPerWorkerMs) ? rows * n : n;
+  if (int64_t(ms.element_count()) != ms_size ||
+      int64_t(trace.element_count()) != ((flags & kMomentum) ? n : 0))
+    return ffi::Error::InvalidArgument("ms or trace: sizes");
+  const bool fresh = !(flags & kMomentum) || (flags & kNesterov);
+  if (int64_t(updates->element_count()) != (fresh ? n : 0) ||
+      scalars.element_count() != kNumScalars)
+    return ffi::Error::InvalidArgument("updates or scalars: sizes");
+  return ffi::Error::Success();
+}
+
+ffi::Error Update(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
+                  ffi::Buffer<ffi::F32> w, ffi::AnyBuffer backups,
+                  ffi::AnyBuffer ms, ffi::AnyBuffer trace,
+                  ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::S32> row,
+                  ffi::Result<ffi::AnyBuffer> backups_out,
+                  ffi::Result<ffi::AnyBuffer> ms_out,
+                  ffi::Result<ffi::AnyBuffer> trace_out,
+                  ffi::Result<ffi::AnyBuffer> updates_out, int64_t flags) {
+  const int64_t n = w.element_count(), r = row.typed_data()[0];
+  ffi::Error error =
+      Check(flags, n, g, backups, ms, trace, scalars, r, updates_out);
+  if (error.failure()) return error;
+  AliasOrCopy(backups, backups_out);
+  AliasOrCopy(ms, ms_out);
+  AliasOrCopy(trace, trace_out);
+  auto work = std::make_shared<Work>();
+  Pointers& p = work->p;
+  std::memcpy(p.s, scalars.typed_data(), sizeof p.s);
+  p.g = g.typed_data();
+  p.w = w.typed_data();
+  const int64_t width = (flags & kBf16Backups) ? 2 : 4;
+  p.held = static_cast<char*>(backups_out->untyped_data()) + r * n * width;
+  p.ms = static_cast<float*>(ms_out->untyped_data());
+  if (flags & kPerWorkerMs) p.ms += r * n;
+  p.trace = static_cast<float*>(trace_out->untyped_data());
+  p.updates = updates_out->element_count()
+                  ? static_cast<float*>(updates_out->untyped_data())
+                  : nullptr;
+  work->flags = flags;
+  work->valid = p.s[kValid] != 0.0f;
+  work->fn = Select<0, 1>(flags);
+  work->size = n;
+  work->chunk = kChunk;
+  work->num_chunks = (n + kChunk - 1) / kChunk;
+  const int64_t helpers =
+      std::min<int64_t>(pool.num_threads(), work->num_chunks - 1);
+  for (int64_t k = 0; k < helpers; ++k) pool.Schedule([work] { work->Run(); });
+  work->Run();  // The caller works too, so no task waits for a free thread.
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->all_done.wait(lock, [&] { return work->done == work->num_chunks; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DcasgdSgdUpdate, Update,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()  // g
+        .Arg<ffi::Buffer<ffi::F32>>()  // w
+        .Arg<ffi::AnyBuffer>()         // backups
+        .Arg<ffi::AnyBuffer>()         // ms
+        .Arg<ffi::AnyBuffer>()         // trace
+        .Arg<ffi::Buffer<ffi::F32>>()  // scalars
+        .Arg<ffi::Buffer<ffi::S32>>()  // row
+        .Ret<ffi::AnyBuffer>()         // backups (aliased)
+        .Ret<ffi::AnyBuffer>()         // ms (aliased)
+        .Ret<ffi::AnyBuffer>()         // trace (aliased)
+        .Ret<ffi::AnyBuffer>()         // updates
+        .Attr<int64_t>("flags"));
