@@ -16,6 +16,10 @@ whether the step also returns the updates). A wrong formula is far outside.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -81,6 +85,10 @@ def trajectory(tx, workers=WORKERS):
                                   jnp.int32(worker))
     seen.append(updates)
   return params, state, seen
+
+
+KERNEL_SWITCH = "DCASGD_OPTAX_CPU_KERNEL"  # "0": XLA's loop on CPU.
+KERNEL_TARGET = "dcasgd_optax_sgd_update"  # The kernel's custom-call name.
 
 
 def assert_same_numbers(fused, composed):
@@ -202,8 +210,9 @@ def compiled_text(fn, *args):
   return jax.jit(fn).lower(*args).compile().as_text()
 
 
-def test_the_adaptive_lambda_compiles_without_rsqrt():
+def test_the_adaptive_lambda_compiles_without_rsqrt(monkeypatch):
   """XLA:CPU (JAX 0.12) runs rsqrt ~5x slower inside the fused update's loop."""
+  monkeypatch.setenv(KERNEL_SWITCH, "0")  # XLA's loop, not the CPU kernel.
   tx = optax.with_extra_args_support(dcasgd_optax.dcasgd(0.1, 2, momentum=0.9))
 
   def step(params, state, grads, worker):
@@ -255,3 +264,78 @@ def test_under_vmap_each_simulation_gets_the_chains_numbers():
     return jax.jit(update)(grads_at(params, 1), state, params, workers)
 
   assert_same_numbers(run(fused), run(composed))
+
+
+# --- the CPU kernel ---------------------------------------------------------
+
+
+def step_text(tx, params):
+  """The compiled text of a jitted step of ``tx`` on ``params``."""
+  tx = optax.with_extra_args_support(tx)
+  state = jax.eval_shape(tx.init, params)
+  return compiled_text(
+      lambda g, s, p, m: tx.update(g, s, p, worker=m),
+      params, state, params, jnp.int32(0),
+  )
+
+
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_on_cpu_the_kernel_computes_dcasgd_unless_switched_off(
+    monkeypatch, switch):
+  """One custom call per large parameter (``model()``'s "big"), none if off."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the kernel is CPU only")
+  monkeypatch.setenv(KERNEL_SWITCH, switch)
+  text = step_text(dcasgd_optax.dcasgd(0.1, M, momentum=0.9), model())
+  calls = text.count(f'custom_call_target="{KERNEL_TARGET}"')
+  assert calls == (1 if switch == "1" else 0), calls
+
+
+def test_gap_aware_sgd_keeps_xlas_path():
+  text = step_text(dcasgd_optax.gap_aware_sgd(0.1, M, momentum=0.9), model())
+  assert KERNEL_TARGET not in text
+
+
+KERNEL_CASES = {
+    "a_momentum_bf16": dict(momentum=0.9, backup_dtype=jnp.bfloat16),
+    "c_nesterov_clip": dict(adaptive=False, lambda_=0.5, momentum=0.9,
+                            nesterov=True, correction_clip=0.5,
+                            weight_decay=1e-3),
+}
+
+
+@pytest.mark.parametrize("kwargs", KERNEL_CASES.values(), ids=KERNEL_CASES)
+def test_the_kernel_and_xlas_loop_give_the_same_numbers(monkeypatch, kwargs):
+  """Both CPU paths, over updates including an out-of-range worker."""
+  tx = dcasgd_optax.dcasgd(0.1, M, **kwargs)
+  by_kernel = trajectory(tx)
+  monkeypatch.setenv(KERNEL_SWITCH, "0")
+  assert_same_numbers(by_kernel, trajectory(tx))
+
+
+NO_COMPILER = """
+import warnings
+import jax, jax.numpy as jnp, dcasgd_optax
+tx = dcasgd_optax.dcasgd(0.1, 2, momentum=0.9)
+params = {"w": jnp.ones(100_000)}
+update = lambda g, s, p: tx.update(g, s, p, worker=jnp.int32(1))
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter("always")
+  for _ in range(2):  # Two traces, one warning.
+    text = jax.jit(update).lower(params, tx.init(params), params).as_text()
+    updates, _ = jax.jit(update)(params, tx.init(params), params)
+print(sum("CPU kernel" in str(w.message) for w in caught),
+      "%s" in text, float(updates["w"][0]))
+"""
+
+
+def test_without_a_compiler_dcasgd_warns_once_and_keeps_xlas_loop(tmp_path):
+  """A fresh process that finds no C++ compiler (and no cached build)."""
+  env = dict(os.environ, CXX="", PATH=os.path.dirname(sys.executable),
+             DCASGD_OPTAX_CACHE_DIR=str(tmp_path))
+  env.pop(KERNEL_SWITCH, None)
+  done = subprocess.run(
+      [sys.executable, "-c", NO_COMPILER % KERNEL_TARGET], env=env,
+      capture_output=True, text=True, check=True,
+  )
+  assert done.stdout.split() == ["1", "False", str(float(np.float32(-0.1)))], done

@@ -45,7 +45,7 @@ TARGET = "dcasgd_optax_sgd_update"
 
 # Parameters with fewer elements keep XLA's path: below this a call costs
 # more than the pass it saves (crossover in benchmarks/update_cost.md).
-MIN_SIZE = 1 << 16
+MIN_SIZE = 1 << 14
 
 # "0" makes the fused update use XLA's blocked loop on CPU, without building.
 SWITCH = "DCASGD_OPTAX_CPU_KERNEL"
