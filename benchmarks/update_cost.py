@@ -3,9 +3,11 @@
 A jitted step (update + apply, params and state donated) on a tree of about
 25M float32 parameters, for ``optax.sgd(momentum=0.9)`` (the baseline) and
 ``dcasgd(..., momentum=0.9)`` (DC-ASGD-a, worker id traced) at 1 and 64
-workers, with float32 and bfloat16 backups, and the same optimizer composed
-as a chain (``pull_after_push(chain(delay_compensation, sgd))``, what
-``dcasgd`` was before its update was fused).
+workers, with float32 and bfloat16 backups, by its CPU kernel (the default
+on CPU) and by XLA's blocked loop (its fallback, ``DCASGD_OPTAX_CPU_KERNEL=0``),
+and the same optimizer composed as a chain
+(``pull_after_push(chain(delay_compensation, sgd))``, what ``dcasgd`` was
+before its update was fused).
 
 Each configuration is timed in its own phase, interleaved with the baseline
 (so both see the same machine), and only that phase's buffers are alive. The
@@ -31,6 +33,8 @@ Results and the machine: benchmarks/update_cost.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import resource
 import statistics
 import sys
@@ -46,6 +50,7 @@ from jax import lax
 import dcasgd_optax
 
 _TRAFFIC_BOUND = 9 / 5
+_KERNEL_TARGET = "dcasgd_optax_sgd_update"  # The fused update's CPU kernel.
 _TARGET = 2.0
 
 
@@ -68,12 +73,30 @@ class Config(NamedTuple):
     make: builds the optimizer.
     num_workers: worker ids cycle through ``range(num_workers)``.
     arrays_moved: model-sized arrays a step must read plus write at least.
+    cpu_kernel: False traces the step with ``DCASGD_OPTAX_CPU_KERNEL=0``
+      (XLA's blocked loop instead of the CPU kernel).
   """
 
   name: str
   make: Callable[[], Any]
   num_workers: int
   arrays_moved: float
+  cpu_kernel: bool = True
+
+
+@contextlib.contextmanager
+def _kernel_switch(on: bool):
+  """Within it, the fused update is traced with the CPU kernel on or off."""
+  name = "DCASGD_OPTAX_CPU_KERNEL"
+  before = os.environ.get(name)
+  os.environ[name] = "1" if on else "0"
+  try:
+    yield
+  finally:
+    if before is None:
+      del os.environ[name]
+    else:
+      os.environ[name] = before
 
 
 class Runner:
@@ -91,10 +114,12 @@ class Runner:
     self.state = tx.init(self.params)
     self.grads = grads
     worker = jnp.int32(0)
-    self.step = jax.jit(step, donate_argnums=(0, 1)).lower(
-        self.params, self.state, grads, worker
-    ).compile()
+    with _kernel_switch(config.cpu_kernel):
+      self.step = jax.jit(step, donate_argnums=(0, 1)).lower(
+          self.params, self.state, grads, worker
+      ).compile()
     self.memory = self.step.memory_analysis()
+    self.by_kernel = _KERNEL_TARGET in self.step.as_text()
     self.k = 0
     self.cpu_samples = []
     self.run(2)  # Warm up.
@@ -140,6 +165,7 @@ class Row(NamedTuple):
   state_mib: float
   peak_mib: float
   extra_mib: float  # peak beyond the step's inputs (params, state, grads)
+  by_kernel: bool  # the compiled step calls the CPU kernel
 
 
 def _cpu_seconds() -> float:
@@ -228,6 +254,10 @@ def configs(lr: float = 0.01) -> list[Config]:
       Config("dcasgd-a, 64 workers", fused(64), 64, 9),
       Config("dcasgd-a, 64 workers, bf16 backups", fused(64, jnp.bfloat16),
              64, 8),
+      Config("dcasgd-a, 64 workers, XLA loop", fused(64), 64, 9,
+             cpu_kernel=False),
+      Config("dcasgd-a, 64 workers, bf16 backups, XLA loop",
+             fused(64, jnp.bfloat16), 64, 8, cpu_kernel=False),
       Config("gap_aware_sgd, 64 workers",
              lambda: dcasgd_optax.gap_aware_sgd(lr, 64, momentum=0.9), 64, 9),
       Config("composed chain, 1 worker", composed(1), 1, 9),
@@ -272,7 +302,7 @@ def main() -> int:
         f"(spread {relative_spread(alone_samples):.0%})")
 
   rows = [Row(baseline, alone, alone, statistics.median(base.cpu_samples),
-              base.state_mib(), base.peak_mib(), base.extra_mib())]
+              base.state_mib(), base.peak_mib(), base.extra_mib(), False)]
   drifts = []
   wanted = [s for s in args.only.split(",") if s]
   for config in configs():
@@ -283,17 +313,19 @@ def main() -> int:
                                       args.steps)
     drifts.append((config.name, t_base / alone - 1))
     rows.append(Row(config, t, t_base, statistics.median(runner.cpu_samples),
-                    runner.state_mib(), runner.peak_mib(), runner.extra_mib()))
+                    runner.state_mib(), runner.peak_mib(), runner.extra_mib(),
+                    runner.by_kernel))
     del runner  # Free its buffers before the next phase.
 
-  print("\n| optimizer | ms/step | GB/s | % of copy | vs baseline | "
-        "baseline in phase, ms | CPU ms/step | CPU vs baseline | state MiB | "
-        "peak MiB | beyond inputs MiB |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("\n| optimizer | CPU kernel | ms/step | GB/s | % of copy | "
+        "vs baseline | baseline in phase, ms | CPU ms/step | CPU vs baseline | "
+        "state MiB | peak MiB | beyond inputs MiB |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   base_cpu = rows[0].cpu
   for r in rows:
     gbs = r.config.arrays_moved * model_gb / r.seconds
-    print(f"| {r.config.name} | {r.seconds * 1e3:.1f} | {gbs:.1f} | "
+    print(f"| {r.config.name} | {'yes' if r.by_kernel else 'no'} | "
+          f"{r.seconds * 1e3:.1f} | {gbs:.1f} | "
           f"{gbs / copy_gbs:.0%} | {r.seconds / r.baseline:.2f}x | "
           f"{r.baseline * 1e3:.1f} | {r.cpu * 1e3:.1f} | "
           f"{r.cpu / base_cpu:.2f}x | {r.state_mib:,.0f} | "
@@ -306,6 +338,10 @@ def main() -> int:
   if one in ratio and many in ratio:
     print(f"growth with workers (64 vs 1): {ratio[many] / ratio[one]:.2f}x "
           "(target <= 1.1x)")
+  bf16 = "dcasgd-a, 64 workers, bf16 backups"
+  if bf16 in ratio and many in ratio:
+    print(f"bfloat16 against float32 backups (64 workers): "
+          f"{ratio[bf16] / ratio[many]:.2f}x (target <= 1.0x)")
   # The noise: the larger of --tolerance and twice the standalone spread.
   tolerance = max(args.tolerance, 2 * relative_spread(alone_samples))
   return _check_baseline(drifts, tolerance)

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from dcasgd_optax._src import _checks
+
 # The XLA FFI target the kernel is registered as.
 TARGET = "dcasgd_optax_sgd_update"
 
@@ -148,6 +150,71 @@ def leaf_update(
   )
   return (updates if fresh else None, backups,
           None if ms is None else new_ms, None if trace is None else new_trace)
+
+
+def flags(
+    compensation: Compensation, *, per_worker_ms: bool, weight_decay: bool,
+    momentum: bool, nesterov: bool, bf16_backups: bool,
+) -> Flags:
+  """The ``flags`` of a call (the mean square is kept iff adaptive)."""
+  c, on = compensation, Flags(0)
+  parts = {
+      Flags.ADAPTIVE: c.adaptive,
+      Flags.PER_WORKER_MS: c.adaptive and per_worker_ms,
+      Flags.BIAS_CORRECTION: c.adaptive and c.bias_correction,
+      Flags.CLIP: c.correction_clip is not None,
+      Flags.WEIGHT_DECAY: weight_decay,
+      Flags.MOMENTUM: momentum,
+      Flags.NESTEROV: momentum and nesterov,
+      Flags.BF16_BACKUPS: bf16_backups,
+  }
+  for flag, wanted in parts.items():
+    if wanted:
+      on |= flag
+  return on
+
+
+def scalars(
+    compensation: Compensation, *, valid: Any, decay: Any, count: Any,
+    total_count: Any, weight_decay: Any, momentum: Any, step_size: Any,
+) -> jax.Array:
+  """The kernel's scalars, each computed as the composed chain computes it.
+
+  Args:
+    compensation: the correction's arguments.
+    valid: whether the worker id is in range (a traced bool).
+    decay: the mean square's decay (None unless adaptive).
+    count: the mean square's count, this update included (bias correction).
+    total_count: the sum of the counts, this update included (warm-up).
+    weight_decay, momentum, step_size: this update's (None where absent).
+
+  Returns:
+    ``Scalars(...).stack()``, float32.
+  """
+  c = compensation
+  ramp = 1.0
+  if c.lambda_warmup is not None and not is_static_zero(c.lambda_warmup):
+    steps = jnp.asarray(c.lambda_warmup, jnp.float32)  # As _warm_up does.
+    ramp = jnp.where(
+        steps > 0, jnp.minimum(1.0, total_count / jnp.maximum(steps, 1.0)),
+        1.0,
+    )
+  bias = c.adaptive and c.bias_correction
+  zero = lambda x: 0.0 if x is None else x
+  return Scalars(
+      valid=valid, decay=zero(decay),
+      one_minus_decay=0.0 if decay is None else 1 - decay,
+      lambda_=c.lambda_, eps=c.eps,
+      bias_denominator=1 - decay**count if bias else 1.0,
+      ramp=ramp, clip=zero(c.correction_clip), weight_decay=zero(weight_decay),
+      momentum=zero(momentum), step_size=step_size,
+  ).stack()
+
+
+def is_static_zero(x: Any) -> bool:
+  """Whether ``x`` is known now to be the scalar 0 (as delay_compensation's)."""
+  v = _checks.concrete_value(x)
+  return v is not None and v.shape == () and float(v) == 0.0
 
 
 @functools.cache

@@ -40,7 +40,6 @@ import numpy as np
 import optax
 from jax import lax
 
-from dcasgd_optax._src import _checks
 from dcasgd_optax._src import _cpu_kernel
 from dcasgd_optax._src import _rows
 from dcasgd_optax._src.delay_compensation import MeanSquareSpec
@@ -300,7 +299,9 @@ def _kernel_applies(step: _Step, leaf: _Leaf, size: int) -> bool:
   a CPU default backend, and the kernel built and switched on.
   """
   c = step.compensation
-  if c is None or c.adaptive != step.has_ms or _is_static_zero(c.lambda_):
+  if c is None or c.adaptive != step.has_ms:
+    return False
+  if _cpu_kernel.is_static_zero(c.lambda_):  # The chain skips the correction.
     return False
   f32 = jnp.dtype(jnp.float32)
   wide = (leaf.g, leaf.w, leaf.ms, leaf.trace)
@@ -311,11 +312,6 @@ def _kernel_applies(step: _Step, leaf: _Leaf, size: int) -> bool:
   if size < _cpu_kernel.MIN_SIZE or jax.default_backend() != "cpu":
     return False
   return _cpu_kernel.enabled()
-
-
-def _is_static_zero(x: Any) -> bool:
-  v = _checks.concrete_value(x)
-  return v is not None and v.shape == () and float(v) == 0.0
 
 
 def _by_kernel(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
@@ -334,7 +330,7 @@ def _by_kernel(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
     at = jnp.int32(0)
   u, backups, ms, trace = _cpu_kernel.leaf_update(
       leaf.g, leaf.w, backups, leaf.ms, leaf.trace, _kernel_scalars(step),
-      at, _kernel_flags(step, leaf),
+      at, _kernel_flags(step, leaf.backups.dtype),
   )
   if stand_in:
     backups = _rows.from_bits(lax.dynamic_update_slice_in_dim(
@@ -344,45 +340,25 @@ def _by_kernel(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
   return u, backups, ms, trace
 
 
-def _kernel_flags(step: _Step, leaf: _Leaf) -> _cpu_kernel.Flags:
+def _kernel_flags(step: _Step, backup_dtype: Any) -> _cpu_kernel.Flags:
   """Which parts of the update the kernel computes."""
-  flag, c = _cpu_kernel.Flags, step.compensation
-  parts = {
-      flag.ADAPTIVE: step.has_ms,
-      flag.PER_WORKER_MS: step.has_ms and step.stats.per_worker,
-      flag.BIAS_CORRECTION: step.has_ms and c.bias_correction,
-      flag.CLIP: c.correction_clip is not None,
-      flag.WEIGHT_DECAY: step.scalars.weight_decay is not None,
-      flag.MOMENTUM: step.has_trace,
-      flag.NESTEROV: step.has_trace and step.tail.nesterov,
-      flag.BF16_BACKUPS: leaf.backups.dtype == jnp.bfloat16,
-  }
-  return functools.reduce(
-      lambda a, b: a | b, (f for f, on in parts.items() if on), flag(0)
+  return _cpu_kernel.flags(
+      step.compensation, per_worker_ms=step.stats.per_worker,
+      weight_decay=step.scalars.weight_decay is not None,
+      momentum=step.has_trace, nesterov=step.tail.nesterov,
+      bf16_backups=backup_dtype == jnp.bfloat16,
   )
 
 
 def _kernel_scalars(step: _Step) -> jax.Array:
-  """This update's scalars for the kernel, computed as the chain does."""
-  c, s, decay = step.compensation, step.scalars, step.stats.decay
-  ramp = 1.0
-  if not _is_static_zero(c.lambda_warmup):  # delay_compensation's _warm_up.
-    steps = jnp.asarray(c.lambda_warmup, jnp.float32)
-    t = jnp.sum(step.counted.count)
-    ramp = jnp.where(
-        steps > 0, jnp.minimum(1.0, t / jnp.maximum(steps, 1.0)), 1.0
-    )
-  bias = step.has_ms and c.bias_correction
-  zero = lambda x: 0.0 if x is None else x
-  return _cpu_kernel.Scalars(
-      valid=step.valid, decay=zero(decay),
-      one_minus_decay=0.0 if decay is None else 1 - decay,
-      lambda_=c.lambda_, eps=c.eps,
-      bias_denominator=1 - decay**step.count if bias else 1.0,
-      ramp=ramp, clip=zero(c.correction_clip),
-      weight_decay=zero(s.weight_decay), momentum=zero(step.tail.momentum),
+  """This update's scalars for the kernel."""
+  s = step.scalars
+  return _cpu_kernel.scalars(
+      step.compensation, valid=step.valid, decay=step.stats.decay,
+      count=step.count, total_count=jnp.sum(step.counted.count),
+      weight_decay=s.weight_decay, momentum=step.tail.momentum,
       step_size=s.step_size,
-  ).stack()
+  )
 
 
 def _whole(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
