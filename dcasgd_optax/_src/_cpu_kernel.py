@@ -143,7 +143,7 @@ def leaf_update(
   shapes.append(jax.ShapeDtypeStruct(w.shape if fresh else (0,), w.dtype))
   call = jax.ffi.ffi_call(
       TARGET, shapes, input_output_aliases={2: 0, 3: 1, 4: 2},
-      vmap_method="sequential",
+      vmap_method="broadcast_all",  # The kernel loops over the batch.
   )
   backups, new_ms, new_trace, updates = call(
       *operands, scalars, row, flags=np.int64(flags)

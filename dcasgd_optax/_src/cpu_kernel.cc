@@ -38,9 +38,12 @@
 // and its results (backups, ms, trace, updates), the first three aliased to
 // operands 2, 3 and 4 (input_output_aliases), so that XLA hands the kernel
 // the same buffers and the update is in place; updates is f32[n], or f32[0]
-// for heavy-ball momentum. Each element is read and written by one thread
-// only; the range is split into chunks shared out over XLA's intra-op thread
-// pool and the calling thread.
+// for heavy-ball momentum. Under jax.vmap every operand gets leading batch
+// axes (vmap_method="broadcast_all"): the call then updates each batch
+// element in turn, scalars and row included (f32[..., kNumScalars], s32[...]).
+// Each element is read and written by one thread only; the range is split
+// into chunks shared out over XLA's intra-op thread pool and the calling
+// thread.
 
 #include <algorithm>
 #include <atomic>
@@ -216,28 +219,75 @@ void AliasOrCopy(ffi::AnyBuffer in, ffi::Result<ffi::AnyBuffer>& out) {
     std::memcpy(out->untyped_data(), in.untyped_data(), in.size_bytes());
 }
 
-ffi::Error Check(int64_t flags, int64_t n, ffi::Buffer<ffi::F32> g,
-                 ffi::AnyBuffer backups, ffi::AnyBuffer ms,
-                 ffi::AnyBuffer trace, ffi::Buffer<ffi::F32> scalars,
-                 int64_t row, ffi::Result<ffi::AnyBuffer>& updates) {
-  const bool bf16 = flags & kBf16Backups;
-  const auto held = bf16 ? ffi::DataType::BF16 : ffi::DataType::F32;
-  if (int64_t(g.element_count()) != n || backups.element_type() != held ||
-      n == 0 || backups.element_count() % n != 0)
+// The sizes of one call, per batch element (see the header).
+struct Sizes {
+  int64_t batch = 0, n = 0, rows = 0;
+};
+
+ffi::Error Check(int64_t flags, ffi::Buffer<ffi::F32> g,
+                 ffi::Buffer<ffi::F32> w, ffi::AnyBuffer backups,
+                 ffi::AnyBuffer ms, ffi::AnyBuffer trace,
+                 ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::S32> row,
+                 ffi::Result<ffi::AnyBuffer>& updates, Sizes& z) {
+  z.batch = int64_t(row.element_count());
+  if (z.batch == 0 || int64_t(scalars.element_count()) != z.batch * kNumScalars)
+    return ffi::Error::InvalidArgument("scalars or row: sizes");
+  z.n = int64_t(w.element_count()) / z.batch;
+  const auto held = (flags & kBf16Backups) ? ffi::DataType::BF16
+                                           : ffi::DataType::F32;
+  if (z.n == 0 || int64_t(w.element_count()) != z.batch * z.n ||
+      int64_t(g.element_count()) != z.batch * z.n ||
+      backups.element_type() != held ||
+      backups.element_count() % (z.batch * z.n) != 0)
     return ffi::Error::InvalidArgument("g, w, backups: sizes or dtype");
-  const int64_t rows = int64_t(backups.element_count()) / n;
-  if (row < 0 || row >= rows)
-    return ffi::Error::InvalidArgument("row out of range");
+  z.rows = int64_t(backups.element_count()) / (z.batch * z.n);
   const int64_t ms_size = !(flags & kAdaptive) ? 0
-                          : (flags & kPerWorkerMs) ? rows * n : n;
-  if (int64_t(ms.element_count()) != ms_size ||
-      int64_t(trace.element_count()) != ((flags & kMomentum) ? n : 0))
+                          : (flags & kPerWorkerMs) ? z.rows * z.n : z.n;
+  if (int64_t(ms.element_count()) != z.batch * ms_size ||
+      int64_t(trace.element_count()) != ((flags & kMomentum) ? z.batch * z.n
+                                                             : 0))
     return ffi::Error::InvalidArgument("ms or trace: sizes");
   const bool fresh = !(flags & kMomentum) || (flags & kNesterov);
-  if (int64_t(updates->element_count()) != (fresh ? n : 0) ||
-      scalars.element_count() != kNumScalars)
-    return ffi::Error::InvalidArgument("updates or scalars: sizes");
+  if (int64_t(updates->element_count()) != (fresh ? z.batch * z.n : 0))
+    return ffi::Error::InvalidArgument("updates: size");
+  for (int64_t b = 0; b < z.batch; ++b) {
+    if (row.typed_data()[b] < 0 || row.typed_data()[b] >= z.rows)
+      return ffi::Error::InvalidArgument("row out of range");
+  }
   return ffi::Error::Success();
+}
+
+// Runs `work` on the calling thread and as many pool threads as it has
+// chunks for, and returns when every chunk is done.
+void RunShared(ffi::ThreadPool& pool, const std::shared_ptr<Work>& work) {
+  const int64_t helpers =
+      std::min<int64_t>(pool.num_threads(), work->num_chunks - 1);
+  for (int64_t k = 0; k < helpers; ++k) pool.Schedule([work] { work->Run(); });
+  work->Run();  // The caller works too, so no task waits for a free thread.
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->all_done.wait(lock, [&] { return work->done == work->num_chunks; });
+}
+
+// Batch element `b`'s pointers (operands with a leading batch axis, from
+// vmap, are laid out one element after the other).
+Pointers BatchElement(const Sizes& z, int64_t b, int64_t flags,
+                      ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w,
+                      ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::S32> row,
+                      void* backups, float* ms, float* trace, float* updates) {
+  Pointers p;
+  const int64_t n = z.n, r = row.typed_data()[b];
+  std::memcpy(p.s, scalars.typed_data() + b * kNumScalars, sizeof p.s);
+  p.g = g.typed_data() + b * n;
+  p.w = w.typed_data() + b * n;
+  const int64_t width = (flags & kBf16Backups) ? 2 : 4;
+  p.held = static_cast<char*>(backups) + (b * z.rows + r) * n * width;
+  p.ms = nullptr;
+  if (flags & kAdaptive) {
+    p.ms = (flags & kPerWorkerMs) ? ms + (b * z.rows + r) * n : ms + b * n;
+  }
+  p.trace = (flags & kMomentum) ? trace + b * n : nullptr;
+  p.updates = updates ? updates + b * n : nullptr;
+  return p;
 }
 
 ffi::Error Update(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
@@ -248,38 +298,31 @@ ffi::Error Update(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
                   ffi::Result<ffi::AnyBuffer> ms_out,
                   ffi::Result<ffi::AnyBuffer> trace_out,
                   ffi::Result<ffi::AnyBuffer> updates_out, int64_t flags) {
-  const int64_t n = w.element_count(), r = row.typed_data()[0];
+  Sizes z;
   ffi::Error error =
-      Check(flags, n, g, backups, ms, trace, scalars, r, updates_out);
+      Check(flags, g, w, backups, ms, trace, scalars, row, updates_out, z);
   if (error.failure()) return error;
   AliasOrCopy(backups, backups_out);
   AliasOrCopy(ms, ms_out);
   AliasOrCopy(trace, trace_out);
-  auto work = std::make_shared<Work>();
-  Pointers& p = work->p;
-  std::memcpy(p.s, scalars.typed_data(), sizeof p.s);
-  p.g = g.typed_data();
-  p.w = w.typed_data();
-  const int64_t width = (flags & kBf16Backups) ? 2 : 4;
-  p.held = static_cast<char*>(backups_out->untyped_data()) + r * n * width;
-  p.ms = static_cast<float*>(ms_out->untyped_data());
-  if (flags & kPerWorkerMs) p.ms += r * n;
-  p.trace = static_cast<float*>(trace_out->untyped_data());
-  p.updates = updates_out->element_count()
-                  ? static_cast<float*>(updates_out->untyped_data())
-                  : nullptr;
-  work->flags = flags;
-  work->valid = p.s[kValid] != 0.0f;
-  work->fn = Select<0, 1>(flags);
-  work->size = n;
-  work->chunk = kChunk;
-  work->num_chunks = (n + kChunk - 1) / kChunk;
-  const int64_t helpers =
-      std::min<int64_t>(pool.num_threads(), work->num_chunks - 1);
-  for (int64_t k = 0; k < helpers; ++k) pool.Schedule([work] { work->Run(); });
-  work->Run();  // The caller works too, so no task waits for a free thread.
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->all_done.wait(lock, [&] { return work->done == work->num_chunks; });
+  float* updates = updates_out->element_count()
+                       ? static_cast<float*>(updates_out->untyped_data())
+                       : nullptr;
+  const RangeFn fn = Select<0, 1>(flags);
+  for (int64_t b = 0; b < z.batch; ++b) {
+    auto work = std::make_shared<Work>();
+    work->p = BatchElement(
+        z, b, flags, g, w, scalars, row, backups_out->untyped_data(),
+        static_cast<float*>(ms_out->untyped_data()),
+        static_cast<float*>(trace_out->untyped_data()), updates);
+    work->flags = flags;
+    work->valid = work->p.s[kValid] != 0.0f;
+    work->fn = fn;
+    work->size = z.n;
+    work->chunk = kChunk;
+    work->num_chunks = (z.n + kChunk - 1) / kChunk;
+    RunShared(pool, work);
+  }
   return ffi::Error::Success();
 }
 
