@@ -26,7 +26,12 @@ and the same add as the fused update's loop over 8Ki-element blocks, which
 XLA:CPU runs on one thread), the CPU time per step (all threads) against
 the baseline's, and the peak memory of the compiled step from XLA's memory analysis.
 
+With ``--crossover`` it instead times one parameter of 1Ki to 4Mi elements
+both ways (the CPU kernel, and XLA's path below it), which sets the kernel's
+``MIN_SIZE``.
+
 Run: python benchmarks/update_cost.py [--params 25_000_000] [--repeats 9]
+     python benchmarks/update_cost.py --crossover
 Results and the machine: benchmarks/update_cost.md.
 """
 
@@ -48,6 +53,7 @@ import optax
 from jax import lax
 
 import dcasgd_optax
+from dcasgd_optax._src import _cpu_kernel
 
 _TRAFFIC_BOUND = 9 / 5
 _KERNEL_TARGET = "dcasgd_optax_sgd_update"  # The fused update's CPU kernel.
@@ -265,6 +271,39 @@ def configs(lr: float = 0.01) -> list[Config]:
   ]
 
 
+def crossover(repeats: int) -> None:
+  """Per-step time of one parameter of each size, by the kernel and by XLA.
+
+  ``dcasgd(0.1, 8, momentum=0.9)``, jitted and donated, many steps per
+  sample so that dispatch is amortised; the kernel's size threshold is
+  lifted for the measurement.
+  """
+  print(f"jax {jax.__version__}; current MIN_SIZE {_cpu_kernel.MIN_SIZE}")
+  print("\n| elements | XLA us/step | kernel us/step | kernel / XLA |")
+  print("|---|---|---|---|")
+  threshold, _cpu_kernel.MIN_SIZE = _cpu_kernel.MIN_SIZE, 0
+  try:
+    for log2 in range(10, 23, 2):
+      size = 1 << log2
+      steps = max(20, min(2000, (1 << 26) // (16 * size)))
+      xla, kernel = (_one_leaf_seconds(size, on, steps, repeats)
+                     for on in (False, True))
+      print(f"| {size:,} | {xla * 1e6:.1f} | {kernel * 1e6:.1f} | "
+            f"{kernel / xla:.2f} |")
+  finally:
+    _cpu_kernel.MIN_SIZE = threshold
+
+
+def _one_leaf_seconds(size: int, kernel: bool, steps: int,
+                      repeats: int) -> float:
+  config = Config("one leaf", lambda: dcasgd_optax.dcasgd(
+      0.1, 8, momentum=0.9), 8, 9, cpu_kernel=kernel)
+  params = {"w": jnp.ones((size,))}
+  runner = Runner(config, params, {"w": jnp.full((size,), 1e-3)})
+  assert runner.by_kernel == kernel, (size, kernel)
+  return statistics.median(runner.run(steps) for _ in range(repeats))
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--params", type=int, default=25_000_000)
@@ -279,7 +318,14 @@ def main() -> int:
       "--only", default="",
       help="comma-separated substrings: time only the matching rows",
   )
+  parser.add_argument(
+      "--crossover", action="store_true",
+      help="time one parameter of each size by the kernel and by XLA",
+  )
   args = parser.parse_args()
+  if args.crossover:
+    crossover(args.repeats)
+    return 0
 
   params = make_params(args.params)
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
