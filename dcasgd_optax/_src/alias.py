@@ -77,8 +77,12 @@ def dcasgd(
   :func:`pull` when they do.
 
   The state is the chain's; the update gives the chain's numbers but is
-  fused: each parameter is read and written once per update (on CPU, block
-  by block through the cache) instead of once per chain member. Costs:
+  fused: each parameter is read and written once per update instead of once
+  per chain member. On CPU, float32 parameters go through a C++ kernel
+  (an XLA FFI call on all of XLA's threads) compiled on first use with the
+  system compiler and cached in ``~/.cache/dcasgd_optax``; without a
+  compiler a warning says so and XLA's slower blocked loop gives the same
+  numbers (``DCASGD_OPTAX_CPU_KERNEL=0`` chooses it). Costs:
   ``benchmarks/update_cost.md``.
 
   A traced ``worker`` outside ``[0, num_workers)`` leaves the backups and
