@@ -152,7 +152,7 @@ def leaf_update(
           None if ms is None else new_ms, None if trace is None else new_trace)
 
 
-def flags(
+def flags_for(
     compensation: Compensation, *, per_worker_ms: bool, weight_decay: bool,
     momentum: bool, nesterov: bool, bf16_backups: bool,
 ) -> Flags:
@@ -174,7 +174,7 @@ def flags(
   return on
 
 
-def scalars(
+def scalars_for(
     compensation: Compensation, *, valid: Any, decay: Any, count: Any,
     total_count: Any, weight_decay: Any, momentum: Any, step_size: Any,
 ) -> jax.Array:

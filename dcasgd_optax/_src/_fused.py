@@ -342,7 +342,7 @@ def _by_kernel(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
 
 def _kernel_flags(step: _Step, backup_dtype: Any) -> _cpu_kernel.Flags:
   """Which parts of the update the kernel computes."""
-  return _cpu_kernel.flags(
+  return _cpu_kernel.flags_for(
       step.compensation, per_worker_ms=step.stats.per_worker,
       weight_decay=step.scalars.weight_decay is not None,
       momentum=step.has_trace, nesterov=step.tail.nesterov,
@@ -353,7 +353,7 @@ def _kernel_flags(step: _Step, backup_dtype: Any) -> _cpu_kernel.Flags:
 def _kernel_scalars(step: _Step) -> jax.Array:
   """This update's scalars for the kernel."""
   s = step.scalars
-  return _cpu_kernel.scalars(
+  return _cpu_kernel.scalars_for(
       step.compensation, valid=step.valid, decay=step.stats.decay,
       count=step.count, total_count=jnp.sum(step.counted.count),
       weight_decay=s.weight_decay, momentum=step.tail.momentum,
