@@ -5,8 +5,9 @@
 sgd))``) but run a fused update. Each is compared here, under ``jit``, with
 that chain built from the public transformations over a few updates,
 including one from a traced out-of-range worker. The model has a parameter
-large enough to be processed block by block on CPU (more than two blocks of
-8Ki elements, with a partial last block) and small ones.
+large enough for the CPU kernel (16Ki elements or more) and, with the kernel
+switched off, for XLA's loop over 8Ki-element blocks (more than two blocks,
+with a partial last block), and small ones.
 
 The comparison allows a few units in the last place: XLA:CPU contracts a
 multiply and an add into one rounding (FMA) where both sit in one fusion,
