@@ -72,22 +72,33 @@ def _rows_per_device(tree_R: Any, mesh: Any) -> int:
   return leaves[0].shape[0] // mesh.size if leaves else 1
 
 
-def chunk_gradients(replay: Replay, state, workers_S, batch_S, *, unroll):
+def chunk_gradients(replay: Replay, state, workers_S, batch_S, *, unroll,
+                    by_row=False):
   """Loss, new model state and gradient of every slot, each computed on the
-  device that holds its worker, at the model it holds (its backup row)."""
+  device that holds its worker, at the model it holds (its backup row).
+
+  ``by_row``: slot ``j`` is the worker of row ``j`` (``_plan``), so the
+  gradients are taken at the backups as they lie, with no gather.
+  """
   backups = _state.backups_of(state.opt_state)
   rows = _rows_per_device(backups, replay.mesh)
   dtypes = jax.tree.map(lambda p: p.dtype, state.params)
   grad_fn = jax.value_and_grad(replay.loss_with_state, has_aux=True)
 
+  def at(held, model_state, batch):
+    params = jax.tree.map(lambda h, d: h.astype(d), held, dtypes)
+    (loss, new_ms), grads = grad_fn(params, model_state, batch)
+    return loss, new_ms, grads
+
   def local(ids, backups_R, worker_ms_R, workers_S, batch_S):
+    if by_row:
+      return _slots.map_slots(at, (backups_R, worker_ms_R, batch_S),
+                              replay.vmap_slots, unroll=unroll)
+
     def slot(worker, batch):
       row = worker - ids[0] * rows
-      held = jax.tree.map(lambda b: b[row], backups_R)
-      params = jax.tree.map(lambda h, d: h.astype(d), held, dtypes)
-      model_state = jax.tree.map(lambda x: x[row], worker_ms_R)
-      (loss, new_ms), grads = grad_fn(params, model_state, batch)
-      return loss, new_ms, grads
+      return at(jax.tree.map(lambda b: b[row], backups_R),
+                jax.tree.map(lambda x: x[row], worker_ms_R), batch)
 
     return _slots.map_slots(
         slot, (workers_S, batch_S), replay.vmap_slots, unroll=unroll
@@ -216,14 +227,14 @@ def _empty_record(replay: Replay, size: int, loss_dtype) -> dict[str, Any]:
 
 
 def chunk_program(replay: Replay, state, workers_S, batch_S, arrival_slots_S,
-                  length, sampled_S=None, *, unroll):
+                  length, sampled_S=None, *, unroll, by_row=False):
   """One chunk: its gradients, then its first ``length`` arrivals applied.
 
   Returns the new state and the record of the chunk's arrivals (entry ``k``
   for its ``k``-th arrival; entries past ``length`` are padding).
   """
   loss, new_ms, grads = chunk_gradients(
-      replay, state, workers_S, batch_S, unroll=unroll
+      replay, state, workers_S, batch_S, unroll=unroll, by_row=by_row
   )
   chunk = Chunk(workers_S, arrival_slots_S, sampled_S, batch_S, loss, new_ms,
                 grads)
@@ -235,7 +246,7 @@ def chunk_program(replay: Replay, state, workers_S, batch_S, arrival_slots_S,
 
 def replay_program(replay: Replay, state, batches, starts, lengths,
                    num_chunks, slot_rows, slot_workers, arrival_slots,
-                   sampled=None, *, loss_dtype):
+                   sampled=None, *, loss_dtype, by_row=False):
   """The whole replay as one program: a loop over chunks ("compiled").
 
   Returns the new state and the record, one entry per arrival.
@@ -251,6 +262,7 @@ def replay_program(replay: Replay, state, batches, starts, lengths,
         replay, state, slot_workers[c],
         jax.tree.map(lambda x: x[slot_rows[c]], batches), arrival_slots[c],
         length, None if sampled is None else sampled[rows], unroll=False,
+        by_row=by_row,
     )
     at = jnp.where(slot < length, start + slot, num_arrivals)
     record_A = {
@@ -291,7 +303,7 @@ def replay_host_chunks(step, state, batches, plan, sampled=None, *,
     of_chunk = (lambda a: a[:, c]) if batched else (lambda a: a[c])
     state, record = step(
         state, of_chunk(workers), batch_S, of_chunk(slots), lengths[c],
-        None if sampled is None else sampled[c],
+        None if sampled is None else sampled[c], by_row=plan.by_row,
     )
     records.append(record)
   # Entries past a chunk's length are padding: keep the arrivals' only.
@@ -311,12 +323,13 @@ def _sims_axis(shared: bool) -> int | None:
 
 def replay_many_program(replay: Replay, states, batches, starts, lengths,
                         num_chunks, slot_rows, slot_workers, arrival_slots,
-                        sampled=None, *, loss_dtype, shared):
+                        sampled=None, *, loss_dtype, shared, by_row=False):
   """:func:`replay_program` vmapped over ``N`` simulations: their states and
   batches have a leading axis ``N``, the slot arrays too unless ``shared``
   (one arrival order for all, so the workers' rows are read and written
   with plain slices); the chunks are shared."""
-  run = functools.partial(replay_program, replay, loss_dtype=loss_dtype)
+  run = functools.partial(replay_program, replay, loss_dtype=loss_dtype,
+                          by_row=by_row)
   sims = _sims_axis(shared)
   return jax.vmap(run, in_axes=(0, 0, None, None, None, sims, sims, sims,
                                 None))(
@@ -327,10 +340,11 @@ def replay_many_program(replay: Replay, states, batches, starts, lengths,
 
 def chunk_many_program(replay: Replay, states, workers_S, batch_NxS,
                        arrival_slots_S, length, sampled_S=None, *, unroll,
-                       shared):
+                       shared, by_row=False):
   """:func:`chunk_program` vmapped over ``N`` simulations (shared length;
   see :func:`replay_many_program` for ``shared``)."""
-  run = functools.partial(chunk_program, replay, unroll=unroll)
+  run = functools.partial(chunk_program, replay, unroll=unroll,
+                          by_row=by_row)
   sims = _sims_axis(shared)
   return jax.vmap(run, in_axes=(0, sims, 0, sims, None, None))(
       states, workers_S, batch_NxS, arrival_slots_S, length, sampled_S

@@ -175,11 +175,12 @@ class Simulator(_protocol.SimulatorBase):
       jit = functools.partial(
           jax.jit, donate_argnums=(0,) if self._donate else ())
       one = jit(functools.partial(_programs.replay_program, replay),
-                static_argnames=("loss_dtype",))
+                static_argnames=("loss_dtype", "by_row"))
       many = jit(functools.partial(_programs.replay_many_program, replay),
-                 static_argnames=("loss_dtype", "shared"))
+                 static_argnames=("loss_dtype", "shared", "by_row"))
     else:  # a copy is donated when the caller's state is not (replay)
-      jit = functools.partial(jax.jit, donate_argnums=(0,))
+      jit = functools.partial(jax.jit, donate_argnums=(0,),
+                              static_argnames=("by_row",))
       one = jit(functools.partial(
           _programs.chunk_program, replay, unroll=True))
       many = {
@@ -365,7 +366,7 @@ class Simulator(_protocol.SimulatorBase):
     args = (state, batches, plan.starts, plan.lengths,
             np.int32(plan.num_chunks), pick(plan.slot_rows),
             pick(plan.slot_workers), pick(plan.arrival_slots), sampled)
-    kwargs = dict(loss_dtype=loss.dtype)
+    kwargs = dict(loss_dtype=loss.dtype, by_row=plan.by_row)
     if many:
       kwargs["shared"] = shared
     return arrivals, args, kwargs, strategy, programs
@@ -390,7 +391,7 @@ class Simulator(_protocol.SimulatorBase):
     first = None if sampled is None else sampled[:plan.chunk]
     return program.lower(
         state, plan.slot_workers[0, 0], batch_S, plan.arrival_slots[0, 0],
-        plan.lengths[0], first,
+        plan.lengths[0], first, by_row=plan.by_row,
     )
 
   def _sampled(self, state: SimState, num_arrivals: int) -> np.ndarray | None:
