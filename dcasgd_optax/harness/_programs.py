@@ -324,28 +324,75 @@ def _sims_axis(shared: bool) -> int | None:
 def replay_many_program(replay: Replay, states, batches, starts, lengths,
                         num_chunks, slot_rows, slot_workers, arrival_slots,
                         sampled=None, *, loss_dtype, shared, by_row=False):
-  """:func:`replay_program` vmapped over ``N`` simulations: their states and
-  batches have a leading axis ``N``, the slot arrays too unless ``shared``
-  (one arrival order for all, so the workers' rows are read and written
-  with plain slices); the chunks are shared."""
-  run = functools.partial(replay_program, replay, loss_dtype=loss_dtype,
-                          by_row=by_row)
+  """:func:`replay_program` for ``N`` simulations: their states and batches
+  have a leading axis ``N``, the slot arrays too unless ``shared`` (one
+  arrival order for all, so the workers' rows are read and written with
+  plain slices); the chunks are shared, each a :func:`chunk_many_program`.
+  """
+  num_sims = jax.tree.leaves(batches)[0].shape[0]
+  num_arrivals, num_slots = slot_rows.shape[-2:]
+  slot = jnp.arange(num_slots)
   sims = _sims_axis(shared)
-  return jax.vmap(run, in_axes=(0, 0, None, None, None, sims, sims, sims,
-                                None))(
-      states, batches, starts, lengths, num_chunks, slot_rows, slot_workers,
-      arrival_slots, sampled,
-  )
+  take = jax.vmap(lambda b, r: jax.tree.map(lambda x: x[r], b),
+                  in_axes=(0, sims))
+
+  def chunk_body(c, carry):
+    states, record_NA = carry
+    start, length = starts[c], lengths[c]
+    rows = jnp.minimum(start + slot, num_arrivals - 1)
+    of = (lambda a: a[c]) if shared else (lambda a: a[:, c])
+    states, record = chunk_many_program(
+        replay, states, of(slot_workers), take(batches, of(slot_rows)),
+        of(arrival_slots), length,
+        None if sampled is None else sampled[rows], unroll=False,
+        shared=shared, by_row=by_row,
+    )
+    at = jnp.where(slot < length, start + slot, num_arrivals)
+    record_NA = {
+        key: x.at[:, at].set(record[key].astype(x.dtype), mode="drop")
+        for key, x in record_NA.items()
+    }
+    return states, record_NA
+
+  record_NA = jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (num_sims, *x.shape)),
+      _empty_record(replay, num_arrivals, loss_dtype))
+  return jax.lax.fori_loop(0, num_chunks, chunk_body, (states, record_NA))
 
 
 def chunk_many_program(replay: Replay, states, workers_S, batch_NxS,
                        arrival_slots_S, length, sampled_S=None, *, unroll,
                        shared, by_row=False):
-  """:func:`chunk_program` vmapped over ``N`` simulations (shared length;
-  see :func:`replay_many_program` for ``shared``)."""
-  run = functools.partial(chunk_program, replay, unroll=unroll,
-                          by_row=by_row)
+  """:func:`chunk_program` for ``N`` simulations (shared length; see
+  :func:`replay_many_program` for ``shared``).
+
+  The ``N x S`` gradients are one vmapped call; then each simulation's
+  arrivals are applied in turn (a loop over simulations), not vmapped: so
+  each one's server state stays in cache through its arrivals, where
+  vmapped updates would stream all ``N`` states through it per arrival.
+  """
   sims = _sims_axis(shared)
-  return jax.vmap(run, in_axes=(0, sims, 0, sims, None, None))(
-      states, workers_S, batch_NxS, arrival_slots_S, length, sampled_S
-  )
+  gradients = functools.partial(chunk_gradients, replay, unroll=unroll,
+                                by_row=by_row)
+  loss, new_ms, grads = jax.vmap(gradients, in_axes=(0, sims, 0))(
+      states, workers_S, batch_NxS)
+  num_sims = loss.shape[0]
+  record = _empty_record(replay, loss.shape[1], loss.dtype)
+  records = jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (num_sims, *x.shape)), record)
+
+  def simulation(n, carry):
+    states, records = carry
+    of = lambda tree: jax.tree.map(lambda x: x[n], tree)
+    per_sim = (lambda a: a) if shared else of
+    chunk = Chunk(per_sim(workers_S), per_sim(arrival_slots_S), sampled_S,
+                  of(batch_NxS), loss[n], of(new_ms), of(grads))
+    state, record_n = jax.lax.fori_loop(
+        0, length, functools.partial(_arrive, replay, chunk),
+        (of(states), record))
+    put = lambda tree, value: jax.tree.map(
+        lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v, n, 0),
+        tree, value)
+    return put(states, state), put(records, record_n)
+
+  return jax.lax.fori_loop(0, num_sims, simulation, (states, records))
