@@ -6,7 +6,7 @@ that holds that worker's backup (``_plan``), then applied one by one, in
 arrival order. ``"compiled"`` runs every chunk inside one program (a loop
 over chunks); ``"host_chunks"`` calls one jitted program per chunk from
 Python, in which the gradients are unrolled, not looped (see
-:func:`_protocol.default_strategy`), with the state donated from call to call
+:func:`_protocol.cpu_strategy`), with the state donated from call to call
 so the backups are updated in place.
 
 On one device ``tx`` updates the state itself, in place, and the worker's
