@@ -4,9 +4,11 @@ For an MLP on 784-dimensional inputs and a small CNN on 28x28 images (batch
 32, DC-ASGD-a with momentum), side by side in one process, per gradient:
 
 - ``replay``: ``Simulator.replay`` on a cyclic order (and a Gamma order),
-  with the default strategy (``"host_chunks"`` on CPU, ``"compiled"``
-  elsewhere); ``compiled``: the same with ``strategy="compiled"``, and the
-  first call of each (compilation included), in seconds.
+  with the default strategy (on CPU ``"compiled"`` for the MLPs and
+  ``"host_chunks"`` for the CNN, picked from whether the gradient
+  convolves; ``"compiled"`` elsewhere); ``other strategy``: the same with
+  the other one, and the first call of each (compilation included), in
+  seconds.
 - ``limit``: the same gradients computed synchronously (num_workers at a
   time, at one shared model; the fastest of a vmapped call, a loop, and
   unrolled calls per round) plus one server update (DC update + apply +
@@ -24,6 +26,14 @@ Models: ``mlp`` 784-256-256-10 (270k params), ``cnn`` conv3x3/16 -> conv3x3/32
 per-call dispatch weighs most against compute).
 
 Each time is the best of ``--repeats`` runs after a warm-up (compilation).
+
+``--sweep S``: ``replay_many`` of S seeds against S ``replay`` calls, its
+floor (S x 16 gradients at as many models per vmapped call plus S server
+updates per arrival, vmapped, each timed alone), and how far each is from
+the machine's limits: the gradient's FLOPs (XLA's cost analysis) per second
+against a large jitted matrix product's, and the update's bytes (9
+model-sized arrays) per second against a donated ``w + g``'s over the
+sweep's working set.
 
 Run: python benchmarks/harness_throughput.py [--arrivals 256] [--repeats 3]
      python benchmarks/harness_throughput.py --sweep 8   # replay_many, 8 seeds
@@ -136,7 +146,7 @@ def time_replay(loss_fn, params, num_workers, arrivals, batches, repeats,
     jax.block_until_ready((box[0], metrics))
 
   best, first = best_and_first_time(run, repeats)
-  return best / len(arrivals), sim.describe(arrivals, params), first
+  return best / len(arrivals), sim.describe(arrivals, params, batches), first
 
 
 def time_round_gradients(loss_fn, params, num_workers, batches, repeats, *,
@@ -220,6 +230,92 @@ def time_updates(params, num_workers, num_arrivals, repeats):
   return best_time(fn, repeats) / num_arrivals
 
 
+def time_updates_many(params, num_workers, num_sims, num_arrivals, repeats):
+  """:func:`time_updates` vmapped over ``num_sims`` simulations (one shared
+  worker order, as replay_many's shared arrivals): seconds per simulation
+  and arrival."""
+  tx = make_tx(num_workers)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+  workers = jnp.arange(num_arrivals, dtype=jnp.int32) % num_workers
+
+  def step(params, state, m):
+    updates, state = tx.update(grads, state, params, worker=m)
+    return optax.apply_updates(params, updates), state
+
+  def run(params_N, state_N):
+    def body(carry, m):
+      return jax.vmap(step, in_axes=(0, 0, None))(*carry, m), None
+
+    return jax.lax.scan(body, (params_N, state_N), workers)[0]
+
+  run = jax.jit(run, donate_argnums=(0, 1))
+  params_N = jax.tree.map(
+      lambda p: jnp.broadcast_to(p, (num_sims, *p.shape)) + 0, params)
+  box = [(params_N, jax.vmap(tx.init)(params_N))]
+
+  def fn():
+    box[0] = jax.block_until_ready(run(*box[0]))
+
+  return best_time(fn, repeats) / (num_sims * num_arrivals)
+
+
+def time_gradients_batched(loss_fn, params, num_models, batches, repeats):
+  """Seconds per gradient of ``num_models`` gradients at as many models in
+  one vmapped call (a jitted scan over groups): what a chunk of
+  ``replay_many`` computes at once (S simulations x 16 slots)."""
+  groups = batches.reshape(-1, num_models, *batches.shape[1:])
+  grad_fn = jax.grad(loss_fn)
+  models = jax.tree.map(
+      lambda p: p[None] * (1.0 + 0.01 * jnp.arange(num_models).reshape(
+          -1, *[1] * p.ndim)), params)
+
+  @jax.jit
+  def run(models, groups):
+    def body(grads, batch_G):
+      del grads
+      return jax.vmap(grad_fn)(models, batch_G), None
+
+    zeros = jax.tree.map(jnp.zeros_like, models)
+    return jax.lax.scan(body, zeros, groups)[0]
+
+  fn = lambda: jax.block_until_ready(run(models, groups))
+  return best_time(fn, repeats) / batches.shape[0]
+
+
+def gradient_flops(loss_fn, params, batch) -> float:
+  """FLOPs of one gradient of ``loss_fn`` on ``batch`` (XLA's cost
+  analysis of the compiled gradient)."""
+  compiled = jax.jit(jax.grad(loss_fn)).lower(params, batch).compile()
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older JAX: one per module
+    analysis = analysis[0]
+  return float(analysis["flops"])
+
+
+def matmul_peak(repeats: int, size: int = 2048) -> float:
+  """GFLOP/s of a jitted float32 ``size x size`` matrix product (all cores):
+  the most this CPU computes per second in the operation gradients are made
+  of."""
+  a, b = (jax.random.normal(k, (size, size), jnp.float32)
+          for k in jax.random.split(jax.random.key(2)))
+  matmul = jax.jit(jnp.matmul)
+  seconds = best_time(lambda: jax.block_until_ready(matmul(a, b)), repeats)
+  return 2 * size**3 / seconds / 1e9
+
+
+def add_bandwidth(num_floats: int, repeats: int) -> float:
+  """GB/s of a jitted, donated ``w + g`` over ``num_floats`` float32s (3
+  arrays of that size moved): the copy bandwidth for that working set."""
+  add = jax.jit(jnp.add, donate_argnums=0)
+  g = jnp.full((num_floats,), 1e-3, jnp.float32)
+  box = [jnp.zeros((num_floats,), jnp.float32)]
+
+  def fn():
+    box[0] = jax.block_until_ready(add(box[0], g))
+
+  return 3 * 4 * num_floats / best_time(fn, repeats) / 1e9
+
+
 def time_naive(loss_fn, params, num_workers, arrivals, batches, repeats):
   """One jitted gradient and one jitted, donated update per arrival."""
   tx = make_tx(num_workers)
@@ -292,8 +388,10 @@ def scaling(name, loss_fn, params, num_arrivals, repeats):
 
 
 def sweep(name, loss_fn, params, num_sims, num_workers, num_arrivals,
-          repeats):
-  """``num_sims`` seeds: one ``replay_many`` against as many ``replay``s."""
+          repeats, limits, peak):
+  """``num_sims`` seeds: one ``replay_many`` against as many ``replay``s;
+  appends to ``limits`` this model's row of the table of machine limits
+  (``peak``: the matrix-product GFLOP/s)."""
   arrivals = schedules.cyclic(num_workers, num_arrivals)
   batches = jnp.asarray(np.random.default_rng(0).integers(
       0, NUM_EXAMPLES, (num_sims, num_arrivals, BATCH)))
@@ -317,9 +415,51 @@ def sweep(name, loss_fn, params, num_sims, num_workers, num_arrivals,
   separate, first_separate = best_and_first_time(one_by_one, repeats)
   many, first_many = best_and_first_time(together, repeats)
   per = num_sims * num_arrivals
-  print(f"| {name} | {num_sims} | {num_workers} | {separate / per * 1e6:.0f} "
-        f"| {many / per * 1e6:.0f} | {separate / many:.2f}x | "
+  separate, many = separate / per, many / per
+  # What replay_many must do at least: S x 16 gradients at as many models
+  # per chunk, and S server updates per arrival, each timed alone.
+  grads_many = time_gradients_batched(
+      loss_fn, params, num_sims * num_workers,
+      batches.reshape(-1, BATCH), repeats)
+  updates_many = time_updates_many(params, num_workers, num_sims,
+                                   num_arrivals, repeats)
+  floor = grads_many + updates_many
+  print(f"| {name} | {num_sims} | {num_workers} | {separate * 1e6:.0f} "
+        f"| {many * 1e6:.0f} | {separate / many:.2f}x | "
+        f"{grads_many * 1e6:.0f} + {updates_many * 1e6:.0f} = "
+        f"{floor * 1e6:.0f} | {floor / many:.2f} | {separate / floor:.2f}x | "
         f"{first_separate:.1f} / {first_many:.1f} |", flush=True)
+  limits.append(machine_row(name, loss_fn, params, batches[0], num_sims,
+                            num_workers, num_arrivals, repeats,
+                            dict(replay=separate, many=many,
+                                 grads_many=grads_many,
+                                 updates_many=updates_many, peak=peak)))
+
+
+def machine_row(name, loss_fn, params, batches, num_sims, num_workers,
+                num_arrivals, repeats, times) -> str:
+  """One model's row of the limits table: achieved GFLOP/s and GB/s
+  against the CPU's measured matrix-product peak and copy bandwidth."""
+  flops = gradient_flops(loss_fn, params, batches[0])
+  grads_one = time_round_gradients(loss_fn, params, num_workers, batches,
+                                   repeats, own_models=True)
+  updates_one = time_updates(params, num_workers, num_arrivals, repeats)
+  model_floats = sum(x.size for x in jax.tree.leaves(params))
+  moved = 9 * 4 * model_floats  # g, w, row, ms, trace in; w, ms, trace, row out
+  # The sweep's server state: per simulation, params, mean square, momentum
+  # and num_workers backups.
+  working_set = num_sims * (3 + num_workers) * model_floats
+  bandwidth = add_bandwidth(working_set, repeats)
+  gflops = lambda t: flops / t / 1e9
+  gbs = lambda t: moved / t / 1e9
+  bound = flops / (times["peak"] * 1e9) + moved / (bandwidth * 1e9)
+  return (
+      f"| {name} | {flops / 1e6:.2f} | {gflops(grads_one):.0f} / "
+      f"{gflops(times['grads_many']):.0f} | {gflops(times['replay']):.0f} / "
+      f"{gflops(times['many']):.0f} | {times['peak']:.0f} | "
+      f"{moved / 1e6:.2f} | {gbs(updates_one):.1f} / "
+      f"{gbs(times['updates_many']):.1f} | {bandwidth:.1f} | "
+      f"{bound * 1e6:.0f} | {times['replay'] / bound:.1f}x |")
 
 
 def memory(num_params: int = 1 << 20) -> None:
@@ -391,7 +531,7 @@ def resnet20_compile(workers: list[int], batch: int = 128) -> None:
       jax.block_until_ready((box[0], metrics))
 
     best, first = best_and_first_time(run, 1)
-    plan = sim.describe(arrivals, params)
+    plan = sim.describe(arrivals, params, batches, model_state)
     print(f"| {num_workers} | {plan['strategy']} | {plan['chunk']} | "
           f"{first:.1f} | {best / len(arrivals):.2f} |", flush=True)
 
@@ -425,12 +565,25 @@ def main():
         f"{len(jax.devices())}, {args.arrivals} arrivals, batch {BATCH}; "
         "times in microseconds per gradient\n")
   if args.sweep:
+    peak = matmul_peak(args.repeats)
     print("| model | simulations | workers | S replays | replay_many | "
-          "speed-up | first call, s (replays / many) |\n|---|---|---|---|---|"
-          "---|---|")
+          "speed-up | floor of replay_many: grads + updates | floor / "
+          "replay_many | most speed-up (S replays / floor) | first call, s "
+          "(replays / many) |\n|---|---|---|---|---|---|---|---|---|---|",
+          flush=True)
+    limits = []
     for name, (params, loss_fn) in models.items():
       sweep(name, loss_fn, params, args.sweep, 16, args.arrivals,
-            args.repeats)
+            args.repeats, limits, peak)
+    print(f"\nmatrix-product peak {peak:.0f} GFLOP/s (f32 2048^3, jitted)\n")
+    print("| model | gradient MFLOP | GFLOP/s of gradients alone (16 / "
+          f"{args.sweep}x16 per call) | GFLOP/s in replay / replay_many | "
+          "matmul peak | update MB moved (9 arrays) | GB/s of updates alone "
+          f"(1 / {args.sweep} simulations) | copy GB/s (sweep's working set) "
+          "| bound µs/gradient (peak + bandwidth) | most speed-up over a "
+          "replay |\n|---|---|---|---|---|---|---|---|---|---|")
+    for row in limits:
+      print(row, flush=True)
     return
   print("| model | workers | strategy | replay | sync grads | own-model "
         "grads | updates | limit/replay | floor/replay | naive | naive/replay "

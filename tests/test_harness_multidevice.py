@@ -88,6 +88,28 @@ _SCRIPT = textwrap.dedent("""
     close(run_async(one, 6, cases[0][1], stateful=True),
           run_async(eight, 6, cases[0][1], stateful=True))
 
+    # replay_many on 8 devices: each simulation as its own replay (shared
+    # order and one order per simulation; 6 workers, padded to 8 rows). Both
+    # strategies, in the slow run only (it adds a dozen compilations).
+    starts = [jax.tree.map(lambda x, i=i: x * (1.0 + 0.5 * i), params)
+              for i in range(2)]
+    orders = np.random.default_rng(3).integers(0, 6, (2, 16))
+    batches = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 16, 8)))
+    for strategy in (("compiled", "host_chunks")
+                     if STRATEGY == "host_chunks" else ()):
+      sim = Simulator(loss_fn, dcasgd_optax.dcasgd(0.1, 6, momentum=0.5),
+                      devices=eight, strategy=strategy)
+      for arrivals in (orders[0], orders):
+        states, record = sim.replay_many(sim.init_many(jax.tree.map(
+            lambda *x: jnp.stack(x), *starts)), batches, arrivals)
+        for i in range(2):
+          state, alone = sim.replay(
+              sim.init(starts[i]), batches[i],
+              orders[i] if arrivals.ndim == 2 else arrivals)
+          close(workers_only(jax.tree.map(lambda x: x[i], states), 6),
+                workers_only(state, 6))
+          close(record["loss"][i], alone["loss"])
+
     def run_sync(devices, num_workers):
       sim = SyncSimulator(loss_fn, optax.sgd(0.1), num_workers, devices=devices,
                           strategy=STRATEGY)

@@ -36,7 +36,7 @@ def test_one_calling_code_runs_both_simulators(cls):
   assert isinstance(sim.tx, optax.GradientTransformationExtraArgs)
   state = sim.init(PARAMS)
   assert state.last_pull.shape == (W,)
-  plan = sim.describe(arrivals, PARAMS)
+  plan = sim.describe(arrivals, PARAMS, make_batches(3 * W))
   assert set(plan) == {"num_arrivals", "num_runs", "chunk", "num_chunks",
                        "fill_ratio", "strategy"}
   state, record = sim.replay(state, make_batches(3 * W), arrivals)

@@ -248,9 +248,19 @@ def test_unknown_strategy_raises():
     SyncSimulator(loss_fn, optax.sgd(0.1), W, strategy="python")
 
 
-def test_default_strategy_on_cpu_is_host_chunks():
+def test_default_strategy_on_cpu_is_picked_per_loss_function():
   assert jax.default_backend() == "cpu"
-  assert Simulator(loss_fn, optax.sgd(0.1), W).strategy == "host_chunks"
+  sim = Simulator(loss_fn, optax.sgd(0.1), W)
+  assert sim.strategy is None
+  arrivals = schedules.cyclic(W, 8)
+  assert sim.describe(arrivals, init_params(), make_batches(8))[
+      "strategy"] == "compiled"  # matrix products: one program
+  params = {"k": jnp.full((3, 3, 1, 4), 0.1), "d": jnp.linspace(-0.1, 0.1, 36)}
+  conv = Simulator(conv_loss_fn, optax.sgd(0.1), W)
+  assert conv.describe(arrivals, params, make_batches(8))[
+      "strategy"] == "host_chunks"  # convolutions: out of any loop
+  with pytest.raises(ValueError, match="batches"):
+    sim.describe(arrivals, init_params())
   assert SyncSimulator(loss_fn, optax.sgd(0.1), W).strategy == "host_chunks"
 
 

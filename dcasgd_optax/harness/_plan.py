@@ -6,8 +6,12 @@ contiguous block of workers (``rows_per_device`` of them) and computes the
 gradients of those workers only, so a run is cut into chunks in which no
 device has more than ``slots_per_device`` arrivals; a chunk's slots are laid
 out device-major (slot ``d * slots_per_device + j`` is device ``d``'s
-``j``-th). ``N`` simulations replayed together (``replay_many``) share the
-cuts: a run ends where any of them repeats a worker.
+``j``-th). Where a chunk has as many slots per device as each device holds
+workers (``by_row``), slot ``j`` is always the worker of row ``j`` (a
+padding slot where that worker does not arrive): the gradients are then taken
+at the backups as they lie, with no gather of the workers' rows. ``N``
+simulations replayed together (``replay_many``) share the cuts: a run ends
+where any of them repeats a worker.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Plan(NamedTuple):
   slot_rows: np.ndarray  # int32 [N, A, S]: arrival each slot computes
   slot_workers: np.ndarray  # int32 [N, A, S]: worker each slot computes for
   arrival_slots: np.ndarray  # int32 [N, A, S]: slot of chunk c's k-th arrival
+  by_row: bool  # slot j computes for the worker of row j, in every chunk
 
   @property
   def chunk(self) -> int:
@@ -118,18 +123,20 @@ def _layout(arrivals_A, owners_A, chunks, slots_per_device, num_devices,
             rows_per_device, num_arrivals):
   """One simulation's slot arrays ``[A, S]`` for ``chunks``."""
   num_slots = slots_per_device * num_devices
+  by_row = slots_per_device == rows_per_device
   rows = np.zeros((num_arrivals, num_slots), np.int32)
   workers = np.zeros((num_arrivals, num_slots), np.int32)
   slot_of = np.zeros((num_arrivals, num_slots), np.int32)
   for c, (start, length) in enumerate(chunks):
-    # Padding: device d's slots compute its first worker on the chunk's
-    # first batch; their results are never used.
+    # Padding: device d's slots compute its first worker (by_row: the
+    # slot's own) on the chunk's first batch; their results are never used.
     rows[c] = start
-    workers[c] = np.arange(num_slots) // slots_per_device * rows_per_device
+    workers[c] = np.arange(num_slots) if by_row else (
+        np.arange(num_slots) // slots_per_device * rows_per_device)
     used = [0] * num_devices
     for k in range(length):
       d = owners_A[start + k]
-      slot = d * slots_per_device + used[d]
+      slot = arrivals_A[start + k] if by_row else d * slots_per_device + used[d]
       used[d] += 1
       rows[c, slot], workers[c, slot] = start + k, arrivals_A[start + k]
       slot_of[c, k] = slot
@@ -173,6 +180,7 @@ def make_plan(arrivals_NxA: np.ndarray, limit: int, num_devices: int,
       slot_rows=np.stack([x[0] for x in layouts]),
       slot_workers=np.stack([x[1] for x in layouts]),
       arrival_slots=np.stack([x[2] for x in layouts]),
+      by_row=per_device == rows_per_device,
   )
 
 

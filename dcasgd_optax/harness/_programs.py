@@ -6,7 +6,7 @@ that holds that worker's backup (``_plan``), then applied one by one, in
 arrival order. ``"compiled"`` runs every chunk inside one program (a loop
 over chunks); ``"host_chunks"`` calls one jitted program per chunk from
 Python, in which the gradients are unrolled, not looped (see
-:func:`_protocol.default_strategy`), with the state donated from call to call
+:func:`_protocol.cpu_strategy`), with the state donated from call to call
 so the backups are updated in place.
 
 On one device ``tx`` updates the state itself, in place, and the worker's
@@ -72,22 +72,33 @@ def _rows_per_device(tree_R: Any, mesh: Any) -> int:
   return leaves[0].shape[0] // mesh.size if leaves else 1
 
 
-def chunk_gradients(replay: Replay, state, workers_S, batch_S, *, unroll):
+def chunk_gradients(replay: Replay, state, workers_S, batch_S, *, unroll,
+                    by_row=False):
   """Loss, new model state and gradient of every slot, each computed on the
-  device that holds its worker, at the model it holds (its backup row)."""
+  device that holds its worker, at the model it holds (its backup row).
+
+  ``by_row``: slot ``j`` is the worker of row ``j`` (``_plan``), so the
+  gradients are taken at the backups as they lie, with no gather.
+  """
   backups = _state.backups_of(state.opt_state)
   rows = _rows_per_device(backups, replay.mesh)
   dtypes = jax.tree.map(lambda p: p.dtype, state.params)
   grad_fn = jax.value_and_grad(replay.loss_with_state, has_aux=True)
 
+  def at(held, model_state, batch):
+    params = jax.tree.map(lambda h, d: h.astype(d), held, dtypes)
+    (loss, new_ms), grads = grad_fn(params, model_state, batch)
+    return loss, new_ms, grads
+
   def local(ids, backups_R, worker_ms_R, workers_S, batch_S):
+    if by_row:
+      return _slots.map_slots(at, (backups_R, worker_ms_R, batch_S),
+                              replay.vmap_slots, unroll=unroll)
+
     def slot(worker, batch):
       row = worker - ids[0] * rows
-      held = jax.tree.map(lambda b: b[row], backups_R)
-      params = jax.tree.map(lambda h, d: h.astype(d), held, dtypes)
-      model_state = jax.tree.map(lambda x: x[row], worker_ms_R)
-      (loss, new_ms), grads = grad_fn(params, model_state, batch)
-      return loss, new_ms, grads
+      return at(jax.tree.map(lambda b: b[row], backups_R),
+                jax.tree.map(lambda x: x[row], worker_ms_R), batch)
 
     return _slots.map_slots(
         slot, (workers_S, batch_S), replay.vmap_slots, unroll=unroll
@@ -216,14 +227,14 @@ def _empty_record(replay: Replay, size: int, loss_dtype) -> dict[str, Any]:
 
 
 def chunk_program(replay: Replay, state, workers_S, batch_S, arrival_slots_S,
-                  length, sampled_S=None, *, unroll):
+                  length, sampled_S=None, *, unroll, by_row=False):
   """One chunk: its gradients, then its first ``length`` arrivals applied.
 
   Returns the new state and the record of the chunk's arrivals (entry ``k``
   for its ``k``-th arrival; entries past ``length`` are padding).
   """
   loss, new_ms, grads = chunk_gradients(
-      replay, state, workers_S, batch_S, unroll=unroll
+      replay, state, workers_S, batch_S, unroll=unroll, by_row=by_row
   )
   chunk = Chunk(workers_S, arrival_slots_S, sampled_S, batch_S, loss, new_ms,
                 grads)
@@ -235,7 +246,7 @@ def chunk_program(replay: Replay, state, workers_S, batch_S, arrival_slots_S,
 
 def replay_program(replay: Replay, state, batches, starts, lengths,
                    num_chunks, slot_rows, slot_workers, arrival_slots,
-                   sampled=None, *, loss_dtype):
+                   sampled=None, *, loss_dtype, by_row=False):
   """The whole replay as one program: a loop over chunks ("compiled").
 
   Returns the new state and the record, one entry per arrival.
@@ -251,6 +262,7 @@ def replay_program(replay: Replay, state, batches, starts, lengths,
         replay, state, slot_workers[c],
         jax.tree.map(lambda x: x[slot_rows[c]], batches), arrival_slots[c],
         length, None if sampled is None else sampled[rows], unroll=False,
+        by_row=by_row,
     )
     at = jnp.where(slot < length, start + slot, num_arrivals)
     record_A = {
@@ -291,7 +303,7 @@ def replay_host_chunks(step, state, batches, plan, sampled=None, *,
     of_chunk = (lambda a: a[:, c]) if batched else (lambda a: a[c])
     state, record = step(
         state, of_chunk(workers), batch_S, of_chunk(slots), lengths[c],
-        None if sampled is None else sampled[c],
+        None if sampled is None else sampled[c], by_row=plan.by_row,
     )
     records.append(record)
   # Entries past a chunk's length are padding: keep the arrivals' only.
@@ -311,27 +323,76 @@ def _sims_axis(shared: bool) -> int | None:
 
 def replay_many_program(replay: Replay, states, batches, starts, lengths,
                         num_chunks, slot_rows, slot_workers, arrival_slots,
-                        sampled=None, *, loss_dtype, shared):
-  """:func:`replay_program` vmapped over ``N`` simulations: their states and
-  batches have a leading axis ``N``, the slot arrays too unless ``shared``
-  (one arrival order for all, so the workers' rows are read and written
-  with plain slices); the chunks are shared."""
-  run = functools.partial(replay_program, replay, loss_dtype=loss_dtype)
+                        sampled=None, *, loss_dtype, shared, by_row=False):
+  """:func:`replay_program` for ``N`` simulations: their states and batches
+  have a leading axis ``N``, the slot arrays too unless ``shared`` (one
+  arrival order for all, so the workers' rows are read and written with
+  plain slices); the chunks are shared, each a :func:`chunk_many_program`.
+  """
+  num_sims = jax.tree.leaves(batches)[0].shape[0]
+  num_arrivals, num_slots = slot_rows.shape[-2:]
+  slot = jnp.arange(num_slots)
   sims = _sims_axis(shared)
-  return jax.vmap(run, in_axes=(0, 0, None, None, None, sims, sims, sims,
-                                None))(
-      states, batches, starts, lengths, num_chunks, slot_rows, slot_workers,
-      arrival_slots, sampled,
-  )
+  take = jax.vmap(lambda b, r: jax.tree.map(lambda x: x[r], b),
+                  in_axes=(0, sims))
+
+  def chunk_body(c, carry):
+    states, record_NA = carry
+    start, length = starts[c], lengths[c]
+    rows = jnp.minimum(start + slot, num_arrivals - 1)
+    of = (lambda a: a[c]) if shared else (lambda a: a[:, c])
+    states, record = chunk_many_program(
+        replay, states, of(slot_workers), take(batches, of(slot_rows)),
+        of(arrival_slots), length,
+        None if sampled is None else sampled[rows], unroll=False,
+        shared=shared, by_row=by_row,
+    )
+    at = jnp.where(slot < length, start + slot, num_arrivals)
+    record_NA = {
+        key: x.at[:, at].set(record[key].astype(x.dtype), mode="drop")
+        for key, x in record_NA.items()
+    }
+    return states, record_NA
+
+  record_NA = jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (num_sims, *x.shape)),
+      _empty_record(replay, num_arrivals, loss_dtype))
+  return jax.lax.fori_loop(0, num_chunks, chunk_body, (states, record_NA))
 
 
 def chunk_many_program(replay: Replay, states, workers_S, batch_NxS,
                        arrival_slots_S, length, sampled_S=None, *, unroll,
-                       shared):
-  """:func:`chunk_program` vmapped over ``N`` simulations (shared length;
-  see :func:`replay_many_program` for ``shared``)."""
-  run = functools.partial(chunk_program, replay, unroll=unroll)
+                       shared, by_row=False):
+  """:func:`chunk_program` for ``N`` simulations (shared length; see
+  :func:`replay_many_program` for ``shared``).
+
+  The ``N x S`` gradients are one vmapped call; then each simulation's
+  arrivals are applied in turn (a loop over simulations), not vmapped: so
+  each one's server state stays in cache through its arrivals, where
+  vmapped updates would stream all ``N`` states through it per arrival.
+  """
   sims = _sims_axis(shared)
-  return jax.vmap(run, in_axes=(0, sims, 0, sims, None, None))(
-      states, workers_S, batch_NxS, arrival_slots_S, length, sampled_S
-  )
+  gradients = functools.partial(chunk_gradients, replay, unroll=unroll,
+                                by_row=by_row)
+  loss, new_ms, grads = jax.vmap(gradients, in_axes=(0, sims, 0))(
+      states, workers_S, batch_NxS)
+  num_sims = loss.shape[0]
+  record = _empty_record(replay, loss.shape[1], loss.dtype)
+  records = jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (num_sims, *x.shape)), record)
+
+  def simulation(n, carry):
+    states, records = carry
+    of = lambda tree: jax.tree.map(lambda x: x[n], tree)
+    per_sim = (lambda a: a) if shared else of
+    chunk = Chunk(per_sim(workers_S), per_sim(arrival_slots_S), sampled_S,
+                  of(batch_NxS), loss[n], of(new_ms), of(grads))
+    state, record_n = jax.lax.fori_loop(
+        0, length, functools.partial(_arrive, replay, chunk),
+        (of(states), record))
+    put = lambda tree, value: jax.tree.map(
+        lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v, n, 0),
+        tree, value)
+    return put(states, state), put(records, record_n)
+
+  return jax.lax.fori_loop(0, num_sims, simulation, (states, records))

@@ -38,22 +38,34 @@ STRATEGIES = ("compiled", "host_chunks")
 HOST_SLOTS_PER_DEVICE = 8
 
 
-def default_strategy(mesh: Mesh, strategy: str | None) -> str:
-  """``strategy``, else ``"host_chunks"`` on CPU and ``"compiled"`` elsewhere.
-
-  XLA:CPU compiles a convolution's kernel gradient inside a loop body
-  (``while``, hence ``scan``) to a slow path, much slower than the same
-  gradient outside any loop; ``"host_chunks"`` keeps gradients out of loops
-  (figures in benchmarks/harness_throughput.md).
+def default_strategy(mesh: Mesh, strategy: str | None,
+                     per_loss: bool = False) -> str | None:
+  """``strategy``, else ``"compiled"`` on GPU/TPU; on CPU ``"host_chunks"``,
+  or ``None`` if ``per_loss``: then :func:`cpu_strategy` picks it per loss
+  function (the simulator traces its gradient once per shape).
   """
   if strategy is None:
-    return "host_chunks" if mesh.devices.flat[0].platform == "cpu" else (
-        "compiled")
+    if mesh.devices.flat[0].platform != "cpu":
+      return "compiled"
+    return None if per_loss else "host_chunks"
   if strategy not in STRATEGIES:
     raise ValueError(
         f"`strategy` must be one of {STRATEGIES} or None, got {strategy!r}."
     )
   return strategy
+
+
+def cpu_strategy(convolves: bool) -> str:
+  """The default strategy on CPU for a ``loss_fn`` whose gradient
+  ``convolves`` (``"host_chunks"``) or not (``"compiled"``).
+
+  XLA:CPU compiles a convolution's kernel gradient inside a loop body
+  (``while``, hence ``scan``) to a slow path, much slower than the same
+  gradient outside any loop, so ``"host_chunks"`` keeps gradients out of
+  loops; matrix products have no such path, and one program then saves a
+  call per chunk (figures in benchmarks/harness_throughput.md).
+  """
+  return "host_chunks" if convolves else "compiled"
 
 
 def stream_metrics(final_step: jax.Array, steps_A: np.ndarray,
@@ -79,6 +91,9 @@ class SimulatorBase:
   # sharded by worker (Simulator), or all compute with the server's
   # (SyncSimulator).
   _per_worker: bool
+  # Whether the default strategy on CPU is picked per loss function
+  # (``cpu_strategy``), or is "host_chunks".
+  _strategy_per_loss: bool = False
 
   def __init__(
       self,
@@ -105,7 +120,8 @@ class SimulatorBase:
       raise TypeError(f"`tx` must be an optax transformation, got {tx!r}.")
     self.num_workers = num_workers
     self.mesh = _devices.make_mesh(devices)
-    self.strategy = default_strategy(self.mesh, strategy)
+    self.strategy = default_strategy(self.mesh, strategy,
+                                     self._strategy_per_loss)
     self._loss_with_state = _checks.with_model_state(loss_fn, has_model_state)
     self._has_model_state = has_model_state
     self._vmap_slots_given = vmap_slots
@@ -226,9 +242,11 @@ class SimulatorBase:
         state.model_state, one_batch,
     )
 
-  def _slot_limit(self, num_workers: int, params: Any) -> int:
-    """Most gradients computed at once (see ``max_parallel``)."""
-    host = self.strategy == "host_chunks"
+  def _slot_limit(self, num_workers: int, params: Any,
+                  strategy: str | None = None) -> int:
+    """Most gradients computed at once (see ``max_parallel``) by
+    ``strategy`` (default ``self.strategy``)."""
+    host = (strategy or self.strategy) == "host_chunks"
     cap = HOST_SLOTS_PER_DEVICE if host else None
     return _plan.slot_limit(
         num_workers, self._max_parallel, self.mesh, params, cap

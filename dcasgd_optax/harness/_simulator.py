@@ -109,11 +109,14 @@ class Simulator(_protocol.SimulatorBase):
       loop over chunks (no Python per chunk). ``"host_chunks"``: Python loops
       over the chunks, one jitted call each (the state donated from call to
       call), whose gradients are computed outside any loop. Default
-      ``"host_chunks"`` on CPU, ``"compiled"`` elsewhere: XLA:CPU compiles a
-      convolution's gradient inside a loop to a slow path, so on CPU a
-      convolutional net replays much faster with host chunks, and an MLP
-      about as fast (figures in benchmarks/harness_throughput.md). Both give
-      the same result to float rounding, each bitwise deterministic.
+      ``"compiled"`` on GPU/TPU; on CPU it is picked per loss function (the
+      attribute ``strategy`` is then None; :meth:`describe` reports the
+      choice): ``"host_chunks"`` if ``loss_fn``'s gradient convolves
+      (XLA:CPU compiles a convolution's gradient inside a loop to a slow
+      path, so a convolutional net replays much faster with host chunks),
+      else ``"compiled"`` (faster for matrix products: no call per chunk;
+      figures in benchmarks/harness_throughput.md). Both give the same
+      result to float rounding, each bitwise deterministic.
     diagnostics: also measure whether compensation helps: for each sampled
       arrival the server computes the fresh gradient :math:`f` on the same
       batch at its current model (before the update) and compares with it
@@ -148,33 +151,36 @@ class Simulator(_protocol.SimulatorBase):
   """
 
   _per_worker = True
+  _strategy_per_loss = True
 
   def _server_tx(self, tx, num_workers):
     return _optimizer.with_backups(tx, num_workers)
 
   def _make_programs(self) -> None:
     self._programs: dict[Any, tuple[Any, Any]] = {}
-    self._vmap_slots_for: dict[Any, Any] = {}
+    self._convolves: dict[Any, bool] = {}
 
-  def _programs_for(self, vmap_slots: int | None) -> tuple[Any, Any]:
+  def _programs_for(self, strategy: str,
+                    vmap_slots: int | None) -> tuple[Any, Any]:
     """The jitted replay (``"compiled"``) or chunk step (``"host_chunks"``)
     for one simulation, and vmapped over ``N`` (``replay_many``)."""
-    if vmap_slots in self._programs:
-      return self._programs[vmap_slots]
+    if (strategy, vmap_slots) in self._programs:
+      return self._programs[strategy, vmap_slots]
     replay = _programs.Replay(
         self._loss_with_state, self.tx, self.mesh, vmap_slots,
         diagnostics=self._diagnostics,
         tx_pulls=_optimizer.pulls_in_update(self._user_tx),
     )
-    if self.strategy == "compiled":
+    if strategy == "compiled":
       jit = functools.partial(
           jax.jit, donate_argnums=(0,) if self._donate else ())
       one = jit(functools.partial(_programs.replay_program, replay),
-                static_argnames=("loss_dtype",))
+                static_argnames=("loss_dtype", "by_row"))
       many = jit(functools.partial(_programs.replay_many_program, replay),
-                 static_argnames=("loss_dtype", "shared"))
+                 static_argnames=("loss_dtype", "shared", "by_row"))
     else:  # a copy is donated when the caller's state is not (replay)
-      jit = functools.partial(jax.jit, donate_argnums=(0,))
+      jit = functools.partial(jax.jit, donate_argnums=(0,),
+                              static_argnames=("by_row",))
       one = jit(functools.partial(
           _programs.chunk_program, replay, unroll=True))
       many = {
@@ -183,23 +189,26 @@ class Simulator(_protocol.SimulatorBase):
               shared=shared))
           for shared in (True, False)
       }
-    self._programs[vmap_slots] = one, many
+    self._programs[strategy, vmap_slots] = one, many
     return one, many
 
-  def _resolve_vmap_slots(self, params: Any, model_state: Any,
-                          batches: Any, leading: int) -> int | None:
-    """``vmap_slots``, else all slots, but one on CPU if ``loss_fn``
-    convolves (traced once per shape)."""
-    if self._vmap_slots_given is not None:
-      return self._vmap_slots_given
+  def _choices(self, params: Any, model_state: Any, batches: Any,
+               leading: int) -> tuple[str, int | None]:
+    """The strategy and ``vmap_slots`` for this loss at these shapes: those
+    given, else picked by whether ``loss_fn``'s gradient convolves (traced
+    once per shape; ``batches`` has ``leading + 1`` leading axes)."""
+    strategy, vmap_slots = self.strategy, self._vmap_slots_given
+    if strategy is not None and vmap_slots is not None:
+      return strategy, vmap_slots
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
         np.shape(x)[leading + 1:], jnp.result_type(x)), batches)
     key = _checks.signature((params, model_state, batch))
-    if key not in self._vmap_slots_for:
-      self._vmap_slots_for[key] = _slots.default_vmap_slots(
-          self.mesh, None, _checks.convolves(
-              self._loss_with_state, params, model_state, batch))
-    return self._vmap_slots_for[key]
+    if key not in self._convolves:
+      self._convolves[key] = _checks.convolves(
+          self._loss_with_state, params, model_state, batch)
+    convolves = self._convolves[key]
+    return (strategy or _protocol.cpu_strategy(convolves),
+            _slots.default_vmap_slots(self.mesh, vmap_slots, convolves))
 
   def _check_diagnostics(self, expected: SimState) -> None:
     if self._diagnostics is not None:
@@ -209,27 +218,43 @@ class Simulator(_protocol.SimulatorBase):
                                                   expected.params),
       )
 
-  def _plan(self, arrivals_NxA: np.ndarray, params: Any,
-            num_workers: int) -> _plan.Plan:
-    limit = self._slot_limit(num_workers, params)
+  def _plan(self, arrivals_NxA: np.ndarray, params: Any, num_workers: int,
+            strategy: str) -> _plan.Plan:
+    limit = self._slot_limit(num_workers, params, strategy)
     rows = _state.worker_rows(num_workers, self.mesh) // self.mesh.size
     return _plan.make_plan(arrivals_NxA, limit, self.mesh.size, rows)
 
-  def describe(self, arrivals: Any, params: Any) -> dict[str, Any]:
+  def describe(self, arrivals: Any, params: Any, batches: Any = None,
+               model_state: Any = None) -> dict[str, Any]:
     """How ``replay`` batches ``arrivals`` for ``params``: runs, chunks, fill.
 
     ``num_runs`` counts the maximal runs with no repeated worker, each cut
     into chunks of ``chunk`` gradient slots; ``fill_ratio`` is arrivals /
     slots computed (1.0: no padding); ``strategy`` is how the chunks run.
+    ``batches`` (and ``model_state``, with ``has_model_state``) as
+    ``replay`` would get them are needed only where the strategy is picked
+    per loss function (the default on CPU).
     """
     num_workers = self.workers_for(params)
     arrivals = _checks.check_arrivals(arrivals, num_workers)
-    plan = self._plan(arrivals, params, num_workers)
+    strategy = self.strategy
+    if strategy is None:
+      if batches is None:
+        raise ValueError(
+            "`batches` is needed: on CPU the default strategy depends on "
+            "whether loss_fn's gradient convolves, traced on one batch. Pass "
+            "the batches replay would get (or choose `strategy`)."
+        )
+      model_state = _checks.check_model_state(model_state,
+                                              self._has_model_state)
+      strategy, _ = self._choices(_checks.abstract(params),
+                                  _checks.abstract(model_state), batches, 0)
+    plan = self._plan(arrivals, params, num_workers, strategy)
     slots = plan.num_chunks * plan.chunk
     return dict(
         num_arrivals=arrivals.shape[-1], num_runs=plan.num_runs, chunk=plan.chunk,
         num_chunks=plan.num_chunks, fill_ratio=arrivals.shape[-1] / slots,
-        strategy=self.strategy,
+        strategy=strategy,
     )
 
   def replay(
@@ -288,14 +313,14 @@ class Simulator(_protocol.SimulatorBase):
 
   def _run(self, state, batches, arrivals, *, many):
     shared = not many or np.ndim(arrivals) == 1  # one order for all
-    arrivals, args, kwargs, (one, many_program) = self._program_inputs(
-        state, batches, arrivals, many=many)
+    arrivals, args, kwargs, strategy, (one, many_program) = (
+        self._program_inputs(state, batches, arrivals, many=many))
     program = one
-    if many and self.strategy == "compiled":
+    if many and strategy == "compiled":
       program = many_program
     elif many:  # host_chunks: one step per kind of arrivals
       program = many_program[shared]
-    if self.strategy == "compiled":
+    if strategy == "compiled":
       state, record = program(*args, **kwargs)
     else:
       state, batches, plan, sampled = args
@@ -315,8 +340,8 @@ class Simulator(_protocol.SimulatorBase):
 
   def _program_inputs(self, state, batches, arrivals, *, many=False):
     """Checks ``replay``'s (``replay_many``'s) arguments; returns the
-    arrivals ``[N, A]`` and the program's arguments (``"compiled"``) or what
-    the host loop needs."""
+    arrivals ``[N, A]``, the program's arguments (``"compiled"``) or what
+    the host loop needs, the strategy and the programs."""
     shared = not many or np.ndim(arrivals) == 1
     num_sims = _checks.leading_axis("state", state) if many else None
     num_workers = self._check_state(state, num_sims)
@@ -327,22 +352,24 @@ class Simulator(_protocol.SimulatorBase):
     loss = self._check_batches(
         one, batches, num_arrivals,
         leading=() if not many else (num_sims,))
+    strategy, vmap_slots = self._choices(one.params, one.model_state,
+                                         batches, int(many))
     plan = self._plan(arrivals[:1] if shared else arrivals, one.params,
-                      num_workers)
+                      num_workers, strategy)
     sampled = self._sampled(state, num_arrivals)
-    programs = self._programs_for(self._resolve_vmap_slots(
-        one.params, one.model_state, batches, int(many)))
+    programs = self._programs_for(strategy, vmap_slots)
     batches = _devices.replicate(batches, self.mesh)
-    if self.strategy != "compiled":
-      return arrivals, (state, batches, plan, sampled), {}, programs
+    if strategy != "compiled":
+      return (arrivals, (state, batches, plan, sampled), {}, strategy,
+              programs)
     pick = (lambda a: a) if not shared else (lambda a: a[0])
     args = (state, batches, plan.starts, plan.lengths,
             np.int32(plan.num_chunks), pick(plan.slot_rows),
             pick(plan.slot_workers), pick(plan.arrival_slots), sampled)
-    kwargs = dict(loss_dtype=loss.dtype)
+    kwargs = dict(loss_dtype=loss.dtype, by_row=plan.by_row)
     if many:
       kwargs["shared"] = shared
-    return arrivals, args, kwargs, programs
+    return arrivals, args, kwargs, strategy, programs
 
   def lower(self, state: SimState, batches: Any,
             arrivals: Any) -> jax.stages.Lowered:
@@ -354,9 +381,9 @@ class Simulator(_protocol.SimulatorBase):
     ``sim.lower(...).compile().memory_analysis()`` gives the bytes each
     device holds (benchmarks/harness_throughput.md records them).
     """
-    _, args, kwargs, (program, _) = self._program_inputs(
+    _, args, kwargs, strategy, (program, _) = self._program_inputs(
         state, batches, arrivals)
-    if self.strategy == "compiled":
+    if strategy == "compiled":
       return program.lower(*args, **kwargs)
     state, batches, plan, sampled = args
     rows = plan.slot_rows[0, 0]
@@ -364,7 +391,7 @@ class Simulator(_protocol.SimulatorBase):
     first = None if sampled is None else sampled[:plan.chunk]
     return program.lower(
         state, plan.slot_workers[0, 0], batch_S, plan.arrival_slots[0, 0],
-        plan.lengths[0], first,
+        plan.lengths[0], first, by_row=plan.by_row,
     )
 
   def _sampled(self, state: SimState, num_arrivals: int) -> np.ndarray | None:

@@ -29,7 +29,7 @@ def map_slots(
   """``fn`` over the leading axis of ``xs``: vmapped ``vmap_slots`` at a time
   (all at once for ``None``), over the groups in a loop, or one after the
   other in the program if ``unroll`` (no loop: see
-  :func:`_protocol.default_strategy`).
+  :func:`_protocol.cpu_strategy`).
   """
   if vmap_slots is None:
     return jax.vmap(fn)(*xs)

@@ -169,7 +169,8 @@ class SyncSimulator(_protocol.SimulatorBase):
       round's groups). ``"host_chunks"``: Python loops over rounds; a
       round's groups are computed outside any loop, one jitted call each,
       then one jitted update (state donated). Default ``"host_chunks"`` on
-      CPU, ``"compiled"`` elsewhere (see :class:`Simulator`).
+      CPU (for every loss function: not measured per model as for
+      :class:`Simulator`), ``"compiled"`` elsewhere.
     diagnostics, diagnostics_every, first_transform: as in
       :class:`Simulator`, so one caller builds both. SSGD's gradients are
       fresh by construction: sampled arrivals (a round is sampled when its
@@ -228,13 +229,18 @@ class SyncSimulator(_protocol.SimulatorBase):
     limit = self._slot_limit(num_workers, params)
     return _plan.plan_rounds(arrivals, num_workers, limit, self.mesh.size)
 
-  def describe(self, arrivals: Any, params: Any) -> dict[str, Any]:
+  def describe(self, arrivals: Any, params: Any, batches: Any = None,
+               model_state: Any = None) -> dict[str, Any]:
     """How ``replay`` computes ``arrivals``' rounds for ``params``.
 
     ``num_runs`` is the number of rounds, each computed as groups of
     ``chunk`` slots (``num_chunks`` groups in all); ``fill_ratio`` is
     arrivals / slots computed; ``strategy`` is how the groups run.
+    ``batches`` and ``model_state`` are accepted as by
+    :meth:`Simulator.describe` and not needed (the strategy does not depend
+    on ``loss_fn`` here).
     """
+    del batches, model_state
     num_workers = self.workers_for(params)
     arrivals = _plan.check_rounds(arrivals, num_workers, 0)
     rounds = self._rounds(arrivals, params, num_workers)
