@@ -119,14 +119,8 @@ def check_wire_dtype(wire_dtype: Any) -> np.dtype | None:
 def _make_steps(tx: Any, layout: _layout.Layout, shard: int,
                 wire: np.dtype | None, has_backups: bool
                 ) -> tuple[Callable, Callable]:
-  """The jitted ``apply`` (update, then pull) and ``pull`` of one shard.
-
-  The gradient comes in as pieces (views of the message it travelled in);
-  the pulled params go out as one flat message (:mod:`_wire`), ready to
-  travel: one device-to-host copy per update.
-  """
+  """The jitted ``apply`` (update, then pull) and ``pull`` of one shard."""
   specs = _layout.piece_specs(layout, shard)
-  wire_specs = [(shape, wire or dtype) for shape, dtype in specs]
 
   def on_wire(x):
     return x if wire is None else x.astype(wire)
@@ -141,8 +135,7 @@ def _make_steps(tx: Any, layout: _layout.Layout, shard: int,
       else:  # The worker holds the rounded params: record those instead.
         pulled = jax.tree.map(lambda x: on_wire(x).astype(x.dtype), pulled)
         opt_state = record_pull(opt_state, pulled, worker)
-    pieces = [on_wire(x) for x in _layout.owned(layout, shard, pulled)]
-    return opt_state, _wire.flatten(pieces, wire_specs)
+    return opt_state, [on_wire(x) for x in _layout.owned(layout, shard, pulled)]
 
   def apply(params, opt_state, grads, worker, staleness, finite):
     grads = [g.astype(d) for g, (_, d) in zip(grads, specs)]
@@ -260,11 +253,10 @@ class ParameterServer:
 
   def _record_pull(self, worker: int) -> Pulled:
     s = self._state
-    opt_state, flat = self._pull(s.params, s.opt_state, np.int32(worker))
+    opt_state, pieces = self._pull(s.params, s.opt_state, np.int32(worker))
     s.last_pull[worker] = s.step
     self._state = s._replace(opt_state=opt_state)
-    return Pulled(int(s.step), _wire.unflatten(np.asarray(flat), self._specs),
-                  True)
+    return Pulled(int(s.step), [np.asarray(x) for x in pieces], True)
 
   def attach(self, worker: int, epoch: int) -> int:
     """A restarted worker (incarnation ``epoch``) attaches: returns its last seq.
@@ -323,9 +315,9 @@ class ParameterServer:
     if not self._check_push(worker, seq, epoch, grads):
       info = ApplyInfo("stale", int(self._state.step), 0, time.time(), 0.0)
       return info, Pulled(info.step, [], False)
-    info, flat, ticket = self._update(worker, seq, list(grads), finite, meta,
-                                      start)
-    return info, Pulled(info.step, _wire.unflatten(flat, self._specs), ticket)
+    info, pieces, ticket = self._update(worker, seq, list(grads), finite,
+                                        meta, start)
+    return info, Pulled(info.step, pieces, ticket)
 
   def push(self, head: tuple[int, int, int, bool, tuple[float, float]],
            *parts: Any) -> tuple[Any, ...]:
@@ -333,14 +325,14 @@ class ParameterServer:
 
     Args:
       head: ``(worker, seq, epoch, finite, meta)``, as for :meth:`apply`.
-      *parts: the gradient: its pieces flattened into one message and
-        packed (``_wire.flatten``, ``_wire.pack``) for :attr:`piece_specs`.
+      *parts: the gradient's pieces packed by ``_wire.pack`` for
+        :attr:`piece_specs`.
 
     Returns:
       ``((info, ticket), *parts)``: what happened, whether the worker may go
       on, and the params packed the same way (``1 +
       _wire.num_chunks(piece_specs)`` values, so that messages of up to
-      512 kB travel inside the call); all parts ``None`` if stale.
+      512 kB travel inside the call); the parts are ``None`` if stale.
     """
     start = time.perf_counter()
     if not (isinstance(head, tuple) and len(head) == 5):
@@ -348,32 +340,32 @@ class ParameterServer:
                       f"epoch, finite, meta), got {head!r}.")
     worker, seq, epoch, finite, meta = head
     try:
-      flat = _wire.unpack(parts, self._specs)
+      grads = _wire.unpack(parts, self._specs)
     except ValueError as e:
       raise ValueError(f"Shard {self._shard}: worker {worker} sent a "
                        f"malformed gradient ({e}); rejected, nothing "
                        "changed.") from e
-    if not self._check_push(worker, seq, epoch):
+    if not self._check_push(worker, seq, epoch, grads):
       info = ApplyInfo("stale", int(self._state.step), 0, time.time(), 0.0)
       return ((info, False), *[None] * _wire.num_chunks(self._specs))
-    info, flat, ticket = self._update(
-        worker, seq, _wire.unflatten(flat, self._specs), finite, meta, start)
-    return ((info, ticket), *_wire.pack(flat, self._specs))
+    info, pieces, ticket = self._update(worker, seq, list(grads), finite,
+                                        meta, start)
+    return ((info, ticket), *_wire.pack(pieces, self._specs))
 
   def _update(self, worker: int, seq: int, grads: list[Any],
               finite: bool, meta: tuple[float, float], start: float
-              ) -> tuple[ApplyInfo, np.ndarray, bool]:
-    """Applies a checked gradient; the worker pulls (a flat message)."""
+              ) -> tuple[ApplyInfo, list[np.ndarray], bool]:
+    """Applies a checked gradient; the worker pulls."""
     s = self._state
     staleness = int(s.step - s.last_pull[worker])
-    params, opt_state, flat, ok = self._apply(
+    params, opt_state, pieces, ok = self._apply(
         s.params, s.opt_state, grads, np.int32(worker),
         np.int32(staleness), np.bool_(finite))
     s.last_seq[worker] = seq
     s.last_pull[worker] = s.step + 1
     self._state = s._replace(params=params, opt_state=opt_state,
                              step=s.step + 1)
-    flat, ok = np.asarray(flat), bool(ok)
+    pieces, ok = [np.asarray(x) for x in pieces], bool(ok)
     ticket = self.grant(worker)
     seconds = time.perf_counter() - start
     self.busy_seconds += seconds
@@ -381,7 +373,7 @@ class ParameterServer:
                      staleness, time.time(), seconds)
     row = (worker, seq, info.step, staleness, info.time, seconds, not ok)
     self._rows.append(row + (tuple(meta) if self._shard == 0 else ()))
-    return info, flat, ticket
+    return info, pieces, ticket
 
   # ------------------------------------------------------------------ checks
 
@@ -406,12 +398,10 @@ class ParameterServer:
       raise TypeError(f"`epoch` must be an int >= 0, got {epoch!r}.")
     return int(epoch)
 
-  def _check_push(self, worker: Any, seq: Any, epoch: Any,
-                  grads: Any = None) -> bool:
+  def _check_push(self, worker: Any, seq: Any, epoch: Any, grads: Any) -> bool:
     """Raises for a bad push; False for a stale one (ignore it); else True.
 
-    ``grads``: the pieces, checked unless ``None`` (a message that
-    ``_wire.unpack`` checked already).
+    A bad push from a newer incarnation does not count as its attaching.
     """
     self._check_worker(worker)
     epoch = self._check_epoch(epoch)
@@ -427,8 +417,7 @@ class ParameterServer:
           f"{who} sent gradient seq={seq}, but the next expected is "
           f"{expected} ({kind}); rejected, nothing changed."
       )
-    if grads is not None:
-      self._check_pieces(who, grads)
+    self._check_pieces(who, grads)
     self._epochs[worker] = epoch
     return True
 

@@ -46,15 +46,7 @@ class GradientMeta(NamedTuple):
 
 def _make_grad(loss_fn: Callable, layout: _layout.Layout,
                wire: np.dtype | None) -> Callable:
-  """Jitted: shards' pieces and a batch -> (loss, finite, each shard's message).
-
-  The params come in as the pieces the shards sent (views of their flat
-  messages: passing pieces is cheaper for XLA than slicing a flat input);
-  the gradient goes out as each shard's pieces flattened into one message
-  (:mod:`_wire`), in the wire dtype, ready to send.
-  """
-  specs = [[(shape, wire or dtype) for shape, dtype in
-            _layout.piece_specs(layout, k)] for k in range(layout.num_shards)]
+  """Jitted: shards' pieces and a batch -> (loss, finite, pieces per shard)."""
 
   def grad(pieces_by_shard, batch):
     params = _layout.join(layout, pieces_by_shard)
@@ -66,7 +58,7 @@ def _make_grad(loss_fn: Callable, layout: _layout.Layout,
     pieces = _layout.split(layout, grads)
     if wire is not None:
       pieces = [[g.astype(wire) for g in shard] for shard in pieces]
-    return loss, finite, [_wire.flatten(p, s) for p, s in zip(pieces, specs)]
+    return loss, finite, pieces
 
   return jax.jit(grad)
 
@@ -99,7 +91,7 @@ class GradientWorker:
     # Each shard's push, with as many returns as its reply has parts.
     self._pushes = [s.push.options(num_returns=1 + _wire.num_chunks(specs))
                     for s, specs in zip(self._shards, self._specs)]
-    self._held: list[np.ndarray] | None = None  # Each shard's flat params.
+    self._held: list[list[np.ndarray]] | None = None  # Each shard's pieces.
     self._seq = 0  # The next gradient's number.
     self._ticket = False
 
@@ -107,17 +99,15 @@ class GradientWorker:
     """Returns once the actor has started."""
     return True
 
-  def _compute(self, seq: int) -> tuple[GradientMeta, list[np.ndarray]]:
-    """Gradient ``seq`` at the held params: meta and each shard's message."""
+  def _compute(self, seq: int) -> tuple[GradientMeta, list[list[np.ndarray]]]:
+    """Gradient ``seq`` at the held params: meta and each shard's pieces."""
     start = time.perf_counter()
     batch = self._data_fn(self._worker, seq)
-    loss, finite, flats = self._grad(
-        [_wire.unflatten(f, s) for f, s in zip(self._held, self._specs)],
-        batch)
-    flats = [np.asarray(f) for f in flats]
+    loss, finite, pieces = self._grad(self._held, batch)
+    pieces = [[np.asarray(g) for g in shard] for shard in pieces]
     meta = GradientMeta(self._worker, seq, float(loss),
                         time.perf_counter() - start, bool(finite))
-    return meta, flats
+    return meta, pieces
 
   def compute(self, seq: int, *pulled: Pulled) -> tuple[Any, ...]:
     """Gradient number ``seq`` at the params the shards sent (``pulled``).
@@ -126,21 +116,16 @@ class GradientWorker:
       ``(meta, pieces_0, ..., pieces_{K-1})``: a :class:`GradientMeta`, then
       each shard's pieces of the gradient (NumPy).
     """
-    self._hold(pulled)
-    meta, flats = self._compute(seq)
-    return (meta, *[_wire.unflatten(f, s) for f, s in zip(flats, self._specs)])
+    self._held = [p.params for p in pulled]
+    meta, pieces = self._compute(seq)
+    return (meta, *pieces)
 
-  def _hold(self, pulled: Sequence[Pulled]) -> None:
-    """Keeps the shards' pulled params as flat messages."""
-    self._held = [_wire.flatten(p.params, s)
-                  for p, s in zip(pulled, self._specs)]
-
-  def _push(self, meta: GradientMeta, flats: Sequence[np.ndarray],
+  def _push(self, meta: GradientMeta, pieces: Sequence[list[np.ndarray]],
             epoch: int, to: Sequence[int]) -> None:
     """Pushes gradient ``meta.seq`` to shards ``to``; keeps their replies."""
     head = (self._worker, meta.seq, epoch, meta.finite,
             (meta.loss, meta.seconds))
-    calls = [self._pushes[k].remote(head, *_wire.pack(flats[k],
+    calls = [self._pushes[k].remote(head, *_wire.pack(pieces[k],
                                                        self._specs[k]))
              for k in to]
     replies = ray.get([r for refs in calls for r in refs])
@@ -165,13 +150,14 @@ class GradientWorker:
     """
     shards = self._shards
     last = ray.get([s.attach.remote(self._worker, epoch) for s in shards])
-    self._hold(ray.get([s.pull.remote(self._worker) for s in shards]))
+    self._held = [p.params for p in
+                  ray.get([s.pull.remote(self._worker) for s in shards])]
     lo, hi = min(last), max(last)
     self._seq = lo + 1
     if hi > lo:
-      meta, flats = self._compute(hi)
+      meta, pieces = self._compute(hi)
       lagging = [k for k, seq in enumerate(last) if seq == lo]
-      self._push(meta, flats, epoch, lagging)
+      self._push(meta, pieces, epoch, lagging)
     self._ticket = False
 
   def run(self, epoch: int, seq: int | None = None, *initial: Pulled) -> int:
@@ -189,15 +175,14 @@ class GradientWorker:
       How many gradients it pushed in this call.
     """
     if initial:
-      self._hold(initial)
-      self._seq = seq
+      self._held, self._seq = [p.params for p in initial], seq
     elif self._held is None:
       self._recover(epoch)
     count = 0
     if not self._ticket:
       self._ticket = ray.get(self._shards[0].grant.remote(self._worker))
     while self._ticket:
-      meta, flats = self._compute(self._seq)
-      self._push(meta, flats, epoch, range(len(self._shards)))
+      meta, pieces = self._compute(self._seq)
+      self._push(meta, pieces, epoch, range(len(self._shards)))
       count += 1
     return count
