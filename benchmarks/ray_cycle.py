@@ -87,7 +87,7 @@ class TimedServer(_server.ParameterServer):
 
 
 def _record(actor, stamps) -> None:
-  rows = actor.__dict__.setdefault("_rows", [])
+  rows = actor.__dict__.setdefault("_stamp_rows", [])
   rows.append(list(stamps))
   if len(rows) == actor.count:
     with open(actor.out_path, "w", encoding="utf-8") as f:
