@@ -177,6 +177,15 @@ def test_a_push_from_before_a_restart_is_ignored():
   assert info.status == "applied"
 
 
+def test_a_bad_push_from_a_newer_incarnation_does_not_attach_it():
+  server = _server()
+  grads = [_f32(1, 2), np.ones((2, 3), np.float32)]
+  with pytest.raises(ValueError, match="out of order"):
+    server.apply(1, 5, grads, epoch=1)
+  info, _ = server.apply(1, 1, grads, epoch=0)  # Not stale: none attached.
+  assert info.status == "applied"
+
+
 def test_tickets_stop_at_the_limit_and_stay_with_their_gradient():
   server = dray.ParameterServer(optax.sgd(1.0), {"w": np.zeros(2)}, 2)
   server.set_limit(3)
