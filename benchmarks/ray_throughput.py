@@ -9,7 +9,12 @@ of shards ``K`` and number of workers ``M``, and reports per run:
 * the server share: the busiest shard's busy time (its jitted apply and
   pull and the host copies) over the same wall time;
 * the shard's apply cost, ms per update (its busy time per update);
-* the worker's time per gradient (batch and ``value_and_grad``);
+* the worker's time per gradient (batch and ``value_and_grad``, to the
+  flat messages on the host);
+* the worker's cycle, ``M / updates/s`` (one gradient, push and reply), and
+  the rest: the cycle less the worker's gradient and the shard's busy time,
+  which is Ray's transport and scheduling (and, for ``M > 1``, waiting for
+  the shard or a core);
 * bytes moved per update: the gradient pushed plus the params pulled, as
   they travel (the same on both paths; halved with ``--wire bfloat16``),
   and the MB/s that makes.
@@ -17,11 +22,13 @@ of shards ``K`` and number of workers ``M``, and reports per run:
 Before the runs, what the machine can do at each size, measured in the same
 process: one host copy of the params (GB/s), the jitted gradient and the
 jitted DC-ASGD apply alone (no Ray), and a Ray round trip to an actor that
-sends the same bytes back (one object each way, an empty call, and for
-100-512 kB the inline 96 kB chunks ``train`` uses). From
-them, the ceilings: one worker cannot beat ``1 / (grad + apply + round
-trip)`` (it waits for its pull; the faster of the two round trips), and one
-shard cannot beat ``1 / apply``.
+sends the same bytes back: one object each way, an empty call, and for
+100-512 kB inline 96 kB chunks, as NumPy views (what ``train`` sent before)
+and as ``bytes`` (what it sends now). From them, the ceilings: one worker
+cannot beat ``1 / (grad + apply + round trip)`` (it waits for its pull; the
+fastest round trip), and one shard cannot beat ``1 / apply``. Ray's own
+messages (its C++ core logs to the process's stderr) go to ``--ray-log``,
+never into the tables.
 
 Two data paths, in the same run: ``direct`` is ``train`` (workers push to the
 shards and take the new params from their replies); ``driver`` is the path
@@ -40,6 +47,8 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import sys
+import tempfile
 import time
 
 import jax
@@ -206,39 +215,59 @@ def machine_limits(num_params: int) -> dict:
   echo = ray.remote(Echo).remote()
   trip_ms = _best_ms(lambda: ray.get(echo.echo.remote(flat)), repeats)
   empty_ms = _best_ms(lambda: ray.get(echo.echo.remote(None)), repeats)
-  # As train sends 100-512 kB: inline chunks of 96 kB, each way.
-  chunks = [flat.view(np.uint8)[i:i + 96_000]
-            for i in range(0, flat.nbytes, 96_000)]
-  inline_ms = (_best_ms(lambda: ray.get(list(echo.echo_all.options(
-      num_returns=len(chunks)).remote(*chunks))), repeats)
-               if 1 < len(chunks) <= 6 else float("nan"))
+  # 100-512 kB inline, in 96 kB chunks each way: as NumPy views (what train
+  # sent before) and as bytes (what it sends now, _wire).
+  views = [flat.view(np.uint8)[i:i + 96_000]
+           for i in range(0, flat.nbytes, 96_000)]
+  inline = 1 < len(views) <= 6
+
+  def chunks_ms(chunks):
+    call = echo.echo_all.options(num_returns=len(chunks))
+    return (_best_ms(lambda: ray.get(list(call.remote(*chunks))), repeats)
+            if inline else float("nan"))
+
+  views_ms = chunks_ms(views)
+  bytes_ms = chunks_ms([v.tobytes() for v in views])
   ray.kill(echo)
+  trip = np.nanmin([trip_ms, views_ms, bytes_ms])
   return dict(size=flat.size, copy_gbs=flat.nbytes / copy_ms / 1e6,
               grad_ms=grad_ms, apply_ms=apply_ms, trip_ms=trip_ms,
-              empty_ms=empty_ms, inline_ms=inline_ms,
-              worker_cap=1e3 / (grad_ms + apply_ms + np.nanmin([trip_ms,
-                                                                inline_ms])),
+              empty_ms=empty_ms, views_ms=views_ms, bytes_ms=bytes_ms,
+              worker_cap=1e3 / (grad_ms + apply_ms + trip),
               shard_cap=1e3 / apply_ms)
 
 
 def print_limits(sizes) -> None:
   """The table of :func:`machine_limits` for every size."""
-  print("| params | host copy GB/s | grad ms | apply ms | Ray round trip ms "
-        "(empty call) | inline chunks ms | one-worker ceiling updates/s | "
-        "one-shard ceiling updates/s |")
-  print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+  print("| params | host copy GB/s | grad ms | apply ms | Ray round trip ms: "
+        "one object (empty call) | inline chunks ms: NumPy views | inline "
+        "chunks ms: bytes | one-worker ceiling updates/s | one-shard ceiling "
+        "updates/s |")
+  print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for p in sizes:
     r = machine_limits(p)
     print(f"| {r['size']:,} | {r['copy_gbs']:.1f} | {r['grad_ms']:.2f} | "
           f"{r['apply_ms']:.2f} | {r['trip_ms']:.2f} ({r['empty_ms']:.2f}) | "
-          f"{r['inline_ms']:.2f} | {r['worker_cap']:.3g} | "
-          f"{r['shard_cap']:.3g} |", flush=True)
+          f"{r['views_ms']:.2f} | {r['bytes_ms']:.2f} | "
+          f"{r['worker_cap']:.3g} | {r['shard_cap']:.3g} |", flush=True)
 
 
 def _updates_for(num_params: int, seconds: float) -> int:
   """Enough updates for about ``seconds`` of steady state on this machine."""
   per_second = 300 if num_params <= 200_000 else 3e7 / num_params
   return int(max(8, seconds * per_second))
+
+
+def _divert_native_stderr(path: str) -> None:
+  """Sends file descriptor 2 (Ray's C++ logging) to ``path``.
+
+  Python's own ``sys.stderr`` (tracebacks, warnings) keeps the original
+  stream, so only the messages Ray's core writes natively leave the output.
+  """
+  original = os.dup(2)
+  with open(path, "a", encoding="utf-8") as log:
+    os.dup2(log.fileno(), 2)
+  sys.stderr = os.fdopen(original, "w", buffering=1)
 
 
 def main() -> None:
@@ -252,9 +281,14 @@ def main() -> None:
   parser.add_argument("--wire", default=None)
   parser.add_argument("--no-limits", dest="limits", action="store_false",
                       help="skip the table of what the machine can do")
+  parser.add_argument("--ray-log", default=os.path.join(
+      tempfile.gettempdir(), "ray_throughput_stderr.log"),
+                      help="where Ray's own messages (its C++ core writes to "
+                      "the process's stderr) go, out of the tables")
   args = parser.parse_args()
   ints = lambda s: [int(v.replace("_", "")) for v in s.split(",")]
   wire = jnp.dtype(args.wire) if args.wire else None
+  _divert_native_stderr(args.ray_log)
   ray.init(address="local", include_dashboard=False, log_to_driver=False)
   started = time.time()
   print(f"Ray {ray.__version__}, JAX {jax.__version__}, {os.cpu_count()} "
@@ -264,21 +298,24 @@ def main() -> None:
     if args.limits:
       print_limits(ints(args.params))
     print("| params | path | shards | workers | updates/s | server share | "
-          "apply ms/update | worker ms/grad | MB/update | MB/s |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "apply ms/update | worker ms/grad | worker cycle ms | rest ms | "
+          "MB/update | MB/s |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p in ints(args.params):
       n = _updates_for(p, args.seconds)
       for path in args.paths.split(","):
         for k in ints(args.shards) if path == "direct" else [1]:
           for m in ints(args.workers):
             r = measure(path, p, k, m, n + 2 * m, wire)
+            cycle = 1e3 * m / r["rate"]
             print(f"| {r['size']:,} | {path} | {k} | {m} | {r['rate']:.3g} | "
                   f"{r['share']:.0%} | {r['apply_ms']:.2f} | "
-                  f"{r['grad_ms']:.1f} | {r['mb']:.1f} | "
-                  f"{r['rate'] * r['mb']:.3g} |", flush=True)
+                  f"{r['grad_ms']:.2f} | {cycle:.2f} | "
+                  f"{cycle - r['grad_ms'] - r['apply_ms']:.2f} | "
+                  f"{r['mb']:.1f} | {r['rate'] * r['mb']:.3g} |", flush=True)
   finally:
     print(f"load average {os.getloadavg()[0]:.1f} at the end, "
-          f"{time.time() - started:.0f} s")
+          f"{time.time() - started:.0f} s; Ray's messages in {args.ray_log}")
     ray.shutdown()
 
 

@@ -177,6 +177,15 @@ def test_a_push_from_before_a_restart_is_ignored():
   assert info.status == "applied"
 
 
+def test_a_bad_push_from_a_newer_incarnation_does_not_attach_it():
+  server = _server()
+  grads = [_f32(1, 2), np.ones((2, 3), np.float32)]
+  with pytest.raises(ValueError, match="out of order"):
+    server.apply(1, 5, grads, epoch=1)
+  info, _ = server.apply(1, 1, grads, epoch=0)  # Not stale: none attached.
+  assert info.status == "applied"
+
+
 def test_tickets_stop_at_the_limit_and_stay_with_their_gradient():
   server = dray.ParameterServer(optax.sgd(1.0), {"w": np.zeros(2)}, 2)
   server.set_limit(3)
@@ -274,22 +283,25 @@ def test_a_mid_sized_push_travels_in_chunks_and_bad_chunks_are_rejected():
   params = {"w": np.zeros((200, 300), np.float32), "b": np.ones(2, np.float32)}
   server = dray.ParameterServer(optax.sgd(1.0), params, 1)
   grads = [np.full(2, 0.5, np.float32), np.full((200, 300), 2.0, np.float32)]
-  data = np.concatenate([g.reshape(-1).view(np.uint8) for g in grads])
+  data = b"".join(g.tobytes() for g in grads)
   chunks = [data[i:i + 96_000] for i in range(0, len(data), 96_000)]
   assert len(chunks) == 3
+  head = (0, 0, 0, True, (0.0, 0.0))
   before = _state(server)
   for bad, match in [(chunks[:2], "2 parts, not 3"),
                      ([chunks[0], chunks[1], chunks[2][:-4]], "bytes"),
-                     ([c.view(np.float32) for c in chunks], "byte arrays")]:
+                     ([np.frombuffer(c, np.uint8) for c in chunks],
+                      "not bytes")]:
     with pytest.raises(ValueError, match=f"worker 0 sent a malformed.*{match}"):
-      server.push(0, 0, 0, True, (0.0, 0.0), *bad)
+      server.push(head, *bad)
+  with pytest.raises(TypeError, match="head"):
+    server.push((0, 0, 0), *chunks)
   chex.assert_trees_all_equal(_state(server), before)
-  info, step, ticket, *reply = server.push(0, 0, 0, True, (0.0, 0.0), *chunks)
-  assert info.status == "applied" and step == 1 and ticket
-  got = np.concatenate(reply)
+  (info, ticket), *reply = server.push(head, *chunks)
+  assert info.status == "applied" and info.step == 1 and ticket
+  assert len(reply) == 3 and all(isinstance(c, bytes) for c in reply)
   new = [params["b"] - grads[0], params["w"] - grads[1]]  # SGD, lr 1.
-  want = np.concatenate([p.reshape(-1).view(np.uint8) for p in new])
-  np.testing.assert_array_equal(got, want)
+  assert b"".join(reply) == b"".join(p.tobytes() for p in new)
 
 
 def test_checkpoint_directories_are_private_to_their_owner(tmp_path):

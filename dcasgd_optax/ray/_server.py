@@ -4,8 +4,10 @@
 ``num_shards`` of them as Ray actors (shard ``k`` holds the pieces that
 :mod:`_layout` assigns it), and tests call it directly. Its methods run one
 at a time (a synchronous actor), so every update sees the result of the
-previous one. Pieces travel as lists of NumPy arrays (the Ray object store
-reads them zero-copy; they are never written to in place).
+previous one. Pieces travel as :mod:`_wire` packs them: up to 512 kB as
+their bytes in ``bytes`` chunks inside the call (read as read-only views), a
+larger message as a list of NumPy arrays (the Ray object store reads them
+zero-copy); they are never written to in place.
 
 Every push is checked before any state is touched: the worker id, its
 restart ``epoch``, that ``seq`` is the next one expected from that worker,
@@ -312,49 +314,68 @@ class ParameterServer:
         of the wrong number, shape or dtype. Nothing is changed.
     """
     start = time.perf_counter()
-    if not self._check_push(worker, seq, grads, epoch):
+    if not self._check_push(worker, seq, epoch, grads):
       info = ApplyInfo("stale", int(self._state.step), 0, time.time(), 0.0)
       return info, Pulled(info.step, [], False)
+    info, pieces, ticket = self._update(worker, seq, list(grads), finite,
+                                        meta, start)
+    return info, Pulled(info.step, pieces, ticket)
+
+  def push(self, head: tuple[int, int, int, bool, tuple[float, float]],
+           *parts: Any) -> tuple[Any, ...]:
+    """:meth:`apply` for a worker's call: the pieces come and go as messages.
+
+    Args:
+      head: ``(worker, seq, epoch, finite, meta)``, as for :meth:`apply`.
+      *parts: the gradient's pieces packed by ``_wire.pack`` for
+        :attr:`piece_specs`.
+
+    Returns:
+      ``((info, ticket), *parts)``: what happened, whether the worker may go
+      on, and the params packed the same way (``1 +
+      _wire.num_chunks(piece_specs)`` values, so that messages of up to
+      512 kB travel inside the call); the parts are ``None`` if stale.
+    """
+    start = time.perf_counter()
+    if not (isinstance(head, tuple) and len(head) == 5):
+      raise TypeError(f"Shard {self._shard}: `head` must be (worker, seq, "
+                      f"epoch, finite, meta), got {head!r}.")
+    worker, seq, epoch, finite, meta = head
+    try:
+      grads = _wire.unpack(parts, self._specs)
+    except ValueError as e:
+      raise ValueError(f"Shard {self._shard}: worker {worker} sent a "
+                       f"malformed gradient ({e}); rejected, nothing "
+                       "changed.") from e
+    if not self._check_push(worker, seq, epoch, grads):
+      info = ApplyInfo("stale", int(self._state.step), 0, time.time(), 0.0)
+      return ((info, False), *[None] * _wire.num_chunks(self._specs))
+    info, pieces, ticket = self._update(worker, seq, list(grads), finite,
+                                        meta, start)
+    return ((info, ticket), *_wire.pack(pieces, self._specs))
+
+  def _update(self, worker: int, seq: int, grads: list[Any],
+              finite: bool, meta: tuple[float, float], start: float
+              ) -> tuple[ApplyInfo, list[np.ndarray], bool]:
+    """Applies a checked gradient; the worker pulls."""
     s = self._state
     staleness = int(s.step - s.last_pull[worker])
     params, opt_state, pieces, ok = self._apply(
-        s.params, s.opt_state, list(grads), np.int32(worker),
+        s.params, s.opt_state, grads, np.int32(worker),
         np.int32(staleness), np.bool_(finite))
     s.last_seq[worker] = seq
     s.last_pull[worker] = s.step + 1
     self._state = s._replace(params=params, opt_state=opt_state,
                              step=s.step + 1)
-    pulled = Pulled(int(s.step + 1), [np.asarray(x) for x in pieces],
-                    self.grant(worker))
+    pieces, ok = [np.asarray(x) for x in pieces], bool(ok)
+    ticket = self.grant(worker)
     seconds = time.perf_counter() - start
     self.busy_seconds += seconds
-    info = ApplyInfo("applied" if bool(ok) else "skipped", pulled.step,
+    info = ApplyInfo("applied" if ok else "skipped", int(s.step + 1),
                      staleness, time.time(), seconds)
-    row = (worker, seq, info.step, staleness, info.time, seconds, not bool(ok))
+    row = (worker, seq, info.step, staleness, info.time, seconds, not ok)
     self._rows.append(row + (tuple(meta) if self._shard == 0 else ()))
-    return info, pulled
-
-  def push(self, worker: int, seq: int, epoch: int, finite: bool,
-           meta: tuple[float, float], *chunks: Any) -> tuple[Any, ...]:
-    """:meth:`apply` for a worker's call: the pieces come and go as chunks.
-
-    ``chunks`` is the gradient packed by ``_wire.pack`` for
-    :attr:`piece_specs`; the reply is ``(info, step, ticket, *chunks)``, the
-    params packed the same way (``3 + _wire.num_chunks(piece_specs)``
-    values, so that small messages travel inside the call).
-    """
-    try:
-      grads = _wire.unpack(chunks, self._specs)
-    except ValueError as e:
-      raise ValueError(f"Shard {self._shard}: worker {worker} sent a "
-                       f"malformed gradient ({e}); rejected, nothing "
-                       "changed.") from e
-    info, pulled = self.apply(worker, seq, grads, epoch=epoch, finite=finite,
-                              meta=meta)
-    if info.status == "stale":
-      return (info, info.step, False, *[None] * _wire.num_chunks(self._specs))
-    return (info, pulled.step, pulled.ticket,
-            *_wire.pack(pulled.params, self._specs))
+    return info, pieces, ticket
 
   # ------------------------------------------------------------------ checks
 
@@ -379,13 +400,15 @@ class ParameterServer:
       raise TypeError(f"`epoch` must be an int >= 0, got {epoch!r}.")
     return int(epoch)
 
-  def _check_push(self, worker: Any, seq: Any, grads: Any, epoch: Any) -> bool:
-    """Raises for a bad push; False for a stale one (ignore it); else True."""
+  def _check_push(self, worker: Any, seq: Any, epoch: Any, grads: Any) -> bool:
+    """Raises for a bad push; False for a stale one (ignore it); else True.
+
+    A bad push from a newer incarnation does not count as its attaching.
+    """
     self._check_worker(worker)
     epoch = self._check_epoch(epoch)
     if epoch < self._epochs[worker]:
       return False
-    self._epochs[worker] = epoch
     who = f"Shard {self._shard}: worker {worker}"
     if isinstance(seq, bool) or not isinstance(seq, numbers.Integral):
       raise TypeError(f"{who} sent `seq`={seq!r}, not an int.")
@@ -397,6 +420,7 @@ class ParameterServer:
           f"{expected} ({kind}); rejected, nothing changed."
       )
     self._check_pieces(who, grads)
+    self._epochs[worker] = epoch
     return True
 
   def _check_pieces(self, who: str, grads: Any) -> None:

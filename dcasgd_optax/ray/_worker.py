@@ -88,13 +88,26 @@ class GradientWorker:
     self._specs = [[(shape, wire_dtype or dtype) for shape, dtype in
                     _layout.piece_specs(layout, k)]
                    for k in range(layout.num_shards)]
-    self._held: list[Pulled] | None = None  # What each shard last sent.
+    # Each shard's push, with as many returns as its reply has parts.
+    self._pushes = [s.push.options(num_returns=1 + _wire.num_chunks(specs))
+                    for s, specs in zip(self._shards, self._specs)]
+    self._held: list[list[np.ndarray]] | None = None  # Each shard's pieces.
     self._seq = 0  # The next gradient's number.
     self._ticket = False
 
   def ready(self) -> bool:
     """Returns once the actor has started."""
     return True
+
+  def _compute(self, seq: int) -> tuple[GradientMeta, list[list[np.ndarray]]]:
+    """Gradient ``seq`` at the held params: meta and each shard's pieces."""
+    start = time.perf_counter()
+    batch = self._data_fn(self._worker, seq)
+    loss, finite, pieces = self._grad(self._held, batch)
+    pieces = [[np.asarray(g) for g in shard] for shard in pieces]
+    meta = GradientMeta(self._worker, seq, float(loss),
+                        time.perf_counter() - start, bool(finite))
+    return meta, pieces
 
   def compute(self, seq: int, *pulled: Pulled) -> tuple[Any, ...]:
     """Gradient number ``seq`` at the params the shards sent (``pulled``).
@@ -103,33 +116,28 @@ class GradientWorker:
       ``(meta, pieces_0, ..., pieces_{K-1})``: a :class:`GradientMeta`, then
       each shard's pieces of the gradient (NumPy).
     """
-    start = time.perf_counter()
-    batch = self._data_fn(self._worker, seq)
-    loss, finite, pieces = self._grad([p.params for p in pulled], batch)
-    pieces = [[np.asarray(g) for g in shard] for shard in pieces]
-    meta = GradientMeta(self._worker, seq, float(loss),
-                        time.perf_counter() - start, bool(finite))
+    self._held = [p.params for p in pulled]
+    meta, pieces = self._compute(seq)
     return (meta, *pieces)
 
   def _push(self, meta: GradientMeta, pieces: Sequence[list[np.ndarray]],
             epoch: int, to: Sequence[int]) -> None:
     """Pushes gradient ``meta.seq`` to shards ``to``; keeps their replies."""
-    calls = []
-    for k in to:
-      specs = self._specs[k]
-      push = self._shards[k].push.options(
-          num_returns=3 + _wire.num_chunks(specs))
-      calls.append(push.remote(self._worker, meta.seq, epoch, meta.finite,
-                               (meta.loss, meta.seconds),
-                               *_wire.pack(pieces[k], specs)))
+    head = (self._worker, meta.seq, epoch, meta.finite,
+            (meta.loss, meta.seconds))
+    calls = [self._pushes[k].remote(head, *_wire.pack(pieces[k],
+                                                       self._specs[k]))
+             for k in to]
     replies = ray.get([r for refs in calls for r in refs])
     for k in to:
-      n = 3 + _wire.num_chunks(self._specs[k])
-      (_, step, ticket, *chunks), replies = replies[:n], replies[n:]
-      self._held[k] = Pulled(step, _wire.unpack(chunks, self._specs[k]),
-                             ticket)
-    if 0 in to:
-      self._ticket = self._held[0].ticket
+      n = 1 + _wire.num_chunks(self._specs[k])
+      ((info, ticket), *parts), replies = replies[:n], replies[n:]
+      if info.status == "stale":  # A newer incarnation of this worker runs.
+        self._ticket = False
+        continue
+      self._held[k] = _wire.unpack(parts, self._specs[k])
+      if k == 0:
+        self._ticket = ticket
     self._seq = meta.seq + 1
 
   def _recover(self, epoch: int) -> None:
@@ -142,13 +150,14 @@ class GradientWorker:
     """
     shards = self._shards
     last = ray.get([s.attach.remote(self._worker, epoch) for s in shards])
-    self._held = ray.get([s.pull.remote(self._worker) for s in shards])
+    self._held = [p.params for p in
+                  ray.get([s.pull.remote(self._worker) for s in shards])]
     lo, hi = min(last), max(last)
     self._seq = lo + 1
     if hi > lo:
-      out = self.compute(hi, *self._held)
+      meta, pieces = self._compute(hi)
       lagging = [k for k, seq in enumerate(last) if seq == lo]
-      self._push(out[0], out[1:], epoch, lagging)
+      self._push(meta, pieces, epoch, lagging)
     self._ticket = False
 
   def run(self, epoch: int, seq: int | None = None, *initial: Pulled) -> int:
@@ -166,14 +175,14 @@ class GradientWorker:
       How many gradients it pushed in this call.
     """
     if initial:
-      self._held, self._seq = list(initial), seq
+      self._held, self._seq = [p.params for p in initial], seq
     elif self._held is None:
       self._recover(epoch)
     count = 0
     if not self._ticket:
       self._ticket = ray.get(self._shards[0].grant.remote(self._worker))
     while self._ticket:
-      out = self.compute(self._seq, *self._held)
-      self._push(out[0], out[1:], epoch, range(len(self._shards)))
+      meta, pieces = self._compute(self._seq)
+      self._push(meta, pieces, epoch, range(len(self._shards)))
       count += 1
     return count
