@@ -52,8 +52,8 @@ def digits_problem(fault=None, marker=None, pad=0, nan_at=None):
     marker: a file recording that the fault happened (so it happens once);
       without one it happens every time.
     pad: the size of an extra leaf ``"pad"`` that the loss ignores (its
-      gradient is zero): makes the pieces large enough for Ray to pass them
-      through the object store rather than inline.
+      gradient is zero): makes a shard's message larger than the 512 kB
+      the wire sends inline, so that it goes through the object store.
     nan_at: ``(worker, seq)`` whose batch holds one NaN pixel.
   """
   # Ray's workers cannot import this test module: send its code by value.

@@ -57,13 +57,14 @@ def test_worker_killed_mid_gradient_restarts_and_count_is_exact(tmp_path):
 def test_worker_lost_after_computing_before_a_shard_read_it(tmp_path):
   # Worker 1 computes gradient 2 and pushes it to both shards; shard 1 is
   # kept busy, so when worker 1's process is killed, shard 0 has applied
-  # the gradient but shard 1 has not read it, and cannot: its pieces (200
-  # kB, passed through the object store) died with their owner. The
-  # restarted worker recomputes it and sends it to shard 1 only.
+  # the gradient but shard 1 has not read it, and cannot: its pieces (600
+  # kB a shard, above the 512 kB a message may carry inline, so passed
+  # through the object store) died with their owner. The restarted worker
+  # recomputes it and sends it to shard 1 only.
   name = f"shard1-{os.getpid()}"
   loss_fn, data_fn, params, accuracy = digits_problem(
       fault=("kill_before_push", 1, 2, name),
-      marker=str(tmp_path / "killed"), pad=100_000)
+      marker=str(tmp_path / "killed"), pad=300_000)
   tx = dcasgd_optax.dcasgd(0.5, num_workers=2)
   result = dray.train(loss_fn, tx, params, data_fn, 2, 60, num_shards=2,
                       server_options=[{}, {"name": name}])
