@@ -160,6 +160,17 @@ _SCRIPT = textwrap.dedent("""
           name, saved, backups_bytes)
       assert analyses[8].temp_size_in_bytes < backups_bytes / 2, (
           name, analyses[8])
+
+    # A per-worker mean square beside the stand-in backups: the fused update
+    # (on CPU, its kernel) takes the arriving worker's row of both.
+    per_worker = {}
+    for devices in (one, eight):
+      sim = Simulator(wide_loss, dcasgd_optax.dcasgd(
+          0.1, workers, per_worker_mean_square=True), devices=devices,
+                      strategy=STRATEGY)
+      state, _ = sim.replay(sim.init(wide), wide_batches, wide_arrivals)
+      per_worker[len(devices)] = workers_only(state, workers)
+    close(per_worker[1], per_worker[8])
     print("OK")
 """)
 

@@ -318,23 +318,32 @@ def _by_kernel(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
   """The update by the CPU kernel, every state array aliased in place.
 
   Stand-in backups (:func:`_rows.stand_in_backups`) would be materialised
-  if handed to the kernel whole: it gets the worker's row alone, written
+  if handed to the kernel whole: it gets the worker's row alone (of the
+  backups and of a per-worker mean square, which must match them), written
   back after (unchanged for an invalid worker).
   """
-  backups, at = leaf.backups, row
-  stand_in = _rows.backups_are_stand_in()
+  if not _rows.backups_are_stand_in():
+    return _kernel_call(step, leaf, leaf.backups, leaf.ms, row)
+  per_worker = step.stats.per_worker and leaf.ms is not None
   bits = lambda a: _rows.to_bits(a) if _rows.is_narrow(a.dtype) else a
-  if stand_in:
-    backups = _rows.from_bits(lax.dynamic_slice_in_dim(
-        bits(leaf.backups), row, 1), leaf.backups.dtype)
-    at = jnp.int32(0)
+  take = lambda a: _rows.from_bits(
+      lax.dynamic_slice_in_dim(bits(a), row, 1), a.dtype)
+  put = lambda a, value: _rows.from_bits(
+      lax.dynamic_update_slice_in_dim(bits(a), bits(value), row, 0), a.dtype)
+  u, backups, ms, trace = _kernel_call(
+      step, leaf, take(leaf.backups),
+      take(leaf.ms) if per_worker else leaf.ms, jnp.int32(0))
+  return (u, put(leaf.backups, backups),
+          put(leaf.ms, ms) if per_worker else ms, trace)
+
+
+def _kernel_call(step: _Step, leaf: _Leaf, backups: jax.Array, ms: Any,
+                 row: jax.Array) -> tuple:
+  """:func:`_cpu_kernel.leaf_update` on ``backups`` and ``ms`` at ``row``."""
   u, backups, ms, trace = _cpu_kernel.leaf_update(
-      leaf.g, leaf.w, backups, leaf.ms, leaf.trace, _kernel_scalars(step),
-      at, _kernel_flags(step, leaf.backups.dtype),
+      leaf.g, leaf.w, backups, ms, leaf.trace, _kernel_scalars(step), row,
+      _kernel_flags(step, leaf.backups.dtype),
   )
-  if stand_in:
-    backups = _rows.from_bits(lax.dynamic_update_slice_in_dim(
-        bits(leaf.backups), bits(backups), row, 0), leaf.backups.dtype)
   if u is not None:
     u = u.astype(leaf.g.dtype)
   return u, backups, ms, trace
