@@ -24,6 +24,12 @@ def concrete_value(x: Any) -> Any | None:
     return None
 
 
+
+def is_static_zero(x: Any) -> bool:
+  """Whether ``x`` is known at trace time to be the scalar 0."""
+  v = concrete_value(x)
+  return v is not None and v.shape == () and float(v) == 0.0
+
 def check_positive_int(name: str, value: Any) -> int:
   """Returns ``value`` as an int, or raises if it is not an int >= 1."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -41,6 +41,7 @@ import jaxlib
 import numpy as np
 
 from dcasgd_optax._src import _checks
+from dcasgd_optax._src.delay_compensation import warm_up_ramp
 
 # The XLA FFI target the kernel is registered as.
 TARGET = "dcasgd_optax_sgd_update"
@@ -193,12 +194,9 @@ def scalars_for(
   """
   c = compensation
   ramp = 1.0
-  if c.lambda_warmup is not None and not is_static_zero(c.lambda_warmup):
-    steps = jnp.asarray(c.lambda_warmup, jnp.float32)  # As _warm_up does.
-    ramp = jnp.where(
-        steps > 0, jnp.minimum(1.0, total_count / jnp.maximum(steps, 1.0)),
-        1.0,
-    )
+  if (c.lambda_warmup is not None
+      and not _checks.is_static_zero(c.lambda_warmup)):
+    ramp = warm_up_ramp(total_count, c.lambda_warmup)
   bias = c.adaptive and c.bias_correction
   zero = lambda x: 0.0 if x is None else x
   return Scalars(
@@ -209,12 +207,6 @@ def scalars_for(
       ramp=ramp, clip=zero(c.correction_clip), weight_decay=zero(weight_decay),
       momentum=zero(momentum), step_size=step_size,
   ).stack()
-
-
-def is_static_zero(x: Any) -> bool:
-  """Whether ``x`` is known now to be the scalar 0 (as delay_compensation's)."""
-  v = _checks.concrete_value(x)
-  return v is not None and v.shape == () and float(v) == 0.0
 
 
 @functools.cache

@@ -40,6 +40,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from dcasgd_optax._src import _checks
 from dcasgd_optax._src import _cpu_kernel
 from dcasgd_optax._src import _rows
 from dcasgd_optax._src.delay_compensation import MeanSquareSpec
@@ -301,7 +302,7 @@ def _kernel_applies(step: _Step, leaf: _Leaf, size: int) -> bool:
   c = step.compensation
   if c is None or c.adaptive != step.has_ms:
     return False
-  if _cpu_kernel.is_static_zero(c.lambda_):  # The chain skips the correction.
+  if _checks.is_static_zero(c.lambda_):  # The chain skips the correction.
     return False
   f32 = jnp.dtype(jnp.float32)
   wide = (leaf.g, leaf.w, leaf.ms, leaf.trace)

@@ -45,11 +45,6 @@ def _stats_dtype(dtype: Any) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _is_static_zero(x: Any) -> bool:
-  v = _checks.concrete_value(x)
-  return v is not None and v.shape == () and float(v) == 0.0
-
-
 def delay_compensation(
     num_workers: int,
     lambda_: Any = None,
@@ -197,8 +192,8 @@ def compensation_correction(
   optimizer applies the same function to blocks of each parameter, so both
   compute the same numbers.
   """
-  skip = _is_static_zero(lambda_)
-  warmup = not _is_static_zero(lambda_warmup)
+  skip = _checks.is_static_zero(lambda_)
+  warmup = not _checks.is_static_zero(lambda_warmup)
 
   def correct(updates, params, held, ms, count, state):
     lam = jax.tree.map(lambda _: lambda_, updates)
@@ -279,11 +274,16 @@ def _check_options(adaptive, per_worker, bias_correction, warmup) -> None:
 
 def _warm_up(lam: Any, t: Any, steps: Any) -> Any:
   """``lam * min(1, t / steps)``; ``steps == 0`` means no warm-up."""
+  ramp = warm_up_ramp(t, steps)
+  return jax.tree.map(lambda x: x * ramp, lam)
+
+
+def warm_up_ramp(t: Any, steps: Any) -> jax.Array:
+  """``min(1, t / steps)``, or 1 if ``steps == 0`` (no warm-up)."""
   steps = jnp.asarray(steps, jnp.float32)
-  ramp = jnp.where(
+  return jnp.where(
       steps > 0, jnp.minimum(1.0, t / jnp.maximum(steps, 1.0)), 1.0
   )
-  return jax.tree.map(lambda x: x * ramp, lam)
 
 
 def check_backup_dtype(backup_dtype: Any) -> None:
