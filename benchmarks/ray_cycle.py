@@ -6,12 +6,16 @@ wrapped so that each records ``time.time()`` (one clock for every process on
 one machine) around each part of a cycle:
 
 * worker: ``data_fn``, the jitted gradient and its host copy (``_compute``);
-  packing the message into ``bytes`` chunks; submitting the call
-  (``.remote``, which serializes the arguments);
-* Ray: from the submitted call to the shard's ``push`` starting;
-* shard: its ``push`` (reading the message, checks, the jitted apply and
-  pull, the host copy, packing the reply), and the busy time it records;
-* Ray: from the shard's ``push`` returning to the worker's ``ray.get``
+  writing the gradient into the shared-memory channel (``--path shared``,
+  train's default on one node) or packing it into ``bytes`` chunks
+  (``--path calls``); submitting the call (``.remote``, which serializes
+  the arguments);
+* Ray: from the submitted call to the shard's ``push_shared`` (or ``push``)
+  starting;
+* shard: that method (reading the message, checks, the jitted apply and
+  pull, the host copy, writing or packing the reply), and the busy time it
+  records;
+* Ray: from the shard's method returning to the worker's ``ray.get``
   returning;
 * worker: reading the reply, and the step to the next gradient.
 
@@ -20,6 +24,7 @@ out), and the empty-call and 400 kB echo round trips of a plain actor on the
 same Ray (the floor that Ray's per-call cost sets).
 
 Run: python benchmarks/ray_cycle.py [--params 100_000] [--updates 1500]
+  [--path shared|calls]
 Results: benchmarks/ray_throughput.md ("Where one direct cycle goes").
 """
 
@@ -59,15 +64,25 @@ class TimedWorker(_worker.GradientWorker):
     return out
 
   def _push(self, meta, pieces, epoch, to):
-    parts = _wire.pack(pieces[0], self._specs[0])
-    self._stamps.append(time.time())
     head = (self._worker, meta.seq, epoch, meta.finite,
             (meta.loss, meta.seconds))
-    refs = self._pushes[0].remote(head, *parts)
-    self._stamps.append(time.time())
-    (_, ticket), *reply = ray.get(list(refs))
-    self._stamps.append(time.time())
-    self._held[0] = _wire.unpack(reply, self._specs[0])
+    channel = self._channels[0] if self._channels else None
+    if channel is not None:
+      channel.grads.write(pieces[0])
+      self._stamps.append(time.time())
+      ref = self._shards[0].push_shared.remote(head)
+      self._stamps.append(time.time())
+      _, ticket = ray.get(ref)
+      self._stamps.append(time.time())
+      self._held[0] = list(channel.params.pieces)
+    else:
+      parts = _wire.pack(pieces[0], self._specs[0])
+      self._stamps.append(time.time())
+      refs = self._pushes[0].remote(head, *parts)
+      self._stamps.append(time.time())
+      (_, ticket), *reply = ray.get(list(refs))
+      self._stamps.append(time.time())
+      self._held[0] = _wire.unpack(reply, self._specs[0])
     self._ticket, self._seq = ticket, meta.seq + 1
     self._stamps.append(time.time())
     _record(self, self._stamps)
@@ -85,6 +100,12 @@ class TimedServer(_server.ParameterServer):
     _record(self, [start, time.time()])
     return reply
 
+  def push_shared(self, head):
+    start = time.time()
+    reply = super().push_shared(head)
+    _record(self, [start, time.time()])
+    return reply
+
 
 def _record(actor, stamps) -> None:
   rows = actor.__dict__.setdefault("_stamp_rows", [])
@@ -98,6 +119,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--params", default="100_000")
   parser.add_argument("--updates", type=int, default=1500)
+  parser.add_argument("--path", choices=("shared", "calls"), default="shared",
+                      help="pieces through shared memory (train's default "
+                      "on one node) or in the actor calls")
   parser.add_argument("--ray-log", default=os.path.join(
       tempfile.gettempdir(), "ray_cycle_stderr.log"))
   args = parser.parse_args()
@@ -111,12 +135,13 @@ def main() -> None:
   # Ray's workers cannot import the benchmarks: send their code by value.
   ray.cloudpickle.register_pickle_by_value(ray_throughput)
   ray.init(address="local", include_dashboard=False, log_to_driver=False)
-  print(f"Ray {ray.__version__}, load average {os.getloadavg()[0]:.1f} at "
-        "the start")
+  print(f"Ray {ray.__version__}, path {args.path}, load average "
+        f"{os.getloadavg()[0]:.1f} at the start")
   try:
     loss_fn, data_fn, params = make_problem(num_params)
     result = dray.train(loss_fn, dcasgd_optax.dcasgd(0.01, 1), params,
-                        data_fn, 1, args.updates + 1)
+                        data_fn, 1, args.updates + 1,
+                        shared_memory=args.path == "shared")
     time.sleep(0.5)
     echo = ray.remote(Echo).remote()
     flat = np.ones(sum(np.size(x) for x in params.values()), np.float32)
@@ -142,10 +167,12 @@ def _report(out, result, empty_ms, bytes_ms, load) -> None:
   cycle = ms(np.diff(c0))
   rows = [
       ("worker: data_fn, jitted gradient, host copy", ms(c1 - c0)),
-      ("worker: pack the gradient (bytes chunks)", ms(p0 - c1)),
+      ("worker: write the gradient (channel) or pack it (chunks)",
+       ms(p0 - c1)),
       ("worker: submit the call (.remote)", ms(p1 - p0)),
       ("Ray: call submitted -> shard's push starts", ms(s0 - p1)),
-      ("shard: push (read, check, jitted apply and pull, pack)", ms(s1 - s0)),
+      ("shard: push (read, check, jitted apply and pull, write/pack)",
+       ms(s1 - s0)),
       ("Ray: shard's push returns -> worker's ray.get returns", ms(p2 - s1)),
       ("worker: read the reply", ms(p3 - p2)),
       ("worker: to the next gradient", ms(c0[1:] - p3[:-1])),

@@ -24,20 +24,25 @@ process: one host copy of the params (GB/s), the jitted gradient and the
 jitted DC-ASGD apply alone (no Ray), and a Ray round trip to an actor that
 sends the same bytes back: one object each way, an empty call, and for
 100-512 kB inline 96 kB chunks, as NumPy views (what ``train`` sent before)
-and as ``bytes`` (what it sends now). From them, the ceilings: one worker
+and as ``bytes`` (what ``calls`` sends). From them, the ceilings: one worker
 cannot beat ``1 / (grad + apply + round trip)`` (it waits for its pull; the
-fastest round trip), and one shard cannot beat ``1 / apply``. Ray's own
+fastest round trip) in the calls, nor ``1 / (grad + apply + empty call + 2
+copies)`` through shared memory; one shard cannot beat ``1 / apply``. Ray's own
 messages (its C++ core logs to the process's stderr) go to ``--ray-log``,
 never into the tables.
 
-Two data paths, in the same run: ``direct`` is ``train`` (workers push to the
-shards and take the new params from their replies); ``driver`` is the path
-``train`` had before: every gradient and every pull routed by the driver's
-loop (worker -> driver -> server -> driver -> worker), one shard, the same
-actors and jitted steps, so only the routing differs.
+Three data paths, in the same run: ``direct`` is ``train`` as it is by
+default (workers push to the shards and take the new params from their
+replies; on one node the pieces go through the shared-memory channel and
+the call carries only a header); ``calls`` is ``train(...,
+shared_memory=False)``, the pieces in the actor calls (how ``train`` sends
+them across nodes); ``driver`` is the path ``train`` had before sharding:
+every gradient and every pull routed by the driver's loop (worker -> driver
+-> server -> driver -> worker), one shard, the same actors and jitted steps,
+so only the routing differs.
 
 Run: python benchmarks/ray_throughput.py [--params 100_000,1_000_000]
-  [--shards 1,2,4] [--workers 1,2,4] [--paths driver,direct]
+  [--shards 1,2,4] [--workers 1,2,4] [--paths driver,calls,direct]
   [--seconds 4] [--wire bfloat16]
 Results and the machine they came from: benchmarks/ray_throughput.md.
 """
@@ -130,10 +135,11 @@ def via_driver(loss_fn, tx, params, data_fn, num_workers, num_updates):
 
 
 def direct(loss_fn, tx, params, data_fn, num_workers, num_updates,
-           num_shards, wire):
+           num_shards, wire, shared_memory=True):
   """``train``; returns each shard's trace (the first with compute times)."""
   result = dray.train(loss_fn, tx, params, data_fn, num_workers, num_updates,
-                      num_shards=num_shards, wire_dtype=wire)
+                      num_shards=num_shards, wire_dtype=wire,
+                      shared_memory=shared_memory)
   traces = list(result.shard_records)
   traces[0] = {**traces[0], "compute_time": result.records.compute_time}
   return traces
@@ -148,7 +154,7 @@ def measure(path, num_params, num_shards, num_workers, num_updates, wire):
                         num_updates)
   else:
     traces = direct(loss_fn, tx, params, data_fn, num_workers, num_updates,
-                    num_shards, wire)
+                    num_shards, wire, shared_memory=path == "direct")
   skip = 2 * num_workers
   times = np.sort(traces[0]["time"])
   begin, elapsed = times[skip - 1], times[-1] - times[skip - 1]
@@ -234,6 +240,7 @@ def machine_limits(num_params: int) -> dict:
               grad_ms=grad_ms, apply_ms=apply_ms, trip_ms=trip_ms,
               empty_ms=empty_ms, views_ms=views_ms, bytes_ms=bytes_ms,
               worker_cap=1e3 / (grad_ms + apply_ms + trip),
+              shm_cap=1e3 / (grad_ms + apply_ms + empty_ms + 2 * copy_ms),
               shard_cap=1e3 / apply_ms)
 
 
@@ -241,15 +248,16 @@ def print_limits(sizes) -> None:
   """The table of :func:`machine_limits` for every size."""
   print("| params | host copy GB/s | grad ms | apply ms | Ray round trip ms: "
         "one object (empty call) | inline chunks ms: NumPy views | inline "
-        "chunks ms: bytes | one-worker ceiling updates/s | one-shard ceiling "
-        "updates/s |")
-  print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        "chunks ms: bytes | one-worker ceiling updates/s: calls | one-worker "
+        "ceiling updates/s: shared memory | one-shard ceiling updates/s |")
+  print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for p in sizes:
     r = machine_limits(p)
     print(f"| {r['size']:,} | {r['copy_gbs']:.1f} | {r['grad_ms']:.2f} | "
           f"{r['apply_ms']:.2f} | {r['trip_ms']:.2f} ({r['empty_ms']:.2f}) | "
           f"{r['views_ms']:.2f} | {r['bytes_ms']:.2f} | "
-          f"{r['worker_cap']:.3g} | {r['shard_cap']:.3g} |", flush=True)
+          f"{r['worker_cap']:.3g} | {r['shm_cap']:.3g} | "
+          f"{r['shard_cap']:.3g} |", flush=True)
 
 
 def _updates_for(num_params: int, seconds: float) -> int:
@@ -276,7 +284,7 @@ def main() -> None:
                       "25_000_000")
   parser.add_argument("--shards", default="1,2,4")
   parser.add_argument("--workers", default="1,2,4")
-  parser.add_argument("--paths", default="driver,direct")
+  parser.add_argument("--paths", default="driver,calls,direct")
   parser.add_argument("--seconds", type=float, default=3.0)
   parser.add_argument("--wire", default=None)
   parser.add_argument("--no-limits", dest="limits", action="store_false",
@@ -304,7 +312,7 @@ def main() -> None:
     for p in ints(args.params):
       n = _updates_for(p, args.seconds)
       for path in args.paths.split(","):
-        for k in ints(args.shards) if path == "direct" else [1]:
+        for k in ints(args.shards) if path != "driver" else [1]:
           for m in ints(args.workers):
             r = measure(path, p, k, m, n + 2 * m, wire)
             cycle = 1e3 * m / r["rate"]

@@ -53,21 +53,28 @@ def test_worker_killed_mid_gradient_restarts_and_count_is_exact(tmp_path):
   assert not alive_actors()
 
 
+@pytest.mark.parametrize("shared_memory", [False, True])
 @pytest.mark.usefixtures("local_ray")
-def test_worker_lost_after_computing_before_a_shard_read_it(tmp_path):
+def test_worker_lost_after_computing_before_a_shard_read_it(tmp_path,
+                                                           shared_memory):
   # Worker 1 computes gradient 2 and pushes it to both shards; shard 1 is
   # kept busy, so when worker 1's process is killed, shard 0 has applied
-  # the gradient but shard 1 has not read it, and cannot: its pieces (600
-  # kB a shard, above the 512 kB a message may carry inline, so passed
-  # through the object store) died with their owner. The restarted worker
-  # recomputes it and sends it to shard 1 only.
+  # the gradient but shard 1 has not read it. In the calls, it cannot: its
+  # pieces (600 kB a shard, above the 512 kB a message may carry inline, so
+  # passed through the object store) died with their owner; the restarted
+  # worker recomputes it and sends it to shard 1 only. Through shared
+  # memory, the buffer outlives the worker: shard 1 applies the push if Ray
+  # runs it before the restarted worker attaches, else ignores it as stale
+  # and gets the recomputed one. Either way every shard applies gradient 2
+  # exactly once.
   name = f"shard1-{os.getpid()}"
   loss_fn, data_fn, params, accuracy = digits_problem(
       fault=("kill_before_push", 1, 2, name),
       marker=str(tmp_path / "killed"), pad=300_000)
   tx = dcasgd_optax.dcasgd(0.5, num_workers=2)
   result = dray.train(loss_fn, tx, params, data_fn, 2, 60, num_shards=2,
-                      server_options=[{}, {"name": name}])
+                      server_options=[{}, {"name": name}],
+                      shared_memory=shared_memory)
   assert (tmp_path / "killed").exists()
   np.testing.assert_array_equal(result.worker_failures, [0, 1])
   for trace in (result.records, *result.shard_records):

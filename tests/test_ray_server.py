@@ -6,6 +6,7 @@ non-finite gradient) leaves the state exactly as it was.
 """
 
 import importlib
+import os
 import stat
 import sys
 
@@ -21,6 +22,7 @@ pytest.importorskip("orbax.checkpoint")
 
 import dcasgd_optax  # pylint: disable=g-import-not-at-top
 import dcasgd_optax.ray as dray  # pylint: disable=g-import-not-at-top
+from dcasgd_optax.ray import _shm  # pylint: disable=g-import-not-at-top
 
 
 def test_import_error_names_the_extra(monkeypatch):
@@ -316,3 +318,44 @@ def test_checkpoint_directories_are_private_to_their_owner(tmp_path):
   for path in ["", "shard-0-of-2", "shard-0-of-2/0", "shard-1-of-2",
                "shard-1-of-2/0"]:
     assert stat.S_IMODE((directory / path).stat().st_mode) == 0o700, path
+
+
+@pytest.mark.skipif(not _shm.available(), reason="no writable /dev/shm")
+def test_a_push_through_shared_memory_equals_one_in_the_call():
+  # The worker side of the channel is _shm.Channel.attach, as in a worker.
+  tx = dcasgd_optax.dcasgd(0.1, 2, momentum=0.9)
+  params = {"w": np.linspace(-1, 1, 300, dtype=np.float32).reshape(3, 100),
+            "b": np.ones(7, np.float32)}
+  by_call, shared = (dray.ParameterServer(tx, params, 2) for _ in range(2))
+  paths = shared.open_channel(1, 0, None)
+  assert all(p.startswith(_shm.DIRECTORY) and os.path.exists(p)
+             for p in paths)
+  channel = _shm.Channel.attach(0, paths, shared.piece_specs)
+  # Unlinked once both sides map them: nothing left if either dies.
+  assert not any(map(os.path.exists, paths))
+  assert shared.open_channel(0, 0, "another node") is None
+  rng = np.random.default_rng(0)
+  for seq in range(4):
+    grads = [rng.normal(size=s).astype(np.float32)
+             for s, _ in shared.piece_specs]
+    _, want = by_call.apply(1, seq, grads)
+    channel.grads.write(grads)
+    info, ticket = shared.push_shared((1, seq, 0, True, (0.0, 0.0)))
+    assert info.status == "applied" and ticket and info.step == seq + 1
+    chex.assert_trees_all_equal(channel.params.pieces, want.params)
+  chex.assert_trees_all_equal(_state(shared), _state(by_call))
+  # Worker 0 has no channel; worker 1's earlier incarnation is stale.
+  with pytest.raises(ValueError, match="worker 0 pushed through a shared"):
+    shared.push_shared((0, 0, 0, True, (0.0, 0.0)))
+  assert shared.attach(1, 1) == 3
+  info, ticket = shared.push_shared((1, 4, 0, True, (0.0, 0.0)))
+  assert info.status == "stale" and not ticket
+  chex.assert_trees_all_equal(_state(shared), _state(by_call))
+  # A new incarnation gets a new channel; the old one is closed.
+  paths = shared.open_channel(1, 1, None)
+  assert all(map(os.path.exists, paths))
+  shared.close()  # Unlinks the files the worker did not map.
+  assert not any(map(os.path.exists, paths))
+  with pytest.raises(FileNotFoundError):
+    _shm.Channel.attach(1, paths, shared.piece_specs)
+  channel.close()

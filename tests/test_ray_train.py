@@ -105,7 +105,10 @@ def test_two_shards_apply_delay_compensation_exactly_and_skip_a_nan():
   loss_fn, data_fn, params, _ = digits_problem(nan_at=(1, 2))
   lr, lam = 0.5, 2.0
   tx = optax.chain(dcasgd_optax.delay_compensation(2, lam), optax.sgd(lr))
-  result = dray.train(loss_fn, tx, params, data_fn, 2, 40, num_shards=2)
+  # The pieces travel in the actor calls here (the other tests use the
+  # shared-memory channel, the default on one node).
+  result = dray.train(loss_fn, tx, params, data_fn, 2, 40, num_shards=2,
+                      shared_memory=False)
   rec = result.records
   check_exactly_once(rec, 2)
   assert len(result.shard_records) == 2
@@ -213,6 +216,7 @@ def test_bad_arguments_fail_before_any_actor_starts():
       (dict(tx=optax.adafactor(0.1, min_dim_size_to_factor=8), num_shards=2),
        "cannot be split"),
       (dict(wire_dtype=np.int8), "wire_dtype"),
+      (dict(shared_memory="yes"), "`shared_memory` must be a bool"),
   ]
   for kwargs, match in bad:
     args = dict(loss_fn=loss_fn, tx=sgd, params=params, data_fn=data_fn,

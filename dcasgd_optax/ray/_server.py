@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import ray
 
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src.delay_compensation import num_workers_of
@@ -36,6 +37,7 @@ from dcasgd_optax._src.pull import pull as pull_hook
 from dcasgd_optax._src.pull import record_pull
 from dcasgd_optax.ray import _layout
 from dcasgd_optax.ray import _records
+from dcasgd_optax.ray import _shm
 from dcasgd_optax.ray import _wire
 from dcasgd_optax.ray import _checkpoint
 from dcasgd_optax.ray._admission import Admission
@@ -233,6 +235,7 @@ class ParameterServer:
     self._epochs = np.zeros((num_workers,), np.int64)
     self._admission = Admission(num_workers, 0) if shard == 0 else None
     self._rows: list[tuple] = []
+    self._channels: dict[int, _shm.Channel] = {}  # Per worker, on this node.
     self._checkpoints = None
     if checkpoint_dir is not None:
       self._checkpoints = _checkpoint.open_shard(checkpoint_dir, shard,
@@ -269,6 +272,40 @@ class ParameterServer:
     epoch = self._check_epoch(epoch)
     self._epochs[worker] = max(self._epochs[worker], epoch)
     return int(self._state.last_seq[worker])
+
+  def open_channel(self, worker: int, epoch: int, node: str | None
+                   ) -> tuple[str, str] | None:
+    """Opens a shared-memory channel (:mod:`_shm`) for a worker on this node.
+
+    Args:
+      worker: the worker's id.
+      epoch: its incarnation; a channel of an earlier one is closed.
+      node: the Ray node id of the worker's process (``None`` outside Ray).
+
+    Returns:
+      The paths of the gradient and params buffers, for the worker to map
+      (it then pushes with :meth:`push_shared`); or ``None`` if the worker
+      is on another node, the incarnation is not the latest, or ``/dev/shm``
+      cannot hold them (it then pushes with :meth:`push`). The worker's
+      earlier channel, if any, is closed (unless the incarnation is not the
+      latest).
+    """
+    self._check_worker(worker)
+    epoch = self._check_epoch(epoch)
+    if epoch < self._epochs[worker]:
+      return None
+    old = self._channels.pop(worker, None)
+    if old is not None:
+      old.close()
+    if node != _node_id() or not _shm.available():
+      return None
+    try:
+      channel = _shm.Channel.create(epoch, self._specs,
+                                    f"s{self._shard}-w{worker}-e{epoch}")
+    except OSError:
+      return None
+    self._channels[worker] = channel
+    return channel.paths
 
   def grant(self, worker: int) -> bool:
     """Whether ``worker`` may compute its next gradient (first shard only)."""
@@ -353,6 +390,38 @@ class ParameterServer:
     info, pieces, ticket = self._update(worker, seq, list(grads), finite,
                                         meta, start)
     return ((info, ticket), *_wire.pack(pieces, self._specs))
+
+  def push_shared(self, head: tuple[int, int, int, bool, tuple[float, float]]
+                  ) -> tuple[ApplyInfo, bool]:
+    """:meth:`push` through the worker's channel (:meth:`open_channel`).
+
+    The gradient's pieces are read from the channel's gradient buffer, and
+    the new params written to its params buffer before this returns.
+
+    Returns:
+      ``(info, ticket)``, as the first value :meth:`push` returns.
+    """
+    start = time.perf_counter()
+    if not (isinstance(head, tuple) and len(head) == 5):
+      raise TypeError(f"Shard {self._shard}: `head` must be (worker, seq, "
+                      f"epoch, finite, meta), got {head!r}.")
+    worker, seq, epoch, finite, meta = head
+    self._check_worker(worker)
+    channel = self._channels.get(worker)
+    if self._check_epoch(epoch) >= self._epochs[worker] and (
+        channel is None or channel.epoch != epoch):
+      raise ValueError(
+          f"Shard {self._shard}: worker {worker} pushed through a shared-"
+          f"memory channel, but none is open for its incarnation {epoch}; "
+          "rejected, nothing changed.")
+    grads = channel.grads.pieces if channel is not None else []
+    if not self._check_push(worker, seq, epoch, grads):
+      return ApplyInfo("stale", int(self._state.step), 0, time.time(),
+                       0.0), False
+    info, pieces, ticket = self._update(worker, seq, list(grads), finite,
+                                        meta, start)
+    channel.params.write(pieces)
+    return info, ticket
 
   def _update(self, worker: int, seq: int, grads: list[Any],
               finite: bool, meta: tuple[float, float], start: float
@@ -485,8 +554,18 @@ class ParameterServer:
       self._admission.reset(int(r.step))
 
   def close(self) -> float:
-    """Waits for pending saves; returns the seconds this shard was busy."""
+    """Waits for pending saves, closes the channels; returns the busy seconds."""
+    for channel in self._channels.values():
+      channel.close()
+    self._channels.clear()
     if self._checkpoints is not None:
       self._checkpoints.close()
       self._checkpoints = None
     return self.busy_seconds
+
+
+def _node_id() -> str | None:
+  """This process's Ray node id, or ``None`` outside Ray."""
+  if not ray.is_initialized():
+    return None
+  return ray.get_runtime_context().get_node_id()

@@ -78,6 +78,7 @@ class _Options:
 
   num_shards: int
   wire_dtype: np.dtype | None
+  shared_memory: bool
   checkpoint_dir: str | None
   checkpoint_every: int | None
   resume: bool
@@ -88,6 +89,9 @@ class _Options:
 
 
 def _check_options(opts: _Options) -> None:
+  if not isinstance(opts.shared_memory, bool):
+    raise TypeError(
+        f"`shared_memory` must be a bool, got {opts.shared_memory!r}.")
   if opts.checkpoint_every is not None:
     _checks.check_positive_int("checkpoint_every", opts.checkpoint_every)
   if opts.checkpoint_dir is None and (
@@ -175,7 +179,8 @@ def _start_actors(tx, params, loss_fn, data_fn, num_workers, layout,
   # Restarting a worker reruns its constructor: the driver keeps these refs
   # (Driver.pinned) so its arguments stay in the object store.
   pinned = ray.put(loss_fn), ray.put(data_fn), ray.put(layout)
-  workers = [worker_cls.remote(m, *pinned, shards, opts.wire_dtype)
+  workers = [worker_cls.remote(m, *pinned, shards, opts.wire_dtype,
+                               opts.shared_memory)
              for m in range(num_workers)]
   return shards, workers, pinned
 
@@ -277,6 +282,7 @@ def train(
     *,
     num_shards: int = 1,
     wire_dtype: Any = None,
+    shared_memory: bool = True,
     address: str | None = None,
     allow_insecure_cluster: bool = False,
     checkpoint_dir: str | None = None,
@@ -341,6 +347,11 @@ def train(
     wire_dtype: the dtype gradients and params travel in, e.g.
       ``jnp.bfloat16`` (half the bytes; workers then compute at params
       rounded to it); ``None``: the params' own.
+    shared_memory: a worker and a shard on the same node exchange the
+      pieces through two buffers in ``/dev/shm`` that both map, and the
+      actor call carries only a small header (see docs/ray.md, "What one
+      update is"); across nodes, or with ``False``, the pieces travel in
+      the calls. The numbers are the same either way.
     address: the Ray cluster for ``ray.init(address=...)``: ``None`` (a
       running cluster if one is known, else a new local one), ``"auto"``,
       ``"local"``, or ``"host:6379"``. Ignored if Ray is already initialised.
@@ -386,6 +397,7 @@ def train(
   opts = _Options(
       num_shards=num_shards,
       wire_dtype=_server.check_wire_dtype(wire_dtype),
+      shared_memory=shared_memory,
       checkpoint_dir=checkpoint_dir,
       checkpoint_every=checkpoint_every,
       resume=resume,

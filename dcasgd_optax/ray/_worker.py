@@ -21,6 +21,7 @@ import numpy as np
 import ray
 
 from dcasgd_optax.ray import _layout
+from dcasgd_optax.ray import _shm
 from dcasgd_optax.ray import _wire
 from dcasgd_optax.ray._server import Pulled
 from dcasgd_optax.ray._server import check_wire_dtype
@@ -75,11 +76,14 @@ class GradientWorker:
     shards: the shards' actor handles, in order (only :meth:`run` needs
       them).
     wire_dtype: the dtype pieces travel in, or ``None``.
+    shared_memory: exchange the pieces with a shard on this worker's node
+      through a shared-memory channel (:mod:`_shm`); else always in the
+      actor calls.
   """
 
   def __init__(self, worker: int, loss_fn: Callable, data_fn: Callable,
                layout: _layout.Layout, shards: Sequence[Any] = (),
-               wire_dtype: Any = None):
+               wire_dtype: Any = None, shared_memory: bool = True):
     wire_dtype = check_wire_dtype(wire_dtype)
     self._worker = worker
     self._data_fn = data_fn
@@ -91,6 +95,9 @@ class GradientWorker:
     # Each shard's push, with as many returns as its reply has parts.
     self._pushes = [s.push.options(num_returns=1 + _wire.num_chunks(specs))
                     for s, specs in zip(self._shards, self._specs)]
+    self._shared_memory = bool(shared_memory)
+    # Each shard's channel (None: push in the call); None until opened.
+    self._channels: list[_shm.Channel | None] | None = None
     self._held: list[list[np.ndarray]] | None = None  # Each shard's pieces.
     self._seq = 0  # The next gradient's number.
     self._ticket = False
@@ -125,20 +132,45 @@ class GradientWorker:
     """Pushes gradient ``meta.seq`` to shards ``to``; keeps their replies."""
     head = (self._worker, meta.seq, epoch, meta.finite,
             (meta.loss, meta.seconds))
-    calls = [self._pushes[k].remote(head, *_wire.pack(pieces[k],
-                                                       self._specs[k]))
-             for k in to]
-    replies = ray.get([r for refs in calls for r in refs])
+    channels = self._channels or [None] * len(self._shards)
+    calls = []
     for k in to:
-      n = 1 + _wire.num_chunks(self._specs[k])
-      ((info, ticket), *parts), replies = replies[:n], replies[n:]
+      if channels[k] is not None:
+        channels[k].grads.write(pieces[k])
+        calls.append([self._shards[k].push_shared.remote(head)])
+      else:
+        calls.append(self._pushes[k].remote(
+            head, *_wire.pack(pieces[k], self._specs[k])))
+    replies = ray.get([r for refs in calls for r in refs])
+    for k, refs in zip(to, calls):
+      (info, ticket), *parts = replies[:len(refs)]
+      replies = replies[len(refs):]
       if info.status == "stale":  # A newer incarnation of this worker runs.
         self._ticket = False
         continue
-      self._held[k] = _wire.unpack(parts, self._specs[k])
+      if channels[k] is not None:
+        self._held[k] = list(channels[k].params.pieces)
+      else:
+        self._held[k] = _wire.unpack(parts, self._specs[k])
       if k == 0:
         self._ticket = ticket
     self._seq = meta.seq + 1
+
+  def _open_channels(self, epoch: int) -> None:
+    """Opens a shared-memory channel with each shard on this node."""
+    self._channels = [None] * len(self._shards)
+    if not (self._shared_memory and _shm.available()):
+      return
+    node = ray.get_runtime_context().get_node_id()
+    paths = ray.get([s.open_channel.remote(self._worker, epoch, node)
+                     for s in self._shards])
+    for k, p in enumerate(paths):
+      if p is None:
+        continue
+      try:
+        self._channels[k] = _shm.Channel.attach(epoch, p, self._specs[k])
+      except OSError:  # Another /dev/shm (a container): push in the call.
+        self._shards[k].open_channel.remote(self._worker, epoch, None)
 
   def _recover(self, epoch: int) -> None:
     """After a restart: finish a gradient some shards lack, then hold params.
@@ -178,6 +210,8 @@ class GradientWorker:
       self._held, self._seq = [p.params for p in initial], seq
     elif self._held is None:
       self._recover(epoch)
+    if self._channels is None:
+      self._open_channels(epoch)
     count = 0
     if not self._ticket:
       self._ticket = ray.get(self._shards[0].grant.remote(self._worker))
