@@ -1,12 +1,42 @@
-"""Strict numerics for every test (implicit rank promotion is an error), and
-the fixtures the experiments tests share."""
+"""Strict numerics for every test (implicit rank promotion is an error), one
+Ray authentication mode for every test process, and the fixtures the
+experiments tests share."""
 
 import importlib
+import os
 
 import jax
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Every Ray that a test process starts or joins itself runs with token
+# authentication off (tests that need a token run their drivers and nodes as
+# subprocesses with an environment built from scratch: test_ray_auth.py).
+# One mode for the whole process, set before any test imports Ray, because
+# Ray caches the mode in its process-wide config the first time it starts
+# (and a ray.init with RAY_AUTH_MODE unset turns token mode on, writing
+# RAY_AUTH_MODE=token into os.environ for the rest of the process). Switching
+# the variable later changes the mode of the new cluster's processes but not
+# the driver's: the driver then rejects the GCS's calls ("Missing
+# authorization header"), and the GCS, taking the actors' owner for gone,
+# destroys each new actor before it starts (ActorDiedError: "The actor never
+# ran"). That is how tests/test_experiments_ray_async.py's Ray run (mode
+# unset) broke the Ray tests that ran after it in the same xdist worker.
+RAY_AUTH_MODE = "disabled"
+os.environ["RAY_AUTH_MODE"] = RAY_AUTH_MODE
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+
+@pytest.fixture(autouse=True)
+def _one_ray_auth_mode():
+  """Fails a test that leaves this process in another Ray auth mode."""
+  yield
+  mode = os.environ.get("RAY_AUTH_MODE")
+  assert mode == RAY_AUTH_MODE, (
+      f"RAY_AUTH_MODE is {mode!r} after this test, not {RAY_AUTH_MODE!r}: "
+      "the Ray tests after it in this process would start clusters whose "
+      "actors never run (tests/conftest.py says why).")
 
 
 @pytest.fixture(scope="module")

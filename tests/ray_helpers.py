@@ -2,8 +2,8 @@
 
 The problem is softmax regression on scikit-learn's digits. Its functions
 are closures, so Ray pickles them by value for the actors. The local Ray
-(2 CPUs, no dashboard, usage stats and token auth off, only for the test
-module using it) is started once per module.
+(2 CPUs, no dashboard; usage stats and token auth off, as tests/conftest.py
+sets them for every test process) is started once per module.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import pytest
 ray = pytest.importorskip("ray")
 datasets = pytest.importorskip("sklearn.datasets")
 
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 INIT = dict(num_cpus=2, include_dashboard=False, log_to_driver=False)
 NUM_TRAIN = 1500  # Of the 1,797 digits; the rest are held out.
 
@@ -130,13 +129,15 @@ def check_exactly_once(records, num_workers):
 
 @pytest.fixture(scope="module")
 def ray_env():
-  """Usage stats and token auth off for the module only; Ray down after."""
-  with pytest.MonkeyPatch.context() as mp:
-    for key, value in RAY_ENV.items():
-      mp.setenv(key, value)
-    yield
-    if ray.is_initialized():
-      ray.shutdown()
+  """Ray down after the module.
+
+  Token auth is off for the whole test process (tests/conftest.py), not
+  switched here: a process's Ray keeps the mode it first started with.
+  """
+  assert os.environ.get("RAY_AUTH_MODE") == "disabled"
+  yield
+  if ray.is_initialized():
+    ray.shutdown()
 
 
 @pytest.fixture

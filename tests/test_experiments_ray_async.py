@@ -75,7 +75,9 @@ def test_each_worker_draws_from_its_own_shard_deterministically(config):
 @pytest.mark.slow
 def test_two_algorithms_train_on_ray_and_report(config, tmp_path):
   config.num_updates, config.num_workers = 200, 2
-  runs = ray_async.run(config, str(tmp_path))
+  # "local": a Ray of its own, never one that `ray start` recorded on this
+  # host (what address=None would join).
+  runs = ray_async.run(config, str(tmp_path), address="local")
   assert [r["algorithm"] for r in runs] == ["asgd", "dc-asgd-a"]
   assert all(r["test_accuracy"] > 0.5 for r in runs)
   with open(tmp_path / "results.json") as f:
