@@ -4,10 +4,13 @@
 ``num_shards`` of them as Ray actors (shard ``k`` holds the pieces that
 :mod:`_layout` assigns it), and tests call it directly. Its methods run one
 at a time (a synchronous actor), so every update sees the result of the
-previous one. Pieces travel as :mod:`_wire` packs them: up to 512 kB as
-their bytes in ``bytes`` chunks inside the call (read as read-only views), a
-larger message as a list of NumPy arrays (the Ray object store reads them
-zero-copy); they are never written to in place.
+previous one. A worker on the shard's node pushes through a shared-memory
+channel (:meth:`~ParameterServer.open_channel`,
+:meth:`~ParameterServer.push_shared`, :mod:`_shm`); any other pushes with
+the pieces in the call (:meth:`~ParameterServer.push`), as :mod:`_wire`
+packs them: up to 512 kB as their bytes in ``bytes`` chunks (read as
+read-only views), a larger message as a list of NumPy arrays (the Ray object
+store reads them zero-copy). Pushed pieces are never written to in place.
 
 Every push is checked before any state is touched: the worker id, its
 restart ``epoch``, that ``seq`` is the next one expected from that worker,
