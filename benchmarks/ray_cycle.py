@@ -15,7 +15,8 @@ one machine) around each part of a cycle:
 * shard: that method (reading the message, checks, the jitted apply and
   pull, the host copy, writing or packing the reply), and the busy time it
   records;
-* Ray: from the shard's method returning to the worker's ``ray.get``
+* Ray (or, through the channel, its doorbell): from the shard's method
+  returning to the worker's ``ray.get`` (or its wait on the doorbell)
   returning;
 * worker: reading the reply, and the step to the next gradient.
 
@@ -72,7 +73,7 @@ class TimedWorker(_worker.GradientWorker):
       self._stamps.append(time.time())
       ref = self._shards[0].push_shared.remote(head)
       self._stamps.append(time.time())
-      _, ticket = ray.get(ref)
+      _, ticket = self._wait_bell(channel, ref)
       self._stamps.append(time.time())
       self._held[0] = list(channel.params.pieces)
     else:
@@ -173,7 +174,8 @@ def _report(out, result, empty_ms, bytes_ms, load) -> None:
       ("Ray: call submitted -> shard's push starts", ms(s0 - p1)),
       ("shard: push (read, check, jitted apply and pull, write/pack)",
        ms(s1 - s0)),
-      ("Ray: shard's push returns -> worker's ray.get returns", ms(p2 - s1)),
+      ("shard's push returns -> the worker has the reply (bell / ray.get)",
+       ms(p2 - s1)),
       ("worker: read the reply", ms(p3 - p2)),
       ("worker: to the next gradient", ms(c0[1:] - p3[:-1])),
   ]

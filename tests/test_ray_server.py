@@ -342,6 +342,8 @@ def test_a_push_through_shared_memory_equals_one_in_the_call():
     channel.grads.write(grads)
     info, ticket = shared.push_shared((1, seq, 0, True, (0.0, 0.0)))
     assert info.status == "applied" and ticket and info.step == seq + 1
+    assert channel.bell.wait(0) == _shm.TICKET  # Rung once, then silent.
+    assert channel.bell.wait(0) is None
     chex.assert_trees_all_equal(channel.params.pieces, want.params)
   chex.assert_trees_all_equal(_state(shared), _state(by_call))
   # Worker 0 has no channel; worker 1's earlier incarnation is stale.
@@ -350,6 +352,7 @@ def test_a_push_through_shared_memory_equals_one_in_the_call():
   assert shared.attach(1, 1) == 3
   info, ticket = shared.push_shared((1, 4, 0, True, (0.0, 0.0)))
   assert info.status == "stale" and not ticket
+  assert channel.bell.wait(0) is None  # A stale push rings nothing.
   chex.assert_trees_all_equal(_state(shared), _state(by_call))
   # A new incarnation gets a new channel; the old one is closed.
   paths = shared.open_channel(1, 1, None)

@@ -277,7 +277,7 @@ class ParameterServer:
     return int(self._state.last_seq[worker])
 
   def open_channel(self, worker: int, epoch: int, node: str | None
-                   ) -> tuple[str, str] | None:
+                   ) -> tuple[str, str, str] | None:
     """Opens a shared-memory channel (:mod:`_shm`) for a worker on this node.
 
     Args:
@@ -286,8 +286,8 @@ class ParameterServer:
       node: the Ray node id of the worker's process (``None`` outside Ray).
 
     Returns:
-      The paths of the gradient and params buffers, for the worker to map
-      (it then pushes with :meth:`push_shared`); or ``None`` if the worker
+      The paths of the gradient buffer, the params buffer and the doorbell,
+      for the worker to open (it then pushes with :meth:`push_shared`); or ``None`` if the worker
       is on another node, the incarnation is not the latest, or ``/dev/shm``
       cannot hold them (it then pushes with :meth:`push`). The worker's
       earlier channel, if any, is closed (unless the incarnation is not the
@@ -398,8 +398,10 @@ class ParameterServer:
                   ) -> tuple[ApplyInfo, bool]:
     """:meth:`push` through the worker's channel (:meth:`open_channel`).
 
-    The gradient's pieces are read from the channel's gradient buffer, and
-    the new params written to its params buffer before this returns.
+    The gradient's pieces are read from the channel's gradient buffer; the
+    new params are written to its params buffer, then its doorbell rings
+    with the ticket. A stale push (from an earlier incarnation) changes
+    nothing and rings nothing.
 
     Returns:
       ``(info, ticket)``, as the first value :meth:`push` returns.
@@ -424,6 +426,7 @@ class ParameterServer:
     info, pieces, ticket = self._update(worker, seq, list(grads), finite,
                                         meta, start)
     channel.params.write(pieces)
+    channel.bell.ring(_shm.TICKET if ticket else 0)
     return info, ticket
 
   def _update(self, worker: int, seq: int, grads: list[Any],

@@ -133,28 +133,50 @@ class GradientWorker:
     head = (self._worker, meta.seq, epoch, meta.finite,
             (meta.loss, meta.seconds))
     channels = self._channels or [None] * len(self._shards)
-    calls = []
+    shared, calls = {}, {}
     for k in to:
       if channels[k] is not None:
         channels[k].grads.write(pieces[k])
-        calls.append([self._shards[k].push_shared.remote(head)])
+        shared[k] = self._shards[k].push_shared.remote(head)
       else:
-        calls.append(self._pushes[k].remote(
-            head, *_wire.pack(pieces[k], self._specs[k])))
-    replies = ray.get([r for refs in calls for r in refs])
-    for k, refs in zip(to, calls):
-      (info, ticket), *parts = replies[:len(refs)]
-      replies = replies[len(refs):]
-      if info.status == "stale":  # A newer incarnation of this worker runs.
+        calls[k] = self._pushes[k].remote(
+            head, *_wire.pack(pieces[k], self._specs[k]))
+    replies = iter(ray.get([r for refs in calls.values() for r in refs]))
+    for k in to:
+      if k in shared:
+        stale, ticket = self._wait_bell(channels[k], shared[k])
+      else:
+        (info, ticket), *parts = [next(replies) for _ in calls[k]]
+        stale = info.status == "stale"
+      if stale:  # A newer incarnation of this worker runs.
         self._ticket = False
         continue
-      if channels[k] is not None:
+      if k in shared:
         self._held[k] = list(channels[k].params.pieces)
       else:
         self._held[k] = _wire.unpack(parts, self._specs[k])
       if k == 0:
         self._ticket = ticket
     self._seq = meta.seq + 1
+
+  @staticmethod
+  def _wait_bell(channel: _shm.Channel, ref: Any) -> tuple[bool, bool]:
+    """Waits for a push through ``channel``: ``(stale, ticket)``.
+
+    The shard rings the channel's doorbell when it is done; Ray's reply
+    (``ref``) is looked at only while it has not rung, for an error the
+    push raised (or the shard's death), raised here, or a stale push (which
+    rings nothing).
+    """
+    while True:
+      code = channel.bell.wait(_shm.POLL_S)
+      if code is None and ray.wait([ref], timeout=0)[0]:
+        info, ticket = ray.get(ref)  # Raises the push's error, if any.
+        code = channel.bell.wait(0)  # Rung just before it returned?
+        if code is None:
+          return info.status == "stale", ticket
+      if code is not None:
+        return False, bool(code & _shm.TICKET)
 
   def _open_channels(self, epoch: int) -> None:
     """Opens a shared-memory channel with each shard on this node."""
