@@ -26,7 +26,8 @@ same Ray (the floor that Ray's per-call cost sets).
 
 Run: python benchmarks/ray_cycle.py [--params 100_000] [--updates 1500]
   [--path shared|calls]
-Results: benchmarks/ray_throughput.md ("Where one direct cycle goes").
+Results: benchmarks/ray_throughput.md ("Where one cycle goes, channel against
+  calls").
 """
 
 from __future__ import annotations

@@ -287,11 +287,11 @@ class ParameterServer:
 
     Returns:
       The paths of the gradient buffer, the params buffer and the doorbell,
-      for the worker to open (it then pushes with :meth:`push_shared`); or ``None`` if the worker
-      is on another node, the incarnation is not the latest, or ``/dev/shm``
-      cannot hold them (it then pushes with :meth:`push`). The worker's
-      earlier channel, if any, is closed (unless the incarnation is not the
-      latest).
+      for the worker to open (it then pushes with :meth:`push_shared`); or
+      ``None`` if the worker is on another node, the incarnation is not the
+      latest, or ``/dev/shm`` cannot hold them (it then pushes with
+      :meth:`push`). The worker's earlier channel, if any, is closed (unless
+      the incarnation is not the latest).
     """
     self._check_worker(worker)
     epoch = self._check_epoch(epoch)
