@@ -65,6 +65,13 @@ def _offsets(specs: Specs) -> tuple[list[int], int]:
   return offsets, max(end, 1)
 
 
+def _unlink(path: str) -> None:
+  try:
+    os.unlink(path)
+  except FileNotFoundError:
+    pass
+
+
 def available() -> bool:
   """Whether this host has a ``/dev/shm`` this process can write to."""
   return os.path.isdir(DIRECTORY) and os.access(DIRECTORY, os.W_OK)
@@ -110,10 +117,7 @@ class Buffer:
 
   def unlink(self) -> None:
     """Removes the file (the mapping stays); fine if it is gone already."""
-    try:
-      os.unlink(self.path)
-    except FileNotFoundError:
-      pass
+    _unlink(self.path)
 
   def close(self) -> None:
     """Unlinks the file and drops this process's mapping."""
@@ -161,10 +165,8 @@ class Bell:
       return None
 
   def unlink(self) -> None:
-    try:
-      os.unlink(self.path)
-    except FileNotFoundError:
-      pass
+    """Removes the pipe (the open end stays); fine if it is gone already."""
+    _unlink(self.path)
 
   def close(self) -> None:
     self.unlink()
