@@ -355,7 +355,7 @@ class ParameterServer:
     """
     start = time.perf_counter()
     if not self._check_push(worker, seq, epoch, grads):
-      info = ApplyInfo("stale", int(self._state.step), 0, time.time(), 0.0)
+      info = self._stale_info()
       return info, Pulled(info.step, [], False)
     info, pieces, ticket = self._update(worker, seq, list(grads), finite,
                                         meta, start)
@@ -377,10 +377,7 @@ class ParameterServer:
       512 kB travel inside the call); the parts are ``None`` if stale.
     """
     start = time.perf_counter()
-    if not (isinstance(head, tuple) and len(head) == 5):
-      raise TypeError(f"Shard {self._shard}: `head` must be (worker, seq, "
-                      f"epoch, finite, meta), got {head!r}.")
-    worker, seq, epoch, finite, meta = head
+    worker, seq, epoch, finite, meta = self._check_head(head)
     try:
       grads = _wire.unpack(parts, self._specs)
     except ValueError as e:
@@ -388,7 +385,7 @@ class ParameterServer:
                        f"malformed gradient ({e}); rejected, nothing "
                        "changed.") from e
     if not self._check_push(worker, seq, epoch, grads):
-      info = ApplyInfo("stale", int(self._state.step), 0, time.time(), 0.0)
+      info = self._stale_info()
       return ((info, False), *[None] * _wire.num_chunks(self._specs))
     info, pieces, ticket = self._update(worker, seq, list(grads), finite,
                                         meta, start)
@@ -407,10 +404,7 @@ class ParameterServer:
       ``(info, ticket)``, as the first value :meth:`push` returns.
     """
     start = time.perf_counter()
-    if not (isinstance(head, tuple) and len(head) == 5):
-      raise TypeError(f"Shard {self._shard}: `head` must be (worker, seq, "
-                      f"epoch, finite, meta), got {head!r}.")
-    worker, seq, epoch, finite, meta = head
+    worker, seq, epoch, finite, meta = self._check_head(head)
     self._check_worker(worker)
     channel = self._channels.get(worker)
     if self._check_epoch(epoch) >= self._epochs[worker] and (
@@ -421,13 +415,23 @@ class ParameterServer:
           "rejected, nothing changed.")
     grads = channel.grads.pieces if channel is not None else []
     if not self._check_push(worker, seq, epoch, grads):
-      return ApplyInfo("stale", int(self._state.step), 0, time.time(),
-                       0.0), False
+      return self._stale_info(), False
     info, pieces, ticket = self._update(worker, seq, list(grads), finite,
                                         meta, start)
     channel.params.write(pieces)
     channel.bell.ring(_shm.TICKET if ticket else 0)
     return info, ticket
+
+  def _check_head(self, head: Any) -> tuple:
+    """``head`` as ``(worker, seq, epoch, finite, meta)``; TypeError if not."""
+    if not (isinstance(head, tuple) and len(head) == 5):
+      raise TypeError(f"Shard {self._shard}: `head` must be (worker, seq, "
+                      f"epoch, finite, meta), got {head!r}.")
+    return head
+
+  def _stale_info(self) -> ApplyInfo:
+    """What a stale push (from an earlier incarnation) gets: nothing done."""
+    return ApplyInfo("stale", int(self._state.step), 0, time.time(), 0.0)
 
   def _update(self, worker: int, seq: int, grads: list[Any],
               finite: bool, meta: tuple[float, float], start: float

@@ -8,9 +8,9 @@ two buffers instead, each a file in ``/dev/shm`` mapped by both processes:
 
 * the *gradient buffer*: the worker writes its gradient's pieces there, then
   calls the shard's ``push_shared`` with only the small header;
-* the *params buffer*: the shard reads the pieces in place, applies them,
-  writes its pieces of the new params there and replies with the header;
-  the worker reads them in place for its next gradient.
+* the *params buffer*: the shard reads the pieces in place, applies them
+  and writes its pieces of the new params there; the worker reads them in
+  place for its next gradient.
 
 The actor call orders every access, so no lock is needed: the worker writes
 the gradient buffer only while no push of its to that shard is in flight,
@@ -99,7 +99,7 @@ class Buffer:
         try:
           os.posix_fallocate(fd, 0, size)
         except OSError:
-          os.unlink(path)
+          _unlink(path)
           raise
       elif os.fstat(fd).st_size != size:
         raise OSError(f"{path} holds {os.fstat(fd).st_size} bytes, not {size}")
@@ -146,7 +146,12 @@ class Bell:
     if create:
       os.mkfifo(path, 0o600)
     self.path = path
-    self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+    try:
+      self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+    except OSError:
+      if create:
+        _unlink(path)
+      raise
 
   def ring(self, code: int) -> None:
     try:
