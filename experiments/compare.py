@@ -93,7 +93,7 @@ def report(config: Any, workdir: str, rows: list[dict], dirs: list[str], *,
                             title=title)
   plots.plot_error_vs_workers(rows, os.path.join(workdir, "error_vs_workers.png"),
                               title=title)
-  ds = (cache or programs.ProgramCache()).dataset(config)
+  ds = (programs.ProgramCache() if cache is None else cache).dataset(config)
   staleness = {m: schedule_staleness(config, m, len(ds.train_labels))
                for m in sorted(config.grid.num_workers)}
   plots.plot_staleness(staleness, os.path.join(workdir, "staleness_hist.png"),
@@ -101,15 +101,20 @@ def report(config: Any, workdir: str, rows: list[dict], dirs: list[str], *,
   return table
 
 
-def compare(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+def compare(
+    config: ml_collections.ConfigDict, workdir: str, *,
+    cache: programs.ProgramCache | None = None,
+) -> list[dict]:
   """Trains every run of the grid (resuming finished ones) and reports.
+
+  ``cache``: the programs its runs share (``None``: a new one).
 
   Returns:
     The rows of ``results.csv``.
   """
   configs = run_configs(config)
   dirs = [run_dir(workdir, c) for c in configs]
-  cache = programs.ProgramCache()
+  cache = programs.ProgramCache() if cache is None else cache
   rows = []
   for c, d in tqdm.tqdm(list(zip(configs, dirs)), desc="runs", unit="run",
                         disable=not config.progress_bar):

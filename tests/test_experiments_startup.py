@@ -6,6 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+from absl import app
+
+from experiments import startup
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Imports every study (matplotlib and JAX first, to see what the imports
@@ -40,20 +45,17 @@ app.run(run)
 """
 
 
-def _start(tmp_path, *args):
+def test_importing_the_studies_changes_nothing_and_setup_starts_one(tmp_path):
   ray = importlib.util.find_spec("ray") is not None
   program = _PROGRAM.format(ray=ray, png=str(tmp_path / "s.png"))
   cmd = [sys.executable, "-c", program,
-         "--config=experiments/configs/tiny.py", f"--workdir={tmp_path}",
-         *args]
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-
-
-def test_importing_the_studies_changes_nothing_and_setup_starts_one(tmp_path):
-  out = _start(tmp_path)
+         "--config=experiments/configs/tiny.py", f"--workdir={tmp_path}"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == f"started dc-asgd-a {tmp_path}"
   assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
-  extra = _start(tmp_path, str(tmp_path))  # a stray positional argument
-  assert extra.returncode != 0
-  assert "Unexpected arguments" in extra.stderr
+
+
+def test_a_stray_argument_is_refused_before_anything_starts():
+  with pytest.raises(app.UsageError, match="Unexpected arguments: \\['runs/x'\\]"):
+    startup.setup(["main.py", "runs/x"], compilation_cache=True)

@@ -15,12 +15,18 @@ from experiments import run_files
 from experiments import train
 
 
+@pytest.fixture(scope="module")
+def cache():
+  """The programs this module's runs share (one tiny config compiles once)."""
+  return programs.ProgramCache()
+
+
 def _without_seconds(history):
   return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
 
 
-def test_tiny_run_end_to_end_on_the_offline_digits(config, tmp_path):
-  summary = train.train_and_evaluate(config, str(tmp_path))
+def test_tiny_run_end_to_end_on_the_offline_digits(config, tmp_path, cache):
+  summary = train.train_and_evaluate(config, str(tmp_path), cache=cache)
   assert summary["algorithm"] == "dc-asgd-a" and summary["workers"] == 4
   assert summary["epochs"] == 2 and summary["schedule"] == "cyclic"
   assert summary["final_test_error"] < 0.85  # chance is 0.9
@@ -33,10 +39,10 @@ def test_tiny_run_end_to_end_on_the_offline_digits(config, tmp_path):
     assert json.load(f) == summary
 
 
-def test_rerun_is_identical_and_resume_after_interruption_matches(config, tmp_path):
+def test_rerun_is_identical_and_resume_after_interruption_matches(config, tmp_path, cache):
   config.num_epochs = 3
-  full = train.train_and_evaluate(config, str(tmp_path / "a"))
-  again = train.train_and_evaluate(config, str(tmp_path / "b"))
+  full = train.train_and_evaluate(config, str(tmp_path / "a"), cache=cache)
+  again = train.train_and_evaluate(config, str(tmp_path / "b"), cache=cache)
   history = _without_seconds(run_files.read_metrics(str(tmp_path / "a")))
   assert _without_seconds(run_files.read_metrics(str(tmp_path / "b"))) == history
   assert again["final_test_error"] == full["final_test_error"]
@@ -50,18 +56,18 @@ def test_rerun_is_identical_and_resume_after_interruption_matches(config, tmp_pa
 
   with mock.patch.object(run_files, "append_metrics", interrupt_after_first_epoch):
     with pytest.raises(KeyboardInterrupt):
-      train.train_and_evaluate(config, str(tmp_path / "c"))
+      train.train_and_evaluate(config, str(tmp_path / "c"), cache=cache)
   assert len(run_files.read_metrics(str(tmp_path / "c"))) == 1
-  resumed = train.train_and_evaluate(config, str(tmp_path / "c"))
+  resumed = train.train_and_evaluate(config, str(tmp_path / "c"), cache=cache)
   assert _without_seconds(run_files.read_metrics(str(tmp_path / "c"))) == history
   assert {k: v for k, v in resumed.items() if k != "wall_time"} == {
       k: v for k, v in full.items() if k != "wall_time"
   }
 
 
-def test_resuming_with_a_different_config_fails(config, tmp_path):
+def test_resuming_with_a_different_config_fails(config, tmp_path, cache):
   config.num_epochs = 1
-  train.train_and_evaluate(config, str(tmp_path))
+  train.train_and_evaluate(config, str(tmp_path), cache=cache)
   config.learning_rate = 0.5
   with pytest.raises(ValueError, match="different config.*learning_rate"):
     train.train_and_evaluate(config, str(tmp_path))
@@ -97,11 +103,11 @@ def test_bad_config_values_fail_fast_listing_the_choices(config, tmp_path, field
   assert not os.path.exists(tmp_path / "run")
 
 
-def test_runs_sharing_a_cache_reuse_one_program_and_get_the_same_results(config, tmp_path):
+def test_runs_sharing_a_cache_reuse_one_program_and_get_the_same_results(
+    config, tmp_path, cache):
   config.num_epochs = 1
   other = ml_collections.ConfigDict(config.to_dict())
   other.seed, other.learning_rate, other.schedule = 1, 0.05, "gamma"
-  cache = programs.ProgramCache()
   train.train_and_evaluate(config, str(tmp_path / "a"), cache=cache)
   shared = train.train_and_evaluate(other, str(tmp_path / "b"), cache=cache)
   # The seed, the arrivals and the injected learning rate are data, not code.
