@@ -48,8 +48,8 @@ the look-ahead). :func:`make_tx` chains them.
 
 **What an epoch is.** An epoch is ``S = num_train // batch_size`` minibatch
 gradients, for every algorithm: the gradients are the same data stream (see
-:func:`experiments.input_pipeline.gradient_indices`). The asynchronous algorithms make
-one server update per gradient, ``S`` per epoch. SSGD with ``M`` workers
+:func:`experiments.input_pipeline.gradient_indices`). The asynchronous
+algorithms make one server update per gradient, ``S`` per epoch. SSGD with ``M`` workers
 averages ``M`` gradients per update, so it makes ``S / M`` updates per epoch,
 each on ``M`` times the data, with the same learning rate (not scaled with
 ``M``); its learning-rate boundaries are placed at the same epochs.
@@ -286,8 +286,8 @@ def make_tx(
   """The optimizer of ``config.algorithm`` for ``num_workers`` workers.
 
   Its chain is the algorithm's gradient adjustment (if any), then the
-  optimizer core (:func:`experiments.optimizers.optimizer`). The base learning rate and the
-  algorithm's tuned fields (``Algorithm.tuned``) are injected with
+  optimizer core (:func:`experiments.optimizers.optimizer`). The base
+  learning rate and the algorithm's tuned fields (``Algorithm.tuned``) are injected with
   ``optax.inject_hyperparams``: they are arrays in the optimizer state, so
   runs that differ only in them (or in the seed) compile to the same
   program, and a sweep compiles once per cell.

@@ -62,7 +62,9 @@ def run_dir(workdir: str, c: Any) -> str:
   return os.path.join(workdir, "runs", f"{c.algorithm}-M{c.num_workers}-seed{c.seed}")
 
 
-def schedule_staleness(config: Any, num_workers: int, num_train: int) -> np.ndarray:
+def schedule_staleness(
+    config: Any, num_workers: int, num_train: int
+) -> np.ndarray:
   """Staleness of every arrival of a whole run of ``config``'s schedule, on
   ``num_train`` training examples."""
   total = config.num_epochs * input_pipeline.steps_per_epoch(
@@ -89,10 +91,10 @@ def report(config: Any, workdir: str, rows: list[dict], dirs: list[str], *,
   table = tables.markdown_table(rows)
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(f"## {title}\n\n{table}")
-  plots.plot_error_vs_epoch(histories, os.path.join(workdir, "error_vs_epoch.png"),
-                            title=title)
-  plots.plot_error_vs_workers(rows, os.path.join(workdir, "error_vs_workers.png"),
-                              title=title)
+  plots.plot_error_vs_epoch(
+      histories, os.path.join(workdir, "error_vs_epoch.png"), title=title)
+  plots.plot_error_vs_workers(
+      rows, os.path.join(workdir, "error_vs_workers.png"), title=title)
   ds = (programs.ProgramCache() if cache is None else cache).dataset(config)
   staleness = {m: schedule_staleness(config, m, len(ds.train_labels))
                for m in sorted(config.grid.num_workers)}

@@ -309,7 +309,8 @@ def plot_ray_staleness(runs: Sequence[dict], samples: dict[str, np.ndarray],
                   [str(t) for t in range(top)] + [f"{top}+"], fontsize=7)
   ax_s.set(xlabel="staleness (updates since the worker pulled)",
            ylabel="fraction of updates",
-           title=f"Staleness, mean {statistics.samples_mean(samples):.2f} in all")
+           title=f"Staleness, mean {statistics.samples_mean(samples):.2f} "
+           "in all")
   ax_s.legend(fontsize=8)
   for r in runs:
     loss = np.asarray(r["records"]["loss"])

@@ -239,7 +239,8 @@ def run(
     if started:
       ray.shutdown()
   samples = staleness_comparison(runs, config)
-  plots.plot_ray_staleness(runs, samples, os.path.join(workdir, "staleness.png"))
+  plots.plot_ray_staleness(runs, samples,
+                           os.path.join(workdir, "staleness.png"))
   summary = {k: {"mean": float(v.mean()), "std": float(v.std()),
                  "max": int(v.max())} for k, v in samples.items()}
   with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -111,8 +111,9 @@ def paired_differences(stats: Sequence[dict], baseline: str,
                        variant: str) -> list[tuple[dict, dict]]:
   """``(baseline's stat, variant's stat)`` of every cell they share, in
   ``stats``' order."""
-  by_cell = {(s["optimizer"], s["schedule"], s["num_workers"], s["algorithm"]): s
-             for s in stats}
+  by_cell = {
+      (s["optimizer"], s["schedule"], s["num_workers"], s["algorithm"]): s
+      for s in stats}
   pairs = []
   for (opt, schedule, m, name), b in by_cell.items():
     v = by_cell.get((opt, schedule, m, variant))
