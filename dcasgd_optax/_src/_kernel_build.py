@@ -36,6 +36,7 @@ import os
 import pathlib
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 import warnings
@@ -49,6 +50,7 @@ _FLAGS = ("-O3", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
 _NATIVE = ("-march=native",)  # Only for an identified CPU; dropped if refused.
 _LOCK = ".lock"
 _PREFIX = "cpu_kernel-"
+CPUINFO = "/proc/cpuinfo"
 
 
 class UnsafeCacheError(OSError):
@@ -159,7 +161,7 @@ def flags(cpu: str | None = None) -> tuple[str, ...]:
 def cpu_id() -> str | None:
   """The CPU's model and feature flags (Linux), or None if unknown."""
   try:
-    info = pathlib.Path("/proc/cpuinfo").read_text(errors="replace")
+    info = pathlib.Path(CPUINFO).read_text(errors="replace")
   except OSError:
     return None
   wanted = ("model name", "flags", "Features", "CPU implementer",
@@ -329,6 +331,7 @@ def _dlopen(fd: int) -> ctypes.CDLL:
   loaded under a name, so a descriptor number used before is duplicated to
   a new one. Without ``/proc``, from a copy in a private directory.
   """
+  _check_extents(fd)
   if not os.path.isdir("/proc/self/fd"):
     with tempfile.TemporaryDirectory(prefix="dcasgd_optax-") as tmp:
       copy = os.path.join(tmp, "cpu_kernel.so")
@@ -348,3 +351,35 @@ def _dlopen(fd: int) -> ctypes.CDLL:
   finally:
     for dup in extra:
       os.close(dup)
+
+
+def _check_extents(fd: int) -> None:
+  """Raises OSError if an ELF file ends before its headers or segments do.
+
+  The dynamic loader maps segments without checking that the file holds
+  them, and touching a page past the end of a truncated file kills the
+  process (SIGBUS). Files in another format are left to the loader.
+  """
+  size = os.fstat(fd).st_size
+  head = os.pread(fd, 64, 0)
+  if head[:4] != b"\x7fELF" or len(head) < 52:
+    return
+  wide, order = head[4] == 2, "<" if head[5] == 1 else ">"
+  if wide:
+    phoff, shoff = struct.unpack_from(order + "QQ", head, 32)
+    phsize, phnum, shsize, shnum = struct.unpack_from(order + "4H", head, 54)
+  else:
+    phoff, shoff = struct.unpack_from(order + "II", head, 28)
+    phsize, phnum, shsize, shnum = struct.unpack_from(order + "4H", head, 42)
+  extents = [(phoff, phsize * phnum), (shoff, shsize * shnum)]
+  table = os.pread(fd, phsize * phnum, phoff)
+  for k in range(phnum if len(table) == phsize * phnum else 0):
+    if wide:
+      offset, = struct.unpack_from(order + "Q", table, k * phsize + 8)
+      length, = struct.unpack_from(order + "Q", table, k * phsize + 32)
+    else:
+      offset, = struct.unpack_from(order + "I", table, k * phsize + 4)
+      length, = struct.unpack_from(order + "I", table, k * phsize + 16)
+    extents.append((offset, length))
+  if any(offset + length > size for offset, length in extents):
+    raise OSError(f"the kernel's file is truncated ({size} bytes)")
