@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import hashlib
 import os
 import pathlib
@@ -43,6 +42,11 @@ import warnings
 
 import jax
 import jaxlib
+
+try:
+  import fcntl  # pylint: disable=g-import-not-at-top
+except ImportError:  # Windows: no lock (and no kernel, for want of O_NOFOLLOW).
+  fcntl = None
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernel.cc")
 CACHE_DIR = "DCASGD_OPTAX_CACHE_DIR"
@@ -91,7 +95,8 @@ def build_cpu_kernel(cache_dir: str | os.PathLike | None = None
   try:
     fd = _cached(dir_fd, name)
     try:
-      getattr(_dlopen(fd), "DcasgdSgdUpdate")  # The symbol is there.
+      if not hasattr(_dlopen(fd), "DcasgdSgdUpdate"):
+        raise RuntimeError(f"{cache / name} lacks the kernel's symbol")
     finally:
       os.close(fd)
   finally:
@@ -265,7 +270,8 @@ def _locked(dir_fd: int):
   fd = os.open(_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                0o600, dir_fd=dir_fd)
   try:
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    if fcntl is not None:
+      fcntl.flock(fd, fcntl.LOCK_EX)
     yield
   finally:
     os.close(fd)  # Releases the lock.
