@@ -95,7 +95,7 @@ def build_cpu_kernel(cache_dir: str | os.PathLike | None = None
   try:
     fd = _cached(dir_fd, name)
     try:
-      if not hasattr(_dlopen(fd), "DcasgdSgdUpdate"):
+      if not hasattr(_dlopen(fd, cache / name), "DcasgdSgdUpdate"):
         raise RuntimeError(f"{cache / name} lacks the kernel's symbol")
     finally:
       os.close(fd)
@@ -123,18 +123,18 @@ def load() -> ctypes.CDLL:
     )
     with tempfile.TemporaryDirectory(prefix="dcasgd_optax-") as tmp:
       dir_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
-      return _load_from(dir_fd, name)
-  return _load_from(dir_fd, name)
+      return _load_from(dir_fd, name, pathlib.Path(tmp))
+  return _load_from(dir_fd, name, cache_path())
 
 
-def _load_from(dir_fd: int, name: str) -> ctypes.CDLL:
+def _load_from(dir_fd: int, name: str, where: pathlib.Path) -> ctypes.CDLL:
   """Loads ``name`` from ``dir_fd`` (building it if missing); closes dir_fd."""
   try:
     fd = _cached(dir_fd, name)
   finally:
     os.close(dir_fd)
   try:
-    return _dlopen(fd)
+    return _dlopen(fd, where / name)
   finally:
     os.close(fd)
 
@@ -330,14 +330,25 @@ def _compile(cxx: str, output: str) -> None:
 _DLOPENED: set[str] = set()
 
 
-def _dlopen(fd: int) -> ctypes.CDLL:
+def _dlopen(fd: int, path: pathlib.Path) -> ctypes.CDLL:
   """Loads the open file ``fd`` (the checked one, not whatever its name is).
 
   Through ``/proc/self/fd``: the dynamic loader returns the library first
   loaded under a name, so a descriptor number used before is duplicated to
   a new one. Without ``/proc``, from a copy in a private directory.
+
+  Raises:
+    OSError: naming ``path`` (the file's name, for messages only).
   """
-  _check_extents(fd)
+  try:
+    _check_extents(fd)
+    return _dlopen_checked(fd)
+  except OSError as e:
+    raise OSError(f"{path}: {e} (delete it to rebuild)") from e
+
+
+def _dlopen_checked(fd: int) -> ctypes.CDLL:
+  """:func:`_dlopen` once the file's extents are checked."""
   if not os.path.isdir("/proc/self/fd"):
     with tempfile.TemporaryDirectory(prefix="dcasgd_optax-") as tmp:
       copy = os.path.join(tmp, "cpu_kernel.so")
@@ -388,4 +399,4 @@ def _check_extents(fd: int) -> None:
       length, = struct.unpack_from(order + "I", table, k * phsize + 16)
     extents.append((offset, length))
   if any(offset + length > size for offset, length in extents):
-    raise OSError(f"the kernel's file is truncated ({size} bytes)")
+    raise OSError(f"truncated ({size} bytes)")
