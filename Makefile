@@ -11,7 +11,7 @@ DEMO_DIR ?= runs/demo
 METHODS_DIR ?= runs/methods
 METHODS := $(PY) -m experiments.methods --config=experiments/configs/methods.py --workdir=$(METHODS_DIR)
 
-.PHONY: test test-slow test-py312 demo methods methods-tune bench venv clean
+.PHONY: test test-slow test-py312 demo methods methods-tune methods-quick bench venv clean
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; set PYTHON=/path/to/python3.11+"; exit 1; }
@@ -58,6 +58,13 @@ methods: $(VENV)/.installed-experiments
 # see experiments/README.md); it writes $(METHODS_DIR)/tuned.json.
 methods-tune: $(VENV)/.installed-experiments
 	$(METHODS) --stage=tune
+
+# The quick tier: the target cells only, tuned and reported in one go (see
+# experiments/README.md for its runtime); the report stays in $(METHODS_QUICK_DIR).
+METHODS_QUICK_DIR ?= runs/methods-quick
+methods-quick: $(VENV)/.installed-experiments
+	$(PY) -m experiments.methods --config=experiments/configs/methods.py:quick \
+		--workdir=$(METHODS_QUICK_DIR) --stage=all
 
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/update_cost.py

@@ -224,3 +224,84 @@ def rate_gap_table(items: Sequence[dict]) -> str:
         f"{100 * r['sequential_at_asgd_rate']:.2f} | {100 * r['asgd']:.2f} | "
         + ("-" if math.isnan(share) else f"{100 * share:.0f}%") + " |")
   return "\n".join(lines) + "\n"
+
+
+def _interval_text(interval: dict | None) -> str:
+  """``-0.53 [-0.91, -0.15]`` (points), with ``n.s.`` when the interval
+  crosses 0 (the difference is not resolved)."""
+  if interval is None:
+    return "-"
+  text = (f"{100 * interval['mean']:+.2f} [{100 * interval['low']:+.2f}, "
+          f"{100 * interval['high']:+.2f}]")
+  return text if interval["resolved"] else text + " n.s."
+
+
+def paired_ci_table(stats: Sequence[dict], optimizer: str, reference: str,
+                    title: str) -> str:
+  """Each method's final error minus ``reference``'s (``"asgd"`` or
+  ``"ssgd"``) on the same seeds, in points, with its t-interval
+  (:func:`experiments.statistics.paired_interval`); ``n.s.``: the interval
+  crosses 0, the grid cannot tell the two apart. Against SSGD the cell also
+  gives the share of ASGD's gap to SSGD closed (``gap_closed_ssgd``)."""
+  key = "vs_asgd" if reference == algorithms.ASGD.name else "vs_ssgd"
+
+  def text(s, a):
+    if a.single_worker or a.name == reference:
+      return "-"
+    out = _interval_text(s[key])
+    if key == "vs_ssgd" and s.get("gap_closed_ssgd") is not None \
+        and a.name != algorithms.ASGD.name:
+      out += f" ({100 * s['gap_closed_ssgd']:.0f}%)"
+    return out
+
+  mine = [s for s in stats if s["optimizer"] == optimizer]
+  return _grid_table(mine, text, title)
+
+
+def _time_text(t: dict | None) -> str:
+  if t is None:
+    return "-"
+  if not t["known"]:
+    return f"time unknown ({t['reached']}/{t['runs']})"
+  if t["time"] is None:
+    return f"not reached ({t['reached']}/{t['runs']})"
+  return f"{t['time']:.0f} ({t['gradients']:.0f} g, {t['reached']}/{t['runs']})"
+
+
+def time_table(stats: Sequence[dict], optimizer: str, title: str) -> str:
+  """Time to accuracy: per method and column, the simulated time (and
+  gradients, and how many seeds get there) at which it first reaches
+  sequential SGD's final error, then SSGD's, then its speed-up over
+  sequential SGD (ideal: M); "not reached" when half the seeds or more do
+  not within the run's epochs."""
+
+  def text(s, a):
+    if a.single_worker:  # the reference: its final error at its budget's end
+      return ("-" if s["final_time"] is None
+              else f"{s['final_time']:.0f} (its whole run)")
+    parts = [_time_text(s["time_to_sequential"]),
+             _time_text(s["time_to_ssgd"])]
+    speed = "-" if s["speedup"] is None else f"{s['speedup']:.1f}x"
+    return " / ".join(parts) + f" / {speed}"
+
+  mine = [s for s in stats if s["optimizer"] == optimizer]
+  return _grid_table(mine, text, title)
+
+
+def resolution_summary(stats: Sequence[dict]) -> str:
+  """How well the grid resolves the methods: of the paired comparisons
+  against ASGD, how many intervals exclude 0, and the median and largest
+  half-width (points)."""
+  intervals = [s["vs_asgd"] for s in stats
+               if s.get("vs_asgd") is not None
+               and s["algorithm"] != algorithms.ASGD.name]
+  if not intervals:
+    return "No paired comparisons (fewer than two seeds).\n"
+  half = np.array([(i["high"] - i["low"]) / 2 for i in intervals])
+  resolved = sum(i["resolved"] for i in intervals)
+  return (f"{resolved} of {len(intervals)} differences from ASGD are resolved "
+          f"(their {100 * statistics.CONFIDENCE:.0f}% interval excludes 0); "
+          f"the intervals' half-width is {100 * np.median(half):.2f} points "
+          f"(median), {100 * half.max():.2f} at most: differences smaller "
+          "than the half-width of their cell cannot be told from seed "
+          "noise.\n")

@@ -101,6 +101,9 @@ class _Run:
         config, self.num_workers, config.num_epochs * self.steps_per_epoch,
         self.algorithm.arrival_schedule(config.schedule),
     )
+    self.times = input_pipeline.arrival_times(
+        config, self.num_workers, config.num_epochs * self.steps_per_epoch,
+        synchronous=self.algorithm.synchronous)
 
   def init(self):
     ms = self.model_state if self.stateful else None
@@ -136,10 +139,13 @@ class _Run:
     model_state = state.model_state if self.stateful else {}
     error, test_loss = self.evaluate(state.params, model_state)
     loss, staleness = metrics["loss"], metrics["staleness"]
+    stop = self.epoch_range(epoch)[1]
     return {
         "epoch": epoch + 1,
         "updates": int(state.step),
-        "gradients": self.epoch_range(epoch)[1],
+        "gradients": stop,
+        # The simulated clock when the epoch's last gradient landed.
+        "time": float(self.times[stop - 1]) if stop else 0.0,
         "train_loss": float(np.mean(loss)) if loss.size else float("nan"),
         "test_error": float(error),
         "test_loss": float(test_loss),
