@@ -99,6 +99,10 @@ class Algorithm:
       momentum buffer); skipped for other optimizers.
     optimizers: the ``config.optimizer`` values it is defined for (``None``:
       all).
+    simulator_options: ``config -> dict``: keyword arguments of the
+      simulator it needs (``None``: none), e.g. ``push_grad_sq=True`` for a
+      compensation with the Fisher diagonal or ``exact_compensation=1.0``
+      for the harness's exact Taylor correction.
   """
 
   name: str
@@ -109,6 +113,12 @@ class Algorithm:
   tuned: tuple[str, ...] = ()
   requires_momentum: bool = False
   optimizers: tuple[str, ...] | None = None
+  simulator_options: Callable[[Any], dict] | None = None
+
+  def simulator_kwargs(self, config: Any) -> dict:
+    """The simulator's keyword arguments it needs for ``config``."""
+    return {} if self.simulator_options is None else dict(
+        self.simulator_options(config))
 
   @property
   def simulator(self) -> type:

@@ -48,7 +48,7 @@ def test_names_labels_and_styles_are_each_spelled_once():
     algorithms.get("hogwild")
 
 
-@pytest.mark.parametrize("opt,momentum", [("sgd", 0.0), ("sgd", 0.9), ("adam", 0.0)])
+@pytest.mark.parametrize("opt,momentum", [("sgd", 0.0), ("sgd", 0.9), ("adam", 0.0), ("muon", 0.0)])
 def test_every_record_builds_where_it_applies(opt, momentum):
   params = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
   for name, algorithm in algorithms.REGISTRY.items():

@@ -15,7 +15,8 @@ digits (tested on 1,000), ``num_epochs`` epochs with a constant learning
 rate. Cells: every algorithm of ``grid.algorithms`` that applies to the
 optimizer, at ``grid.num_workers`` workers, with cyclic arrivals (staleness
 M - 1) and Gamma arrivals (shape 100: the same mean, some spread), under
-each preset of ``grid.optimizers``: plain SGD, SGD with momentum 0.9, Adam.
+each preset of ``grid.optimizers``: plain SGD, SGD with momentum 0.9, Adam,
+Muon (optax.contrib.muon).
 
 Tuning (``--stage=tune``, experiments.methods.tune): every cell of an
 optimizer tries the same eight learning rates,
@@ -76,7 +77,7 @@ def get_config(tier: str | None = None):
   c.grid.scenarios = (("straggler", 32),)
   # Five reported seeds: paired differences from ASGD with t-intervals.
   c.grid.seeds = (0, 1, 2, 3, 4)
-  c.grid.optimizers = ("sgd", "momentum", "adam")
+  c.grid.optimizers = ("sgd", "momentum", "adam", "muon")
   # Cells to leave out, as (optimizer, algorithm) or (optimizer, algorithm,
   # M): none (the report in experiments/README.md ran them all).
   c.grid.skip = ()
@@ -85,6 +86,7 @@ def get_config(tier: str | None = None):
       "sgd": {"optimizer": "sgd", "momentum": 0.0},
       "momentum": {"optimizer": "sgd", "momentum": 0.9},
       "adam": {"optimizer": "adam", "momentum": 0.0},
+      "muon": {"optimizer": "muon", "momentum": 0.0},
   })
   c.tuning = ml_collections.ConfigDict()
   c.tuning.seeds = (100, 101)
@@ -94,6 +96,7 @@ def get_config(tier: str | None = None):
       "sgd": tuple(0.003125 * 2**k for k in range(8)),  # .. 0.4
       "momentum": tuple(0.000625 * 2**k for k in range(8)),  # .. 0.08
       "adam": tuple(6.25e-5 * 2**k for k in range(8)),  # .. 8e-3
+      "muon": tuple(0.00125 * 2**k for k in range(8)),  # .. 0.16
   })
   c.tuning.dc_lambda = (2.0, 4.0, 8.0, 16.0)
   c.report = ml_collections.ConfigDict()
