@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from dcasgd_optax import harness
 from dcasgd_optax.harness import schedules
 from experiments import input_pipeline
 from experiments import methods
@@ -200,3 +201,20 @@ def test_a_tiny_grid_end_to_end_with_ssgd_stragglers_and_time(data_dir, tmp_path
   assert "| method | cyclic M=2 | straggler M=4 |" in table
   assert "time to accuracy" in table and "| SSGD |" in table
   assert "differences from ASGD are resolved" in table
+
+
+@pytest.mark.skipif(not hasattr(harness, "time_to_accuracy"),
+                    reason="the harness has no time_to_accuracy yet")
+def test_time_to_target_agrees_with_the_harness_helper():
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    errors = rng.uniform(0.05, 0.3, 6)
+    errors[rng.integers(6)] = np.nan
+    times = np.cumsum(rng.uniform(0.5, 2.0, 6))
+    gradients = np.cumsum(rng.integers(1, 9, 6))
+    target = float(rng.uniform(0.05, 0.3))
+    mine = statistics.time_to_target(errors, times, gradients, target)
+    theirs = harness.time_to_accuracy(errors, times, gradients, target)
+    assert mine["reached"] == theirs.reached
+    if theirs.reached:
+      assert (mine["time"], mine["gradients"]) == (theirs.time, theirs.gradients)
