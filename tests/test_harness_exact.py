@@ -222,11 +222,13 @@ _SCRIPT = textwrap.dedent("""
     XS = jax.random.normal(jax.random.key(0), (64, 3))
     loss_fn = lambda p, i: jnp.mean(jnp.tanh(XS[i] @ p["w1"]) @ p["w2"] ** 2)
     params = {"w1": jnp.full((3, 5), 0.3), "w2": jnp.linspace(-1.0, 1.0, 5)}
-    arrivals = np.random.default_rng(1).integers(0, 6, 30)
+    # 8 workers: diagnostics with first_transform need the backups' rows a
+    # multiple of the device count (padding rows change their shape).
+    arrivals = np.random.default_rng(1).integers(0, 8, 30)
     batches = jnp.asarray(np.random.default_rng(0).integers(0, 64, (30, 8)))
     out = []
     for devices in (jax.devices()[:1], jax.devices()):
-      dc = dcasgd_optax.delay_compensation(6, 0.0)
+      dc = dcasgd_optax.delay_compensation(8, 0.0)
       tx = dcasgd_optax.pull_after_push(optax.chain(dc, optax.sgd(0.1)))
       sim = Simulator(loss_fn, tx, devices=devices, exact_compensation=0.8,
                       first_transform=dc, diagnose_curvature=True)
