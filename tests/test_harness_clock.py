@@ -132,6 +132,11 @@ def test_time_to_accuracy_is_the_first_evaluation_at_the_target():
     assert tuple(got) == first_reached(errors, times, gradients, target)
 
 
+def test_time_to_accuracy_counts_an_error_equal_to_the_target():
+  got = time_to_accuracy([0.3, 0.2, 0.1], [1.0, 2.0, 3.0], [4, 8, 12], 0.2)
+  assert got == TimeToAccuracy(True, 2.0, 8, 1)
+
+
 def test_time_to_accuracy_not_reached():
   got = time_to_accuracy([0.3, np.nan, 0.25], [1.0, 2.0, 3.0], [1, 2, 3], 0.2)
   assert got == TimeToAccuracy(False, float("inf"), -1, -1)
