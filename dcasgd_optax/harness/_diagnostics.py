@@ -144,8 +144,8 @@ def check(diagnostics: Diagnostics, opt_state: Any, params: Any,
     )
 
 
-def not_measured(num_slots: int,
-                 diagnostics: Diagnostics | None = None) -> dict[str, jax.Array]:
+def not_measured(num_slots: int, diagnostics: Diagnostics | None = None
+                 ) -> dict[str, jax.Array]:
   """NaN for every key (of ``diagnostics``, default the four): arrivals that
   are not sampled."""
   names = KEYS if diagnostics is None else keys(diagnostics)

@@ -350,7 +350,10 @@ class Simulator(_protocol.SimulatorBase):
       diagnostics also (float32, NaN where not sampled)
       ``"stale_cosine"`` :math:`\cos(g, f)`, ``"applied_cosine"``
       :math:`\cos(d, f)`, ``"stale_error"`` :math:`\|g - f\| / \|f\|` and
-      ``"applied_error"`` :math:`\|d - f\| / \|f\|`.
+      ``"applied_error"`` :math:`\|d - f\| / \|f\|`; with
+      ``diagnose_curvature`` also ``"curvature_ratio"`` (see there). With
+      ``exact_compensation``, :math:`g` is the pushed gradient and
+      :math:`d` is made of the exactly compensated one.
     """
     return self._run(state, batches, arrivals, many=False)
 
