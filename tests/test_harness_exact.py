@@ -120,7 +120,8 @@ def _hessian_loop(lambda_exact, lambda_dc, arrivals, batches):
   return unravel(w), np.array(ratios)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", [
+    "compiled", pytest.param("host_chunks", marks=pytest.mark.slow)])
 def test_exact_compensation_matches_a_full_hessian_loop_on_a_net(strategy):
   arrivals, batches = random_order(W, A, seed=1), make_batches(A)
   sim = Simulator(loss_fn, optax.sgd(0.2), W, exact_compensation=0.7,
@@ -136,7 +137,7 @@ def test_exact_compensation_matches_a_full_hessian_loop_on_a_net(strategy):
   np.testing.assert_allclose(k[~fresh], ratios[~fresh], rtol=1e-4)
 
 
-@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("every", [3, pytest.param(1, marks=pytest.mark.slow)])
 def test_curvature_ratio_of_dcasgd_matches_a_full_hessian_loop(every):
   arrivals, batches = random_order(W, A, seed=1), make_batches(A)
   dc = dcasgd_optax.delay_compensation(W, 2.0, adaptive=True)
@@ -156,6 +157,7 @@ def test_curvature_ratio_of_dcasgd_matches_a_full_hessian_loop(every):
   assert "stale_cosine" in metrics  # beside the cosines
 
 
+@pytest.mark.slow
 def test_exact_compensation_runs_in_replay_many_as_in_replay():
   arrivals, batches = random_order(W, A, seed=1), make_batches(A)
   sim = Simulator(loss_fn, optax.sgd(0.2), W, exact_compensation=1.0,
