@@ -21,8 +21,10 @@ pytest.importorskip("ray")
 pytest.importorskip("orbax.checkpoint")
 
 import dcasgd_optax  # pylint: disable=g-import-not-at-top
-import dcasgd_optax.ray as dray  # pylint: disable=g-import-not-at-top
+import dcasgd_optax.ray  # pylint: disable=g-import-not-at-top,unused-import
 from dcasgd_optax.ray import _shm  # pylint: disable=g-import-not-at-top
+from dcasgd_optax.ray._layout import make_layout  # pylint: disable=g-import-not-at-top
+from dcasgd_optax.ray._server import ParameterServer  # pylint: disable=g-import-not-at-top
 
 
 def test_import_error_names_the_extra(monkeypatch):
@@ -41,7 +43,7 @@ def test_server_applies_dcasgd_like_a_numpy_reference():
   w = _f32(1.0, -2.0, 0.5)
   # No pull_after_push: the server itself must record each worker's pull.
   tx = optax.chain(dcasgd_optax.delay_compensation(2, lam), optax.sgd(lr))
-  server = dray.ParameterServer(tx, {"w": w}, 2)
+  server = ParameterServer(tx, {"w": w}, 2)
   backups = [w.copy(), w.copy()]
   for m in (0, 1):
     server.pull(m)
@@ -58,10 +60,10 @@ def test_server_applies_dcasgd_like_a_numpy_reference():
 def test_two_shards_hold_the_halves_of_one_servers_update():
   tx = dcasgd_optax.dcasgd(0.1, 2, momentum=0.9)
   params = {"a": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(4)}
-  one = dray.ParameterServer(tx, params, 2)
-  two = [dray.ParameterServer(tx, params, 2, shard=k, num_shards=2)
+  one = ParameterServer(tx, params, 2)
+  two = [ParameterServer(tx, params, 2, shard=k, num_shards=2)
          for k in (0, 1)]
-  layout = dray.make_layout(params, 2)
+  layout = make_layout(params, 2)
   rng = np.random.default_rng(1)
   for seq, m in enumerate([0, 1, 1, 0]):
     grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32),
@@ -80,7 +82,7 @@ def test_two_shards_hold_the_halves_of_one_servers_update():
 
 def test_server_staleness_counts_updates_since_pull():
   tx = optax.chain(dcasgd_optax.scale_by_inverse_staleness(), optax.sgd(1.0))
-  server = dray.ParameterServer(tx, {"w": np.zeros(1, np.float32)}, 3)
+  server = ParameterServer(tx, {"w": np.zeros(1, np.float32)}, 3)
   got = []
   for m in (0, 1, 2):
     server.pull(m)
@@ -96,7 +98,7 @@ def test_server_staleness_counts_updates_since_pull():
 def _server():
   tx = dcasgd_optax.dcasgd(0.1, 2, momentum=0.9)
   params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(2)}
-  server = dray.ParameterServer(tx, params, 2)
+  server = ParameterServer(tx, params, 2)
   server.apply(1, 0, [_f32(1, 2), np.ones((2, 3), np.float32)])
   return server
 
@@ -189,7 +191,7 @@ def test_a_bad_push_from_a_newer_incarnation_does_not_attach_it():
 
 
 def test_tickets_stop_at_the_limit_and_stay_with_their_gradient():
-  server = dray.ParameterServer(optax.sgd(1.0), {"w": np.zeros(2)}, 2)
+  server = ParameterServer(optax.sgd(1.0), {"w": np.zeros(2)}, 2)
   server.set_limit(3)
   g = [np.ones(2, np.float32)]
   assert server.grant(0) and server.grant(0)  # One ticket, asked twice.
@@ -206,7 +208,7 @@ def test_tickets_stop_at_the_limit_and_stay_with_their_gradient():
 def test_wire_dtype_rounds_what_travels_and_what_the_backups_hold():
   tx = optax.chain(dcasgd_optax.delay_compensation(1, 0.0), optax.sgd(1.0))
   w = _f32(1.0 + 2**-10, 3.0)  # Not a bfloat16 number.
-  server = dray.ParameterServer(tx, {"w": w}, 1, wire_dtype=jnp.bfloat16)
+  server = ParameterServer(tx, {"w": w}, 1, wire_dtype=jnp.bfloat16)
   pulled = server.pull(0)
   assert pulled.params[0].dtype == jnp.bfloat16
   np.testing.assert_array_equal(pulled.params[0].astype(np.float32), [1, 3])
@@ -221,19 +223,19 @@ def test_wire_dtype_rounds_what_travels_and_what_the_backups_hold():
 
 
 def test_num_workers_is_read_from_tx_and_checked_against_it():
-  server = dray.ParameterServer(dcasgd_optax.dcasgd(0.1, 3), {"w": np.zeros(2)})
+  server = ParameterServer(dcasgd_optax.dcasgd(0.1, 3), {"w": np.zeros(2)})
   assert server.progress()[1].shape == (3,)
   with pytest.raises(ValueError, match="backups for 2 workers"):
-    dray.ParameterServer(dcasgd_optax.dcasgd(0.1, 2), {"w": np.zeros(2)}, 4)
+    ParameterServer(dcasgd_optax.dcasgd(0.1, 2), {"w": np.zeros(2)}, 4)
   with pytest.raises(ValueError, match="`num_workers` is None"):
-    dray.ParameterServer(optax.sgd(0.1), {"w": np.zeros(2)})
+    ParameterServer(optax.sgd(0.1), {"w": np.zeros(2)})
 
 
 def test_shards_resume_from_their_checkpoints(tmp_path):
   tx = dcasgd_optax.dcasgd(0.1, 2, momentum=0.5)
   params = {"w": np.ones(5, np.float32), "b": np.zeros(2, np.float32)}
-  layout = dray.make_layout(params, 2)
-  make = lambda k: dray.ParameterServer(tx, params, 2, shard=k, num_shards=2,
+  layout = make_layout(params, 2)
+  make = lambda k: ParameterServer(tx, params, 2, shard=k, num_shards=2,
                                         checkpoint_dir=str(tmp_path))
   grads = [layout.split({"w": np.full(5, s, np.float32),
                          "b": np.full(2, -s, np.float32)}) for s in range(5)]
@@ -261,8 +263,8 @@ def test_shards_resume_from_their_checkpoints(tmp_path):
 def test_workers_pull_the_look_ahead_of_dana_dc(num_shards):
   tx = dcasgd_optax.dana_dc(0.5, num_workers=2, momentum=0.5)
   params = {"w": jnp.linspace(-1.0, 1.0, 5), "b": jnp.ones(2)}
-  layout = dray.make_layout(params, num_shards)
-  shards = [dray.ParameterServer(tx, params, 2, shard=k, num_shards=num_shards)
+  layout = make_layout(params, num_shards)
+  shards = [ParameterServer(tx, params, 2, shard=k, num_shards=num_shards)
             for k in range(num_shards)]
   state, want = tx.init(params), params
   rng = np.random.default_rng(2)
@@ -283,7 +285,7 @@ def test_a_mid_sized_push_travels_in_chunks_and_bad_chunks_are_rejected():
   # 60,002 float32 parameters: 240 kB, sent as the bytes of the pieces, in
   # order, in chunks of at most 96 kB (each small enough to go inline).
   params = {"w": np.zeros((200, 300), np.float32), "b": np.ones(2, np.float32)}
-  server = dray.ParameterServer(optax.sgd(1.0), params, 1)
+  server = ParameterServer(optax.sgd(1.0), params, 1)
   grads = [np.full(2, 0.5, np.float32), np.full((200, 300), 2.0, np.float32)]
   data = b"".join(g.tobytes() for g in grads)
   chunks = [data[i:i + 96_000] for i in range(0, len(data), 96_000)]
@@ -310,7 +312,7 @@ def test_checkpoint_directories_are_private_to_their_owner(tmp_path):
   directory = tmp_path / "runs" / "ckpt"
   params = {"w": np.ones(3, np.float32), "b": np.zeros(2, np.float32)}
   for k in range(2):
-    server = dray.ParameterServer(optax.sgd(0.1), params, 1, shard=k,
+    server = ParameterServer(optax.sgd(0.1), params, 1, shard=k,
                                   num_shards=2, checkpoint_dir=str(directory))
     server.save()
     server.close()
@@ -326,7 +328,7 @@ def test_a_push_through_shared_memory_equals_one_in_the_call():
   tx = dcasgd_optax.dcasgd(0.1, 2, momentum=0.9)
   params = {"w": np.linspace(-1, 1, 300, dtype=np.float32).reshape(3, 100),
             "b": np.ones(7, np.float32)}
-  by_call, shared = (dray.ParameterServer(tx, params, 2) for _ in range(2))
+  by_call, shared = (ParameterServer(tx, params, 2) for _ in range(2))
   paths = shared.open_channel(1, 0, None)
   assert all(p.startswith(_shm.DIRECTORY) and os.path.exists(p)
              for p in paths)

@@ -28,6 +28,7 @@ pytest.importorskip("orbax.checkpoint")
 
 import dcasgd_optax  # pylint: disable=g-import-not-at-top
 import dcasgd_optax.ray as dray  # pylint: disable=g-import-not-at-top
+from dcasgd_optax.ray._layout import make_layout  # pylint: disable=g-import-not-at-top
 from dcasgd_optax.harness import Simulator  # pylint: disable=g-import-not-at-top
 from dcasgd_optax.harness import schedules  # pylint: disable=g-import-not-at-top
 
@@ -119,7 +120,7 @@ def test_two_shards_apply_delay_compensation_exactly_and_skip_a_nan():
   assert rec.skipped.sum() == 1 and skipped.sum() == 1
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(
       (result.params, result.opt_state)))
-  layout = dray.make_layout(params, 2)
+  layout = make_layout(params, 2)
   want = _sharded_reference(loss_fn, data_fn, params, layout,
                             result.shard_records, lr, lam)
   chex.assert_trees_all_close(result.params, want, rtol=1e-4, atol=1e-6)
