@@ -188,6 +188,7 @@ def test_a_non_finite_gradient_is_skipped_and_corrupts_nothing(where):
   info, pulled = server.apply(0, 1, good)
   assert info.status == "applied" and info.step == step + 2
   chex.assert_trees_all_equal(pulled.params, want.params)
+  chex.assert_trees_all_equal(pulled.params, server.result()[1])  # Sent back.
   chex.assert_trees_all_equal(server.result()[1:], reference.result()[1:])
 
 
