@@ -7,6 +7,7 @@ non-finite gradient) leaves the state exactly as it was.
 
 import importlib
 import os
+import pathlib
 import stat
 import sys
 
@@ -519,3 +520,19 @@ def test_exactly_once_needs_every_worker_to_have_records():
     check_exactly_once({"worker": [0, 0], "seq": [0, 1]}, 2)
   with pytest.raises(AssertionError):
     check_exactly_once({"worker": [0, 1, 0], "seq": [0, 0, 0]}, 2)
+
+
+def test_connect_names_a_changed_ray_internal_and_pins_the_tested_ray(
+    monkeypatch):
+  from packaging.specifiers import SpecifierSet  # pylint: disable=g-import-not-at-top
+  import ray  # pylint: disable=g-import-not-at-top
+  from ray._private import services  # pylint: disable=g-import-not-at-top
+  from dcasgd_optax.ray import _cluster  # pylint: disable=g-import-not-at-top
+  pyproject = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
+  assert f'"ray[default]{_cluster.TESTED_RAY}"' in pyproject
+  assert ray.__version__ in SpecifierSet(_cluster.TESTED_RAY)
+  assert _cluster.resolve("127.0.0.1:6379")[0] == "127.0.0.1:6379"
+  monkeypatch.delattr(services, "canonicalize_bootstrap_address")
+  with pytest.raises(RuntimeError, match=r"canonicalize_bootstrap_address.*"
+                     r"Ray's internals changed.*tested with ray>=2\.52"):
+    _cluster.resolve("127.0.0.1:6379")
