@@ -531,7 +531,7 @@ def test_connect_names_a_changed_ray_internal_and_pins_the_tested_ray(
   pyproject = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
   assert f'"ray[default]{_cluster.TESTED_RAY}"' in pyproject
   assert ray.__version__ in SpecifierSet(_cluster.TESTED_RAY)
-  assert _cluster.resolve("127.0.0.1:6379")[0] == "127.0.0.1:6379"
+  assert _cluster.resolve("127.0.0.1:6379")[0].endswith(":6379")
   monkeypatch.delattr(services, "canonicalize_bootstrap_address")
   with pytest.raises(RuntimeError, match=r"canonicalize_bootstrap_address.*"
                      r"Ray's internals changed.*tested with ray>=2\.52"):
