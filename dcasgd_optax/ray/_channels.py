@@ -10,7 +10,16 @@ error).
 
 from __future__ import annotations
 
+import ray
+
 from dcasgd_optax.ray import _shm
+
+
+def _node_id() -> str | None:
+  """This process's Ray node id, or ``None`` outside Ray."""
+  if not ray.is_initialized():
+    return None
+  return ray.get_runtime_context().get_node_id()
 
 
 class Channels:
@@ -25,7 +34,7 @@ class Channels:
     self._shard, self._specs = shard, list(specs)
     self._open: dict[int, _shm.Channel] = {}
 
-  def open(self, worker: int, epoch: int, latest: int, same_node: bool
+  def open(self, worker: int, epoch: int, latest: int, node: str | None
            ) -> tuple[str, str, str] | None:
     """Opens a channel for incarnation ``epoch`` of worker ``worker``.
 
@@ -34,7 +43,8 @@ class Channels:
       epoch: its (checked) incarnation.
       latest: the latest incarnation of it the shard knows (it attached or
         pushed); an earlier one is refused.
-      same_node: whether the worker runs on the shard's node.
+      node: the Ray node id of the worker's process (``None`` outside
+        Ray); a channel needs it to be this process's.
 
     Returns:
       The paths of the gradient buffer, the params buffer and the doorbell,
@@ -57,7 +67,7 @@ class Channels:
           "shared-memory channel open already; refused, nothing changed.")
     if old is not None:
       self._open.pop(worker).close()
-    if not same_node or not _shm.available():
+    if node != _node_id() or not _shm.available():
       return None
     try:
       channel = _shm.Channel.create(epoch, self._specs,

@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import ray
 
 from dcasgd_optax.ray import _layout
 from dcasgd_optax.ray import _records
@@ -169,8 +168,7 @@ class ParameterServer:
     """
     worker = check_worker(worker, self._num_workers)
     epoch = check_epoch(epoch)
-    return self._channels.open(worker, epoch, int(self._epochs[worker]),
-                               node == _node_id())
+    return self._channels.open(worker, epoch, int(self._epochs[worker]), node)
 
   def close_channel(self, worker: int, epoch: int) -> None:
     """Closes worker ``worker``'s channel if it is incarnation ``epoch``'s.
@@ -228,11 +226,8 @@ class ParameterServer:
       from.
 
     Raises:
-      ValueError, TypeError: naming the worker, for a bad id, a seq that is
-        not the next one expected (a duplicate or out of order), a push the
-        first shard granted no ticket for (while a limit is set), a bad
-        ``finite`` or ``meta``, or pieces of the wrong number, shape or
-        dtype. Nothing is changed.
+      ValueError, TypeError: naming the worker, for a bad push (see the
+        module's docstring). Nothing is changed.
     """
     start = time.perf_counter()
     head = self._check_head((worker, seq, epoch, finite, meta))
@@ -300,8 +295,7 @@ class ParameterServer:
     channel.bell.ring(_shm.TICKET if ticket else 0)
     return info, ticket
 
-  def _stale_info(self) -> ApplyInfo:
-    """What a stale push (from an earlier incarnation) gets: nothing done."""
+  def _stale_info(self) -> ApplyInfo:  # From an earlier incarnation: ignored.
     return ApplyInfo("stale", int(self._state.step), 0, time.time(), 0.0)
 
   def _update(self, head: Head, grads: list[Any], start: float, shared: bool
@@ -334,7 +328,7 @@ class ParameterServer:
     """``(shape, dtype)`` of each piece a push must carry, in order."""
     return list(self._specs)
 
-  def _check_head(self, head: Any) -> Head:
+  def _check_head(self, head: Any) -> Head:  # Every field; nothing changed.
     return check_head(head, self._num_workers, self._shard)
 
   def _is_stale(self, head: Head) -> bool:
@@ -407,10 +401,3 @@ class ParameterServer:
       self._checkpoints.close()
       self._checkpoints = None
     return self.busy_seconds
-
-
-def _node_id() -> str | None:
-  """This process's Ray node id, or ``None`` outside Ray."""
-  if not ray.is_initialized():
-    return None
-  return ray.get_runtime_context().get_node_id()
