@@ -10,6 +10,7 @@ import os
 import pathlib
 import stat
 import sys
+import types
 
 import chex
 import jax
@@ -536,3 +537,10 @@ def test_connect_names_a_changed_ray_internal_and_pins_the_tested_ray(
   with pytest.raises(RuntimeError, match=r"canonicalize_bootstrap_address.*"
                      r"Ray's internals changed.*tested with ray>=2\.52"):
     _cluster.resolve("127.0.0.1:6379")
+
+
+def test_the_public_surface_is_what_a_user_calls():
+  public = {n for n, v in vars(dcasgd_optax.ray).items()
+            if not n.startswith("_") and not isinstance(v, types.ModuleType)}
+  assert public == set(dcasgd_optax.ray.__all__) == {
+      "train", "TrainResult", "UpdateRecords", "connect"}
