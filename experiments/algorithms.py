@@ -21,6 +21,7 @@ name                      server update (each on top of the optimizer)   simulat
 ``delayed-nesterov-dc``   the same after DC-ASGD-a, λ0 tuned             async
 ``dana``                  pull a look-ahead w - η Σ μ^k v (Hakimi 2019)  async
 ``dana-dc``               the look-ahead pull and DC-ASGD-a              async
+``exact-dc``              g + H(w_m)(w - w_m), exact HVP (the ceiling)   async
 ========================  =============================================  ==========
 
 The formulas and sources are in the docstrings of the ``dcasgd_optax``
@@ -260,6 +261,11 @@ REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("dana", "look-ahead (DANA)", _look_ahead(False),
               requires_momentum=True),
     Algorithm("dana-dc", "DANA-DC", _look_ahead(True), requires_momentum=True),
+    # The harness's exact Taylor correction (λ = 1,
+    # harness.Simulator(exact_compensation=...)): the ceiling of every
+    # first-order correction, not a method a server can run.
+    Algorithm("exact-dc", "exact Taylor (ceiling)", _sgd,
+              simulator_options=lambda config: {"exact_compensation": 1.0}),
 )}
 """Every algorithm, in the paper's column order (tables and legends use it)."""
 

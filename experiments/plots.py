@@ -48,6 +48,7 @@ STYLES: dict[str, Style] = {
     "delayed-nesterov-dc": Style("darkgreen", "H"),
     "dana": Style("teal", "*"),
     "dana-dc": Style("navy", "p"),
+    "exact-dc": Style("gray", "*"),
 }
 """Every algorithm of :data:`experiments.algorithms.REGISTRY`'s style."""
 

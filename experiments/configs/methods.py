@@ -68,7 +68,7 @@ def get_config(tier: str | None = None):
       "sequential", "ssgd", "asgd", "sa-asgd", "sqrt-asgd", "da-asgd", "dc-asgd-a",
       "dc-asgd-a-bc", "dc-asgd-a-warmup", "dc-asgd-a-clip", "dc-asgd-a-tuned",
       "dc-asgd-a-clip-tuned", "gap-aware", "delayed-nesterov",
-      "delayed-nesterov-dc", "dana", "dana-dc",
+      "delayed-nesterov-dc", "dana", "dana-dc", "exact-dc",
   )
   c.grid.num_workers = (8, 16, 32)
   c.grid.schedules = ("cyclic", "gamma")
@@ -125,7 +125,7 @@ def _quick(c: ml_collections.ConfigDict) -> None:
   """The quick tier: the target cells only, a narrower tuning grid."""
   c.grid.algorithms = (
       "sequential", "ssgd", "asgd", "da-asgd", "dc-asgd-a", "dc-asgd-a-tuned",
-      "gap-aware", "delayed-nesterov", "delayed-nesterov-dc")
+      "gap-aware", "delayed-nesterov", "delayed-nesterov-dc", "exact-dc")
   c.grid.optimizers = ("sgd", "momentum")
   # Each optimizer's own columns (schedule, M), replacing the product of
   # grid.schedules and grid.num_workers and the scenarios.
