@@ -11,7 +11,8 @@ DEMO_DIR ?= runs/demo
 METHODS_DIR ?= runs/methods
 METHODS := $(PY) -m experiments.methods --config=experiments/configs/methods.py --workdir=$(METHODS_DIR)
 
-.PHONY: test test-slow test-py312 demo methods methods-tune methods-quick bench venv clean
+.PHONY: test test-slow test-py312 demo methods methods-tune methods-quick \
+	bench venv clean
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; set PYTHON=/path/to/python3.11+"; exit 1; }
@@ -49,8 +50,9 @@ demo: $(VENV)/.installed-experiments
 # The evidence grid on the reported seeds, with the committed tuning choice;
 # the tables and plots are then copied to experiments/results/methods.
 METHODS_RESULTS ?= experiments/results/methods
-# The tuning choice reported (the committed one predates SSGD, the straggler
-# column and Muon: after `make methods-tune`, pass METHODS_TUNED=$(METHODS_DIR)/tuned.json).
+# The tuning choice reported. The committed one predates SSGD, the straggler
+# column, Muon and the new rows: after `make methods-tune`, pass
+# METHODS_TUNED=$(METHODS_DIR)/tuned.json.
 METHODS_TUNED ?= $(METHODS_RESULTS)/tuned.json
 METHODS_FILES := table.md tuned.md stats.json results.csv gap_closed.png errors.png diagnostics.png
 methods: $(VENV)/.installed-experiments
@@ -63,7 +65,8 @@ methods-tune: $(VENV)/.installed-experiments
 	$(METHODS) --stage=tune
 
 # The quick tier: the target cells only, tuned and reported in one go (see
-# experiments/README.md for its runtime); the report stays in $(METHODS_QUICK_DIR).
+# experiments/README.md for its runtime); the report stays in
+# $(METHODS_QUICK_DIR).
 METHODS_QUICK_DIR ?= runs/methods-quick
 methods-quick: $(VENV)/.installed-experiments
 	$(PY) -m experiments.methods --config=experiments/configs/methods.py:quick \

@@ -106,7 +106,8 @@ def make_simulator(
             config, m, steps_per_epoch),
     )
   return algorithm.simulator(loss_fn, tx, m, has_model_state=has_model_state,
-                             **diagnostics, **algorithm.simulator_kwargs(config))
+                             **diagnostics,
+                             **algorithm.simulator_kwargs(config))
 
 
 class Program:

@@ -194,7 +194,8 @@ def cell_stats(rows: Sequence[dict[str, Any]], *, min_gap: float) -> list[dict]:
   sequential_time = {
       r["optimizer"]: float(np.median([
           x["curve"]["time"][-1] for x in rows
-          if x["optimizer"] == r["optimizer"] and x["algorithm"] == r["algorithm"]
+          if x["optimizer"] == r["optimizer"]
+          and x["algorithm"] == r["algorithm"]
       ]))
       for r in rows
       if r["algorithm"] == algorithms.SEQUENTIAL.name and "curve" in r

@@ -1,4 +1,4 @@
-r"""The evidence grid: compensation methods under three optimizers, tuned fairly.
+r"""The evidence grid: compensation methods under four optimizers, tuned fairly.
 
 Command::
 
@@ -59,13 +59,15 @@ def get_config(tier: str | None = None):
   """
   tier = tier or "full"
   if tier not in TIERS:
-    raise ValueError(f"Unknown tier {tier!r}; valid choices: {', '.join(TIERS)}.")
+    raise ValueError(
+        f"Unknown tier {tier!r}; valid choices: {', '.join(TIERS)}.")
   c = default.get_config()
   c.num_epochs = 10
   c.checkpoint_every_epochs = 0  # thousands of short runs: no checkpoints
   c.progress_bar = False
   c.grid.algorithms = (
-      "sequential", "ssgd", "asgd", "sa-asgd", "sqrt-asgd", "da-asgd", "dc-asgd-a",
+      "sequential", "ssgd", "asgd", "sa-asgd", "sqrt-asgd", "da-asgd",
+      "dc-asgd-a",
       "dc-asgd-a-bc", "dc-asgd-a-warmup", "dc-asgd-a-clip", "dc-asgd-a-tuned",
       "dc-asgd-a-clip-tuned", "gap-aware", "delayed-nesterov",
       "delayed-nesterov-dc", "dana", "dana-dc", "exact-dc",
