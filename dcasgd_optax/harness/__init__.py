@@ -6,6 +6,7 @@ The public API is exactly the names imported here.
 from dcasgd_optax.harness._state import SimState
 from dcasgd_optax.harness._simulator import Simulator
 from dcasgd_optax.harness._sync_simulator import SyncSimulator
+from dcasgd_optax.harness._multihost import to_host
 from dcasgd_optax.harness import schedules
 
 __all__ = (
@@ -13,4 +14,5 @@ __all__ = (
     "Simulator",
     "SyncSimulator",
     "schedules",
+    "to_host",
 )

@@ -157,7 +157,8 @@ class SyncSimulator(_protocol.SimulatorBase):
     tx: an optax transformation.
     num_workers: workers per round (>= 1); optional when ``tx`` keeps
       per-worker backups (see :class:`Simulator`).
-    devices: devices to spread a round's gradients over (default: all local).
+    devices: devices to spread a round's gradients over (default:
+      ``jax.devices()``, those of every process).
     has_model_state: whether ``loss_fn`` takes and returns a model state.
     max_parallel: most gradients computed at once, per group of a round
       (default as in :class:`Simulator`); it never changes results beyond
@@ -178,6 +179,7 @@ class SyncSimulator(_protocol.SimulatorBase):
       report ``stale_cosine`` 1 and ``stale_error`` 0 with no extra
       gradient, and ``applied_*`` NaN, as the server transforms the round's
       mean, not each worker's gradient.
+    process_timeout: as in :class:`Simulator` (multi-process programs).
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -304,6 +306,9 @@ class SyncSimulator(_protocol.SimulatorBase):
     self._check_batches(one, batches, len(arrivals),
                         leading=(num_sims,) if many else ())
     rounds = self._rounds(arrivals, one.params, num_workers)
+    self._same_on_every_process(
+        "replay_many" if many else "replay", arrivals=arrivals,
+        batches=batches, state=_checks.abstract(state))
     batches = _devices.replicate(batches, self.mesh)
     if self.strategy == "compiled":
       program = self._program_many if many else self._program
