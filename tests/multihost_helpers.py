@@ -77,7 +77,8 @@ def launch(code: str, num_processes: int, devices_per_process: int, *,
            timeout: float = 120.0, out: str | None = None,
            coordinator: str | None = None, init_timeout: int = 30,
            heartbeat_timeout: int = 10, args: tuple[str, ...] = (),
-           env: dict[str, str] | None = None) -> Result:
+           env: dict[str, str] | None = None,
+           only: tuple[int, ...] | None = None) -> Result:
   """Runs ``code`` (after :data:`PRELUDE`) in ``num_processes`` processes.
 
   Args:
@@ -93,7 +94,9 @@ def launch(code: str, num_processes: int, devices_per_process: int, *,
     init_timeout: ``jax.distributed.initialize``'s initialization_timeout.
     heartbeat_timeout: its heartbeat_timeout_seconds.
     args: ``sys.argv[1:]`` of every process.
-    env: extra environment variables (``{"PROCESS": ...}`` keys as given).
+    env: extra environment variables.
+    only: the process ids to start (default all): the others are missing,
+      as if their hosts were down.
   """
   out = out or tempfile.mkdtemp(prefix="multihost-")
   coordinator = coordinator or f"127.0.0.1:{free_port()}"
@@ -101,7 +104,7 @@ def launch(code: str, num_processes: int, devices_per_process: int, *,
   with open(script, "w") as f:
     f.write(PRELUDE + "\n" + textwrap.dedent(code))
   procs, files = [], []
-  for i in range(num_processes):
+  for i in (range(num_processes) if only is None else only):
     child = dict(os.environ)
     child.update(env or {})
     child.update(
