@@ -99,6 +99,7 @@ def launch(code: str, num_processes: int, devices_per_process: int, *,
       as if their hosts were down.
   """
   out = out or tempfile.mkdtemp(prefix="multihost-")
+  os.makedirs(out, exist_ok=True)
   coordinator = coordinator or f"127.0.0.1:{free_port()}"
   script = os.path.join(out, "_program.py")
   with open(script, "w") as f:

@@ -62,8 +62,10 @@ _SCENARIOS = textwrap.dedent("""
     keep("uninterrupted", (state, m2))
     keep("resumed", (resumed, r2))
 
-    # replay_many (one order per simulation) with diagnostics.
-    dc = dcasgd_optax.delay_compensation(6, 0.5)
+    # replay_many (one order per simulation) with diagnostics (8 workers:
+    # diagnostics do not find first_transform's state in padded backups).
+    arrivals = rng.integers(0, 8, 40)
+    dc = dcasgd_optax.delay_compensation(8, 0.5)
     tx = dcasgd_optax.pull_after_push(optax.chain(dc, optax.sgd(0.1)))
     sim = Simulator(loss_fn, tx, strategy=STRATEGY, diagnostics=True,
                     first_transform=dc)
@@ -150,6 +152,8 @@ _BAD_INPUT = textwrap.dedent("""
           loss_fn, dcasgd_optax.dcasgd(0.1, 8), devices=jax.devices()[4:]))
     expect(ValueError, lambda: sim.init({"w": jnp.full(2, PROCESS)}))
     if PROCESS == 0:  # a call process 1 never makes
+      sim = Simulator(loss_fn, dcasgd_optax.dcasgd(0.1, 8), process_timeout=1,
+                      strategy="compiled")
       expect(RuntimeError, lambda: sim.replay(
           state, np.zeros((8, 2)), arrivals))
     print("OK", flush=True)
@@ -170,7 +174,7 @@ def test_bad_input_is_a_clear_error_on_every_process():
   assert "`devices` holds none of process 0's devices" in errors[2]
   assert errors[4].startswith(
       "RuntimeError: Simulator.replay: process 1 did not make this call")
-  assert "within 3 s" in errors[4]
+  assert "within 1 s" in errors[4]
 
 
 _DIES = textwrap.dedent("""
@@ -194,6 +198,7 @@ _DIES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # the heartbeat timeout (5 s) and two process starts
 def test_a_process_that_dies_ends_the_others():
   result = launch(_DIES, 2, 4, timeout=120, heartbeat_timeout=5)
   assert result.returncodes[1] == 7, result.report()
@@ -202,6 +207,7 @@ def test_a_process_that_dies_ends_the_others():
   assert "not reached" not in result.stdouts[0]
 
 
+@pytest.mark.slow  # JAX retries for some 10 s past init_timeout
 def test_an_unreachable_coordinator_is_an_error_in_bounded_time():
   # Process 1 of 2, whose coordinator (process 0) never starts.
   result = launch("print('joined')", 2, 4, timeout=60, init_timeout=3,
