@@ -35,6 +35,7 @@ from ml_collections import config_flags
 
 from dcasgd_optax.harness import schedules
 from experiments import algorithms
+from experiments import pod
 from experiments import reporting
 from experiments import run_files
 from experiments import train
@@ -105,13 +106,15 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   for c, d in tqdm.tqdm(list(zip(configs, dirs)), desc="runs", unit="run",
                         disable=not config.progress_bar):
     rows.append(train.train_and_evaluate(c, d))
-  print(report(config, workdir, rows, dirs))
+  if pod.is_writer():  # on a pod, process 0 reports (docs/pod.md)
+    print(report(config, workdir, rows, dirs))
   return rows
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  pod.initialize_from_flags()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   # Runs that differ only in their seed compile to the same program: a
@@ -126,6 +129,7 @@ if __name__ == "__main__":
   # Flags are defined only when run as a program, so that importing this
   # module next to another experiment's does not define them twice.
   flags.DEFINE_string("workdir", None, "Directory for all runs and the report.")
+  pod.define_flags()
   config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -216,3 +216,31 @@ def test_an_unreachable_coordinator_is_an_error_in_bounded_time():
   assert "joined" not in result.stdouts[0]
   assert "DEADLINE_EXCEEDED" in result.stderrs[0] or (
       "Barrier" in result.stderrs[0]), result.report()
+
+
+# In one process: the arguments and helpers, no subprocess.
+
+
+def test_process_timeout_must_be_a_positive_number():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import dcasgd_optax  # pylint: disable=g-import-not-at-top
+  from dcasgd_optax.harness import Simulator  # pylint: disable=g-import-not-at-top
+  for bad in (0, -1.0, True, "10"):
+    with pytest.raises(ValueError, match="`process_timeout`"):
+      Simulator(lambda p, b: jnp.sum(p), dcasgd_optax.dcasgd(0.1, 2),
+                process_timeout=bad)
+
+
+def test_to_host_in_one_process_is_every_leaf_whole():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import dcasgd_optax  # pylint: disable=g-import-not-at-top
+  from dcasgd_optax.harness import Simulator, to_host  # pylint: disable=g-import-not-at-top
+  sim = Simulator(lambda p, i: jnp.sum((p["w"] - i) ** 2),
+                  dcasgd_optax.dcasgd(0.1, 3))
+  state, metrics = sim.replay(sim.init({"w": jnp.zeros(2)}),
+                              np.ones((4, 2)), [0, 1, 2, 0])
+  host = to_host((state, metrics))
+  for x, y in zip(jax.tree.leaves(host), jax.tree.leaves((state, metrics))):
+    assert isinstance(x, np.ndarray)
+    np.testing.assert_array_equal(x, np.asarray(y))
