@@ -6,6 +6,7 @@ one process with the same eight devices. Every launch runs under a deadline:
 a test never hangs.
 """
 
+import json
 import os
 import textwrap
 
@@ -244,3 +245,45 @@ def test_to_host_in_one_process_is_every_leaf_whole():
   for x, y in zip(jax.tree.leaves(host), jax.tree.leaves((state, metrics))):
     assert isinstance(x, np.ndarray)
     np.testing.assert_array_equal(x, np.asarray(y))
+
+
+_EXPERIMENT = textwrap.dedent("""
+    import json
+    from experiments import train
+    from experiments.configs import tiny
+
+    config = tiny.get_config()
+    config.data_dir = sys.argv[1]
+    config.algorithm = "dc-asgd-a"
+    config.num_workers = 6  # padded to 8 rows
+    config.num_epochs = 2
+    config.checkpoint_every_epochs = 1
+    summary = train.train_and_evaluate(config, os.path.join(OUT, "run"))
+    print("SUMMARY " + json.dumps(summary), flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_an_experiment_on_two_processes_is_the_one_process_run(
+    config, tmp_path):
+  from experiments import run_files  # pylint: disable=g-import-not-at-top
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  train.load_dataset(config.dataset, config.data_dir, config.download)
+  runs = {}
+  for layout in ((2, 4), (1, 8)):
+    result = launch(_EXPERIMENT, *layout, timeout=600,
+                    out=str(tmp_path / f"{layout[0]}x{layout[1]}"),
+                    args=(config.data_dir,))
+    assert result.ok, result.report()
+    summaries = [json.loads(line.split(" ", 1)[1])
+                 for out in result.stdouts for line in out.splitlines()
+                 if line.startswith("SUMMARY ")]
+    assert len(summaries) == layout[0]
+    without_time = [{k: v for k, v in s.items() if k != "wall_time"}
+                    for s in summaries]
+    assert all(s == without_time[0] for s in without_time)  # every process
+    history = run_files.read_metrics(os.path.join(result.out, "run"))
+    runs[layout] = without_time[0], [
+        {k: v for k, v in r.items() if k != "seconds"} for r in history]
+  assert runs[2, 4] == runs[1, 8]
+  assert len(runs[2, 4][1]) == 2
