@@ -48,6 +48,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from experiments import algorithms
+from experiments import pod
 from experiments import reporting
 from experiments import run_files
 from experiments import train
@@ -160,8 +161,9 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
                         "tried": tried}
     logging.warning("%s: %s (%.4f) in %.0f s", cell.key, best[0], best[1],
                     time.perf_counter() - t0)
-  with open(os.path.join(workdir, "tuned.json"), "w") as f:
-    json.dump(chosen, f, indent=1)
+  if pod.is_writer():  # on a pod, process 0 writes (docs/pod.md)
+    with open(os.path.join(workdir, "tuned.json"), "w") as f:
+      json.dump(chosen, f, indent=1)
   return chosen
 
 
@@ -196,8 +198,9 @@ def report(
     setting = tuned[cell.key]["setting"]
     rows += [run(config, workdir, cell, s, setting) for s in config.grid.seeds]
   traces = diagnose(config, workdir, tuned)
-  print(reporting.write_methods_report(config, rows, workdir, traces,
-                                       rate_gap(config, tuned)))
+  if pod.is_writer():
+    print(reporting.write_methods_report(config, rows, workdir, traces,
+                                         rate_gap(config, tuned)))
   return rows
 
 
@@ -245,6 +248,8 @@ def diagnose(
     c.diagnostics_every = d.every
     rundir = os.path.join(workdir, "diagnostics", cell.key)
     train.train_and_evaluate(c, rundir)
+    if not pod.is_writer():  # only process 0 wrote them, and reports
+      continue
     lines = run_files.read_diagnostics(rundir)
     traces[(cell.optimizer, cell.algorithm)] = {
         k: [v for line in lines for v in line[k]] for k in run_files.DIAGNOSTICS
@@ -255,6 +260,7 @@ def diagnose(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  pod.initialize_from_flags()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   config, workdir, stage = flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.stage
@@ -278,5 +284,6 @@ if __name__ == "__main__":
   flags.DEFINE_enum("stage", "all", STAGES, "tune, report, or both.")
   flags.DEFINE_string("tuned", None, "tuned.json to report (default WORKDIR's).")
   config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
+  pod.define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

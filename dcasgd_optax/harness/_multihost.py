@@ -32,6 +32,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+try:  # the distributed runtime's client: JAX-internal, so guarded
+  from jax._src import distributed as _distributed
+except ImportError:  # pragma: no cover - a JAX without the module
+  _distributed = None
+
 # Seconds a process waits by default for the others at the start of a call.
 DEFAULT_TIMEOUT = 300.0
 
@@ -96,13 +101,19 @@ def fingerprint(value: Any, *, read_values: bool = False) -> str:
   return digest.hexdigest()[:16]
 
 
+# What check_same uses of the distributed runtime's client (a JAX-internal
+# object: without these methods it falls back to a collective).
+_CLIENT_METHODS = ("key_value_set", "blocking_key_value_get",
+                   "key_value_delete")
+
+
 def _client() -> Any:
   """The distributed runtime's client (its key-value store), or None."""
-  try:
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover - a JAX without the module
+  client = getattr(getattr(_distributed, "global_state", None), "client",
+                   None)
+  if client is None or not all(hasattr(client, m) for m in _CLIENT_METHODS):
     return None
-  return getattr(distributed.global_state, "client", None)
+  return client
 
 
 def check_same(mesh: Any, call: str, timeout: float,

@@ -123,6 +123,8 @@ class SimulatorBase:
     self.num_workers = num_workers
     self._process_timeout = _multihost.check_timeout(process_timeout)
     self.mesh = _devices.make_mesh(devices)
+    # Whether the mesh spans processes: each call is then checked across them.
+    self._multiprocess = len(_multihost.processes_of(self.mesh)) > 1
     self.strategy = default_strategy(self.mesh, strategy,
                                      self._strategy_per_loss)
     self._loss_with_state = _checks.with_model_state(loss_fn, has_model_state)
@@ -214,6 +216,8 @@ class SimulatorBase:
     """Raises unless every process of the mesh makes this call with the
     same ``values`` and ``devices`` (nothing to check in one process; see
     ``_multihost.check_same``)."""
+    if not self._multiprocess:
+      return
     ids = np.array([d.id for d in self.mesh.devices.flat], np.int64)
     _multihost.check_same(self.mesh, f"{type(self).__name__}.{call}",
                           self._process_timeout, read_values, devices=ids,

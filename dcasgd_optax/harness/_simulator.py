@@ -373,7 +373,7 @@ class Simulator(_protocol.SimulatorBase):
     if every_process:
       self._same_on_every_process(
           "replay_many" if many else "replay", arrivals=arrivals,
-          batches=batches, state=_checks.abstract(state))
+          batches=batches, state=state)
     programs = self._programs_for(strategy, vmap_slots)
     batches = _devices.replicate(batches, self.mesh)
     if strategy != "compiled":

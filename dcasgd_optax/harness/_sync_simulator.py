@@ -308,7 +308,7 @@ class SyncSimulator(_protocol.SimulatorBase):
     rounds = self._rounds(arrivals, one.params, num_workers)
     self._same_on_every_process(
         "replay_many" if many else "replay", arrivals=arrivals,
-        batches=batches, state=_checks.abstract(state))
+        batches=batches, state=state)
     batches = _devices.replicate(batches, self.mesh)
     if self.strategy == "compiled":
       program = self._program_many if many else self._program
