@@ -90,7 +90,8 @@ def _child(args: argparse.Namespace) -> None:
 def _collectives(hlo: str) -> dict[str, list[str]]:
   """Each collective op of the compiled program: its kind and result shape."""
   found: dict[str, list[str]] = {}
-  pattern = r"= (\S+) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\("
+  kinds = "all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter"
+  pattern = rf"= (\([^)]*\)|\S+) ({kinds})(?:-start)?\("
   for shape, kind in re.findall(pattern, hlo):
     found.setdefault(kind, []).append(shape)
   return found
