@@ -266,9 +266,9 @@ _EXPERIMENT = textwrap.dedent("""
 @pytest.mark.slow
 def test_an_experiment_on_two_processes_is_the_one_process_run(
     config, tmp_path):
+  from experiments import programs  # pylint: disable=g-import-not-at-top
   from experiments import run_files  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
-  train.load_dataset(config.dataset, config.data_dir, config.download)
+  programs.ProgramCache().dataset(config)  # prepared once, before the runs
   runs = {}
   for layout in ((2, 4), (1, 8)):
     result = launch(_EXPERIMENT, *layout, timeout=600,
