@@ -46,6 +46,7 @@ from dcasgd_optax._src import _rows
 from dcasgd_optax._src.delay_compensation import MeanSquareSpec
 from dcasgd_optax._src.delay_compensation import check_update
 from dcasgd_optax._src.delay_compensation import fold_square
+from dcasgd_optax._src.delay_compensation import held_of
 from dcasgd_optax._src.delay_compensation import next_mean_square
 from dcasgd_optax._src.delay_compensation import worker_is_valid
 
@@ -98,10 +99,13 @@ def fused_sgd(
     A transformation of ``composed``'s type, with ``composed.init``.
   """
 
-  def update_fn(updates, state, params=None, *, worker=None, **extra_args):
+  def update_fn(updates, state, params=None, *, worker=None, held_params=None,
+                **extra_args):
     del extra_args
     dc_state, tail_states = state[0], state[1:]
     check_update(updates, dc_state, params, worker, num_workers)
+    if held_params is not None:  # The caller's row: read no row of backups.
+      held_params = held_of(dc_state.backups, worker, num_workers, held_params)
     valid = worker_is_valid(worker, num_workers)
     _, count, counted = next_mean_square(
         dc_state._replace(mean_square=()), updates, worker, num_workers,
@@ -113,7 +117,7 @@ def fused_sgd(
     row = jnp.clip(jnp.asarray(worker, jnp.int32), 0, num_workers - 1)
     trace = _trace_of(tail, tail_states)
     new_updates, backups, mean_square, trace = _map_leaves(
-        step, row, updates, params, dc_state, trace
+        step, row, updates, params, dc_state, trace, held_params
     )
     if not step.fresh_updates:  # Heavy-ball momentum: step_size * trace.
       new_updates = jax.tree.map(step.scale, trace)
@@ -243,17 +247,21 @@ class _Leaf(NamedTuple):
   backups: jax.Array  # (num_workers, *shape)
   ms: Any  # shape, or (num_workers, *shape) per worker
   trace: Any  # shape
+  held: Any  # shape: the worker's row given by the caller (held_params), or
+  # None: read it from ``backups``. Given, the update loops over that row
+  # alone and writes it back to ``backups`` (which may be a stand-in).
 
 
-def _map_leaves(step, row, updates, params, dc_state, trace):
-  """Runs ``step`` over every parameter, in place.
+def _map_leaves(step, row, updates, params, dc_state, trace, held=None):
+  """Runs ``step`` over every parameter, in place (``held``: the worker's
+  model given by the caller, in the backups' dtype, or None).
 
   Returns:
     The new ``(updates, backups, mean_square, trace)`` trees (``updates``
     None unless ``step.fresh_updates``).
   """
   g_leaves, g_def = jax.tree.flatten(updates)
-  trees = (params, dc_state.backups, dc_state.mean_square, trace)
+  trees = (params, dc_state.backups, dc_state.mean_square, trace, held)
   flat = [jax.tree.flatten(t) for t in trees]
   outs = []
   for k, g in enumerate(g_leaves):
@@ -261,6 +269,7 @@ def _map_leaves(step, row, updates, params, dc_state, trace):
         g, flat[0][0][k], flat[1][0][k],
         flat[2][0][k] if step.has_ms else None,
         flat[3][0][k] if step.has_trace else None,
+        flat[4][0][k] if held is not None else None,
     )
     outs.append(_leaf_update(step, leaf, row))
   columns = list(zip(*outs)) if outs else [()] * 4
@@ -318,12 +327,12 @@ def _kernel_applies(step: _Step, leaf: _Leaf, size: int) -> bool:
 def _by_kernel(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
   """The update by the CPU kernel, every state array aliased in place.
 
-  Stand-in backups (:func:`_rows.stand_in_backups`) would be materialised
-  if handed to the kernel whole: it gets the worker's row alone (of the
-  backups and of a per-worker mean square, which must match them), written
+  With the worker's row given (``leaf.held``) the backups may be a stand-in,
+  which handed to the kernel whole would be materialised: the kernel gets
+  that row alone (and the worker's row of a per-worker mean square), written
   back after (unchanged for an invalid worker).
   """
-  if not _rows.backups_are_stand_in():
+  if leaf.held is None:
     return _kernel_call(step, leaf, leaf.backups, leaf.ms, row)
   per_worker = step.stats.per_worker and leaf.ms is not None
   bits = lambda a: _rows.to_bits(a) if _rows.is_narrow(a.dtype) else a
@@ -332,7 +341,7 @@ def _by_kernel(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
   put = lambda a, value: _rows.from_bits(
       lax.dynamic_update_slice_in_dim(bits(a), bits(value), row, 0), a.dtype)
   u, backups, ms, trace = _kernel_call(
-      step, leaf, take(leaf.backups),
+      step, leaf, leaf.held[None],
       take(leaf.ms) if per_worker else leaf.ms, jnp.int32(0))
   return (u, put(leaf.backups, backups),
           put(leaf.ms, ms) if per_worker else ms, trace)
@@ -381,7 +390,7 @@ def _whole(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
     ms = _rows.write_row(ms, row, new_ms, step.valid) if per_worker else new_ms
   else:
     new_ms = None
-  held = _rows.read_row(leaf.backups, row)
+  held = _rows.read_row(leaf.backups, row) if leaf.held is None else leaf.held
   u = step.gradient(leaf.g, leaf.w, held, new_ms)
   trace = step.momentum(u, leaf.trace) if step.has_trace else None
   u = step.updates(u, trace) if step.fresh_updates else None
@@ -407,21 +416,23 @@ def _blocked(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
   Narrow-float backups (bfloat16) are not sliced in the loop: XLA:CPU would
   convert all of them to float32 first. The worker's row is copied out as
   same-width integers, updated in the loop, and written back after it. So
-  are stand-in backups (:func:`_rows.stand_in_backups`), which carried
-  whole through the loop would be materialised.
+  is a row the caller gives (``leaf.held``): the backups may then be a
+  stand-in, which carried whole through the loop would be materialised.
   """
   shape, size = leaf.w.shape, int(np.prod(leaf.w.shape))
   num_blocks = -(-size // BLOCK_SIZE)
   per_worker = step.stats.per_worker
   narrow = _rows.is_narrow(leaf.backups.dtype)
-  one_row = narrow or _rows.backups_are_stand_in()  # Loop over the row only.
+  one_row = narrow or leaf.held is not None  # Loop over the row only.
   bits = lambda a: _rows.to_bits(a) if narrow else a
   flat = lambda a: None if a is None else a.reshape(-1)
   g, w, trace = flat(leaf.g), flat(leaf.w), flat(leaf.trace)
   ms = leaf.ms
   if ms is not None:
     ms = ms.reshape(-1, size) if per_worker else ms.reshape(-1)
-  if one_row:
+  if leaf.held is not None:
+    held = bits(leaf.held).reshape(-1)
+  elif one_row:
     held = _rows.read_row(bits(leaf.backups), row).reshape(-1)
   else:
     held = leaf.backups.reshape(-1, size)

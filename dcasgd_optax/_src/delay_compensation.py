@@ -124,8 +124,10 @@ def delay_compensation(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
-    ``(updates, state, params, *, worker, **extra_args)``; extra args are
-    ignored.
+    ``(updates, state, params, *, worker, held_params=None, **extra_args)``:
+    ``held_params``, when given, is the model the worker holds, read instead
+    of ``backup[worker]`` (for drivers that keep the backups elsewhere; see
+    :func:`held_of`); other extra args are ignored.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -233,16 +235,18 @@ def backups_transformation(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
-    ``(updates, state, params, *, worker, **extra_args)``.
+    ``(updates, state, params, *, worker, held_params=None,
+    **extra_args)`` (see :func:`held_of` for ``held_params``).
   """
 
   def init_fn(params):
     return init_state(params, num_workers, backup_dtype, stats)
 
-  def update_fn(updates, state, params=None, *, worker=None, **extra_args):
+  def update_fn(updates, state, params=None, *, worker=None, held_params=None,
+                **extra_args):
     del extra_args
     check_update(updates, state, params, worker, num_workers)
-    held = held_by(state.backups, worker, num_workers)
+    held = held_of(state.backups, worker, num_workers, held_params)
     ms, count, state = next_mean_square(
         state, updates, worker, num_workers, stats
     )
@@ -407,6 +411,39 @@ def num_workers_of(state: DelayCompensationState) -> int | None:
   """The leading axis of the backups, or None for a params tree with no leaves."""
   leaves = jax.tree.leaves(state.backups)
   return leaves[0].shape[0] if leaves else None
+
+
+def held_of(backups: Any, worker: Any, num_workers: int,
+            held_params: Any = None) -> Any:
+  """The model ``worker`` holds, which the compensation compares with ``w``.
+
+  The compensation proper is a function of the gradient, the server's params
+  and this model; the backups-holding transformation is a thin wrapper that
+  reads it from its state, ``backups[worker]``, unless the caller passes it
+  as the keyword extra argument ``held_params`` of ``update``. A driver
+  whose backups live elsewhere (the simulator, with the backups sharded by
+  worker over several devices) passes the worker's row that way, with any
+  array of the backups' shape in the state (e.g. that row broadcast, never
+  materialised): the update then reads no row of the state's backups, and
+  what it writes to them is the caller's to keep or drop.
+
+  Args:
+    backups: the state's backups (each leaf ``[num_workers, ...]``).
+    worker: the worker's id (clamped; callers mask an invalid one).
+    num_workers: the backups' leading axis.
+    held_params: ``None``, or the params-shaped model the worker holds (cast
+      to the backups' dtype, as its backup would be).
+
+  Returns:
+    A params-shaped pytree in the backups' dtype.
+  """
+  if held_params is None:
+    return held_by(backups, worker, num_workers)
+  _tree.check_matches_backups("held_params", held_params, backups)
+  return _tree.map_like(
+      lambda b, h: b if _tree.is_masked(b) else jnp.asarray(h).astype(b.dtype),
+      backups, held_params,
+  )
 
 
 def held_by(backups: Any, worker: Any, num_workers: int) -> Any:

@@ -131,9 +131,13 @@ def sampled(first_step: int, num_arrivals: int, every: int) -> np.ndarray:
 
 
 def measure(diagnostics: Diagnostics, loss_with_state: Any, state: Any,
-            grads: Any, batch: Any, worker: Any, staleness: Any,
+            grads: Any, batch: Any, extra_args: dict[str, Any],
             is_sampled: jax.Array) -> dict[str, jax.Array]:
-  """The four figures for one arrival (before its update), or NaN if unsampled."""
+  """The four figures for one arrival (before its update), or NaN if unsampled.
+
+  ``extra_args`` are the keyword extra arguments the server's ``tx.update``
+  gets for it (``worker``, ``staleness`` and maybe ``held_params``).
+  """
 
   def measured():
     fresh = _flat(jax.grad(
@@ -143,7 +147,7 @@ def measure(diagnostics: Diagnostics, loss_with_state: Any, state: Any,
       sub_state = first_state(state.opt_state, diagnostics.first_transform,
                               state.params)
       direction, _ = diagnostics.first_transform.update(
-          grads, sub_state, state.params, worker=worker, staleness=staleness
+          grads, sub_state, state.params, **extra_args
       )
     stale_cosine, stale_error = _compare(grads, fresh)
     applied_cosine, applied_error = _compare(direction, fresh)
