@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcasgd_optax._src import _checks as core_checks
+from dcasgd_optax import extend
 from dcasgd_optax.harness import _checks
 
 KEYS = ("stale_cosine", "applied_cosine", "stale_error", "applied_error")
@@ -42,7 +42,7 @@ def make(diagnostics: bool, diagnostics_every: int | None,
   if not isinstance(diagnostics, bool):
     raise TypeError(f"`diagnostics` must be a bool, got {diagnostics!r}.")
   if diagnostics_every is not None:
-    core_checks.check_positive_int("diagnostics_every", diagnostics_every)
+    extend.check_positive_int("diagnostics_every", diagnostics_every)
   if first_transform is not None and not (
       hasattr(first_transform, "init") and hasattr(first_transform, "update")):
     raise TypeError(

@@ -14,11 +14,11 @@ from typing import Any
 import jax
 import optax
 
-from dcasgd_optax._src import _tree
-from dcasgd_optax._src.alias import PullAfterPush
-from dcasgd_optax._src.delay_compensation import delay_compensation
-from dcasgd_optax._src.delay_compensation import num_workers_of
-from dcasgd_optax._src.pull import find_states
+from dcasgd_optax import PullAfterPush
+from dcasgd_optax import delay_compensation
+from dcasgd_optax import extend
+from dcasgd_optax.extend import find_states
+from dcasgd_optax.extend import num_workers_of
 from dcasgd_optax.harness import _checks
 
 
@@ -28,8 +28,8 @@ def _backups_state(tx: Any, params: Any) -> Any:
   if not states:
     return None
   if len(states) > 1 or any(
-      _tree.is_masked(b)
-      for b in jax.tree.leaves(states[0].backups, is_leaf=_tree.is_masked)
+      extend.is_masked(b)
+      for b in jax.tree.leaves(states[0].backups, is_leaf=extend.is_masked)
   ):
     raise ValueError(
         "`tx` must hold exactly one DelayCompensationState covering every "

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcasgd_optax._src.pull import pull
+from dcasgd_optax import pull
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _diagnostics
 from dcasgd_optax.harness import _gathers

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from dcasgd_optax._src import _checks as core_checks
+from dcasgd_optax import extend
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _diagnostics
@@ -115,7 +115,7 @@ class SimulatorBase:
                         ("max_parallel", max_parallel),
                         ("vmap_slots", vmap_slots)):
       if value is not None:
-        core_checks.check_positive_int(name, value)
+        extend.check_positive_int(name, value)
     if not hasattr(tx, "init") or not hasattr(tx, "update"):
       raise TypeError(f"`tx` must be an optax transformation, got {tx!r}.")
     self.num_workers = num_workers

@@ -1,7 +1,7 @@
 """One server shard's state, and where its checkpoints go.
 
 Shard ``k`` of ``K`` saves with the project's
-:class:`~dcasgd_optax.checkpoint.Checkpointer` under
+:class:`~dcasgd_optax.extend.checkpoint.Checkpointer` under
 ``checkpoint_dir/shard-k-of-K/<step>`` (directories readable by their owner
 only). The driver saves every shard at the same step, when no gradient is in
 flight (see :mod:`_driver`), so the checkpoints of one step are consistent
@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from dcasgd_optax._src.checkpoint import Checkpointer
+from dcasgd_optax.extend.checkpoint import Checkpointer
 
 
 class ServerState(NamedTuple):

@@ -40,7 +40,7 @@ import ray
 # The address resolution that ray.init itself runs; Ray has no public one.
 from ray._private import services as _ray_services
 
-from dcasgd_optax._src import _checks
+from dcasgd_optax import extend
 
 _log = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ def connect(
   if not isinstance(allow_insecure_cluster, bool):
     raise TypeError("`allow_insecure_cluster` must be a bool, got "
                     f"{allow_insecure_cluster!r}.")
-  _checks.check_scalar_range("timeout_s", timeout_s, low=0.0,
+  extend.check_scalar_range("timeout_s", timeout_s, low=0.0,
                              low_inclusive=False)
   if ray.is_initialized():
     return False
