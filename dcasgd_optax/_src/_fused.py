@@ -124,7 +124,7 @@ def fused_sgd(
     dc_state = counted._replace(backups=backups, mean_square=mean_square)
     return new_updates, (dc_state, *_with_trace(tail, tail_states, trace))
 
-  return type(composed)(composed.init, update_fn)
+  return type(composed)(composed.init, update_fn, composed.compensation)
 
 
 class _Scalars(NamedTuple):

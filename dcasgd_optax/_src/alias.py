@@ -34,14 +34,41 @@ class PullAfterPush(optax.GradientTransformationExtraArgs):
   transformation (e.g. ``optax.inject_hyperparams``) hides the type; pulling
   again is then redundant, not wrong.
 
+  The full optimizers (:func:`dcasgd`, ...) also say which transformation
+  makes their compensated gradient, the first of their chain: its attribute
+  ``compensation`` (``None`` where unknown, as for :func:`pull_after_push`
+  of a user's chain). A driver re-runs it to see the direction the update
+  applied (the simulator's diagnostics do).
+
+  Attributes:
+    compensation: the chain's first transformation
+      (:func:`delay_compensation` or :func:`gap_aware`), or ``None``.
+
   Examples:
     >>> import dcasgd_optax
-    >>> isinstance(dcasgd_optax.dcasgd(0.1, num_workers=2),
-    ...            dcasgd_optax.PullAfterPush)
+    >>> tx = dcasgd_optax.dcasgd(0.1, num_workers=2)
+    >>> isinstance(tx, dcasgd_optax.PullAfterPush)
+    True
+    >>> tx.compensation is not None
     True
   """
 
-  __slots__ = ()
+  compensation: Any = None  # Per instance when given (instances have a dict).
+
+  def __new__(cls, init: Any, update: Any, compensation: Any = None):
+    self = super().__new__(cls, init, update)
+    if compensation is not None:
+      self.compensation = compensation
+    return self
+
+
+def compensation_of(tx: Any) -> Any:
+  """The transformation whose output is ``tx``'s compensated gradient.
+
+  ``tx.compensation`` for a full optimizer of this library (a
+  :class:`PullAfterPush` that knows it), else ``None``.
+  """
+  return tx.compensation if isinstance(tx, PullAfterPush) else None
 
 
 def dcasgd(
@@ -129,15 +156,16 @@ def dcasgd(
     Array([ 0.8, -0.8], dtype=float32)
   """
   _check_sgd_arguments(learning_rate, momentum, nesterov, weight_decay)
+  compensation = _compensation(
+      num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+      per_worker_mean_square, bias_correction, lambda_warmup,
+      correction_clip,
+  )
   composed = pull_after_push(optax.chain(
-      _compensation(
-          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
-          per_worker_mean_square, bias_correction, lambda_warmup,
-          correction_clip,
-      ),
+      compensation,
       *_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-  ))
+  ), compensation=compensation)
   correct = compensation_correction(
       default_lambda(lambda_, adaptive), adaptive=adaptive, decay=decay,
       eps=eps, bias_correction=bias_correction, lambda_warmup=lambda_warmup,
@@ -200,7 +228,8 @@ def _decayed_weights(weight_decay: Any) -> list[optax.GradientTransformation]:
   return [optax.add_decayed_weights(weight_decay)]
 
 
-def pull_after_push(inner: optax.GradientTransformation) -> PullAfterPush:
+def pull_after_push(inner: optax.GradientTransformation, *,
+                    compensation: Any = None) -> PullAfterPush:
   """Wraps ``inner`` so each update also performs the pull of the new params.
 
   After ``inner`` computes ``updates`` for worker ``m``, worker ``m`` pulls
@@ -217,6 +246,10 @@ def pull_after_push(inner: optax.GradientTransformation) -> PullAfterPush:
 
   Args:
     inner: a transformation containing :func:`delay_compensation`.
+    compensation: the transformation that starts ``inner``'s chain (its
+      output is the compensated gradient), recorded as the result's
+      ``compensation`` for drivers (e.g. the simulator's diagnostics); None
+      if not given.
 
   Returns:
     A :class:`PullAfterPush` (an ``optax.GradientTransformationExtraArgs``)
@@ -250,7 +283,7 @@ def pull_after_push(inner: optax.GradientTransformation) -> PullAfterPush:
     _, state = pull(state, optax.apply_updates(params, updates), worker)
     return updates, state
 
-  return PullAfterPush(init_fn, update_fn)
+  return PullAfterPush(init_fn, update_fn, compensation)
 
 
 def gap_aware_sgd(
@@ -312,12 +345,13 @@ def gap_aware_sgd(
           "the schedule's peak (divided by 1 - momentum with momentum)."
       )
     step_size = learning_rate / (1.0 - (momentum or 0.0))
+  compensation = gap_aware(num_workers, step_size, decay=decay, eps=eps,
+                           backup_dtype=backup_dtype)
   composed = pull_after_push(optax.chain(
-      gap_aware(num_workers, step_size, decay=decay, eps=eps,
-                backup_dtype=backup_dtype),
+      compensation,
       *_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-  ))
+  ), compensation=compensation)
   return _fused.fused_sgd(
       composed, num_workers, MeanSquareSpec(decay),
       gap_correction(step_size, decay=decay, eps=eps),
@@ -393,15 +427,16 @@ def dana_dc(
   _check_common_arguments(learning_rate, weight_decay)
   if horizon is None:
     horizon = num_workers - 1
+  compensation = _compensation(
+      num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+      per_worker_mean_square, bias_correction, lambda_warmup,
+      correction_clip,
+  )
   return pull_after_push(optax.chain(
-      _compensation(
-          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
-          per_worker_mean_square, bias_correction, lambda_warmup,
-          correction_clip,
-      ),
+      compensation,
       *_decayed_weights(weight_decay),
       look_ahead_momentum(learning_rate, momentum, horizon),
-  ))
+  ), compensation=compensation)
 
 
 def delayed_nesterov_dcasgd(
@@ -467,13 +502,14 @@ def delayed_nesterov_dcasgd(
   _check_common_arguments(learning_rate, weight_decay)
   if period is None:
     period = num_workers
+  compensation = _compensation(
+      num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+      per_worker_mean_square, bias_correction, lambda_warmup,
+      correction_clip,
+  )
   return pull_after_push(optax.chain(
-      _compensation(
-          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
-          per_worker_mean_square, bias_correction, lambda_warmup,
-          correction_clip,
-      ),
+      compensation,
       *_decayed_weights(weight_decay),
       delayed_nesterov(learning_rate, period, momentum=momentum,
                        momentum_activation=momentum_activation),
-  ))
+  ), compensation=compensation)

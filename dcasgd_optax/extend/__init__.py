@@ -32,6 +32,7 @@ from dcasgd_optax._src._checks import check_positive_int
 from dcasgd_optax._src._checks import check_scalar_range
 from dcasgd_optax._src._checks import check_seed
 from dcasgd_optax._src._tree import is_masked
+from dcasgd_optax._src.alias import compensation_of
 from dcasgd_optax._src.delay_compensation import num_workers_of
 from dcasgd_optax._src.pull import find_states
 
@@ -39,6 +40,7 @@ __all__ = (
     "check_positive_int",
     "check_scalar_range",
     "check_seed",
+    "compensation_of",
     "find_states",
     "is_masked",
     "num_workers_of",

@@ -97,7 +97,10 @@ def check(diagnostics: Diagnostics, opt_state: Any, params: Any,
     if tx_compensates:
       raise ValueError(
           "`diagnostics` need `first_transform` when `tx` keeps its own "
-          "DelayCompensationState: pass the transformation that starts tx's "
+          "DelayCompensationState and is not one of dcasgd_optax's full "
+          "optimizers (which know theirs, unless a wrapper such as "
+          "optax.inject_hyperparams hides them): pass the transformation "
+          "that starts tx's "
           "chain (e.g. dc = dcasgd_optax.delay_compensation(...); tx = "
           "dcasgd_optax.pull_after_push(optax.chain(dc, optax.sgd(lr))); "
           "Simulator(loss_fn, tx, diagnostics=True, first_transform=dc))."

@@ -128,6 +128,8 @@ class SimulatorBase:
     self._vmap_slots = _slots.default_vmap_slots(self.mesh, vmap_slots)
     self._max_parallel = max_parallel
     self._donate = donate
+    if first_transform is None:  # The library's full optimizers know it.
+      first_transform = extend.compensation_of(tx)
     self._diagnostics = _diagnostics.make(
         diagnostics, diagnostics_every, first_transform, has_model_state
     )

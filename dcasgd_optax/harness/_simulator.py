@@ -129,9 +129,11 @@ class Simulator(_protocol.SimulatorBase):
     first_transform: the transformation that starts ``tx``'s chain, whose
       output is the applied direction :math:`d` (it is run again on the
       pushed gradient with its own part of the server's state, found in
-      ``tx``'s state by its structure). Needed for diagnostics when ``tx``
-      keeps its own DelayCompensationState; for an optimizer without one,
-      :math:`d = g` (plain ASGD applies what was pushed).
+      ``tx``'s state by its structure). Not needed for the full optimizers
+      of :mod:`dcasgd_optax` (:func:`dcasgd_optax.dcasgd`, ...), which say
+      what theirs is (``tx.compensation``); needed for diagnostics when
+      another ``tx`` keeps its own DelayCompensationState; for an optimizer
+      without one, :math:`d = g` (plain ASGD applies what was pushed).
 
   Examples:
     >>> import jax.numpy as jnp, optax
