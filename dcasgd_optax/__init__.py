@@ -1,13 +1,17 @@
 """dcasgd_optax: delay-compensated asynchronous SGD (DC-ASGD) for optax.
 
-The public API is exactly the names imported here.
+The public API is exactly the names imported here (and, deprecated for one
+release, the old names in ``_DEPRECATED``).
 """
 
+import warnings as _warnings
+
 from dcasgd_optax._src.alias import PullAfterPush
-from dcasgd_optax._src.alias import dana_dc
+from dcasgd_optax._src.alias import PullAfterPushState
+from dcasgd_optax._src.alias import dana_dcasgd
 from dcasgd_optax._src.alias import dcasgd
 from dcasgd_optax._src.alias import delayed_nesterov_dcasgd
-from dcasgd_optax._src.alias import gap_aware_sgd
+from dcasgd_optax._src.alias import gap_aware_asgd
 from dcasgd_optax._src.alias import pull_after_push
 from dcasgd_optax._src.delay_compensation import DelayCompensationState
 from dcasgd_optax._src.delay_compensation import delay_compensation
@@ -31,15 +35,16 @@ __all__ = (
     "DelayedNesterovState",
     "LookAheadState",
     "PullAfterPush",
+    "PullAfterPushState",
     "ScaleByInverseStalenessState",
     "ScaleByStalenessState",
-    "dana_dc",
+    "dana_dcasgd",
     "dcasgd",
     "delay_compensation",
     "delayed_nesterov",
     "delayed_nesterov_dcasgd",
     "gap_aware",
-    "gap_aware_sgd",
+    "gap_aware_asgd",
     "look_ahead_momentum",
     "pull",
     "pull_after_push",
@@ -48,3 +53,24 @@ __all__ = (
     "scale_by_staleness",
     "worker_params",
 )
+
+# Old name -> (new name, the function). Served by __getattr__ (PEP 562) with
+# a DeprecationWarning, so they are not in __all__ or ``import *``.
+_DEPRECATED = {
+    "gap_aware_sgd": ("gap_aware_asgd", gap_aware_asgd),
+    "dana_dc": ("dana_dcasgd", dana_dcasgd),
+}
+
+
+def __getattr__(name):
+  if name in _DEPRECATED:
+    new, fn = _DEPRECATED[name]
+    _warnings.warn(
+        f"`dcasgd_optax.{name}` is deprecated and will be removed in the next "
+        f"release: use `dcasgd_optax.{new}` (the same optimizer; every full "
+        "optimizer's name now ends in `asgd`).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return fn
+  raise AttributeError(f"module 'dcasgd_optax' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """The fused full optimizers give the composed chains' numbers, in place.
 
-``dcasgd`` and ``gap_aware_sgd`` document themselves as chains
+``dcasgd`` and ``gap_aware_asgd`` document themselves as chains
 (``pull_after_push(chain(<backups transformation>, [add_decayed_weights],
 sgd))``) but run a fused update. Each is compared here, under ``jit``, with
 that chain built from the public transformations over a few updates,
@@ -122,7 +122,7 @@ def test_dcasgd_gives_the_composed_chains_numbers(kwargs):
 
 
 def test_gap_aware_sgd_gives_the_composed_chains_numbers():
-  fused = trajectory(dcasgd_optax.gap_aware_sgd(0.1, M, momentum=0.9))
+  fused = trajectory(dcasgd_optax.gap_aware_asgd(0.1, M, momentum=0.9))
   composed = trajectory(composed_gap_aware_sgd(0.1, M, momentum=0.9))
   assert_same_numbers(fused, composed)
 
@@ -152,7 +152,8 @@ def test_an_out_of_range_traced_worker_gives_nan_and_keeps_the_state():
   _, state = update(params, tx.init(params), params, jnp.int32(1))
   updates, after = update(params, state, params, jnp.int32(7))
   assert all(np.isnan(u).all() for u in jax.tree.leaves(updates))
-  chex.assert_trees_all_equal(after[0], state[0])  # Backups, ms, count.
+  chex.assert_trees_all_equal(after.inner_state[0],  # Backups, ms, count.
+                              state.inner_state[0])
 
 
 # --- memory: every output written in place ----------------------------------
@@ -293,7 +294,7 @@ def test_on_cpu_the_kernel_computes_dcasgd_unless_switched_off(
 
 
 def test_gap_aware_sgd_keeps_xlas_path():
-  text = step_text(dcasgd_optax.gap_aware_sgd(0.1, M, momentum=0.9), model())
+  text = step_text(dcasgd_optax.gap_aware_asgd(0.1, M, momentum=0.9), model())
   assert KERNEL_TARGET not in text
 
 
@@ -411,7 +412,7 @@ def test_told_the_workers_model_dcasgd_reads_no_row_of_the_backups(
 def test_told_the_workers_model_gap_aware_sgd_reads_no_row_of_the_backups():
   want = trajectory(composed_gap_aware_sgd(0.1, M, momentum=0.9))
   assert_same_numbers(
-      told_trajectory(dcasgd_optax.gap_aware_sgd(0.1, M, momentum=0.9)), want)
+      told_trajectory(dcasgd_optax.gap_aware_asgd(0.1, M, momentum=0.9)), want)
   assert_same_numbers(
       told_trajectory(composed_gap_aware_sgd(0.1, M, momentum=0.9)), want)
 

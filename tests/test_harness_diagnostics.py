@@ -161,9 +161,9 @@ def test_missing_applied_direction_raises_before_running(first, match):
 SHIPPED = {
     "dcasgd": (lambda: dcasgd_optax.dcasgd(0.2, W, lambda_=4.0),
                lambda: dcasgd_optax.delay_compensation(W, 4.0, adaptive=True)),
-    "gap_aware_sgd": (lambda: dcasgd_optax.gap_aware_sgd(0.2, W),
+    "gap_aware_asgd": (lambda: dcasgd_optax.gap_aware_asgd(0.2, W),
                       lambda: dcasgd_optax.gap_aware(W, 0.2)),
-    "dana_dc": (lambda: dcasgd_optax.dana_dc(0.2, W, lambda_=4.0),
+    "dana_dcasgd": (lambda: dcasgd_optax.dana_dcasgd(0.2, W, lambda_=4.0),
                 lambda: dcasgd_optax.delay_compensation(W, 4.0,
                                                         adaptive=True)),
     "delayed_nesterov_dcasgd": (

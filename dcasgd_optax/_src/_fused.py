@@ -102,7 +102,7 @@ def fused_sgd(
   def update_fn(updates, state, params=None, *, worker=None, held_params=None,
                 **extra_args):
     del extra_args
-    dc_state, tail_states = state[0], state[1:]
+    dc_state, tail_states = state.inner_state[0], state.inner_state[1:]
     check_update(updates, dc_state, params, worker, num_workers)
     if held_params is not None:  # The caller's row: read no row of backups.
       held_params = held_of(dc_state.backups, worker, num_workers, held_params)
@@ -122,7 +122,8 @@ def fused_sgd(
     if not step.fresh_updates:  # Heavy-ball momentum: step_size * trace.
       new_updates = jax.tree.map(step.scale, trace)
     dc_state = counted._replace(backups=backups, mean_square=mean_square)
-    return new_updates, (dc_state, *_with_trace(tail, tail_states, trace))
+    inner = (dc_state, *_with_trace(tail, tail_states, trace))
+    return new_updates, type(state)(inner)
 
   return type(composed)(composed.init, update_fn, composed.compensation)
 

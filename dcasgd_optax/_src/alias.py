@@ -1,9 +1,21 @@
-"""Full optimizers: each method of the library with weight decay, SGD and the pull after push."""
+"""Full optimizers: each method of the library with weight decay, SGD and the pull after push.
+
+Naming: every full optimizer is an asynchronous SGD server's update (it
+needs ``worker=`` and records the worker's pull), so every name ends in
+``asgd``, and what it adds to ASGD reads before it, as the literature's
+"DC-ASGD" does: :func:`dcasgd` (delay compensation), :func:`gap_aware_asgd`,
+:func:`dana_dcasgd` (DANA's look-ahead on DC-ASGD),
+:func:`delayed_nesterov_dcasgd`. optax names its optimizers by what they
+are (``adamw`` is Adam with decoupled weight decay) and its building blocks
+by what they do; so do the transformations here (:func:`delay_compensation`,
+:func:`gap_aware`, ...). ``gap_aware_sgd`` and ``dana_dc`` are deprecated
+aliases (one release).
+"""
 
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import optax
 
@@ -22,17 +34,62 @@ from dcasgd_optax._src.pull import find_states
 from dcasgd_optax._src.pull import pull
 
 
+class PullAfterPushState(NamedTuple):
+  """The state of :func:`pull_after_push`: its inner transformation's.
+
+  Its type is the fact a driver of asynchronous training needs: an update
+  with this state also records the worker's pull (:func:`pull`) of the
+  params it returns. A state travels through every optax wrapper (a type is
+  part of the pytree's structure, kept by ``jit`` too), where the
+  transformation's own type is hidden by the first wrapper; see
+  :func:`dcasgd_optax.extend.pulls_in_update`.
+
+  Attributes:
+    inner_state: the state of ``pull_after_push``'s ``inner``.
+  """
+
+  inner_state: Any
+
+
+def pulls_in_update(opt_state: Any) -> bool:
+  """Whether the update that takes ``opt_state`` records the worker's pull.
+
+  True when ``opt_state`` is a :class:`PullAfterPushState`, or holds one
+  where the transformation's updates are that pull-after-push's own: inside
+  ``optax.inject_hyperparams`` (which passes them through) or as the last
+  member of an ``optax.chain`` (a tuple). Anywhere else (before another
+  chain member, inside ``optax.masked``, ``MultiSteps`` or
+  ``apply_if_finite``, which change or skip the updates) the recorded pull
+  may not be of the params the driver ends with, so the driver must pull:
+  at worst redundant, never wrong. Only the state's structure is read, so
+  an abstract state (``jax.eval_shape(tx.init, params)``) or one being
+  traced answers the same.
+  """
+  wrappers = (optax.InjectHyperparamsState,
+              optax.InjectStatefulHyperparamsState)
+  node = opt_state
+  while True:
+    if isinstance(node, PullAfterPushState):
+      return True
+    if isinstance(node, wrappers):
+      node = node.inner_state
+    elif type(node) is tuple and node:  # An optax.chain: its last member's.
+      node = node[-1]
+    else:
+      return False
+
+
 class PullAfterPush(optax.GradientTransformationExtraArgs):
   """A transformation whose every ``update`` also performs the worker's pull.
 
   :func:`pull_after_push` (and so :func:`dcasgd`) returns one. It is an
-  ``optax.GradientTransformationExtraArgs`` in every respect; its type only
-  tells a driver of asynchronous training that after
+  ``optax.GradientTransformationExtraArgs`` in every respect: after
   ``tx.update(..., worker=m)`` the pull of the new model is already recorded
-  (:func:`pull`), so the driver must not pull again. What the worker then
-  holds is ``worker_params(opt_state, m)``. Wrapping it in another
-  transformation (e.g. ``optax.inject_hyperparams``) hides the type; pulling
-  again is then redundant, not wrong.
+  (:func:`pull`), so a driver must not pull again. What the worker then
+  holds is ``worker_params(opt_state, m)``. A driver learns that from the
+  state, a :class:`PullAfterPushState`
+  (:func:`dcasgd_optax.extend.pulls_in_update`), which wrappers such as
+  ``optax.inject_hyperparams`` keep, where they hide this type.
 
   The full optimizers (:func:`dcasgd`, ...) also say which transformation
   makes their compensated gradient, the first of their chain: its attribute
@@ -235,9 +292,10 @@ def pull_after_push(inner: optax.GradientTransformation, *,
   After ``inner`` computes ``updates`` for worker ``m``, worker ``m`` pulls
   ``params + updates`` (:func:`pull`: the state records what ``m`` now
   holds), as in the paper's Algorithm 1 where the worker pulls right after
-  pushing. The wrapper's state is ``inner``'s state itself. The result is a
-  :class:`PullAfterPush`, so drivers know not to pull again; what the worker
-  holds afterwards is ``worker_params(state, m)``.
+  pushing. The wrapper's state is a :class:`PullAfterPushState` around
+  ``inner``'s, which tells drivers not to pull again (the result is also a
+  :class:`PullAfterPush`); what the worker holds afterwards is
+  ``worker_params(state, m)``.
 
   A traced ``worker`` outside ``[0, num_workers)`` records no pull; the NaN
   update that :func:`delay_compensation` returns for it reaches the rest of
@@ -274,19 +332,19 @@ def pull_after_push(inner: optax.GradientTransformation, *,
           "in its DelayCompensationState. Put "
           "`dcasgd_optax.delay_compensation(...)` first in the chain."
       )
-    return state
+    return PullAfterPushState(state)
 
   def update_fn(updates, state, params=None, *, worker=None, **extra_args):
     updates, state = inner.update(
-        updates, state, params, worker=worker, **extra_args
+        updates, state.inner_state, params, worker=worker, **extra_args
     )
     _, state = pull(state, optax.apply_updates(params, updates), worker)
-    return updates, state
+    return updates, PullAfterPushState(state)
 
   return PullAfterPush(init_fn, update_fn, compensation)
 
 
-def gap_aware_sgd(
+def gap_aware_asgd(
     learning_rate: optax.ScalarOrSchedule,
     num_workers: int,
     *,
@@ -326,7 +384,7 @@ def gap_aware_sgd(
   Examples:
     >>> import jax.numpy as jnp
     >>> import dcasgd_optax
-    >>> tx = dcasgd_optax.gap_aware_sgd(0.1, num_workers=4, momentum=0.9)
+    >>> tx = dcasgd_optax.gap_aware_asgd(0.1, num_workers=4, momentum=0.9)
     >>> state = tx.init({'w': jnp.ones(2)})
     >>> updates, state = tx.update({'w': jnp.ones(2)}, state, {'w': jnp.ones(2)},
     ...                            worker=1)  # fresh: no gap, plain SGD
@@ -359,7 +417,7 @@ def gap_aware_sgd(
   )
 
 
-def dana_dc(
+def dana_dcasgd(
     learning_rate: optax.ScalarOrSchedule,
     num_workers: int,
     *,
@@ -403,7 +461,7 @@ def dana_dc(
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import dcasgd_optax
-    >>> tx = dcasgd_optax.dana_dc(1.0, num_workers=3, momentum=0.5)
+    >>> tx = dcasgd_optax.dana_dcasgd(1.0, num_workers=3, momentum=0.5)
     >>> params = {'w': jnp.zeros(1)}
     >>> state = tx.init(params)
     >>> updates, state = tx.update({'w': jnp.ones(1)}, state, params, worker=0)

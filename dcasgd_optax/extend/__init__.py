@@ -33,6 +33,7 @@ from dcasgd_optax._src._checks import check_scalar_range
 from dcasgd_optax._src._checks import check_seed
 from dcasgd_optax._src._tree import is_masked
 from dcasgd_optax._src.alias import compensation_of
+from dcasgd_optax._src.alias import pulls_in_update
 from dcasgd_optax._src.delay_compensation import num_workers_of
 from dcasgd_optax._src.pull import find_states
 
@@ -44,4 +45,5 @@ __all__ = (
     "find_states",
     "is_masked",
     "num_workers_of",
+    "pulls_in_update",
 )

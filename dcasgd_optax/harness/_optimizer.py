@@ -14,7 +14,6 @@ from typing import Any
 import jax
 import optax
 
-from dcasgd_optax import PullAfterPush
 from dcasgd_optax import delay_compensation
 from dcasgd_optax import extend
 from dcasgd_optax.extend import find_states
@@ -109,14 +108,3 @@ def with_backups(
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
-
-def pulls_in_update(tx: Any) -> bool:
-  """Whether ``tx.update(..., worker=m)`` already performs ``m``'s pull.
-
-  True for a :class:`dcasgd_optax.PullAfterPush` (what
-  :func:`dcasgd_optax.dcasgd` and :func:`dcasgd_optax.pull_after_push`
-  return): the simulator then does not pull again. A wrapper that hides the
-  type makes the simulator pull a second time, which is redundant, not
-  wrong (the same :func:`dcasgd_optax.pull` of the same params).
-  """
-  return isinstance(tx, PullAfterPush)

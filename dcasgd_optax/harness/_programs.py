@@ -10,9 +10,10 @@ Python, in which the gradients are unrolled, not looped (see
 so the backups are updated in place.
 
 On one device ``tx`` updates the state itself, in place, and the worker's
-pull (:func:`dcasgd_optax.pull`) is made once per arrival: by ``tx`` if it
-pulls inside its update (a :class:`dcasgd_optax.PullAfterPush`), else by the
-simulator. On several devices the backups are sharded by worker and ``tx``
+pull (:func:`dcasgd_optax.pull`) is made once per arrival: by ``tx`` if its
+state says that its update pulls (:func:`dcasgd_optax.extend.pulls_in_update`:
+a :class:`dcasgd_optax.PullAfterPushState`, also under wrappers), else by
+the simulator. On several devices the backups are sharded by worker and ``tx``
 sees a stand-in: the arriving worker's row (brought from the device that
 holds it) broadcast to all ``num_workers`` rows, which XLA does not
 materialise as long as ``tx`` reads only that row by a dynamic slice and
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dcasgd_optax import extend
 from dcasgd_optax import pull
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _diagnostics
@@ -51,7 +53,6 @@ class Replay(NamedTuple):
   mesh: Any
   vmap_slots: int | None
   diagnostics: _diagnostics.Diagnostics | None
-  tx_pulls: bool  # tx pulls inside its update (a PullAfterPush)
 
 
 class Chunk(NamedTuple):
@@ -169,10 +170,11 @@ def _extra_args(worker: jax.Array, tau: jax.Array, held: Any) -> dict:
 def _pull(replay: Replay, before: Any, after: Any, params: Any,
           worker: jax.Array) -> Any:
   """The worker's pull of ``params``, once: on one device into ``after``
-  itself (unless ``tx`` did it); on several, written to the worker's row of
-  the real backups (``before``'s), on the device holding it."""
+  itself (unless ``tx`` did it, as its state's structure says); on several,
+  written to the worker's row of the real backups (``before``'s), on the
+  device holding it."""
   if replay.mesh.size == 1:
-    if not replay.tx_pulls:
+    if not extend.pulls_in_update(after):
       _, after = pull(after, params, worker)
     return after
   pulled, after = pull(after, params, worker)

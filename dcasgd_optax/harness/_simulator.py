@@ -48,8 +48,9 @@ class Simulator(_protocol.SimulatorBase):
   pulls (:func:`dcasgd_optax.pull`: it then holds the new ``w``, or the
   look-ahead a look-ahead optimizer predicts, and computes its next gradient
   there); the pull is made once per arrival, by ``tx`` if it pulls inside
-  its update (a :class:`dcasgd_optax.PullAfterPush`, e.g.
-  :func:`dcasgd_optax.dcasgd`), else by the simulator. The workers' models
+  its update (its state says so, :func:`dcasgd_optax.extend.pulls_in_update`:
+  e.g. :func:`dcasgd_optax.dcasgd`, also under ``optax.inject_hyperparams``),
+  else by the simulator. The workers' models
   are the backups in ``tx``'s
   DelayCompensationState (one copy, not two), so ``M``
   is the leading axis of those backups; a ``tx`` without one (any optax
@@ -171,7 +172,6 @@ class Simulator(_protocol.SimulatorBase):
     replay = _programs.Replay(
         self._loss_with_state, self.tx, self.mesh, vmap_slots,
         diagnostics=self._diagnostics,
-        tx_pulls=_optimizer.pulls_in_update(self._user_tx),
     )
     if strategy == "compiled":
       jit = functools.partial(
