@@ -6,14 +6,11 @@ release, the old names in ``_DEPRECATED``).
 
 import warnings as _warnings
 
-from dcasgd_optax._src.alias import PullAfterPush
-from dcasgd_optax._src.alias import PullAfterPushState
+from dcasgd_optax._src._backups import DelayCompensationState
 from dcasgd_optax._src.alias import dana_dcasgd
 from dcasgd_optax._src.alias import dcasgd
 from dcasgd_optax._src.alias import delayed_nesterov_dcasgd
 from dcasgd_optax._src.alias import gap_aware_asgd
-from dcasgd_optax._src.alias import pull_after_push
-from dcasgd_optax._src.delay_compensation import DelayCompensationState
 from dcasgd_optax._src.delay_compensation import delay_compensation
 from dcasgd_optax._src.delayed_nesterov import DelayedNesterovState
 from dcasgd_optax._src.delayed_nesterov import delayed_nesterov
@@ -23,6 +20,9 @@ from dcasgd_optax._src.look_ahead import look_ahead_momentum
 from dcasgd_optax._src.pull import pull
 from dcasgd_optax._src.pull import record_pull
 from dcasgd_optax._src.pull import worker_params
+from dcasgd_optax._src.pull_after_push import PullAfterPush
+from dcasgd_optax._src.pull_after_push import PullAfterPushState
+from dcasgd_optax._src.pull_after_push import pull_after_push
 from dcasgd_optax._src.staleness import ScaleByInverseStalenessState
 from dcasgd_optax._src.staleness import ScaleByStalenessState
 from dcasgd_optax._src.staleness import scale_by_inverse_staleness

@@ -26,13 +26,15 @@ backups-holding part is the very ``correct`` function the composed
 transformation applies (:func:`compensation_correction`,
 :func:`gap_correction`), applied here to blocks, and the counts come from
 :func:`next_mean_square`. The tests check equality with the composed chain.
-Measured costs: ``benchmarks/update_cost.md``.
+Measured costs: ``benchmarks/update_cost.md``. The CPU kernel's path is
+:mod:`._fused_kernel`, XLA's loop over blocks :mod:`._fused_blocked`; both
+take this module's ``_Step`` (the maths) and ``_Leaf`` (one parameter).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,20 +42,16 @@ import numpy as np
 import optax
 from jax import lax
 
-from dcasgd_optax._src import _checks
 from dcasgd_optax._src import _cpu_kernel
+from dcasgd_optax._src import _fused_blocked
+from dcasgd_optax._src import _fused_kernel
 from dcasgd_optax._src import _rows
-from dcasgd_optax._src.delay_compensation import MeanSquareSpec
-from dcasgd_optax._src.delay_compensation import check_update
-from dcasgd_optax._src.delay_compensation import fold_square
-from dcasgd_optax._src.delay_compensation import held_of
-from dcasgd_optax._src.delay_compensation import next_mean_square
-from dcasgd_optax._src.delay_compensation import worker_is_valid
-
-# Elements per block on CPU: 8Ki float32 are 32 KiB per array, so an
-# iteration's blocks stay in L2 even when other processes share the core.
-# 4Ki to 16Ki measured alike, 32Ki and more slower (benchmarks/update_cost.md).
-BLOCK_SIZE = 1 << 13
+from dcasgd_optax._src._backups import MeanSquareSpec
+from dcasgd_optax._src._backups import check_update
+from dcasgd_optax._src._backups import fold_square
+from dcasgd_optax._src._backups import held_of
+from dcasgd_optax._src._backups import next_mean_square
+from dcasgd_optax._src._backups import worker_is_valid
 
 
 class SgdTail(NamedTuple):
@@ -292,93 +290,14 @@ def _leaf_update(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
   """
   size = int(np.prod(leaf.w.shape))
   whole = functools.partial(_whole, step)
-  if _kernel_applies(step, leaf, size):
-    kernel = functools.partial(_by_kernel, step)
+  if _fused_kernel.applies(step, leaf, size):
+    kernel = functools.partial(_fused_kernel.update, step)
     return lax.platform_dependent(leaf, row, cpu=kernel, default=whole)
   narrow = _rows.is_narrow(leaf.w.dtype) or _rows.is_narrow(leaf.g.dtype)
-  if size < 2 * BLOCK_SIZE or narrow:
+  if size < 2 * _fused_blocked.BLOCK_SIZE or narrow:
     return whole(leaf, row)
-  blocked = functools.partial(_blocked, step)
+  blocked = functools.partial(_fused_blocked.update, step)
   return lax.platform_dependent(leaf, row, cpu=blocked, default=whole)
-
-
-def _kernel_applies(step: _Step, leaf: _Leaf, size: int) -> bool:
-  """Whether the CPU kernel computes this parameter's update.
-
-  DC-ASGD's correction (not a static zero lambda), float32 arrays but for
-  float32 or bfloat16 backups, at least ``_cpu_kernel.MIN_SIZE`` elements,
-  a CPU default backend, and the kernel built and switched on.
-  """
-  c = step.compensation
-  if c is None or c.adaptive != step.has_ms:
-    return False
-  if _checks.is_static_zero(c.lambda_):  # The chain skips the correction.
-    return False
-  f32 = jnp.dtype(jnp.float32)
-  wide = (leaf.g, leaf.w, leaf.ms, leaf.trace)
-  if any(x is not None and x.dtype != f32 for x in wide):
-    return False
-  if leaf.backups.dtype not in (f32, jnp.dtype(jnp.bfloat16)):
-    return False
-  if size < _cpu_kernel.MIN_SIZE or jax.default_backend() != "cpu":
-    return False
-  return _cpu_kernel.enabled()
-
-
-def _by_kernel(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
-  """The update by the CPU kernel, every state array aliased in place.
-
-  With the worker's row given (``leaf.held``) the backups may be a stand-in,
-  which handed to the kernel whole would be materialised: the kernel gets
-  that row alone (and the worker's row of a per-worker mean square), written
-  back after (unchanged for an invalid worker).
-  """
-  if leaf.held is None:
-    return _kernel_call(step, leaf, leaf.backups, leaf.ms, row)
-  per_worker = step.stats.per_worker and leaf.ms is not None
-  bits = lambda a: _rows.to_bits(a) if _rows.is_narrow(a.dtype) else a
-  take = lambda a: _rows.from_bits(
-      lax.dynamic_slice_in_dim(bits(a), row, 1), a.dtype)
-  put = lambda a, value: _rows.from_bits(
-      lax.dynamic_update_slice_in_dim(bits(a), bits(value), row, 0), a.dtype)
-  u, backups, ms, trace = _kernel_call(
-      step, leaf, leaf.held[None],
-      take(leaf.ms) if per_worker else leaf.ms, jnp.int32(0))
-  return (u, put(leaf.backups, backups),
-          put(leaf.ms, ms) if per_worker else ms, trace)
-
-
-def _kernel_call(step: _Step, leaf: _Leaf, backups: jax.Array, ms: Any,
-                 row: jax.Array) -> tuple:
-  """:func:`_cpu_kernel.leaf_update` on ``backups`` and ``ms`` at ``row``."""
-  u, backups, ms, trace = _cpu_kernel.leaf_update(
-      leaf.g, leaf.w, backups, ms, leaf.trace, _kernel_scalars(step), row,
-      _kernel_flags(step, leaf.backups.dtype),
-  )
-  if u is not None:
-    u = u.astype(leaf.g.dtype)
-  return u, backups, ms, trace
-
-
-def _kernel_flags(step: _Step, backup_dtype: Any) -> _cpu_kernel.Flags:
-  """Which parts of the update the kernel computes."""
-  return _cpu_kernel.flags_for(
-      step.compensation, per_worker_ms=step.stats.per_worker,
-      weight_decay=step.scalars.weight_decay is not None,
-      momentum=step.has_trace, nesterov=step.tail.nesterov,
-      bf16_backups=backup_dtype == jnp.bfloat16,
-  )
-
-
-def _kernel_scalars(step: _Step) -> jax.Array:
-  """This update's scalars for the kernel."""
-  s = step.scalars
-  return _cpu_kernel.scalars_for(
-      step.compensation, valid=step.valid, decay=step.stats.decay,
-      count=step.count, total_count=jnp.sum(step.counted.count),
-      weight_decay=s.weight_decay, momentum=step.tail.momentum,
-      step_size=s.step_size,
-  )
 
 
 def _whole(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
@@ -398,111 +317,3 @@ def _whole(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
   pulled = step.pull(leaf.w, trace, u)
   backups = _rows.write_row(leaf.backups, row, pulled, step.valid)
   return u, backups, ms, trace
-
-
-def _blocked(step: _Step, leaf: _Leaf, row: jax.Array) -> tuple:
-  """The phases block by block, each output written in place.
-
-  Iteration ``i`` writes, for block ``i - 1``, the pull into the worker's
-  backup row, then, for block ``i``, the mean square, the momentum (and the
-  updates), each phase reading the arrays as the one before wrote them.
-  Every value is written by one fusion that reads only that array's block
-  being overwritten or arrays already written, so XLA updates all of them
-  in place; computing several outputs from the same reads makes it copy
-  whole arrays. The pull is one block late because it needs the new
-  momentum while the momentum needs the old backup. Blocks are aligned to
-  the end: the first starts at 0 and overlaps the second, writing back the
-  elements it does not own as it read them, before the second is read.
-
-  Narrow-float backups (bfloat16) are not sliced in the loop: XLA:CPU would
-  convert all of them to float32 first. The worker's row is copied out as
-  same-width integers, updated in the loop, and written back after it. So
-  is a row the caller gives (``leaf.held``): the backups may then be a
-  stand-in, which carried whole through the loop would be materialised.
-  """
-  shape, size = leaf.w.shape, int(np.prod(leaf.w.shape))
-  num_blocks = -(-size // BLOCK_SIZE)
-  per_worker = step.stats.per_worker
-  narrow = _rows.is_narrow(leaf.backups.dtype)
-  one_row = narrow or leaf.held is not None  # Loop over the row only.
-  bits = lambda a: _rows.to_bits(a) if narrow else a
-  flat = lambda a: None if a is None else a.reshape(-1)
-  g, w, trace = flat(leaf.g), flat(leaf.w), flat(leaf.trace)
-  ms = leaf.ms
-  if ms is not None:
-    ms = ms.reshape(-1, size) if per_worker else ms.reshape(-1)
-  if leaf.held is not None:
-    held = bits(leaf.held).reshape(-1)
-  elif one_row:
-    held = _rows.read_row(bits(leaf.backups), row).reshape(-1)
-  else:
-    held = leaf.backups.reshape(-1, size)
-  u = jnp.zeros((size,), leaf.g.dtype) if step.fresh_updates else None
-
-  def span(k):
-    """Block ``k``'s start and which of its elements it owns."""
-    end = size - (num_blocks - 1 - k) * BLOCK_SIZE
-    start = jnp.clip(end - BLOCK_SIZE, 0, size - BLOCK_SIZE)
-    return start, start + jnp.arange(BLOCK_SIZE) < end
-
-  def get(a, start, stacked=False):
-    if stacked:
-      return lax.dynamic_slice(a, (row, start), (1, BLOCK_SIZE))[0]
-    return lax.dynamic_slice_in_dim(a, start, BLOCK_SIZE)
-
-  def put(a, value, start, stacked=False):
-    if stacked:
-      return lax.dynamic_update_slice(a, value[None], (row, start))
-    return lax.dynamic_update_slice_in_dim(a, value, start, 0)
-
-  def get_held(held, start):
-    block = get(held, start, stacked=not one_row)
-    return _rows.from_bits(block, leaf.backups.dtype)
-
-  def put_held(held, value, start):
-    value = bits(value.astype(leaf.backups.dtype))
-    return put(held, value, start, stacked=not one_row)
-
-  def body(i, carry):
-    held, ms, trace, u = carry
-    start, owned = span(i - 1)  # The pull of the block before.
-    pulled = step.pull(get(w, start),
-                       None if trace is None else get(trace, start),
-                       None if u is None else get(u, start))
-    now = get_held(held, start)
-    held = put_held(held, jnp.where(owned & step.valid, pulled, now), start)
-    start, owned = span(i)
-    owned &= i < num_blocks  # The extra last iteration only pulls.
-    new_ms = None
-    if ms is not None:
-      now = get(ms, start, per_worker)
-      ms = put(ms, jnp.where(owned, step.mean_square(now, get(g, start)), now),
-               start, per_worker)
-      new_ms = get(ms, start, per_worker)
-    grad = step.gradient(get(g, start), get(w, start), get_held(held, start),
-                         new_ms)
-    new_trace = None
-    if trace is not None:
-      now = get(trace, start)
-      trace = put(trace, jnp.where(owned, step.momentum(grad, now), now), start)
-      new_trace = get(trace, start)
-    if u is not None:
-      now = get(u, start)
-      u = put(u, jnp.where(owned, step.updates(grad, new_trace), now), start)
-    return held, ms, trace, u
-
-  held, ms, trace, u = lax.fori_loop(
-      0, num_blocks + 1, body, (held, ms, trace, u)
-  )
-  if one_row:  # The loop kept the row as it was if not valid.
-    backups = _rows.from_bits(lax.dynamic_update_index_in_dim(
-        bits(leaf.backups), held.reshape(shape), row, 0
-    ), leaf.backups.dtype)
-  else:
-    backups = held.reshape(leaf.backups.shape)
-  return (
-      None if u is None else u.reshape(shape),
-      backups,
-      None if ms is None else ms.reshape(leaf.ms.shape),
-      None if trace is None else trace.reshape(shape),
-  )

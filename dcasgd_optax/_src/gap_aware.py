@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from dcasgd_optax._src import _checks
-from dcasgd_optax._src.delay_compensation import MeanSquareSpec
-from dcasgd_optax._src.delay_compensation import backups_transformation
-from dcasgd_optax._src.delay_compensation import check_backup_dtype
+from dcasgd_optax._src._backups import MeanSquareSpec
+from dcasgd_optax._src._backups import backups_transformation
+from dcasgd_optax._src._backups import check_backup_dtype
 
 
 def gap_aware(

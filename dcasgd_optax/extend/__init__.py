@@ -28,14 +28,14 @@ Examples:
   [3]
 """
 
+from dcasgd_optax._src._backups import num_workers_of
 from dcasgd_optax._src._checks import check_positive_int
 from dcasgd_optax._src._checks import check_scalar_range
 from dcasgd_optax._src._checks import check_seed
 from dcasgd_optax._src._tree import is_masked
-from dcasgd_optax._src.alias import compensation_of
-from dcasgd_optax._src.alias import pulls_in_update
-from dcasgd_optax._src.delay_compensation import num_workers_of
 from dcasgd_optax._src.pull import find_states
+from dcasgd_optax._src.pull_after_push import compensation_of
+from dcasgd_optax._src.pull_after_push import pulls_in_update
 
 __all__ = (
     "check_positive_int",
