@@ -7,6 +7,7 @@ release, the old names in ``_DEPRECATED``).
 import warnings as _warnings
 
 from dcasgd_optax._src._backups import DelayCompensationState
+from dcasgd_optax._src._kernel_build import build_cpu_kernel
 from dcasgd_optax._src.alias import dana_dcasgd
 from dcasgd_optax._src.alias import dcasgd
 from dcasgd_optax._src.alias import delayed_nesterov_dcasgd
@@ -38,6 +39,7 @@ __all__ = (
     "PullAfterPushState",
     "ScaleByInverseStalenessState",
     "ScaleByStalenessState",
+    "build_cpu_kernel",
     "dana_dcasgd",
     "dcasgd",
     "delay_compensation",
