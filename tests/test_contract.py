@@ -2,8 +2,8 @@
 
 One parametrized suite: each case is a way to build a transformation that
 keeps per-worker backups (``delay_compensation`` in both variants,
-``dcasgd``, ``pull_after_push``, ``gap_aware``, ``gap_aware_sgd``,
-``dana_dc``, ``delayed_nesterov_dcasgd``), and every test checks one promise
+``dcasgd``, ``pull_after_push``, ``gap_aware``, ``gap_aware_asgd``,
+``dana_dcasgd``, ``delayed_nesterov_dcasgd``), and every test checks one promise
 an optax user relies on: jit, vmap, the usual wrappers, extra args, no
 recompilation per worker, dtypes, and finding the state with
 ``record_pull``/``worker_params``. A second, smaller suite holds the chain
@@ -118,8 +118,8 @@ CASES = [
         off=1e30,
     ),
     Case(
-        "gap_aware_sgd",
-        dcasgd_optax.gap_aware_sgd,
+        "gap_aware_asgd",
+        dcasgd_optax.gap_aware_asgd,
         dict(learning_rate=0.1, num_workers=NUM_WORKERS, momentum=0.9,
              weight_decay=1e-2, step_size=0.05, decay=0.5),
         ("num_workers",),
@@ -130,8 +130,8 @@ CASES = [
         off=1e30,
     ),
     Case(
-        "dana_dc",
-        dcasgd_optax.dana_dc,
+        "dana_dcasgd",
+        dcasgd_optax.dana_dcasgd,
         dict(learning_rate=0.1, num_workers=NUM_WORKERS, lambda_=0.5,
              momentum=0.9),
         ("num_workers",),

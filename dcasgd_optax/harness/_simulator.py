@@ -49,8 +49,9 @@ class Simulator(_protocol.SimulatorBase):
   pulls (:func:`dcasgd_optax.pull`: it then holds the new ``w``, or the
   look-ahead a look-ahead optimizer predicts, and computes its next gradient
   there); the pull is made once per arrival, by ``tx`` if it pulls inside
-  its update (a :class:`dcasgd_optax.PullAfterPush`, e.g.
-  :func:`dcasgd_optax.dcasgd`), else by the simulator. The workers' models
+  its update (its state says so, :func:`dcasgd_optax.extend.pulls_in_update`:
+  e.g. :func:`dcasgd_optax.dcasgd`, also under ``optax.inject_hyperparams``),
+  else by the simulator. The workers' models
   are the backups in ``tx``'s
   DelayCompensationState (one copy, not two), so ``M``
   is the leading axis of those backups; a ``tx`` without one (any optax
@@ -132,9 +133,11 @@ class Simulator(_protocol.SimulatorBase):
     first_transform: the transformation that starts ``tx``'s chain, whose
       output is the applied direction :math:`d` (it is run again on the
       pushed gradient with its own part of the server's state, found in
-      ``tx``'s state by its structure). Needed for diagnostics when ``tx``
-      keeps its own DelayCompensationState; for an optimizer without one,
-      :math:`d = g` (plain ASGD applies what was pushed).
+      ``tx``'s state by its structure). Not needed for the full optimizers
+      of :mod:`dcasgd_optax` (:func:`dcasgd_optax.dcasgd`, ...), which say
+      what theirs is (``tx.compensation``); needed for diagnostics when
+      another ``tx`` keeps its own DelayCompensationState; for an optimizer
+      without one, :math:`d = g` (plain ASGD applies what was pushed).
     diagnose_curvature: also measure how right the compensation's curvature
       is (implies ``diagnostics``): for each sampled arrival of worker
       :math:`m`, with :math:`\delta = w - w_m` (the server's model minus the
@@ -250,7 +253,6 @@ class Simulator(_protocol.SimulatorBase):
     replay = _programs.Replay(
         self._loss_with_state, self.tx, self.mesh, vmap_slots,
         diagnostics=self._diagnostics,
-        tx_pulls=_optimizer.pulls_in_update(self._user_tx),
         exact=self._exact,
     )
     if strategy == "compiled":
