@@ -89,17 +89,17 @@ def look_ahead_adam(
     >>> import jax.numpy as jnp, optax
     >>> import dcasgd_optax
     >>> tx = optax.chain(dcasgd_optax.delay_compensation(2, 0.0),
-    ...                  dcasgd_optax.look_ahead_adam(0.1, horizon=2, b1=0.5,
+    ...                  dcasgd_optax.look_ahead_adam(1.0, horizon=2, b1=0.5,
     ...                                               b2=0.5, nesterov=False))
     >>> params = {'w': jnp.zeros(1)}
     >>> state = tx.init(params)
     >>> updates, state = tx.update({'w': jnp.ones(1)}, state, params, worker=0)
     >>> params = optax.apply_updates(params, updates)   # Adam's first step
     >>> params['w']
-    Array([-0.1], dtype=float32)
+    Array([-1.], dtype=float32)
     >>> pulled, state = dcasgd_optax.pull(state, params, worker=0)
-    >>> pulled['w']   # -0.1 - 0.1 * (0.5 + 0.25) * 1
-    Array([-0.175], dtype=float32)
+    >>> pulled['w']   # -1 - 1.0 * (0.5 + 0.25) * 1
+    Array([-1.75], dtype=float32)
 
   References:
     Kosson, Chiley, Venigalla, Hestness, Köster, `Pipelined
