@@ -39,6 +39,7 @@ from dcasgd_optax._src.pull import pull
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _diagnostics
 from dcasgd_optax.harness import _gathers
+from dcasgd_optax.harness import _per_example
 from dcasgd_optax.harness import _slots
 from dcasgd_optax.harness import _state
 
@@ -52,6 +53,7 @@ class Replay(NamedTuple):
   vmap_slots: int | None
   diagnostics: _diagnostics.Diagnostics | None
   tx_pulls: bool  # tx pulls inside its update (a PullAfterPush)
+  push_grad_sq: bool = False  # workers push grad_sq too (_per_example)
 
 
 class Chunk(NamedTuple):
@@ -88,6 +90,9 @@ def chunk_gradients(replay: Replay, state, workers_S, batch_S, *, unroll,
   def at(held, model_state, batch):
     params = jax.tree.map(lambda h, d: h.astype(d), held, dtypes)
     (loss, new_ms), grads = grad_fn(params, model_state, batch)
+    if replay.push_grad_sq:
+      grads = _per_example.push(replay.loss_with_state, params, model_state,
+                                batch, grads)
     return loss, new_ms, grads
 
   def local(ids, backups_R, worker_ms_R, workers_S, batch_S):
@@ -157,7 +162,8 @@ def _server_view(replay: Replay, opt_state: Any, worker: jax.Array,
 
 
 def _update(replay: Replay, grads: Any, view: Any, params: Any,
-            worker: jax.Array, tau: jax.Array) -> tuple[Any, Any]:
+            worker: jax.Array, tau: jax.Array,
+            pushed: dict[str, Any]) -> tuple[Any, Any]:
   """``tx.update`` on the server's view; on several devices traced as
   reading a stand-in, so no update materialises it (the fused CPU update
   then loops over the worker's row only: ``_rows.stand_in_backups``)."""
@@ -165,7 +171,7 @@ def _update(replay: Replay, grads: Any, view: Any, params: Any,
              else stand_in_backups())
   with reading:
     return replay.tx.update(grads, view, params, worker=worker,
-                            staleness=tau)
+                            staleness=tau, **pushed)
 
 
 def _pull(replay: Replay, before: Any, after: Any, params: Any,
@@ -189,7 +195,7 @@ def _arrive(replay: Replay, chunk: Chunk, k, carry):
   pick = functools.partial(_devices.take, replay.mesh, index=slot)
   m = chunk.workers[slot]
   tau = state.step - state.last_pull[m]
-  grads = pick(chunk.grads)
+  grads, pushed = _per_example.split(pick(chunk.grads))
   # No worker repeats in a chunk: its row is what it held when the chunk
   # began, unchanged until its own pull below.
   view = _server_view(replay, state.opt_state, m, state.last_pull.shape[0])
@@ -201,7 +207,8 @@ def _arrive(replay: Replay, chunk: Chunk, k, carry):
         jax.tree.map(lambda x: x[slot], chunk.batch), m, tau,
         chunk.sampled[k],
     ))
-  updates, opt_state = _update(replay, grads, view, state.params, m, tau)
+  updates, opt_state = _update(replay, grads, view, state.params, m, tau,
+                               pushed)
   params = optax.apply_updates(state.params, updates)
   model_state = pick(chunk.new_model_states)
   step = state.step + 1

@@ -25,6 +25,7 @@ from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _diagnostics
 from dcasgd_optax.harness import _gathers
 from dcasgd_optax.harness import _optimizer
+from dcasgd_optax.harness import _per_example
 from dcasgd_optax.harness import _plan
 from dcasgd_optax.harness import _programs
 from dcasgd_optax.harness import _slots
@@ -132,6 +133,15 @@ class Simulator(_protocol.SimulatorBase):
       ``tx``'s state by its structure). Needed for diagnostics when ``tx``
       keeps its own DelayCompensationState; for an optimizer without one,
       :math:`d = g` (plain ASGD applies what was pushed).
+    push_grad_sq: (a keyword argument of ``Simulator`` only) each worker
+      also pushes the mean over its batch of its per-example squared
+      gradients, at the model it holds (``jax.vmap(jax.grad(loss_fn))``
+      over the batch's examples, each a batch of one), and ``tx.update``
+      gets it as the keyword ``grad_sq``, as
+      :func:`dcasgd_optax.fisher_compensation` needs. Every leaf of a batch
+      must have the example axis first. Cost: a per-example gradient per
+      arrival (memory: batch size x params per gradient slot). Not with
+      ``has_model_state``.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -153,6 +163,12 @@ class Simulator(_protocol.SimulatorBase):
   _per_worker = True
   _strategy_per_loss = True
 
+  def __init__(self, loss_fn, tx, num_workers=None, *, push_grad_sq=False,
+               **kwargs):
+    self._push_grad_sq = _per_example.check_option(
+        push_grad_sq, kwargs.get("has_model_state", False))
+    super().__init__(loss_fn, tx, num_workers, **kwargs)
+
   def _server_tx(self, tx, num_workers):
     return _optimizer.with_backups(tx, num_workers)
 
@@ -170,6 +186,7 @@ class Simulator(_protocol.SimulatorBase):
         self._loss_with_state, self.tx, self.mesh, vmap_slots,
         diagnostics=self._diagnostics,
         tx_pulls=_optimizer.pulls_in_update(self._user_tx),
+        push_grad_sq=self._push_grad_sq,
     )
     if strategy == "compiled":
       jit = functools.partial(
