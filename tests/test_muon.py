@@ -18,8 +18,8 @@ import dcasgd_optax
 import helpers
 
 muon = getattr(getattr(optax, "contrib", None), "muon", None)
-pytestmark = pytest.mark.skipif(muon is None,
-                                reason="optax.contrib.muon is not in this optax")
+pytestmark = pytest.mark.skipif(
+    muon is None, reason="optax.contrib.muon is not in this optax")
 
 
 def test_compensation_composes_with_muon_as_the_inner_optimizer():

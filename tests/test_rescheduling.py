@@ -22,7 +22,7 @@ import dcasgd_optax
 import helpers
 import reference
 
-# --- scale_by_pipemare ---------------------------------------------------------
+# --- scale_by_pipemare --------------------------------------------------------
 
 
 def test_pipemare_matches_its_formula_under_jit():
@@ -68,7 +68,7 @@ def test_pipemare_rejects_bad_input_naming_it():
   assert np.all(np.isnan(u["w"]))
 
 
-# --- learning_rate_schedule ------------------------------------------------------
+# --- learning_rate_schedule ---------------------------------------------------
 
 
 def _expected(name, lr, num_steps, warmup, t):
@@ -102,7 +102,7 @@ def test_learning_rate_schedule_rejects_bad_input_naming_it():
     dcasgd_optax.learning_rate_schedule("linear", -0.1, 10)
 
 
-# --- optax schedules in every full optimizer ---------------------------------------
+# --- optax schedules in every full optimizer ----------------------------------
 
 SCHEDULE = optax.warmup_cosine_decay_schedule(
     init_value=0.0, peak_value=0.1, warmup_steps=3, decay_steps=10,
