@@ -188,3 +188,16 @@ def test_without_push_grad_sq_a_fisher_optimizer_fails_loudly():
   state = sim.init(helpers.init_params())
   with pytest.raises(TypeError, match="push_grad_sq=True"):
     sim.replay(state, helpers.make_batches(4), schedules.cyclic(2, 4))
+
+
+def test_the_curvature_diagnostic_reads_the_fisher_compensation():
+  """diagnose_curvature runs first_transform with what the worker pushed:
+  the Fisher term's curvature along w - w_m is positive (F >= 0)."""
+  fc = dcasgd_optax.fisher_compensation(4, 1.0)
+  tx = dcasgd_optax.pull_after_push(optax.chain(fc, optax.sgd(0.05)))
+  sim = Simulator(helpers.loss_fn, tx, push_grad_sq=True, first_transform=fc,
+                  diagnose_curvature=True)
+  _, metrics = sim.replay(sim.init(helpers.init_params()),
+                          helpers.make_batches(12), schedules.cyclic(4, 12))
+  k = np.asarray(metrics["curvature_ratio"])[4:]  # stale arrivals
+  assert np.all(np.isfinite(k)) and np.all(k != 0)
