@@ -15,9 +15,14 @@ from dcasgd_optax._src.alias import gap_aware_asgd
 from dcasgd_optax._src.delay_compensation import delay_compensation
 from dcasgd_optax._src.delayed_nesterov import DelayedNesterovState
 from dcasgd_optax._src.delayed_nesterov import delayed_nesterov
+from dcasgd_optax._src.fisher import fisher_compensation
+from dcasgd_optax._src.fisher import fisher_dcasgd
 from dcasgd_optax._src.gap_aware import gap_aware
+from dcasgd_optax._src.learning_rates import learning_rate_schedule
 from dcasgd_optax._src.look_ahead import LookAheadState
 from dcasgd_optax._src.look_ahead import look_ahead_momentum
+from dcasgd_optax._src.pipemare import ScaleByPipeMareState
+from dcasgd_optax._src.pipemare import scale_by_pipemare
 from dcasgd_optax._src.pull import pull
 from dcasgd_optax._src.pull import record_pull
 from dcasgd_optax._src.pull import worker_params
@@ -28,16 +33,20 @@ from dcasgd_optax._src.staleness import ScaleByInverseStalenessState
 from dcasgd_optax._src.staleness import ScaleByStalenessState
 from dcasgd_optax._src.staleness import scale_by_inverse_staleness
 from dcasgd_optax._src.staleness import scale_by_staleness
+from dcasgd_optax._src.weight_prediction import LookAheadAdamState
+from dcasgd_optax._src.weight_prediction import look_ahead_adam
 
 __version__ = "0.1.0"
 
 __all__ = (
     "DelayCompensationState",
     "DelayedNesterovState",
+    "LookAheadAdamState",
     "LookAheadState",
     "PullAfterPush",
     "PullAfterPushState",
     "ScaleByInverseStalenessState",
+    "ScaleByPipeMareState",
     "ScaleByStalenessState",
     "build_cpu_kernel",
     "dana_dcasgd",
@@ -45,13 +54,18 @@ __all__ = (
     "delay_compensation",
     "delayed_nesterov",
     "delayed_nesterov_dcasgd",
+    "fisher_compensation",
+    "fisher_dcasgd",
     "gap_aware",
     "gap_aware_asgd",
+    "learning_rate_schedule",
+    "look_ahead_adam",
     "look_ahead_momentum",
     "pull",
     "pull_after_push",
     "record_pull",
     "scale_by_inverse_staleness",
+    "scale_by_pipemare",
     "scale_by_staleness",
     "worker_params",
 )

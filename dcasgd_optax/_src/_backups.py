@@ -210,8 +210,10 @@ def next_mean_square(
     worker: Any,
     num_workers: int,
     stats: MeanSquareSpec,
+    squares: Any = None,
 ) -> tuple[Any, Any, DelayCompensationState]:
-  """Folds ``g * g`` into the worker's (or the global) mean square.
+  """Folds ``g * g`` (or ``squares``, when given) into the worker's (or the
+  global) mean square.
 
   Returns the mean square this update sees (params-shaped; ``()`` without
   one), its count (the number of gradients in it, including this one), and
@@ -222,7 +224,11 @@ def next_mean_square(
   if stats.per_worker:
     ms = held_by(ms, worker, num_workers)
     count = held_by(count, worker, num_workers)
-  if stats.decay is not None:
+  if stats.decay is not None and squares is not None:
+    d = stats.decay
+    ms = jax.tree.map(
+        lambda m, s: d * m + (1 - d) * s.astype(m.dtype), ms, squares)
+  elif stats.decay is not None:
     ms = jax.tree.map(lambda m, g: fold_square(m, g, stats.decay), ms, grads)
   count = count + 1
   new_state = state._replace(

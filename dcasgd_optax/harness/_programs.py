@@ -42,6 +42,7 @@ from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _diagnostics
 from dcasgd_optax.harness import _exact
 from dcasgd_optax.harness import _gathers
+from dcasgd_optax.harness import _per_example
 from dcasgd_optax.harness import _slots
 from dcasgd_optax.harness import _state
 
@@ -55,6 +56,7 @@ class Replay(NamedTuple):
   vmap_slots: int | None
   diagnostics: _diagnostics.Diagnostics | None
   exact: float | None = None  # the exact compensation's lambda (_exact)
+  push_grad_sq: bool = False  # workers push grad_sq too (_per_example)
 
 
 class Chunk(NamedTuple):
@@ -91,6 +93,9 @@ def chunk_gradients(replay: Replay, state, workers_S, batch_S, *, unroll,
   def at(held, model_state, batch):
     params = jax.tree.map(lambda h, d: h.astype(d), held, dtypes)
     (loss, new_ms), grads = grad_fn(params, model_state, batch)
+    if replay.push_grad_sq:
+      grads = _per_example.push(replay.loss_with_state, params, model_state,
+                                batch, grads)
     return loss, new_ms, grads
 
   def local(ids, backups_R, worker_ms_R, workers_S, batch_S):
@@ -191,12 +196,12 @@ def _arrive(replay: Replay, chunk: Chunk, k, carry):
   pick = functools.partial(_devices.take, replay.mesh, index=slot)
   m = chunk.workers[slot]
   tau = state.step - state.last_pull[m]
-  grads = pick(chunk.grads)
+  grads, pushed = _per_example.split(pick(chunk.grads))
   # No worker repeats in a chunk: its row is what it held when the chunk
   # began, unchanged until its own pull below.
   view, held = _server_view(replay, state.opt_state, m,
                              state.last_pull.shape[0])
-  extra = _extra_args(m, tau, held)
+  extra = _extra_args(m, tau, held) | pushed  # pushed: maybe grad_sq
   batch = jax.tree.map(lambda x: x[slot], chunk.batch)
   compensated = grads
   if replay.exact is not None:  # g + lambda H(held) (w - held), exactly

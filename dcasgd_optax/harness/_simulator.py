@@ -26,6 +26,7 @@ from dcasgd_optax.harness import _diagnostics
 from dcasgd_optax.harness import _exact
 from dcasgd_optax.harness import _gathers
 from dcasgd_optax.harness import _optimizer
+from dcasgd_optax.harness import _per_example
 from dcasgd_optax.harness import _plan
 from dcasgd_optax.harness import _programs
 from dcasgd_optax.harness import _slots
@@ -188,6 +189,15 @@ class Simulator(_protocol.SimulatorBase):
       and a difference is a ValueError naming the argument, a process that
       does not make the call in time a RuntimeError. Results are read on a
       host with :func:`dcasgd_optax.harness.to_host`. Unused in one process.
+    push_grad_sq: (a keyword argument of ``Simulator`` only) each worker
+      also pushes the mean over its batch of its per-example squared
+      gradients, at the model it holds (``jax.vmap(jax.grad(loss_fn))``
+      over the batch's examples, each a batch of one), and ``tx.update``
+      gets it as the keyword ``grad_sq``, as
+      :func:`dcasgd_optax.fisher_compensation` needs. Every leaf of a batch
+      must have the example axis first. Cost: a per-example gradient per
+      arrival (memory: batch size x params per gradient slot). Not with
+      ``has_model_state``.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -232,9 +242,12 @@ class Simulator(_protocol.SimulatorBase):
   _strategy_per_loss = True
 
   def __init__(self, loss_fn: Any, tx: Any, num_workers: int | None = None,
-               *, exact_compensation: float | None = None, **kwargs: Any):
+               *, exact_compensation: float | None = None,
+               push_grad_sq: bool = False, **kwargs: Any):
     self._exact = _exact.make(exact_compensation,
                               kwargs.get("has_model_state", False))
+    self._push_grad_sq = _per_example.check_option(
+        push_grad_sq, kwargs.get("has_model_state", False))
     super().__init__(loss_fn, tx, num_workers, **kwargs)
 
   def _server_tx(self, tx, num_workers):
@@ -254,6 +267,7 @@ class Simulator(_protocol.SimulatorBase):
         self._loss_with_state, self.tx, self.mesh, vmap_slots,
         diagnostics=self._diagnostics,
         exact=self._exact,
+        push_grad_sq=self._push_grad_sq,
     )
     if strategy == "compiled":
       jit = functools.partial(
