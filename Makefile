@@ -11,7 +11,7 @@ DEMO_DIR ?= runs/demo
 METHODS_DIR ?= runs/methods
 METHODS := $(PY) -m experiments.methods --config=experiments/configs/methods.py --workdir=$(METHODS_DIR)
 
-.PHONY: test test-slow test-py312 demo methods methods-tune bench venv clean
+.PHONY: test test-slow test-py312 test-min demo methods methods-tune bench venv clean docs notebooks
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; set PYTHON=/path/to/python3.11+"; exit 1; }
@@ -27,6 +27,10 @@ $(VENV)/.installed-experiments: pyproject.toml | $(PY)
 	touch $@
 
 venv: $(VENV)/.installed-dev
+
+$(VENV)/.installed-docs: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $@
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -n auto -m "not slow" $(PYTEST_ARGS)
@@ -63,5 +67,15 @@ bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/update_cost.py
 	$(PY) benchmarks/harness_throughput.py
 
+# The documentation site, offline, warnings as errors (and a public name
+# without an API page is an error): docs/_build/html/index.html.
+SPHINX_ARGS ?= -W --keep-going -n
+docs: $(VENV)/.installed-docs
+	$(PY) -m sphinx -b html $(SPHINX_ARGS) docs docs/_build/html
+
+# Reruns the notebooks in place, so the committed files show their outputs.
+notebooks: $(VENV)/.installed-dev
+	$(PY) notebooks/execute.py
+
 clean:
-	rm -rf $(VENV) .venv-py312 runs .pytest_cache
+	rm -rf $(VENV) .venv-py312 .venv-min runs .pytest_cache docs/_build docs/_generated

@@ -360,8 +360,9 @@ def dana_dc(
     lambda_: compensation strength (``None``: the variant's default).
     adaptive: DC-ASGD-a (default) or DC-ASGD-c.
     weight_decay: L2 coefficient added to the compensated gradient, >= 0.
-    decay, eps, backup_dtype, per_worker_mean_square, bias_correction,
-      lambda_warmup, correction_clip: as in :func:`delay_compensation`.
+    decay: as in :func:`delay_compensation`, and so are ``eps``,
+      ``backup_dtype``, ``per_worker_mean_square``, ``bias_correction``,
+      ``lambda_warmup`` and ``correction_clip``.
 
   Returns:
     A :class:`PullAfterPush`; ``update`` needs ``params`` and ``worker``.
@@ -441,8 +442,9 @@ def delayed_nesterov_dcasgd(
     lambda_: compensation strength (``None``: the variant's default).
     adaptive: DC-ASGD-a (default) or DC-ASGD-c.
     weight_decay: L2 coefficient added to the compensated gradient, >= 0.
-    decay, eps, backup_dtype, per_worker_mean_square, bias_correction,
-      lambda_warmup, correction_clip: as in :func:`delay_compensation`.
+    decay: as in :func:`delay_compensation`, and so are ``eps``,
+      ``backup_dtype``, ``per_worker_mean_square``, ``bias_correction``,
+      ``lambda_warmup`` and ``correction_clip``.
 
   Returns:
     A :class:`PullAfterPush`; ``update`` needs ``params`` and ``worker``.
