@@ -35,7 +35,7 @@ def _inject(nb: nbformat.NotebookNode, overrides: dict) -> None:
   )
   cell = nbformat.v4.new_code_cell(source)
   cell.metadata["tags"] = ["injected-parameters"]
-  cell.pop("id", None)
+  cell["id"] = "injected-parameters"
   nb.cells.insert(index + 1, cell)
 
 
