@@ -47,6 +47,25 @@ test-py312:
 	@test -n "$(PYTHON312)" || { echo "No Python 3.12 found; set PYTHON312=/path/to/python3.12"; exit 1; }
 	$(MAKE) test PYTHON=$(PYTHON312) VENV=.venv-py312
 
+# The core and harness tests against the declared minimum versions of jax,
+# optax, numpy, chex and flax (.ci/min-constraints.txt), in their own venv.
+VENV_MIN ?= .venv-min
+MIN_TESTS := $(addprefix tests/,test_alias.py test_contract.py \
+	test_delay_compensation.py test_delayed_nesterov.py test_fused.py \
+	test_gap_aware.py test_look_ahead.py test_pull.py test_pull_nnx.py \
+	test_staleness.py test_harness_diagnostics.py test_harness_multidevice.py \
+	test_harness_plan.py test_harness_protocol.py test_harness_schedules.py \
+	test_harness_simulator.py test_harness_sync_simulator.py)
+$(VENV_MIN)/.installed-min: pyproject.toml .ci/min-constraints.txt
+	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; set PYTHON=/path/to/python3.11+"; exit 1; }
+	test -x $(VENV_MIN)/bin/python || $(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_MIN)/bin/python -m pip install --quiet -e '.[test]' flax --constraint .ci/min-constraints.txt
+	touch $@
+
+test-min: $(VENV_MIN)/.installed-min
+	$(VENV_MIN)/bin/python -m pytest -n auto -m "not slow" $(PYTEST_ARGS) $(MIN_TESTS)
+
 demo: $(VENV)/.installed-experiments
 	$(PY) -m experiments.compare --config=experiments/configs/demo.py --workdir=$(DEMO_DIR)
 

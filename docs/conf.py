@@ -91,6 +91,8 @@ autodoc_typehints = "signature"
 autodoc_member_order = "bysource"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+# `lambda_` stays `lambda_` in the parameter lists (not a link target).
+strip_signature_backslash = True
 napoleon_use_ivar = True  # "Attributes:" as fields: no second entry per field
 napoleon_custom_sections = [("Fields", "params_style")]
 

@@ -42,7 +42,15 @@ class DelayCompensationState(NamedTuple):
 
 
 def _stats_dtype(dtype: Any) -> Any:
-  return jnp.promote_types(dtype, jnp.float32)
+  """At least float32: float64 stays, bf16/f16 (and ints) widen to float32.
+
+  Spelled out rather than ``jnp.promote_types(dtype, float32)``, which JAX's
+  strict dtype promotion refuses for bf16.
+  """
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize >= 4:
+    return dtype
+  return jnp.dtype(jnp.float32)
 
 
 def delay_compensation(
@@ -86,7 +94,7 @@ def delay_compensation(
   a trust region for the first-order Taylor step: it acts wherever
   :math:`\lambda_t` is large (also later in training, on coordinates whose
   gradient is rare). All are off by default (the paper's method); see the
-  measurements in the README before turning one on.
+  measurements in benchmarks/compensation_error.md before turning one on.
 
   Put it first in a chain, where it sees raw gradients. It only reads the
   backups; the server's side of a pull, :func:`pull`, writes them (the full
