@@ -102,7 +102,7 @@ def gap_correction(step_size: Any, *, decay: Any, eps: Any) -> Any:
 
   def correct(updates, params, held, v, count, state):
     del state
-    correction = 1 - decay**count
+    correction = 1 - decay ** jnp.asarray(count).astype(jnp.float32)
 
     def damp(g, w, b, v):
       scale = step_size * (jnp.sqrt(v / correction) + eps)
