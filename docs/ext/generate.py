@@ -139,6 +139,9 @@ def _source_read(app: application.Sphinx, docname: str,
   path = DOCS / (docname + ".md")
   if "/" in docname or not path.exists():
     return
+  if docname == "index" and (DOCS / "pod.md").exists():
+    # "Running on a pod" joins the guides once docs/pod.md exists.
+    source[0] = source[0].replace("\nray\n", "\nray\npod\n", 1)
   source[0] = rewrite_links(
       source[0], origin=f"docs/{docname}.md",
       pages=pages_map(app.config), docname=docname,
