@@ -3,6 +3,7 @@
 The public API is exactly the names imported here.
 """
 
+from dcasgd_optax._src._kernel_build import build_cpu_kernel
 from dcasgd_optax._src.alias import PullAfterPush
 from dcasgd_optax._src.alias import dana_dc
 from dcasgd_optax._src.alias import dcasgd
@@ -33,6 +34,7 @@ __all__ = (
     "PullAfterPush",
     "ScaleByInverseStalenessState",
     "ScaleByStalenessState",
+    "build_cpu_kernel",
     "dana_dc",
     "dcasgd",
     "delay_compensation",

@@ -52,6 +52,8 @@ external_pages = {
     "benchmarks/ray_throughput.md": "_generated/performance/ray_throughput",
     "benchmarks/compensation_error.md":
         "_generated/performance/compensation_error",
+    "benchmarks/curvature_ceiling.md":
+        "_generated/performance/curvature_ceiling",
     "CHANGELOG.md": "_generated/changelog",
     "CONTRIBUTING.md": "_generated/contributing",
     "notebooks/01_quickstart.ipynb": "_generated/notebooks/01_quickstart",

@@ -31,23 +31,25 @@ transformations each one chains (:func:`dcasgd_optax.scale_by_staleness`,
 momentum (``delayed-nesterov``, ``dana``, ``dana-dc``: SGD with momentum
 only) or scale with SGD's step (``gap-aware``: SGD only).
 
-Each :class:`Algorithm` record says how the algorithm is shown (label, plot
-style), which simulator runs it, how many workers it really has, how many
-gradients each server update consumes, and how its optimizer is built. Code
-elsewhere asks the record (``algorithms.get(config.algorithm)``), never
-compares names. A new algorithm is one new record in :data:`REGISTRY`.
+Each :class:`Algorithm` record says how the algorithm is named (its label
+in tables and plots), which simulator runs it, how many workers it really
+has, how many gradients each server update consumes, and how its optimizer
+is built. Code elsewhere asks the record (``algorithms.get(config.algorithm)``),
+never compares names. A new algorithm is one new record in :data:`REGISTRY`
+(and its plot style in :data:`experiments.plots.STYLES`).
 
-All share the same optimizer core, :func:`optimizer`: L2 weight decay added
-to the gradient, then ``config.optimizer`` (:data:`OPTIMIZERS`: SGD with the
-config's momentum, or Adam) with the config's learning-rate schedule. An
-algorithm adds an adjustment of the stale gradient before it (weight decay
-is added to the adjusted gradient), or replaces the optimizer's momentum
-(delayed Nesterov, the look-ahead).
+All share the same optimizer core, :func:`experiments.optimizers.optimizer`:
+L2 weight decay added to the gradient, then ``config.optimizer``
+(:data:`experiments.optimizers.OPTIMIZERS`: SGD with the config's momentum,
+or Adam) with the config's learning-rate schedule. An algorithm adds an
+adjustment of the stale gradient before it (weight decay is added to the
+adjusted gradient), or replaces the optimizer's momentum (delayed Nesterov,
+the look-ahead). :func:`make_tx` chains them.
 
 **What an epoch is.** An epoch is ``S = num_train // batch_size`` minibatch
 gradients, for every algorithm: the gradients are the same data stream (see
-:func:`experiments.train.gradient_indices`). The asynchronous algorithms make
-one server update per gradient, ``S`` per epoch. SSGD with ``M`` workers
+:func:`experiments.input_pipeline.gradient_indices`). The asynchronous
+algorithms make one server update per gradient, ``S`` per epoch. SSGD with ``M`` workers
 averages ``M`` gradients per update, so it makes ``S / M`` updates per epoch,
 each on ``M`` times the data, with the same learning rate (not scaled with
 ``M``); its learning-rate boundaries are placed at the same epochs.
@@ -66,6 +68,7 @@ import optax
 
 import dcasgd_optax
 from dcasgd_optax import harness
+from experiments import optimizers
 
 # (config, num_workers, learning_rate) -> (adjustment or None, core): the
 # transformation of the stale gradient and the optimizer parts after it.
@@ -83,8 +86,6 @@ class Algorithm:
   Attributes:
     name: the config value (``config.algorithm``) and the results' key.
     label: the display name in tables and plots.
-    color: its matplotlib colour, the same in every figure.
-    marker: its matplotlib marker.
     build_tx: ``(config, num_workers, learning_rate) -> (adjustment, core)``:
       the transformation of the stale gradient (or ``None``) and the
       optimizer parts after it (:func:`make_tx` chains them).
@@ -102,19 +103,12 @@ class Algorithm:
 
   name: str
   label: str
-  color: str
-  marker: str
   build_tx: TxBuilder
   synchronous: bool = False
   single_worker: bool = False
   tuned: tuple[str, ...] = ()
   requires_momentum: bool = False
   optimizers: tuple[str, ...] | None = None
-
-  @property
-  def linestyle(self) -> str:
-    """Dashed for the single-worker reference, solid otherwise."""
-    return "--" if self.single_worker else "-"
 
   @property
   def simulator(self) -> type:
@@ -160,64 +154,15 @@ class Algorithm:
     return steps_per_epoch / self.gradients_per_update(num_workers)
 
 
-def relative_schedule(config: Any, updates_per_epoch: float) -> optax.Schedule:
-  """The learning rate's multiplier over time: a linear warm-up from 1/10,
-  then times ``lr_decay_factor`` at each boundary.
-
-  Boundaries (``config.lr_boundaries_epochs``) and warm-up
-  (``config.warmup_epochs``) are given in epochs and converted to server
-  updates, so every algorithm decays at the same point of the data stream.
-  """
-  boundaries = {
-      int(round(e * updates_per_epoch)): config.lr_decay_factor
-      for e in config.lr_boundaries_epochs
-  }
-  decay = optax.piecewise_constant_schedule(1.0, boundaries)
-  warmup = int(round(config.warmup_epochs * updates_per_epoch))
-  if warmup == 0:
-    return decay
-  ramp = optax.linear_schedule(0.1, 1.0, warmup)
-  return optax.join_schedules([ramp, lambda t: decay(t + warmup)], [warmup])
-
-
-OPTIMIZERS: dict[str, Callable[[Any, optax.ScalarOrSchedule],
-                               optax.GradientTransformation]] = {
-    "sgd": lambda config, learning_rate: optax.sgd(
-        learning_rate, momentum=config.momentum or None,
-        nesterov=config.nesterov),
-    "adam": lambda config, learning_rate: optax.adam(learning_rate),
-}
-"""``config.optimizer``: SGD (with ``config.momentum``, ``config.nesterov``),
-or Adam (optax's defaults: b1 0.9, b2 0.999, eps 1e-8)."""
-
-
-def check_optimizer(name: str) -> str:
-  """Returns ``name`` if it is in :data:`OPTIMIZERS`, else raises."""
-  if name not in OPTIMIZERS:
-    raise ValueError(
-        f"Unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}."
-    )
-  return name
-
-
-def optimizer(config: Any, learning_rate: optax.ScalarOrSchedule) -> list:
-  """The shared core: L2 weight decay (if any), then ``config.optimizer``."""
-  parts = []
-  if config.weight_decay:
-    parts.append(optax.add_decayed_weights(config.weight_decay))
-  parts.append(OPTIMIZERS[check_optimizer(config.optimizer)](config, learning_rate))
-  return parts
-
-
 def _sgd(config, num_workers, learning_rate):
   del num_workers
-  return None, optimizer(config, learning_rate)
+  return None, optimizers.optimizer(config, learning_rate)
 
 
 def _staleness_scaled(rule: str) -> TxBuilder:
   def build(config, num_workers, learning_rate):
     scale = dcasgd_optax.scale_by_staleness(rule, num_workers=num_workers)
-    return scale, optimizer(config, learning_rate)
+    return scale, optimizers.optimizer(config, learning_rate)
 
   return build
 
@@ -228,7 +173,7 @@ def _delay_compensated(adaptive: bool, **options: Any) -> TxBuilder:
         num_workers, config.dc_lambda, adaptive=adaptive,
         decay=config.dc_decay, eps=config.dc_eps, **options,
     )
-    return compensation, optimizer(config, learning_rate)
+    return compensation, optimizers.optimizer(config, learning_rate)
 
   return build
 
@@ -237,13 +182,13 @@ def _gap_aware(config, num_workers, learning_rate):
   # C's step: the base rate's steady-state step with momentum, η / (1 - μ).
   step = config.learning_rate / (1.0 - config.momentum)
   return (dcasgd_optax.gap_aware(num_workers, step),
-          optimizer(config, learning_rate))
+          optimizers.optimizer(config, learning_rate))
 
 
 def _delayed_nesterov(config, num_workers, learning_rate):
   # The rate is per push: each push steps η / N, so the period's η is N times
   # it, and a period moves the model about as far as N pushes of momentum SGD.
-  *decay, _ = optimizer(config, learning_rate)
+  *decay, _ = optimizers.optimizer(config, learning_rate)
   nesterov = dcasgd_optax.delayed_nesterov(
       lambda count: num_workers * learning_rate(count), num_workers,
       momentum=config.momentum, momentum_activation=0.0)
@@ -257,7 +202,7 @@ def _delayed_nesterov_compensated(config, num_workers, learning_rate):
 
 def _look_ahead(compensate: bool) -> TxBuilder:
   def build(config, num_workers, learning_rate):
-    *decay, _ = optimizer(config, learning_rate)
+    *decay, _ = optimizers.optimizer(config, learning_rate)
     # The backups record the look-ahead each worker pulls; λ = 0: DANA alone.
     compensation = dcasgd_optax.delay_compensation(
         num_workers, config.dc_lambda if compensate else 0.0,
@@ -275,40 +220,36 @@ def _look_ahead(compensate: bool) -> TxBuilder:
 LAMBDA_WARMUP = 100
 
 REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
-    Algorithm("sequential", "sequential SGD", "k", "None", _sgd,
-              single_worker=True),
-    Algorithm("ssgd", "SSGD", "C0", "s", _sgd, synchronous=True),
-    Algorithm("asgd", "ASGD", "C1", "o", _sgd),
-    Algorithm("sa-asgd", "SA-ASGD", "C2", "v", _staleness_scaled("inverse")),
-    Algorithm("sqrt-asgd", "ASGD 1/√(1+τ)", "C8", "<",
-              _staleness_scaled("sqrt")),
-    Algorithm("da-asgd", "delay-adaptive", "C9", ">",
+    Algorithm("sequential", "sequential SGD", _sgd, single_worker=True),
+    Algorithm("ssgd", "SSGD", _sgd, synchronous=True),
+    Algorithm("asgd", "ASGD", _sgd),
+    Algorithm("sa-asgd", "SA-ASGD", _staleness_scaled("inverse")),
+    Algorithm("sqrt-asgd", "ASGD 1/√(1+τ)", _staleness_scaled("sqrt")),
+    Algorithm("da-asgd", "delay-adaptive",
               _staleness_scaled("delay_adaptive")),
-    Algorithm("dc-asgd-c", "DC-ASGD-c", "C4", "^", _delay_compensated(False),
+    Algorithm("dc-asgd-c", "DC-ASGD-c", _delay_compensated(False),
               tuned=("dc_lambda",)),
-    Algorithm("dc-asgd-a", "DC-ASGD-a", "C3", "D", _delay_compensated(True)),
-    Algorithm("dc-asgd-a-bc", "DC-ASGD-a, bias-corr.", "C6", "d",
+    Algorithm("dc-asgd-a", "DC-ASGD-a", _delay_compensated(True)),
+    Algorithm("dc-asgd-a-bc", "DC-ASGD-a, bias-corr.",
               _delay_compensated(True, bias_correction=True)),
-    Algorithm("dc-asgd-a-warmup", "DC-ASGD-a, λ warm-up", "gold", "d",
+    Algorithm("dc-asgd-a-warmup", "DC-ASGD-a, λ warm-up",
               _delay_compensated(True, lambda_warmup=LAMBDA_WARMUP)),
-    Algorithm("dc-asgd-a-clip", "DC-ASGD-a, clip", "brown", "s",
+    Algorithm("dc-asgd-a-clip", "DC-ASGD-a, clip",
               _delay_compensated(True, correction_clip=1.0)),
-    Algorithm("dc-asgd-a-tuned", "DC-ASGD-a, λ0 tuned", "C5", "P",
+    Algorithm("dc-asgd-a-tuned", "DC-ASGD-a, λ0 tuned",
               _delay_compensated(True), tuned=("dc_lambda",)),
-    Algorithm("dc-asgd-a-clip-tuned", "DC-ASGD-a, clip, λ0 tuned", "pink", "P",
+    Algorithm("dc-asgd-a-clip-tuned", "DC-ASGD-a, clip, λ0 tuned",
               _delay_compensated(True, correction_clip=1.0),
               tuned=("dc_lambda",)),
-    Algorithm("gap-aware", "Gap-Aware", "C7", "X", _gap_aware,
-              optimizers=("sgd",)),
-    Algorithm("delayed-nesterov", "delayed Nesterov", "olive", "h",
-              _delayed_nesterov, requires_momentum=True),
+    Algorithm("gap-aware", "Gap-Aware", _gap_aware, optimizers=("sgd",)),
+    Algorithm("delayed-nesterov", "delayed Nesterov", _delayed_nesterov,
+              requires_momentum=True),
     Algorithm("delayed-nesterov-dc", "delayed Nesterov + DC, λ0 tuned",
-              "darkgreen", "H", _delayed_nesterov_compensated,
-              requires_momentum=True, tuned=("dc_lambda",)),
-    Algorithm("dana", "look-ahead (DANA)", "teal", "*", _look_ahead(False),
+              _delayed_nesterov_compensated, requires_momentum=True,
+              tuned=("dc_lambda",)),
+    Algorithm("dana", "look-ahead (DANA)", _look_ahead(False),
               requires_momentum=True),
-    Algorithm("dana-dc", "DANA-DC", "navy", "p", _look_ahead(True),
-              requires_momentum=True),
+    Algorithm("dana-dc", "DANA-DC", _look_ahead(True), requires_momentum=True),
 )}
 """Every algorithm, in the paper's column order (tables and legends use it)."""
 
@@ -335,7 +276,7 @@ def ordered(names) -> list[Algorithm]:
 
 def _relative(config: Any, algorithm: Algorithm, num_workers: int,
               steps_per_epoch: int) -> optax.Schedule:
-  return relative_schedule(
+  return optimizers.relative_schedule(
       config, algorithm.updates_per_epoch(num_workers, steps_per_epoch))
 
 
@@ -345,8 +286,8 @@ def make_tx(
   """The optimizer of ``config.algorithm`` for ``num_workers`` workers.
 
   Its chain is the algorithm's gradient adjustment (if any), then the
-  optimizer core (:func:`optimizer`). The base learning rate and the
-  algorithm's tuned fields (``Algorithm.tuned``) are injected with
+  optimizer core (:func:`experiments.optimizers.optimizer`). The base
+  learning rate and the algorithm's tuned fields (``Algorithm.tuned``) are injected with
   ``optax.inject_hyperparams``: they are arrays in the optimizer state, so
   runs that differ only in them (or in the seed) compile to the same
   program, and a sweep compiles once per cell.
@@ -419,25 +360,3 @@ def gradient_adjustment(
   adjust, _ = algorithm.build_tx(
       config, num_workers, lambda count: config.learning_rate * relative(count))
   return adjust
-
-
-def make_simulator(
-    config: Any,
-    loss_fn: Callable[..., Any],
-    *,
-    steps_per_epoch: int,
-    has_model_state: bool,
-) -> harness.Simulator | harness.SyncSimulator:
-  """The simulator that runs ``config.algorithm`` (its effective workers),
-  with diagnostics every ``config.diagnostics_every`` arrivals (0: none)."""
-  algorithm = get(config.algorithm)
-  m = algorithm.effective_workers(config.num_workers)
-  tx = make_tx(config, m, steps_per_epoch)
-  diagnostics = {}
-  if config.diagnostics_every:
-    diagnostics = dict(
-        diagnostics_every=config.diagnostics_every,
-        first_transform=gradient_adjustment(config, m, steps_per_epoch),
-    )
-  return algorithm.simulator(loss_fn, tx, m, has_model_state=has_model_state,
-                             **diagnostics)

@@ -24,20 +24,21 @@ import json
 import os
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 import tqdm
 from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
 from dcasgd_optax.harness import schedules
 from experiments import algorithms
-from experiments import reporting
+from experiments import input_pipeline
+from experiments import plots
+from experiments import programs
 from experiments import run_files
+from experiments import startup
+from experiments import tables
 from experiments import train
+
 
 def run_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
   """One config per run of ``config.grid``, all validated before any runs."""
@@ -61,17 +62,22 @@ def run_dir(workdir: str, c: Any) -> str:
   return os.path.join(workdir, "runs", f"{c.algorithm}-M{c.num_workers}-seed{c.seed}")
 
 
-def schedule_staleness(config: Any, num_workers: int) -> np.ndarray:
-  """Staleness of every arrival of a whole run of ``config``'s schedule."""
-  ds = train.load_dataset(config.dataset, config.data_dir, config.download)
-  total = config.num_epochs * train.steps_per_epoch(len(ds.train_labels), config.batch_size)
-  arrivals = train.arrival_schedule(config, num_workers, total)
+def schedule_staleness(
+    config: Any, num_workers: int, num_train: int
+) -> np.ndarray:
+  """Staleness of every arrival of a whole run of ``config``'s schedule, on
+  ``num_train`` training examples."""
+  total = config.num_epochs * input_pipeline.steps_per_epoch(
+      num_train, config.batch_size)
+  arrivals = input_pipeline.arrival_schedule(config, num_workers, total)
   return schedules.staleness(arrivals, num_workers)
 
 
-def report(config: Any, workdir: str, rows: list[dict], dirs: list[str]) -> str:
-  """Writes results.csv, metrics.jsonl, table.md and the plots; returns the table."""
-  reporting.write_csv(rows, os.path.join(workdir, "results.csv"))
+def report(config: Any, workdir: str, rows: list[dict], dirs: list[str], *,
+           cache: programs.ProgramCache | None = None) -> str:
+  """Writes results.csv, metrics.jsonl, table.md and the plots; returns the
+  table. ``cache``: where the runs' dataset is (``None``: loads it)."""
+  tables.write_csv(rows, os.path.join(workdir, "results.csv"))
   histories: dict[tuple[str, int], list] = {}
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     for row, d in zip(rows, dirs):
@@ -82,50 +88,48 @@ def report(config: Any, workdir: str, rows: list[dict], dirs: list[str]) -> str:
         f.write(json.dumps({**{k: row[k] for k in keys}, **record}) + "\n")
   title = (f"{config.dataset}, {config.model}, {config.schedule} arrivals, "
            f"{len(config.grid.seeds)} seed(s)")
-  table = reporting.markdown_table(rows)
+  table = tables.markdown_table(rows)
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(f"## {title}\n\n{table}")
-  reporting.plot_error_vs_epoch(histories, os.path.join(workdir, "error_vs_epoch.png"), title=title)
-  reporting.plot_error_vs_workers(rows, os.path.join(workdir, "error_vs_workers.png"), title=title)
-  staleness = {m: schedule_staleness(config, m) for m in sorted(config.grid.num_workers)}
-  reporting.plot_staleness(staleness, os.path.join(workdir, "staleness_hist.png"),
+  plots.plot_error_vs_epoch(
+      histories, os.path.join(workdir, "error_vs_epoch.png"), title=title)
+  plots.plot_error_vs_workers(
+      rows, os.path.join(workdir, "error_vs_workers.png"), title=title)
+  ds = (programs.ProgramCache() if cache is None else cache).dataset(config)
+  staleness = {m: schedule_staleness(config, m, len(ds.train_labels))
+               for m in sorted(config.grid.num_workers)}
+  plots.plot_staleness(staleness, os.path.join(workdir, "staleness_hist.png"),
                            title=f"{config.schedule} arrivals")
   return table
 
 
-def compare(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+def compare(
+    config: ml_collections.ConfigDict, workdir: str, *,
+    cache: programs.ProgramCache | None = None,
+) -> list[dict]:
   """Trains every run of the grid (resuming finished ones) and reports.
+
+  ``cache``: the programs its runs share (``None``: a new one).
 
   Returns:
     The rows of ``results.csv``.
   """
   configs = run_configs(config)
   dirs = [run_dir(workdir, c) for c in configs]
+  cache = programs.ProgramCache() if cache is None else cache
   rows = []
   for c, d in tqdm.tqdm(list(zip(configs, dirs)), desc="runs", unit="run",
                         disable=not config.progress_bar):
-    rows.append(train.train_and_evaluate(c, d))
-  print(report(config, workdir, rows, dirs))
+    rows.append(train.train_and_evaluate(c, d, cache=cache))
+  print(report(config, workdir, rows, dirs, cache=cache))
   return rows
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  # Runs that differ only in their seed compile to the same program: a
-  # persistent cache lets every seed after the first skip compilation.
-  workdir = flags.FLAGS.workdir
-  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-  compare(flags.FLAGS.config, workdir)
+  config, workdir = startup.setup(argv, compilation_cache=True)
+  compare(config, workdir)
 
 
 if __name__ == "__main__":
-  # Flags are defined only when run as a program, so that importing this
-  # module next to another experiment's does not define them twice.
-  flags.DEFINE_string("workdir", None, "Directory for all runs and the report.")
-  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  startup.define_flags(workdir_help="Directory for all runs and the report.")
   app.run(main)

@@ -12,23 +12,18 @@ Rerunning the same command resumes from the latest checkpoint in
 import json
 
 from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
+from experiments import startup
 from experiments import train
 
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  summary = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  config, workdir = startup.setup(argv)
+  summary = train.train_and_evaluate(config, workdir)
   print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
-  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  startup.define_flags(
+      workdir_help="Directory for checkpoints, metrics and the summary.")
   app.run(main)

@@ -24,7 +24,7 @@ grid order on a tie). The chosen settings go to ``WORKDIR/tuned.json``.
 
 **Reporting** (:func:`report`): each cell runs its chosen setting on
 ``config.grid.seeds``, which are disjoint from the tuning seeds, and
-:mod:`experiments.reporting` writes ``results.csv``, ``table.md`` (the
+:func:`write_report` writes ``results.csv``, ``table.md`` (the
 targets, final test error, mean ± std, and the share of ASGD's gap to
 sequential SGD each method closes, the early-training remedies against
 DC-ASGD-a, where ASGD's gap comes from), ``tuned.md`` (the settings) and the
@@ -38,18 +38,20 @@ import json
 import math
 import os
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import jax
 import ml_collections
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from experiments import algorithms
-from experiments import reporting
+from experiments import plots
+from experiments import programs
 from experiments import run_files
+from experiments import startup
+from experiments import statistics
+from experiments import tables
 from experiments import train
 
 STAGES = ("tune", "report", "all")
@@ -125,11 +127,17 @@ def setting_name(setting: dict[str, float]) -> str:
   return "-".join(f"{k}{v:g}" for k, v in sorted(setting.items()))
 
 
-def run(config, workdir: str, cell: Cell, seed: int, setting: dict) -> dict:
-  """One run (resumed if its directory holds one); returns its summary."""
+def run(config, workdir: str, cell: Cell, seed: int, setting: dict, *,
+        cache: programs.ProgramCache | None = None) -> dict:
+  """One run (resumed if its directory holds one); returns its summary.
+
+  ``cache``: the programs shared with the study's other runs (``None``:
+  built for this run alone).
+  """
   c = cell_config(config, cell, seed, setting)
   name = f"{cell.key}-{setting_name(setting)}-seed{seed}"
-  summary = train.train_and_evaluate(c, os.path.join(workdir, "runs", name))
+  summary = train.train_and_evaluate(c, os.path.join(workdir, "runs", name),
+                                     cache=cache)
   return {**summary, **cell._asdict(), **setting}
 
 
@@ -139,20 +147,24 @@ def _error(summary: dict) -> float:
   return 1.0 if math.isnan(e) else e
 
 
-def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+def tune(config: ml_collections.ConfigDict, workdir: str, *,
+         cache: programs.ProgramCache | None = None) -> dict[str, dict]:
   """Runs every candidate on the tuning seeds; writes and returns the choice.
+
+  ``cache``: the programs its runs share (``None``: a new one).
 
   Returns:
     ``cell key -> {"setting": ..., "tuning_error": mean final test error,
     "tried": [(setting, mean error), ...]}``, also written to
     ``WORKDIR/tuned.json``.
   """
+  cache = programs.ProgramCache() if cache is None else cache
   chosen = {}
   for cell in cells(config):
     t0 = time.perf_counter()
     tried = []
     for setting in candidates(config, cell):
-      errors = [_error(run(config, workdir, cell, s, setting))
+      errors = [_error(run(config, workdir, cell, s, setting, cache=cache))
                 for s in config.tuning.seeds]
       tried.append((setting, sum(errors) / len(errors)))
     best = min(tried, key=lambda t: t[1])  # the first on a tie
@@ -166,7 +178,8 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
 
 
 def report(
-    config: ml_collections.ConfigDict, workdir: str, tuned: dict[str, dict]
+    config: ml_collections.ConfigDict, workdir: str, tuned: dict[str, dict],
+    *, cache: programs.ProgramCache | None = None,
 ) -> list[dict]:
   """Runs every cell's chosen setting on the reported seeds, then reports.
 
@@ -177,6 +190,7 @@ def report(
     config: the grid.
     workdir: where the runs and the report go.
     tuned: :func:`tune`'s result (cell key -> chosen setting).
+    cache: the programs its runs share (``None``: a new one).
 
   Returns:
     One row per run (the run's summary, its cell and its setting).
@@ -191,13 +205,14 @@ def report(
   missing = [c.key for c in todo if c.key not in tuned]
   if missing:
     raise ValueError(f"No tuned setting for {missing[:3]}...; run --stage=tune.")
+  cache = programs.ProgramCache() if cache is None else cache
   rows = []
   for cell in todo:
     setting = tuned[cell.key]["setting"]
-    rows += [run(config, workdir, cell, s, setting) for s in config.grid.seeds]
-  traces = diagnose(config, workdir, tuned)
-  print(reporting.write_methods_report(config, rows, workdir, traces,
-                                       rate_gap(config, tuned)))
+    rows += [run(config, workdir, cell, s, setting, cache=cache)
+             for s in config.grid.seeds]
+  traces = diagnose(config, workdir, tuned, cache=cache)
+  print(write_report(config, rows, workdir, traces, rate_gap(config, tuned)))
   return rows
 
 
@@ -226,14 +241,18 @@ def rate_gap(config: ml_collections.ConfigDict, tuned: dict[str, dict]) -> list[
 
 
 def diagnose(
-    config: ml_collections.ConfigDict, workdir: str, tuned: dict[str, dict]
+    config: ml_collections.ConfigDict, workdir: str, tuned: dict[str, dict],
+    *, cache: programs.ProgramCache | None = None,
 ) -> dict[tuple[str, str], dict]:
   """Reruns the cells of ``config.report.diagnostics`` with diagnostics.
+
+  ``cache``: the programs its runs share (``None``: a new one).
 
   Returns:
     ``(optimizer, algorithm) -> {field: list}``: the sampled arrivals'
     staleness, step and diagnostics (:data:`run_files.DIAGNOSTICS`).
   """
+  cache = programs.ProgramCache() if cache is None else cache
   d = config.report.diagnostics
   traces = {}
   for cell in cells(config):
@@ -244,7 +263,7 @@ def diagnose(
     c = cell_config(config, cell, d.seed, tuned[cell.key]["setting"])
     c.diagnostics_every = d.every
     rundir = os.path.join(workdir, "diagnostics", cell.key)
-    train.train_and_evaluate(c, rundir)
+    train.train_and_evaluate(c, rundir, cache=cache)
     lines = run_files.read_diagnostics(rundir)
     traces[(cell.optimizer, cell.algorithm)] = {
         k: [v for line in lines for v in line[k]] for k in run_files.DIAGNOSTICS
@@ -252,31 +271,78 @@ def diagnose(
   return traces
 
 
+def write_report(config: ml_collections.ConfigDict, rows: list[dict],
+                 workdir: str, traces: dict | None = None,
+                 rate_gap_items: list[dict] = ()) -> str:
+  """Writes results.csv, stats.json, table.md (the targets, one table per
+  optimizer, the remedies against DC-ASGD-a, where ASGD's gap comes from),
+  tuned.md (the settings) and the plots gap_closed.png, errors.png (and
+  diagnostics.png from ``traces``); returns table.md's text."""
+  tables.write_methods_csv(rows, os.path.join(workdir, "results.csv"))
+  stats = statistics.cell_stats(rows, min_gap=config.report.min_gap)
+  seeds = ", ".join(map(str, config.grid.seeds))
+  r = config.report
+  baseline = algorithms.get(r.remedy_baseline).label
+  parts = ["**Targets: the share of ASGD's gap to sequential SGD one method "
+           "must close**\n\n" + tables.targets_table(stats, r.targets)]
+  parts += [
+      tables.methods_table(
+          stats, opt, f"{opt}: final test error (%), mean ± std over seeds "
+          f"{seeds} (share of ASGD's gap closed)")
+      for opt in config.grid.optimizers
+  ]
+  parts.append(f"**The early-training remedies against {baseline}** (hurts: "
+               "worse by more than the larger standard deviation)\n\n"
+               + tables.remedy_summary(stats, r.remedy_baseline, r.remedies))
+  parts += [f"**{algorithms.get(v).label} against {baseline}**\n\n"
+            + tables.paired_table(stats, r.remedy_baseline, v)
+            for v in r.remedies]
+  if rate_gap_items:
+    tuning_seeds = ", ".join(map(str, config.tuning.seeds))
+    parts.append("**Where ASGD's gap comes from** (mean final test error (%) "
+                 f"over the tuning seeds {tuning_seeds})\n\n"
+                 + tables.rate_gap_table(rate_gap_items))
+  text = "\n".join(parts)
+  with open(os.path.join(workdir, "table.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(workdir, "tuned.md"), "w") as f:
+    f.write("\n".join(tables.tuned_table(rows, opt)
+                      for opt in config.grid.optimizers))
+  with open(os.path.join(workdir, "stats.json"), "w") as f:
+    json.dump(stats, f, indent=1)
+  title = f"{config.num_epochs} epochs, tuned learning rates, seeds {seeds}"
+  order = config.grid.optimizers
+  plots.plot_gap_closed(stats, os.path.join(workdir, "gap_closed.png"),
+                        title=title, optimizers=order)
+  plots.plot_methods_errors(stats, os.path.join(workdir, "errors.png"),
+                            title=title, optimizers=order)
+  if traces:
+    d = config.report.diagnostics
+    plots.plot_diagnostics(traces, os.path.join(workdir, "diagnostics.png"),
+                           title=f"{d.schedule} arrivals, M = {d.num_workers}, "
+                           f"seed {d.seed}, every {d.every}th arrival")
+  return text
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  config, workdir, stage = flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.stage
-  os.makedirs(workdir, exist_ok=True)
   # The runs of a cell differ only in injected hyperparameters and seeds, so
   # they compile to the same programs: a persistent cache compiles them once.
-  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  config, workdir = startup.setup(argv, compilation_cache=True)
+  stage = flags.FLAGS.stage
+  os.makedirs(workdir, exist_ok=True)
+  cache = programs.ProgramCache()
   if stage in ("tune", "all"):
-    tuned = tune(config, workdir)
+    tuned = tune(config, workdir, cache=cache)
   else:
     with open(flags.FLAGS.tuned or os.path.join(workdir, "tuned.json")) as f:
       tuned = json.load(f)
   if stage in ("report", "all"):
-    report(config, workdir, tuned)
+    report(config, workdir, tuned, cache=cache)
 
 
 if __name__ == "__main__":
-  # Flags are defined only when run as a program (see compare.py).
-  flags.DEFINE_string("workdir", None, "Directory for all runs and the report.")
+  # Flags are defined only when run as a program (see experiments.startup).
+  startup.define_flags(workdir_help="Directory for all runs and the report.")
   flags.DEFINE_enum("stage", "all", STAGES, "tune, report, or both.")
   flags.DEFINE_string("tuned", None, "tuned.json to report (default WORKDIR's).")
-  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
-  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -38,9 +38,7 @@ from typing import Any
 from absl import app
 from absl import flags
 import jax
-import matplotlib
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 import optax
 import ray
@@ -49,11 +47,11 @@ import dcasgd_optax.ray as dray
 from dcasgd_optax.harness import schedules
 from experiments import algorithms
 from experiments import data
+from experiments import input_pipeline
 from experiments import models
+from experiments import plots
+from experiments import startup
 from experiments import train
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -113,7 +111,7 @@ def make_tx(
   c = ml_collections.ConfigDict(config.to_dict())
   c.algorithm = algorithm
   workers = algorithms.get(algorithm).effective_workers(config.num_workers)
-  steps = train.steps_per_epoch(num_train, config.batch_size)
+  steps = input_pipeline.steps_per_epoch(num_train, config.batch_size)
   return algorithms.make_tx(c, workers, steps)
 
 
@@ -224,45 +222,6 @@ def staleness_comparison(
   return out
 
 
-def _num_workers(runs: list[dict]) -> int:
-  return int(max(max(r["records"]["worker"]) for r in runs)) + 1
-
-
-def samples_mean(samples: dict[str, np.ndarray]) -> float:
-  """Their common mean: with every worker busy it is about M - 1 anyway."""
-  return float(np.mean([v.mean() for v in samples.values()]))
-
-
-def plot(runs: list[dict], samples: dict[str, np.ndarray], path: str) -> None:
-  """Staleness distributions (left) and smoothed training loss (right)."""
-  fig, (ax_s, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
-  # The last bin collects the tail, so one straggler does not squash the plot.
-  top = min(max(int(v.max()) for v in samples.values()), 3 * _num_workers(runs))
-  width = 0.8 / len(samples)
-  for i, (label, tau) in enumerate(samples.items()):
-    pmf = np.bincount(np.minimum(tau, top), minlength=top + 1) / len(tau)
-    ax_s.bar(np.arange(top + 1) + (i - len(samples) / 2 + 0.5) * width, pmf,
-             width, label=f"{label}: std {tau.std():.2f}, max {tau.max()}")
-  ax_s.set_xticks(np.arange(top + 1),
-                  [str(t) for t in range(top)] + [f"{top}+"], fontsize=7)
-  ax_s.set(xlabel="staleness (updates since the worker pulled)",
-           ylabel="fraction of updates",
-           title=f"Staleness, mean {samples_mean(samples):.2f} in all")
-  ax_s.legend(fontsize=8)
-  for r in runs:
-    loss = np.asarray(r["records"]["loss"])
-    k = max(1, len(loss) // 50)
-    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-    ax_l.plot(np.arange(len(smooth)) + k, smooth,
-              label=f"{r['algorithm']}: test acc {r['test_accuracy']:.3f}")
-  ax_l.set(xlabel="server update", ylabel="minibatch loss (moving mean)",
-           yscale="log", title="Training on Ray")
-  ax_l.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def run(
     config: ml_collections.ConfigDict, workdir: str, address: str | None = None
 ) -> list[dict]:
@@ -280,7 +239,8 @@ def run(
     if started:
       ray.shutdown()
   samples = staleness_comparison(runs, config)
-  plot(runs, samples, os.path.join(workdir, "staleness.png"))
+  plots.plot_ray_staleness(runs, samples,
+                           os.path.join(workdir, "staleness.png"))
   summary = {k: {"mean": float(v.mean()), "std": float(v.std()),
                  "max": int(v.max())} for k, v in samples.items()}
   with open(os.path.join(workdir, "results.json"), "w") as f:
@@ -298,18 +258,15 @@ def run(
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.address)
+  config, workdir = startup.setup(argv)
+  run(config, workdir, flags.FLAGS.address)
 
 
 if __name__ == "__main__":
-  # Flags are defined only when run as a program, so that importing this
-  # module next to another experiment's does not define them twice.
-  flags.DEFINE_string("workdir", "runs/ray_async", "Output folder.")
+  # Flags are defined only when run as a program (see experiments.startup).
+  startup.define_flags(workdir_help="Output folder.",
+                       workdir_default="runs/ray_async",
+                       config_default="experiments/configs/ray_async.py")
   flags.DEFINE_string("address", None,
                       "Ray address, e.g. auto; default a local Ray.")
-  config_flags.DEFINE_config_file(
-      "config", "experiments/configs/ray_async.py",
-      "Path to an ml_collections config file.")
   app.run(main)

@@ -1,7 +1,10 @@
 """Trains one run (one algorithm, worker count, schedule and seed).
 
 ``train_and_evaluate(config, workdir)`` is importable from a notebook; the
-command line is :mod:`experiments.main`. A run is fully determined by its
+command line is :mod:`experiments.main`. What it compiles is built by
+:mod:`experiments.programs`, and shared between the runs of a study through
+the ``cache`` it is passed; the data stream is
+:mod:`experiments.input_pipeline`'s. A run is fully determined by its
 config: the model's initialization, the data order, the augmentation and the
 arrival schedule all derive from ``config.seed``, and the simulators are
 bitwise deterministic, so rerunning gives the same numbers on the same
@@ -28,34 +31,30 @@ them to ``workdir/diagnostics.jsonl``.
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import tqdm
 from absl import logging
 
 from dcasgd_optax.checkpoint import Checkpointer
-from dcasgd_optax.harness import schedules
 from experiments import algorithms
 from experiments import data
+from experiments import input_pipeline
 from experiments import models
+from experiments import optimizers
+from experiments import programs
 from experiments import run_files
-
-SCHEDULES = ("cyclic", "shuffled", "gamma")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails fast, with the valid choices, on a config that cannot run."""
   algorithm = algorithms.get(config.algorithm)
-  algorithms.check_optimizer(config.optimizer)
+  optimizers.check_optimizer(config.optimizer)
   if not algorithm.applies_to(config):
     raise ValueError(
         f"config.algorithm={config.algorithm!r} needs "
@@ -68,10 +67,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"Unknown model {config.model!r}; valid choices: "
         f"{', '.join(models.MODELS)}."
     )
-  if config.schedule not in SCHEDULES:
+  if config.schedule not in input_pipeline.SCHEDULES:
     raise ValueError(
         f"Unknown schedule {config.schedule!r}; valid choices: "
-        f"{', '.join(SCHEDULES)}."
+        f"{', '.join(input_pipeline.SCHEDULES)}."
     )
   for name in ("num_workers", "batch_size", "num_epochs", "eval_batch_size",
                "checkpoint_every_epochs", "diagnostics_every"):
@@ -85,200 +84,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-  """Minibatch gradients per epoch, ``S = num_examples // batch_size``."""
-  if batch_size > num_examples:
-    raise ValueError(
-        f"config.batch_size={batch_size} exceeds the {num_examples} training "
-        "examples."
-    )
-  return num_examples // batch_size
-
-
-def gradient_indices(
-    seed: int, num_examples: int, batch_size: int, start: int, stop: int
-) -> np.ndarray:
-  """Example indices of gradients ``start .. stop - 1`` of the data stream.
-
-  Gradient ``g`` belongs to epoch ``g // S``; each epoch is a fresh random
-  permutation of the training set (``np.random.default_rng([seed, epoch])``,
-  the last ``num_examples % batch_size`` examples dropped), cut into ``S``
-  minibatches. Every algorithm consumes this same stream.
-
-  Returns:
-    int32 ``[stop - start, batch_size]``.
-  """
-  s = num_examples // batch_size
-  rows = []
-  for epoch in range(start // s, (stop - 1) // s + 1):
-    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    rows.append(perm[: s * batch_size].reshape(s, batch_size))
-  first = (start // s) * s
-  return np.concatenate(rows)[start - first : stop - first].astype(np.int32)
-
-
-def arrival_schedule(
-    config: Any, num_workers: int, num_arrivals: int,
-    schedule: str | None = None,
-) -> np.ndarray:
-  """The whole run's order of arrivals (worker ids), from ``config.seed``.
-
-  ``schedule`` (default ``config.schedule``): ``cyclic``, ``shuffled`` or
-  ``gamma``.
-  """
-  schedule = schedule or config.schedule
-  seed = int(np.random.SeedSequence([config.seed, 2]).generate_state(1)[0])
-  if schedule == "cyclic":
-    return schedules.cyclic(num_workers, num_arrivals)
-  if schedule == "shuffled":
-    rounds = -(-num_arrivals // num_workers)
-    return schedules.shuffled_rounds(num_workers, rounds, seed)[:num_arrivals]
-  return schedules.gamma_speeds(
-      num_workers, num_arrivals, seed, shape=config.gamma_shape
-  )
-
-
-def epoch_range(
-    gradients_per_update: int, steps_per_epoch: int, epoch: int
-) -> tuple[int, int]:
-  """Gradients ``[start, stop)`` of the stream that epoch ``epoch`` applies.
-
-  With ``G`` gradients per server update (1 for asynchronous and sequential
-  runs, ``M`` for SSGD) an epoch applies whole updates: those of gradients
-  ``floor(e S / G) G .. floor((e+1) S / G) G - 1``, i.e. ``[e S, (e+1) S)``
-  when ``G = 1``.
-  """
-  g, s = gradients_per_update, steps_per_epoch
-  return (epoch * s // g) * g, ((epoch + 1) * s // g) * g
-
-
-def make_loss(apply, ds: data.Dataset):
-  """``loss(params, model_state, batch) -> (loss, model_state)`` on device data.
-
-  ``batch`` is ``{'idx': int32 [B]}``: the minibatch's example indices, plus
-  ``'key'``, its augmentation key, when ``ds.augment``.
-  """
-  images = jnp.asarray(ds.train_images)
-  labels = jnp.asarray(ds.train_labels)
-
-  def loss_fn(params, model_state, batch):
-    x_BxHxWxC = images[batch["idx"]]
-    if ds.augment:
-      x_BxHxWxC = data.crop_and_flip(batch["key"], x_BxHxWxC)
-    logits, model_state = apply(params, model_state, x_BxHxWxC, train=True)
-    loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits, labels[batch["idx"]]
-    )
-    return jnp.mean(loss), model_state
-
-  return loss_fn
-
-
-def make_evaluate(apply, ds: data.Dataset, batch_size: int):
-  """A jitted ``evaluate(params, model_state) -> (error, loss)`` on the test set."""
-  n = len(ds.test_labels)
-  pad = -n % batch_size
-  x = np.concatenate([ds.test_images, np.zeros((pad, *ds.image_shape), np.float32)])
-  y = np.concatenate([ds.test_labels, np.zeros((pad,), np.int32)])
-  mask = np.arange(n + pad) < n
-  nb = (n + pad) // batch_size
-  x_NBxBxHxWxC = jnp.asarray(x.reshape(nb, batch_size, *ds.image_shape))
-  y_NBxB = jnp.asarray(y.reshape(nb, batch_size))
-  mask_NBxB = jnp.asarray(mask.reshape(nb, batch_size))
-
-  @jax.jit
-  def evaluate(params, model_state):
-    def one(args):
-      x_B, y_B, m_B = args
-      logits, _ = apply(params, model_state, x_B, train=False)
-      wrong = (jnp.argmax(logits, -1) != y_B) & m_B
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y_B)
-      return jnp.sum(wrong), jnp.sum(jnp.where(m_B, loss, 0.0))
-
-    wrong, loss = jax.lax.map(one, (x_NBxBxHxWxC, y_NBxB, mask_NBxB))
-    return jnp.sum(wrong) / n, jnp.sum(loss) / n
-
-  return evaluate
-
-
-@functools.lru_cache(maxsize=2)
-def load_dataset(name: str, data_dir: str | None, download: bool) -> data.Dataset:
-  """:func:`data.load`, cached: a comparison loads its dataset once."""
-  return data.load(name, data_dir=data_dir, download=download)
-
-
-class _Program:
-  """What runs that differ only in seed and injected hyperparameters share:
-  the data on device, the model's ``apply``, the simulator and the
-  evaluation, with their compiled programs."""
-
-  def __init__(self, config: ml_collections.ConfigDict):
-    self.algorithm = algorithms.get(config.algorithm)
-    self.num_workers = self.algorithm.effective_workers(config.num_workers)
-    self.ds = load_dataset(config.dataset, config.data_dir, config.download)
-    self.steps_per_epoch = steps_per_epoch(
-        len(self.ds.train_labels), config.batch_size
-    )
-    apply, _, model_state = models.functional(create_model(config, self.ds))
-    self.stateful = bool(jax.tree.leaves(model_state))
-    stateful_loss = make_loss(apply, self.ds)
-    loss_fn = (stateful_loss if self.stateful
-               else lambda p, b: stateful_loss(p, {}, b)[0])
-    self.sim = algorithms.make_simulator(
-        config, loss_fn, steps_per_epoch=self.steps_per_epoch,
-        has_model_state=self.stateful,
-    )
-    self.evaluate = make_evaluate(apply, self.ds, config.eval_batch_size)
-
-
-def create_model(config: Any, ds: data.Dataset):
-  """The config's model for ``ds``, initialized from ``config.seed``."""
-  return models.create(
-      config.model, image_shape=ds.image_shape, num_classes=ds.num_classes,
-      seed=config.seed, mlp_hidden=tuple(config.mlp_hidden),
-  )
-
-
-_PROGRAMS: dict[str, _Program] = {}  # the most recent two, by program_key
-
-
-def program_key(config: ml_collections.ConfigDict) -> str:
-  """The config without what a run's programs do not depend on: its seed,
-  its arrivals and length, and the injected hyperparameters
-  (:func:`algorithms.injected`), unless the diagnostics bake them into
-  their adjustment."""
-  fields = json.loads(config.to_json())
-  drop = {"seed", "schedule", "gamma_shape", "num_epochs"}  # data, not code
-  if not config.diagnostics_every:
-    drop |= set(algorithms.injected(config))
-  return json.dumps({k: v for k, v in fields.items() if k not in drop},
-                    sort_keys=True)
-
-
-def shared_program(config: ml_collections.ConfigDict) -> _Program:
-  """The :class:`_Program` of ``config``, built once for a sweep's runs."""
-  key = program_key(config)
-  if key not in _PROGRAMS:
-    while len(_PROGRAMS) >= 2:
-      del _PROGRAMS[next(iter(_PROGRAMS))]
-    _PROGRAMS[key] = _Program(config)
-  return _PROGRAMS[key]
-
-
 class _Run:
   """One run: its config's program, initial model, arrivals and keys."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict,
+               program: programs.Program):
     self.config = config
-    program = shared_program(config)
     self.algorithm, self.num_workers = program.algorithm, program.num_workers
     self.ds, self.steps_per_epoch = program.ds, program.steps_per_epoch
     self.sim, self.evaluate = program.sim, program.evaluate
     self.stateful = program.stateful
     _, self.params, self.model_state = models.functional(
-        create_model(config, self.ds))
+        programs.create_model(config, self.ds))
     self.rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-    self.arrivals = arrival_schedule(
+    self.arrivals = input_pipeline.arrival_schedule(
         config, self.num_workers, config.num_epochs * self.steps_per_epoch,
         self.algorithm.arrival_schedule(config.schedule),
     )
@@ -290,7 +109,7 @@ class _Run:
         opt_state=algorithms.set_injected(state.opt_state, self.config))
 
   def epoch_range(self, epoch: int) -> tuple[int, int]:
-    return epoch_range(
+    return input_pipeline.epoch_range(
         self.algorithm.gradients_per_update(self.num_workers),
         self.steps_per_epoch, epoch,
     )
@@ -299,14 +118,9 @@ class _Run:
     """Epoch ``epoch``'s batches (``{'idx'}``, plus ``'key'`` with
     augmentation; gradient ``g``'s key is ``fold_in(rng, g)``) and arrivals."""
     start, stop = self.epoch_range(epoch)
-    idx = gradient_indices(
-        self.config.seed, len(self.ds.train_labels), self.config.batch_size,
-        start, stop,
-    )
-    batches = {"idx": idx}
-    if self.ds.augment:
-      steps = jnp.arange(start, stop, dtype=jnp.int32)
-      batches["key"] = jax.vmap(jax.random.fold_in, (None, 0))(self.rng, steps)
+    batches = input_pipeline.batches(
+        self.ds, self.config.seed, self.config.batch_size, self.rng, start,
+        stop)
     return batches, self.arrivals[start:stop]
 
   def epoch(self, state, epoch: int) -> tuple[Any, dict[str, np.ndarray]]:
@@ -353,12 +167,18 @@ def summarize(config: Any, history: list[dict]) -> dict[str, Any]:
   }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *,
+    cache: programs.ProgramCache | None = None,
+) -> dict:
   """Trains and evaluates one run, resuming from ``workdir`` if it holds one.
 
   Args:
     config: the run's hyperparameters (see ``experiments/configs/default.py``).
     workdir: where metrics, checkpoints and the summary go.
+    cache: the programs and datasets shared with other runs of a study
+      (:class:`experiments.programs.ProgramCache`); ``None``: build them
+      for this run alone.
 
   Returns:
     The summary (also written to ``workdir/summary.json``): algorithm,
@@ -372,7 +192,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary = run_files.read_summary(workdir)
   if summary is not None:  # Finished earlier: nothing to do.
     return summary
-  run = _Run(config)
+  cache = programs.ProgramCache() if cache is None else cache
+  run = _Run(config, cache.program(config))
   if config.checkpoint_every_epochs:
     with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
       history = _train(run, workdir, ckpt)

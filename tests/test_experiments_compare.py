@@ -6,7 +6,7 @@ import os
 import pytest
 
 from experiments import compare
-from experiments import reporting
+from experiments import tables
 from experiments.configs import demo
 
 
@@ -18,7 +18,7 @@ def test_compare_writes_results_table_and_plots(config, tmp_path, capsys):
   assert len(rows) == 2 + 5 * 2  # sequential once per seed
   with open(tmp_path / "results.csv") as f:
     table = list(csv.DictReader(f))
-  assert tuple(table[0]) == reporting.COLUMNS and len(table) == 12
+  assert tuple(table[0]) == tables.COLUMNS and len(table) == 12
   assert {r["algorithm"] for r in table} == set(config.grid.algorithms)
   with open(tmp_path / "metrics.jsonl") as f:
     assert len(f.readlines()) == 12

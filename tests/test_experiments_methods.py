@@ -7,6 +7,7 @@ import pytest
 
 from experiments import algorithms
 from experiments import methods
+from experiments import programs
 from experiments import run_files
 from experiments import train
 from experiments.configs import methods as methods_config
@@ -45,7 +46,8 @@ def tiny(data_dir):
 
 
 def test_tuning_picks_the_lowest_error_and_the_report_uses_other_seeds(tiny, tmp_path):
-  tuned = methods.tune(tiny, str(tmp_path))
+  cache = programs.ProgramCache()
+  tuned = methods.tune(tiny, str(tmp_path), cache=cache)
   with open(tmp_path / "tuned.json") as f:
     assert json.load(f) == json.loads(json.dumps(tuned))
   for cell in methods.cells(tiny):
@@ -57,7 +59,7 @@ def test_tuning_picks_the_lowest_error_and_the_report_uses_other_seeds(tiny, tmp
     assert tuned[cell.key]["setting"] == {"learning_rate": best}
     assert tuned[cell.key]["tuning_error"] == pytest.approx(errors[best])
 
-  rows = methods.report(tiny, str(tmp_path), tuned)
+  rows = methods.report(tiny, str(tmp_path), tuned, cache=cache)
   assert sorted({r["seed"] for r in rows}) == [0, 1] and len(rows) == 2 * 2
   with open(tmp_path / "results.csv") as f:
     assert len(list(csv.DictReader(f))) == 4

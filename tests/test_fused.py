@@ -29,6 +29,8 @@ import optax
 import pytest
 
 import dcasgd_optax
+from dcasgd_optax._src import _cpu_kernel
+from dcasgd_optax._src import _kernel_build
 
 M = 3
 WORKERS = (0, 2, 1, 2, 7)  # 7 is out of range: NaN update, state kept.
@@ -252,22 +254,54 @@ def test_record_pull_of_bf16_backups_writes_that_row_only():
   )
 
 
-def test_under_vmap_each_simulation_gets_the_chains_numbers():
-  """Sweeps vmap the update over simulations, each with its own worker."""
-  fused = dcasgd_optax.dcasgd(0.1, M, momentum=0.9)
-  composed = composed_dcasgd(0.1, M, momentum=0.9)
+@pytest.mark.parametrize("per_worker", [False, True],
+                         ids=["global_ms", "per_worker_ms"])
+def test_under_vmap_each_simulation_gets_the_chains_numbers(per_worker):
+  """Sweeps vmap the update over simulations, each with its own worker.
+
+  On CPU the big parameter goes through the kernel, which then loops over
+  the batch: each simulation's per-worker mean square is its own.
+  """
+  kwargs = dict(momentum=0.9, per_worker_mean_square=per_worker)
+  fused = dcasgd_optax.dcasgd(0.1, M, **kwargs)
+  composed = composed_dcasgd(0.1, M, **kwargs)
   params = jax.tree.map(lambda p: jnp.stack([p, 2 * p]), model())
-  workers = jnp.array([2, 0], jnp.int32)
+  workers = jnp.array([2, 1], jnp.int32)
 
-  def run(tx):
+  def run(tx, steps=2):
     state = jax.vmap(tx.init)(params)
-    update = jax.vmap(lambda g, s, p, m: tx.update(g, s, p, worker=m))
-    return jax.jit(update)(grads_at(params, 1), state, params, workers)
+    update = jax.jit(jax.vmap(lambda g, s, p, m: tx.update(g, s, p, worker=m)))
+    for t in range(steps):  # Worker 2, then 1: rows other than 0.
+      updates, state = update(grads_at(params, t), state, params, workers - t)
+    return updates, state, update.lower(
+        grads_at(params, 0), state, params, workers).as_text()
 
-  assert_same_numbers(run(fused), run(composed))
+  updates, state, text = run(fused)
+  if jax.default_backend() == "cpu" and kernel_available():
+    assert KERNEL_TARGET in text
+  assert_same_numbers((updates, state), run(composed)[:2])
 
 
 # --- the CPU kernel ---------------------------------------------------------
+
+
+def kernel_available():
+  """Whether a C++ compiler is found (then the kernel must build and load)."""
+  try:
+    _kernel_build.compiler()
+  except RuntimeError:
+    return False
+  return True
+
+
+def require_kernel(monkeypatch):
+  """Skips without a CPU or a compiler; fails if the kernel did not load."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the kernel is CPU only")
+  if not kernel_available():
+    pytest.skip("no C++ compiler: the kernel cannot be built")
+  monkeypatch.setenv(KERNEL_SWITCH, "1")
+  assert _cpu_kernel.enabled(), "the CPU kernel did not build or load"
 
 
 def step_text(tx, params):
@@ -308,10 +342,85 @@ KERNEL_CASES = {
 @pytest.mark.parametrize("kwargs", KERNEL_CASES.values(), ids=KERNEL_CASES)
 def test_the_kernel_and_xlas_loop_give_the_same_numbers(monkeypatch, kwargs):
   """Both CPU paths, over updates including an out-of-range worker."""
+  require_kernel(monkeypatch)
   tx = dcasgd_optax.dcasgd(0.1, M, **kwargs)
+  assert KERNEL_TARGET in step_text(tx, model())  # Not XLA against itself.
   by_kernel = trajectory(tx)
   monkeypatch.setenv(KERNEL_SWITCH, "0")
+  assert KERNEL_TARGET not in step_text(tx, model())
   assert_same_numbers(by_kernel, trajectory(tx))
+
+
+def test_xlas_blocked_loop_keeps_a_mean_square_per_worker(monkeypatch):
+  """The loop used without a compiler, with the kernel off, or in float64."""
+  monkeypatch.setenv(KERNEL_SWITCH, "0")
+  kwargs = dict(learning_rate=0.1, **DCASGD_CASES["per_worker_bias_warmup"])
+  fused = dcasgd_optax.dcasgd(num_workers=M, **kwargs)
+  assert "while" in step_text(fused, model())  # The blocked loop.
+  assert_same_numbers(trajectory(fused),
+                      trajectory(composed_dcasgd(num_workers=M, **kwargs)))
+
+
+def ffi_operands(n=64, rows=2, **dtypes):
+  """The kernel's operands for DC-ASGD-a with momentum, dtypes overridden."""
+  dtype = lambda k: dtypes.get(k, jnp.float32)
+  return dict(
+      g=jnp.ones(n, dtype("g")), w=jnp.ones(n, dtype("w")),
+      backups=jnp.zeros((rows, n), dtype("backups")),
+      ms=jnp.zeros(n, dtype("ms")), trace=jnp.zeros(n, dtype("trace")),
+  )
+
+
+FFI_CASES = {  # A direct ffi_call that gets a dtype or a size wrong.
+    "bf16_ms": (dict(ms=jnp.bfloat16), {}, "ms or trace: dtype"),
+    "f16_trace": (dict(trace=jnp.float16), {}, "ms or trace: dtype"),
+    "bf16_g": (dict(g=jnp.bfloat16), {}, "decode all FFI handler operands"),
+    "bf16_backups": (dict(backups=jnp.bfloat16), {}, "backups: sizes or dtype"),
+    "small_ms_result": ({}, dict(ms=(32,)), "results: dtype or size"),
+    "small_backups_result": ({}, dict(backups=(1, 64)),
+                             "results: dtype or size"),
+    "bf16_updates_result": ({}, dict(updates=jnp.bfloat16),
+                            "updates: dtype or size"),
+}
+
+
+@pytest.mark.parametrize("dtypes, results, error", FFI_CASES.values(),
+                         ids=FFI_CASES)
+def test_the_kernel_refuses_wrong_dtypes_and_sizes(monkeypatch, dtypes,
+                                                   results, error):
+  """An error from the call, not a write past the end of a buffer."""
+  require_kernel(monkeypatch)
+  x = ffi_operands(**dtypes)
+  flags = _cpu_kernel.Flags.ADAPTIVE | _cpu_kernel.Flags.MOMENTUM
+  shapes = {k: jax.ShapeDtypeStruct(x[k].shape, x[k].dtype)
+            for k in ("backups", "ms", "trace")}
+  shapes["updates"] = jax.ShapeDtypeStruct((0,), jnp.float32)
+  for k, v in results.items():
+    s = shapes[k]
+    shapes[k] = (jax.ShapeDtypeStruct(v, s.dtype) if isinstance(v, tuple)
+                 else jax.ShapeDtypeStruct(s.shape, v))
+  aliased = not results  # A result of another shape cannot be aliased.
+  call = jax.ffi.ffi_call(
+      KERNEL_TARGET, list(shapes.values()),
+      input_output_aliases={2: 0, 3: 1, 4: 2} if aliased else None,
+  )
+  scalars = jnp.ones(len(_cpu_kernel.Scalars._fields), jnp.float32)
+  with pytest.raises(Exception, match=error):
+    jax.block_until_ready(jax.jit(
+        lambda *a: call(*a, scalars, jnp.int32(0), flags=np.int64(flags))
+    )(x["g"], x["w"], x["backups"], x["ms"], x["trace"]))
+
+
+def test_the_kernel_accepts_the_right_dtypes_and_sizes(monkeypatch):
+  """The refusals above are for what they change, not for every call."""
+  require_kernel(monkeypatch)
+  x = ffi_operands()
+  flags = _cpu_kernel.Flags.ADAPTIVE | _cpu_kernel.Flags.MOMENTUM
+  scalars = jnp.ones(len(_cpu_kernel.Scalars._fields), jnp.float32)
+  _, backups, _, _ = jax.jit(lambda *a: _cpu_kernel.leaf_update(
+      *a, scalars, jnp.int32(1), flags))(
+          x["g"], x["w"], x["backups"], x["ms"], x["trace"])
+  assert np.isfinite(np.asarray(backups[1])).all()
 
 
 NO_COMPILER = """

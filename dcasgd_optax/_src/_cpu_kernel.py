@@ -11,36 +11,30 @@ the aliasing contract are in the C++ file's header.
 
 The kernel is compiled on first use, with the system C++ compiler (``$CXX``,
 else ``c++``, ``g++`` or ``clang++``) and the XLA FFI headers shipped with
-jaxlib, into a per-user cache (``$DCASGD_OPTAX_CACHE_DIR``, else
-``~/.cache/dcasgd_optax``); the file name is a hash of the source, the
-jaxlib version, the compiler, its flags and the CPU, so a cached build is
-reused only where it was built for. If no compiler is found or the build
-fails, ``dcasgd`` warns once and keeps XLA's blocked loop (same numbers,
-slower); ``DCASGD_OPTAX_CPU_KERNEL=0`` selects that loop without building.
+jaxlib, into a private per-user cache (``$DCASGD_OPTAX_CACHE_DIR``, else
+``~/.cache/dcasgd_optax``), and loaded only from there once checked: how,
+and what makes a cache private, is in :mod:`._kernel_build`. If no compiler
+is found, or the build, the load or the kernel's symbol fails, ``dcasgd``
+warns once and keeps XLA's blocked loop for the rest of the process (same
+numbers, slower); ``DCASGD_OPTAX_CPU_KERNEL=0`` selects that loop without
+building.
 Measured costs: ``benchmarks/update_cost.md``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import functools
-import hashlib
 import os
-import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
 from dcasgd_optax._src import _checks
+from dcasgd_optax._src import _kernel_build
 from dcasgd_optax._src.delay_compensation import warm_up_ramp
 
 # The XLA FFI target the kernel is registered as.
@@ -52,12 +46,6 @@ MIN_SIZE = 1 << 14
 
 # "0" makes the fused update use XLA's blocked loop on CPU, without building.
 SWITCH = "DCASGD_OPTAX_CPU_KERNEL"
-CACHE_DIR = "DCASGD_OPTAX_CACHE_DIR"
-
-SOURCE = pathlib.Path(__file__).with_name("cpu_kernel.cc")
-_FLAGS = ("-O3", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
-_NATIVE = ("-march=native",)  # Dropped if the compiler refuses it.
-
 
 class Flags(enum.IntFlag):
   """The kernel's ``flags`` attribute (``enum Flag`` in cpu_kernel.cc)."""
@@ -211,85 +199,23 @@ def scalars_for(
 
 @functools.cache
 def _loaded() -> bool:
-  """Builds (or finds in the cache), loads and registers the kernel, once."""
+  """Loads (building it if needed) and registers the kernel, once.
+
+  Any failure warns and returns False, for the rest of the process: a later
+  trace takes XLA's loop and never raises.
+  """
   try:
-    library = ctypes.CDLL(str(_build()))
-  except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+    library = _kernel_build.load()
+    jax.ffi.register_ffi_target(
+        TARGET, jax.ffi.pycapsule(library.DcasgdSgdUpdate), platform="cpu"
+    )
+  except Exception as e:  # pylint: disable=broad-exception-caught
     warnings.warn(
         f"dcasgd_optax: the CPU kernel of the fused update could not be "
-        f"built ({e}); using XLA's slower blocked loop instead (same "
-        f"numbers). Install a C++17 compiler (or point $CXX at one) to get "
-        f"it; set {SWITCH}=0 to silence this.",
+        f"built or loaded ({type(e).__name__}: {e}); using XLA's slower "
+        f"blocked loop instead (same numbers). Install a C++17 compiler (or "
+        f"point $CXX at one) to get it; set {SWITCH}=0 to silence this.",
         RuntimeWarning, stacklevel=2,
     )
     return False
-  jax.ffi.register_ffi_target(
-      TARGET, jax.ffi.pycapsule(library.DcasgdSgdUpdate), platform="cpu"
-  )
   return True
-
-
-def _build() -> pathlib.Path:
-  """The compiled kernel's path, compiling it into the cache if missing."""
-  compiler = _compiler()
-  source = SOURCE.read_bytes()
-  key = hashlib.sha256(b"\0".join([
-      source, jaxlib.__version__.encode(), compiler.encode(),
-      " ".join(_FLAGS + _NATIVE).encode(), _cpu_id().encode(),
-  ])).hexdigest()[:20]
-  cache = pathlib.Path(
-      os.environ.get(CACHE_DIR) or pathlib.Path.home() / ".cache"
-      / "dcasgd_optax"
-  )
-  target = cache / f"cpu_kernel-{key}.so"
-  if target.exists():
-    return target
-  cache.mkdir(parents=True, exist_ok=True)
-  # Compile to a private name, then rename: concurrent builds (pytest-xdist)
-  # each write their own file and the last rename wins, a complete file.
-  fd, partial = tempfile.mkstemp(dir=cache, prefix=target.stem, suffix=".tmp")
-  os.close(fd)
-  try:
-    _compile(compiler, partial)
-    os.replace(partial, target)
-  finally:
-    if os.path.exists(partial):
-      os.remove(partial)
-  return target
-
-
-def _compile(compiler: str, output: str) -> None:
-  """Compiles SOURCE to ``output``, natively tuned if the compiler can."""
-  include = ("-isystem", jax.ffi.include_dir())
-  errors = ""
-  for extra in (_NATIVE, ()):
-    done = subprocess.run(
-        [compiler, *_FLAGS, *extra, *include, str(SOURCE), "-o", output],
-        capture_output=True, text=True, timeout=600, check=False,
-    )
-    if done.returncode == 0:
-      return
-    errors = done.stderr.strip().splitlines()[-1:] or [""]
-  raise RuntimeError(f"{compiler} failed: {errors[0]}")
-
-
-def _compiler() -> str:
-  """``$CXX``, else the first C++ compiler on the PATH."""
-  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-    found = name and shutil.which(name)
-    if found:
-      return found
-  raise RuntimeError("no C++ compiler found ($CXX, c++, g++, clang++)")
-
-
-def _cpu_id() -> str:
-  """The CPU's model and features, so a native build is not reused elsewhere."""
-  try:
-    info = pathlib.Path("/proc/cpuinfo").read_text()
-  except OSError:
-    info = ""
-  lines = [
-      ln for ln in info.splitlines()
-      if ln.startswith(("model name", "flags", "Features"))
-  ]
-  return "\n".join(sorted(set(lines))) or platform.processor() + platform.machine()

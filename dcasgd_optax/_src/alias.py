@@ -79,11 +79,13 @@ def dcasgd(
   The state is the chain's; the update gives the chain's numbers but is
   fused: each parameter is read and written once per update instead of once
   per chain member. On CPU, float32 parameters go through a C++ kernel
-  (an XLA FFI call on all of XLA's threads) compiled on first use with the
-  system compiler and cached in ``~/.cache/dcasgd_optax``; without a
-  compiler a warning says so and XLA's slower blocked loop gives the same
-  numbers (``DCASGD_OPTAX_CPU_KERNEL=0`` chooses it). Costs:
-  ``benchmarks/update_cost.md``.
+  (an XLA FFI call on all of XLA's threads): the first update compiles it
+  with the system compiler (a few seconds, once per machine) into a
+  private cache, ``$DCASGD_OPTAX_CACHE_DIR`` or ``~/.cache/dcasgd_optax``;
+  :func:`build_cpu_kernel` does it ahead of time. Without a compiler, or
+  if the build or load fails, a warning says so and XLA's slower blocked
+  loop gives the same numbers (``DCASGD_OPTAX_CPU_KERNEL=0`` chooses it).
+  Costs: ``benchmarks/update_cost.md``.
 
   A traced ``worker`` outside ``[0, num_workers)`` leaves the backups and
   DC-ASGD-a's statistics as they were, but the update is NaN and, with

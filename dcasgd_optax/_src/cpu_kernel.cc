@@ -1,8 +1,9 @@
 // The fused DC-ASGD + SGD update of one parameter, as an XLA FFI custom call
 // for CPU: one multi-threaded pass over memory.
 //
-// dcasgd_optax/_src/_cpu_kernel.py compiles this file on first use and
-// registers `DcasgdSgdUpdate` as the CPU target "dcasgd_optax_sgd_update";
+// dcasgd_optax/_src/_kernel_build.py compiles this file on first use and
+// _cpu_kernel.py registers `DcasgdSgdUpdate` as the CPU target
+// "dcasgd_optax_sgd_update";
 // dcasgd_optax/_src/_fused.py calls it for every large float32 parameter of
 // `dcasgd` (the composed chain pull_after_push(chain(delay_compensation,
 // [add_decayed_weights], sgd)) in one pass). For each element i, with g the
@@ -41,6 +42,9 @@
 // for heavy-ball momentum. Under jax.vmap every operand gets leading batch
 // axes (vmap_method="broadcast_all"): the call then updates each batch
 // element in turn, scalars and row included (f32[..., kNumScalars], s32[...]).
+// The call checks every operand's element type and size, and that each
+// aliased result has its operand's, before touching memory (an error, not
+// an overflow, for a direct ffi_call that gets them wrong).
 // Each element is read and written by one thread only; the range is split
 // into chunks shared out over XLA's intra-op thread pool and the calling
 // thread.
@@ -224,11 +228,22 @@ struct Sizes {
   int64_t batch = 0, n = 0, rows = 0;
 };
 
+// An aliased result must be its operand's type and size (XLA hands the
+// same buffer; a direct call without aliases gets a copy of the operand).
+bool SameAs(ffi::AnyBuffer in, ffi::Result<ffi::AnyBuffer>& out) {
+  return out->element_type() == in.element_type() &&
+         out->element_count() == in.element_count();
+}
+
 ffi::Error Check(int64_t flags, ffi::Buffer<ffi::F32> g,
                  ffi::Buffer<ffi::F32> w, ffi::AnyBuffer backups,
                  ffi::AnyBuffer ms, ffi::AnyBuffer trace,
                  ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::S32> row,
+                 ffi::Result<ffi::AnyBuffer>& backups_out,
+                 ffi::Result<ffi::AnyBuffer>& ms_out,
+                 ffi::Result<ffi::AnyBuffer>& trace_out,
                  ffi::Result<ffi::AnyBuffer>& updates, Sizes& z) {
+  // g, w, scalars and row are typed: the FFI binding checks their types.
   z.batch = int64_t(row.element_count());
   if (z.batch == 0 || int64_t(scalars.element_count()) != z.batch * kNumScalars)
     return ffi::Error::InvalidArgument("scalars or row: sizes");
@@ -241,15 +256,23 @@ ffi::Error Check(int64_t flags, ffi::Buffer<ffi::F32> g,
       backups.element_count() % (z.batch * z.n) != 0)
     return ffi::Error::InvalidArgument("g, w, backups: sizes or dtype");
   z.rows = int64_t(backups.element_count()) / (z.batch * z.n);
+  if (ms.element_type() != ffi::DataType::F32 ||
+      trace.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("ms or trace: dtype (want f32)");
   const int64_t ms_size = !(flags & kAdaptive) ? 0
                           : (flags & kPerWorkerMs) ? z.rows * z.n : z.n;
   if (int64_t(ms.element_count()) != z.batch * ms_size ||
       int64_t(trace.element_count()) != ((flags & kMomentum) ? z.batch * z.n
                                                              : 0))
     return ffi::Error::InvalidArgument("ms or trace: sizes");
+  if (!SameAs(backups, backups_out) || !SameAs(ms, ms_out) ||
+      !SameAs(trace, trace_out))
+    return ffi::Error::InvalidArgument(
+        "backups, ms or trace results: dtype or size differs from the operand");
   const bool fresh = !(flags & kMomentum) || (flags & kNesterov);
-  if (int64_t(updates->element_count()) != (fresh ? z.batch * z.n : 0))
-    return ffi::Error::InvalidArgument("updates: size");
+  if (updates->element_type() != ffi::DataType::F32 ||
+      int64_t(updates->element_count()) != (fresh ? z.batch * z.n : 0))
+    return ffi::Error::InvalidArgument("updates: dtype or size");
   for (int64_t b = 0; b < z.batch; ++b) {
     if (row.typed_data()[b] < 0 || row.typed_data()[b] >= z.rows)
       return ffi::Error::InvalidArgument("row out of range");
@@ -300,7 +323,8 @@ ffi::Error Update(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
                   ffi::Result<ffi::AnyBuffer> updates_out, int64_t flags) {
   Sizes z;
   ffi::Error error =
-      Check(flags, g, w, backups, ms, trace, scalars, row, updates_out, z);
+      Check(flags, g, w, backups, ms, trace, scalars, row, backups_out,
+            ms_out, trace_out, updates_out, z);
   if (error.failure()) return error;
   AliasOrCopy(backups, backups_out);
   AliasOrCopy(ms, ms_out);

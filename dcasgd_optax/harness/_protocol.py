@@ -94,6 +94,9 @@ class SimulatorBase:
   # Whether the default strategy on CPU is picked per loss function
   # (``cpu_strategy``), or is "host_chunks".
   _strategy_per_loss: bool = False
+  # The exact compensation's lambda (Simulator's ``exact_compensation``,
+  # set before this constructor runs), or None.
+  _exact: float | None = None
 
   def __init__(
       self,
@@ -110,6 +113,7 @@ class SimulatorBase:
       diagnostics: bool = False,
       diagnostics_every: int | None = None,
       first_transform: Any = None,
+      diagnose_curvature: bool = False,
   ):
     for name, value in (("num_workers", num_workers),
                         ("max_parallel", max_parallel),
@@ -129,7 +133,8 @@ class SimulatorBase:
     self._max_parallel = max_parallel
     self._donate = donate
     self._diagnostics = _diagnostics.make(
-        diagnostics, diagnostics_every, first_transform, has_model_state
+        diagnostics, diagnostics_every, first_transform, has_model_state,
+        diagnose_curvature, self._exact,
     )
     self._user_tx = tx
     self.tx = self._server_tx(tx, num_workers)

@@ -98,20 +98,23 @@ def _sync_program(loss_with_state, tx, mesh, vmap_slots, num_workers, state,
   return state, loss_RxS.reshape(-1)
 
 
-def _fresh_by_construction(step_before_A: jax.Array,
-                           every: int) -> dict[str, jax.Array]:
+def _fresh_by_construction(step_before_A: jax.Array, every: int,
+                           curvature: bool = False) -> dict[str, jax.Array]:
   """SSGD's diagnostics: every gradient is the fresh one, so on sampled
   arrivals ``stale_cosine`` is 1 and ``stale_error`` 0 (no gradient is
   computed for them); ``applied_*`` are NaN, as the server transforms the
   round's mean, not each worker's gradient."""
   sampled = step_before_A % every == 0
   nan = jnp.full(step_before_A.shape, jnp.nan, jnp.float32)
-  return {
+  out = {
       "stale_cosine": jnp.where(sampled, 1.0, nan),
       "applied_cosine": nan,
       "stale_error": jnp.where(sampled, 0.0, nan),
       "applied_error": nan,
   }
+  if curvature:  # no delay, no compensation term: k = 0 / 0
+    out["curvature_ratio"] = nan
+  return out
 
 
 class SyncSimulator(_protocol.SimulatorBase):
@@ -178,6 +181,8 @@ class SyncSimulator(_protocol.SimulatorBase):
       report ``stale_cosine`` 1 and ``stale_error`` 0 with no extra
       gradient, and ``applied_*`` NaN, as the server transforms the round's
       mean, not each worker's gradient.
+    diagnose_curvature: as in :class:`Simulator`; SSGD's gradients have no
+      delay, so ``curvature_ratio`` is NaN.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -325,7 +330,8 @@ class SyncSimulator(_protocol.SimulatorBase):
     }
     if self._diagnostics is not None:
       record.update(_fresh_by_construction(
-          final + jnp.asarray(steps_A - 1), self._diagnostics.every
+          final + jnp.asarray(steps_A - 1), self._diagnostics.every,
+          self._diagnostics.curvature,
       ))
     if many:
       arrivals = np.broadcast_to(arrivals, (num_sims, arrivals.shape[-1]))

@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.lr_boundaries_epochs = ()  # epochs at which the rate is multiplied by...
   c.lr_decay_factor = 0.1
   c.warmup_epochs = 0.0
-  c.optimizer = "sgd"  # sgd | adam (experiments.algorithms.OPTIMIZERS)
+  c.optimizer = "sgd"  # sgd | adam (experiments.optimizers.OPTIMIZERS)
   c.momentum = 0.0  # SGD's momentum; 0: plain SGD
   c.nesterov = False
   c.weight_decay = 0.0

@@ -1,0 +1,226 @@
+"""Tables of the studies: results.csv rows and markdown tables.
+
+Each function formats what :mod:`experiments.statistics` computes (or the
+runs' rows themselves) and returns the text; the studies
+(:mod:`experiments.compare`, :mod:`experiments.methods`) write it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from experiments import algorithms
+from experiments import statistics
+
+COLUMNS = (
+    "algorithm", "workers", "schedule", "seed", "final_test_error",
+    "best_test_error", "wall_time", "mean_staleness", "epochs",
+)
+"""The columns of the comparison's ``results.csv``."""
+
+METHODS_COLUMNS = (
+    "optimizer", "schedule", "workers", "algorithm", "seed", "learning_rate",
+    "dc_lambda", "final_test_error", "best_test_error", "wall_time",
+    "mean_staleness", "epochs",
+)
+"""The columns of the methods grid's ``results.csv``."""
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
+  """One row per run, in :data:`COLUMNS` order."""
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def write_methods_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
+  """One row per run of the methods grid, in :data:`METHODS_COLUMNS` order
+  (``workers`` is the row's ``num_workers``)."""
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=METHODS_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({**r, "workers": r["num_workers"]} for r in rows)
+
+
+def _cell(errors: np.ndarray) -> str:
+  if errors.size == 0:
+    return "-"
+  if errors.size == 1:
+    return f"{100 * errors[0]:.2f}"
+  return f"{100 * errors.mean():.2f} ± {100 * statistics.std(errors):.2f}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], *, key: str = "final_test_error") -> str:
+  """The paper's table: test error (%) per worker count (rows) and algorithm.
+
+  Cells are the mean ± sample standard deviation over seeds. Sequential SGD
+  has one worker; its value is repeated in every row, as in the paper.
+  """
+  algs = algorithms.ordered(r["algorithm"] for r in rows)
+  workers = statistics.parallel_workers(rows)
+  seeds = sorted({r["seed"] for r in rows})
+  header = "| M | " + " | ".join(a.label for a in algs) + " |"
+  lines = [header, "|---" * (len(algs) + 1) + "|"]
+  for m in workers:
+    cells = [_cell(statistics.errors(rows, a, m, key)) for a in algs]
+    lines.append(f"| {m} | " + " | ".join(cells) + " |")
+  what = key.replace("_", " ")
+  note = (f"\n{what} (%), mean ± std over {len(seeds)} seed(s) "
+          f"{', '.join(map(str, seeds))}.")
+  return "\n".join(lines) + "\n" + note + "\n"
+
+
+def _stat_cell(stat: dict | None) -> str:
+  if stat is None:
+    return "n/a"
+  text = f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
+  if stat["gap_closed"] is not None and stat["algorithm"] != algorithms.ASGD.name:
+    text += f" ({100 * stat['gap_closed']:.0f}%)"
+  return text
+
+
+def _columns(items: Sequence[dict]) -> list[tuple[str, int]]:
+  """The (schedule, M) pairs of ``items``' multi-worker cells, in order."""
+  return sorted({(s["schedule"], s["num_workers"]) for s in items
+                 if not algorithms.get(s["algorithm"]).single_worker})
+
+
+def _grid_table(items: Sequence[dict], text, title: str) -> str:
+  """A row per method, a column per (schedule, M): ``text(item, algorithm)``
+  of each cell's item (sequential SGD's single item in every column)."""
+  algs = algorithms.ordered(s["algorithm"] for s in items)
+  columns = _columns(items)
+  lookup = {(s["schedule"], s["num_workers"], s["algorithm"]): s for s in items}
+  lines = [f"**{title}**", "",
+           "| method | " + " | ".join(f"{sc} M={m}" for sc, m in columns) + " |",
+           "|---" * (len(columns) + 1) + "|"]
+  for a in algs:
+    found = [lookup.get(("cyclic", 1, a.name) if a.single_worker
+                        else (sc, m, a.name)) for sc, m in columns]
+    lines.append(f"| {a.label} | " + " | ".join(
+        "n/a" if f is None else text(f, a) for f in found) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def methods_table(stats: Sequence[dict], optimizer: str, title: str) -> str:
+  """One optimizer's table: a row per method, a column per (schedule, M).
+
+  Cells: final test error (%), mean ± std over seeds, and in parentheses
+  the share of ASGD's gap to sequential SGD closed (absent when ASGD is
+  within the minimum gap of sequential SGD: nothing to close). Sequential
+  SGD's row repeats its single value in every column.
+  """
+  mine = [s for s in stats if s["optimizer"] == optimizer]
+  return _grid_table(mine, lambda s, a: _stat_cell(s), title)
+
+
+def paired_table(stats: Sequence[dict], baseline: str, variant: str) -> str:
+  """``variant`` against ``baseline`` in every cell they share: their errors,
+  the difference, and whether the variant hurts (its mean is worse by more
+  than the larger of the two standard deviations)."""
+  lines = [f"| optimizer | arrivals | M | {algorithms.get(baseline).label} | "
+           f"{algorithms.get(variant).label} | difference | hurts? |",
+           "|---" * 7 + "|"]
+  for b, v in statistics.paired_differences(stats, baseline, variant):
+    diff = v["mean"] - b["mean"]
+    hurts = "yes" if diff > max(b["std"], v["std"]) else "no"
+    lines.append(f"| {b['optimizer']} | {b['schedule']} | {b['num_workers']} | "
+                 f"{_stat_cell(b)} | {_stat_cell(v)} "
+                 f"| {100 * diff:+.2f} | {hurts} |")
+  return "\n".join(lines) + "\n"
+
+
+def remedy_summary(stats: Sequence[dict], baseline: str,
+                   variants: Sequence[str]) -> str:
+  """One line per variant of ``baseline``: in how many of the cells they
+  share its mean is lower, higher, and higher by more than the larger of
+  the two standard deviations ("hurts", as in :func:`paired_table`), and
+  the largest such difference."""
+  lines = [f"| remedy (against {algorithms.get(baseline).label}) | cells | "
+           "better | worse | hurts | worst difference (points) |",
+           "|---" * 6 + "|"]
+  for variant in variants:
+    diffs = [(v["mean"] - b["mean"], max(b["std"], v["std"]))
+             for b, v in statistics.paired_differences(stats, baseline, variant)]
+    if not diffs:
+      continue
+    worse = sum(d > 0 for d, _ in diffs)
+    hurts = sum(d > tol for d, tol in diffs)
+    lines.append(
+        f"| {algorithms.get(variant).label} | {len(diffs)} | "
+        f"{sum(d < 0 for d, _ in diffs)} | {worse} | {hurts} | "
+        f"{100 * max(d for d, _ in diffs):+.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def targets_table(stats: Sequence[dict], targets: Sequence[Sequence]) -> str:
+  """Per target ``(optimizer, schedule, M, share)``: sequential SGD and ASGD
+  in that cell, the methods whose mean closes at least ``share`` of ASGD's
+  gap, and the best method (lowest mean error)."""
+  lines = ["| optimizer | arrivals | M | needed | sequential SGD | ASGD | "
+           "methods that reach it (share closed) | best method |",
+           "|---" * 8 + "|"]
+  for opt, schedule, m, share in targets:
+    mine = [s for s in stats if s["optimizer"] == opt]
+    cell = [s for s in mine if s["schedule"] == schedule and s["num_workers"] == m]
+    seq = [s for s in mine if algorithms.get(s["algorithm"]).single_worker]
+    asgd = [s for s in cell if s["algorithm"] == algorithms.ASGD.name]
+    others = [s for s in cell if s["algorithm"] != algorithms.ASGD.name]
+    if not (seq and asgd and others):
+      continue
+    reach = sorted((s for s in others if s["gap_closed"] is not None
+                    and s["gap_closed"] >= share), key=lambda s: s["mean"])
+    best = min(others, key=lambda s: s["mean"])
+    named = ", ".join(f"{algorithms.get(s['algorithm']).label} "
+                      f"({100 * s['gap_closed']:.0f}%)" for s in reach) or "none"
+    lines.append(
+        f"| {opt} | {schedule} | {m} | {100 * share:.0f}% | {_stat_cell(seq[0])} | "
+        f"{_stat_cell(asgd[0])} | {named} | "
+        f"{algorithms.get(best['algorithm']).label}: {_stat_cell(best)} |")
+  return "\n".join(lines) + "\n"
+
+
+# How tuned config fields are named in tables (DC's λ is λ0 for DC-ASGD-a).
+FIELD_LABELS = {"dc_lambda": "λ"}
+
+
+def _setting_text(row: dict, algorithm: algorithms.Algorithm) -> str:
+  """``row``'s learning rate, then its other tuned fields: ``0.05, λ 8``."""
+  return ", ".join([f"{row['learning_rate']:g}"] + [
+      f"{FIELD_LABELS.get(f, f)} {row[f]:g}" for f in algorithm.tuned])
+
+
+def tuned_table(rows: Sequence[dict], optimizer: str) -> str:
+  """The setting each cell of ``optimizer`` was reported with: its learning
+  rate (and the other tuned fields, ``Algorithm.tuned``)."""
+  mine = [r for r in rows if r["optimizer"] == optimizer]
+  return _grid_table(
+      mine, _setting_text,
+      f"{optimizer}: the tuned learning rate (and λ, DC-ASGD-a's λ0, where it "
+      "is tuned)")
+
+
+def rate_gap_table(items: Sequence[dict]) -> str:
+  """ASGD's gap split in two (``experiments.methods.rate_gap``'s items):
+  sequential SGD at ASGD's learning rate against sequential SGD at its own
+  best rate (what the smaller rate costs), and ASGD against sequential SGD at
+  the same rate (what staleness costs at that rate)."""
+  lines = ["| optimizer | arrivals | M | ASGD's rate | sequential SGD (its best "
+           "rate) | sequential SGD at ASGD's rate | ASGD | share of the gap "
+           "from the rate |", "|---" * 8 + "|"]
+  for r in items:
+    gap = r["asgd"] - r["sequential"]
+    share = ((r["sequential_at_asgd_rate"] - r["sequential"]) / gap
+             if gap > 0 else math.nan)
+    lines.append(
+        f"| {r['optimizer']} | {r['schedule']} | {r['num_workers']} | "
+        f"{r['learning_rate']:g} | {100 * r['sequential']:.2f} | "
+        f"{100 * r['sequential_at_asgd_rate']:.2f} | {100 * r['asgd']:.2f} | "
+        + ("-" if math.isnan(share) else f"{100 * share:.0f}%") + " |")
+  return "\n".join(lines) + "\n"
