@@ -74,7 +74,7 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(jax|jnp|optax|chex|np|numpy|ray|flax|nnx|orbax|ocp|"
                r"ml_collections|typing|collections|concurrent|"
-               r"enum|types|abc)(\..*)?"),
+               r"enum|types|abc|os|pathlib)(\..*)?"),
     (r"py:.*", r"(Array|ArrayLike|PyTree|Params|Updates|OptState|"
                r"ScalarOrSchedule|GradientTransformation.*|Callable|"
                r"Sequence|Mapping|Iterable|Iterator|Any|NamedTuple|"
@@ -83,6 +83,7 @@ nitpick_ignore_regex = [
     # the code, with no page of their own.
     (r"py:.*", r"(.*\.)?_[a-z].*"),
     (r"py:class", r"Piece"),
+    (r"py:exc", r"UnsafeCacheError"),  # an OSError of a private module
 ]
 
 templates_path = ["_templates"]

@@ -105,13 +105,14 @@ tx = dcasgd_optax.dcasgd(0.1, num_workers=2, momentum=0.9)
 p = {"w": jnp.ones(1000)}
 s = tx.init(p)
 u, s = jax.jit(lambda g, s, p: tx.update(g, s, p, worker=1))(p, s, p)
-from dcasgd_optax._src import _cpu_kernel
-assert _cpu_kernel.SOURCE.is_file() and "site-packages" in str(
-    _cpu_kernel.SOURCE)
-assert _cpu_kernel.enabled()
-built = list(pathlib.Path(_cpu_kernel.os.environ["DCASGD_OPTAX_CACHE_DIR"])
-             .glob("cpu_kernel-*.so"))
+from dcasgd_optax._src import _cpu_kernel, _kernel_build
+assert _kernel_build.SOURCE.is_file() and "site-packages" in str(
+    _kernel_build.SOURCE)
+assert _cpu_kernel.enabled()  # built by the update above, from that source
+cache = pathlib.Path(_kernel_build.os.environ["DCASGD_OPTAX_CACHE_DIR"])
+built = list(cache.glob("*.so"))
 assert len(built) == 1, built
+assert dcasgd_optax.build_cpu_kernel() == built[0]  # the public way, cached
 print("OK", dcasgd_optax.__version__)
 '''.replace("import pathlib", "import jax, pathlib"))
   env = {k: v for k, v in os.environ.items()

@@ -228,3 +228,11 @@ def test_broken_links_finds_missing_files_and_anchors(tmp_path):
   (tmp_path / "b.html").write_text('<p id="yes"></p>')
   assert broken_links(tmp_path) == [
       "a.html: b.html#nope (no anchor)", "a.html: c.html", "a.html: img.png"]
+
+
+def test_join_shared_args_makes_one_entry_of_a_wrapped_name_list():
+  lines = ["Args:", "  a, b,", "    c: as in f.", "  d: its own.",
+           "  e,", "  f: not a wrapped list."]
+  generate.join_shared_args(lines)
+  assert lines == ["Args:", "  a, b, c: as in f.", "  d: its own.",
+                   "  e,", "  f: not a wrapped list."]

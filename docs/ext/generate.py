@@ -148,7 +148,48 @@ def _source_read(app: application.Sphinx, docname: str,
       repo_url=app.config.repo_url)
 
 
+_NAMES_ONLY = re.compile(r"^(\s+)(\w+(?:, \w+)*,)$")
+
+
+def join_shared_args(lines: list[str]) -> None:
+  """Joins an Args entry naming several parameters over two lines.
+
+  ``a, b, c,`` / ``    d: as in f.`` becomes one line, which napoleon reads
+  as one entry for all of them (it stops at the first line otherwise).
+  """
+  i = 0
+  while i < len(lines) - 1:
+    m = _NAMES_ONLY.match(lines[i])
+    nxt = lines[i + 1]
+    if m and nxt.startswith(m.group(1) + " ") and ":" in nxt:
+      lines[i:i + 2] = [lines[i] + " " + nxt.strip()]
+    i += 1
+
+
+def _process_docstring(app, what, name, obj, options, lines) -> None:
+  del app, what, name, obj, options
+  join_shared_args(lines)
+
+
+def _missing_reference(app, env, node, contnode):
+  """Resolves a short name used inside a private module (``Simulator`` in
+  ``dcasgd_optax.harness._clock``) against the public packages."""
+  if node.get("refdomain") != "py":
+    return None
+  target = node["reftarget"].lstrip("~.")
+  domain = env.get_domain("py")
+  for package in app.config.api_packages:
+    full = f"{package}.{target}"
+    if full in domain.objects:
+      return domain.resolve_xref(env, node["refdoc"], app.builder,
+                                 node["reftype"], full, node, contnode)
+  return None
+
+
 def setup(app: application.Sphinx) -> dict[str, Any]:
+  # Before napoleon (priority 500) parses the docstring.
+  app.connect("autodoc-process-docstring", _process_docstring, priority=400)
+  app.connect("missing-reference", _missing_reference)
   app.add_config_value("external_pages", {}, "env")
   app.add_config_value("repo_url", "", "env")
   # Before Sphinx looks for the sources (and autosummary for its stubs).
