@@ -54,6 +54,8 @@ external_pages = {
         "_generated/performance/compensation_error",
     "benchmarks/curvature_ceiling.md":
         "_generated/performance/curvature_ceiling",
+    "benchmarks/multihost_throughput.md":
+        "_generated/performance/multihost_throughput",
     "CHANGELOG.md": "_generated/changelog",
     "CONTRIBUTING.md": "_generated/contributing",
     "notebooks/01_quickstart.ipynb": "_generated/notebooks/01_quickstart",

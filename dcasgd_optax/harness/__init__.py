@@ -8,6 +8,7 @@ from dcasgd_optax.harness._clock import time_to_accuracy
 from dcasgd_optax.harness._state import SimState
 from dcasgd_optax.harness._simulator import Simulator
 from dcasgd_optax.harness._sync_simulator import SyncSimulator
+from dcasgd_optax.harness._multihost import to_host
 from dcasgd_optax.harness import schedules
 
 __all__ = (
@@ -17,4 +18,5 @@ __all__ = (
     "TimeToAccuracy",
     "schedules",
     "time_to_accuracy",
+    "to_host",
 )

@@ -83,10 +83,12 @@ class Simulator(_protocol.SimulatorBase):
     num_workers: number of asynchronous workers (>= 1). Optional when ``tx``
       keeps per-worker backups (their leading axis is the number); if given
       it must agree with them.
-    devices: devices to spread the workers over (default: all local
-      devices). Each device holds the backups (and model states) of a
-      contiguous block of workers and computes their gradients, so backup
-      memory per device falls as 1/D; the server's params and optimizer
+    devices: devices to spread the workers over (default:
+      ``jax.devices()``, every device; in a multi-process program, such as
+      a TPU pod slice, those of every process: docs/pod.md). Each device
+      holds the backups (and model states) of a contiguous block of workers
+      and computes their gradients, so backup memory per device falls as
+      1/D; the server's params and optimizer
       statistics are replicated, and on several devices ``tx`` reads the
       arriving worker's row through a stand-in (that row broadcast to all
       rows), so it must read only that worker's row, as every
@@ -174,6 +176,15 @@ class Simulator(_protocol.SimulatorBase):
       the Taylor expansion DC-ASGD approximates (Zheng et al. 2017,
       arXiv 1609.08326, eq. 4), with the Hessian product of Pearlmutter
       (1994).
+    process_timeout: in a multi-process program, the seconds each call
+      (``init``, ``replay``, ...) waits for the other processes to make it
+      too. Every process must make the same calls with the same arguments:
+      each call first compares fingerprints of them across processes
+      (``arrivals``' values; the structure, shapes and dtypes of
+      ``batches`` and of the state; ``init``'s params' values; ``devices``),
+      and a difference is a ValueError naming the argument, a process that
+      does not make the call in time a RuntimeError. Results are read on a
+      host with :func:`dcasgd_optax.harness.to_host`. Unused in one process.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -412,10 +423,12 @@ class Simulator(_protocol.SimulatorBase):
         state.step, steps_A, arrivals[0], record
     )
 
-  def _program_inputs(self, state, batches, arrivals, *, many=False):
-    """Checks ``replay``'s (``replay_many``'s) arguments; returns the
-    arrivals ``[N, A]``, the program's arguments (``"compiled"``) or what
-    the host loop needs, the strategy and the programs."""
+  def _program_inputs(self, state, batches, arrivals, *, many=False,
+                      every_process=True):
+    """Checks ``replay``'s (``replay_many``'s) arguments (on every process,
+    unless not ``every_process``); returns the arrivals ``[N, A]``, the
+    program's arguments (``"compiled"``) or what the host loop needs, the
+    strategy and the programs."""
     shared = not many or np.ndim(arrivals) == 1
     num_sims = _checks.leading_axis("state", state) if many else None
     num_workers = self._check_state(state, num_sims)
@@ -431,6 +444,10 @@ class Simulator(_protocol.SimulatorBase):
     plan = self._plan(arrivals[:1] if shared else arrivals, one.params,
                       num_workers, strategy)
     sampled = self._sampled(state, num_arrivals)
+    if every_process:
+      self._same_on_every_process(
+          "replay_many" if many else "replay", arrivals=arrivals,
+          batches=batches, state=state)
     programs = self._programs_for(strategy, vmap_slots)
     batches = _devices.replicate(batches, self.mesh)
     if strategy != "compiled":
@@ -456,7 +473,7 @@ class Simulator(_protocol.SimulatorBase):
     device holds (benchmarks/harness_throughput.md records them).
     """
     _, args, kwargs, strategy, (program, _) = self._program_inputs(
-        state, batches, arrivals)
+        state, batches, arrivals, every_process=False)
     if strategy == "compiled":
       return program.lower(*args, **kwargs)
     state, batches, plan, sampled = args

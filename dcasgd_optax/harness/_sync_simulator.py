@@ -160,7 +160,8 @@ class SyncSimulator(_protocol.SimulatorBase):
     tx: an optax transformation.
     num_workers: workers per round (>= 1); optional when ``tx`` keeps
       per-worker backups (see :class:`Simulator`).
-    devices: devices to spread a round's gradients over (default: all local).
+    devices: devices to spread a round's gradients over (default:
+      ``jax.devices()``, those of every process).
     has_model_state: whether ``loss_fn`` takes and returns a model state.
     max_parallel: most gradients computed at once, per group of a round
       (default as in :class:`Simulator`); it never changes results beyond
@@ -183,6 +184,7 @@ class SyncSimulator(_protocol.SimulatorBase):
       mean, not each worker's gradient.
     diagnose_curvature: as in :class:`Simulator`; SSGD's gradients have no
       delay, so ``curvature_ratio`` is NaN.
+    process_timeout: as in :class:`Simulator` (multi-process programs).
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -309,6 +311,9 @@ class SyncSimulator(_protocol.SimulatorBase):
     self._check_batches(one, batches, len(arrivals),
                         leading=(num_sims,) if many else ())
     rounds = self._rounds(arrivals, one.params, num_workers)
+    self._same_on_every_process(
+        "replay_many" if many else "replay", arrivals=arrivals,
+        batches=batches, state=state)
     batches = _devices.replicate(batches, self.mesh)
     if self.strategy == "compiled":
       program = self._program_many if many else self._program
