@@ -57,7 +57,7 @@ def delay_compensation(
   a trust region for the first-order Taylor step: it acts wherever
   :math:`\lambda_t` is large (also later in training, on coordinates whose
   gradient is rare). All are off by default (the paper's method); see the
-  measurements in the README before turning one on.
+  measurements in benchmarks/compensation_error.md before turning one on.
 
   Put it first in a chain, where it sees raw gradients. It only reads the
   backups; the server's side of a pull, :func:`pull`, writes them (the full
