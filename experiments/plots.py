@@ -49,6 +49,10 @@ STYLES: dict[str, Style] = {
     "dana": Style("teal", "*"),
     "dana-dc": Style("navy", "p"),
     "exact-dc": Style("gray", "*"),
+    "fisher-dc-a": Style("crimson", "D"),
+    "wp-nesterov": Style("purple", "h"),
+    "wp-nadam": Style("orchid", "p"),
+    "pipemare": Style("sienna", "v"),
 }
 """Every algorithm of :data:`experiments.algorithms.REGISTRY`'s style."""
 

@@ -70,7 +70,8 @@ def get_config(tier: str | None = None):
       "dc-asgd-a",
       "dc-asgd-a-bc", "dc-asgd-a-warmup", "dc-asgd-a-clip", "dc-asgd-a-tuned",
       "dc-asgd-a-clip-tuned", "gap-aware", "delayed-nesterov",
-      "delayed-nesterov-dc", "dana", "dana-dc", "exact-dc",
+      "delayed-nesterov-dc", "dana", "dana-dc", "exact-dc", "fisher-dc-a",
+      "wp-nesterov", "wp-nadam", "pipemare",
   )
   c.grid.num_workers = (8, 16, 32)
   c.grid.schedules = ("cyclic", "gamma")
@@ -128,8 +129,9 @@ def get_config(tier: str | None = None):
 def _quick(c: ml_collections.ConfigDict) -> None:
   """The quick tier: the target cells only, a narrower tuning grid."""
   c.grid.algorithms = (
-      "sequential", "ssgd", "asgd", "da-asgd", "dc-asgd-a", "dc-asgd-a-tuned",
-      "gap-aware", "delayed-nesterov", "delayed-nesterov-dc", "exact-dc")
+      "sequential", "ssgd", "asgd", "da-asgd", "dc-asgd-a-tuned", "gap-aware",
+      "delayed-nesterov-dc", "exact-dc", "fisher-dc-a", "wp-nesterov",
+      "pipemare")
   c.grid.optimizers = ("sgd", "momentum")
   # Each optimizer's own columns (schedule, M), replacing the product of
   # grid.schedules and grid.num_workers and the scenarios.
