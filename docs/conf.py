@@ -39,6 +39,7 @@ api_packages = [
     "dcasgd_optax.harness",
     "dcasgd_optax.harness.schedules",
     "dcasgd_optax.ray",
+    "dcasgd_optax.extend",
 ]
 repo_url = "https://github.com/dcasgd-optax/dcasgd-optax"
 # Repository files shown in the docs: repo path -> doc name. Their relative

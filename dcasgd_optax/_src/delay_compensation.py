@@ -98,7 +98,7 @@ def delay_compensation(
     ``(updates, state, params, *, worker, held_params=None, **extra_args)``:
     ``held_params``, when given, is the model the worker holds, read instead
     of ``backup[worker]`` (for drivers that keep the backups elsewhere; see
-    :func:`held_of`); other extra args are ignored.
+    ``_backups.held_of``); other extra args are ignored.
 
   Examples:
     >>> import jax.numpy as jnp, optax

@@ -79,7 +79,7 @@ def gap_aware(
     (github.com/saareliad/FTPipe, ``gap_aware``): the maximal learning rate
     times the bias-corrected RMS of the gradients, :math:`\beta = 0.999`.
     With momentum :math:`\mu` FTPipe takes the RMS of the momentum buffer
-    times the learning rate, where :func:`gap_aware_sgd` passes
+    times the learning rate, where :func:`gap_aware_asgd` passes
     :math:`\eta/(1-\mu)` times the RMS of the gradients: larger by up to
     :math:`\sqrt{(1+\mu)/(1-\mu)}` (4.4x at :math:`\mu = 0.9`, for
     zero-mean i.i.d. gradients), so the same gap is damped less.
