@@ -124,7 +124,7 @@ def main():
   late = runs[:, 100:].mean(axis=1)
   print(f"model trained by: {args.driver}; {args.workers} cyclic workers, "
         f"{args.steps} updates, {args.seeds} seeds (mean, min-max over seeds)")
-  print(f"| variant | early error | late error |\n|---|---|---|")
+  print("| variant | early error | late error |\n|---|---|---|")
   for j, name in enumerate(txs):
     e, l = early[:, j], late[:, j]
     print(f"| {name.strip()} | {e.mean():.2f} ({e.min():.2f}-{e.max():.2f}) "

@@ -45,8 +45,9 @@ Run: python benchmarks/harness_throughput.py [--arrivals 256] [--repeats 3]
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -38,19 +38,20 @@ Results and the machine: benchmarks/update_cost.md.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import contextlib
 import os
 import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 import dcasgd_optax
 from dcasgd_optax._src import _cpu_kernel

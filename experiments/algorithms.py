@@ -57,10 +57,11 @@ each on ``M`` times the data, with the same learning rate (not scaled with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import inspect
 import types
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

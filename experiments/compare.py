@@ -24,10 +24,10 @@ import json
 import os
 from typing import Any
 
+from absl import app
 import ml_collections
 import numpy as np
 import tqdm
-from absl import app
 
 from dcasgd_optax.harness import schedules
 from experiments import algorithms

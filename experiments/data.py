@@ -20,16 +20,14 @@ minibatches by index on the device.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
-
-import experiments.datasets  # pylint: disable=unused-import  # Registers mnist5k.
 
 # name -> whether to augment with random crops and flips when training.
 DATASETS = {

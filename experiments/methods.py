@@ -40,10 +40,10 @@ import os
 import time
 from typing import NamedTuple
 
-import ml_collections
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 
 from experiments import algorithms
 from experiments import plots

@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 # (params, model_state, x, *, train) -> (logits, new_model_state)
 ApplyFn = Callable[..., tuple[jax.Array, Any]]

@@ -9,8 +9,8 @@ the registry's names (:mod:`experiments.algorithms`).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
+import os
 from typing import Any, NamedTuple
 
 import matplotlib.figure

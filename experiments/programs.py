@@ -13,8 +13,9 @@ cached at module level).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

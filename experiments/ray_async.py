@@ -30,9 +30,9 @@ config's docstring gives the hardware, runtime and expected result.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import os
-from collections.abc import Sequence
 from typing import Any
 
 from absl import app
@@ -43,8 +43,8 @@ import numpy as np
 import optax
 import ray
 
-import dcasgd_optax.ray as dray
 from dcasgd_optax.harness import schedules
+import dcasgd_optax.ray as dray
 from experiments import algorithms
 from experiments import data
 from experiments import input_pipeline

@@ -7,9 +7,9 @@ runs' rows themselves) and returns the text; the studies
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import csv
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np

@@ -35,11 +35,11 @@ import os
 import time
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 import tqdm
-from absl import logging
 
 from dcasgd_optax.checkpoint import Checkpointer
 from experiments import algorithms

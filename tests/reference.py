@@ -43,7 +43,7 @@ Beyond the paper (issue 10), each from its own source:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -130,7 +130,7 @@ class ParameterServer:
     return self.worker_ms[k], self.worker_count[k]
 
   def compensated_gradient(self, g: Sequence[np.ndarray], m: int) -> list[np.ndarray]:
-    """g + lam * g * g * (w - backup[m]); updates ms first for DC-ASGD-a."""
+    """G + lam * g * g * (w - backup[m]); updates ms first for DC-ASGD-a."""
     g = _f64(g)
     if self.adaptive:
       ms, t = self._fold_mean_square(g, m)

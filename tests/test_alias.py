@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import dcasgd_optax
+
 from helpers import NUM_WORKERS
 from helpers import SETTINGS
 from helpers import assert_bitwise_equal

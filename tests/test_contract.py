@@ -14,8 +14,9 @@ bf16 in and out, inside a chain, ``inject_hyperparams``, extra args.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import chex
 import jax
@@ -25,6 +26,7 @@ import optax
 import pytest
 
 import dcasgd_optax
+
 from helpers import NUM_WORKERS
 from helpers import dc_state
 from helpers import grads_like

@@ -23,6 +23,7 @@ import optax
 import pytest
 
 import dcasgd_optax
+
 from helpers import FEW_WORKERS
 from helpers import MANY_WORKERS
 from helpers import NUM_WORKERS

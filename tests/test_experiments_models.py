@@ -1,11 +1,11 @@
 """The NNX models and their pure-function adapter."""
 
 import chex
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from experiments import models
 

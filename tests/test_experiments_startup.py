@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-import pytest
 from absl import app
+import pytest
 
 from experiments import startup
 

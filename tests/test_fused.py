@@ -51,7 +51,7 @@ def grads_at(params, t):
 def composed_dcasgd(learning_rate, num_workers, *, momentum=None,
                     nesterov=False, weight_decay=0.0, backup_dtype=None,
                     adaptive=True, lambda_=None, **compensation):
-  """dcasgd as its docstring spells it, from the public transformations."""
+  """Dcasgd as its docstring spells it, from the public transformations."""
   parts = [dcasgd_optax.delay_compensation(
       num_workers, lambda_, adaptive=adaptive, backup_dtype=backup_dtype,
       **compensation

@@ -11,6 +11,7 @@ import dcasgd_optax
 from dcasgd_optax.harness import Simulator
 from dcasgd_optax.harness import SyncSimulator
 from dcasgd_optax.harness import schedules
+
 from helpers import STRATEGIES
 from helpers import W
 from helpers import bn_loss_fn

@@ -11,10 +11,10 @@ refusals, against real Ray clusters (slow).
 
 from __future__ import annotations
 
+from concurrent import futures
 import datetime
 import ipaddress
 import logging
-from concurrent import futures
 
 import pytest
 
@@ -25,7 +25,8 @@ import dcasgd_optax.ray as dray  # pylint: disable=g-import-not-at-top
 
 try:  # Only the TLS test needs it (Ray's own TLS tooling uses it too).
   from cryptography import x509
-  from cryptography.hazmat.primitives import hashes, serialization
+  from cryptography.hazmat.primitives import hashes
+  from cryptography.hazmat.primitives import serialization
   from cryptography.hazmat.primitives.asymmetric import ec
   from cryptography.x509.oid import NameOID
 except ImportError:
@@ -206,7 +207,7 @@ def self_signed(tmp_path):
   host = ipaddress.ip_address(ray.util.get_node_ip_address())
   key = ec.generate_private_key(ec.SECP256R1())
   name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-  now = datetime.datetime.now(datetime.timezone.utc)
+  now = datetime.datetime.now(datetime.UTC)
   cert = (
       x509.CertificateBuilder().subject_name(name).issuer_name(name)
       .public_key(key.public_key()).serial_number(x509.random_serial_number())

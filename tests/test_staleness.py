@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import dcasgd_optax
+
 import helpers
 import reference
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 import enum
 import functools
 import os
-import warnings
 from typing import Any, NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp

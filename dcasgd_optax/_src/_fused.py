@@ -31,14 +31,15 @@ Measured costs: ``benchmarks/update_cost.md``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src import _cpu_kernel

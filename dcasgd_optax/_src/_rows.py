@@ -12,13 +12,14 @@ validity, with the cast inside, does both.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import contextlib
 import contextvars
-from typing import Any, Iterator
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 _UINT = {1: jnp.uint8, 2: jnp.uint16}
 

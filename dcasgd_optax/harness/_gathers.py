@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
 @jax.jit
 def _take_rows(tree: Any, rows: jax.Array) -> Any:
   """``x[rows]`` for every leaf; with ``rows`` ``[N, C, S]`` and leaves

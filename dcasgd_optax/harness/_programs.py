@@ -25,9 +25,10 @@ update the pull is written to the worker's row on the device that holds it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import contextlib
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -11,13 +11,14 @@ and report the same metric keys (``worker``, ``staleness``, ``loss``,
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
 from dcasgd_optax._src import _checks as core_checks
 from dcasgd_optax.harness import _checks

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcasgd_optax.harness import _protocol
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _diagnostics
@@ -27,6 +26,7 @@ from dcasgd_optax.harness import _gathers
 from dcasgd_optax.harness import _optimizer
 from dcasgd_optax.harness import _plan
 from dcasgd_optax.harness import _programs
+from dcasgd_optax.harness import _protocol
 from dcasgd_optax.harness import _slots
 from dcasgd_optax.harness import _state
 from dcasgd_optax.harness._state import SimState

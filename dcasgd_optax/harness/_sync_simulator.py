@@ -12,11 +12,11 @@ import optax
 
 from dcasgd_optax._src.pull import find_states
 from dcasgd_optax._src.pull import record_pull
-from dcasgd_optax.harness import _protocol
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _gathers
 from dcasgd_optax.harness import _plan
+from dcasgd_optax.harness import _protocol
 from dcasgd_optax.harness import _slots
 from dcasgd_optax.harness._state import SimState
 

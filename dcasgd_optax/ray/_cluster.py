@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import grpc
 import ray
+
 # The address resolution that ray.init itself runs; Ray has no public one.
 from ray._private import services as _ray_services
 

@@ -23,9 +23,10 @@ and inside ``jax.jit``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
 import numbers
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,7 @@ The server shards each keep their own trace of the gradients they processed
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

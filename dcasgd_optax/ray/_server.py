@@ -23,9 +23,10 @@ values; the worker's pull is still recorded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import numbers
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +39,11 @@ from dcasgd_optax._src.delay_compensation import num_workers_of
 from dcasgd_optax._src.pull import find_states
 from dcasgd_optax._src.pull import pull as pull_hook
 from dcasgd_optax._src.pull import record_pull
+from dcasgd_optax.ray import _checkpoint
 from dcasgd_optax.ray import _layout
 from dcasgd_optax.ray import _records
 from dcasgd_optax.ray import _shm
 from dcasgd_optax.ray import _wire
-from dcasgd_optax.ray import _checkpoint
 from dcasgd_optax.ray._admission import Admission
 from dcasgd_optax.ray._checkpoint import ServerState
 

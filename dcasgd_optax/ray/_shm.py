@@ -38,11 +38,11 @@ worker that died before opening them).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import mmap
 import os
 import select
 import uuid
-from typing import Sequence
 
 import numpy as np
 
@@ -194,7 +194,7 @@ class Channel:
     self.epoch, self.grads, self.params, self.bell = epoch, grads, params, bell
 
   @classmethod
-  def create(cls, epoch: int, specs: Specs, name: str) -> "Channel":
+  def create(cls, epoch: int, specs: Specs, name: str) -> Channel:
     """The shard's side: creates the three files, named after ``name``."""
     stem = os.path.join(DIRECTORY, f"dcasgd-optax-{name}-{uuid.uuid4().hex}")
     made = []
@@ -210,7 +210,7 @@ class Channel:
 
   @classmethod
   def attach(cls, epoch: int, paths: Sequence[str], specs: Specs
-             ) -> "Channel":
+             ) -> Channel:
     """The worker's side: opens the three files, then unlinks them."""
     made = []
     try:

@@ -11,10 +11,11 @@ starts), starts and stops the actors (and Ray, if needed), and returns a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np

@@ -12,8 +12,9 @@ pulls and continues.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

