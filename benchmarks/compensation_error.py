@@ -126,9 +126,9 @@ def main():
         f"{args.steps} updates, {args.seeds} seeds (mean, min-max over seeds)")
   print("| variant | early error | late error |\n|---|---|---|")
   for j, name in enumerate(txs):
-    e, l = early[:, j], late[:, j]
+    e, la = early[:, j], late[:, j]
     print(f"| {name.strip()} | {e.mean():.2f} ({e.min():.2f}-{e.max():.2f}) "
-          f"| {l.mean():.2f} ({l.min():.2f}-{l.max():.2f}) |")
+          f"| {la.mean():.2f} ({la.min():.2f}-{la.max():.2f}) |")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dcasgd_optax._src._kernel_build import build_cpu_kernel
 
 
 def main(argv: list[str]) -> int:
+  """Builds the kernel into ``argv[0]`` (or the default cache); exit status."""
   if len(argv) > 1 or any(a.startswith("-") for a in argv):
     print("usage: python -m dcasgd_optax.build_kernel [CACHE_DIR]",
           file=sys.stderr)

@@ -190,10 +190,10 @@ def plot_gap_closed(stats: Sequence[dict], path: str, *, title: str = "",
   axes[0][0].set_ylabel("share of ASGD's gap to sequential closed (%)")
   handles, labels = axes[0][0].get_legend_handles_labels()
   for ax in axes[0][1:]:
-    for h, l in zip(*ax.get_legend_handles_labels()):
-      if l not in labels:
+    for h, label in zip(*ax.get_legend_handles_labels()):
+      if label not in labels:
         handles.append(h)
-        labels.append(l)
+        labels.append(label)
   if labels:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6),
                fontsize=8, bbox_to_anchor=(0.5, 0.0))

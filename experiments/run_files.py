@@ -105,9 +105,9 @@ def keep_diagnostics(workdir: str, epochs: int) -> None:
   path = os.path.join(workdir, "diagnostics.jsonl")
   if not os.path.exists(path):
     return
-  lines = [l for l in read_diagnostics(workdir) if l["epoch"] <= epochs]
+  lines = [r for r in read_diagnostics(workdir) if r["epoch"] <= epochs]
   with open(path, "w") as f:
-    f.writelines(json.dumps(l) + "\n" for l in lines)
+    f.writelines(json.dumps(r) + "\n" for r in lines)
 
 
 def read_diagnostics(workdir: str) -> list[dict]:

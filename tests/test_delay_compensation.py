@@ -13,6 +13,8 @@ not grow with ``num_workers`` (no timing).
 
 from __future__ import annotations
 
+import operator
+
 import chex
 import hypothesis
 from hypothesis import strategies as st
@@ -597,7 +599,7 @@ def test_variants_match_reference_server(
   mean_square = state[0].mean_square
   if per_worker:  # one row per worker, each fed by that worker's gradients
     for m in range(num_workers):
-      row = jax.tree.map(lambda x: x[m], mean_square)
+      row = jax.tree.map(operator.itemgetter(m), mean_square)
       assert_close_to_reference(row, ref.worker_ms[m], f"ms of worker {m}")
     np.testing.assert_array_equal(state[0].count, ref.worker_count)
   else:
@@ -670,7 +672,7 @@ def test_variants_under_inject_hyperparams_and_jit_match_the_plain_build():
   state, plain_state = stale_state(injected, params), stale_state(plain, params)
   step = jax.jit(lambda g, s, m: injected.update(g, s, params, worker=m))
   for m, seed in ((1, 0), (2, 1), (1, 2)):
-    g = jax.tree.map(lambda p: p * (seed + 1.0), params)
+    g = jax.tree.map(lambda p, k=seed + 1.0: p * k, params)
     got, state = step(g, state, m)
     want, plain_state = plain.update(g, plain_state, params, worker=m)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)

@@ -1,5 +1,7 @@
 """experiments.algorithms: the registry, and what each record builds."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,8 +62,8 @@ def test_every_record_builds_where_it_applies(opt, momentum):
     if expected:  # traced, not compiled: the numbers are tested below
       tx = algorithms.make_tx(config, M, S)
       state = jax.eval_shape(tx.init, params)
-      updates, _ = jax.eval_shape(
-          lambda s, p: tx.update(p, s, p, worker=1, staleness=M - 1), state, params)
+      update = functools.partial(tx.update, worker=1, staleness=M - 1)
+      updates, _ = jax.eval_shape(update, params, state, params)
       assert updates["w"].shape == (3,), name
 
 

@@ -21,7 +21,7 @@ import pytest
 ray = pytest.importorskip("ray")
 grpc = pytest.importorskip("grpc")
 
-import dcasgd_optax.ray as dray  # pylint: disable=g-import-not-at-top
+import dcasgd_optax.ray as dray  # noqa: E402  (after the importorskip)
 
 try:  # Only the TLS test needs it (Ray's own TLS tooling uses it too).
   from cryptography import x509

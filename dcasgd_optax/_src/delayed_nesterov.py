@@ -12,12 +12,12 @@ from dcasgd_optax._src import _checks
 
 
 class DelayedNesterovState(NamedTuple):
-  """State of :func:`delayed_nesterov`.
+  r"""State of :func:`delayed_nesterov`.
 
   Attributes:
     count: int32 scalar, the number of updates so far.
     momentum: the momentum :math:`m`, shaped like params (params' dtypes).
-    accumulated: :math:`\\Delta`, the sum of this period's gradients so far,
+    accumulated: :math:`\Delta`, the sum of this period's gradients so far,
       shaped like params (params' dtypes).
   """
 

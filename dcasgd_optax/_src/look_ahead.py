@@ -13,14 +13,14 @@ from dcasgd_optax._src import _tree
 
 
 class LookAheadState(NamedTuple):
-  """State of :func:`look_ahead_momentum`.
+  r"""State of :func:`look_ahead_momentum`.
 
   Attributes:
     count: int32 scalar, the number of updates so far.
     trace: the momentum buffer :math:`v`, shaped like params (params'
       dtypes), as in ``optax.sgd``.
     look_ahead: float32 scalar :math:`a`, so that the predicted model is
-      :math:`w - a \\, v` (:func:`pull` sends it).
+      :math:`w - a \, v` (:func:`pull` sends it).
   """
 
   count: jax.Array

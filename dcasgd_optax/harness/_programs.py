@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 import contextlib
 import functools
+import operator
 from typing import Any, NamedTuple
 
 import jax
@@ -301,7 +302,7 @@ def replay_host_chunks(step, state, batches, plan, sampled=None, *,
     sampled = sampled[at]
   records = []
   for c, batch_S in enumerate(_gathers.split_chunks(batches, rows)):
-    of_chunk = (lambda a: a[:, c]) if batched else (lambda a: a[c])
+    of_chunk = operator.itemgetter((slice(None), c) if batched else c)
     state, record = step(
         state, of_chunk(workers), batch_S, of_chunk(slots), lengths[c],
         None if sampled is None else sampled[c], by_row=plan.by_row,
