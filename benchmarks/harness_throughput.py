@@ -197,9 +197,17 @@ def time_round_gradients(loss_fn, params, num_workers, batches, repeats, *,
     fn = lambda run=run: jax.block_until_ready(run(models, rounds))
     best = min(best, best_time(fn, repeats))
 
-  unrolled = jax.jit(lambda models, batch_W: [
-      grad_fn(jax.tree.map(operator.itemgetter(i), models) if own_models else params,
-              batch_W[i]) for i in range(num_workers)])
+  unrolled = jax.jit(
+      lambda models, batch_W: [
+          grad_fn(
+              jax.tree.map(operator.itemgetter(i), models)
+              if own_models
+              else params,
+              batch_W[i],
+          )
+          for i in range(num_workers)
+      ]
+  )
   round_list = list(rounds)
 
   def host_rounds():
@@ -476,8 +484,10 @@ def memory(num_params: int = 1 << 20) -> None:
   mib = lambda n: n / 2**20
   print(f"model: {num_params} float32 params ({mib(4 * num_params):.0f} MiB);"
         " DC-ASGD-a with momentum; MiB per device\n")
-  print("| tx | workers | devices | strategy | backups (shard) | XLA arguments "
-        "| XLA temp | XLA output (aliased) |\n|---|---|---|---|---|---|---|---|")
+  print(
+      "| tx | workers | devices | strategy | backups (shard) | XLA arguments "
+      "| XLA temp | XLA output (aliased) |\n|---|---|---|---|---|---|---|---|"
+  )
   composed = lambda m: dcasgd_optax.pull_after_push(optax.chain(
       dcasgd_optax.delay_compensation(m, 2.0, adaptive=True),
       optax.sgd(0.01, momentum=0.9)))

@@ -1,4 +1,4 @@
-r"""Runs the comparison grid (algorithms x worker counts x seeds) and reports it.
+r"""Runs the comparison grid (algorithms x worker counts x seeds), reports it.
 
 Example::
 
@@ -40,7 +40,9 @@ from experiments import tables
 from experiments import train
 
 
-def run_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+def run_configs(
+    config: ml_collections.ConfigDict,
+) -> list[ml_collections.ConfigDict]:
   """One config per run of ``config.grid``, all validated before any runs."""
   grid = config.grid
   chosen = [algorithms.get(a) for a in grid.algorithms]
@@ -59,7 +61,9 @@ def run_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Config
 
 
 def run_dir(workdir: str, c: Any) -> str:
-  return os.path.join(workdir, "runs", f"{c.algorithm}-M{c.num_workers}-seed{c.seed}")
+  return os.path.join(
+      workdir, "runs", f"{c.algorithm}-M{c.num_workers}-seed{c.seed}"
+  )
 
 
 def schedule_staleness(
@@ -82,7 +86,9 @@ def report(config: Any, workdir: str, rows: list[dict], dirs: list[str], *,
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     for row, d in zip(rows, dirs):
       history = run_files.read_metrics(d)
-      histories.setdefault((row["algorithm"], row["workers"]), []).append(history)
+      histories.setdefault((row["algorithm"], row["workers"]), []).append(
+          history
+      )
       for record in history:
         keys = ("algorithm", "workers", "schedule", "seed")
         f.write(json.dumps({**{k: row[k] for k in keys}, **record}) + "\n")

@@ -135,7 +135,7 @@ def load(
 
 
 def read_all(source: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-  """Decodes every record of a data source into ``(uint8 images, int32 labels)``."""
+  """Decodes every record of a data source: ``(uint8 images, int32 labels)``."""
   records = [source[i] for i in range(len(source))]
   if not records:
     raise ValueError(f"Data source {source!r} is empty.")

@@ -61,5 +61,7 @@ def optimizer(config: Any, learning_rate: optax.ScalarOrSchedule) -> list:
   parts = []
   if config.weight_decay:
     parts.append(optax.add_decayed_weights(config.weight_decay))
-  parts.append(OPTIMIZERS[check_optimizer(config.optimizer)](config, learning_rate))
+  parts.append(
+      OPTIMIZERS[check_optimizer(config.optimizer)](config, learning_rate)
+  )
   return parts

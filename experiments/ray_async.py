@@ -86,7 +86,11 @@ class ShardedBatches:
   def __init__(self, dataset: str, data_dir: str | None, num_workers: int,
                batch_size: int, seed: int):
     self._dataset, self._data_dir = dataset, data_dir
-    self._num_workers, self._batch_size, self._seed = num_workers, batch_size, seed
+    self._num_workers, self._batch_size, self._seed = (
+        num_workers,
+        batch_size,
+        seed,
+    )
     self._train = None
 
   def __call__(self, worker: int, seq: int) -> tuple[np.ndarray, np.ndarray]:

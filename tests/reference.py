@@ -37,7 +37,8 @@ Beyond the paper (issue 10), each from its own source:
   as the backup, w - lr_t * (mu + mu^2 + ... + mu^H) * v, the model H further
   heavy-ball steps would reach with no new gradient.
 - Staleness rules: inverse 1 / max(tau, 1) (Zhang et al. 2016), sqrt
-  1 / sqrt(1 + tau) (Xie et al. 2019, FedAsync's polynomial (1 + tau)^-a, a = 1/2),
+  1 / sqrt(1 + tau) (Xie et al. 2019, FedAsync's polynomial (1 + tau)^-a,
+  a = 1/2),
   delay-adaptive n / max(n, tau) (Mishchenko et al. 2022).
 """
 
@@ -96,7 +97,9 @@ class ParameterServer:
     self.correction_clip = correction_clip
     # One (ms, count) per worker, or one shared pair.
     n_stats = num_workers if per_worker_mean_square else 1
-    self.worker_ms = [[np.zeros_like(x) for x in self.w] for _ in range(n_stats)]
+    self.worker_ms = [
+        [np.zeros_like(x) for x in self.w] for _ in range(n_stats)
+    ]
     self.worker_count = [0] * n_stats
     self.period = delayed_nesterov_period
     self.activation = momentum_activation
@@ -119,17 +122,21 @@ class ParameterServer:
     return _f64(sent)
 
   def _fold_mean_square(self, g: list[np.ndarray], m: int) -> tuple[list, int]:
-    """Updates worker m's (or the shared) ms with g; returns it and its count."""
+    """Updates worker m's (or the shared) ms with g; returns it, its count."""
     k = m if self.per_worker else 0
     self.worker_ms[k] = [
         self.decay * ms + (1.0 - self.decay) * gi * gi
         for ms, gi in zip(self.worker_ms[k], g)
     ]
     self.worker_count[k] += 1
-    self.mean_square = self.worker_ms[k] if not self.per_worker else self.worker_ms
+    self.mean_square = (
+        self.worker_ms[k] if not self.per_worker else self.worker_ms
+    )
     return self.worker_ms[k], self.worker_count[k]
 
-  def compensated_gradient(self, g: Sequence[np.ndarray], m: int) -> list[np.ndarray]:
+  def compensated_gradient(
+      self, g: Sequence[np.ndarray], m: int
+  ) -> list[np.ndarray]:
     """G + lam * g * g * (w - backup[m]); updates ms first for DC-ASGD-a."""
     g = _f64(g)
     if self.adaptive:
@@ -156,7 +163,9 @@ class ParameterServer:
     n, c, beta = self.period, self.activation, self.momentum
     self.accumulated = [a + di for a, di in zip(self.accumulated, d)]
     if (self.pushes + 1) % n == 0:
-      self.velocity = [beta * v + a / n for v, a in zip(self.velocity, self.accumulated)]
+      self.velocity = [
+          beta * v + a / n for v, a in zip(self.velocity, self.accumulated)
+      ]
       self.accumulated = [np.zeros_like(a) for a in self.accumulated]
       coeff = (1.0 - c * n + c) * beta
     else:
@@ -170,7 +179,9 @@ class ParameterServer:
     if self.period is not None:
       d = self._delayed_nesterov(d)
     elif self.momentum is not None:
-      self.velocity = [di + self.momentum * vi for di, vi in zip(d, self.velocity)]
+      self.velocity = [
+          di + self.momentum * vi for di, vi in zip(d, self.velocity)
+      ]
       if self.nesterov:
         d = [di + self.momentum * vi for di, vi in zip(d, self.velocity)]
       else:
@@ -193,7 +204,9 @@ class GapAwareServer(ParameterServer):
     super().__init__(w0, num_workers, 0.0, decay=decay, eps=eps, **sgd)
     self.eta_max = eta_max
 
-  def compensated_gradient(self, g: Sequence[np.ndarray], m: int) -> list[np.ndarray]:
+  def compensated_gradient(
+      self, g: Sequence[np.ndarray], m: int
+  ) -> list[np.ndarray]:
     g = _f64(g)
     v, t = self._fold_mean_square(g, m)
     out = []
@@ -203,7 +216,9 @@ class GapAwareServer(ParameterServer):
     return out
 
 
-def staleness_scale(rule: str, tau: int, num_workers: int | None = None) -> float:
+def staleness_scale(
+    rule: str, tau: int, num_workers: int | None = None
+) -> float:
   """The factor a staleness rule multiplies a gradient of staleness tau by."""
   if rule == "inverse":
     return 1.0 / max(tau, 1)

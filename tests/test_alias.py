@@ -82,7 +82,9 @@ def test_zero_lambda_is_plain_asgd(num_workers, adaptive, sgd, data):
           max_size=6,
       )
   )
-  dc = dcasgd_optax.dcasgd(0.1, num_workers, lambda_=0.0, adaptive=adaptive, **sgd)
+  dc = dcasgd_optax.dcasgd(
+      0.1, num_workers, lambda_=0.0, adaptive=adaptive, **sgd
+  )
   plain = optax.sgd(0.1, **sgd)
   dc_step = jax.jit(lambda g, s, p, m: dc.update(g, s, p, worker=m))
   plain_step = jax.jit(plain.update)
@@ -106,7 +108,7 @@ def test_zero_lambda_is_plain_asgd(num_workers, adaptive, sgd, data):
 def test_single_worker_with_pull_after_push_is_sequential_sgd(
     adaptive, lambda_, sgd, grads
 ):
-  """num_workers=1: backup == w at every push, so the compensation term is zero."""
+  """num_workers=1: backup == w at every push, so the compensation is zero."""
   dc = dcasgd_optax.dcasgd(0.1, 1, lambda_=lambda_, adaptive=adaptive, **sgd)
   plain = optax.chain(
       optax.add_decayed_weights(sgd["weight_decay"]),

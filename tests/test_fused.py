@@ -448,4 +448,8 @@ def test_without_a_compiler_dcasgd_warns_once_and_keeps_xlas_loop(tmp_path):
       [sys.executable, "-c", NO_COMPILER % KERNEL_TARGET], env=env,
       capture_output=True, text=True, check=True,
   )
-  assert done.stdout.split() == ["1", "False", str(float(np.float32(-0.1)))], done
+  assert done.stdout.split() == [
+      "1",
+      "False",
+      str(float(np.float32(-0.1))),
+  ], done

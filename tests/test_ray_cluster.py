@@ -173,8 +173,10 @@ def test_ray_client_address_probes_the_ray_client_server(serve):  # pylint: disa
 
 
 def test_nothing_listening_is_a_connection_error_after_timeout_s():
-  with pytest.raises(ConnectionError,
-                     match=r"No Ray cluster answered .* within 0.3 s.*RAY_USE_TLS"):
+  with pytest.raises(
+      ConnectionError,
+      match=r"No Ray cluster answered .* within 0.3 s.*RAY_USE_TLS",
+  ):
     dray.connect("127.0.0.1:1", timeout_s=0.3)
 
 
@@ -187,7 +189,11 @@ def test_a_grpc_server_that_is_not_ray_is_a_connection_error(serve):  # pylint: 
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(allow_insecure_cluster="yes"), TypeError, "allow_insecure_cluster"),
+        (
+            dict(allow_insecure_cluster="yes"),
+            TypeError,
+            "allow_insecure_cluster",
+        ),
         (dict(timeout_s=0), ValueError, "timeout_s"),
         (dict(address=6379), TypeError, "`address` must be a str or None"),
     ],

@@ -20,9 +20,11 @@ def concrete_value(x: Any) -> Any | None:
   """Returns ``x`` as a NumPy value if it is known now, else ``None``."""
   try:
     return np.asarray(x)
-  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+  except (
+      jax.errors.ConcretizationTypeError,
+      jax.errors.TracerArrayConversionError,
+  ):
     return None
-
 
 
 def is_static_zero(x: Any) -> bool:
@@ -89,7 +91,7 @@ def check_scalar_range(
 
 
 def check_seed(seed: Any) -> int:
-  """Returns ``seed`` if it is a non-negative int (``None`` is not deterministic)."""
+  """Returns ``seed`` if a non-negative int (``None`` is not deterministic)."""
   if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
     raise TypeError(
         f"`seed` must be a non-negative int (for a reproducible order), got "

@@ -1,4 +1,4 @@
-"""Full optimizers: each method of the library with weight decay, SGD and the pull after push."""
+"""Full optimizers: each method with weight decay, SGD and pull after push."""
 
 from __future__ import annotations
 
@@ -230,8 +230,8 @@ def pull_after_push(inner: optax.GradientTransformation) -> PullAfterPush:
     >>> tx = dcasgd_optax.pull_after_push(optax.chain(
     ...     dcasgd_optax.delay_compensation(2, 0.04), optax.adam(1e-3)))
     >>> state = tx.init({'w': jnp.zeros(2)})
-    >>> updates, state = tx.update({'w': jnp.ones(2)}, state, {'w': jnp.zeros(2)},
-    ...                            worker=0)
+    >>> updates, state = tx.update(
+    ...     {'w': jnp.ones(2)}, state, {'w': jnp.zeros(2)}, worker=0)
   """
   inner = optax.with_extra_args_support(inner)
 
@@ -297,8 +297,8 @@ def gap_aware_sgd(
     >>> import dcasgd_optax
     >>> tx = dcasgd_optax.gap_aware_sgd(0.1, num_workers=4, momentum=0.9)
     >>> state = tx.init({'w': jnp.ones(2)})
-    >>> updates, state = tx.update({'w': jnp.ones(2)}, state, {'w': jnp.ones(2)},
-    ...                            worker=1)  # fresh: no gap, plain SGD
+    >>> updates, state = tx.update(  # fresh: no gap, plain SGD
+    ...     {'w': jnp.ones(2)}, state, {'w': jnp.ones(2)}, worker=1)
     >>> updates['w']
     Array([-0.1, -0.1], dtype=float32)
 
@@ -454,8 +454,8 @@ def delayed_nesterov_dcasgd(
     >>> import dcasgd_optax
     >>> tx = dcasgd_optax.delayed_nesterov_dcasgd(0.1, num_workers=4)
     >>> state = tx.init({'w': jnp.ones(2)})
-    >>> updates, state = tx.update({'w': jnp.ones(2)}, state, {'w': jnp.ones(2)},
-    ...                            worker=2)
+    >>> updates, state = tx.update(
+    ...     {'w': jnp.ones(2)}, state, {'w': jnp.ones(2)}, worker=2)
     >>> updates['w']  # first push of the period: -0.1 * g / 4
     Array([-0.025, -0.025], dtype=float32)
 

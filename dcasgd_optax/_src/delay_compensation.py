@@ -130,7 +130,8 @@ def delay_compensation(
     >>> import jax.numpy as jnp, optax
     >>> import dcasgd_optax
     >>> params = {'w': jnp.array([1.0, 2.0])}
-    >>> tx = optax.chain(dcasgd_optax.delay_compensation(2, 0.5), optax.sgd(0.1))
+    >>> tx = optax.chain(
+    ...     dcasgd_optax.delay_compensation(2, 0.5), optax.sgd(0.1))
     >>> state = tx.init(params)
     >>> new = {'w': jnp.array([1.5, 2.0])}   # another worker moved the model
     >>> grads = {'w': jnp.array([2.0, 1.0])}  # worker 1 computed at the old one
@@ -185,7 +186,7 @@ def compensation_correction(
     lambda_warmup: Any,
     correction_clip: Any,
 ) -> Any:
-  """:func:`delay_compensation`'s ``correct`` (see :func:`backups_transformation`).
+  """:func:`delay_compensation`'s ``correct`` (:func:`backups_transformation`).
 
   Its arguments, already validated and ``lambda_`` resolved. The fused full
   optimizer applies the same function to blocks of each parameter, so both
@@ -287,7 +288,9 @@ def warm_up_ramp(t: Any, steps: Any) -> jax.Array:
 
 def check_backup_dtype(backup_dtype: Any) -> None:
   """Raises unless ``backup_dtype`` is None or a floating dtype."""
-  if backup_dtype is not None and not jnp.issubdtype(backup_dtype, jnp.floating):
+  if backup_dtype is not None and not jnp.issubdtype(
+      backup_dtype, jnp.floating
+  ):
     raise TypeError(
         f"`backup_dtype` must be a floating dtype or None, got {backup_dtype}."
     )
@@ -403,7 +406,7 @@ def _store(old: Any, new: Any, worker: Any, valid: Any,
 
 
 def num_workers_of(state: DelayCompensationState) -> int | None:
-  """The leading axis of the backups, or None for a params tree with no leaves."""
+  """The backups' leading axis, or None for a params tree with no leaves."""
   leaves = jax.tree.leaves(state.backups)
   return leaves[0].shape[0] if leaves else None
 

@@ -104,7 +104,9 @@ def delayed_nesterov(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    lr = (
+        learning_rate(state.count) if callable(learning_rate) else learning_rate
+    )
     boundary = (state.count + 1) % period == 0
     c = momentum_activation
     coeff = jnp.where(boundary, (1 - c * period + c) * momentum, c * momentum)

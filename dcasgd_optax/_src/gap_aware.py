@@ -1,4 +1,5 @@
-"""Gap-Aware: a stale gradient damped per coordinate by how far the model moved."""
+"""Gap-Aware: a stale gradient damped per coordinate by how far the model
+moved."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def gap_aware(
     >>> import jax.numpy as jnp, optax
     >>> import dcasgd_optax
     >>> tx = dcasgd_optax.pull_after_push(optax.chain(
-    ...     dcasgd_optax.gap_aware(2, step_size=0.1, decay=0.0), optax.sgd(0.1)))
+    ...     dcasgd_optax.gap_aware(2, step_size=0.1, decay=0.0),
+    ...     optax.sgd(0.1)))
     >>> state = tx.init({'w': jnp.zeros(1)})
     >>> g = {'w': jnp.ones(1)}
     >>> w = {'w': jnp.array([0.1])}  # worker 0 pulled 0.0; one step later

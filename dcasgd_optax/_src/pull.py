@@ -103,7 +103,7 @@ def record_pull(opt_state: Any, params: Any, worker: Any) -> Any:
 
 
 def pull(opt_state: Any, params: Any, worker: Any) -> tuple[Any, Any]:
-  """The server's side of a pull: what ``worker`` receives, recorded as its backup.
+  """The server's side of a pull: what ``worker`` receives, kept as its backup.
 
   Every driver of asynchronous training (the simulator, :func:`pull_after_push`,
   the Ray parameter server) calls this when a worker pulls, and sends the

@@ -47,7 +47,7 @@ def spread(
     fn: Callable, mesh: Mesh, replicated: tuple[Any, ...],
     split: tuple[Any, ...],
 ) -> Any:
-  """``fn(*replicated, *split)`` with ``split``'s leading axes spread over ``mesh``.
+  """``fn(*replicated, *split)``, ``split``'s leading axes spread over ``mesh``.
 
   ``replicated`` arguments are whole on every device; every leaf of
   ``split`` and of the output has a leading axis whose length is a multiple

@@ -67,7 +67,7 @@ def _is_state_of(target: Any) -> Any:
 
 
 def first_state(opt_state: Any, first_transform: Any, params: Any) -> Any:
-  """The node of ``opt_state`` with the structure of ``first_transform``'s state.
+  """The node of ``opt_state`` structured as ``first_transform``'s state.
 
   The first such node in ``opt_state``'s flattening order: for an
   ``optax.chain`` (also inside :func:`dcasgd_optax.pull_after_push`), the
@@ -133,7 +133,7 @@ def sampled(first_step: int, num_arrivals: int, every: int) -> np.ndarray:
 def measure(diagnostics: Diagnostics, loss_with_state: Any, state: Any,
             grads: Any, batch: Any, worker: Any, staleness: Any,
             is_sampled: jax.Array) -> dict[str, jax.Array]:
-  """The four figures for one arrival (before its update), or NaN if unsampled."""
+  """The four figures of one arrival (before its update), NaN if unsampled."""
 
   def measured():
     fresh = _flat(jax.grad(

@@ -1,4 +1,4 @@
-"""Host-side gathers: splitting batches into chunks and joining per-chunk outputs."""
+"""Host-side gathers: batches split into chunks, per-chunk outputs joined."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from dcasgd_optax.harness import _checks
 
 
 def _backups_state(tx: Any, params: Any) -> Any:
-  """The one DelayCompensationState of ``tx``'s state for ``params``, or None."""
+  """The DelayCompensationState of ``tx``'s state for ``params``, or None."""
   states = find_states(jax.eval_shape(tx.init, _checks.abstract(params)))
   if not states:
     return None
@@ -45,7 +45,7 @@ def keeps_backups(tx: Any, params: Any) -> bool:
 
 
 def workers_of(tx: Any, params: Any, num_workers: int | None) -> int:
-  """The number of workers for ``params``: ``tx``'s backups', else ``num_workers``.
+  """The number of workers: that of ``tx``'s backups, else ``num_workers``.
 
   Args:
     tx: the user's optax transformation.

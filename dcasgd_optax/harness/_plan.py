@@ -211,7 +211,9 @@ def plan_rounds(arrivals: np.ndarray, num_workers: int, limit: int,
   arrivals_RxM = arrivals.reshape(-1, m)
   num_rounds = arrivals_RxM.shape[0]
   # Worker w's batch in round r: the position of w among the round's arrivals.
-  rows_RxM = np.argsort(arrivals_RxM, axis=1) + m * np.arange(num_rounds)[:, None]
+  rows_RxM = (
+      np.argsort(arrivals_RxM, axis=1) + m * np.arange(num_rounds)[:, None]
+  )
   pad = np.minimum(np.arange(num_groups * group), m - 1)
   rows = rows_RxM[:, pad].reshape(num_rounds, num_groups, group)
   weights = np.where(np.arange(num_groups * group) < m, 1.0 / m, 0.0)

@@ -69,8 +69,12 @@ def cpu_strategy(convolves: bool) -> str:
   return "host_chunks" if convolves else "compiled"
 
 
-def stream_metrics(final_step: jax.Array, steps_A: np.ndarray,
-                   arrivals: np.ndarray, record: dict[str, Any]) -> dict[str, Any]:
+def stream_metrics(
+    final_step: jax.Array,
+    steps_A: np.ndarray,
+    arrivals: np.ndarray,
+    record: dict[str, Any],
+) -> dict[str, Any]:
   """The per-arrival record both simulators return (the keys Ray uses too).
 
   ``record`` holds ``"loss"``, ``"staleness"`` and any diagnostics; this adds

@@ -252,8 +252,11 @@ class Simulator(_protocol.SimulatorBase):
     plan = self._plan(arrivals, params, num_workers, strategy)
     slots = plan.num_chunks * plan.chunk
     return dict(
-        num_arrivals=arrivals.shape[-1], num_runs=plan.num_runs, chunk=plan.chunk,
-        num_chunks=plan.num_chunks, fill_ratio=arrivals.shape[-1] / slots,
+        num_arrivals=arrivals.shape[-1],
+        num_runs=plan.num_runs,
+        chunk=plan.chunk,
+        num_chunks=plan.num_chunks,
+        fill_ratio=arrivals.shape[-1] / slots,
         strategy=strategy,
     )
 

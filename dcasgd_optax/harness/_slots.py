@@ -1,4 +1,5 @@
-"""Slot mapping: a function over a leading axis of slots, batched or unrolled."""
+"""Slot mapping: a function over a leading axis of slots, batched or
+unrolled."""
 
 from __future__ import annotations
 

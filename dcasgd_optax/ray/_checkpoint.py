@@ -50,7 +50,9 @@ def shard_directory(checkpoint_dir: str, shard: int, num_shards: int) -> str:
                       f"shard-{shard}-of-{num_shards}")
 
 
-def open_shard(checkpoint_dir: str, shard: int, num_shards: int) -> Checkpointer:
+def open_shard(
+    checkpoint_dir: str, shard: int, num_shards: int
+) -> Checkpointer:
   """The Checkpointer of one shard, creating ``checkpoint_dir`` if missing.
 
   A directory created here gets mode ``0o700`` (owner only), like the shard

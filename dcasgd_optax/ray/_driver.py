@@ -159,7 +159,7 @@ class Driver:
 
   def run(self, num_updates: int, checkpoint_every: int | None,
           progress: tuple[int, np.ndarray]) -> None:
-    """Runs until every shard has processed exactly ``num_updates`` gradients."""
+    """Runs until each shard has applied exactly ``num_updates`` gradients."""
     step = progress[0]
     while True:
       limit = num_updates

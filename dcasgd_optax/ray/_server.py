@@ -134,7 +134,7 @@ def _make_steps(tx: Any, layout: _layout.Layout, shard: int,
     return x if wire is None else x.astype(wire)
 
   def pull(params, opt_state, worker):
-    """The worker's pull (dcasgd_optax.pull: maybe a look-ahead), on the wire."""
+    """The worker's pull (dcasgd_optax.pull: maybe a look-ahead) on the wire."""
     pulled = params
     if has_backups:
       pulled, recorded = pull_hook(opt_state, params, worker)
@@ -268,7 +268,7 @@ class ParameterServer:
     return Pulled(int(s.step), [np.asarray(x) for x in pieces], True)
 
   def attach(self, worker: int, epoch: int) -> int:
-    """A restarted worker (incarnation ``epoch``) attaches: returns its last seq.
+    """A restarted worker (incarnation ``epoch``) attaches; returns last seq.
 
     From now on pushes from its earlier incarnations are ignored as stale.
     """
@@ -465,7 +465,7 @@ class ParameterServer:
     return list(self._specs)
 
   def _check_worker(self, worker: Any) -> None:
-    """Rejects a bad id before any state (donated buffers included) is touched."""
+    """Rejects a bad id before any state (donated buffers too) is touched."""
     if isinstance(worker, bool) or not isinstance(worker, numbers.Integral):
       raise TypeError(f"`worker` must be an int, got {worker!r}.")
     if not 0 <= worker < self._num_workers:
@@ -524,7 +524,9 @@ class ParameterServer:
 
   def recent_loss(self, count: int) -> tuple[int, float]:
     """The step and the mean loss of the last ``count`` gradients (shard 0)."""
-    losses = [row[-2] for row in self._rows[-count:]] if self._shard == 0 else []
+    losses = (
+        [row[-2] for row in self._rows[-count:]] if self._shard == 0 else []
+    )
     return int(self._state.step), float(np.mean(losses)) if losses else float(
         "nan")
 
@@ -565,7 +567,7 @@ class ParameterServer:
       self._admission.reset(int(r.step))
 
   def close(self) -> float:
-    """Waits for pending saves, closes the channels; returns the busy seconds."""
+    """Waits for pending saves, closes the channels; returns busy seconds."""
     for channel in self._channels.values():
       channel.close()
     self._channels.clear()

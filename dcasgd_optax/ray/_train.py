@@ -258,7 +258,7 @@ def _save_if_consistent(shards: Sequence[Any]) -> None:
 
 def _shutdown(shards: Sequence[Any], workers: Sequence[Any], failed: bool,
               checkpointing: bool, started_ray: bool) -> None:
-  """Saves what can be saved, kills this run's actors (and Ray if train started it)."""
+  """Saves what it can, kills the run's actors (and Ray if train started it)."""
   for w in workers:  # First, so no push lands after the last save.
     ray.kill(w, no_restart=True)
   if failed and checkpointing and shards:
@@ -296,7 +296,8 @@ def train(
     init_kwargs: dict[str, Any] | None = None,
     log_every: int | None = None,
 ) -> TrainResult:
-  r"""Trains asynchronously on Ray: ``num_shards`` server shards, ``num_workers`` workers.
+  r"""Trains asynchronously on Ray: ``num_shards`` shards, ``num_workers``
+  workers.
 
   Worker ``m`` computes ``jax.value_and_grad(loss_fn)`` on ``data_fn(m,
   seq)`` at the params it holds and pushes each shard its piece of the

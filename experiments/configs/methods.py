@@ -1,4 +1,5 @@
-r"""The evidence grid: compensation methods under three optimizers, tuned fairly.
+r"""The evidence grid: compensation methods under three optimizers, tuned
+fairly.
 
 Command::
 
@@ -78,8 +79,11 @@ def get_config():
   c.report.remedies = ("dc-asgd-a-bc", "dc-asgd-a-warmup", "dc-asgd-a-clip")
   # The targets of the grid: (optimizer, arrivals, M, share of ASGD's gap to
   # sequential SGD that one method must close).
-  c.report.targets = (("sgd", "cyclic", 32, 0.9), ("momentum", "cyclic", 16, 0.8),
-                      ("momentum", "gamma", 16, 0.8))
+  c.report.targets = (
+      ("sgd", "cyclic", 32, 0.9),
+      ("momentum", "cyclic", 16, 0.8),
+      ("momentum", "gamma", 16, 0.8),
+  )
   # Reruns (one seed, tuned settings) with the simulator's diagnostics.
   c.report.diagnostics = ml_collections.ConfigDict(dict(
       optimizers=("sgd", "momentum"), schedule="gamma", num_workers=16,
