@@ -11,7 +11,7 @@ DEMO_DIR ?= runs/demo
 METHODS_DIR ?= runs/methods
 METHODS := $(PY) -m experiments.methods --config=experiments/configs/methods.py --workdir=$(METHODS_DIR)
 
-.PHONY: test test-slow test-py312 demo methods methods-tune bench venv clean
+.PHONY: test test-slow test-py312 lint format typecheck demo methods methods-tune bench venv clean
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; set PYTHON=/path/to/python3.11+"; exit 1; }
@@ -42,6 +42,25 @@ PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/
 test-py312:
 	@test -n "$(PYTHON312)" || { echo "No Python 3.12 found; set PYTHON312=/path/to/python3.12"; exit 1; }
 	$(MAKE) test PYTHON=$(PYTHON312) VENV=.venv-py312
+
+# The contributor contract (both take seconds): `make lint` checks, never
+# rewrites; `make format` applies the import order and pyink's layout.
+# Settings: [tool.ruff] and [tool.pyink] in pyproject.toml.
+LINT_PATHS := dcasgd_optax experiments tests benchmarks
+lint: $(VENV)/.installed-dev
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m pyink --check $(LINT_PATHS)
+
+format: $(VENV)/.installed-dev
+	$(PY) -m ruff check --fix --select I $(LINT_PATHS)
+	$(PY) -m pyink $(LINT_PATHS)
+
+# mypy over the library ([tool.mypy] in pyproject.toml), under the
+# interpreter TYPECHECK_PY: `make typecheck TYPECHECK_PY=.venv-py312/bin/python`
+# checks against the newest JAX (the venv needs the dev extra).
+TYPECHECK_PY ?= $(PY)
+typecheck: $(VENV)/.installed-dev
+	$(TYPECHECK_PY) -m mypy
 
 demo: $(VENV)/.installed-experiments
 	$(PY) -m experiments.compare --config=experiments/configs/demo.py --workdir=$(DEMO_DIR)

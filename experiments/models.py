@@ -51,10 +51,12 @@ class MLP(nnx.Module):
       rngs: nnx.Rngs,
   ):
     sizes = [in_features, *hidden]
-    self.hidden = nnx.List([
-        nnx.Linear(a, b, kernel_init=_he_normal, rngs=rngs)
-        for a, b in zip(sizes[:-1], sizes[1:])
-    ])
+    self.hidden = nnx.List(
+        [
+            nnx.Linear(a, b, kernel_init=_he_normal, rngs=rngs)
+            for a, b in zip(sizes[:-1], sizes[1:])
+        ]
+    )
     self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
 
   def __call__(self, x_BxHxWxC: jax.Array, *, train: bool) -> jax.Array:

@@ -166,7 +166,8 @@ def replay_against_reference(
     assert_close_to_reference(params, ref.w, f"params after push {i}")
     if check_pulls:
       assert_close_to_reference(
-          dcasgd_optax.worker_params(state, m), ref.backup[m], f"pull {i}")
+          dcasgd_optax.worker_params(state, m), ref.backup[m], f"pull {i}"
+      )
   return params, state
 
 

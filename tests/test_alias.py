@@ -52,7 +52,11 @@ def test_dcasgd_matches_reference_server_with_pull_after_push(
   rng = np.random.default_rng(seed)
   w0 = random_tree(rng, spec)
   ref = reference.ParameterServer(
-      leaves_np(w0), num_workers, lambda_, adaptive=adaptive, learning_rate=lr,
+      leaves_np(w0),
+      num_workers,
+      lambda_,
+      adaptive=adaptive,
+      learning_rate=lr,
       **sgd,
   )
   tx = dcasgd_optax.dcasgd(

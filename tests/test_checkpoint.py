@@ -109,9 +109,11 @@ def test_a_simulator_state_resumes_exactly(tmp_path):
     "like,message",
     [
         ({"w": jnp.zeros(3)}, r"leaves only in `like`: \[\"\['w'\]\"\]"),
-        (_state()._replace(last_pull=np.zeros(3, np.int64)),
-         r"leaf .last_pull with \(shape, dtype\) \(\(2,\), 'int64'\), but "
-         r"`like` has \(\(3,\), 'int64'\)"),
+        (
+            _state()._replace(last_pull=np.zeros(3, np.int64)),
+            r"leaf .last_pull with \(shape, dtype\) \(\(2,\), 'int64'\), but "
+            r"`like` has \(\(3,\), 'int64'\)",
+        ),
         (_state()._replace(step=np.int32(7)), r"leaf .step .*'int32'"),
     ],
 )

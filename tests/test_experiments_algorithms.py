@@ -31,8 +31,11 @@ def _updates(config, grads, *, staleness, params=None, state=None):
 
 
 def _jit_update(tx):
-  return jax.jit(lambda g, s, p, worker, staleness: tx.update(
-      g, s, p, worker=worker, staleness=staleness))
+  return jax.jit(
+      lambda g, s, p, worker, staleness: tx.update(
+          g, s, p, worker=worker, staleness=staleness
+      )
+  )
 
 
 GRADS = {"w": jnp.array([1.0, -2.0, 0.5])}
@@ -89,7 +92,8 @@ def test_the_learning_rate_is_injected_so_one_program_serves_a_sweep():
       algorithms.make_tx(c, M, S).init, {"w": jnp.zeros(3)}
   )
   assert jax.tree.structure(abstract(_config("asgd", learning_rate=0.3))) == (
-      jax.tree.structure(abstract(_config("asgd", learning_rate=0.1))))
+      jax.tree.structure(abstract(_config("asgd", learning_rate=0.1)))
+  )
   doubled = state._replace(
       hyperparams={**state.hyperparams, "learning_rate": jnp.float32(0.2)}
   )

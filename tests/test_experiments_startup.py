@@ -48,8 +48,13 @@ app.run(run)
 def test_importing_the_studies_changes_nothing_and_setup_starts_one(tmp_path):
   ray = importlib.util.find_spec("ray") is not None
   program = _PROGRAM.format(ray=ray, png=str(tmp_path / "s.png"))
-  cmd = [sys.executable, "-c", program,
-         "--config=experiments/configs/tiny.py", f"--workdir={tmp_path}"]
+  cmd = [
+      sys.executable,
+      "-c",
+      program,
+      "--config=experiments/configs/tiny.py",
+      f"--workdir={tmp_path}",
+  ]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == f"started dc-asgd-a {tmp_path}"

@@ -70,7 +70,9 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
   )
   out = json.loads((tmp_path / name).read_text())
   errors = [
-      o for c in out["cells"] for o in c.get("outputs", [])
+      o
+      for c in out["cells"]
+      for o in c.get("outputs", [])
       if o.get("output_type") == "error"
   ]
   assert not errors

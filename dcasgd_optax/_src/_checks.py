@@ -32,6 +32,7 @@ def is_static_zero(x: Any) -> bool:
   v = concrete_value(x)
   return v is not None and v.shape == () and float(v) == 0.0
 
+
 def check_positive_int(name: str, value: Any) -> int:
   """Returns ``value`` as an int, or raises if it is not an int >= 1."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -31,8 +31,11 @@ class LookAheadState(NamedTuple):
 def _coefficient(learning_rate: Any, momentum: Any, horizon: Any) -> jax.Array:
   r""":math:`\eta \sum_{k=1}^{H} \mu^k = \eta \mu (1 - \mu^H) / (1 - \mu)`."""
   mu = jnp.asarray(momentum, jnp.float32)
-  return jnp.asarray(learning_rate, jnp.float32) * mu * (1 - mu**horizon) / (
-      1 - mu
+  return (
+      jnp.asarray(learning_rate, jnp.float32)
+      * mu
+      * (1 - mu**horizon)
+      / (1 - mu)
   )
 
 

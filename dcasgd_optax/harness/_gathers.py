@@ -20,6 +20,7 @@ def _take_rows(tree: Any, rows: jax.Array) -> Any:
   sims = jnp.arange(rows.shape[0])[:, None, None]
   return jax.tree.map(lambda x: jnp.swapaxes(x[sims, rows], 0, 1), tree)
 
+
 def split_chunks(tree: Any, rows: np.ndarray) -> list[Any]:
   """``tree``'s rows of every chunk ``c``, ``rows[c]`` (``[C, S]``) or, for
   N simulations, ``rows[:, c]`` (``[N, C, S]``): one gather."""
@@ -27,12 +28,15 @@ def split_chunks(tree: Any, rows: np.ndarray) -> list[Any]:
   per_leaf = [list(x) for x in leaves]  # one unstack per leaf
   return [treedef.unflatten(row) for row in zip(*per_leaf)]
 
+
 @functools.partial(jax.jit, static_argnames=("axis",))
 def concat_rows(lists: Any, keep: jax.Array, axis: int = 0) -> Any:
   """Each list of arrays in ``lists`` concatenated along ``axis``, entries
   ``keep`` of that axis kept."""
-  return tuple(jnp.take(jnp.concatenate(xs, axis), keep, axis=axis)
-               for xs in lists)
+  return tuple(
+      jnp.take(jnp.concatenate(xs, axis), keep, axis=axis) for xs in lists
+  )
+
 
 @jax.jit
 def copy_tree(tree: Any) -> Any:

@@ -95,9 +95,11 @@ def with_backups(
   def server_tx(params):
     if _backups_state(tx, params) is not None:
       return tx
-    return optax.with_extra_args_support(optax.chain(
-        delay_compensation(workers_of(tx, params, num_workers), 0.0), tx
-    ))
+    return optax.with_extra_args_support(
+        optax.chain(
+            delay_compensation(workers_of(tx, params, num_workers), 0.0), tx
+        )
+    )
 
   def init_fn(params):
     return server_tx(params).init(params)

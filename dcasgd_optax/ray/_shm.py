@@ -107,8 +107,10 @@ class Buffer:
     finally:
       os.close(fd)
     self.path = path
-    self.pieces = [np.ndarray(shape, dtype, buffer=self._map, offset=o)
-                   for (shape, dtype), o in zip(specs, offsets)]
+    self.pieces = [
+        np.ndarray(shape, dtype, buffer=self._map, offset=o)
+        for (shape, dtype), o in zip(specs, offsets)
+    ]
 
   def write(self, pieces: Sequence[np.ndarray]) -> None:
     """Copies ``pieces`` (shaped like the specs) into the buffer."""
@@ -209,8 +211,7 @@ class Channel:
     return cls(epoch, *made)
 
   @classmethod
-  def attach(cls, epoch: int, paths: Sequence[str], specs: Specs
-             ) -> Channel:
+  def attach(cls, epoch: int, paths: Sequence[str], specs: Specs) -> Channel:
     """The worker's side: opens the three files, then unlinks them."""
     made = []
     try:
