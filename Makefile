@@ -55,12 +55,13 @@ format: $(VENV)/.installed-dev
 	$(PY) -m ruff check --fix --select I $(LINT_PATHS)
 	$(PY) -m pyink $(LINT_PATHS)
 
-# mypy over the library ([tool.mypy] in pyproject.toml), under the
-# interpreter TYPECHECK_PY: `make typecheck TYPECHECK_PY=.venv-py312/bin/python`
-# checks against the newest JAX (the venv needs the dev extra).
+# mypy over the library ([tool.mypy] in pyproject.toml) against the packages
+# of the interpreter TYPECHECK_PY (its Python version too):
+# `make typecheck TYPECHECK_PY=.venv-py312/bin/python` checks it against the
+# newest JAX. mypy itself runs from $(VENV).
 TYPECHECK_PY ?= $(PY)
 typecheck: $(VENV)/.installed-dev
-	$(TYPECHECK_PY) -m mypy
+	$(PY) -m mypy --python-executable $(TYPECHECK_PY)
 
 demo: $(VENV)/.installed-experiments
 	$(PY) -m experiments.compare --config=experiments/configs/demo.py --workdir=$(DEMO_DIR)

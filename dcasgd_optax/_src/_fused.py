@@ -130,7 +130,7 @@ class _Scalars(NamedTuple):
   scheduled: bool  # the step size comes from a schedule (cast per leaf)
 
 
-def _tail_scalars(tail: SgdTail, states: tuple) -> tuple[_Scalars, tuple]:
+def _tail_scalars(tail: SgdTail, states: Any) -> tuple[_Scalars, tuple]:
   """This update's weight decay and step size, and the tail's counted states.
 
   Mirrors ``optax.add_decayed_weights`` and ``optax.scale_by_learning_rate``.

@@ -82,7 +82,7 @@ def check_matches_backups(name: str, tree: Any, backups: Any) -> None:
         "`tx.update(grads, state, params, worker=m)`."
     )
   tree, backups = unwrap_variables(tree), unwrap_variables(backups)
-  want = jax.tree.structure(backups, is_leaf=is_masked)
+  want: Any = jax.tree.structure(backups, is_leaf=is_masked)
   got = jax.tree.structure(tree, is_leaf=is_masked)
   if want != got:
     raise ValueError(

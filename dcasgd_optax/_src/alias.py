@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import jax
 import optax
 
 from dcasgd_optax._src import _checks
@@ -48,18 +49,18 @@ def dcasgd(
     learning_rate: optax.ScalarOrSchedule,
     num_workers: int,
     *,
-    lambda_: Any = None,
+    lambda_: jax.typing.ArrayLike | None = None,
     adaptive: bool = True,
-    decay: Any = 0.95,
-    eps: Any = 1e-7,
+    decay: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-7,
     momentum: float | None = None,
     nesterov: bool = False,
-    weight_decay: Any = 0.0,
-    backup_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    backup_dtype: jax.typing.DTypeLike | None = None,
     per_worker_mean_square: bool = False,
     bias_correction: bool = False,
-    lambda_warmup: Any = 0,
-    correction_clip: Any = None,
+    lambda_warmup: jax.typing.ArrayLike = 0,
+    correction_clip: jax.typing.ArrayLike | None = None,
 ) -> PullAfterPush:
   r"""DC-ASGD as one optimizer, with the worker's pull recorded after its push.
 
@@ -261,11 +262,11 @@ def gap_aware_sgd(
     *,
     momentum: float | None = None,
     nesterov: bool = False,
-    weight_decay: Any = 0.0,
-    step_size: float | None = None,
-    decay: Any = 0.999,
-    eps: Any = 1e-8,
-    backup_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    step_size: jax.typing.ArrayLike | None = None,
+    decay: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    backup_dtype: jax.typing.DTypeLike | None = None,
 ) -> PullAfterPush:
   r"""Gap-Aware ASGD as one optimizer, with the pull after each push.
 
@@ -331,18 +332,18 @@ def dana_dc(
     learning_rate: optax.ScalarOrSchedule,
     num_workers: int,
     *,
-    momentum: Any = 0.9,
-    horizon: Any = None,
-    lambda_: Any = None,
+    momentum: jax.typing.ArrayLike = 0.9,
+    horizon: jax.typing.ArrayLike | None = None,
+    lambda_: jax.typing.ArrayLike | None = None,
     adaptive: bool = True,
-    weight_decay: Any = 0.0,
-    decay: Any = 0.95,
-    eps: Any = 1e-7,
-    backup_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    decay: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-7,
+    backup_dtype: jax.typing.DTypeLike | None = None,
     per_worker_mean_square: bool = False,
     bias_correction: bool = False,
-    lambda_warmup: Any = 0,
-    correction_clip: Any = None,
+    lambda_warmup: jax.typing.ArrayLike = 0,
+    correction_clip: jax.typing.ArrayLike | None = None,
 ) -> PullAfterPush:
   r"""DANA-DC: delay compensation, momentum SGD, and look-ahead pulls.
 
@@ -411,18 +412,18 @@ def delayed_nesterov_dcasgd(
     num_workers: int,
     *,
     period: int | None = None,
-    momentum: Any = 0.9,
-    momentum_activation: Any = 0.0,
-    lambda_: Any = None,
+    momentum: jax.typing.ArrayLike = 0.9,
+    momentum_activation: jax.typing.ArrayLike = 0.0,
+    lambda_: jax.typing.ArrayLike | None = None,
     adaptive: bool = True,
-    weight_decay: Any = 0.0,
-    decay: Any = 0.95,
-    eps: Any = 1e-7,
-    backup_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    decay: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-7,
+    backup_dtype: jax.typing.DTypeLike | None = None,
     per_worker_mean_square: bool = False,
     bias_correction: bool = False,
-    lambda_warmup: Any = 0,
-    correction_clip: Any = None,
+    lambda_warmup: jax.typing.ArrayLike = 0,
+    correction_clip: jax.typing.ArrayLike | None = None,
 ) -> PullAfterPush:
   r"""DC-ASGD with delayed Nesterov momentum, with the pull after each push.
 

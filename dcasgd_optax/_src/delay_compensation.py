@@ -46,16 +46,16 @@ def _stats_dtype(dtype: Any) -> Any:
 
 def delay_compensation(
     num_workers: int,
-    lambda_: Any = None,
+    lambda_: jax.typing.ArrayLike | None = None,
     *,
     adaptive: bool = False,
-    decay: Any = 0.95,
-    eps: Any = 1e-7,
-    backup_dtype: Any = None,
+    decay: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-7,
+    backup_dtype: jax.typing.DTypeLike | None = None,
     per_worker_mean_square: bool = False,
     bias_correction: bool = False,
-    lambda_warmup: Any = 0,
-    correction_clip: Any = None,
+    lambda_warmup: jax.typing.ArrayLike = 0,
+    correction_clip: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Compensates the delay of an asynchronous worker's gradient (DC-ASGD).
 

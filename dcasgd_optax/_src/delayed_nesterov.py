@@ -21,7 +21,7 @@ class DelayedNesterovState(NamedTuple):
       shaped like params (params' dtypes).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # the field, not tuple.count
   momentum: Any
   accumulated: Any
 
@@ -30,8 +30,8 @@ def delayed_nesterov(
     learning_rate: optax.ScalarOrSchedule,
     period: int,
     *,
-    momentum: Any = 0.9,
-    momentum_activation: Any = 0.0,
+    momentum: jax.typing.ArrayLike = 0.9,
+    momentum_activation: jax.typing.ArrayLike = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD whose Nesterov momentum moves once per ``period`` updates.
 

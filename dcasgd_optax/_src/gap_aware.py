@@ -17,11 +17,11 @@ from dcasgd_optax._src.delay_compensation import check_backup_dtype
 
 def gap_aware(
     num_workers: int,
-    step_size: float,
+    step_size: jax.typing.ArrayLike,
     *,
-    decay: Any = 0.999,
-    eps: Any = 1e-8,
-    backup_dtype: Any = None,
+    decay: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    backup_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Divides a stale gradient, per coordinate, by its Gap (Gap-Aware ASGD).
 

@@ -23,7 +23,7 @@ class LookAheadState(NamedTuple):
       :math:`w - a \, v` (:func:`pull` sends it).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # the field, not tuple.count
   trace: Any
   look_ahead: jax.Array
 
@@ -41,8 +41,8 @@ def _coefficient(learning_rate: Any, momentum: Any, horizon: Any) -> jax.Array:
 
 def look_ahead_momentum(
     learning_rate: optax.ScalarOrSchedule,
-    momentum: Any,
-    horizon: Any,
+    momentum: jax.typing.ArrayLike,
+    horizon: jax.typing.ArrayLike,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Heavy-ball SGD whose workers pull where the model will be (DANA-style).
 

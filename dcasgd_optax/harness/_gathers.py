@@ -26,7 +26,7 @@ def split_chunks(tree: Any, rows: np.ndarray) -> list[Any]:
   N simulations, ``rows[:, c]`` (``[N, C, S]``): one gather."""
   leaves, treedef = jax.tree.flatten(_take_rows(tree, rows))
   per_leaf = [list(x) for x in leaves]  # one unstack per leaf
-  return [treedef.unflatten(row) for row in zip(*per_leaf)]
+  return [jax.tree.unflatten(treedef, row) for row in zip(*per_leaf)]
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))

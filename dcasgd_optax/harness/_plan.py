@@ -83,7 +83,7 @@ def _run_starts(arrivals_NxA: np.ndarray) -> list[int]:
   """Where the greedy maximal runs begin (no simulation repeats a worker)."""
   num_sims, num_arrivals = arrivals_NxA.shape
   starts = [0]
-  last_seen = [dict() for _ in range(num_sims)]
+  last_seen: list[dict[int, int]] = [{} for _ in range(num_sims)]
   columns = arrivals_NxA.T.tolist()
   for k, workers in enumerate(columns):
     if any(seen.get(m, -1) >= starts[-1]

@@ -197,6 +197,7 @@ def _arrive(replay: Replay, chunk: Chunk, k, carry):
   view = _server_view(replay, state.opt_state, m, state.last_pull.shape[0])
   entry = {"loss": pick(chunk.loss), "staleness": tau}
   if replay.diagnostics is not None:
+    assert chunk.sampled is not None  # Passed whenever diagnostics are on.
     entry.update(_diagnostics.measure(
         replay.diagnostics, replay.loss_with_state,
         state._replace(opt_state=view), grads,

@@ -176,7 +176,7 @@ class Simulator(_protocol.SimulatorBase):
           jax.jit, donate_argnums=(0,) if self._donate else ())
       one = jit(functools.partial(_programs.replay_program, replay),
                 static_argnames=("loss_dtype", "by_row"))
-      many = jit(functools.partial(_programs.replay_many_program, replay),
+      many: Any = jit(functools.partial(_programs.replay_many_program, replay),
                  static_argnames=("loss_dtype", "shared", "by_row"))
     else:  # a copy is donated when the caller's state is not (replay)
       jit = functools.partial(jax.jit, donate_argnums=(0,),

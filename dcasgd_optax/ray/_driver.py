@@ -142,8 +142,10 @@ class Driver:
     self.loops[run] = worker
 
   def _log_progress(self) -> None:
-    step, loss = ray.get(self.shards[0].recent_loss.remote(self.log_every))
-    if step // self.log_every > self._logged // self.log_every:
+    every = self.log_every
+    assert every is not None  # Only called with logging on.
+    step, loss = ray.get(self.shards[0].recent_loss.remote(every))
+    if step // every > self._logged // every:
       _log.info("update %d: mean loss of the last %d %.4f", step,
                 self.log_every, loss)
       self._logged = step

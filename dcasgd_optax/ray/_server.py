@@ -92,7 +92,7 @@ def resolve_num_workers(tx: Any, params: Any, num_workers: int | None) -> int:
       if it keeps none and ``num_workers`` is None.
   """
   shapes = jax.eval_shape(optax.with_extra_args_support(tx).init, params)
-  counts = {num_workers_of(s) for s in find_states(shapes)} - {None}
+  counts = {n for s in find_states(shapes) if (n := num_workers_of(s))}
   if num_workers is None:
     if len(counts) != 1:
       raise ValueError(
@@ -126,7 +126,7 @@ def check_wire_dtype(wire_dtype: Any) -> np.dtype | None:
 
 def _make_steps(tx: Any, layout: _layout.Layout, shard: int,
                 wire: np.dtype | None, has_backups: bool
-                ) -> tuple[Callable, Callable]:
+                ) -> tuple[Callable[..., Any], Callable[..., Any]]:
   """The jitted ``apply`` (update, then pull) and ``pull`` of one shard."""
   specs = _layout.piece_specs(layout, shard)
 
@@ -210,7 +210,7 @@ class ParameterServer:
       num_shards: int = 1,
       wire_dtype: Any = None,
       checkpoint_dir: str | None = None,
-  ):
+  ) -> None:
     num_workers = resolve_num_workers(tx, params, num_workers)
     layout = _layout.make_layout(params, num_shards)
     if isinstance(shard, bool) or not isinstance(shard, numbers.Integral) or (
@@ -220,31 +220,35 @@ class ParameterServer:
     tx = optax.with_extra_args_support(tx)
     if num_shards > 1:
       _layout.check_shardable(tx.init, params, layout)
-    self._wire = check_wire_dtype(wire_dtype)
-    self._layout, self._shard, self._num_workers = layout, shard, num_workers
-    self._specs = [(s, self._wire or d)
+    self._wire: np.dtype | None = check_wire_dtype(wire_dtype)
+    self._layout: _layout.Layout = layout
+    self._shard: int = shard
+    self._num_workers: int = num_workers
+    self._specs: list[tuple[tuple[int, ...], np.dtype]] = [(s, self._wire or d)
                    for s, d in _layout.piece_specs(layout, shard)]
-    self._names = _layout.leaf_names(layout)
+    self._names: list[str] = _layout.leaf_names(layout)
     pieces = _layout.split(layout, jax.device_get(params))[shard]
     tree = _layout.shard_tree(layout, shard, [jnp.asarray(p) for p in pieces])
     opt_state = tx.init(tree)
     has_backups = bool(find_states(opt_state))
-    self._apply, self._pull = _make_steps(tx, layout, shard, self._wire,
-                                          has_backups)
-    self._state = ServerState(
+    steps = _make_steps(tx, layout, shard, self._wire, has_backups)
+    self._apply: Callable[..., Any] = steps[0]
+    self._pull: Callable[..., Any] = steps[1]
+    self._state: ServerState = ServerState(
         params=tree, opt_state=opt_state, step=np.int64(0),
         last_seq=np.full((num_workers,), -1, np.int64),
         last_pull=np.zeros((num_workers,), np.int64),
     )
-    self._epochs = np.zeros((num_workers,), np.int64)
-    self._admission = Admission(num_workers, 0) if shard == 0 else None
+    self._epochs: np.ndarray = np.zeros((num_workers,), np.int64)
+    self._admission: Admission | None = (
+        Admission(num_workers, 0) if shard == 0 else None)
     self._rows: list[tuple] = []
     self._channels: dict[int, _shm.Channel] = {}  # Per worker, on this node.
-    self._checkpoints = None
+    self._checkpoints: _checkpoint.Checkpointer | None = None
     if checkpoint_dir is not None:
       self._checkpoints = _checkpoint.open_shard(checkpoint_dir, shard,
                                                  num_shards)
-    self.busy_seconds = 0.0
+    self.busy_seconds: float = 0.0
 
   # ------------------------------------------------------------ the protocol
 
@@ -417,6 +421,7 @@ class ParameterServer:
     grads = channel.grads.pieces if channel is not None else []
     if not self._check_push(worker, seq, epoch, grads):
       return self._stale_info(), False
+    assert channel is not None  # A push that is not stale came through it.
     info, pieces, ticket = self._update(worker, seq, list(grads), finite,
                                         meta, start)
     channel.params.write(pieces)
@@ -468,7 +473,7 @@ class ParameterServer:
     """Rejects a bad id before any state (donated buffers too) is touched."""
     if isinstance(worker, bool) or not isinstance(worker, numbers.Integral):
       raise TypeError(f"`worker` must be an int, got {worker!r}.")
-    if not 0 <= worker < self._num_workers:
+    if not 0 <= int(worker) < self._num_workers:
       raise ValueError(
           f"`worker` must be in [0, {self._num_workers}), got {worker}: "
           "this server does not know that worker."

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 import mmap
 import os
 import select
+from typing import Any
 import uuid
 
 import numpy as np
@@ -199,7 +200,7 @@ class Channel:
   def create(cls, epoch: int, specs: Specs, name: str) -> Channel:
     """The shard's side: creates the three files, named after ``name``."""
     stem = os.path.join(DIRECTORY, f"dcasgd-optax-{name}-{uuid.uuid4().hex}")
-    made = []
+    made: list[Any] = []
     try:
       made.append(Buffer(stem + "-grads", specs, create=True))
       made.append(Buffer(stem + "-params", specs, create=True))
@@ -213,7 +214,7 @@ class Channel:
   @classmethod
   def attach(cls, epoch: int, paths: Sequence[str], specs: Specs) -> Channel:
     """The worker's side: opens the three files, then unlinks them."""
-    made = []
+    made: list[Any] = []
     try:
       made.append(Buffer(paths[0], specs, create=False))
       made.append(Buffer(paths[1], specs, create=False))

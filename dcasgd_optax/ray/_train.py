@@ -410,6 +410,7 @@ def train(
   )
   num_workers, layout = _check_args(loss_fn, tx, params, data_fn, num_workers,
                                     num_updates, opts)
+  assert num_updates is not None  # _check_args raised otherwise.
   started_ray = _cluster.connect(
       address, allow_insecure_cluster=allow_insecure_cluster,
       **(init_kwargs or {}))
