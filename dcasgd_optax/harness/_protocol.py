@@ -106,7 +106,7 @@ class SimulatorBase:
       tx: optax.GradientTransformation,
       num_workers: int | None = None,
       *,
-      devices: Sequence[Any] | None = None,
+      devices: Sequence[jax.Device] | None = None,
       has_model_state: bool = False,
       max_parallel: int | None = None,
       vmap_slots: int | None = None,
@@ -115,7 +115,7 @@ class SimulatorBase:
       diagnostics: bool = False,
       diagnostics_every: int | None = None,
       first_transform: Any = None,
-  ):
+  ) -> None:
     for name, value in (("num_workers", num_workers),
                         ("max_parallel", max_parallel),
                         ("vmap_slots", vmap_slots)):
@@ -151,7 +151,7 @@ class SimulatorBase:
     """Builds the jitted programs (once: they close over ``tx``)."""
     raise NotImplementedError
 
-  def workers_for(self, params: Any) -> int:
+  def workers_for(self, params: optax.Params) -> int:
     """The number of workers for ``params`` (from ``tx``'s state's shape)."""
     key = _checks.signature(params)
     if key not in self._workers:
@@ -160,7 +160,7 @@ class SimulatorBase:
       )
     return self._workers[key]
 
-  def init(self, params: Any, model_state: Any = None) -> SimState:
+  def init(self, params: optax.Params, model_state: Any = None) -> SimState:
     """Every worker holds ``params`` (and ``model_state``); no update yet.
 
     Args:
@@ -177,7 +177,7 @@ class SimulatorBase:
         per_worker=self._per_worker,
     )
 
-  def init_many(self, params: Any, model_state: Any = None, *,
+  def init_many(self, params: optax.Params, model_state: Any = None, *,
                 hyperparams: dict[str, Any] | None = None) -> SimState:
     """``N`` initial states at once, for :meth:`replay_many`.
 

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
@@ -224,7 +225,7 @@ class Simulator(_protocol.SimulatorBase):
     rows = _state.worker_rows(num_workers, self.mesh) // self.mesh.size
     return _plan.make_plan(arrivals_NxA, limit, self.mesh.size, rows)
 
-  def describe(self, arrivals: Any, params: Any, batches: Any = None,
+  def describe(self, arrivals: Any, params: optax.Params, batches: Any = None,
                model_state: Any = None) -> dict[str, Any]:
     """How ``replay`` batches ``arrivals`` for ``params``: runs, chunks, fill.
 

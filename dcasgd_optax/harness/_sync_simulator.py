@@ -229,7 +229,7 @@ class SyncSimulator(_protocol.SimulatorBase):
     limit = self._slot_limit(num_workers, params)
     return _plan.plan_rounds(arrivals, num_workers, limit, self.mesh.size)
 
-  def describe(self, arrivals: Any, params: Any, batches: Any = None,
+  def describe(self, arrivals: Any, params: optax.Params, batches: Any = None,
                model_state: Any = None) -> dict[str, Any]:
     """How ``replay`` computes ``arrivals``' rounds for ``params``.
 

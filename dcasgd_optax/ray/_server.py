@@ -203,12 +203,12 @@ class ParameterServer:
   def __init__(
       self,
       tx: optax.GradientTransformation,
-      params: Any,
+      params: optax.Params,
       num_workers: int | None = None,
       *,
       shard: int = 0,
       num_shards: int = 1,
-      wire_dtype: Any = None,
+      wire_dtype: jax.typing.DTypeLike | None = None,
       checkpoint_dir: str | None = None,
   ) -> None:
     num_workers = resolve_num_workers(tx, params, num_workers)
