@@ -43,8 +43,9 @@ test-py312:
 	@test -n "$(PYTHON312)" || { echo "No Python 3.12 found; set PYTHON312=/path/to/python3.12"; exit 1; }
 	$(MAKE) test PYTHON=$(PYTHON312) VENV=.venv-py312
 
-# The contributor contract (both take seconds): `make lint` checks, never
-# rewrites; `make format` applies the import order and pyink's layout.
+# The contributor contract (seconds; mypy's first run ~15 s): `make lint`
+# checks, never rewrites; `make format` applies the import order and pyink's
+# layout.
 # Settings: [tool.ruff] and [tool.pyink] in pyproject.toml.
 LINT_PATHS := dcasgd_optax experiments tests benchmarks
 lint: $(VENV)/.installed-dev

@@ -66,6 +66,11 @@ from sklearn.datasets import load_digits
 import dcasgd_optax
 import dcasgd_optax.ray as dray
 
+# The actors, private: the old data path below drives them by hand.
+from dcasgd_optax.ray._layout import make_layout
+from dcasgd_optax.ray._server import ParameterServer
+from dcasgd_optax.ray._worker import GradientWorker
+
 _BATCH = 64
 
 
@@ -103,11 +108,10 @@ def via_driver(loss_fn, tx, params, data_fn, num_workers, num_updates):
 
   Returns the shard's trace, as ``train``'s ``shard_records`` would.
   """
-  layout = dray.make_layout(params, 1)
-  server = ray.remote(dray.ParameterServer).remote(
+  layout = make_layout(params, 1)
+  server = ray.remote(ParameterServer).remote(
       tx, jax.device_get(params), num_workers)
-  workers = [ray.remote(dray.GradientWorker).remote(m, loss_fn, data_fn,
-                                                     layout)
+  workers = [ray.remote(GradientWorker).remote(m, loss_fn, data_fn, layout)
              for m in range(num_workers)]
   ray.get([w.ready.remote() for w in workers])
   inflight = {}

@@ -33,6 +33,7 @@ from dcasgd_optax.harness import schedules
 from experiments import algorithms
 from experiments import input_pipeline
 from experiments import plots
+from experiments import pod
 from experiments import programs
 from experiments import run_files
 from experiments import startup
@@ -127,7 +128,8 @@ def compare(
   for c, d in tqdm.tqdm(list(zip(configs, dirs)), desc="runs", unit="run",
                         disable=not config.progress_bar):
     rows.append(train.train_and_evaluate(c, d, cache=cache))
-  print(report(config, workdir, rows, dirs, cache=cache))
+  if pod.is_writer():  # on a pod, process 0 reports (docs/pod.md)
+    print(report(config, workdir, rows, dirs, cache=cache))
   return rows
 
 

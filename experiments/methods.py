@@ -47,6 +47,7 @@ import ml_collections
 
 from experiments import algorithms
 from experiments import plots
+from experiments import pod
 from experiments import programs
 from experiments import run_files
 from experiments import startup
@@ -174,8 +175,9 @@ def tune(config: ml_collections.ConfigDict, workdir: str, *,
                         "tried": tried}
     logging.warning("%s: %s (%.4f) in %.0f s", cell.key, best[0], best[1],
                     time.perf_counter() - t0)
-  with open(os.path.join(workdir, "tuned.json"), "w") as f:
-    json.dump(chosen, f, indent=1)
+  if pod.is_writer():  # on a pod, process 0 writes (docs/pod.md)
+    with open(os.path.join(workdir, "tuned.json"), "w") as f:
+      json.dump(chosen, f, indent=1)
   return chosen
 
 
@@ -216,7 +218,9 @@ def report(
     rows += [run(config, workdir, cell, s, setting, cache=cache)
              for s in config.grid.seeds]
   traces = diagnose(config, workdir, tuned, cache=cache)
-  print(write_report(config, rows, workdir, traces, rate_gap(config, tuned)))
+  if pod.is_writer():
+    print(write_report(config, rows, workdir, traces,
+                       rate_gap(config, tuned)))
   return rows
 
 
@@ -272,6 +276,8 @@ def diagnose(
     c.diagnostics_every = d.every
     rundir = os.path.join(workdir, "diagnostics", cell.key)
     train.train_and_evaluate(c, rundir, cache=cache)
+    if not pod.is_writer():  # only process 0 wrote them, and reports
+      continue
     lines = run_files.read_diagnostics(rundir)
     traces[(cell.optimizer, cell.algorithm)] = {
         k: [v for line in lines for v in line[k]] for k in run_files.DIAGNOSTICS

@@ -32,6 +32,8 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from experiments import pod
+
 # Runs that differ only in their seed or injected hyperparameters compile to
 # the same programs; with a persistent cache every one after the first skips
 # compilation, also across processes (a resumed study).
@@ -42,13 +44,15 @@ def define_flags(
     *, workdir_help: str, workdir_default: str | None = None,
     config_default: str | None = None,
 ) -> None:
-  """Defines ``--workdir`` and ``--config`` (an ml_collections config file).
+  """Defines ``--workdir``, ``--config`` (an ml_collections config file) and
+  ``--multihost`` with its arguments (:func:`experiments.pod.define_flags`).
 
   Each is required unless given a default. Call it only when run as a
   program (under ``if __name__ == "__main__"``), so that importing several
   studies does not define the flags twice.
   """
   flags.DEFINE_string("workdir", workdir_default, workdir_help)
+  pod.define_flags()
   config_flags.DEFINE_config_file(
       "config", config_default, "Path to an ml_collections config file.")
   required = [name for name, default in (("config", config_default),
@@ -63,6 +67,9 @@ def setup(
 ) -> tuple[ml_collections.ConfigDict, str]:
   """The start of every entry point's ``main``; returns ``(config, workdir)``.
 
+  With ``--multihost`` it first joins the other processes of a multi-host
+  program (``jax.distributed.initialize``: docs/pod.md).
+
   Args:
     argv: ``main``'s arguments; any besides the program's name is an error.
     compilation_cache: put JAX's persistent compilation cache in
@@ -73,6 +80,7 @@ def setup(
   """
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  pod.initialize_from_flags()  # first: before any other JAX call
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   workdir = flags.FLAGS.workdir

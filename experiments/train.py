@@ -27,6 +27,12 @@ the simulator also compares every ``k``-th arrival's gradient (and the
 algorithm's adjusted gradient) with the fresh one at the server's model
 (:class:`dcasgd_optax.harness.Simulator`'s diagnostics) and the run writes
 them to ``workdir/diagnostics.jsonl``.
+
+In a multi-process program (a pod slice, several GPU nodes: docs/pod.md)
+every process runs the same config on one simulator spanning all devices;
+process 0 alone evaluates (every process gets its figures, so all keep the
+same history) and writes the files above, and every process takes part in
+the checkpoints, so ``workdir`` must be one that every host sees.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from experiments import data
 from experiments import input_pipeline
 from experiments import models
 from experiments import optimizers
+from experiments import pod
 from experiments import programs
 from experiments import run_files
 
@@ -138,7 +145,8 @@ class _Run:
 
   def record(self, state, epoch: int, metrics: dict, seconds: float) -> dict:
     model_state = state.model_state if self.stateful else {}
-    error, test_loss = self.evaluate(state.params, model_state)
+    error, test_loss = pod.evaluate_on_writer(self.evaluate, state.params,
+                                              model_state)
     loss, staleness = metrics["loss"], metrics["staleness"]
     return {
         "epoch": epoch + 1,
@@ -193,7 +201,8 @@ def train_and_evaluate(
   """
   validate(config)
   os.makedirs(workdir, exist_ok=True)
-  run_files.check_same_config(config, workdir)
+  if pod.is_writer():
+    run_files.check_same_config(config, workdir)
   summary = run_files.read_summary(workdir)
   if summary is not None:  # Finished earlier: nothing to do.
     return summary
@@ -205,7 +214,8 @@ def train_and_evaluate(
   else:
     history = _train(run, workdir, None)
   summary = summarize(config, history)
-  run_files.write_summary(workdir, summary)
+  if pod.is_writer():
+    run_files.write_summary(workdir, summary)
   return summary
 
 
@@ -213,23 +223,27 @@ def _train(run: _Run, workdir: str, ckpt: Checkpointer | None) -> list[dict]:
   """Trains ``run`` from its latest checkpoint (if any) to the last epoch."""
   config = run.config
   state, history = _restore(ckpt, run.init())
-  run_files.write_metrics(workdir, history)
-  run_files.keep_diagnostics(workdir, len(history))
+  writer = pod.is_writer()  # the other processes of a pod write nothing
+  if writer:
+    run_files.write_metrics(workdir, history)
+    run_files.keep_diagnostics(workdir, len(history))
   desc = f"{config.algorithm} M={run.num_workers} seed={config.seed}"
   bar = tqdm.tqdm(total=config.num_epochs, initial=len(history), desc=desc,
-                  unit="epoch", disable=not config.progress_bar, leave=False)
+                  unit="epoch", disable=not (config.progress_bar and writer),
+                  leave=False)
   for epoch in range(len(history), config.num_epochs):
     t0 = time.perf_counter()
     state, metrics = run.epoch(state, epoch)
     jax.block_until_ready(state)
     record = run.record(state, epoch, metrics, time.perf_counter() - t0)
     history.append(record)
-    if config.diagnostics_every:
+    if config.diagnostics_every and writer:
       run_files.append_diagnostics(workdir, epoch + 1, metrics)
     done = epoch + 1 == config.num_epochs
     if ckpt and (done or (epoch + 1) % config.checkpoint_every_epochs == 0):
       ckpt.save(epoch + 1, state, metadata={"epochs": history})
-    run_files.append_metrics(workdir, record)
+    if writer:
+      run_files.append_metrics(workdir, record)
     bar.set_postfix(test_error=f"{record['test_error']:.4f}", refresh=False)
     bar.update(1)
     logging.info("%s epoch %d: %s", desc, epoch + 1, record)

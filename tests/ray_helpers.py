@@ -123,9 +123,10 @@ def trace_batches(data_fn, records):
 
 def check_exactly_once(records, num_workers):
   """Each worker's seqs are 0, 1, 2, ... in the server's order: no gradient
-  lost or applied twice."""
+  lost or applied twice; and every worker has some (none was left out)."""
   for m in range(num_workers):
     got = np.asarray(records["seq"])[np.asarray(records["worker"]) == m]
+    assert len(got), f"worker {m} has no records"
     np.testing.assert_array_equal(got, np.arange(len(got)))
 
 

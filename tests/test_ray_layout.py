@@ -15,7 +15,8 @@ pytest.importorskip("ray")
 pytest.importorskip("orbax.checkpoint")
 
 import dcasgd_optax  # pylint: disable=g-import-not-at-top
-import dcasgd_optax.ray as dray  # pylint: disable=g-import-not-at-top
+import dcasgd_optax.ray  # pylint: disable=g-import-not-at-top,unused-import
+from dcasgd_optax.ray._layout import make_layout  # pylint: disable=g-import-not-at-top
 
 
 def _params(sizes):
@@ -30,7 +31,7 @@ def _params(sizes):
 )
 def test_every_element_is_held_once_and_shards_are_balanced(sizes, num_shards):
   hypothesis.assume(num_shards <= sum(sizes))
-  layout = dray.make_layout(_params(sizes), num_shards)
+  layout = make_layout(_params(sizes), num_shards)
   covered = [np.zeros(n, int) for n in sizes]
   for pieces in layout.pieces:
     assert len({p.leaf for p in pieces}) == len(pieces)  # <= 1 piece a leaf
@@ -46,7 +47,7 @@ def test_every_element_is_held_once_and_shards_are_balanced(sizes, num_shards):
 
 def test_small_leaves_stay_whole_and_keep_their_shape():
   params = {"w": jnp.zeros((30, 10)), "b": jnp.zeros(10), "c": jnp.zeros(())}
-  layout = dray.make_layout(params, 2)
+  layout = make_layout(params, 2)
   specs = [[(layout.piece_shape(p), p.stop - p.start) for p in s]
            for s in layout.pieces]
   # 311 elements, 156 a shard: w is cut, b and c stay whole.
@@ -58,7 +59,7 @@ def test_split_then_join_is_the_identity_with_numpy_and_under_jit():
   params = {"a": np.arange(35.0, dtype=np.float32).reshape(5, 7),
             "b": np.arange(3, dtype=np.int32), "c": np.float32(2.5)}
   for num_shards in (1, 2, 3, 5):
-    layout = dray.make_layout(params, num_shards)
+    layout = make_layout(params, num_shards)
     pieces = layout.split(params)
     assert [len(p) for p in pieces] == [len(s) for s in layout.pieces]
     chex.assert_trees_all_equal(layout.join(pieces), params)
@@ -84,7 +85,7 @@ def test_shards_optax_states_join_into_the_full_state(name, tx):
   full = tx.init(params)
   full = tx.update(grads, full, params, worker=1, staleness=2)[1]
   for num_shards in (2, 3):
-    layout = dray.make_layout(params, num_shards)
+    layout = make_layout(params, num_shards)
     states = []
     for k, (g, p) in enumerate(zip(layout.split(grads),
                                    layout.split(params))):
@@ -99,4 +100,4 @@ def test_shards_optax_states_join_into_the_full_state(name, tx):
 ])
 def test_bad_num_shards_is_rejected(num_shards, error):
   with pytest.raises(error, match="`num_shards`"):
-    dray.make_layout({"w": jnp.zeros(11)}, num_shards)
+    make_layout({"w": jnp.zeros(11)}, num_shards)

@@ -130,6 +130,7 @@ def _check_exactly_once(trace, num_updates, num_workers):
   assert sorted(trace["step"]) == list(range(1, num_updates + 1))
   for m in range(num_workers):
     seqs = [s for w, s in zip(trace["worker"], trace["seq"]) if w == m]
+    assert seqs, f"worker {m} has no records"
     assert seqs == list(range(len(seqs))), (m, seqs)
 
 

@@ -28,6 +28,7 @@ import dcasgd_optax  # pylint: disable=g-import-not-at-top
 from dcasgd_optax.harness import Simulator  # pylint: disable=g-import-not-at-top
 from dcasgd_optax.harness import schedules  # pylint: disable=g-import-not-at-top
 import dcasgd_optax.ray as dray  # pylint: disable=g-import-not-at-top
+from dcasgd_optax.ray._layout import make_layout  # pylint: disable=g-import-not-at-top
 
 # ray.init forks after JAX has started threads; the children exec at once.
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
@@ -63,6 +64,8 @@ def test_one_shard_run_replays_exactly_in_the_simulator():
   chex.assert_trees_all_close(state.opt_state, result.opt_state, rtol=1e-6,
                               atol=1e-7)
   assert 0.0 < result.server_share < 1.0 and result.shard_times.shape == (1,)
+  # One node, shared_memory=True (the default): every push used the channel.
+  assert result.shard_records[0]["shared"].all()
   assert not alive_actors()
 
 
@@ -113,11 +116,12 @@ def test_two_shards_apply_delay_compensation_exactly_and_skip_a_nan():
   for trace in result.shard_records:  # Every shard got every gradient once.
     check_exactly_once(trace, 2)
     np.testing.assert_array_equal(trace["step"], np.arange(1, 41))
+    assert not trace["shared"].any()  # In the calls, as asked.
   skipped = rec.skipped & (rec.worker == 1) & (rec.seq == 2)
   assert rec.skipped.sum() == 1 and skipped.sum() == 1
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(
       (result.params, result.opt_state)))
-  layout = dray.make_layout(params, 2)
+  layout = make_layout(params, 2)
   want = _sharded_reference(loss_fn, data_fn, params, layout,
                             result.shard_records, lr, lam)
   chex.assert_trees_all_close(result.params, want, rtol=1e-4, atol=1e-6)

@@ -7,6 +7,7 @@ import os
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -53,6 +54,20 @@ def _describe(paths: list[str], leaves: list[Any]) -> dict[str, list]:
   }
 
 
+@jax.jit
+def _device_copy(x: jax.Array) -> jax.Array:
+  return jnp.copy(x)
+
+
+def _own_copy(leaf: Any) -> Any:
+  """A copy of ``leaf`` that its owner may donate or overwrite: on the host
+  (NumPy), except for an array split across processes, copied where it
+  lies (each process then writes its own shards)."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    return _device_copy(leaf)
+  return np.array(leaf)
+
+
 def _restore_target(leaf: Any) -> Any:
   """How orbax should restore a leaf shaped like ``leaf``."""
   if isinstance(leaf, jax.Array):
@@ -96,6 +111,12 @@ class Checkpointer:
   complete, so a save cut short by a crash is never restored. The directory
   (if this creates it) and every step directory get mode ``0o700``: only
   their owner may read or change a checkpoint.
+
+  In a multi-process program (a pod slice: docs/pod.md) every process
+  makes the same calls: an array split across processes (a simulator's
+  backups) is copied where it lies and each process writes its own shards;
+  the rest is written once, by process 0. ``directory`` must then be one
+  that every process sees (a shared file system or a ``gs://`` bucket).
 
   :meth:`restore_latest` reads the newest checkpoint into the structure,
   shapes and dtypes of a template: the simulators' ``SimState``, the Ray
@@ -195,8 +216,8 @@ class Checkpointer:
     paths, leaves = _paths_and_leaves(tree)
     if not leaves:
       raise ValueError("`tree` must have at least one array leaf, got none.")
-    # np.array copies: the caller may donate or overwrite its buffers at once.
-    leaves = [np.array(x) for x in leaves]
+    # Copies: the caller may donate or overwrite its buffers at once.
+    leaves = [_own_copy(x) for x in leaves]
     record = {**_describe(paths, leaves), "value": metadata}
     self._manager.save(
         int(step),

@@ -12,17 +12,22 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from dcasgd_optax.harness import _multihost
+
 AXIS = "workers"
 
 def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 def make_mesh(devices: Sequence[Any] | None) -> Mesh:
-  """A 1-D mesh over ``devices`` (default: all local devices)."""
-  devices = list(jax.local_devices() if devices is None else devices)
+  """A 1-D mesh over ``devices`` (default: ``jax.devices()``, every device
+  of every process: in one process, its own)."""
+  devices = list(jax.devices() if devices is None else devices)
   if not devices:
     raise ValueError("`devices` is empty: pass at least one device.")
-  return Mesh(np.array(devices), (AXIS,))
+  mesh = Mesh(np.array(devices), (AXIS,))
+  _multihost.check_mesh(mesh)
+  return mesh
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())

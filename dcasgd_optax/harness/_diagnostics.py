@@ -12,6 +12,10 @@ transformation of the server's chain made of it (the compensated gradient):
 
 over all parameters at once: ``stale_*`` for :math:`x = g`, ``applied_*`` for
 :math:`x = d`. The extra cost is one gradient per sampled arrival.
+
+With ``curvature`` also ``curvature_ratio``, the ratio :math:`k` of the
+compensation's curvature to the true one along :math:`w - w_m`
+(:mod:`_exact`), for one Hessian-vector product more.
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ import numpy as np
 import optax
 
 from dcasgd_optax._src import _checks as core_checks
+from dcasgd_optax._src.delay_compensation import DelayCompensationState
 from dcasgd_optax.harness import _checks
+from dcasgd_optax.harness import _exact
+from dcasgd_optax.harness import _state
 
 KEYS = ("stale_cosine", "applied_cosine", "stale_error", "applied_error")
+CURVATURE_KEY = "curvature_ratio"
 
 
 class Diagnostics(NamedTuple):
@@ -34,13 +42,36 @@ class Diagnostics(NamedTuple):
 
   every: int  # arrivals at server steps that are multiples of it are sampled
   first_transform: Any  # optax transformation, or None: the identity
+  curvature: bool = False  # also the curvature ratio (CURVATURE_KEY)
+
+
+def keys(diagnostics: Diagnostics) -> tuple[str, ...]:
+  """The metric keys ``diagnostics`` record."""
+  return KEYS + ((CURVATURE_KEY,) if diagnostics.curvature else ())
 
 
 def make(diagnostics: bool, diagnostics_every: int | None,
-         first_transform: Any, has_model_state: bool) -> Diagnostics | None:
-  """The validated constructor arguments, or None when diagnostics are off."""
-  if not isinstance(diagnostics, bool):
-    raise TypeError(f"`diagnostics` must be a bool, got {diagnostics!r}.")
+         first_transform: Any, has_model_state: bool,
+         curvature: bool = False,
+         exact: float | None = None) -> Diagnostics | None:
+  """The validated constructor arguments, or None when diagnostics are off.
+
+  ``curvature`` (``diagnose_curvature``) implies diagnostics and needs a
+  curvature estimate: ``first_transform`` (checked against ``tx``'s state by
+  :func:`check`) or the exact compensation (``exact``, its lambda).
+  """
+  for name, value in (("diagnostics", diagnostics),
+                      ("diagnose_curvature", curvature)):
+    if not isinstance(value, bool):
+      raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+  if curvature and first_transform is None and exact is None:
+    raise ValueError(
+        "`diagnose_curvature` needs a compensation with a curvature "
+        "estimate, and there is none: plain ASGD pushes the stale gradient "
+        "unchanged. Pass `first_transform` (the delay_compensation that "
+        "starts tx's chain, e.g. DC-ASGD's) or `exact_compensation`."
+    )
+  diagnostics = diagnostics or curvature
   if diagnostics_every is not None:
     core_checks.check_positive_int("diagnostics_every", diagnostics_every)
   if first_transform is not None and not (
@@ -59,7 +90,7 @@ def make(diagnostics: bool, diagnostics_every: int | None,
     )
   if first_transform is not None:
     first_transform = optax.with_extra_args_support(first_transform)
-  return Diagnostics(diagnostics_every or 1, first_transform)
+  return Diagnostics(diagnostics_every or 1, first_transform, curvature)
 
 
 def _is_state_of(target: Any) -> Any:
@@ -103,12 +134,22 @@ def check(diagnostics: Diagnostics, opt_state: Any, params: Any,
           "Simulator(loss_fn, tx, diagnostics=True, first_transform=dc))."
       )
     return
-  first_state(opt_state, diagnostics.first_transform, params)
+  node = first_state(opt_state, diagnostics.first_transform, params)
+  if diagnostics.curvature and not isinstance(node, DelayCompensationState):
+    raise ValueError(
+        "`diagnose_curvature` needs `first_transform` to be a compensation "
+        "with a curvature estimate (one that reads the worker's backup: a "
+        "DelayCompensationState, e.g. dcasgd_optax.delay_compensation), got "
+        f"one whose state is {type(node).__name__}."
+    )
 
 
-def not_measured(num_slots: int) -> dict[str, jax.Array]:
-  """NaN for every key: arrivals that are not sampled."""
-  return {k: jnp.full((num_slots,), jnp.nan, jnp.float32) for k in KEYS}
+def not_measured(num_slots: int, diagnostics: Diagnostics | None = None
+                 ) -> dict[str, jax.Array]:
+  """NaN for every key (of ``diagnostics``, default the four): arrivals that
+  are not sampled."""
+  names = KEYS if diagnostics is None else keys(diagnostics)
+  return {k: jnp.full((num_slots,), jnp.nan, jnp.float32) for k in names}
 
 
 def _flat(tree: Any) -> jax.Array:
@@ -132,25 +173,39 @@ def sampled(first_step: int, num_arrivals: int, every: int) -> np.ndarray:
 
 def measure(diagnostics: Diagnostics, loss_with_state: Any, state: Any,
             grads: Any, batch: Any, worker: Any, staleness: Any,
-            is_sampled: jax.Array) -> dict[str, jax.Array]:
-  """The four figures of one arrival (before its update), NaN if unsampled."""
+            is_sampled: jax.Array,
+            compensated: Any = None) -> dict[str, jax.Array]:
+  """The figures for one arrival (before its update), or NaN if unsampled.
+
+  ``grads`` is the pushed gradient; ``compensated`` what ``tx`` receives
+  (the exactly compensated gradient, default ``grads``), from which the
+  applied direction is made.
+  """
+  compensated = grads if compensated is None else compensated
 
   def measured():
     fresh = _flat(jax.grad(
         lambda p: loss_with_state(p, (), batch)[0])(state.params))
-    direction = grads
+    direction = compensated
     if diagnostics.first_transform is not None:
       sub_state = first_state(state.opt_state, diagnostics.first_transform,
                               state.params)
       direction, _ = diagnostics.first_transform.update(
-          grads, sub_state, state.params, worker=worker, staleness=staleness
+          compensated, sub_state, state.params, worker=worker,
+          staleness=staleness
       )
     stale_cosine, stale_error = _compare(grads, fresh)
     applied_cosine, applied_error = _compare(direction, fresh)
-    return dict(stale_cosine=stale_cosine, applied_cosine=applied_cosine,
-                stale_error=stale_error, applied_error=applied_error)
+    out = dict(stale_cosine=stale_cosine, applied_cosine=applied_cosine,
+               stale_error=stale_error, applied_error=applied_error)
+    if diagnostics.curvature:
+      held = jax.tree.map(lambda b: b[worker],
+                          _state.backups_of(state.opt_state))
+      out[CURVATURE_KEY] = _exact.curvature_ratio(
+          loss_with_state, held, state.params, batch, grads, direction)
+    return out
 
   def skipped():
-    return {k: jnp.full((), jnp.nan, jnp.float32) for k in KEYS}
+    return {k: jnp.full((), jnp.nan, jnp.float32) for k in keys(diagnostics)}
 
   return jax.lax.cond(is_sampled, measured, skipped)

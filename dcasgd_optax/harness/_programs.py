@@ -40,6 +40,7 @@ from dcasgd_optax._src._rows import stand_in_backups
 from dcasgd_optax._src.pull import pull
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _diagnostics
+from dcasgd_optax.harness import _exact
 from dcasgd_optax.harness import _gathers
 from dcasgd_optax.harness import _slots
 from dcasgd_optax.harness import _state
@@ -54,6 +55,7 @@ class Replay(NamedTuple):
   vmap_slots: int | None
   diagnostics: _diagnostics.Diagnostics | None
   tx_pulls: bool  # tx pulls inside its update (a PullAfterPush)
+  exact: float | None = None  # the exact compensation's lambda (_exact)
 
 
 class Chunk(NamedTuple):
@@ -195,16 +197,22 @@ def _arrive(replay: Replay, chunk: Chunk, k, carry):
   # No worker repeats in a chunk: its row is what it held when the chunk
   # began, unchanged until its own pull below.
   view = _server_view(replay, state.opt_state, m, state.last_pull.shape[0])
+  batch = jax.tree.map(lambda x: x[slot], chunk.batch)
+  compensated = grads
+  if replay.exact is not None:  # g + lambda H(held) (w - held), exactly
+    held = jax.tree.map(lambda b: b[m], _state.backups_of(view))
+    compensated = _exact.compensate(replay.exact, replay.loss_with_state,
+                                    held, state.params, batch, grads)
   entry = {"loss": pick(chunk.loss), "staleness": tau}
   if replay.diagnostics is not None:
     assert chunk.sampled is not None  # Passed whenever diagnostics are on.
     entry.update(_diagnostics.measure(
         replay.diagnostics, replay.loss_with_state,
-        state._replace(opt_state=view), grads,
-        jax.tree.map(lambda x: x[slot], chunk.batch), m, tau,
-        chunk.sampled[k],
+        state._replace(opt_state=view), grads, batch, m, tau,
+        chunk.sampled[k], compensated,
     ))
-  updates, opt_state = _update(replay, grads, view, state.params, m, tau)
+  updates, opt_state = _update(replay, compensated, view, state.params, m,
+                               tau)
   params = optax.apply_updates(state.params, updates)
   model_state = pick(chunk.new_model_states)
   step = state.step + 1
@@ -225,7 +233,7 @@ def _empty_record(replay: Replay, size: int, loss_dtype) -> dict[str, Any]:
   record = {"loss": jnp.zeros((size,), loss_dtype),
             "staleness": jnp.zeros((size,), jnp.int32)}
   if replay.diagnostics is not None:
-    record.update(_diagnostics.not_measured(size))
+    record.update(_diagnostics.not_measured(size, replay.diagnostics))
   return record
 
 

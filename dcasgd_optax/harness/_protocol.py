@@ -24,6 +24,7 @@ from dcasgd_optax._src import _checks as core_checks
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _diagnostics
+from dcasgd_optax.harness import _multihost
 from dcasgd_optax.harness import _optimizer
 from dcasgd_optax.harness import _plan
 from dcasgd_optax.harness import _slots
@@ -99,6 +100,9 @@ class SimulatorBase:
   # Whether the default strategy on CPU is picked per loss function
   # (``cpu_strategy``), or is "host_chunks".
   _strategy_per_loss: bool = False
+  # The exact compensation's lambda (Simulator's ``exact_compensation``,
+  # set before this constructor runs), or None.
+  _exact: float | None = None
 
   def __init__(
       self,
@@ -115,6 +119,8 @@ class SimulatorBase:
       diagnostics: bool = False,
       diagnostics_every: int | None = None,
       first_transform: Any = None,
+      diagnose_curvature: bool = False,
+      process_timeout: float = _multihost.DEFAULT_TIMEOUT,
   ) -> None:
     for name, value in (("num_workers", num_workers),
                         ("max_parallel", max_parallel),
@@ -124,7 +130,10 @@ class SimulatorBase:
     if not hasattr(tx, "init") or not hasattr(tx, "update"):
       raise TypeError(f"`tx` must be an optax transformation, got {tx!r}.")
     self.num_workers = num_workers
+    self._process_timeout = _multihost.check_timeout(process_timeout)
     self.mesh = _devices.make_mesh(devices)
+    # Whether the mesh spans processes: each call is then checked across them.
+    self._multiprocess = len(_multihost.processes_of(self.mesh)) > 1
     self.strategy = default_strategy(self.mesh, strategy,
                                      self._strategy_per_loss)
     self._loss_with_state = _checks.with_model_state(loss_fn, has_model_state)
@@ -134,7 +143,8 @@ class SimulatorBase:
     self._max_parallel = max_parallel
     self._donate = donate
     self._diagnostics = _diagnostics.make(
-        diagnostics, diagnostics_every, first_transform, has_model_state
+        diagnostics, diagnostics_every, first_transform, has_model_state,
+        diagnose_curvature, self._exact,
     )
     self._user_tx = tx
     self.tx = self._server_tx(tx, num_workers)
@@ -172,6 +182,9 @@ class SimulatorBase:
       :meth:`workers_for` ``(params)`` workers.
     """
     model_state = _checks.check_model_state(model_state, self._has_model_state)
+    self._same_on_every_process("init", params=params,
+                                model_state=model_state,
+                                read_values=("params", "model_state"))
     return _state.initial_state(
         self.tx, self.workers_for(params), self.mesh, params, model_state,
         per_worker=self._per_worker,
@@ -198,11 +211,27 @@ class SimulatorBase:
     _checks.leading_axis("model_state", model_state, num)
     hyperparams = dict(hyperparams or {})
     _checks.leading_axis("hyperparams", hyperparams, num)
+    self._same_on_every_process(
+        "init_many", params=params, model_state=model_state,
+        hyperparams=hyperparams,
+        read_values=("params", "model_state", "hyperparams"))
     one = jax.tree.map(lambda x: x[0], params)
     return _state.initial_states(
         self.tx, self.workers_for(one), self.mesh, params, model_state,
         hyperparams, per_worker=self._per_worker,
     )
+
+  def _same_on_every_process(self, call: str, read_values=(),
+                             **values: Any) -> None:
+    """Raises unless every process of the mesh makes this call with the
+    same ``values`` and ``devices`` (nothing to check in one process; see
+    ``_multihost.check_same``)."""
+    if not self._multiprocess:
+      return
+    ids = np.array([d.id for d in self.mesh.devices.flat], np.int64)
+    _multihost.check_same(self.mesh, f"{type(self).__name__}.{call}",
+                          self._process_timeout, read_values, devices=ids,
+                          **values)
 
   def _check_state(self, state: Any, num_sims: int | None = None) -> int:
     """Raises unless ``state`` is what ``init`` makes (``init_many`` for

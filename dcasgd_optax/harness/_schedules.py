@@ -179,14 +179,47 @@ def gamma_speeds(
     7 12
     6 154
   """
+  return gamma_events(num_workers, num_arrivals, seed, shape=shape,
+                      speeds=speeds, straggler_prob=straggler_prob,
+                      straggler_slowdown=straggler_slowdown)[0]
+
+
+def check_gamma(num_workers: int, shape: Any, speeds: Any, straggler_prob: Any,
+                straggler_slowdown: Any) -> tuple[int, np.ndarray, float,
+                                                  float]:
+  """:func:`gamma_speeds`' arguments, checked: ``(M, speeds, p, f)``."""
   num_workers = _checks.check_positive_int("num_workers", num_workers)
-  num_arrivals = _check_nonnegative_int("num_arrivals", num_arrivals)
   _checks.check_scalar_range("shape", shape, low=0.0, low_inclusive=False)
   speeds = _check_speeds(speeds, num_workers)
   prob, slowdown = _check_stragglers(straggler_prob, straggler_slowdown)
+  return num_workers, speeds, prob, slowdown
+
+
+def worker_streams(seed: Any, num_workers: int) -> tuple[list, list]:
+  """Each worker's compute-time and straggler generators for ``seed``."""
   root = np.random.SeedSequence(_checks.check_seed(seed))
   rngs = [np.random.default_rng(s) for s in root.spawn(num_workers)]
   straggler_rngs = [np.random.default_rng(s) for s in root.spawn(num_workers)]
+  return rngs, straggler_rngs
+
+
+def worker_compute_times(rngs, straggler_rngs, m, n, shape, speed, prob,
+                         slowdown) -> np.ndarray:
+  """The next ``n`` compute times of worker ``m`` from its streams."""
+  return _compute_times(rngs[m], straggler_rngs[m], n, shape, speed, prob,
+                        slowdown)
+
+
+def gamma_events(num_workers: int, num_arrivals: int, seed: int, *,
+                 shape: float = 100.0, speeds: Any = None,
+                 straggler_prob: float = 0.0,
+                 straggler_slowdown: float = 10.0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """:func:`gamma_speeds`' arrivals (int32) and the time of each (float64)."""
+  num_workers, speeds, prob, slowdown = check_gamma(
+      num_workers, shape, speeds, straggler_prob, straggler_slowdown)
+  num_arrivals = _check_nonnegative_int("num_arrivals", num_arrivals)
+  rngs, straggler_rngs = worker_streams(seed, num_workers)
   share = speeds / speeds.sum()
   counts = np.ceil(num_arrivals * share * 1.1).astype(int) + 8
 
@@ -205,7 +238,7 @@ def gamma_speeds(
   when = np.concatenate(times)
   who = np.concatenate([np.full(len(t), m) for m, t in enumerate(times)])
   order = np.lexsort((who, when))[:num_arrivals]
-  return who[order].astype(np.int32)
+  return who[order].astype(np.int32), when[order].astype(np.float64)
 
 
 def staleness(arrivals: Any, num_workers: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import optax
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _diagnostics
+from dcasgd_optax.harness import _exact
 from dcasgd_optax.harness import _gathers
 from dcasgd_optax.harness import _optimizer
 from dcasgd_optax.harness import _plan
@@ -83,10 +84,12 @@ class Simulator(_protocol.SimulatorBase):
     num_workers: number of asynchronous workers (>= 1). Optional when ``tx``
       keeps per-worker backups (their leading axis is the number); if given
       it must agree with them.
-    devices: devices to spread the workers over (default: all local
-      devices). Each device holds the backups (and model states) of a
-      contiguous block of workers and computes their gradients, so backup
-      memory per device falls as 1/D; the server's params and optimizer
+    devices: devices to spread the workers over (default:
+      ``jax.devices()``, every device; in a multi-process program, such as
+      a TPU pod slice, those of every process: docs/pod.md). Each device
+      holds the backups (and model states) of a contiguous block of workers
+      and computes their gradients, so backup memory per device falls as
+      1/D; the server's params and optimizer
       statistics are replicated, and on several devices ``tx`` reads the
       arriving worker's row through a stand-in (that row broadcast to all
       rows), so it must read only that worker's row, as every
@@ -133,6 +136,56 @@ class Simulator(_protocol.SimulatorBase):
       ``tx``'s state by its structure). Needed for diagnostics when ``tx``
       keeps its own DelayCompensationState; for an optimizer without one,
       :math:`d = g` (plain ASGD applies what was pushed).
+    diagnose_curvature: also measure how right the compensation's curvature
+      is (implies ``diagnostics``): for each sampled arrival of worker
+      :math:`m`, with :math:`\delta = w - w_m` (the server's model minus the
+      one the worker computed at), the ratio
+
+      .. math::
+        k = \frac{\delta^\top (d - g)}{\delta^\top H(w_m) \, \delta}
+
+      of the compensation term :math:`d - g = \hat H \delta` (for DC-ASGD
+      :math:`\hat H = \lambda \, g \odot g`, :math:`\lambda_t \, g \odot g`
+      for DC-ASGD-a) to the true curvature along :math:`\delta`, the
+      Hessian of the worker's batch loss at :math:`w_m` (a Hessian-vector
+      product, ``jax.jvp`` of the gradient): 1 is exact, below 1 an
+      under-estimate. Metric ``"curvature_ratio"`` (float32, NaN where not
+      sampled or :math:`\delta = 0`). Needs a compensation with a curvature
+      estimate: ``first_transform`` (whose state is a
+      DelayCompensationState) or ``exact_compensation`` (for which
+      :math:`k = \lambda`); else a ValueError before anything runs. For a
+      compensation that is not a Taylor correction (e.g.
+      :func:`dcasgd_optax.gap_aware`, which shrinks :math:`g`) it reads
+      the shrinkage as a curvature.
+    exact_compensation: :math:`\lambda \ge 0`, or None (default: off).
+      The exact Taylor compensation, the ceiling of every first-order
+      correction: the server corrects each pushed gradient with the exact
+      Hessian-vector product on the worker's own batch :math:`b`,
+
+      .. math::
+        \tilde g = g + \lambda \, H(w_m) \, (w - w_m), \qquad
+        H(w_m) = \nabla^2 L(w_m, b),
+
+      (``jax.jvp`` of the gradient at the worker's model :math:`w_m` along
+      :math:`w - w_m`, about two gradients of extra cost per arrival,
+      computed one arrival at a time) and ``tx`` receives :math:`\tilde g`,
+      so ``tx`` should be a plain optimizer (``optax.sgd``, with momentum,
+      ...): one with its own compensation would add its term too. On a
+      quadratic loss with :math:`\lambda = 1`, :math:`\tilde g` is the
+      fresh gradient :math:`\nabla L(w, b)`, so the replay is sequential
+      SGD on the arrivals' batches. Not with ``has_model_state``. Source:
+      the Taylor expansion DC-ASGD approximates (Zheng et al. 2017,
+      arXiv 1609.08326, eq. 4), with the Hessian product of Pearlmutter
+      (1994).
+    process_timeout: in a multi-process program, the seconds each call
+      (``init``, ``replay``, ...) waits for the other processes to make it
+      too. Every process must make the same calls with the same arguments:
+      each call first compares fingerprints of them across processes
+      (``arrivals``' values; the structure, shapes and dtypes of
+      ``batches`` and of the state; ``init``'s params' values; ``devices``),
+      and a difference is a ValueError naming the argument, a process that
+      does not make the call in time a RuntimeError. Results are read on a
+      host with :func:`dcasgd_optax.harness.to_host`. Unused in one process.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -149,10 +202,38 @@ class Simulator(_protocol.SimulatorBase):
     [0, 1, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]
     >>> bool(abs(state.params['w'] - 1.0) < 0.3)  # near the mean target
     True
+
+    The exact compensation on a quadratic makes 4 delayed workers replay
+    sequential SGD; the curvature diagnostic measures DC-ASGD's estimate:
+
+    >>> exact = Simulator(loss_fn, optax.sgd(0.1), num_workers=4,
+    ...                   exact_compensation=1.0)
+    >>> seq = Simulator(loss_fn, optax.sgd(0.1), num_workers=1)
+    >>> a, _ = exact.replay(exact.init({'w': jnp.zeros(())}),
+    ...                     jnp.arange(16), arrivals)
+    >>> b, _ = seq.replay(seq.init({'w': jnp.zeros(())}), jnp.arange(16),
+    ...                   schedules.cyclic(1, 16))
+    >>> bool(jnp.allclose(a.params['w'], b.params['w']))
+    True
+    >>> dc = dcasgd_optax.delay_compensation(4, 0.04)  # DC-ASGD-c
+    >>> tx = dcasgd_optax.pull_after_push(optax.chain(dc, optax.sgd(0.1)))
+    >>> sim = Simulator(loss_fn, tx, first_transform=dc,
+    ...                 diagnose_curvature=True)
+    >>> _, metrics = sim.replay(sim.init({'w': jnp.zeros(())}),
+    ...                         jnp.arange(16), arrivals)
+    >>> k = metrics['curvature_ratio'][1:]  # arrival 0 is fresh: NaN
+    >>> bool(jnp.all(k < 0.1))  # lambda g*g is far below the true H = 2
+    True
   """
 
   _per_worker = True
   _strategy_per_loss = True
+
+  def __init__(self, loss_fn: Any, tx: Any, num_workers: int | None = None,
+               *, exact_compensation: float | None = None, **kwargs: Any):
+    self._exact = _exact.make(exact_compensation,
+                              kwargs.get("has_model_state", False))
+    super().__init__(loss_fn, tx, num_workers, **kwargs)
 
   def _server_tx(self, tx, num_workers):
     return _optimizer.with_backups(tx, num_workers)
@@ -171,6 +252,7 @@ class Simulator(_protocol.SimulatorBase):
         self._loss_with_state, self.tx, self.mesh, vmap_slots,
         diagnostics=self._diagnostics,
         tx_pulls=_optimizer.pulls_in_update(self._user_tx),
+        exact=self._exact,
     )
     if strategy == "compiled":
       jit = functools.partial(
@@ -283,7 +365,10 @@ class Simulator(_protocol.SimulatorBase):
       diagnostics also (float32, NaN where not sampled)
       ``"stale_cosine"`` :math:`\cos(g, f)`, ``"applied_cosine"``
       :math:`\cos(d, f)`, ``"stale_error"`` :math:`\|g - f\| / \|f\|` and
-      ``"applied_error"`` :math:`\|d - f\| / \|f\|`.
+      ``"applied_error"`` :math:`\|d - f\| / \|f\|`; with
+      ``diagnose_curvature`` also ``"curvature_ratio"`` (see there). With
+      ``exact_compensation``, :math:`g` is the pushed gradient and
+      :math:`d` is made of the exactly compensated one.
     """
     return self._run(state, batches, arrivals, many=False)
 
@@ -342,10 +427,12 @@ class Simulator(_protocol.SimulatorBase):
         state.step, steps_A, arrivals[0], record
     )
 
-  def _program_inputs(self, state, batches, arrivals, *, many=False):
-    """Checks ``replay``'s (``replay_many``'s) arguments; returns the
-    arrivals ``[N, A]``, the program's arguments (``"compiled"``) or what
-    the host loop needs, the strategy and the programs."""
+  def _program_inputs(self, state, batches, arrivals, *, many=False,
+                      every_process=True):
+    """Checks ``replay``'s (``replay_many``'s) arguments (on every process,
+    unless not ``every_process``); returns the arrivals ``[N, A]``, the
+    program's arguments (``"compiled"``) or what the host loop needs, the
+    strategy and the programs."""
     shared = not many or np.ndim(arrivals) == 1
     num_sims = _checks.leading_axis("state", state) if many else None
     num_workers = self._check_state(state, num_sims)
@@ -361,6 +448,10 @@ class Simulator(_protocol.SimulatorBase):
     plan = self._plan(arrivals[:1] if shared else arrivals, one.params,
                       num_workers, strategy)
     sampled = self._sampled(state, num_arrivals)
+    if every_process:
+      self._same_on_every_process(
+          "replay_many" if many else "replay", arrivals=arrivals,
+          batches=batches, state=state)
     programs = self._programs_for(strategy, vmap_slots)
     batches = _devices.replicate(batches, self.mesh)
     if strategy != "compiled":
@@ -386,7 +477,7 @@ class Simulator(_protocol.SimulatorBase):
     device holds (benchmarks/harness_throughput.md records them).
     """
     _, args, kwargs, strategy, (program, _) = self._program_inputs(
-        state, batches, arrivals)
+        state, batches, arrivals, every_process=False)
     if strategy == "compiled":
       return program.lower(*args, **kwargs)
     state, batches, plan, sampled = args

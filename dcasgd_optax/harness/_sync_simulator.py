@@ -98,20 +98,23 @@ def _sync_program(loss_with_state, tx, mesh, vmap_slots, num_workers, state,
   return state, loss_RxS.reshape(-1)
 
 
-def _fresh_by_construction(step_before_A: jax.Array,
-                           every: int) -> dict[str, jax.Array]:
+def _fresh_by_construction(step_before_A: jax.Array, every: int,
+                           curvature: bool = False) -> dict[str, jax.Array]:
   """SSGD's diagnostics: every gradient is the fresh one, so on sampled
   arrivals ``stale_cosine`` is 1 and ``stale_error`` 0 (no gradient is
   computed for them); ``applied_*`` are NaN, as the server transforms the
   round's mean, not each worker's gradient."""
   sampled = step_before_A % every == 0
   nan = jnp.full(step_before_A.shape, jnp.nan, jnp.float32)
-  return {
+  out = {
       "stale_cosine": jnp.where(sampled, 1.0, nan),
       "applied_cosine": nan,
       "stale_error": jnp.where(sampled, 0.0, nan),
       "applied_error": nan,
   }
+  if curvature:  # no delay, no compensation term: k = 0 / 0
+    out["curvature_ratio"] = nan
+  return out
 
 
 class SyncSimulator(_protocol.SimulatorBase):
@@ -157,7 +160,8 @@ class SyncSimulator(_protocol.SimulatorBase):
     tx: an optax transformation.
     num_workers: workers per round (>= 1); optional when ``tx`` keeps
       per-worker backups (see :class:`Simulator`).
-    devices: devices to spread a round's gradients over (default: all local).
+    devices: devices to spread a round's gradients over (default:
+      ``jax.devices()``, those of every process).
     has_model_state: whether ``loss_fn`` takes and returns a model state.
     max_parallel: most gradients computed at once, per group of a round
       (default as in :class:`Simulator`); it never changes results beyond
@@ -178,6 +182,9 @@ class SyncSimulator(_protocol.SimulatorBase):
       report ``stale_cosine`` 1 and ``stale_error`` 0 with no extra
       gradient, and ``applied_*`` NaN, as the server transforms the round's
       mean, not each worker's gradient.
+    diagnose_curvature: as in :class:`Simulator`; SSGD's gradients have no
+      delay, so ``curvature_ratio`` is NaN.
+    process_timeout: as in :class:`Simulator` (multi-process programs).
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -304,6 +311,9 @@ class SyncSimulator(_protocol.SimulatorBase):
     self._check_batches(one, batches, len(arrivals),
                         leading=(num_sims,) if many else ())
     rounds = self._rounds(arrivals, one.params, num_workers)
+    self._same_on_every_process(
+        "replay_many" if many else "replay", arrivals=arrivals,
+        batches=batches, state=state)
     batches = _devices.replicate(batches, self.mesh)
     if self.strategy == "compiled":
       program = self._program_many if many else self._program
@@ -325,7 +335,8 @@ class SyncSimulator(_protocol.SimulatorBase):
     }
     if self._diagnostics is not None:
       record.update(_fresh_by_construction(
-          final + jnp.asarray(steps_A - 1), self._diagnostics.every
+          final + jnp.asarray(steps_A - 1), self._diagnostics.every,
+          self._diagnostics.curvature,
       ))
     if many:
       arrivals = np.broadcast_to(arrivals, (num_sims, arrivals.shape[-1]))

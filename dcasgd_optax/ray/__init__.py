@@ -1,7 +1,10 @@
 """Asynchronous parameter-server training on Ray (extra ``ray``).
 
-The public API is exactly the names imported here. Install with
-``pip install 'dcasgd-optax[ray]'``.
+The public API is exactly the names imported here: :func:`train`, what it
+returns (:class:`TrainResult`, its :class:`UpdateRecords`) and
+:func:`connect`. The actors, the layout and the messages they exchange are
+private (``_server``, ``_worker``, ``_layout``, ``_protocol``, ...). Install
+with ``pip install 'dcasgd-optax[ray]'``.
 """
 
 try:
@@ -16,27 +19,13 @@ except ModuleNotFoundError as e:
 del _ocp, _ray
 
 from dcasgd_optax.ray._cluster import connect
-from dcasgd_optax.ray._layout import Layout
-from dcasgd_optax.ray._layout import make_layout
+from dcasgd_optax.ray._records import TrainResult
 from dcasgd_optax.ray._records import UpdateRecords
-from dcasgd_optax.ray._server import ApplyInfo
-from dcasgd_optax.ray._server import ParameterServer
-from dcasgd_optax.ray._server import Pulled
-from dcasgd_optax.ray._train import TrainResult
 from dcasgd_optax.ray._train import train
-from dcasgd_optax.ray._worker import GradientMeta
-from dcasgd_optax.ray._worker import GradientWorker
 
 __all__ = (
-    "ApplyInfo",
-    "GradientMeta",
-    "GradientWorker",
-    "Layout",
-    "ParameterServer",
-    "Pulled",
     "TrainResult",
     "UpdateRecords",
     "connect",
-    "make_layout",
     "train",
 )

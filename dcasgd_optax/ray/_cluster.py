@@ -20,10 +20,13 @@ GCS (its ``GetClusterId``, read-only) *without* credentials:
   cluster's CA, which authenticates it too.
 * nothing answers within ``timeout_s``: ``ConnectionError``.
 
-The token is looked up as Ray does: ``RAY_AUTH_TOKEN``, else the file named by
-``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``; Ray sends it only when
-``RAY_AUTH_MODE=token``, or, with ``RAY_AUTH_MODE`` unset, for
-``address=None`` or ``"auto"`` when a token exists.
+Ray has no public API for either step (finding the address ``ray.init``
+would contact, and a call that any cluster authenticates), so this module
+uses Ray's own address resolution and the names of two read-only RPCs,
+tested with the Ray versions pyproject's ``ray`` extra pins
+(:data:`TESTED_RAY`); a Ray that changed them gets a clear error.
+
+The token is looked up as Ray does (:mod:`_token`).
 """
 
 from __future__ import annotations
@@ -33,19 +36,23 @@ import functools
 import logging
 import os
 import pathlib
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 import ray
 
-# The address resolution that ray.init itself runs; Ray has no public one.
-from ray._private import services as _ray_services
-
 from dcasgd_optax._src import _checks
+from dcasgd_optax.ray._token import find_token
+from dcasgd_optax.ray._token import sends_token
+from dcasgd_optax.ray._token import warn_if_others_can_read
 
 _log = logging.getLogger(__name__)
 
-# A cheap, read-only RPC behind Ray's token check, per kind of endpoint.
+# Ray has no public API for what this module needs: the address resolution
+# ray.init runs, and two cheap, read-only RPCs behind Ray's token check (one
+# per kind of endpoint). Tested with these Ray versions (pyproject's `ray`
+# extra pins the same); a Ray that changed them gets a clear error.
+TESTED_RAY = ">=2.52,<2.61"
 _GCS_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
 _RAY_CLIENT_METHOD = "/ray.rpc.RayletDriver/ClusterInfo"
 _RAY_CLIENT_PREFIX = "ray://"
@@ -72,60 +79,6 @@ class Access(enum.Enum):
   TOKEN = "token"  # It rejected the call: token authentication is on.
   UNREACHABLE = "unreachable"  # Nothing answered in time.
   NOT_RAY = "not_ray"  # A gRPC server that does not know the method.
-
-
-class Token(NamedTuple):
-  """A Ray authentication token and where it was found (for messages)."""
-
-  value: str
-  source: str
-  path: pathlib.Path | None = None  # The file it was read from, if any.
-
-
-def find_token() -> Token | None:
-  """The token Ray would send, looked up in Ray's order; None if none.
-
-  Returns:
-    A :class:`Token` from ``RAY_AUTH_TOKEN``, else from the file named by
-    ``RAY_AUTH_TOKEN_PATH``, else from ``~/.ray/auth_token``; ``None`` if
-    none of them holds one. It does not look at ``RAY_AUTH_MODE``.
-
-  Examples:
-    >>> import os
-    >>> from unittest import mock
-    >>> with mock.patch.dict(os.environ, {"RAY_AUTH_TOKEN": "0123abcd"}):
-    ...   find_token()
-    Token(value='0123abcd', source='RAY_AUTH_TOKEN', path=None)
-  """
-  value = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-  if value:
-    return Token(value, "RAY_AUTH_TOKEN")
-  env_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-  source = f"RAY_AUTH_TOKEN_PATH ({env_path})"
-  if env_path:
-    path = pathlib.Path(env_path)
-  else:
-    path = pathlib.Path.home() / ".ray" / "auth_token"
-    source = str(path)
-  try:
-    value = path.read_text().strip()
-  except OSError:
-    return None
-  return Token(value, source, path) if value else None
-
-
-def sends_token(address: str | None) -> bool:
-  """Whether ``ray.init(address=address)`` in this process sends a token.
-
-  Mirrors Ray: ``RAY_AUTH_MODE=token`` sends one, any other value does not;
-  with ``RAY_AUTH_MODE`` unset, Ray turns token mode on only for a cluster it
-  finds itself (``address`` None or ``"auto"``) and only if a token exists,
-  so that an explicit address never receives a token unasked.
-  """
-  mode = os.environ.get("RAY_AUTH_MODE")
-  if mode is not None:
-    return mode.lower() == "token"
-  return address in (None, "auto") and find_token() is not None
 
 
 def uses_tls() -> bool:
@@ -212,29 +165,28 @@ def resolve(
   """
   if address is not None and address.startswith(_RAY_CLIENT_PREFIX):
     return address[len(_RAY_CLIENT_PREFIX):], _RAY_CLIENT_METHOD
-  target = _ray_services.canonicalize_bootstrap_address(address, temp_dir)
-  return target, _GCS_METHOD
+  try:
+    from ray._private import services  # pylint: disable=g-import-not-at-top
+    canonicalize = services.canonicalize_bootstrap_address
+  except (ImportError, AttributeError) as e:
+    raise _internals_changed(
+        "ray._private.services.canonicalize_bootstrap_address (the address "
+        "resolution ray.init runs)") from e
+  return canonicalize(address, temp_dir), _GCS_METHOD
+
+
+def _internals_changed(what: str) -> RuntimeError:
+  """The error for a Ray whose internals this module needs have changed."""
+  return RuntimeError(
+      f"dcasgd_optax.ray.connect needs {what}, which this Ray "
+      f"({ray.__version__}) does not have: Ray's internals changed. It is "
+      f"tested with ray{TESTED_RAY}; install one of those (`pip install "
+      "'dcasgd-optax[ray]'`).")
 
 
 def _where(target: str, address: str | None) -> str:
   """Names a cluster in messages: ``Ray cluster at host:port (address=...)``."""
   return f"Ray cluster at {target} (address={address!r})"
-
-
-def _warn_if_others_can_read(token: Token) -> None:
-  """Warns (once per file) if a token file is readable by other users."""
-  path = token.path
-  if path is not None and path.stat().st_mode & 0o077:
-    _warn_token_readable(str(path), path.stat().st_mode & 0o777)
-
-
-@functools.cache
-def _warn_token_readable(path: str, mode: int) -> None:
-  _log.warning(
-      "The Ray token file %s has mode %o: other users of this machine can "
-      "read it and run code on the cluster. Fix: chmod 600 %s",
-      path, mode, path,
-  )
 
 
 def _check_token(address: str | None, target: str, method: str,
@@ -248,7 +200,7 @@ def _check_token(address: str | None, target: str, method: str,
         f"this process would connect without a token (RAY_AUTH_MODE is "
         f"{mode}). Fix: {_DRIVER_FIX}"
     )
-  _warn_if_others_can_read(token)
+  warn_if_others_can_read(token)
   code = probe(target, token=token.value, method=method, timeout_s=timeout_s)
   if code == grpc.StatusCode.UNAUTHENTICATED:
     raise ray.exceptions.AuthenticationError(
@@ -287,8 +239,10 @@ def check_cluster(
     )
   elif access == Access.NOT_RAY:
     raise ConnectionError(
-        f"The server at {target} (address={address!r}) is not a Ray cluster "
-        f"(it does not know {method})."
+        f"The server at {target} (address={address!r}) does not know the RPC "
+        f"{method}: it is not a Ray cluster, or a Ray whose internal RPCs "
+        f"changed (this is tested with ray{TESTED_RAY}; this process has "
+        f"{ray.__version__})."
     )
   elif not (uses_tls() or allow_insecure_cluster):
     raise RuntimeError(
@@ -310,8 +264,7 @@ def _warn_open_local_cluster(gcs_address: str) -> None:
       "anyone who can reach this machine can run code in it. Unset "
       "RAY_AUTH_MODE (Ray >= 2.59 then turns it on) or set "
       "RAY_AUTH_MODE=token.",
-      gcs_address,
-      os.environ.get("RAY_AUTH_MODE", "unset"),
+      gcs_address, os.environ.get("RAY_AUTH_MODE", "unset"),
   )
 
 

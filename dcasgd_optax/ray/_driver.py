@@ -6,21 +6,32 @@ shards for every worker's first pull (so all start at the same step), starts
 one :meth:`GradientWorker.run` per worker, restarts the loop of a worker
 that died (Ray restarts the actor), and, every ``checkpoint_every`` updates,
 lets the workers' loops run dry (the first shard stops granting tickets),
-saves every shard at that same step and starts them again.
+saves every shard at that same step and starts them again. Around the run,
+:func:`restore` resumes the shards from their checkpoints, :func:`finish`
+collects the result and :func:`shutdown` stops every actor, whatever
+happened.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import logging
 import time
 from typing import Any
 
 import numpy as np
+import optax
 import ray
+
+from dcasgd_optax.ray import _layout
+from dcasgd_optax.ray import _records
+from dcasgd_optax.ray._records import TrainResult
 
 _log = logging.getLogger(__name__)
 # How often the driver looks at the run when nothing finishes.
 _POLL_S = 1.0
+# How long shutdown waits for the shards' last checkpoints to be written.
+_CLOSE_TIMEOUT_S = 300.0
 
 
 class ShardDiedError(RuntimeError):
@@ -187,3 +198,90 @@ class Driver:
       ray.get([s.save.remote() for s in self.shards])
     except ray.exceptions.RayActorError as e:
       raise self._shard_died() from e
+
+
+def restore(driver: Driver, resume: bool) -> None:
+  """Restores every shard from the latest step all of them saved."""
+  steps = ray.get([s.checkpoint_steps.remote() for s in driver.shards])
+  saved = [set(s) for s in steps if s]
+  if saved and not resume:
+    raise ValueError(
+        "`checkpoint_dir` already holds checkpoints (steps "
+        f"{sorted(set().union(*saved))}); pass `resume=True` to continue from "
+        "them, or use an empty directory."
+    )
+  if not saved:
+    return
+  common = set.intersection(*saved) if len(saved) == len(steps) else set()
+  if not common:
+    raise ValueError(
+        "`checkpoint_dir` holds no step that every shard saved (were they "
+        f"written with another `num_shards`?): {steps}."
+    )
+  step = max(common)
+  ray.get([s.restore.remote(step) for s in driver.shards])
+
+
+def finish(driver: Driver, start_time: float, num_updates: int,
+            tx: Any, layout: _layout.Layout, checkpointing: bool
+            ) -> TrainResult:
+  """Saves, collects the traces and the final state, closes the shards."""
+  shards = driver.shards
+  if checkpointing:
+    driver.save()
+  traces = ray.get([s.trace.remote() for s in shards])
+  records = _records.merge(traces, start_time)
+  for trace in traces:
+    trace["time"] = trace["time"] - start_time
+  wall_time = float(records.time[-1]) if len(records.time) else 0.0
+  shard_times = np.array(ray.get([s.close.remote() for s in shards]))
+  results = ray.get([s.result.remote() for s in shards])
+  steps = {r[0] for r in results}
+  if steps != {num_updates}:
+    raise RuntimeError(f"The shards stopped at steps {steps}, not "
+                       f"{num_updates}.")
+  params = _layout.join(layout, [r[1] for r in results])
+  if layout.num_shards == 1:
+    opt_state = results[0][2]
+  else:
+    init = optax.with_extra_args_support(tx).init
+    opt_state = layout.join_states(init, [r[2] for r in results])
+  return TrainResult(
+      params=params, opt_state=opt_state, step=num_updates, records=records,
+      wall_time=wall_time, server_time=float(shard_times.max()),
+      worker_failures=driver.failures.copy(),
+      shard_records=tuple(traces), shard_times=shard_times,
+  )
+
+
+def _save_if_consistent(shards: Sequence[Any]) -> None:
+  """After a failure: saves the shards' state if they agree on it.
+
+  Shards that processed different gradients (a push cut short) are not
+  saved: their last common checkpoint stays the one to resume from.
+  """
+  try:
+    states = ray.get([s.progress.remote() for s in shards],
+                     timeout=_CLOSE_TIMEOUT_S)
+    if all(st[0] == states[0][0] and np.array_equal(st[1], states[0][1])
+           for st in states):
+      ray.get([s.save.remote() for s in shards], timeout=_CLOSE_TIMEOUT_S)
+  except (ray.exceptions.RayError, ValueError) as e:
+    _log.warning("Could not save the shards' state after the failure: %s", e)
+
+
+def shutdown(shards: Sequence[Any], workers: Sequence[Any], failed: bool,
+              checkpointing: bool, started_ray: bool) -> None:
+  """Saves what it can, kills the run's actors (and Ray if train started it)."""
+  for w in workers:  # First, so no push lands after the last save.
+    ray.kill(w, no_restart=True)
+  if failed and checkpointing and shards:
+    _save_if_consistent(shards)
+  try:
+    ray.get([s.close.remote() for s in shards], timeout=_CLOSE_TIMEOUT_S)
+  except (ray.exceptions.RayError, TimeoutError) as e:
+    _log.warning("Could not close the server shards cleanly: %s", e)
+  for s in shards:
+    ray.kill(s, no_restart=True)
+  if started_ray:
+    ray.shutdown()

@@ -2,12 +2,14 @@
 
 The server shards each keep their own trace of the gradients they processed
 (:func:`shard_trace`); the driver merges them into the run's records
-(:func:`merge`), ordered by the first shard's step.
+(:func:`merge`), ordered by the first shard's step, which :func:`train`
+returns in a :class:`TrainResult`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -20,6 +22,7 @@ SHARD_FIELDS = {
     "time": np.float64,
     "server_time": np.float64,
     "skipped": np.bool_,
+    "shared": np.bool_,
 }
 # The fields only the first shard records (the worker sends them with its
 # push there).
@@ -60,6 +63,44 @@ class UpdateRecords(dict):
       raise AttributeError(
           f"UpdateRecords has no field {name!r}; fields: {sorted(self)}."
       ) from None
+
+
+class TrainResult(NamedTuple):
+  """What :func:`train` returns.
+
+  Attributes:
+    params: the final params, a NumPy pytree.
+    opt_state: the final optax state, a NumPy pytree (with several shards,
+      reassembled from theirs).
+    step: the server's step, always the ``num_updates`` asked for.
+    records: an :class:`UpdateRecords` trace of the updates of this run (a
+      resumed run records only those after the checkpoint).
+    wall_time: seconds from the start of the workers to the last update.
+    server_time: seconds the busiest shard spent on updates and pulls.
+    worker_failures: int64 ``[num_workers]``, per worker, how many times it
+      died (or became unreachable) and was restarted.
+    shard_records: each shard's own trace (fields ``worker``, ``seq``,
+      ``step``, ``staleness``, ``time``, ``server_time``, ``skipped``, as in
+      ``records``, and ``shared``: the gradient came through the worker's
+      shared-memory channel, not in the call), in the order that shard
+      processed the gradients.
+    shard_times: float64 ``[num_shards]``, seconds each shard was busy.
+  """
+
+  params: Any
+  opt_state: Any
+  step: int
+  records: UpdateRecords
+  wall_time: float
+  server_time: float
+  worker_failures: np.ndarray
+  shard_records: tuple[dict[str, np.ndarray], ...]
+  shard_times: np.ndarray
+
+  @property
+  def server_share(self) -> float:
+    """The fraction of the wall time the busiest shard was busy."""
+    return self.server_time / max(self.wall_time, 1e-12)
 
 
 def shard_trace(rows: Sequence[tuple], lead: bool) -> dict[str, np.ndarray]:

@@ -8,14 +8,23 @@ two buffers instead, each a file in ``/dev/shm`` mapped by both processes:
 
 * the *gradient buffer*: the worker writes its gradient's pieces there, then
   calls the shard's ``push_shared`` with only the small header;
-* the *params buffer*: the shard reads the pieces in place, applies them
-  and writes its pieces of the new params there; the worker reads them in
-  place for its next gradient.
+* the *params buffer*: the shard copies the gradient's pieces out of the
+  gradient buffer (:meth:`Channel.read_grads`), checks and applies that
+  copy, and writes its pieces of the new params there; the worker reads
+  them in place for its next gradient.
 
 The actor call orders every access, so no lock is needed: the worker writes
 the gradient buffer only while no push of its to that shard is in flight,
 and the shard writes the params buffer only inside a push, while the worker
-waits for the reply.
+waits for the reply. The shard still does not trust the order: it works on
+its own copy of the gradient, so a buffer written during a push cannot get
+a non-finite gradient past its check. Each side maps the buffer it only
+reads read-only.
+
+Everything under ``/dev/shm`` is shared by the host's users, so every file
+is created or opened without following links, and checked to be of its type
+(a regular file, a named pipe), this user's and closed to the others; the
+worker also checks each buffer's size before mapping it.
 
 The reply itself comes through the channel too: a *doorbell*, a named pipe
 on which the shard writes one byte (:data:`TICKET` if it granted one) once
@@ -39,9 +48,12 @@ worker that died before opening them).
 from __future__ import annotations
 
 from collections.abc import Sequence
+import errno
+import math
 import mmap
 import os
 import select
+import stat
 from typing import Any
 import uuid
 
@@ -78,6 +90,35 @@ def available() -> bool:
   return os.path.isdir(DIRECTORY) and os.access(DIRECTORY, os.W_OK)
 
 
+def _open(path: str, flags: int, kind: int, what: str) -> int:
+  """Opens ``path`` without following a link; checks its type and owner.
+
+  The file must be of type ``kind`` (``stat.S_IFREG`` or ``stat.S_IFIFO``),
+  owned by this process's user and closed to every other user: ``/dev/shm``
+  is shared by every user of the host, so a file planted there under a
+  channel's name (or a link to another file) is refused, never used.
+
+  Raises:
+    OSError: if it cannot be opened, or is not such a file (``EPERM``).
+  """
+  fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+  try:
+    st = os.fstat(fd)
+    problem = None
+    if stat.S_IFMT(st.st_mode) != kind:
+      problem = f"is not a {what}"
+    elif st.st_uid != os.getuid():
+      problem = f"is owned by uid {st.st_uid}, not this user's {os.getuid()}"
+    elif st.st_mode & 0o077:
+      problem = f"has mode {stat.S_IMODE(st.st_mode):o}: other users reach it"
+    if problem:
+      raise OSError(errno.EPERM, f"{path} {problem}; not used", path)
+  except BaseException:
+    os.close(fd)
+    raise
+  return fd
+
+
 class Buffer:
   """A file in :data:`DIRECTORY` mapped into this process, as NumPy pieces.
 
@@ -85,33 +126,45 @@ class Buffer:
     path: the file.
     specs: ``(shape, dtype)`` of each piece it holds, in order.
     create: create the file (it must not exist) and reserve its memory;
-      else open an existing one.
+      else open an existing one, which must hold exactly the specs' size.
+    writable: map it for writing; else read-only (the side that only
+      reads: its pieces are then read-only arrays).
+
+  The file is opened without following links and must be a regular file
+  of this user's, closed to others (see :func:`_open`); a file created here
+  is removed again if anything after its creation fails.
 
   Raises:
-    OSError: if it cannot be created (e.g. ``/dev/shm`` is full) or opened.
+    OSError: if it cannot be created (e.g. ``/dev/shm`` is full), opened or
+      mapped, or is not such a file, or has another size.
   """
 
-  def __init__(self, path: str, specs: Specs, create: bool):
+  def __init__(self, path: str, specs: Specs, create: bool,
+               writable: bool = True):
     offsets, size = _offsets(specs)
-    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-    fd = os.open(path, flags, 0o600)
+    if create:
+      flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
+    else:
+      flags = os.O_RDWR if writable else os.O_RDONLY
+    fd = _open(path, flags, stat.S_IFREG, "regular file")
     try:
       if create:
-        try:
-          os.posix_fallocate(fd, 0, size)
-        except OSError:
-          _unlink(path)
-          raise
+        os.posix_fallocate(fd, 0, size)
       elif os.fstat(fd).st_size != size:
-        raise OSError(f"{path} holds {os.fstat(fd).st_size} bytes, not {size}")
-      self._map = mmap.mmap(fd, size)
+        raise OSError(errno.EINVAL,
+                      f"{path} holds {os.fstat(fd).st_size} bytes, not "
+                      f"{size}", path)
+      access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+      self._map = mmap.mmap(fd, size, access=access)
+    except BaseException:
+      if create:
+        _unlink(path)
+      raise
     finally:
       os.close(fd)
     self.path = path
-    self.pieces = [
-        np.ndarray(shape, dtype, buffer=self._map, offset=o)
-        for (shape, dtype), o in zip(specs, offsets)
-    ]
+    self.pieces = [np.ndarray(shape, dtype, buffer=self._map, offset=o)
+                   for (shape, dtype), o in zip(specs, offsets)]
 
   def write(self, pieces: Sequence[np.ndarray]) -> None:
     """Copies ``pieces`` (shaped like the specs) into the buffer."""
@@ -141,8 +194,9 @@ POLL_S = 0.01
 class Bell:
   """A named pipe in :data:`DIRECTORY`, open for reading and writing.
 
-  Opened with ``O_RDWR | O_NONBLOCK``: opening never waits for the other
-  end, and a ring never blocks (a full pipe, whose reader died, drops it).
+  Opened with ``O_RDWR | O_NONBLOCK``, without following links (and checked
+  like a buffer, see :func:`_open`): opening never waits for the other end,
+  and a ring never blocks (a full pipe, whose reader died, drops it).
   """
 
   def __init__(self, path: str, create: bool):
@@ -150,11 +204,14 @@ class Bell:
       os.mkfifo(path, 0o600)
     self.path = path
     try:
-      self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+      self.fd = _open(path, os.O_RDWR | os.O_NONBLOCK, stat.S_IFIFO,
+                      "named pipe")
     except OSError:
       if create:
         _unlink(path)
       raise
+    self._poll = select.poll()
+    self._poll.register(self.fd, select.POLLIN)
 
   def ring(self, code: int) -> None:
     try:
@@ -163,9 +220,12 @@ class Bell:
       pass
 
   def wait(self, timeout: float) -> int | None:
-    """The next byte rung, or ``None`` after ``timeout`` seconds."""
-    ready, _, _ = select.select([self.fd], [], [], timeout)
-    if not ready:
+    """The next byte rung, or ``None`` after ``timeout`` seconds.
+
+    Uses ``poll``, which takes any file descriptor (``select`` refuses one
+    of 1024 or more: a process with many files open).
+    """
+    if not self._poll.poll(max(0, math.ceil(timeout * 1000))):
       return None
     try:
       return os.read(self.fd, 1)[0]
@@ -179,6 +239,7 @@ class Bell:
   def close(self) -> None:
     self.unlink()
     if self.fd >= 0:
+      self._poll.unregister(self.fd)
       os.close(self.fd)
       self.fd = -1
 
@@ -195,14 +256,33 @@ class Channel:
 
   def __init__(self, epoch: int, grads: Buffer, params: Buffer, bell: Bell):
     self.epoch, self.grads, self.params, self.bell = epoch, grads, params, bell
+    self._copies: list[np.ndarray] | None = None
+
+  def read_grads(self) -> list[np.ndarray]:
+    """The shard's own copy of the gradient buffer, taken now.
+
+    The worker can still write the buffer (a bug, or a process that is not
+    the worker it says it is): everything the shard does with a gradient
+    (the finiteness check, the update) reads this copy, so it sees one
+    gradient, never a mix. The copy is overwritten by the next call.
+    """
+    if self._copies is None:
+      self._copies = [np.empty(p.shape, p.dtype) for p in self.grads.pieces]
+    for dst, src in zip(self._copies, self.grads.pieces, strict=True):
+      np.copyto(dst, src, casting="no")
+    return self._copies
 
   @classmethod
   def create(cls, epoch: int, specs: Specs, name: str) -> Channel:
-    """The shard's side: creates the three files, named after ``name``."""
+    """The shard's side: creates the three files, named after ``name``.
+
+    The shard maps the gradient buffer read-only (it reads it only through
+    :meth:`read_grads`) and the params buffer for writing.
+    """
     stem = os.path.join(DIRECTORY, f"dcasgd-optax-{name}-{uuid.uuid4().hex}")
     made: list[Any] = []
     try:
-      made.append(Buffer(stem + "-grads", specs, create=True))
+      made.append(Buffer(stem + "-grads", specs, create=True, writable=False))
       made.append(Buffer(stem + "-params", specs, create=True))
       made.append(Bell(stem + "-bell", create=True))
     except OSError:
@@ -212,12 +292,19 @@ class Channel:
     return cls(epoch, *made)
 
   @classmethod
-  def attach(cls, epoch: int, paths: Sequence[str], specs: Specs) -> Channel:
-    """The worker's side: opens the three files, then unlinks them."""
+  def attach(cls, epoch: int, paths: Sequence[str], specs: Specs
+             ) -> Channel:
+    """The worker's side: opens the three files, then unlinks them.
+
+    The worker maps the params buffer read-only. Each file must be what the
+    shard created: of the right type and size, this user's and no one
+    else's, and not a link (else ``OSError``, and the worker pushes in the
+    calls).
+    """
     made: list[Any] = []
     try:
       made.append(Buffer(paths[0], specs, create=False))
-      made.append(Buffer(paths[1], specs, create=False))
+      made.append(Buffer(paths[1], specs, create=False, writable=False))
       made.append(Bell(paths[2], create=False))
     except OSError:
       for x in made:

@@ -5,17 +5,16 @@ and of the optax state (:mod:`_layout`); worker actors (:mod:`_worker`)
 compute gradients on their own data and push each shard its piece directly;
 the driver (:mod:`_driver`) starts, watches and stops them. This module is
 the entry point, :func:`train`: it validates the arguments (before any actor
-starts), starts and stops the actors (and Ray, if needed), and returns a
-:class:`TrainResult`.
+starts), starts the actors (and Ray, if needed), lets the driver run, finish
+and stop them, and returns a :class:`~_records.TrainResult`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import dataclasses
-import logging
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,51 +25,10 @@ from dcasgd_optax._src import _checks
 from dcasgd_optax.ray import _cluster
 from dcasgd_optax.ray import _driver
 from dcasgd_optax.ray import _layout
-from dcasgd_optax.ray import _records
-from dcasgd_optax.ray import _server
-from dcasgd_optax.ray._records import UpdateRecords
+from dcasgd_optax.ray import _steps
+from dcasgd_optax.ray._records import TrainResult
 from dcasgd_optax.ray._server import ParameterServer
 from dcasgd_optax.ray._worker import GradientWorker
-
-_log = logging.getLogger(__name__)
-# How long shutdown waits for the shards' last checkpoints to be written.
-_CLOSE_TIMEOUT_S = 300.0
-
-
-class TrainResult(NamedTuple):
-  """What :func:`train` returns.
-
-  Attributes:
-    params: the final params, a NumPy pytree.
-    opt_state: the final optax state, a NumPy pytree (with several shards,
-      reassembled from theirs).
-    step: the server's step, always the ``num_updates`` asked for.
-    records: an :class:`UpdateRecords` trace of the updates of this run (a
-      resumed run records only those after the checkpoint).
-    wall_time: seconds from the start of the workers to the last update.
-    server_time: seconds the busiest shard spent on updates and pulls.
-    worker_failures: int64 ``[num_workers]``, per worker, how many times it
-      died (or became unreachable) and was restarted.
-    shard_records: each shard's own trace (fields ``worker``, ``seq``,
-      ``step``, ``staleness``, ``time``, ``server_time``, ``skipped``, as in
-      ``records``), in the order that shard processed the gradients.
-    shard_times: float64 ``[num_shards]``, seconds each shard was busy.
-  """
-
-  params: Any
-  opt_state: Any
-  step: int
-  records: UpdateRecords
-  wall_time: float
-  server_time: float
-  worker_failures: np.ndarray
-  shard_records: tuple[dict[str, np.ndarray], ...]
-  shard_times: np.ndarray
-
-  @property
-  def server_share(self) -> float:
-    """The fraction of the wall time the busiest shard was busy."""
-    return self.server_time / max(self.wall_time, 1e-12)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +98,7 @@ def _check_data(loss_fn: Callable, params: Any, data_fn: Callable) -> None:
 def _check_args(loss_fn, tx, params, data_fn, num_workers, num_updates,
                 opts: _Options) -> tuple[int, _layout.Layout]:
   """Validates train's arguments before any actor starts."""
-  num_workers = _server.resolve_num_workers(tx, params, num_workers)
+  num_workers = _steps.resolve_num_workers(tx, params, num_workers)
   if num_updates is None:
     raise TypeError("`num_updates` is required.")
   _checks.check_positive_int("num_updates", num_updates)
@@ -184,93 +142,6 @@ def _start_actors(tx, params, loss_fn, data_fn, num_workers, layout,
                                opts.shared_memory)
              for m in range(num_workers)]
   return shards, workers, pinned
-
-
-def _restore(driver: _driver.Driver, resume: bool) -> None:
-  """Restores every shard from the latest step all of them saved."""
-  steps = ray.get([s.checkpoint_steps.remote() for s in driver.shards])
-  saved = [set(s) for s in steps if s]
-  if saved and not resume:
-    raise ValueError(
-        "`checkpoint_dir` already holds checkpoints (steps "
-        f"{sorted(set().union(*saved))}); pass `resume=True` to continue from "
-        "them, or use an empty directory."
-    )
-  if not saved:
-    return
-  common = set.intersection(*saved) if len(saved) == len(steps) else set()
-  if not common:
-    raise ValueError(
-        "`checkpoint_dir` holds no step that every shard saved (were they "
-        f"written with another `num_shards`?): {steps}."
-    )
-  step = max(common)
-  ray.get([s.restore.remote(step) for s in driver.shards])
-
-
-def _finish(driver: _driver.Driver, start_time: float, num_updates: int,
-            tx: Any, layout: _layout.Layout, checkpointing: bool
-            ) -> TrainResult:
-  """Saves, collects the traces and the final state, closes the shards."""
-  shards = driver.shards
-  if checkpointing:
-    driver.save()
-  traces = ray.get([s.trace.remote() for s in shards])
-  records = _records.merge(traces, start_time)
-  for trace in traces:
-    trace["time"] = trace["time"] - start_time
-  wall_time = float(records.time[-1]) if len(records.time) else 0.0
-  shard_times = np.array(ray.get([s.close.remote() for s in shards]))
-  results = ray.get([s.result.remote() for s in shards])
-  steps = {r[0] for r in results}
-  if steps != {num_updates}:
-    raise RuntimeError(f"The shards stopped at steps {steps}, not "
-                       f"{num_updates}.")
-  params = _layout.join(layout, [r[1] for r in results])
-  if layout.num_shards == 1:
-    opt_state = results[0][2]
-  else:
-    init = optax.with_extra_args_support(tx).init
-    opt_state = layout.join_states(init, [r[2] for r in results])
-  return TrainResult(
-      params=params, opt_state=opt_state, step=num_updates, records=records,
-      wall_time=wall_time, server_time=float(shard_times.max()),
-      worker_failures=driver.failures.copy(),
-      shard_records=tuple(traces), shard_times=shard_times,
-  )
-
-
-def _save_if_consistent(shards: Sequence[Any]) -> None:
-  """After a failure: saves the shards' state if they agree on it.
-
-  Shards that processed different gradients (a push cut short) are not
-  saved: their last common checkpoint stays the one to resume from.
-  """
-  try:
-    states = ray.get([s.progress.remote() for s in shards],
-                     timeout=_CLOSE_TIMEOUT_S)
-    if all(st[0] == states[0][0] and np.array_equal(st[1], states[0][1])
-           for st in states):
-      ray.get([s.save.remote() for s in shards], timeout=_CLOSE_TIMEOUT_S)
-  except (ray.exceptions.RayError, ValueError) as e:
-    _log.warning("Could not save the shards' state after the failure: %s", e)
-
-
-def _shutdown(shards: Sequence[Any], workers: Sequence[Any], failed: bool,
-              checkpointing: bool, started_ray: bool) -> None:
-  """Saves what it can, kills the run's actors (and Ray if train started it)."""
-  for w in workers:  # First, so no push lands after the last save.
-    ray.kill(w, no_restart=True)
-  if failed and checkpointing and shards:
-    _save_if_consistent(shards)
-  try:
-    ray.get([s.close.remote() for s in shards], timeout=_CLOSE_TIMEOUT_S)
-  except (ray.exceptions.RayError, TimeoutError) as e:
-    _log.warning("Could not close the server shards cleanly: %s", e)
-  for s in shards:
-    ray.kill(s, no_restart=True)
-  if started_ray:
-    ray.shutdown()
 
 
 def train(
@@ -398,7 +269,7 @@ def train(
   """
   opts = _Options(
       num_shards=num_shards,
-      wire_dtype=_server.check_wire_dtype(wire_dtype),
+      wire_dtype=_steps.check_wire_dtype(wire_dtype),
       shared_memory=shared_memory,
       checkpoint_dir=checkpoint_dir,
       checkpoint_every=checkpoint_every,
@@ -420,7 +291,7 @@ def train(
         tx, params, loss_fn, data_fn, num_workers, layout, opts)
     driver = _driver.Driver(shards, workers, restart_timeout_s, pinned)
     driver.log_every = log_every
-    _restore(driver, resume)
+    _driver.restore(driver, resume)
     progress = driver.wait_for_actors()
     if progress[0] > num_updates:
       raise ValueError(
@@ -429,10 +300,10 @@ def train(
       )
     start_time = time.time()
     driver.run(num_updates, checkpoint_every, progress)
-    result = _finish(driver, start_time, num_updates, tx, layout,
-                     checkpoint_dir is not None)
+    result = _driver.finish(driver, start_time, num_updates, tx, layout,
+                            checkpoint_dir is not None)
     failed = False
     return result
   finally:
-    _shutdown(shards, workers, failed, checkpoint_dir is not None,
-              started_ray)
+    _driver.shutdown(shards, workers, failed, checkpoint_dir is not None,
+                     started_ray)

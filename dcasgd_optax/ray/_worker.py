@@ -24,8 +24,8 @@ import ray
 from dcasgd_optax.ray import _layout
 from dcasgd_optax.ray import _shm
 from dcasgd_optax.ray import _wire
-from dcasgd_optax.ray._server import Pulled
-from dcasgd_optax.ray._server import check_wire_dtype
+from dcasgd_optax.ray._protocol import Pulled
+from dcasgd_optax.ray._steps import check_wire_dtype
 
 
 class GradientMeta(NamedTuple):
@@ -170,17 +170,24 @@ class GradientWorker:
     The shard rings the channel's doorbell when it is done; Ray's reply
     (``ref``) is looked at only while it has not rung, for an error the
     push raised (or the shard's death), raised here, or a stale push (which
-    rings nothing).
+    rings nothing). A reply that says the push was processed while the
+    doorbell stays silent is an error: the params buffer was not written.
     """
     while True:
       code = channel.bell.wait(_shm.POLL_S)
-      if code is None and ray.wait([ref], timeout=0)[0]:
-        info, ticket = ray.get(ref)  # Raises the push's error, if any.
-        code = channel.bell.wait(0)  # Rung just before it returned?
-        if code is None:
-          return info.status == "stale", ticket
       if code is not None:
         return False, bool(code & _shm.TICKET)
+      if ray.wait([ref], timeout=0)[0]:
+        info, ticket = ray.get(ref)  # Raises the push's error, if any.
+        code = channel.bell.wait(0)  # Rung just before it returned?
+        if code is not None:
+          return False, bool(code & _shm.TICKET)
+        if info.status == "stale":
+          return True, False
+        raise RuntimeError(
+            f"A shard replied {info.status!r} to a push through its shared-"
+            f"memory channel (step {info.step}) but never rang the channel's "
+            "doorbell: the params buffer cannot be trusted.")
 
   def _open_channels(self, epoch: int) -> None:
     """Opens a shared-memory channel with each shard on this node."""
@@ -196,7 +203,7 @@ class GradientWorker:
       try:
         self._channels[k] = _shm.Channel.attach(epoch, p, self._specs[k])
       except OSError:  # Another /dev/shm (a container): push in the call.
-        self._shards[k].open_channel.remote(self._worker, epoch, None)
+        self._shards[k].close_channel.remote(self._worker, epoch)
 
   def _recover(self, epoch: int) -> None:
     """After a restart: finish a gradient some shards lack, then hold params.
