@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
+import experiments.datasets  # noqa: F401  # Registers mnist5k.
+
 # name -> whether to augment with random crops and flips when training.
 DATASETS = {
     "mnist5k": False,

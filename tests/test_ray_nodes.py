@@ -18,7 +18,9 @@ import sys
 
 import pytest
 from test_ray_auth import base_env
+from test_ray_auth import cluster_dir  # noqa: F401  # a fixture
 from test_ray_auth import start_head
+from test_ray_auth import start_node  # noqa: F401  # a fixture
 
 pytestmark = pytest.mark.slow
 

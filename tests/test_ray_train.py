@@ -19,7 +19,9 @@ import pytest
 from ray_helpers import alive_actors
 from ray_helpers import check_exactly_once
 from ray_helpers import digits_problem
+from ray_helpers import local_ray  # noqa: F401  # a fixture
 from ray_helpers import ray
+from ray_helpers import ray_env  # noqa: F401  # a fixture
 from ray_helpers import trace_batches
 
 pytest.importorskip("orbax.checkpoint")
