@@ -268,8 +268,8 @@ def configs(lr: float = 0.01) -> list[Config]:
              cpu_kernel=False),
       Config("dcasgd-a, 64 workers, bf16 backups, XLA loop",
              fused(64, jnp.bfloat16), 64, 8, cpu_kernel=False),
-      Config("gap_aware_sgd, 64 workers",
-             lambda: dcasgd_optax.gap_aware_sgd(lr, 64, momentum=0.9), 64, 9),
+      Config("gap_aware_asgd, 64 workers",
+             lambda: dcasgd_optax.gap_aware_asgd(lr, 64, momentum=0.9), 64, 9),
       Config("composed chain, 1 worker", composed(1), 1, 9),
       Config("composed chain, 64 workers", composed(64), 64, 9),
   ]

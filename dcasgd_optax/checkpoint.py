@@ -1,23 +1,21 @@
-"""Checkpointing a pytree with orbax (extras ``experiments``, ``ray``).
+"""Deprecated alias of :mod:`dcasgd_optax.extend.checkpoint` (one release).
 
-The one way this project saves and restores state: the experiments save the
-simulator's ``SimState``, the Ray parameter server its ``ServerState``. The
-public API is exactly the names imported here. Install with
-``pip install 'dcasgd-optax[experiments]'`` (or ``[ray]``).
+Checkpointing is the drivers' tool, not the optimizers' API: import
+``Checkpointer`` and ``Restored`` from :mod:`dcasgd_optax.extend.checkpoint`.
 """
 
-try:
-  import orbax.checkpoint as _ocp
-except ModuleNotFoundError as e:
-  raise ModuleNotFoundError(
-      "dcasgd_optax.checkpoint needs orbax-checkpoint, which is not installed "
-      f"({e}). Install it with `pip install 'dcasgd-optax[experiments]'`.",
-      name=e.name,
-  ) from e
-del _ocp
+import warnings
 
-from dcasgd_optax._src.checkpoint import Checkpointer
-from dcasgd_optax._src.checkpoint import Restored
+from dcasgd_optax.extend.checkpoint import Checkpointer
+from dcasgd_optax.extend.checkpoint import Restored
+
+warnings.warn(
+    "`dcasgd_optax.checkpoint` is deprecated and will be removed in the next "
+    "release: import Checkpointer and Restored from "
+    "`dcasgd_optax.extend.checkpoint`.",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
 __all__ = (
     "Checkpointer",

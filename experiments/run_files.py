@@ -4,7 +4,7 @@
 result, so that resuming with a different config fails loudly;
 ``workdir/metrics.jsonl`` holds one JSON line per finished epoch, and
 ``workdir/summary.json`` the result of a finished run. The
-checkpoints (``workdir/checkpoints``, see :mod:`dcasgd_optax.checkpoint`)
+checkpoints (``workdir/checkpoints``, see :mod:`dcasgd_optax.extend.checkpoint`)
 are written by :mod:`experiments.train`.
 """
 

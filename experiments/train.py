@@ -14,7 +14,7 @@ Per epoch the run replays that epoch's gradients through the simulator
 (with no per-arrival Python), evaluates the test error, appends a line to
 ``workdir/metrics.jsonl`` and, every ``config.checkpoint_every_epochs``
 epochs (never if 0), saves a checkpoint
-(:class:`dcasgd_optax.checkpoint.Checkpointer` under
+(:class:`dcasgd_optax.extend.checkpoint.Checkpointer` under
 ``workdir/checkpoints``: the whole simulator state, i.e. params, optimizer
 state with the per-worker backups, model states, step and last pulls, plus
 the metrics history so far). Everything else a run needs (data order,
@@ -47,7 +47,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from dcasgd_optax.checkpoint import Checkpointer
+from dcasgd_optax.extend.checkpoint import Checkpointer
 from experiments import algorithms
 from experiments import data
 from experiments import input_pipeline

@@ -36,6 +36,15 @@ Beyond the paper (issue 10), each from its own source:
 - Look-ahead pull (DANA-style, Hakimi et al. 2019): a pull sends, and records
   as the backup, w - lr_t * (mu + mu^2 + ... + mu^H) * v, the model H further
   heavy-ball steps would reach with no new gradient.
+- Fisher diagonal (issue 18): the curvature g * g replaced by F, the mean of
+  the per-example squared gradients the worker pushes; DC-ASGD-a's ms is the
+  running mean of F. Nesterov look-ahead: the pull's sum times mu.
+- Look-ahead Adam/NAdam (Kosson et al. 2020, SpecTrain): Adam's update
+  (Kingma and Ba; NAdam as Dozat / optax: m_hat = b1 m / (1 - b1^(t+1))
+  + (1 - b1) g / (1 - b1^t)); a pull sends w - a * m_t_hat / (sqrt(v_t_hat)
+  + eps), a = lr * (b1 + ... + b1^H) (times b1 for NAdam).
+- PipeMare (Yang et al. 2019): the step of a tau-stale gradient at update k
+  is lr / max(tau, 1) ** (1 - min(k / K, 1)).
 - Staleness rules: inverse 1 / max(tau, 1) (Zhang et al. 2016), sqrt
   1 / sqrt(1 + tau) (Xie et al. 2019, FedAsync's polynomial (1 + tau)^-a,
   a = 1/2),
@@ -116,6 +125,8 @@ class ParameterServer:
     if self.horizon is not None:
       mu, h = self.momentum, self.horizon
       ahead = sum(mu**k for k in range(1, h + 1))
+      if self.nesterov:  # each zero-gradient Nesterov step is mu * v_k
+        ahead *= mu
       lr = self._lr(self.pushes)  # the rate of the next push
       sent = [wi - lr * ahead * vi for wi, vi in zip(sent, self.velocity)]
     self.backup[m] = sent
@@ -227,3 +238,87 @@ def staleness_scale(
   if rule == "delay_adaptive":
     return num_workers / max(num_workers, tau)
   raise ValueError(rule)
+
+
+class FisherServer(ParameterServer):
+  """The server with the pushed Fisher diagonal F in place of g * g."""
+
+  def push_with_fisher(self, g, fisher, m):
+    self._fisher = _f64(fisher)
+    return self.push(g, m)
+
+  def compensated_gradient(self, g, m):
+    g, f = _f64(g), self._fisher
+    if self.adaptive:
+      k = m if self.per_worker else 0
+      self.worker_ms[k] = [self.decay * ms + (1.0 - self.decay) * fi
+                           for ms, fi in zip(self.worker_ms[k], f)]
+      self.worker_count[k] += 1
+      lams = [self.lambda_ / np.sqrt(x + self.eps) for x in self.worker_ms[k]]
+    else:
+      lams = [self.lambda_ for _ in g]
+    out = []
+    for gi, fi, lam, wi, bi in zip(g, f, lams, self.w, self.backup[m]):
+      term = lam * fi * (wi - bi)
+      if self.correction_clip is not None:
+        bound = self.correction_clip * np.abs(gi)
+        term = np.clip(term, -bound, bound)
+      out.append(gi + term)
+    return out
+
+
+class LookAheadAdamServer:
+  """DC-ASGD-c's compensation, then Adam or NAdam, with a predicted pull."""
+
+  def __init__(self, w0, num_workers, lambda_, *, learning_rate, horizon,
+               b1, b2, eps, nesterov):
+    self.w = _f64(w0)
+    self.backup = [_f64(self.w) for _ in range(num_workers)]
+    self.lambda_, self.lr, self.h = lambda_, learning_rate, horizon
+    self.b1, self.b2, self.eps, self.nesterov = b1, b2, eps, nesterov
+    self.m = [np.zeros_like(x) for x in self.w]
+    self.v = [np.zeros_like(x) for x in self.w]
+    self.t = 0
+
+  def _lr(self, t):
+    return float(self.lr(t)) if callable(self.lr) else float(self.lr)
+
+  def push(self, g, m):
+    g = _f64(g)
+    g = [gi + self.lambda_ * gi * gi * (wi - bi)
+         for gi, wi, bi in zip(g, self.w, self.backup[m])]
+    b1, b2 = self.b1, self.b2
+    lr = self._lr(self.t)
+    self.t += 1
+    t = self.t
+    self.m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(self.m, g)]
+    self.v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(self.v, g)]
+    if self.nesterov:
+      m_hat = [b1 * mi / (1 - b1 ** (t + 1)) + (1 - b1) * gi / (1 - b1**t)
+               for mi, gi in zip(self.m, g)]
+    else:
+      m_hat = [mi / (1 - b1**t) for mi in self.m]
+    step = [-lr * mh / (np.sqrt(vi / (1 - b2**t)) + self.eps)
+            for mh, vi in zip(m_hat, self.v)]
+    self.w = [wi + si for wi, si in zip(self.w, step)]
+    return step
+
+  def pull(self, m):
+    b1, t = self.b1, self.t
+    ahead = sum(b1**k for k in range(1, self.h + 1))
+    if self.nesterov:
+      ahead *= b1
+    a = self._lr(t) * ahead
+    if t == 0:
+      sent = _f64(self.w)
+    else:
+      sent = [wi - a * (mi / (1 - b1**t))
+              / (np.sqrt(vi / (1 - self.b2**t)) + self.eps)
+              for wi, mi, vi in zip(self.w, self.m, self.v)]
+    self.backup[m] = sent
+    return _f64(sent)
+
+
+def pipemare_scale(tau: int, k: int, num_steps: int) -> float:
+  """PipeMare's factor for a tau-stale gradient at update k (from 0)."""
+  return 1.0 / max(tau, 1) ** (1.0 - min(k / num_steps, 1.0))

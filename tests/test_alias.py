@@ -164,3 +164,19 @@ def test_pull_after_push_without_delay_compensation_fails_at_init():
   tx = dcasgd_optax.pull_after_push(optax.sgd(0.1))
   with pytest.raises(ValueError, match="delay_compensation"):
     tx.init({"w": jnp.zeros(2)})
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("gap_aware_sgd", "gap_aware_asgd"), ("dana_dc", "dana_dcasgd")],
+)
+def test_old_names_are_deprecated_aliases(old, new):
+  """One naming scheme (every full optimizer's name ends in ``asgd``); the
+  old names still work for one release, with a DeprecationWarning, and are
+  not part of the public API."""
+  with pytest.warns(DeprecationWarning, match=f"dcasgd_optax.{new}"):
+    fn = getattr(dcasgd_optax, old)
+  assert fn is getattr(dcasgd_optax, new)
+  assert old not in dcasgd_optax.__all__ and new in dcasgd_optax.__all__
+  with pytest.raises(AttributeError, match="no_such_name"):
+    _ = dcasgd_optax.no_such_name

@@ -1,4 +1,5 @@
-"""dcasgd_optax.checkpoint: round trips, host copies, resume, bad input."""
+"""dcasgd_optax.extend.checkpoint: round trips, host copies, resume, bad
+input."""
 
 import importlib
 import os
@@ -15,7 +16,7 @@ import pytest
 
 import dcasgd_optax
 from dcasgd_optax import harness
-from dcasgd_optax.checkpoint import Checkpointer
+from dcasgd_optax.extend.checkpoint import Checkpointer
 
 
 class ServerLike(NamedTuple):
@@ -140,7 +141,15 @@ def test_bad_arguments_fail_before_anything_is_written(tmp_path):
 
 
 def test_import_error_names_the_extra(monkeypatch):
-  monkeypatch.delitem(sys.modules, "dcasgd_optax.checkpoint")
+  monkeypatch.delitem(sys.modules, "dcasgd_optax.extend.checkpoint")
   monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)
   with pytest.raises(ImportError, match=r"dcasgd-optax\[experiments\]"):
-    importlib.import_module("dcasgd_optax.checkpoint")
+    importlib.import_module("dcasgd_optax.extend.checkpoint")
+
+
+def test_the_old_module_is_a_deprecated_alias(monkeypatch):
+  """``dcasgd_optax.checkpoint`` warns for one release, same classes."""
+  monkeypatch.delitem(sys.modules, "dcasgd_optax.checkpoint", raising=False)
+  with pytest.warns(DeprecationWarning, match="dcasgd_optax.extend.checkpoint"):
+    old = importlib.import_module("dcasgd_optax.checkpoint")
+  assert old.Checkpointer is Checkpointer

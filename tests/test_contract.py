@@ -2,13 +2,15 @@
 
 One parametrized suite: each case is a way to build a transformation that
 keeps per-worker backups (``delay_compensation`` in both variants,
-``dcasgd``, ``pull_after_push``, ``gap_aware``, ``gap_aware_sgd``,
-``dana_dc``, ``delayed_nesterov_dcasgd``), and every test checks one promise
+``dcasgd``, ``pull_after_push``, ``gap_aware``, ``gap_aware_asgd``,
+``dana_dcasgd``, ``delayed_nesterov_dcasgd``, ``fisher_compensation``,
+``fisher_dcasgd``), and every test checks one promise
 an optax user relies on: jit, vmap, the usual wrappers, extra args, no
 recompilation per worker, dtypes, and finding the state with
 ``record_pull``/``worker_params``. A second, smaller suite holds the chain
 pieces that keep no backups (``scale_by_staleness`` in each rule,
-``delayed_nesterov``, ``look_ahead_momentum``) to the same promises: jit,
+``scale_by_pipemare``, ``delayed_nesterov``, ``look_ahead_momentum`` in
+both forms, ``look_ahead_adam``) to the same promises: jit,
 bf16 in and out, inside a chain, ``inject_hyperparams``, extra args.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import functools
 from typing import Any
 
 import chex
@@ -48,6 +51,27 @@ def user_chain(num_workers, lambda_=0.5, learning_rate=0.1, backup_dtype=None):
           optax.sgd(learning_rate, momentum=0.5, nesterov=True),
       )
   )
+
+
+def feeding_grad_sq(factory):
+  """``factory``'s transformation, fed ``grad_sq = g * g + 0.25`` when an
+  update gets none: the contract's tests call ``update(g, state, params,
+  worker=m)`` (through every wrapper), and the Fisher-diagonal compensation
+  needs the worker's curvature with each gradient (test_fisher.py checks
+  its numbers and the loud error without it)."""
+
+  @functools.wraps(factory)
+  def build(**kwargs):
+    tx = factory(**kwargs)
+
+    def update(updates, state, params=None, **extra):
+      extra.setdefault(
+          "grad_sq", jax.tree.map(lambda g: g * g + 0.25, updates))
+      return tx.update(updates, state, params, **extra)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+  return build
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +144,8 @@ CASES = [
         off=1e30,
     ),
     Case(
-        "gap_aware_sgd",
-        dcasgd_optax.gap_aware_sgd,
+        "gap_aware_asgd",
+        dcasgd_optax.gap_aware_asgd,
         dict(learning_rate=0.1, num_workers=NUM_WORKERS, momentum=0.9,
              weight_decay=1e-2, step_size=0.05, decay=0.5),
         ("num_workers",),
@@ -132,8 +156,8 @@ CASES = [
         off=1e30,
     ),
     Case(
-        "dana_dc",
-        dcasgd_optax.dana_dc,
+        "dana_dcasgd",
+        dcasgd_optax.dana_dcasgd,
         dict(learning_rate=0.1, num_workers=NUM_WORKERS, lambda_=0.5,
              momentum=0.9),
         ("num_workers",),
@@ -147,6 +171,31 @@ CASES = [
         dict(learning_rate=0.1, num_workers=NUM_WORKERS, lambda_=0.5,
              period=2, momentum_activation=0.25),
         ("num_workers", "period"),
+        True,
+        True,
+    ),
+    Case(
+        "fisher_compensation",
+        feeding_grad_sq(dcasgd_optax.fisher_compensation),
+        dict(num_workers=NUM_WORKERS, lambda_=0.5),
+        ("num_workers", "adaptive"),
+        False,
+        False,
+    ),
+    Case(
+        "fisher_compensation_a",
+        feeding_grad_sq(dcasgd_optax.fisher_compensation),
+        dict(num_workers=NUM_WORKERS, lambda_=2.0, adaptive=True),
+        ("num_workers", "adaptive"),
+        False,
+        True,
+    ),
+    Case(
+        "fisher_dcasgd",
+        feeding_grad_sq(dcasgd_optax.fisher_dcasgd),
+        dict(learning_rate=0.1, num_workers=NUM_WORKERS, lambda_=0.5,
+             momentum=0.9, weight_decay=1e-2),
+        ("num_workers", "adaptive", "nesterov"),
         True,
         True,
     ),
@@ -540,6 +589,14 @@ PIECES = [
     Piece("look_ahead_momentum", dcasgd_optax.look_ahead_momentum,
           dict(learning_rate=0.1, momentum=0.9, horizon=3), (),
           "learning_rate", 0.05),
+    Piece("look_ahead_nesterov", dcasgd_optax.look_ahead_momentum,
+          dict(learning_rate=0.1, momentum=0.99, horizon=3, nesterov=True),
+          ("nesterov",), "momentum", 0.9),
+    Piece("look_ahead_adam", dcasgd_optax.look_ahead_adam,
+          dict(learning_rate=0.1, horizon=3), ("nesterov",),
+          "learning_rate", 0.05),
+    Piece("pipemare", dcasgd_optax.scale_by_pipemare, dict(num_steps=3),
+          ("num_steps",)),
 ]
 
 piece_params = pytest.mark.parametrize("piece", PIECES, ids=lambda p: p.name)

@@ -420,7 +420,9 @@ def test_apply_if_finite_after_compensation_skips_a_traced_out_of_range_worker(
 ):
   tx, params = build(), params_tree()
   state = stale_state(tx, params, first=1)
-  guard = lambda s: s[1]  # the ApplyIfFiniteState
+  chain = lambda s: (s.inner_state if isinstance(
+      s, dcasgd_optax.PullAfterPushState) else s)
+  guard = lambda s: chain(s)[1]  # the ApplyIfFiniteState
 
   @jax.jit
   def step(params, state, worker):
@@ -432,7 +434,8 @@ def test_apply_if_finite_after_compensation_skips_a_traced_out_of_range_worker(
   assert int(guard(new_state).notfinite_count) == 1
   # Everything but the guard's own counters is as it was: backups, mean
   # square and the inner optimizer's moments.
-  restore = lambda s: (s[0], guard(s).inner_state) + tuple(s[2:])
+  restore = lambda s: (chain(s)[0], guard(s).inner_state) + tuple(
+      chain(s)[2:])
   chex.assert_trees_all_equal(restore(new_state), snapshot(restore(state)))
   moved, good_state = step(params, new_state, 0)
   assert int(guard(good_state).notfinite_count) == 0

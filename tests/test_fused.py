@@ -1,6 +1,6 @@
 """The fused full optimizers give the composed chains' numbers, in place.
 
-``dcasgd`` and ``gap_aware_sgd`` document themselves as chains
+``dcasgd`` and ``gap_aware_asgd`` document themselves as chains
 (``pull_after_push(chain(<backups transformation>, [add_decayed_weights],
 sgd))``) but run a fused update. Each is compared here, under ``jit``, with
 that chain built from the public transformations over a few updates,
@@ -124,7 +124,7 @@ def test_dcasgd_gives_the_composed_chains_numbers(kwargs):
 
 
 def test_gap_aware_sgd_gives_the_composed_chains_numbers():
-  fused = trajectory(dcasgd_optax.gap_aware_sgd(0.1, M, momentum=0.9))
+  fused = trajectory(dcasgd_optax.gap_aware_asgd(0.1, M, momentum=0.9))
   composed = trajectory(composed_gap_aware_sgd(0.1, M, momentum=0.9))
   assert_same_numbers(fused, composed)
 
@@ -154,7 +154,8 @@ def test_an_out_of_range_traced_worker_gives_nan_and_keeps_the_state():
   _, state = update(params, tx.init(params), params, jnp.int32(1))
   updates, after = update(params, state, params, jnp.int32(7))
   assert all(np.isnan(u).all() for u in jax.tree.leaves(updates))
-  chex.assert_trees_all_equal(after[0], state[0])  # Backups, ms, count.
+  chex.assert_trees_all_equal(after.inner_state[0],  # Backups, ms, count.
+                              state.inner_state[0])
 
 
 # --- memory: every output written in place ----------------------------------
@@ -327,7 +328,7 @@ def test_on_cpu_the_kernel_computes_dcasgd_unless_switched_off(
 
 
 def test_gap_aware_sgd_keeps_xlas_path():
-  text = step_text(dcasgd_optax.gap_aware_sgd(0.1, M, momentum=0.9), model())
+  text = step_text(dcasgd_optax.gap_aware_asgd(0.1, M, momentum=0.9), model())
   assert KERNEL_TARGET not in text
 
 
@@ -453,3 +454,101 @@ def test_without_a_compiler_dcasgd_warns_once_and_keeps_xlas_loop(tmp_path):
       "False",
       str(float(np.float32(-0.1))),
   ], done
+
+
+# --- the worker's model as an explicit input (held_params) ------------------
+
+
+def is_dc(x):
+  return isinstance(x, dcasgd_optax.DelayCompensationState)
+
+
+def map_backups(fn, *states):
+  """``states[0]`` with its backups replaced by ``fn`` of every state's."""
+  return jax.tree.map(
+      lambda s, *o: s._replace(backups=fn(s.backups, *(x.backups for x in o)))
+      if is_dc(s) else s, *states, is_leaf=is_dc)
+
+
+def told_trajectory(tx, workers=WORKERS):
+  """:func:`trajectory`, each update reading a NaN stand-in for the backups
+  and told the worker's model by ``held_params`` (as the sharded simulator
+  does); the pull written to the stand-in's row is kept, the rest dropped."""
+
+  def step(params, state, grads, worker):
+    held = dcasgd_optax.worker_params(state, worker)
+    nan = lambda b: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), b)
+    updates, after = tx.update(grads, map_backups(nan, state), params,
+                               worker=worker, held_params=held)
+    rows = lambda x: (jnp.arange(x.shape[0]) == worker).reshape(
+        (-1,) + (1,) * (x.ndim - 1))
+    keep = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(rows(o), n, o), new, old)
+    after = map_backups(keep, after, state)
+    return optax.apply_updates(params, updates), after, updates
+
+  step = jax.jit(step)
+  params = model()
+  state = tx.init(params)
+  seen = []
+  for t, worker in enumerate(workers):
+    params, state, updates = step(params, state, grads_at(params, t),
+                                  jnp.int32(worker))
+    seen.append(updates)
+  return params, state, seen
+
+
+HELD_CASES = {
+    "kernel_a_momentum": ("1", dict(momentum=0.9)),
+    "kernel_per_worker_bf16": (
+        "1",
+        dict(
+            momentum=0.9, backup_dtype=jnp.bfloat16, per_worker_mean_square=True
+        ),
+    ),
+    "xla_loop_per_worker": ("0", dict(per_worker_mean_square=True)),
+    "xla_loop_c_nesterov": (
+        "0",
+        dict(adaptive=False, lambda_=0.5, momentum=0.9, nesterov=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("switch, kwargs", HELD_CASES.values(),
+                         ids=HELD_CASES)
+def test_told_the_workers_model_dcasgd_reads_no_row_of_the_backups(
+    monkeypatch, switch, kwargs):
+  """``held_params`` is what the compensation compares with: told it, the
+  fused update (kernel and XLA's loop) and the chain give the numbers of
+  reading the real backups, from a state whose backups are all NaN."""
+  monkeypatch.setenv(KERNEL_SWITCH, switch)
+  want = trajectory(composed_dcasgd(0.1, M, **kwargs))
+  assert_same_numbers(told_trajectory(dcasgd_optax.dcasgd(0.1, M, **kwargs)),
+                      want)
+  assert_same_numbers(told_trajectory(composed_dcasgd(0.1, M, **kwargs)), want)
+
+
+def test_told_the_workers_model_gap_aware_sgd_reads_no_row_of_the_backups():
+  want = trajectory(composed_gap_aware_sgd(0.1, M, momentum=0.9))
+  assert_same_numbers(
+      told_trajectory(dcasgd_optax.gap_aware_asgd(0.1, M, momentum=0.9)), want)
+  assert_same_numbers(
+      told_trajectory(composed_gap_aware_sgd(0.1, M, momentum=0.9)), want)
+
+
+def test_held_params_of_another_structure_is_an_error():
+  tx = dcasgd_optax.dcasgd(0.1, M)
+  params = model()
+  with pytest.raises(ValueError, match="held_params"):
+    tx.update(params, tx.init(params), params, worker=0,
+              held_params={"big": params["big"]})
+
+
+def test_no_ambient_state_decides_a_trace():
+  """No contextvar or module-level switch steers what a transformation
+  traces: what the harness knows is passed to ``update`` (``held_params``)."""
+  import pathlib
+  root = pathlib.Path(dcasgd_optax.__file__).parent
+  for path in root.rglob("*.py"):
+    text = path.read_text()
+    assert "contextvars" not in text and "ContextVar" not in text, path

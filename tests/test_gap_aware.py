@@ -1,4 +1,4 @@
-"""gap_aware and gap_aware_sgd against a NumPy transcription of Gap-Aware.
+"""gap_aware and gap_aware_asgd against a NumPy transcription of Gap-Aware.
 
 The reference (tests/reference.py, ``GapAwareServer``) divides each
 coordinate of a stale gradient by 1 + |w - backup[m]| / C with C the step
@@ -45,7 +45,7 @@ def test_gap_aware_sgd_matches_reference_server(
       helpers.leaves_np(w0), num_workers, eta_max, decay=decay,
       learning_rate=lr, momentum=momentum,
   )
-  tx = dcasgd_optax.gap_aware_sgd(lr, num_workers, momentum=momentum,
+  tx = dcasgd_optax.gap_aware_asgd(lr, num_workers, momentum=momentum,
                                   decay=decay)
   _, state = helpers.replay_against_reference(tx, ref, w0, order, rng, spec)
   for m in range(num_workers):
@@ -69,7 +69,7 @@ def test_fresh_gradient_passes_unchanged_and_a_gap_divides_it():
 
 
 def test_shares_the_backups_state_with_the_pull_helpers_and_simulator():
-  tx = dcasgd_optax.gap_aware_sgd(0.1, 3)
+  tx = dcasgd_optax.gap_aware_asgd(0.1, 3)
   state = tx.init({"w": jnp.zeros(2)})
   (dc,) = helpers.find_dc_states(state)  # one backups-holding state, no copy
   assert jax.tree.leaves(dc.backups)[0].shape == (3, 2)
@@ -105,5 +105,5 @@ def test_bad_gap_aware_arguments_name_themselves(kwargs, match):
 def test_gap_aware_sgd_with_a_schedule_needs_a_step_size():
   schedule = optax.linear_schedule(0.0, 0.1, 10)
   with pytest.raises(ValueError, match="`step_size` is required"):
-    dcasgd_optax.gap_aware_sgd(schedule, 2)
-  dcasgd_optax.gap_aware_sgd(schedule, 2, step_size=0.1)  # accepted
+    dcasgd_optax.gap_aware_asgd(schedule, 2)
+  dcasgd_optax.gap_aware_asgd(schedule, 2, step_size=0.1)  # accepted

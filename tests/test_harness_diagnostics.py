@@ -1,6 +1,8 @@
 """Diagnostics: each arrival's gradient and applied direction against the
 fresh gradient, checked against a one-arrival-at-a-time loop."""
 
+import operator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,3 +157,60 @@ def test_missing_applied_direction_raises_before_running(first, match):
   with pytest.raises(ValueError, match=match):
     sim.replay(state, make_batches(4), schedules.cyclic(W, 4))
   assert not state.params["w1"].is_deleted()
+
+
+# The library's full optimizers, each with the compensation that starts its
+# chain built by hand (as a user of the chain would pass it).
+SHIPPED = {
+    "dcasgd": (lambda: dcasgd_optax.dcasgd(0.2, W, lambda_=4.0),
+               lambda: dcasgd_optax.delay_compensation(W, 4.0, adaptive=True)),
+    "gap_aware_asgd": (lambda: dcasgd_optax.gap_aware_asgd(0.2, W),
+                      lambda: dcasgd_optax.gap_aware(W, 0.2)),
+    "dana_dcasgd": (lambda: dcasgd_optax.dana_dcasgd(0.2, W, lambda_=4.0),
+                lambda: dcasgd_optax.delay_compensation(W, 4.0,
+                                                        adaptive=True)),
+    "delayed_nesterov_dcasgd": (
+        lambda: dcasgd_optax.delayed_nesterov_dcasgd(0.2, W, lambda_=4.0),
+        lambda: dcasgd_optax.delay_compensation(W, 4.0, adaptive=True)),
+}
+
+
+@pytest.mark.parametrize("make, first", SHIPPED.values(), ids=SHIPPED)
+def test_every_shipped_optimizer_needs_no_first_transform(make, first):
+  """Diagnostics of a full optimizer with no extra argument equal those
+  with its compensation passed by hand, and the compensation acts."""
+  arrivals, batches = random_order(W, A, seed=2), make_batches(A)
+  runs = []
+  for kwargs in ({}, {"first_transform": first()}):
+    sim = Simulator(loss_fn, make(), diagnostics_every=2, strategy="compiled",
+                    **kwargs)
+    runs.append(sim.replay(sim.init(init_params()), batches, arrivals)[1])
+  got, want = runs
+  for key in KEYS:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6,
+                               err_msg=key)
+  stale = np.asarray(got["stale_error"])[W::2]
+  assert not np.allclose(np.asarray(got["applied_error"])[W::2], stale)
+
+
+def test_sampling_follows_the_server_step_across_replays():
+  """Replaying in pieces (as train.py does once per epoch) samples the same
+  arrivals, with the same figures, as one replay: ``every`` counts server
+  steps, not arrivals of the call."""
+  arrivals, batches = random_order(W, A, seed=3), make_batches(A)
+  dc, tx = dc_chain(2.0)
+  sim = Simulator(loss_fn, tx, diagnostics_every=3, first_transform=dc,
+                  strategy="compiled")
+  _, whole = sim.replay(sim.init(init_params()), batches, arrivals)
+  state, pieces = sim.init(init_params()), []
+  for lo in range(0, A, 4):  # 4 arrivals a call, one program
+    hi = lo + 4
+    state, record = sim.replay(
+        state, jax.tree.map(operator.itemgetter(slice(lo, hi)), batches),
+        arrivals[lo:hi])
+    pieces.append(record)
+  for key in KEYS:
+    joined = np.concatenate([np.asarray(r[key]) for r in pieces])
+    np.testing.assert_allclose(joined, whole[key], rtol=1e-5, atol=1e-6,
+                               err_msg=key)
+  assert np.array_equal(np.isnan(whole["stale_cosine"]), np.arange(A) % 3 != 0)

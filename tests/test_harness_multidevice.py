@@ -171,6 +171,19 @@ _SCRIPT = textwrap.dedent("""
       state, _ = sim.replay(sim.init(wide), wide_batches, wide_arrivals)
       per_worker[len(devices)] = workers_only(state, workers)
     close(per_worker[1], per_worker[8])
+
+    # Workers that push grad_sq (fisher_compensation): the per-example
+    # curvature travels with the gradient, from the device that computed it.
+    fisher = {}
+    fisher_batches = jnp.asarray(
+        np.random.default_rng(5).integers(0, 64, (30, 8)))
+    for devices in (one, eight):
+      sim = Simulator(loss_fn, dcasgd_optax.fisher_dcasgd(0.1, 6, lambda_=1.0),
+                      devices=devices, strategy=STRATEGY, push_grad_sq=True)
+      state, _ = sim.replay(sim.init(params), fisher_batches,
+                            cases[0][1][:30])
+      fisher[len(devices)] = workers_only(state, 6)
+    close(fisher[1], fisher[8])
     print("OK")
 """)
 

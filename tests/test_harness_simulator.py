@@ -325,26 +325,28 @@ def test_sim_state_is_arrays_only():
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
 
 
-def reference_held_from_backups(tx, params, batches, arrivals):
+def reference_held_from_backups(tx, params, batches, arrivals, tx_pulls=None):
   """One arrival at a time; each worker computes at what its backup holds.
 
-  The pull is ``tx``'s own when it is a PullAfterPush, else
-  :func:`dcasgd_optax.pull` after the update.
+  The pull is :func:`dcasgd_optax.pull` after the update, unless ``tx``
+  pulls inside it (``tx_pulls``; by default its type says).
   """
+  if tx_pulls is None:
+    tx_pulls = isinstance(tx, dcasgd_optax.PullAfterPush)
   opt_state = tx.init(params)
   for k, m in enumerate(np.asarray(arrivals).tolist()):
     held = dcasgd_optax.worker_params(opt_state, m)
     g = jax.grad(loss_fn)(held, batches[k])
     updates, opt_state = tx.update(g, opt_state, params, worker=m)
     params = optax.apply_updates(params, updates)
-    if not isinstance(tx, dcasgd_optax.PullAfterPush):
+    if not tx_pulls:
       _, opt_state = dcasgd_optax.pull(opt_state, params, m)
   return params, opt_state
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("make_tx", [
-    lambda: dcasgd_optax.dana_dc(0.1, W, momentum=0.8),
+    lambda: dcasgd_optax.dana_dcasgd(0.1, W, momentum=0.8),
     lambda: optax.chain(dcasgd_optax.delay_compensation(W, 0.5),
                         dcasgd_optax.look_ahead_momentum(0.1, 0.8, 3)),
 ], ids=["pulls_in_update", "pulled_by_simulator"])
@@ -401,10 +403,16 @@ def backup_writes(sim, params, num_workers):
         dcasgd_optax.delay_compensation(W, 0.5), optax.sgd(0.1))),
     lambda: optax.chain(dcasgd_optax.delay_compensation(W, 0.5),
                         optax.sgd(0.1)),
-], ids=["dcasgd", "pull_after_push", "pulled_by_simulator"])
+    lambda: optax.inject_hyperparams(
+        dcasgd_optax.dcasgd, static_args=("num_workers",))(
+            learning_rate=0.1, num_workers=W),
+    lambda: optax.chain(optax.clip(1.0), dcasgd_optax.dana_dcasgd(0.1, W)),
+], ids=["dcasgd", "pull_after_push", "pulled_by_simulator",
+        "inject_hyperparams", "chain_ending_in_it"])
 def test_each_arrival_writes_its_pull_once(make_tx, strategy):
   """The pull is written once per arrival: by ``tx`` if it pulls inside its
-  update (a PullAfterPush), else by the simulator, never by both."""
+  update (its state says so, also under wrappers that hide a PullAfterPush),
+  else by the simulator, never by both."""
   xs = jnp.linspace(0.0, 1.0, 4 * 7).reshape(4, 7)
   vector_loss = lambda p, i: jnp.sum((xs[i] @ p["w"]) ** 2)
   sim = Simulator(vector_loss, make_tx(), strategy=strategy)
@@ -468,3 +476,31 @@ def test_replay_many_rejects_what_replay_would_and_more():
     sim.init_many(stacked([init_params()] * N),
                   hyperparams={"momentum": jnp.ones(N)})
   assert not states.params["w1"].is_deleted()
+
+
+@pytest.mark.parametrize("make_tx, tx_pulls", [
+    (lambda: optax.inject_hyperparams(
+        dcasgd_optax.dana_dcasgd, static_args=("num_workers",))(
+            learning_rate=0.1, num_workers=W, momentum=0.8), True),
+    (lambda: optax.chain(optax.clip(1.0), dcasgd_optax.dana_dcasgd(
+        0.1, W, momentum=0.8)), True),
+    # A member after it changes the updates: the pull it recorded is not of
+    # the server's new model, so the simulator must pull (again).
+    (lambda: optax.chain(dcasgd_optax.dana_dcasgd(0.1, W, momentum=0.8),
+                         optax.scale(0.5)), False),
+], ids=["inject_hyperparams", "chain_ending_in_it", "chain_after_it"])
+def test_wrapped_pull_after_push_is_pulled_exactly_once(make_tx, tx_pulls):
+  """Under wrappers that hide the PullAfterPush type, the workers hold what
+  a loop gives that pulls once, after ``tx``'s own pull only where ``tx``'s
+  updates are the pull-after-push's (a look-ahead pull: pulling with the
+  wrong params, or missing the pull, changes what the worker holds)."""
+  arrivals, batches = random_order(W, A, seed=12), make_batches(A)
+  sim = Simulator(loss_fn, make_tx(), strategy="compiled")
+  state, _ = sim.replay(sim.init(init_params()), batches, arrivals)
+  params, opt_state = reference_held_from_backups(
+      make_tx(), init_params(), batches, arrivals, tx_pulls=tx_pulls)
+  chex.assert_trees_all_close(state.params, params, **REPLAY_TOL)
+  for m in range(W):
+    chex.assert_trees_all_close(
+        dcasgd_optax.worker_params(state.opt_state, m),
+        dcasgd_optax.worker_params(opt_state, m), **REPLAY_TOL)

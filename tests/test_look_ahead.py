@@ -1,4 +1,4 @@
-"""look_ahead_momentum and dana_dc: the pull sends, and records, a prediction.
+"""look_ahead_momentum and dana_dcasgd: the pull sends and records a prediction.
 
 The reference (tests/reference.py, ``ParameterServer`` with
 ``look_ahead_horizon``) sends w - lr * (mu + ... + mu^H) * v on every pull
@@ -46,7 +46,7 @@ def test_dana_dc_matches_reference_server(
       helpers.leaves_np(w0), num_workers, lambda_, adaptive=adaptive,
       learning_rate=lr, momentum=0.9, look_ahead_horizon=horizon,
   )
-  tx = dcasgd_optax.dana_dc(lr, num_workers, momentum=0.9, horizon=horizon,
+  tx = dcasgd_optax.dana_dcasgd(lr, num_workers, momentum=0.9, horizon=horizon,
                             lambda_=lambda_, adaptive=adaptive)
   helpers.replay_against_reference(tx, ref, w0, order, rng, spec,
                                    check_pulls=True)
@@ -83,7 +83,7 @@ def test_user_pulls_in_a_chain_go_through_the_look_ahead():
 
 
 def test_horizon_zero_sends_the_params_themselves():
-  tx = dcasgd_optax.dana_dc(0.1, 2, horizon=0)
+  tx = dcasgd_optax.dana_dcasgd(0.1, 2, horizon=0)
   params = {"w": jnp.ones(2)}
   state = tx.init(params)
   updates, state = tx.update({"w": jnp.ones(2)}, state, params, worker=0)
@@ -95,7 +95,7 @@ def test_horizon_zero_sends_the_params_themselves():
 @pytest.mark.parametrize("momentum", [None, 0.0, 1.0, -0.5])
 def test_a_look_ahead_needs_a_momentum_buffer(momentum):
   with pytest.raises(ValueError, match="`momentum`"):
-    dcasgd_optax.dana_dc(0.1, 2, momentum=momentum)
+    dcasgd_optax.dana_dcasgd(0.1, 2, momentum=momentum)
   if momentum is not None:
     with pytest.raises(ValueError, match="`momentum`"):
       dcasgd_optax.look_ahead_momentum(0.1, momentum, horizon=1)

@@ -171,7 +171,8 @@ def test_pull_after_push_equals_update_then_pull_by_hand():
     ref_params = optax.apply_updates(ref_params, ref_updates)
     _, ref_state = dcasgd_optax.pull(ref_state, ref_params, m)
     chex.assert_trees_all_close(params, ref_params, rtol=1e-6)
-    chex.assert_trees_all_close(state, ref_state, rtol=1e-6)
+    assert isinstance(state, dcasgd_optax.PullAfterPushState)
+    chex.assert_trees_all_close(state.inner_state, ref_state, rtol=1e-6)
     chex.assert_trees_all_close(dcasgd_optax.worker_params(state, m), params,
                                 rtol=1e-6)
 
@@ -189,11 +190,36 @@ def test_traced_out_of_range_id_is_nan_everywhere_and_writes_nothing(bad):
   held = jax.jit(dcasgd_optax.worker_params)(state, worker)
   for tree in (updates, pulled, held):
     assert all(np.isnan(x).all() for x in jax.tree.leaves(tree))
-  # dcasgd's state is a chain's: the DelayCompensationState comes first.
-  assert isinstance(state[0], dcasgd_optax.DelayCompensationState)
+  # dcasgd's state wraps a chain's: the DelayCompensationState comes first.
+  assert isinstance(state.inner_state[0], dcasgd_optax.DelayCompensationState)
   for after in (after_update, after_pull):
-    chex.assert_trees_all_equal(after[0], state[0])
+    chex.assert_trees_all_equal(after.inner_state[0], state.inner_state[0])
   # A valid traced id reads its own backup (never a clamped neighbour's).
   chex.assert_trees_all_equal(
       jax.jit(dcasgd_optax.worker_params)(state, jnp.int32(2)),
       shifted(PARAMS, 1.0))
+
+
+def test_the_state_says_whether_its_update_pulls():
+  """A driver reads it from the state, where wrappers keep it (abstract
+  states and traced ones answer the same)."""
+  from dcasgd_optax import extend
+  dc = lambda: dcasgd_optax.delay_compensation(2, 0.5)
+  pulling = lambda: dcasgd_optax.dcasgd(0.1, 2)
+  cases = {
+      "dcasgd": (pulling(), True),
+      "pull_after_push": (dcasgd_optax.pull_after_push(
+          optax.chain(dc(), optax.sgd(0.1))), True),
+      "inject_hyperparams": (optax.inject_hyperparams(
+          dcasgd_optax.dcasgd, static_args=("num_workers",))(
+              learning_rate=0.1, num_workers=2), True),
+      "chain_ending_in_it": (optax.chain(optax.clip(1.0), pulling()), True),
+      "chain_after_it": (optax.chain(pulling(), optax.scale(0.5)), False),
+      "apply_if_finite": (optax.apply_if_finite(pulling(), 2), False),
+      "composed": (optax.chain(dc(), optax.sgd(0.1)), False),
+  }
+  for name, (tx, pulls) in cases.items():
+    state = jax.eval_shape(tx.init, PARAMS)
+    assert extend.pulls_in_update(state) is pulls, name
+    traced = jax.jit(lambda s: s)(tx.init(PARAMS))
+    assert extend.pulls_in_update(traced) is pulls, name

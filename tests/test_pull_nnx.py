@@ -42,7 +42,7 @@ OPTIMIZERS = {
         dcasgd_optax.delay_compensation(3, 2.0, adaptive=True),
         optax.sgd(0.1)),
     # Pulls a look-ahead after each push (read from the wrapped momentum).
-    "dana_dc": lambda: dcasgd_optax.dana_dc(0.1, 3, momentum=0.9),
+    "dana_dcasgd": lambda: dcasgd_optax.dana_dcasgd(0.1, 3, momentum=0.9),
     # A bare chain whose explicit pulls send the look-ahead.
     "look_ahead_chain": lambda: optax.chain(
         dcasgd_optax.delay_compensation(3, 2.0, adaptive=True),

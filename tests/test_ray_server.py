@@ -290,7 +290,7 @@ def test_shards_resume_from_their_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("num_shards", [1, 2])
 def test_workers_pull_the_look_ahead_of_dana_dc(num_shards):
-  tx = dcasgd_optax.dana_dc(0.5, num_workers=2, momentum=0.5)
+  tx = dcasgd_optax.dana_dcasgd(0.5, num_workers=2, momentum=0.5)
   params = {"w": jnp.linspace(-1.0, 1.0, 5), "b": jnp.ones(2)}
   layout = make_layout(params, num_shards)
   shards = [ParameterServer(tx, params, 2, shard=k, num_shards=num_shards)

@@ -26,8 +26,8 @@ def transformations() -> list[optax.GradientTransformationExtraArgs]:
           0.1, 4, lambda_=0.04, momentum=0.9, backup_dtype=jnp.bfloat16
       ),
       dcasgd_optax.dcasgd(schedule, 4, weight_decay=schedule),
-      dcasgd_optax.gap_aware_sgd(0.1, 4, step_size=jnp.asarray(0.1)),
-      dcasgd_optax.dana_dc(0.1, 4, momentum=0.9, horizon=4),
+      dcasgd_optax.gap_aware_asgd(0.1, 4, step_size=jnp.asarray(0.1)),
+      dcasgd_optax.dana_dcasgd(0.1, 4, momentum=0.9, horizon=4),
       dcasgd_optax.delayed_nesterov_dcasgd(0.1, 4, period=4),
       dcasgd_optax.delay_compensation(
           4, jnp.asarray(2.0), adaptive=True, correction_clip=1.0

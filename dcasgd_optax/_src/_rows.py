@@ -12,9 +12,6 @@ validity, with the cast inside, does both.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-import contextlib
-import contextvars
 from typing import Any
 
 import jax
@@ -22,33 +19,6 @@ from jax import lax
 import jax.numpy as jnp
 
 _UINT = {1: jnp.uint8, 2: jnp.uint16}
-
-# True while tracing updates whose backups are a stand-in (see below).
-_STAND_IN = contextvars.ContextVar("stand_in_backups", default=False)
-
-
-@contextlib.contextmanager
-def stand_in_backups() -> Iterator[None]:
-  """Within it, the backups an update is traced with are a stand-in.
-
-  The harness, with the backups sharded by worker over several devices,
-  hands ``tx.update`` the arriving worker's row broadcast to every row and
-  drops the backups ``tx`` returns (it writes the pull to the real row
-  itself). XLA materialises that broadcast if an update carries the whole
-  backups array through a loop, as the fused CPU update does; within this
-  context such an update reads the worker's row out and loops over it
-  alone. Only the program traced changes, never its results.
-  """
-  token = _STAND_IN.set(True)
-  try:
-    yield
-  finally:
-    _STAND_IN.reset(token)
-
-
-def backups_are_stand_in() -> bool:
-  """Whether updates are being traced inside :func:`stand_in_backups`."""
-  return _STAND_IN.get()
 
 
 def is_narrow(dtype: Any) -> bool:

@@ -1,4 +1,16 @@
-"""Full optimizers: each method with weight decay, SGD and pull after push."""
+"""Full optimizers: each method with weight decay, SGD and pull after push.
+
+Naming: every full optimizer is an asynchronous SGD server's update (it
+needs ``worker=`` and records the worker's pull), so every name ends in
+``asgd``, and what it adds to ASGD reads before it, as the literature's
+"DC-ASGD" does: :func:`dcasgd` (delay compensation), :func:`gap_aware_asgd`,
+:func:`dana_dcasgd` (DANA's look-ahead on DC-ASGD),
+:func:`delayed_nesterov_dcasgd`. optax names its optimizers by what they
+are (``adamw`` is Adam with decoupled weight decay) and its building blocks
+by what they do; so do the transformations here (:func:`delay_compensation`,
+:func:`gap_aware`, ...). ``gap_aware_sgd`` and ``dana_dc`` are deprecated
+aliases (one release).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +23,7 @@ import optax
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src import _cpu_kernel
 from dcasgd_optax._src import _fused
-from dcasgd_optax._src.delay_compensation import MeanSquareSpec
+from dcasgd_optax._src._backups import MeanSquareSpec
 from dcasgd_optax._src.delay_compensation import compensation_correction
 from dcasgd_optax._src.delay_compensation import default_lambda
 from dcasgd_optax._src.delay_compensation import delay_compensation
@@ -19,30 +31,8 @@ from dcasgd_optax._src.delayed_nesterov import delayed_nesterov
 from dcasgd_optax._src.gap_aware import gap_aware
 from dcasgd_optax._src.gap_aware import gap_correction
 from dcasgd_optax._src.look_ahead import look_ahead_momentum
-from dcasgd_optax._src.pull import find_states
-from dcasgd_optax._src.pull import pull
-
-
-class PullAfterPush(optax.GradientTransformationExtraArgs):
-  """A transformation whose every ``update`` also performs the worker's pull.
-
-  :func:`pull_after_push` (and so :func:`dcasgd`) returns one. It is an
-  ``optax.GradientTransformationExtraArgs`` in every respect; its type only
-  tells a driver of asynchronous training that after
-  ``tx.update(..., worker=m)`` the pull of the new model is already recorded
-  (:func:`pull`), so the driver must not pull again. What the worker then
-  holds is ``worker_params(opt_state, m)``. Wrapping it in another
-  transformation (e.g. ``optax.inject_hyperparams``) hides the type; pulling
-  again is then redundant, not wrong.
-
-  Examples:
-    >>> import dcasgd_optax
-    >>> isinstance(dcasgd_optax.dcasgd(0.1, num_workers=2),
-    ...            dcasgd_optax.PullAfterPush)
-    True
-  """
-
-  __slots__ = ()
+from dcasgd_optax._src.pull_after_push import PullAfterPush
+from dcasgd_optax._src.pull_after_push import pull_after_push
 
 
 def dcasgd(
@@ -132,15 +122,16 @@ def dcasgd(
     Array([ 0.8, -0.8], dtype=float32)
   """
   _check_sgd_arguments(learning_rate, momentum, nesterov, weight_decay)
+  compensation = _compensation(
+      num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+      per_worker_mean_square, bias_correction, lambda_warmup,
+      correction_clip,
+  )
   composed = pull_after_push(optax.chain(
-      _compensation(
-          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
-          per_worker_mean_square, bias_correction, lambda_warmup,
-          correction_clip,
-      ),
+      compensation,
       *_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-  ))
+  ), compensation=compensation)
   correct = compensation_correction(
       default_lambda(lambda_, adaptive), adaptive=adaptive, decay=decay,
       eps=eps, bias_correction=bias_correction, lambda_warmup=lambda_warmup,
@@ -203,60 +194,7 @@ def _decayed_weights(weight_decay: Any) -> list[optax.GradientTransformation]:
   return [optax.add_decayed_weights(weight_decay)]
 
 
-def pull_after_push(inner: optax.GradientTransformation) -> PullAfterPush:
-  """Wraps ``inner`` so each update also performs the pull of the new params.
-
-  After ``inner`` computes ``updates`` for worker ``m``, worker ``m`` pulls
-  ``params + updates`` (:func:`pull`: the state records what ``m`` now
-  holds), as in the paper's Algorithm 1 where the worker pulls right after
-  pushing. The wrapper's state is ``inner``'s state itself. The result is a
-  :class:`PullAfterPush`, so drivers know not to pull again; what the worker
-  holds afterwards is ``worker_params(state, m)``.
-
-  A traced ``worker`` outside ``[0, num_workers)`` records no pull; the NaN
-  update that :func:`delay_compensation` returns for it reaches the rest of
-  ``inner``'s state (put ``optax.apply_if_finite`` after the compensation in
-  ``inner`` to skip such steps).
-
-  Args:
-    inner: a transformation containing :func:`delay_compensation`.
-
-  Returns:
-    A :class:`PullAfterPush` (an ``optax.GradientTransformationExtraArgs``)
-    needing ``params`` and ``worker`` in ``update``.
-
-  Examples:
-    >>> import jax.numpy as jnp, optax
-    >>> import dcasgd_optax
-    >>> tx = dcasgd_optax.pull_after_push(optax.chain(
-    ...     dcasgd_optax.delay_compensation(2, 0.04), optax.adam(1e-3)))
-    >>> state = tx.init({'w': jnp.zeros(2)})
-    >>> updates, state = tx.update(
-    ...     {'w': jnp.ones(2)}, state, {'w': jnp.zeros(2)}, worker=0)
-  """
-  inner = optax.with_extra_args_support(inner)
-
-  def init_fn(params):
-    state = inner.init(params)
-    if not find_states(state):
-      raise ValueError(
-          "`inner` holds no delay_compensation: pull_after_push records pulls "
-          "in its DelayCompensationState. Put "
-          "`dcasgd_optax.delay_compensation(...)` first in the chain."
-      )
-    return state
-
-  def update_fn(updates, state, params=None, *, worker=None, **extra_args):
-    updates, state = inner.update(
-        updates, state, params, worker=worker, **extra_args
-    )
-    _, state = pull(state, optax.apply_updates(params, updates), worker)
-    return updates, state
-
-  return PullAfterPush(init_fn, update_fn)
-
-
-def gap_aware_sgd(
+def gap_aware_asgd(
     learning_rate: optax.ScalarOrSchedule,
     num_workers: int,
     *,
@@ -296,7 +234,7 @@ def gap_aware_sgd(
   Examples:
     >>> import jax.numpy as jnp
     >>> import dcasgd_optax
-    >>> tx = dcasgd_optax.gap_aware_sgd(0.1, num_workers=4, momentum=0.9)
+    >>> tx = dcasgd_optax.gap_aware_asgd(0.1, num_workers=4, momentum=0.9)
     >>> state = tx.init({'w': jnp.ones(2)})
     >>> updates, state = tx.update(  # fresh: no gap, plain SGD
     ...     {'w': jnp.ones(2)}, state, {'w': jnp.ones(2)}, worker=1)
@@ -315,12 +253,13 @@ def gap_aware_sgd(
           "the schedule's peak (divided by 1 - momentum with momentum)."
       )
     step_size = learning_rate / (1.0 - (momentum or 0.0))
+  compensation = gap_aware(num_workers, step_size, decay=decay, eps=eps,
+                           backup_dtype=backup_dtype)
   composed = pull_after_push(optax.chain(
-      gap_aware(num_workers, step_size, decay=decay, eps=eps,
-                backup_dtype=backup_dtype),
+      compensation,
       *_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-  ))
+  ), compensation=compensation)
   return _fused.fused_sgd(
       composed, num_workers, MeanSquareSpec(decay),
       gap_correction(step_size, decay=decay, eps=eps),
@@ -328,7 +267,7 @@ def gap_aware_sgd(
   )
 
 
-def dana_dc(
+def dana_dcasgd(
     learning_rate: optax.ScalarOrSchedule,
     num_workers: int,
     *,
@@ -372,7 +311,7 @@ def dana_dc(
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import dcasgd_optax
-    >>> tx = dcasgd_optax.dana_dc(1.0, num_workers=3, momentum=0.5)
+    >>> tx = dcasgd_optax.dana_dcasgd(1.0, num_workers=3, momentum=0.5)
     >>> params = {'w': jnp.zeros(1)}
     >>> state = tx.init(params)
     >>> updates, state = tx.update({'w': jnp.ones(1)}, state, params, worker=0)
@@ -396,15 +335,16 @@ def dana_dc(
   _check_common_arguments(learning_rate, weight_decay)
   if horizon is None:
     horizon = num_workers - 1
+  compensation = _compensation(
+      num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+      per_worker_mean_square, bias_correction, lambda_warmup,
+      correction_clip,
+  )
   return pull_after_push(optax.chain(
-      _compensation(
-          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
-          per_worker_mean_square, bias_correction, lambda_warmup,
-          correction_clip,
-      ),
+      compensation,
       *_decayed_weights(weight_decay),
       look_ahead_momentum(learning_rate, momentum, horizon),
-  ))
+  ), compensation=compensation)
 
 
 def delayed_nesterov_dcasgd(
@@ -470,13 +410,14 @@ def delayed_nesterov_dcasgd(
   _check_common_arguments(learning_rate, weight_decay)
   if period is None:
     period = num_workers
+  compensation = _compensation(
+      num_workers, lambda_, adaptive, decay, eps, backup_dtype,
+      per_worker_mean_square, bias_correction, lambda_warmup,
+      correction_clip,
+  )
   return pull_after_push(optax.chain(
-      _compensation(
-          num_workers, lambda_, adaptive, decay, eps, backup_dtype,
-          per_worker_mean_square, bias_correction, lambda_warmup,
-          correction_clip,
-      ),
+      compensation,
       *_decayed_weights(weight_decay),
       delayed_nesterov(learning_rate, period, momentum=momentum,
                        momentum_activation=momentum_activation),
-  ))
+  ), compensation=compensation)

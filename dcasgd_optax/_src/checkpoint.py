@@ -136,7 +136,7 @@ class Checkpointer:
   Examples:
     >>> import tempfile
     >>> import jax.numpy as jnp
-    >>> from dcasgd_optax.checkpoint import Checkpointer
+    >>> from dcasgd_optax.extend.checkpoint import Checkpointer
     >>> state = {'w': jnp.ones(3), 'step': jnp.int32(7)}
     >>> with Checkpointer(tempfile.mkdtemp()) as ckpt:
     ...   ckpt.save(7, state, metadata={'epochs': [0.25]})

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import optax
 
 from dcasgd_optax._src import _checks
-from dcasgd_optax._src.delay_compensation import MeanSquareSpec
-from dcasgd_optax._src.delay_compensation import backups_transformation
-from dcasgd_optax._src.delay_compensation import check_backup_dtype
+from dcasgd_optax._src._backups import MeanSquareSpec
+from dcasgd_optax._src._backups import backups_transformation
+from dcasgd_optax._src._backups import check_backup_dtype
 
 
 def gap_aware(
@@ -39,7 +39,7 @@ def gap_aware(
   :math:`C` is the root mean square of the gradients (bias-corrected, decay
   :math:`\beta`) times the step size :math:`\eta_{\max}`, the largest step
   size the optimizer uses; with momentum :math:`\mu` a typical step is
-  about :math:`\eta/(1-\mu)`, which :func:`gap_aware_sgd` passes.
+  about :math:`\eta/(1-\mu)`, which :func:`gap_aware_asgd` passes.
 
   It keeps the per-worker backups in the same
   :class:`DelayCompensationState` as :func:`delay_compensation` (its

@@ -28,21 +28,23 @@ class LookAheadState(NamedTuple):
   look_ahead: jax.Array
 
 
-def _coefficient(learning_rate: Any, momentum: Any, horizon: Any) -> jax.Array:
-  r""":math:`\eta \sum_{k=1}^{H} \mu^k = \eta \mu (1 - \mu^H) / (1 - \mu)`."""
+def _coefficient(learning_rate: Any, momentum: Any, horizon: Any,
+                 nesterov: bool = False) -> jax.Array:
+  r""":math:`\eta \sum_{k=1}^{H} \mu^k = \eta \, \mu (1 - \mu^H) / (1 - \mu)`,
+  times :math:`\mu` for Nesterov momentum."""
   mu = jnp.asarray(momentum, jnp.float32)
-  return (
-      jnp.asarray(learning_rate, jnp.float32)
-      * mu
-      * (1 - mu**horizon)
-      / (1 - mu)
+  coef = jnp.asarray(learning_rate, jnp.float32) * mu * (1 - mu**horizon) / (
+      1 - mu
   )
+  return coef * mu if nesterov else coef
 
 
 def look_ahead_momentum(
     learning_rate: optax.ScalarOrSchedule,
     momentum: jax.typing.ArrayLike,
     horizon: jax.typing.ArrayLike,
+    *,
+    nesterov: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Heavy-ball SGD whose workers pull where the model will be (DANA-style).
 
@@ -61,7 +63,17 @@ def look_ahead_momentum(
   :math:`w - \hat w` is the true distance (DANA-DC). :math:`H = 1` is
   Nesterov's look-ahead; :math:`H = 0` sends :math:`w` itself. The
   prediction uses the learning rate of the next update for the whole
-  horizon. ``optax.masked`` leaves outside the mask are not shifted.
+  horizon. ``optax.masked`` leaves outside the mask are not shifted. This
+  is the weight prediction of SpecTrain and of Kosson et al.'s MSNAG,
+  :math:`w - \eta\,(\mu - \mu^{H+1})/(1 - \mu)\, v`, with :math:`H` the
+  expected delay.
+
+  With ``nesterov=True`` the updates are ``optax.sgd(learning_rate,
+  momentum, nesterov=True)``'s, :math:`u = -\eta_t (g + \mu v)`, whose
+  :math:`k`-th step with no new gradient is :math:`-\eta \mu^{k+1} v`, so
+  the prediction is :math:`\hat w = w - \eta\, \mu (\mu - \mu^{H+1}) /
+  (1 - \mu)\, v` (the high-momentum Nesterov variant, e.g.
+  :math:`\mu = 0.99`; for Adam's, :func:`look_ahead_adam`).
 
   Put it last in a chain that holds a :func:`delay_compensation` (or
   :func:`gap_aware`) for the backups, and pull through :func:`pull` (the
@@ -76,6 +88,7 @@ def look_ahead_momentum(
       expected staleness (``num_workers - 1`` for cyclic arrivals). A
       float is taken through the closed form above (e.g. the mean
       staleness of event-driven arrivals).
+    nesterov: Nesterov momentum (updates and prediction as above).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra args are ignored.
@@ -100,7 +113,16 @@ def look_ahead_momentum(
     the momentum; DANA-DC adds delay compensation). This uses one shared
     momentum buffer and the multi-step Nesterov prediction above, not
     DANA-Zero's per-worker momentum buffers.
+    Chen, Yang, Cheng, `Efficient and Robust Parallel DNN Training through
+    Model Parallelism on Multi-GPU Platform
+    <https://arxiv.org/abs/1809.02839>`_, 2018 (SpecTrain: the weights
+    predicted along the smoothed gradient over the delay).
+    Kosson, Chiley, Venigalla, Hestness, Köster, `Pipelined
+    Backpropagation at Scale <https://arxiv.org/abs/2003.11666>`_, 2021
+    (weight prediction; MSNAG, the multi-step Nesterov look-ahead).
   """
+  if not isinstance(nesterov, bool):
+    raise TypeError(f"`nesterov` must be a bool, got {nesterov!r}.")
   _checks.check_scalar_range(
       "momentum", momentum, low=0.0, high=1.0, low_inclusive=False
   )
@@ -115,7 +137,7 @@ def look_ahead_momentum(
     trace = jax.tree.map(jnp.zeros_like, params)
     count = jnp.zeros([], jnp.int32)
     return LookAheadState(
-        count, trace, _coefficient(lr_at(count), momentum, horizon)
+        count, trace, _coefficient(lr_at(count), momentum, horizon, nesterov)
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -124,9 +146,14 @@ def look_ahead_momentum(
     trace = jax.tree.map(
         lambda g, v: (g + momentum * v).astype(v.dtype), updates, state.trace
     )
-    out = jax.tree.map(lambda v, g: (-lr * v).astype(g.dtype), trace, updates)
+    if nesterov:
+      out = jax.tree.map(lambda v, g: (-lr * (g + momentum * v)).astype(
+          g.dtype), trace, updates)
+    else:
+      out = jax.tree.map(lambda v, g: (-lr * v).astype(g.dtype), trace,
+                         updates)
     count = state.count + 1
-    coef = _coefficient(lr_at(count), momentum, horizon)
+    coef = _coefficient(lr_at(count), momentum, horizon, nesterov)
     return out, LookAheadState(count, trace, coef)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

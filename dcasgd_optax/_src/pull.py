@@ -11,9 +11,9 @@ import optax
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src import _rows
 from dcasgd_optax._src import _tree
-from dcasgd_optax._src.delay_compensation import DelayCompensationState
-from dcasgd_optax._src.delay_compensation import held_by
-from dcasgd_optax._src.delay_compensation import num_workers_of
+from dcasgd_optax._src._backups import DelayCompensationState
+from dcasgd_optax._src._backups import held_by
+from dcasgd_optax._src._backups import num_workers_of
 from dcasgd_optax._src.look_ahead import LookAheadState
 from dcasgd_optax._src.look_ahead import look_ahead_of
 

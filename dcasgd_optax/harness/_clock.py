@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dcasgd_optax._src import _checks
+from dcasgd_optax import extend
 from dcasgd_optax.harness import _schedules
 
 
@@ -197,14 +197,14 @@ def straggler_speeds(num_workers: int, *, num_slow: int = 1,
     >>> np.bincount(order).tolist()  # the slow worker lands ~10x less often
     [100, 100, 101, 9]
   """
-  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  num_workers = extend.check_positive_int("num_workers", num_workers)
   num_slow = _schedules._check_nonnegative_int("num_slow", num_slow)
   if num_slow > num_workers:
     raise ValueError(
         f"`num_slow` must lie in [0, num_workers={num_workers}], got "
         f"{num_slow}."
     )
-  _checks.check_scalar_range("slowdown", slowdown, low=1.0)
+  extend.check_scalar_range("slowdown", slowdown, low=1.0)
   speeds = np.ones(num_workers)
   speeds[num_workers - num_slow:] = 1.0 / float(slowdown)
   return speeds
@@ -275,7 +275,7 @@ def time_to_accuracy(errors: Any, times: Any, gradients: Any,
   if not np.issubdtype(gradients.dtype, np.integer):
     raise TypeError(
         f"`gradients` must hold integers, got dtype {gradients.dtype}.")
-  _checks.check_scalar_range("target", target, low=0.0)
+  extend.check_scalar_range("target", target, low=0.0)
   hits = np.flatnonzero(errors <= target)  # NaN compares False
   if not hits.size:
     return TimeToAccuracy(False, float("inf"), -1, -1)

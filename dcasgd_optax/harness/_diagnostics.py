@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcasgd_optax._src import _checks as core_checks
-from dcasgd_optax._src.delay_compensation import DelayCompensationState
+from dcasgd_optax import DelayCompensationState
+from dcasgd_optax import extend
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _exact
 from dcasgd_optax.harness import _state
@@ -73,7 +73,7 @@ def make(diagnostics: bool, diagnostics_every: int | None,
     )
   diagnostics = diagnostics or curvature
   if diagnostics_every is not None:
-    core_checks.check_positive_int("diagnostics_every", diagnostics_every)
+    extend.check_positive_int("diagnostics_every", diagnostics_every)
   if first_transform is not None and not (
       hasattr(first_transform, "init") and hasattr(first_transform, "update")):
     raise TypeError(
@@ -128,7 +128,10 @@ def check(diagnostics: Diagnostics, opt_state: Any, params: Any,
     if tx_compensates:
       raise ValueError(
           "`diagnostics` need `first_transform` when `tx` keeps its own "
-          "DelayCompensationState: pass the transformation that starts tx's "
+          "DelayCompensationState and is not one of dcasgd_optax's full "
+          "optimizers (which know theirs, unless a wrapper such as "
+          "optax.inject_hyperparams hides them): pass the transformation "
+          "that starts tx's "
           "chain (e.g. dc = dcasgd_optax.delay_compensation(...); tx = "
           "dcasgd_optax.pull_after_push(optax.chain(dc, optax.sgd(lr))); "
           "Simulator(loss_fn, tx, diagnostics=True, first_transform=dc))."
@@ -172,14 +175,16 @@ def sampled(first_step: int, num_arrivals: int, every: int) -> np.ndarray:
 
 
 def measure(diagnostics: Diagnostics, loss_with_state: Any, state: Any,
-            grads: Any, batch: Any, worker: Any, staleness: Any,
+            grads: Any, batch: Any, extra_args: dict[str, Any],
             is_sampled: jax.Array,
             compensated: Any = None) -> dict[str, jax.Array]:
   """The figures for one arrival (before its update), or NaN if unsampled.
 
   ``grads`` is the pushed gradient; ``compensated`` what ``tx`` receives
   (the exactly compensated gradient, default ``grads``), from which the
-  applied direction is made.
+  applied direction is made. ``extra_args`` are the keyword extra arguments
+  the server's ``tx.update`` gets for it (``worker``, ``staleness`` and maybe
+  ``held_params``).
   """
   compensated = grads if compensated is None else compensated
 
@@ -191,16 +196,17 @@ def measure(diagnostics: Diagnostics, loss_with_state: Any, state: Any,
       sub_state = first_state(state.opt_state, diagnostics.first_transform,
                               state.params)
       direction, _ = diagnostics.first_transform.update(
-          compensated, sub_state, state.params, worker=worker,
-          staleness=staleness
+          compensated, sub_state, state.params, **extra_args
       )
     stale_cosine, stale_error = _compare(grads, fresh)
     applied_cosine, applied_error = _compare(direction, fresh)
     out = dict(stale_cosine=stale_cosine, applied_cosine=applied_cosine,
                stale_error=stale_error, applied_error=applied_error)
     if diagnostics.curvature:
-      held = jax.tree.map(lambda b: b[worker],
-                          _state.backups_of(state.opt_state))
+      held = extra_args.get("held_params")
+      if held is None:  # tx reads the worker's row in place: so do we.
+        held = jax.tree.map(lambda b: b[extra_args["worker"]],
+                            _state.backups_of(state.opt_state))
       out[CURVATURE_KEY] = _exact.curvature_ratio(
           loss_with_state, held, state.params, batch, grads, direction)
     return out

@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dcasgd_optax._src import _checks as core_checks
+from dcasgd_optax import extend
 
 
 def make(exact_compensation: Any, has_model_state: bool) -> float | None:
@@ -47,8 +47,8 @@ def make(exact_compensation: Any, has_model_state: bool) -> float | None:
         "`exact_compensation` must be a float lambda >= 0 (the strength of "
         f"the Hessian-vector correction) or None, got {exact_compensation!r}."
     )
-  core_checks.check_scalar_range("exact_compensation", exact_compensation,
-                                 low=0.0)
+  extend.check_scalar_range("exact_compensation", exact_compensation,
+                            low=0.0)
   if has_model_state:
     raise ValueError(
         "`exact_compensation` is not supported with has_model_state=True: "

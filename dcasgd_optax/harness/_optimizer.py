@@ -14,11 +14,10 @@ from typing import Any
 import jax
 import optax
 
-from dcasgd_optax._src import _tree
-from dcasgd_optax._src.alias import PullAfterPush
-from dcasgd_optax._src.delay_compensation import delay_compensation
-from dcasgd_optax._src.delay_compensation import num_workers_of
-from dcasgd_optax._src.pull import find_states
+from dcasgd_optax import delay_compensation
+from dcasgd_optax import extend
+from dcasgd_optax.extend import find_states
+from dcasgd_optax.extend import num_workers_of
 from dcasgd_optax.harness import _checks
 
 
@@ -28,8 +27,8 @@ def _backups_state(tx: Any, params: Any) -> Any:
   if not states:
     return None
   if len(states) > 1 or any(
-      _tree.is_masked(b)
-      for b in jax.tree.leaves(states[0].backups, is_leaf=_tree.is_masked)
+      extend.is_masked(b)
+      for b in jax.tree.leaves(states[0].backups, is_leaf=extend.is_masked)
   ):
     raise ValueError(
         "`tx` must hold exactly one DelayCompensationState covering every "
@@ -110,15 +109,3 @@ def with_backups(
     return server_tx(params).update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def pulls_in_update(tx: Any) -> bool:
-  """Whether ``tx.update(..., worker=m)`` already performs ``m``'s pull.
-
-  True for a :class:`dcasgd_optax.PullAfterPush` (what
-  :func:`dcasgd_optax.dcasgd` and :func:`dcasgd_optax.pull_after_push`
-  return): the simulator then does not pull again. A wrapper that hides the
-  type makes the simulator pull a second time, which is redundant, not
-  wrong (the same :func:`dcasgd_optax.pull` of the same params).
-  """
-  return isinstance(tx, PullAfterPush)

@@ -10,23 +10,25 @@ Python, in which the gradients are unrolled, not looped (see
 so the backups are updated in place.
 
 On one device ``tx`` updates the state itself, in place, and the worker's
-pull (:func:`dcasgd_optax.pull`) is made once per arrival: by ``tx`` if it
-pulls inside its update (a :class:`dcasgd_optax.PullAfterPush`), else by the
-simulator. On several devices the backups are sharded by worker and ``tx``
+pull (:func:`dcasgd_optax.pull`) is made once per arrival: by ``tx`` if its
+state says that its update pulls (:func:`dcasgd_optax.extend.pulls_in_update`:
+a :class:`dcasgd_optax.PullAfterPushState`, also under wrappers), else by
+the simulator. On several devices the backups are sharded by worker and ``tx``
 sees a stand-in: the arriving worker's row (brought from the device that
 holds it) broadcast to all ``num_workers`` rows, which XLA does not
 materialise as long as ``tx`` reads only that row by a dynamic slice and
-what it writes to the stand-in is dropped. The composed chains do so; the
+what it writes to the stand-in is dropped. ``tx.update`` also gets that row
+itself as the keyword extra argument ``held_params`` (what the worker
+holds), so the library's transformations read no row of the stand-in: the
 fused CPU update of :func:`dcasgd_optax.dcasgd`, which otherwise carries the
-whole backups through its loop over blocks, is traced inside
-``stand_in_backups`` and loops over the worker's row alone. After the
-update the pull is written to the worker's row on the device that holds it.
+whole backups through its loop over blocks, then loops over that row alone.
+After the update the pull is written to the worker's row on the device that
+holds it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-import contextlib
 import functools
 import operator
 from typing import Any, NamedTuple
@@ -36,12 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcasgd_optax._src._rows import stand_in_backups
-from dcasgd_optax._src.pull import pull
+from dcasgd_optax import extend
+from dcasgd_optax import pull
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _diagnostics
 from dcasgd_optax.harness import _exact
 from dcasgd_optax.harness import _gathers
+from dcasgd_optax.harness import _per_example
 from dcasgd_optax.harness import _slots
 from dcasgd_optax.harness import _state
 
@@ -54,8 +57,8 @@ class Replay(NamedTuple):
   mesh: Any
   vmap_slots: int | None
   diagnostics: _diagnostics.Diagnostics | None
-  tx_pulls: bool  # tx pulls inside its update (a PullAfterPush)
   exact: float | None = None  # the exact compensation's lambda (_exact)
+  push_grad_sq: bool = False  # workers push grad_sq too (_per_example)
 
 
 class Chunk(NamedTuple):
@@ -92,6 +95,9 @@ def chunk_gradients(replay: Replay, state, workers_S, batch_S, *, unroll,
   def at(held, model_state, batch):
     params = jax.tree.map(lambda h, d: h.astype(d), held, dtypes)
     (loss, new_ms), grads = grad_fn(params, model_state, batch)
+    if replay.push_grad_sq:
+      grads = _per_example.push(replay.loss_with_state, params, model_state,
+                                batch, grads)
     return loss, new_ms, grads
 
   def local(ids, backups_R, worker_ms_R, workers_S, batch_S):
@@ -150,35 +156,34 @@ def _stand_in(held: Any, num_workers: int) -> Any:
 
 
 def _server_view(replay: Replay, opt_state: Any, worker: jax.Array,
-                 num_workers: int) -> Any:
-  """The optimizer state ``tx.update`` sees: on one device the state itself;
-  on several, a stand-in for the backups sharded by worker (the arriving
-  worker's row, brought from the device that holds it)."""
+                 num_workers: int) -> tuple[Any, Any]:
+  """The optimizer state ``tx.update`` sees, and what the worker holds if
+  ``tx`` is to be told: on one device the state itself and None (``tx``
+  reads the worker's row in place); on several, a stand-in for the backups
+  sharded by worker and the arriving worker's row, brought from the device
+  that holds it."""
   if replay.mesh.size == 1:
-    return opt_state
+    return opt_state, None
   held = _devices.take(replay.mesh, _state.backups_of(opt_state), worker)
-  return _state.with_backups(opt_state, _stand_in(held, num_workers))
+  return _state.with_backups(opt_state, _stand_in(held, num_workers)), held
 
 
-def _update(replay: Replay, grads: Any, view: Any, params: Any,
-            worker: jax.Array, tau: jax.Array) -> tuple[Any, Any]:
-  """``tx.update`` on the server's view; on several devices traced as
-  reading a stand-in, so no update materialises it (the fused CPU update
-  then loops over the worker's row only: ``_rows.stand_in_backups``)."""
-  reading = (contextlib.nullcontext() if replay.mesh.size == 1
-             else stand_in_backups())
-  with reading:
-    return replay.tx.update(grads, view, params, worker=worker,
-                            staleness=tau)
+def _extra_args(worker: jax.Array, tau: jax.Array, held: Any) -> dict:
+  """The keyword extra arguments of ``tx.update`` for one arrival."""
+  extra = dict(worker=worker, staleness=tau)
+  if held is not None:  # The backups are a stand-in: here is the real row.
+    extra["held_params"] = held
+  return extra
 
 
 def _pull(replay: Replay, before: Any, after: Any, params: Any,
           worker: jax.Array) -> Any:
   """The worker's pull of ``params``, once: on one device into ``after``
-  itself (unless ``tx`` did it); on several, written to the worker's row of
-  the real backups (``before``'s), on the device holding it."""
+  itself (unless ``tx`` did it, as its state's structure says); on several,
+  written to the worker's row of the real backups (``before``'s), on the
+  device holding it."""
   if replay.mesh.size == 1:
-    if not replay.tx_pulls:
+    if not extend.pulls_in_update(after):
       _, after = pull(after, params, worker)
     return after
   pulled, after = pull(after, params, worker)
@@ -193,14 +198,17 @@ def _arrive(replay: Replay, chunk: Chunk, k, carry):
   pick = functools.partial(_devices.take, replay.mesh, index=slot)
   m = chunk.workers[slot]
   tau = state.step - state.last_pull[m]
-  grads = pick(chunk.grads)
+  grads, pushed = _per_example.split(pick(chunk.grads))
   # No worker repeats in a chunk: its row is what it held when the chunk
   # began, unchanged until its own pull below.
-  view = _server_view(replay, state.opt_state, m, state.last_pull.shape[0])
+  view, held = _server_view(replay, state.opt_state, m,
+                             state.last_pull.shape[0])
+  extra = _extra_args(m, tau, held) | pushed  # pushed: maybe grad_sq
   batch = jax.tree.map(lambda x: x[slot], chunk.batch)
   compensated = grads
   if replay.exact is not None:  # g + lambda H(held) (w - held), exactly
-    held = jax.tree.map(lambda b: b[m], _state.backups_of(view))
+    if held is None:  # One device: the worker's row of the real backups.
+      held = jax.tree.map(lambda b: b[m], _state.backups_of(view))
     compensated = _exact.compensate(replay.exact, replay.loss_with_state,
                                     held, state.params, batch, grads)
   entry = {"loss": pick(chunk.loss), "staleness": tau}
@@ -208,11 +216,11 @@ def _arrive(replay: Replay, chunk: Chunk, k, carry):
     assert chunk.sampled is not None  # Passed whenever diagnostics are on.
     entry.update(_diagnostics.measure(
         replay.diagnostics, replay.loss_with_state,
-        state._replace(opt_state=view), grads, batch, m, tau,
+        state._replace(opt_state=view), grads, batch, extra,
         chunk.sampled[k], compensated,
     ))
-  updates, opt_state = _update(replay, compensated, view, state.params, m,
-                               tau)
+  updates, opt_state = replay.tx.update(compensated, view, state.params,
+                                        **extra)
   params = optax.apply_updates(state.params, updates)
   model_state = pick(chunk.new_model_states)
   step = state.step + 1

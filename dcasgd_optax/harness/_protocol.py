@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 import numpy as np
 import optax
 
-from dcasgd_optax._src import _checks as core_checks
+from dcasgd_optax import extend
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _diagnostics
@@ -126,7 +126,7 @@ class SimulatorBase:
                         ("max_parallel", max_parallel),
                         ("vmap_slots", vmap_slots)):
       if value is not None:
-        core_checks.check_positive_int(name, value)
+        extend.check_positive_int(name, value)
     if not hasattr(tx, "init") or not hasattr(tx, "update"):
       raise TypeError(f"`tx` must be an optax transformation, got {tx!r}.")
     self.num_workers = num_workers
@@ -142,6 +142,8 @@ class SimulatorBase:
     self._vmap_slots = _slots.default_vmap_slots(self.mesh, vmap_slots)
     self._max_parallel = max_parallel
     self._donate = donate
+    if first_transform is None:  # The library's full optimizers know it.
+      first_transform = extend.compensation_of(tx)
     self._diagnostics = _diagnostics.make(
         diagnostics, diagnostics_every, first_transform, has_model_state,
         diagnose_curvature, self._exact,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from dcasgd_optax._src import _checks
+from dcasgd_optax import extend
 
 
 def _check_nonnegative_int(name: str, value: Any) -> int:
@@ -45,7 +45,7 @@ def cyclic(num_workers: int, num_arrivals: int) -> np.ndarray:
     >>> schedules.cyclic(3, 7)
     array([0, 1, 2, 0, 1, 2, 0], dtype=int32)
   """
-  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  num_workers = extend.check_positive_int("num_workers", num_workers)
   num_arrivals = _check_nonnegative_int("num_arrivals", num_arrivals)
   return (np.arange(num_arrivals) % num_workers).astype(np.int32)
 
@@ -73,9 +73,9 @@ def shuffled_rounds(num_workers: int, num_rounds: int, seed: int) -> np.ndarray:
     >>> order.shape, sorted(order[4:8].tolist())
     ((12,), [0, 1, 2, 3])
   """
-  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  num_workers = extend.check_positive_int("num_workers", num_workers)
   num_rounds = _check_nonnegative_int("num_rounds", num_rounds)
-  rng = np.random.default_rng(_checks.check_seed(seed))
+  rng = np.random.default_rng(extend.check_seed(seed))
   rounds = [rng.permutation(num_workers) for _ in range(num_rounds)]
   if not rounds:
     return np.zeros((0,), np.int32)
@@ -97,9 +97,9 @@ def _check_speeds(speeds: Any, num_workers: int) -> np.ndarray:
 
 
 def _check_stragglers(prob: Any, slowdown: Any) -> tuple[float, float]:
-  _checks.check_scalar_range("straggler_prob", prob, low=0.0, high=1.0,
+  extend.check_scalar_range("straggler_prob", prob, low=0.0, high=1.0,
                              high_inclusive=True)
-  _checks.check_scalar_range("straggler_slowdown", slowdown, low=1.0)
+  extend.check_scalar_range("straggler_slowdown", slowdown, low=1.0)
   return float(prob), float(slowdown)
 
 
@@ -188,8 +188,8 @@ def check_gamma(num_workers: int, shape: Any, speeds: Any, straggler_prob: Any,
                 straggler_slowdown: Any) -> tuple[int, np.ndarray, float,
                                                   float]:
   """:func:`gamma_speeds`' arguments, checked: ``(M, speeds, p, f)``."""
-  num_workers = _checks.check_positive_int("num_workers", num_workers)
-  _checks.check_scalar_range("shape", shape, low=0.0, low_inclusive=False)
+  num_workers = extend.check_positive_int("num_workers", num_workers)
+  extend.check_scalar_range("shape", shape, low=0.0, low_inclusive=False)
   speeds = _check_speeds(speeds, num_workers)
   prob, slowdown = _check_stragglers(straggler_prob, straggler_slowdown)
   return num_workers, speeds, prob, slowdown
@@ -197,7 +197,7 @@ def check_gamma(num_workers: int, shape: Any, speeds: Any, straggler_prob: Any,
 
 def worker_streams(seed: Any, num_workers: int) -> tuple[list, list]:
   """Each worker's compute-time and straggler generators for ``seed``."""
-  root = np.random.SeedSequence(_checks.check_seed(seed))
+  root = np.random.SeedSequence(extend.check_seed(seed))
   rngs = [np.random.default_rng(s) for s in root.spawn(num_workers)]
   straggler_rngs = [np.random.default_rng(s) for s in root.spawn(num_workers)]
   return rngs, straggler_rngs
@@ -265,7 +265,7 @@ def staleness(arrivals: Any, num_workers: int) -> np.ndarray:
     >>> schedules.staleness([0, 1, 2, 0, 1, 2, 2], 3)
     array([0, 1, 2, 2, 2, 2, 0], dtype=int32)
   """
-  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  num_workers = extend.check_positive_int("num_workers", num_workers)
   arrivals = np.asarray(arrivals)
   if arrivals.ndim != 1 or not np.issubdtype(arrivals.dtype, np.integer):
     raise ValueError(
@@ -370,7 +370,7 @@ def from_trace(records: Any, num_workers: int | None = None) -> np.ndarray:
     )
   if num_workers is None:
     num_workers = int(worker.max()) + 1
-  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  num_workers = extend.check_positive_int("num_workers", num_workers)
   if worker.min() < 0 or worker.max() >= num_workers:
     bad = worker.min() if worker.min() < 0 else worker.max()
     raise ValueError(

@@ -26,6 +26,7 @@ from dcasgd_optax.harness import _diagnostics
 from dcasgd_optax.harness import _exact
 from dcasgd_optax.harness import _gathers
 from dcasgd_optax.harness import _optimizer
+from dcasgd_optax.harness import _per_example
 from dcasgd_optax.harness import _plan
 from dcasgd_optax.harness import _programs
 from dcasgd_optax.harness import _protocol
@@ -50,8 +51,9 @@ class Simulator(_protocol.SimulatorBase):
   pulls (:func:`dcasgd_optax.pull`: it then holds the new ``w``, or the
   look-ahead a look-ahead optimizer predicts, and computes its next gradient
   there); the pull is made once per arrival, by ``tx`` if it pulls inside
-  its update (a :class:`dcasgd_optax.PullAfterPush`, e.g.
-  :func:`dcasgd_optax.dcasgd`), else by the simulator. The workers' models
+  its update (its state says so, :func:`dcasgd_optax.extend.pulls_in_update`:
+  e.g. :func:`dcasgd_optax.dcasgd`, also under ``optax.inject_hyperparams``),
+  else by the simulator. The workers' models
   are the backups in ``tx``'s
   DelayCompensationState (one copy, not two), so ``M``
   is the leading axis of those backups; a ``tx`` without one (any optax
@@ -133,9 +135,11 @@ class Simulator(_protocol.SimulatorBase):
     first_transform: the transformation that starts ``tx``'s chain, whose
       output is the applied direction :math:`d` (it is run again on the
       pushed gradient with its own part of the server's state, found in
-      ``tx``'s state by its structure). Needed for diagnostics when ``tx``
-      keeps its own DelayCompensationState; for an optimizer without one,
-      :math:`d = g` (plain ASGD applies what was pushed).
+      ``tx``'s state by its structure). Not needed for the full optimizers
+      of :mod:`dcasgd_optax` (:func:`dcasgd_optax.dcasgd`, ...), which say
+      what theirs is (``tx.compensation``); needed for diagnostics when
+      another ``tx`` keeps its own DelayCompensationState; for an optimizer
+      without one, :math:`d = g` (plain ASGD applies what was pushed).
     diagnose_curvature: also measure how right the compensation's curvature
       is (implies ``diagnostics``): for each sampled arrival of worker
       :math:`m`, with :math:`\delta = w - w_m` (the server's model minus the
@@ -186,6 +190,15 @@ class Simulator(_protocol.SimulatorBase):
       and a difference is a ValueError naming the argument, a process that
       does not make the call in time a RuntimeError. Results are read on a
       host with :func:`dcasgd_optax.harness.to_host`. Unused in one process.
+    push_grad_sq: (a keyword argument of ``Simulator`` only) each worker
+      also pushes the mean over its batch of its per-example squared
+      gradients, at the model it holds (``jax.vmap(jax.grad(loss_fn))``
+      over the batch's examples, each a batch of one), and ``tx.update``
+      gets it as the keyword ``grad_sq``, as
+      :func:`dcasgd_optax.fisher_compensation` needs. Every leaf of a batch
+      must have the example axis first. Cost: a per-example gradient per
+      arrival (memory: batch size x params per gradient slot). Not with
+      ``has_model_state``.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -230,9 +243,12 @@ class Simulator(_protocol.SimulatorBase):
   _strategy_per_loss = True
 
   def __init__(self, loss_fn: Any, tx: Any, num_workers: int | None = None,
-               *, exact_compensation: float | None = None, **kwargs: Any):
+               *, exact_compensation: float | None = None,
+               push_grad_sq: bool = False, **kwargs: Any):
     self._exact = _exact.make(exact_compensation,
                               kwargs.get("has_model_state", False))
+    self._push_grad_sq = _per_example.check_option(
+        push_grad_sq, kwargs.get("has_model_state", False))
     super().__init__(loss_fn, tx, num_workers, **kwargs)
 
   def _server_tx(self, tx, num_workers):
@@ -251,8 +267,8 @@ class Simulator(_protocol.SimulatorBase):
     replay = _programs.Replay(
         self._loss_with_state, self.tx, self.mesh, vmap_slots,
         diagnostics=self._diagnostics,
-        tx_pulls=_optimizer.pulls_in_update(self._user_tx),
         exact=self._exact,
+        push_grad_sq=self._push_grad_sq,
     )
     if strategy == "compiled":
       jit = functools.partial(

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcasgd_optax._src.delay_compensation import DelayCompensationState
-from dcasgd_optax._src.pull import find_states
+from dcasgd_optax import DelayCompensationState
+from dcasgd_optax.extend import find_states
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
 

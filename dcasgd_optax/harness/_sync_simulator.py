@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcasgd_optax._src.pull import find_states
-from dcasgd_optax._src.pull import record_pull
+from dcasgd_optax import record_pull
+from dcasgd_optax.extend import find_states
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _gathers

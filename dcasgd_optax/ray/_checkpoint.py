@@ -1,7 +1,7 @@
 """One server shard's state, and where its checkpoints go.
 
 Shard ``k`` of ``K`` saves with the project's
-:class:`~dcasgd_optax.checkpoint.Checkpointer` under
+:class:`~dcasgd_optax.extend.checkpoint.Checkpointer` under
 ``checkpoint_dir/shard-k-of-K/<step>`` (directories readable by their owner
 only; a ``checkpoint_dir`` that other users can write to is refused, and the
 counters of a restored checkpoint are checked). The driver saves every shard
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcasgd_optax._src.checkpoint import Checkpointer
+from dcasgd_optax.extend.checkpoint import Checkpointer
 
 
 class ServerState(NamedTuple):

@@ -41,7 +41,7 @@ from typing import Any
 import grpc
 import ray
 
-from dcasgd_optax._src import _checks
+from dcasgd_optax import extend
 from dcasgd_optax.ray._token import find_token
 from dcasgd_optax.ray._token import sends_token
 from dcasgd_optax.ray._token import warn_if_others_can_read
@@ -332,7 +332,7 @@ def connect(
   if not isinstance(allow_insecure_cluster, bool):
     raise TypeError("`allow_insecure_cluster` must be a bool, got "
                     f"{allow_insecure_cluster!r}.")
-  _checks.check_scalar_range("timeout_s", timeout_s, low=0.0,
+  extend.check_scalar_range("timeout_s", timeout_s, low=0.0,
                              low_inclusive=False)
   if ray.is_initialized():
     return False

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcasgd_optax._src import _checks
-from dcasgd_optax._src.delay_compensation import num_workers_of
-from dcasgd_optax._src.pull import find_states
-from dcasgd_optax._src.pull import pull as pull_hook
-from dcasgd_optax._src.pull import record_pull
+from dcasgd_optax import extend
+from dcasgd_optax import pull as pull_hook
+from dcasgd_optax import record_pull
+from dcasgd_optax.extend import find_states
+from dcasgd_optax.extend import num_workers_of
 from dcasgd_optax.ray import _layout
 
 
@@ -43,7 +43,7 @@ def resolve_num_workers(tx: Any, params: Any, num_workers: int | None) -> int:
           "read it from (or several counts); pass `num_workers`."
       )
     return counts.pop()
-  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  num_workers = extend.check_positive_int("num_workers", num_workers)
   if counts - {num_workers}:
     raise ValueError(
         f"`tx` keeps backups for {counts.pop()} workers, but `num_workers` "

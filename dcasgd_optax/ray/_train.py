@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import ray
 
-from dcasgd_optax._src import _checks
+from dcasgd_optax import extend
 from dcasgd_optax.ray import _cluster
 from dcasgd_optax.ray import _driver
 from dcasgd_optax.ray import _layout
@@ -52,7 +52,7 @@ def _check_options(opts: _Options) -> None:
     raise TypeError(
         f"`shared_memory` must be a bool, got {opts.shared_memory!r}.")
   if opts.checkpoint_every is not None:
-    _checks.check_positive_int("checkpoint_every", opts.checkpoint_every)
+    extend.check_positive_int("checkpoint_every", opts.checkpoint_every)
   if opts.checkpoint_dir is None and (
       opts.checkpoint_every is not None or opts.resume):
     raise ValueError(
@@ -63,7 +63,7 @@ def _check_options(opts: _Options) -> None:
     raise TypeError(f"`max_restarts` must be an int >= 0, got {restarts!r}.")
   if restarts < 0:
     raise ValueError(f"`max_restarts` must be >= 0, got {restarts}.")
-  _checks.check_scalar_range("restart_timeout_s", opts.restart_timeout_s,
+  extend.check_scalar_range("restart_timeout_s", opts.restart_timeout_s,
                              low=0.0, low_inclusive=False)
   options = opts.server_options
   if isinstance(options, (list, tuple)) and len(options) != opts.num_shards:
@@ -101,7 +101,7 @@ def _check_args(loss_fn, tx, params, data_fn, num_workers, num_updates,
   num_workers = _steps.resolve_num_workers(tx, params, num_workers)
   if num_updates is None:
     raise TypeError("`num_updates` is required.")
-  _checks.check_positive_int("num_updates", num_updates)
+  extend.check_positive_int("num_updates", num_updates)
   _check_options(opts)
   layout = _layout.make_layout(params, opts.num_shards)
   if opts.num_shards > 1:
