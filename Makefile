@@ -11,7 +11,7 @@ DEMO_DIR ?= runs/demo
 METHODS_DIR ?= runs/methods
 METHODS := $(PY) -m experiments.methods --config=experiments/configs/methods.py --workdir=$(METHODS_DIR)
 
-.PHONY: test test-slow test-py312 lint format typecheck demo methods methods-tune bench venv clean
+.PHONY: test test-slow test-py312 test-min lint format typecheck demo methods methods-tune bench venv clean docs notebooks
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; set PYTHON=/path/to/python3.11+"; exit 1; }
@@ -27,6 +27,10 @@ $(VENV)/.installed-experiments: pyproject.toml | $(PY)
 	touch $@
 
 venv: $(VENV)/.installed-dev
+
+$(VENV)/.installed-docs: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $@
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -n auto -m "not slow" $(PYTEST_ARGS)
@@ -64,6 +68,25 @@ TYPECHECK_PY ?= $(PY)
 typecheck: $(VENV)/.installed-dev
 	$(PY) -m mypy --python-executable $(TYPECHECK_PY)
 
+# The core and harness tests against the declared minimum versions of jax,
+# optax, numpy, chex and flax (.ci/min-constraints.txt), in their own venv.
+VENV_MIN ?= .venv-min
+MIN_TESTS := $(addprefix tests/,test_alias.py test_contract.py \
+	test_delay_compensation.py test_delayed_nesterov.py test_fused.py \
+	test_gap_aware.py test_look_ahead.py test_pull.py test_pull_nnx.py \
+	test_staleness.py test_harness_diagnostics.py test_harness_multidevice.py \
+	test_harness_plan.py test_harness_protocol.py test_harness_schedules.py \
+	test_harness_simulator.py test_harness_sync_simulator.py)
+$(VENV_MIN)/.installed-min: pyproject.toml .ci/min-constraints.txt
+	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; set PYTHON=/path/to/python3.11+"; exit 1; }
+	test -x $(VENV_MIN)/bin/python || $(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_MIN)/bin/python -m pip install --quiet -e '.[test]' flax --constraint .ci/min-constraints.txt
+	touch $@
+
+test-min: $(VENV_MIN)/.installed-min
+	$(VENV_MIN)/bin/python -m pytest -n auto -m "not slow" $(PYTEST_ARGS) $(MIN_TESTS)
+
 demo: $(VENV)/.installed-experiments
 	$(PY) -m experiments.compare --config=experiments/configs/demo.py --workdir=$(DEMO_DIR)
 
@@ -84,5 +107,15 @@ bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/update_cost.py
 	$(PY) benchmarks/harness_throughput.py
 
+# The documentation site, offline, warnings as errors (and a public name
+# without an API page is an error): docs/_build/html/index.html.
+SPHINX_ARGS ?= -W --keep-going -n
+docs: $(VENV)/.installed-docs
+	$(PY) -m sphinx -b html $(SPHINX_ARGS) docs docs/_build/html
+
+# Reruns the notebooks in place, so the committed files show their outputs.
+notebooks: $(VENV)/.installed-dev
+	$(PY) notebooks/execute.py
+
 clean:
-	rm -rf $(VENV) .venv-py312 runs .pytest_cache
+	rm -rf $(VENV) .venv-py312 .venv-min runs .pytest_cache docs/_build docs/_generated

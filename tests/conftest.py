@@ -4,6 +4,7 @@ experiments tests share."""
 
 import importlib
 import os
+import re
 
 import jax
 import pytest
@@ -26,6 +27,33 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 RAY_AUTH_MODE = "disabled"
 os.environ["RAY_AUTH_MODE"] = RAY_AUTH_MODE
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+
+# The core promises dtypes (updates keep the gradient's dtype: bf16 in, bf16
+# out; statistics in at least float32). The tests of that promise run under
+# JAX's strict dtype promotion, so an implicit promotion in the library (a
+# float32 scalar widening a bf16 update, an int mixed into a float) is an
+# error rather than a silently changed dtype.
+STRICT_PROMOTION_MODULES = frozenset({
+    "test_alias", "test_contract", "test_delay_compensation",
+    "test_delayed_nesterov", "test_fused", "test_gap_aware",
+    "test_look_ahead", "test_pull", "test_staleness",
+})
+STRICT_PROMOTION_TESTS = re.compile(r"dtype|bf16|bfloat16|float64")
+
+
+def strict_promotion(module: str, test: str) -> bool:
+  return (module.rsplit(".", 1)[-1] in STRICT_PROMOTION_MODULES
+          and STRICT_PROMOTION_TESTS.search(test) is not None)
+
+
+@pytest.fixture(autouse=True)
+def _strict_dtype_promotion(request):
+  if strict_promotion(request.module.__name__, request.node.name):
+    with jax.numpy_dtype_promotion("strict"):
+      yield
+  else:
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -30,7 +30,7 @@ Beyond the paper (issue 10), each from its own source:
   [-c |g|, c |g|] per coordinate.
 - Gap-Aware (Barkai, Hakimi, Schuster 2019): v <- b v + (1 - b) g * g,
   C = eta * (sqrt(v / (1 - b**t)) + eps), g <- g / (1 + |w - backup[m]| / C).
-- Delayed Nesterov (Liu et al. 2024, Algorithm 2): D <- D + g; on every N-th
+- Delayed Nesterov (Liu et al. 2024, Algorithm 3): D <- D + g; on every N-th
   push m <- beta m + D / N, w <- w - lr ((1 - cN + c) beta m + g / N), D <- 0;
   otherwise w <- w - lr (c beta m + g / N).
 - Look-ahead pull (DANA-style, Hakimi et al. 2019): a pull sends, and records
@@ -170,7 +170,7 @@ class ParameterServer:
     return out
 
   def _delayed_nesterov(self, d: list[np.ndarray]) -> list[np.ndarray]:
-    """The direction of Liu et al.'s Algorithm 2 for this push."""
+    """The direction of Liu et al.'s Algorithm 3 for this push."""
     n, c, beta = self.period, self.activation, self.momentum
     self.accumulated = [a + di for a, di in zip(self.accumulated, d)]
     if (self.pushes + 1) % n == 0:

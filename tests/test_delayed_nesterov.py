@@ -1,5 +1,5 @@
 """delayed_nesterov and delayed_nesterov_dcasgd against Liu et al.'s
-Algorithm 2.
+Algorithm 3.
 
 The reference (tests/reference.py, ``ParameterServer`` with
 ``delayed_nesterov_period``) transcribes the paper's Delayed Nesterov update.

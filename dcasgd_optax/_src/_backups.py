@@ -61,7 +61,15 @@ class MeanSquareSpec(NamedTuple):
 
 
 def stats_dtype(dtype: Any) -> Any:
-  return jnp.promote_types(dtype, jnp.float32)
+  """At least float32: float64 stays, bf16/f16 (and ints) widen to float32.
+
+  Spelled out rather than ``jnp.promote_types(dtype, float32)``, which JAX's
+  strict dtype promotion refuses for bf16.
+  """
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize >= 4:
+    return dtype
+  return jnp.dtype(jnp.float32)
 
 
 def backups_transformation(

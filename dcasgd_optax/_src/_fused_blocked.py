@@ -93,6 +93,9 @@ def update(step: Any, leaf: Any, row: jax.Array) -> tuple:
                        None if trace is None else get(trace, start),
                        None if u is None else get(u, start))
     now = get_held(held, start)
+    # Rounded to the backups' dtype first: the same numbers (the choice is
+    # elementwise), with no implicit promotion.
+    pulled = pulled.astype(now.dtype)
     held = put_held(held, jnp.where(owned & step.valid, pulled, now), start)
     start, owned = span(i)
     owned &= i < num_blocks  # The extra last iteration only pulls.

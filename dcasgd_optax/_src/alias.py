@@ -219,7 +219,8 @@ def gap_aware_asgd(
     num_workers: number of asynchronous workers (>= 1).
     momentum: heavy-ball momentum in [0, 1), or ``None`` for plain SGD.
     nesterov: use Nesterov momentum.
-    weight_decay: L2 coefficient added after the penalty, >= 0.
+    weight_decay: L2 coefficient added after the penalty, >= 0 (so the
+      decay term is not damped; FTPipe divides it by the penalty too).
     step_size: :math:`\eta_{\max}` of :func:`gap_aware`, the size of a
       typical step per unit of gradient RMS. ``None`` takes
       ``learning_rate / (1 - momentum)`` (momentum's steady-state step);
@@ -298,12 +299,17 @@ def dana_dcasgd(
     num_workers: number of asynchronous workers (>= 1).
     momentum: heavy-ball momentum, in (0, 1) (the look-ahead needs it).
     horizon: updates to look ahead, >= 0; ``None`` is ``num_workers - 1``,
-      the staleness of cyclic arrivals.
+      the staleness of cyclic arrivals (so one worker gets plain heavy-ball
+      momentum, no look-ahead). ``horizon=1`` sends
+      :math:`w - \eta \mu v`: with one worker that is Nesterov's momentum,
+      which DANA reduces to; with more, DANA's per-worker buffers have no
+      exact counterpart in the one shared buffer used here.
     lambda_: compensation strength (``None``: the variant's default).
     adaptive: DC-ASGD-a (default) or DC-ASGD-c.
     weight_decay: L2 coefficient added to the compensated gradient, >= 0.
-    decay, eps, backup_dtype, per_worker_mean_square, bias_correction,
-      lambda_warmup, correction_clip: as in :func:`delay_compensation`.
+    decay: as in :func:`delay_compensation`, and so are ``eps``,
+      ``backup_dtype``, ``per_worker_mean_square``, ``bias_correction``,
+      ``lambda_warmup`` and ``correction_clip``.
 
   Returns:
     A :class:`PullAfterPush`; ``update`` needs ``params`` and ``worker``.
@@ -384,8 +390,9 @@ def delayed_nesterov_dcasgd(
     lambda_: compensation strength (``None``: the variant's default).
     adaptive: DC-ASGD-a (default) or DC-ASGD-c.
     weight_decay: L2 coefficient added to the compensated gradient, >= 0.
-    decay, eps, backup_dtype, per_worker_mean_square, bias_correction,
-      lambda_warmup, correction_clip: as in :func:`delay_compensation`.
+    decay: as in :func:`delay_compensation`, and so are ``eps``,
+      ``backup_dtype``, ``per_worker_mean_square``, ``bias_correction``,
+      ``lambda_warmup`` and ``correction_clip``.
 
   Returns:
     A :class:`PullAfterPush`; ``update`` needs ``params`` and ``worker``.

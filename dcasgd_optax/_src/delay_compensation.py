@@ -57,7 +57,7 @@ def delay_compensation(
   a trust region for the first-order Taylor step: it acts wherever
   :math:`\lambda_t` is large (also later in training, on coordinates whose
   gradient is rare). All are off by default (the paper's method); see the
-  measurements in the README before turning one on.
+  measurements in benchmarks/compensation_error.md before turning one on.
 
   Put it first in a chain, where it sees raw gradients. It only reads the
   backups; the server's side of a pull, :func:`pull`, writes them (the full
@@ -98,7 +98,7 @@ def delay_compensation(
     ``(updates, state, params, *, worker, held_params=None, **extra_args)``:
     ``held_params``, when given, is the model the worker holds, read instead
     of ``backup[worker]`` (for drivers that keep the backups elsewhere; see
-    :func:`held_of`); other extra args are ignored.
+    ``_backups.held_of``); other extra args are ignored.
 
   Examples:
     >>> import jax.numpy as jnp, optax

@@ -86,8 +86,8 @@ def delayed_nesterov(
   References:
     Liu, Chhaparia, Douillard, Kale, Rusu, Shen, Szlam, Ranzato,
     `Asynchronous Local-SGD Training for Language Modeling
-    <https://arxiv.org/abs/2401.09135>`_, 2024 (Algorithm 2, Delayed
-    Nesterov update).
+    <https://arxiv.org/abs/2401.09135>`_, 2024 (Algorithm 3, Delayed
+    Nesterov update; the same numbers as its authors' code).
   """
   period = _checks.check_positive_int("period", period)
   _checks.check_scalar_range("momentum", momentum, low=0.0, high=1.0)

@@ -76,10 +76,15 @@ def gap_aware(
 
   References:
     Barkai, Hakimi, Schuster, `Gap-Aware Mitigation of Gradient Staleness
-    <https://arxiv.org/abs/1909.10802>`_, ICLR 2020. :math:`C` follows the
-    implementation from the same group in FTPipe
+    <https://arxiv.org/abs/1909.10802>`_, ICLR 2020. Without momentum,
+    :math:`C` is that of the implementation from the same group in FTPipe
     (github.com/saareliad/FTPipe, ``gap_aware``): the maximal learning rate
-    times the bias-corrected RMS, :math:`\beta = 0.999`.
+    times the bias-corrected RMS of the gradients, :math:`\beta = 0.999`.
+    With momentum :math:`\mu` FTPipe takes the RMS of the momentum buffer
+    times the learning rate, where :func:`gap_aware_asgd` passes
+    :math:`\eta/(1-\mu)` times the RMS of the gradients: larger by up to
+    :math:`\sqrt{(1+\mu)/(1-\mu)}` (4.4x at :math:`\mu = 0.9`, for
+    zero-mean i.i.d. gradients), so the same gap is damped less.
   """
   num_workers = _checks.check_positive_int("num_workers", num_workers)
   _checks.check_scalar_range(
@@ -99,7 +104,7 @@ def gap_correction(step_size: Any, *, decay: Any, eps: Any) -> Any:
 
   def correct(updates, params, held, v, count, state):
     del state
-    correction = 1 - decay**count
+    correction = 1 - decay ** jnp.asarray(count).astype(jnp.float32)
 
     def damp(g, w, b, v):
       scale = step_size * (jnp.sqrt(v / correction) + eps)

@@ -165,6 +165,11 @@ def look_ahead_of(state: LookAheadState, params: Any) -> Any:
   def shift(w, v):
     if _tree.is_masked(v):
       return w
-    return (w - state.look_ahead * v).astype(jnp.asarray(w).dtype)
+    w = jnp.asarray(w)
+    # In at least float32 (explicitly: bf16 params, float32 coefficient).
+    wide = jnp.issubdtype(w.dtype, jnp.floating) and w.dtype.itemsize >= 4
+    dt = w.dtype if wide else jnp.float32
+    shifted = w.astype(dt) - state.look_ahead.astype(dt) * v.astype(dt)
+    return shifted.astype(w.dtype)
 
   return jax.tree.map(shift, params, state.trace, is_leaf=_tree.is_masked)

@@ -90,8 +90,14 @@ def scale_by_staleness(
     del params, extra_args
     tau = _checked_staleness(staleness)
     # A traced negative staleness cannot be rejected: make it loud.
-    scale = jnp.where(tau >= 0, scale_fn(tau), jnp.nan)
-    return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates), state
+    scale = jnp.where(tau >= 0, scale_fn(tau.astype(jnp.float32)), jnp.nan)
+
+    def scaled(u):  # in at least float32, back to the update's dtype
+      wide = jnp.issubdtype(u.dtype, jnp.floating) and u.dtype.itemsize >= 4
+      dtype = u.dtype if wide else jnp.float32
+      return (u.astype(dtype) * scale.astype(dtype)).astype(u.dtype)
+
+    return jax.tree.map(scaled, updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

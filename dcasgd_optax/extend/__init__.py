@@ -15,7 +15,7 @@ the interface is stated where a reader (and a third driver, e.g. a user's
 own server loop) can find it, as JAX states what libraries built on it
 may use in ``jax.extend``; like ``jax.extend`` it is for library authors,
 and it may change between minor releases where the user's API does not.
-Checkpointing (:mod:`dcasgd_optax.extend.checkpoint`, orbax) is a separate
+Checkpointing (``dcasgd_optax.extend.checkpoint``, orbax) is a separate
 module because it needs an extra install.
 
 Examples:

@@ -62,8 +62,9 @@ class ParameterServer:
     tx: any optax transformation. Its ``update`` gets ``params`` and the
       keywords ``worker`` and ``staleness`` (transformations that take no
       extra arguments are wrapped with ``optax.with_extra_args_support``).
-      If its state holds a :class:`DelayCompensationState`, each worker's
-      backup (of this shard's part) is set to the params it pulls. With
+      If its state holds a :class:`~dcasgd_optax.DelayCompensationState`,
+      each worker's backup (of this shard's part) is set to the params it
+      pulls. With
       ``num_shards > 1`` its state must split elementwise (see
       :mod:`_layout`).
     params: the full initial params (the shard keeps its pieces).
