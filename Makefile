@@ -11,8 +11,8 @@ DEMO_DIR ?= runs/demo
 METHODS_DIR ?= runs/methods
 METHODS := $(PY) -m experiments.methods --config=experiments/configs/methods.py --workdir=$(METHODS_DIR)
 
-.PHONY: test test-slow test-py312 test-min demo methods methods-tune \
-	methods-quick bench venv clean docs notebooks
+.PHONY: test test-slow test-py312 test-min lint format typecheck demo methods \
+	methods-tune methods-quick bench venv clean docs notebooks
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; set PYTHON=/path/to/python3.11+"; exit 1; }
@@ -47,6 +47,27 @@ PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/
 test-py312:
 	@test -n "$(PYTHON312)" || { echo "No Python 3.12 found; set PYTHON312=/path/to/python3.12"; exit 1; }
 	$(MAKE) test PYTHON=$(PYTHON312) VENV=.venv-py312
+
+# The contributor contract (seconds; mypy's first run ~15 s): `make lint`
+# checks, never rewrites; `make format` applies the import order and pyink's
+# layout.
+# Settings: [tool.ruff] and [tool.pyink] in pyproject.toml.
+LINT_PATHS := dcasgd_optax experiments tests benchmarks
+lint: $(VENV)/.installed-dev
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m pyink --check $(LINT_PATHS)
+
+format: $(VENV)/.installed-dev
+	$(PY) -m ruff check --fix --select I $(LINT_PATHS)
+	$(PY) -m pyink $(LINT_PATHS)
+
+# mypy over the library ([tool.mypy] in pyproject.toml) against the packages
+# of the interpreter TYPECHECK_PY (its Python version too):
+# `make typecheck TYPECHECK_PY=.venv-py312/bin/python` checks it against the
+# newest JAX. mypy itself runs from $(VENV).
+TYPECHECK_PY ?= $(PY)
+typecheck: $(VENV)/.installed-dev
+	$(PY) -m mypy --python-executable $(TYPECHECK_PY)
 
 # The core and harness tests against the declared minimum versions of jax,
 # optax, numpy, chex and flax (.ci/min-constraints.txt), in their own venv.

@@ -16,10 +16,10 @@ share is largest. Otherwise the answer is ASGD, and the evidence says why.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import json
 import pathlib
-from typing import Sequence
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "methods"
 MIN_SHARE = 0.25

@@ -40,10 +40,10 @@ import os
 import time
 from typing import NamedTuple
 
-import ml_collections
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 
 from experiments import algorithms
 from experiments import plots
@@ -71,7 +71,9 @@ class Cell(NamedTuple):
     """A name for files: ``sgd-cyclic-M16-asgd``, or ``sgd-sequential``."""
     if algorithms.get(self.algorithm).single_worker:
       return f"{self.optimizer}-{self.algorithm}"
-    return f"{self.optimizer}-{self.schedule}-M{self.num_workers}-{self.algorithm}"
+    return (
+        f"{self.optimizer}-{self.schedule}-M{self.num_workers}-{self.algorithm}"
+    )
 
 
 def cell_config(
@@ -235,7 +237,9 @@ def report(
   todo = cells(config)
   missing = [c.key for c in todo if c.key not in tuned]
   if missing:
-    raise ValueError(f"No tuned setting for {missing[:3]}...; run --stage=tune.")
+    raise ValueError(
+        f"No tuned setting for {missing[:3]}...; run --stage=tune."
+    )
   cache = programs.ProgramCache() if cache is None else cache
   rows = []
   for cell in todo:
@@ -249,7 +253,9 @@ def report(
   return rows
 
 
-def rate_gap(config: ml_collections.ConfigDict, tuned: dict[str, dict]) -> list[dict]:
+def rate_gap(
+    config: ml_collections.ConfigDict, tuned: dict[str, dict]
+) -> list[dict]:
   """How much of ASGD's gap is its smaller learning rate, on the tuning seeds.
 
   Returns:
@@ -261,7 +267,9 @@ def rate_gap(config: ml_collections.ConfigDict, tuned: dict[str, dict]) -> list[
   for cell in cells(config):
     if cell.algorithm != algorithms.ASGD.name:
       continue
-    seq = tuned[Cell(cell.optimizer, "cyclic", 1, algorithms.SEQUENTIAL.name).key]
+    seq = tuned[
+        Cell(cell.optimizer, "cyclic", 1, algorithms.SEQUENTIAL.name).key
+    ]
     asgd = tuned[cell.key]
     lr = asgd["setting"]["learning_rate"]
     at_lr = [e for s, e in seq["tried"] if s["learning_rate"] == lr]
@@ -398,5 +406,7 @@ if __name__ == "__main__":
   # Flags are defined only when run as a program (see experiments.startup).
   startup.define_flags(workdir_help="Directory for all runs and the report.")
   flags.DEFINE_enum("stage", "all", STAGES, "tune, report, or both.")
-  flags.DEFINE_string("tuned", None, "tuned.json to report (default WORKDIR's).")
+  flags.DEFINE_string(
+      "tuned", None, "tuned.json to report (default WORKDIR's)."
+  )
   app.run(main)

@@ -10,7 +10,8 @@ stale gradient.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optax
 
@@ -66,5 +67,7 @@ def optimizer(config: Any, learning_rate: optax.ScalarOrSchedule) -> list:
   parts = []
   if config.weight_decay:
     parts.append(optax.add_decayed_weights(config.weight_decay))
-  parts.append(OPTIMIZERS[check_optimizer(config.optimizer)](config, learning_rate))
+  parts.append(
+      OPTIMIZERS[check_optimizer(config.optimizer)](config, learning_rate)
+  )
   return parts

@@ -184,8 +184,12 @@ def cell_stats(rows: Sequence[dict[str, Any]], *, min_gap: float) -> list[dict]:
     (ideal: M).
   """
   stats = []
-  keys = sorted({(r["optimizer"], r["schedule"], r["num_workers"], r["algorithm"])
-                 for r in rows})
+  keys = sorted(
+      {
+          (r["optimizer"], r["schedule"], r["num_workers"], r["algorithm"])
+          for r in rows
+      }
+  )
   sequential = {
       r["optimizer"]: _group(rows, optimizer=r["optimizer"],
                              algorithm=r["algorithm"]).mean()

@@ -41,11 +41,11 @@ import os
 import time
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 import tqdm
-from absl import logging
 
 from dcasgd_optax.extend.checkpoint import Checkpointer
 from experiments import algorithms
@@ -135,10 +135,14 @@ class _Run:
 
   def epoch(self, state, epoch: int) -> tuple[Any, dict[str, np.ndarray]]:
     """Replays epoch ``epoch``; returns the new state and its per-arrival
-    metrics (``loss``, ``staleness``, ``step`` ..., see ``Simulator.replay``)."""
+    metrics (``loss``, ``staleness``, ``step`` ..., see ``Simulator.replay``).
+    """
     start, stop = self.epoch_range(epoch)
     if stop == start:  # SSGD with more workers than gradients per epoch.
-      return state, {"loss": np.zeros((0,)), "staleness": np.zeros((0,), np.int32)}
+      return state, {
+          "loss": np.zeros((0,)),
+          "staleness": np.zeros((0,), np.int32),
+      }
     state, metrics = self.sim.replay(state, *self.inputs(epoch))
     return state, {k: np.asarray(v) for k, v in metrics.items()}
 
@@ -176,7 +180,8 @@ def summarize(config: Any, history: list[dict]) -> dict[str, Any]:
       "final_test_error": history[-1]["test_error"],
       "best_test_error": min(h["test_error"] for h in history),
       "wall_time": sum(h["seconds"] for h in history),
-      "mean_staleness": sum(h["staleness_sum"] for h in history) / max(arrivals, 1),
+      "mean_staleness": sum(h["staleness_sum"] for h in history)
+      / max(arrivals, 1),
       "epochs": len(history),
   }
 

@@ -19,9 +19,8 @@ from experiments import choose
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "docs" / "ext"))
-import coverage_check  # pylint: disable=g-import-not-at-top,wrong-import-position
-import generate  # pylint: disable=g-import-not-at-top,wrong-import-position
-
+import coverage_check  # noqa: E402  # docs/ext is on sys.path only now
+import generate  # noqa: E402
 
 # --- Choose a method ------------------------------------------------------
 
