@@ -64,7 +64,8 @@ def _one_ray_auth_mode():
   assert mode == RAY_AUTH_MODE, (
       f"RAY_AUTH_MODE is {mode!r} after this test, not {RAY_AUTH_MODE!r}: "
       "the Ray tests after it in this process would start clusters whose "
-      "actors never run (tests/conftest.py says why).")
+      "actors never run (tests/conftest.py says why)."
+  )
 
 
 @pytest.fixture(scope="module")

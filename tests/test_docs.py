@@ -169,8 +169,12 @@ def test_readme_code_blocks_run(tmp_path, monkeypatch):
 
 def test_readme_fence_parser_finds_python_blocks():
   """Guards the README test: the parser sees python blocks and no others."""
-  text = "intro\n```python\nx = 1\n```\n```bash\nrm -rf /\n```\n```python\ny = x\n```\n"
+  text = (
+      "intro\n```python\nx = 1\n```\n```bash\nrm -rf /\n```\n"
+      "```python\ny = x\n```\n"
+  )
   found = [
-      (text.count("\n", 0, m.start(1)) + 1, m.group(1)) for m in FENCE.finditer(text)
+      (text.count("\n", 0, m.start(1)) + 1, m.group(1))
+      for m in FENCE.finditer(text)
   ]
   assert found == [(3, "x = 1\n"), (9, "y = x\n")]

@@ -48,20 +48,25 @@ def test_names_labels_and_styles_are_each_spelled_once():
     algorithms.get("hogwild")
 
 
-@pytest.mark.parametrize("opt,momentum", [("sgd", 0.0), ("sgd", 0.9), ("adam", 0.0)])
+@pytest.mark.parametrize("opt,momentum", [("sgd", 0.0), ("sgd", 0.9), ("adam", 0.0), ("muon", 0.0)])
 def test_every_record_builds_where_it_applies(opt, momentum):
   params = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
   for name, algorithm in algorithms.REGISTRY.items():
     config = _config(name, optimizer=opt, momentum=momentum)
-    needs_momentum = name in ("delayed-nesterov", "delayed-nesterov-dc", "dana", "dana-dc")
+    needs_momentum = name in ("delayed-nesterov", "delayed-nesterov-dc", "dana",
+                              "dana-dc", "wp-nesterov")
     sgd_only = name == "gap-aware"
-    expected = not (needs_momentum and not momentum) and not (sgd_only and opt != "sgd")
+    adam_only = name == "wp-nadam"
+    expected = (not (needs_momentum and not momentum)
+                and not (sgd_only and opt != "sgd")
+                and not (adam_only and opt != "adam"))
     assert algorithm.applies_to(config) == expected, name
     if expected:  # traced, not compiled: the numbers are tested below
       tx = algorithms.make_tx(config, M, S)
       state = jax.eval_shape(tx.init, params)
       updates, _ = jax.eval_shape(
-          lambda s, p: tx.update(p, s, p, worker=1, staleness=M - 1), state, params)
+          lambda s, p: tx.update(p, s, p, worker=1, staleness=M - 1,
+                                 grad_sq=p), state, params)
       assert updates["w"].shape == (3,), name
 
 

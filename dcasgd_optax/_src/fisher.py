@@ -17,16 +17,16 @@ from dcasgd_optax._src import delay_compensation as dc
 
 def fisher_compensation(
     num_workers: int,
-    lambda_: Any = None,
+    lambda_: jax.typing.ArrayLike | None = None,
     *,
     adaptive: bool = False,
-    decay: Any = 0.95,
-    eps: Any = 1e-7,
-    backup_dtype: Any = None,
+    decay: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-7,
+    backup_dtype: jax.typing.DTypeLike | None = None,
     per_worker_mean_square: bool = False,
     bias_correction: bool = False,
-    lambda_warmup: Any = 0,
-    correction_clip: Any = None,
+    lambda_warmup: jax.typing.ArrayLike = 0,
+    correction_clip: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Delay compensation whose curvature is the worker's Fisher diagonal.
 
@@ -152,8 +152,8 @@ def fisher_compensation(
         state, updates, worker, num_workers, stats, squares=grad_sq
     )
     lam = lambdas(grad_sq, ms, count, state)
-    compensate = lambda g, f, w, b, l: _compensate(g, f, w, b, l,
-                                                   correction_clip)
+    compensate = lambda g, f, w, b, lam: _compensate(g, f, w, b, lam,
+                                                     correction_clip)
     out = jax.tree.map(compensate, updates, grad_sq, params, held, lam)
     valid = _backups.worker_is_valid(worker, num_workers)
     return _backups.nan_unless(valid, out), state
@@ -186,14 +186,14 @@ def fisher_dcasgd(
     learning_rate: optax.ScalarOrSchedule,
     num_workers: int,
     *,
-    lambda_: Any = None,
+    lambda_: jax.typing.ArrayLike | None = None,
     adaptive: bool = True,
-    decay: Any = 0.95,
-    eps: Any = 1e-7,
+    decay: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-7,
     momentum: float | None = None,
     nesterov: bool = False,
-    weight_decay: Any = 0.0,
-    backup_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    backup_dtype: jax.typing.DTypeLike | None = None,
     per_worker_mean_square: bool = False,
 ) -> alias.PullAfterPush:
   r"""DC-ASGD with the Fisher-diagonal curvature, as one optimizer.

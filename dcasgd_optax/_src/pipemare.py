@@ -19,7 +19,7 @@ class ScaleByPipeMareState(NamedTuple):
     count: int32 scalar, the number of updates so far (:math:`k`).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # the field, not tuple.count
 
 
 def scale_by_pipemare(num_steps: int) -> optax.GradientTransformationExtraArgs:

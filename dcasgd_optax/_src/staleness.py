@@ -1,4 +1,5 @@
-"""Staleness-dependent step sizes: the gradient scaled by a function of its delay."""
+"""Staleness-dependent step sizes: a gradient scaled by a function of its
+delay."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def scale_by_staleness(
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import dcasgd_optax
-    >>> tx = optax.chain(dcasgd_optax.scale_by_staleness("sqrt"), optax.sgd(1.0))
+    >>> tx = optax.chain(
+    ...     dcasgd_optax.scale_by_staleness("sqrt"), optax.sgd(1.0))
     >>> state = tx.init({'w': jnp.zeros(2)})
     >>> updates, _ = tx.update({'w': jnp.ones(2)}, state, staleness=3)
     >>> updates['w']  # -1 / sqrt(1 + 3)
@@ -150,7 +152,8 @@ def scale_by_inverse_staleness() -> optax.GradientTransformationExtraArgs:
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import dcasgd_optax
-    >>> tx = optax.chain(dcasgd_optax.scale_by_inverse_staleness(), optax.sgd(0.1))
+    >>> tx = optax.chain(
+    ...     dcasgd_optax.scale_by_inverse_staleness(), optax.sgd(0.1))
     >>> state = tx.init({'w': jnp.zeros(2)})
     >>> updates, _ = tx.update({'w': jnp.ones(2)}, state, staleness=4)
     >>> updates['w']

@@ -51,7 +51,7 @@ class SimState(NamedTuple):
 
 
 def check_state(state: Any, expected: SimState, leading: tuple = ()) -> None:
-  """Raises unless ``state`` has the structure, shapes and dtypes of ``expected``.
+  """Raises unless ``state`` has ``expected``'s structure, shapes and dtypes.
 
   ``expected`` is the abstract state the simulator's ``init`` makes for the
   same params: so a state from another simulator, another ``tx`` or another
