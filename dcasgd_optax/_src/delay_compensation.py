@@ -222,15 +222,18 @@ def warm_up_ramp(t: Any, steps: Any) -> jax.Array:
   )
 
 
-def _compensate(g, w, held, lam, clip=None):
-  """Elementwise g + lam * g * g * (w - held), in at least float32.
+def _compensate(g, w, held, lam, clip=None, curvature=None):
+  """Elementwise g + lam * c * (w - held), in at least float32.
 
-  With ``clip``, the term is bounded by ``clip * |g|``.
+  The curvature ``c`` is ``g * g`` (DC-ASGD), or ``curvature`` when given
+  (e.g. the pushed Fisher diagonal). With ``clip``, the term is bounded by
+  ``clip * |g|``.
   """
   dtype = stats_dtype(g.dtype)
   g32 = g.astype(dtype)
+  c = g32 * g32 if curvature is None else curvature.astype(dtype)
   delta = w.astype(dtype) - held.astype(dtype)
-  term = lam * g32 * g32 * delta
+  term = lam * c * delta
   if clip is not None:
     bound = clip * jnp.abs(g32)
     term = jnp.clip(term, -bound, bound)

@@ -152,8 +152,11 @@ def fisher_compensation(
         state, updates, worker, num_workers, stats, squares=grad_sq
     )
     lam = lambdas(grad_sq, ms, count, state)
-    compensate = lambda g, f, w, b, lam: _compensate(g, f, w, b, lam,
-                                                     correction_clip)
+
+    def compensate(g, f, w, b, lam):  # DC's term, Fisher's curvature
+      return dc._compensate(  # pylint: disable=protected-access
+          g, w, b, lam, correction_clip, curvature=f)
+
     out = jax.tree.map(compensate, updates, grad_sq, params, held, lam)
     valid = _backups.worker_is_valid(worker, num_workers)
     return _backups.nan_unless(valid, out), state
@@ -169,17 +172,6 @@ def _check_grad_sq(grad_sq: Any) -> None:
         "(params-shaped), pushed with the gradient. The harness computes it "
         "with Simulator(..., push_grad_sq=True)."
     )
-
-
-def _compensate(g, f, w, held, lam, clip):
-  """Elementwise ``g + lam * f * (w - held)`` in at least float32."""
-  dtype = jnp.promote_types(g.dtype, jnp.float32)
-  delta = w.astype(dtype) - held.astype(dtype)
-  term = lam * f.astype(dtype) * delta
-  if clip is not None:
-    bound = clip * jnp.abs(g.astype(dtype))
-    term = jnp.clip(term, -bound, bound)
-  return (g.astype(dtype) + term).astype(g.dtype)
 
 
 def fisher_dcasgd(
