@@ -91,13 +91,7 @@ def scale_by_staleness(
     tau = _checked_staleness(staleness)
     # A traced negative staleness cannot be rejected: make it loud.
     scale = jnp.where(tau >= 0, scale_fn(tau.astype(jnp.float32)), jnp.nan)
-
-    def scaled(u):  # in at least float32, back to the update's dtype
-      wide = jnp.issubdtype(u.dtype, jnp.floating) and u.dtype.itemsize >= 4
-      dtype = u.dtype if wide else jnp.float32
-      return (u.astype(dtype) * scale.astype(dtype)).astype(u.dtype)
-
-    return jax.tree.map(scaled, updates), state
+    return scale_tree(updates, scale), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -164,3 +158,14 @@ def scale_by_inverse_staleness() -> optax.GradientTransformationExtraArgs:
     Learning <https://arxiv.org/abs/1511.05950>`_, IJCAI 2016.
   """
   return scale_by_staleness("inverse")
+
+
+def scale_tree(updates: Any, scale: jax.Array) -> Any:
+  """Each update times ``scale``, in at least float32, in its own dtype."""
+
+  def scaled(u):
+    wide = jnp.issubdtype(u.dtype, jnp.floating) and u.dtype.itemsize >= 4
+    dtype = u.dtype if wide else jnp.float32
+    return (u.astype(dtype) * scale.astype(dtype)).astype(u.dtype)
+
+  return jax.tree.map(scaled, updates)

@@ -123,7 +123,12 @@ def first_state(opt_state: Any, first_transform: Any, params: Any) -> Any:
 
 def check(diagnostics: Diagnostics, opt_state: Any, params: Any,
           tx_compensates: bool) -> None:
-  """Raises before anything runs if the applied direction cannot be had."""
+  """Raises before anything runs if the applied direction cannot be had.
+
+  ``opt_state`` is the state ``tx.update`` sees, whose backups have one row
+  per worker (not the simulator's storage padded to a multiple of the
+  devices, :func:`_state.unpadded`): ``first_transform.init`` makes that.
+  """
   if diagnostics.first_transform is None:
     if tx_compensates:
       raise ValueError(

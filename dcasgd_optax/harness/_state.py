@@ -95,6 +95,17 @@ def with_backups(opt_state: Any, backups: Any) -> Any:
   )
 
 
+def unpadded(opt_state: Any, num_workers: int) -> Any:
+  """The shapes and dtypes of ``opt_state`` with its backups cut to their
+  first ``num_workers`` rows (without the padding of :func:`worker_rows`):
+  those ``tx.init`` makes and ``tx.update`` sees. ``opt_state`` itself if
+  it keeps no backups."""
+  if not find_states(opt_state):
+    return opt_state
+  return jax.eval_shape(lambda s: with_backups(s, jax.tree.map(
+      lambda b: b[:num_workers], backups_of(s))), opt_state)
+
+
 def worker_rows(num_workers: int, mesh: Any) -> int:
   """Rows of per-worker storage: ``num_workers`` padded to the device count.
 
