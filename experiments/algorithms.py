@@ -1,32 +1,32 @@
-"""The registry of the algorithms compared: the one place their names are spelled.
+"""The registry of the algorithms compared, whose names are spelled only here.
 
-========================  =============================================  ==========
-name                      server update (each on top of the optimizer)   simulator
-========================  =============================================  ==========
-``sequential``            one worker (staleness 0)                       async, M=1
-``ssgd``                  the mean of M fresh gradients per round        sync
-``asgd``                  each stale gradient as it arrives              async
-``sa-asgd``               step / max(τ, 1) (Zhang et al. 2016)           async
-``sqrt-asgd``             step / sqrt(1 + τ)                             async
-``da-asgd``               step · M / max(M, τ) (Mishchenko et al. 2022)  async
-``dc-asgd-c``             DC-ASGD, constant λ (default 0.04)             async
-``dc-asgd-a``             DC-ASGD-a, λ_t = λ0 / sqrt(MeanSquare + ε)     async
-``dc-asgd-a-bc``          DC-ASGD-a, bias-corrected MeanSquare           async
-``dc-asgd-a-warmup``      DC-ASGD-a, λ ramped up over 100 updates        async
-``dc-asgd-a-clip``        DC-ASGD-a, term bounded by |g| per coordinate  async
-``dc-asgd-a-tuned``       DC-ASGD-a whose λ0 the evidence grid tunes     async
-``dc-asgd-a-clip-tuned``  the clipped one, λ0 tuned                      async
-``gap-aware``             g / (1 + |w - w_m| / C) (Barkai et al. 2019)   async
-``delayed-nesterov``      momentum once per M pushes (Liu et al. 2024)   async
-``delayed-nesterov-dc``   the same after DC-ASGD-a, λ0 tuned             async
-``dana``                  pull a look-ahead w - η Σ μ^k v (Hakimi 2019)  async
-``dana-dc``               the look-ahead pull and DC-ASGD-a              async
-``exact-dc``              g + H(w_m)(w - w_m), exact HVP (the ceiling)   async
-``fisher-dc-a``           DC-ASGD-a, per-example Fisher, λ0 tuned        async
-``wp-nesterov``           pull the Nesterov weight prediction            async
-``wp-nadam``              NAdam β1 0.99 pulling its prediction (AsyncPP) async
-``pipemare``              step / τ^(1 - min(k/K, 1)) (PipeMare)          async
-========================  =============================================  ==========
+========================  ===========================================  =========
+name                      server update (on top of the optimizer)      simulator
+========================  ===========================================  =========
+``sequential``            one worker, M=1 (staleness 0)                async
+``ssgd``                  the mean of M fresh gradients per round      sync
+``asgd``                  each stale gradient as it arrives            async
+``sa-asgd``               step / max(τ, 1) (Zhang et al. 2016)         async
+``sqrt-asgd``             step / sqrt(1 + τ)                           async
+``da-asgd``               step · M / max(M, τ) (Mishchenko 2022)       async
+``dc-asgd-c``             DC-ASGD, constant λ (default 0.04)           async
+``dc-asgd-a``             DC-ASGD-a, λ_t = λ0 / sqrt(MeanSquare + ε)   async
+``dc-asgd-a-bc``          DC-ASGD-a, bias-corrected MeanSquare         async
+``dc-asgd-a-warmup``      DC-ASGD-a, λ ramped up over 100 updates      async
+``dc-asgd-a-clip``        DC-ASGD-a, term at most |g| per coordinate   async
+``dc-asgd-a-tuned``       DC-ASGD-a whose λ0 the evidence grid tunes   async
+``dc-asgd-a-clip-tuned``  the clipped one, λ0 tuned                    async
+``gap-aware``             g / (1 + |w - w_m| / C) (Barkai 2019)        async
+``delayed-nesterov``      momentum once per M pushes (Liu 2024)        async
+``delayed-nesterov-dc``   the same after DC-ASGD-a, λ0 tuned           async
+``dana``                  look-ahead pull w - η Σ μ^k v (Hakimi 2019)  async
+``dana-dc``               the look-ahead pull and DC-ASGD-a            async
+``exact-dc``              g + H(w_m)(w - w_m) by exact HVP (ceiling)   async
+``fisher-dc-a``           DC-ASGD-a, per-example Fisher, λ0 tuned      async
+``wp-nesterov``           pull the Nesterov weight prediction          async
+``wp-nadam``              NAdam β1 0.99, predicted pull (AsyncPP)      async
+``pipemare``              step / τ^(1 - min(k/K, 1)) (PipeMare)        async
+========================  ===========================================  =========
 
 The formulas and sources are in the docstrings of the ``dcasgd_optax``
 transformations each one chains (:func:`dcasgd_optax.scale_by_staleness`,
@@ -56,18 +56,20 @@ the look-ahead). :func:`make_tx` chains them.
 **What an epoch is.** An epoch is ``S = num_train // batch_size`` minibatch
 gradients, for every algorithm: the gradients are the same data stream (see
 :func:`experiments.input_pipeline.gradient_indices`). The asynchronous
-algorithms make one server update per gradient, ``S`` per epoch. SSGD with ``M`` workers
-averages ``M`` gradients per update, so it makes ``S / M`` updates per epoch,
-each on ``M`` times the data, with the same learning rate (not scaled with
-``M``); its learning-rate boundaries are placed at the same epochs.
+algorithms make one server update per gradient, ``S`` per epoch. SSGD with
+``M`` workers averages ``M`` gradients per update, so it makes ``S / M``
+updates per epoch, each on ``M`` times the data, with the same learning rate
+(not scaled with ``M``); its learning-rate boundaries are placed at the same
+epochs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import inspect
 import types
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -167,7 +169,7 @@ class Algorithm:
     return self.effective_workers(num_workers) if self.synchronous else 1
 
   def updates_per_epoch(self, num_workers: int, steps_per_epoch: int) -> float:
-    """Server updates per epoch: ``S`` (async, sequential) or ``S / M`` (SSGD)."""
+    """Server updates per epoch: ``S`` (async, sequential), ``S / M`` (SSGD)."""
     return steps_per_epoch / self.gradients_per_update(num_workers)
 
 
@@ -345,9 +347,9 @@ def make_tx(
 
   Its chain is the algorithm's gradient adjustment (if any), then the
   optimizer core (:func:`experiments.optimizers.optimizer`). The base
-  learning rate and the algorithm's tuned fields (``Algorithm.tuned``) are injected with
-  ``optax.inject_hyperparams``: they are arrays in the optimizer state, so
-  runs that differ only in them (or in the seed) compile to the same
+  learning rate and the algorithm's tuned fields (``Algorithm.tuned``) are
+  injected with ``optax.inject_hyperparams``: they are arrays in the optimizer
+  state, so runs that differ only in them (or in the seed) compile to the same
   program, and a sweep compiles once per cell.
   """
   algorithm = get(config.algorithm)

@@ -109,7 +109,7 @@ def test_crop_and_flip_is_a_shifted_window_of_the_zero_padded_image():
   assert y.shape == x.shape
   padded = np.pad(np.asarray(x), ((0, 0), (4, 4), (4, 4), (0, 0)))
   for p, yi in zip(padded, np.asarray(y)):
-    windows = [p[i:i + 6, j:j + 6] for i in range(9) for j in range(9)]
+    windows = [p[i : i + 6, j : j + 6] for i in range(9) for j in range(9)]
     assert any(
         np.array_equal(w, yi) or np.array_equal(w[:, ::-1], yi) for w in windows
     )

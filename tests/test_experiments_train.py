@@ -132,7 +132,8 @@ def test_bad_config_values_fail_fast_listing_the_choices(
 
 
 def test_runs_sharing_a_cache_reuse_one_program_and_get_the_same_results(
-    config, tmp_path, cache):
+    config, tmp_path, cache
+):
   config.num_epochs = 1
   other = ml_collections.ConfigDict(config.to_dict())
   other.seed, other.learning_rate, other.schedule = 1, 0.05, "gamma"
@@ -147,7 +148,8 @@ def test_runs_sharing_a_cache_reuse_one_program_and_get_the_same_results(
       other, str(tmp_path / "c")
   )  # a program of its own
   assert _without_seconds(run_files.read_metrics(str(tmp_path / "b"))) == (
-      _without_seconds(run_files.read_metrics(str(tmp_path / "c"))))
+      _without_seconds(run_files.read_metrics(str(tmp_path / "c")))
+  )
   assert shared["final_test_error"] == alone["final_test_error"]
 
 
