@@ -231,9 +231,11 @@ def _compensate(g, w, held, lam, clip=None, curvature=None):
   """
   dtype = stats_dtype(g.dtype)
   g32 = g.astype(dtype)
-  c = g32 * g32 if curvature is None else curvature.astype(dtype)
   delta = w.astype(dtype) - held.astype(dtype)
-  term = lam * c * delta
+  if curvature is None:  # In this order: the CPU kernel's, bit for bit.
+    term = lam * g32 * g32 * delta
+  else:
+    term = lam * curvature.astype(dtype) * delta
   if clip is not None:
     bound = clip * jnp.abs(g32)
     term = jnp.clip(term, -bound, bound)
