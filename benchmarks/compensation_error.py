@@ -1,4 +1,5 @@
-"""How close each variant of delay compensation brings a stale gradient to the fresh one.
+"""How close each variant of delay compensation brings a stale gradient to
+the fresh one.
 
 Notebook 03's measure, for the early-training remedies of issue 10: an MLP
 (784-64-10, ReLU) on the offline digits (mnist5k), ``--workers`` cyclic
@@ -35,21 +36,28 @@ def variants(num_workers: int) -> dict[str, optax.GradientTransformation]:
   dc_a = lambda **kw: dcasgd_optax.delay_compensation(
       num_workers, LAMBDA0, adaptive=True, **kw)
   return {
-      "stale (no compensation)": dcasgd_optax.delay_compensation(num_workers, 0.0),
-      "DC-ASGD-c, lambda 0.04": dcasgd_optax.delay_compensation(num_workers, 0.04),
+      "stale (no compensation)": dcasgd_optax.delay_compensation(
+          num_workers, 0.0
+      ),
+      "DC-ASGD-c, lambda 0.04": dcasgd_optax.delay_compensation(
+          num_workers, 0.04
+      ),
       "DC-ASGD-a (paper)": dc_a(),
       "  + bias_correction": dc_a(bias_correction=True),
       "  + lambda_warmup=100": dc_a(lambda_warmup=100),
       "  + per_worker_mean_square": dc_a(per_worker_mean_square=True),
       "  + per_worker + bias_correction": dc_a(
-          per_worker_mean_square=True, bias_correction=True),
+          per_worker_mean_square=True, bias_correction=True
+      ),
       "  + correction_clip=0.5": dc_a(correction_clip=0.5),
       "  + correction_clip=1": dc_a(correction_clip=1.0),
       "  + correction_clip=2": dc_a(correction_clip=2.0),
       "  + correction_clip=1, bias_correction": dc_a(
-          correction_clip=1.0, bias_correction=True),
+          correction_clip=1.0, bias_correction=True
+      ),
       "  + correction_clip=1, per_worker": dc_a(
-          correction_clip=1.0, per_worker_mean_square=True),
+          correction_clip=1.0, per_worker_mean_square=True
+      ),
   }
 
 
@@ -69,7 +77,9 @@ def mlp_problem():
     for layer in params[:-1]:
       h = jax.nn.relu(h @ layer["w"] + layer["b"])
     logits = h @ params[-1]["w"] + params[-1]["b"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y[idx]).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, y[idx]
+    ).mean()
 
   return init, loss_fn, len(y)
 
@@ -88,13 +98,18 @@ def run(seed: int, args, txs, init, loss_fn, num_examples) -> np.ndarray:
   def arrival(params, states, idx, worker):
     g = grad_fn(dcasgd_optax.worker_params(states[0], worker), idx)
     fresh = grad_fn(params, idx)
-    outs, states = zip(*[
-        tx.update(g, s, params, worker=worker) for tx, s in zip(txs.values(), states)
-    ])
+    outs, states = zip(
+        *[
+            tx.update(g, s, params, worker=worker)
+            for tx, s in zip(txs.values(), states)
+        ]
+    )
     params = jax.tree.map(lambda p, u: p - args.lr * u, params, outs[driver])
     states = [dcasgd_optax.record_pull(s, params, worker) for s in states]
     norm = jnp.linalg.norm(flat(fresh))
-    errors = jnp.stack([jnp.linalg.norm(flat(u) - flat(fresh)) / norm for u in outs])
+    errors = jnp.stack(
+        [jnp.linalg.norm(flat(u) - flat(fresh)) / norm for u in outs]
+    )
     return params, states, errors
 
   rng = np.random.default_rng(seed)
@@ -119,16 +134,18 @@ def main():
   args = parser.parse_args()
   txs = variants(args.workers)
   init, loss_fn, n = mlp_problem()
-  runs = np.stack([run(s, args, txs, init, loss_fn, n) for s in range(args.seeds)])
+  runs = np.stack(
+      [run(s, args, txs, init, loss_fn, n) for s in range(args.seeds)]
+  )
   early = runs[:, args.workers:100].mean(axis=1)  # seeds x variants
   late = runs[:, 100:].mean(axis=1)
   print(f"model trained by: {args.driver}; {args.workers} cyclic workers, "
         f"{args.steps} updates, {args.seeds} seeds (mean, min-max over seeds)")
-  print(f"| variant | early error | late error |\n|---|---|---|")
+  print("| variant | early error | late error |\n|---|---|---|")
   for j, name in enumerate(txs):
-    e, l = early[:, j], late[:, j]
+    e, la = early[:, j], late[:, j]
     print(f"| {name.strip()} | {e.mean():.2f} ({e.min():.2f}-{e.max():.2f}) "
-          f"| {l.mean():.2f} ({l.min():.2f}-{l.max():.2f}) |")
+          f"| {la.mean():.2f} ({la.min():.2f}-{la.max():.2f}) |")
 
 
 if __name__ == "__main__":

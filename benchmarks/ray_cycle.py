@@ -47,8 +47,12 @@ from dcasgd_optax.ray import _server
 from dcasgd_optax.ray import _train
 from dcasgd_optax.ray import _wire
 from dcasgd_optax.ray import _worker
+
 import ray_throughput
-from ray_throughput import Echo, _best_ms, _divert_native_stderr, make_problem
+from ray_throughput import Echo
+from ray_throughput import _best_ms
+from ray_throughput import _divert_native_stderr
+from ray_throughput import make_problem
 
 _SKIP = 100
 

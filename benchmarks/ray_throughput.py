@@ -65,6 +65,7 @@ from sklearn.datasets import load_digits
 
 import dcasgd_optax
 import dcasgd_optax.ray as dray
+
 # The actors, private: the old data path below drives them by hand.
 from dcasgd_optax.ray._layout import make_layout
 from dcasgd_optax.ray._server import ParameterServer

@@ -24,7 +24,8 @@ square: 9, so a bandwidth-bound step costs 9/5 = 1.8x) over its time, next
 to the copy bandwidth measured here (a jitted, donated ``w + g``: 3 arrays;
 and the same add as the fused update's loop over 8Ki-element blocks, which
 XLA:CPU runs on one thread), the CPU time per step (all threads) against
-the baseline's, and the peak memory of the compiled step from XLA's memory analysis.
+the baseline's, and the peak memory of the compiled step from XLA's memory
+analysis.
 
 With ``--crossover`` it instead times one parameter of 1Ki to 4Mi elements
 both ways (the CPU kernel, and XLA's path below it), which sets the kernel's
@@ -38,19 +39,20 @@ Results and the machine: benchmarks/update_cost.md.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import contextlib
 import os
 import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 import dcasgd_optax
 from dcasgd_optax._src import _cpu_kernel
@@ -160,7 +162,9 @@ class Runner:
     """Arguments + outputs not aliased to them + XLA temporaries, in MiB."""
     m = self.memory
     new_outputs = m.output_size_in_bytes - m.alias_size_in_bytes
-    return (m.argument_size_in_bytes + new_outputs + m.temp_size_in_bytes) / 2**20
+    return (
+        m.argument_size_in_bytes + new_outputs + m.temp_size_in_bytes
+    ) / 2**20
 
 
 class Row(NamedTuple):

@@ -15,15 +15,17 @@ from dcasgd_optax._src._kernel_build import build_cpu_kernel
 
 
 def main(argv: list[str]) -> int:
+  """Builds the kernel into ``argv[0]`` (or the default cache); exit status."""
   if len(argv) > 1 or any(a.startswith("-") for a in argv):
-    print("usage: python -m dcasgd_optax.build_kernel [CACHE_DIR]",
-          file=sys.stderr)
+    print(
+        "usage: python -m dcasgd_optax.build_kernel [CACHE_DIR]",
+        file=sys.stderr,
+    )
     return 2
   try:
     path = build_cpu_kernel(argv[0] if argv else None)
   except (OSError, RuntimeError) as e:
-    print(f"dcasgd_optax: could not build the CPU kernel: {e}",
-          file=sys.stderr)
+    print(f"dcasgd_optax: could not build the CPU kernel: {e}", file=sys.stderr)
     return 1
   print(path)
   return 0

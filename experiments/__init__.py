@@ -1,1 +1,1 @@
-"""Experiments: the DC-ASGD paper's comparison on real data (see README.md here)."""
+"""Experiments: the DC-ASGD paper's comparison on real data (see README.md)."""

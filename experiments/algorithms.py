@@ -1,30 +1,37 @@
-"""The registry of the algorithms compared: the one place their names are spelled.
+"""The registry of the algorithms compared, whose names are spelled only here.
 
-========================  =============================================  ==========
-name                      server update (each on top of the optimizer)   simulator
-========================  =============================================  ==========
-``sequential``            one worker (staleness 0)                       async, M=1
-``ssgd``                  the mean of M fresh gradients per round        sync
-``asgd``                  each stale gradient as it arrives              async
-``sa-asgd``               step / max(τ, 1) (Zhang et al. 2016)           async
-``sqrt-asgd``             step / sqrt(1 + τ)                             async
-``da-asgd``               step · M / max(M, τ) (Mishchenko et al. 2022)  async
-``dc-asgd-c``             DC-ASGD, constant λ (default 0.04)             async
-``dc-asgd-a``             DC-ASGD-a, λ_t = λ0 / sqrt(MeanSquare + ε)     async
-``dc-asgd-a-bc``          DC-ASGD-a, bias-corrected MeanSquare           async
-``dc-asgd-a-warmup``      DC-ASGD-a, λ ramped up over 100 updates        async
-``dc-asgd-a-clip``        DC-ASGD-a, term bounded by |g| per coordinate  async
-``dc-asgd-a-tuned``       DC-ASGD-a whose λ0 the evidence grid tunes     async
-``dc-asgd-a-clip-tuned``  the clipped one, λ0 tuned                      async
-``gap-aware``             g / (1 + |w - w_m| / C) (Barkai et al. 2019)   async
-``delayed-nesterov``      momentum once per M pushes (Liu et al. 2024)   async
-``delayed-nesterov-dc``   the same after DC-ASGD-a, λ0 tuned             async
-``dana``                  pull a look-ahead w - η Σ μ^k v (Hakimi 2019)  async
-``dana-dc``               the look-ahead pull and DC-ASGD-a              async
-========================  =============================================  ==========
+========================  ===========================================  =========
+name                      server update (on top of the optimizer)      simulator
+========================  ===========================================  =========
+``sequential``            one worker, M=1 (staleness 0)                async
+``ssgd``                  the mean of M fresh gradients per round      sync
+``asgd``                  each stale gradient as it arrives            async
+``sa-asgd``               step / max(τ, 1) (Zhang et al. 2016)         async
+``sqrt-asgd``             step / sqrt(1 + τ)                           async
+``da-asgd``               step · M / max(M, τ) (Mishchenko 2022)       async
+``dc-asgd-c``             DC-ASGD, constant λ (default 0.04)           async
+``dc-asgd-a``             DC-ASGD-a, λ_t = λ0 / sqrt(MeanSquare + ε)   async
+``dc-asgd-a-bc``          DC-ASGD-a, bias-corrected MeanSquare         async
+``dc-asgd-a-warmup``      DC-ASGD-a, λ ramped up over 100 updates      async
+``dc-asgd-a-clip``        DC-ASGD-a, term at most |g| per coordinate   async
+``dc-asgd-a-tuned``       DC-ASGD-a whose λ0 the evidence grid tunes   async
+``dc-asgd-a-clip-tuned``  the clipped one, λ0 tuned                    async
+``gap-aware``             g / (1 + |w - w_m| / C) (Barkai 2019)        async
+``delayed-nesterov``      momentum once per M pushes (Liu 2024)        async
+``delayed-nesterov-dc``   the same after DC-ASGD-a, λ0 tuned           async
+``dana``                  look-ahead pull w - η Σ μ^k v (Hakimi 2019)  async
+``dana-dc``               the look-ahead pull and DC-ASGD-a            async
+``exact-dc``              g + H(w_m)(w - w_m) by exact HVP (ceiling)   async
+``fisher-dc-a``           DC-ASGD-a, per-example Fisher, λ0 tuned      async
+``wp-nesterov``           pull the Nesterov weight prediction          async
+``wp-nadam``              NAdam β1 0.99, predicted pull (AsyncPP)      async
+``pipemare``              step / τ^(1 - min(k/K, 1)) (PipeMare)        async
+========================  ===========================================  =========
 
 The formulas and sources are in the docstrings of the ``dcasgd_optax``
 transformations each one chains (:func:`dcasgd_optax.scale_by_staleness`,
+:func:`~dcasgd_optax.fisher_compensation`,
+:func:`~dcasgd_optax.look_ahead_adam`, :func:`~dcasgd_optax.scale_by_pipemare`,
 :func:`~dcasgd_optax.delay_compensation`, :func:`~dcasgd_optax.gap_aware`,
 :func:`~dcasgd_optax.delayed_nesterov`,
 :func:`~dcasgd_optax.look_ahead_momentum`). The last three act on SGD's
@@ -49,18 +56,20 @@ the look-ahead). :func:`make_tx` chains them.
 **What an epoch is.** An epoch is ``S = num_train // batch_size`` minibatch
 gradients, for every algorithm: the gradients are the same data stream (see
 :func:`experiments.input_pipeline.gradient_indices`). The asynchronous
-algorithms make one server update per gradient, ``S`` per epoch. SSGD with ``M`` workers
-averages ``M`` gradients per update, so it makes ``S / M`` updates per epoch,
-each on ``M`` times the data, with the same learning rate (not scaled with
-``M``); its learning-rate boundaries are placed at the same epochs.
+algorithms make one server update per gradient, ``S`` per epoch. SSGD with
+``M`` workers averages ``M`` gradients per update, so it makes ``S / M``
+updates per epoch, each on ``M`` times the data, with the same learning rate
+(not scaled with ``M``); its learning-rate boundaries are placed at the same
+epochs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import inspect
 import types
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +108,10 @@ class Algorithm:
       momentum buffer); skipped for other optimizers.
     optimizers: the ``config.optimizer`` values it is defined for (``None``:
       all).
+    simulator_options: ``config -> dict``: keyword arguments of the
+      simulator it needs (``None``: none), e.g. ``push_grad_sq=True`` for a
+      compensation with the Fisher diagonal or ``exact_compensation=1.0``
+      for the harness's exact Taylor correction.
   """
 
   name: str
@@ -109,6 +122,12 @@ class Algorithm:
   tuned: tuple[str, ...] = ()
   requires_momentum: bool = False
   optimizers: tuple[str, ...] | None = None
+  simulator_options: Callable[[Any], dict] | None = None
+
+  def simulator_kwargs(self, config: Any) -> dict:
+    """The simulator's keyword arguments it needs for ``config``."""
+    return {} if self.simulator_options is None else dict(
+        self.simulator_options(config))
 
   @property
   def simulator(self) -> type:
@@ -150,7 +169,7 @@ class Algorithm:
     return self.effective_workers(num_workers) if self.synchronous else 1
 
   def updates_per_epoch(self, num_workers: int, steps_per_epoch: int) -> float:
-    """Server updates per epoch: ``S`` (async, sequential) or ``S / M`` (SSGD)."""
+    """Server updates per epoch: ``S`` (async, sequential), ``S / M`` (SSGD)."""
     return steps_per_epoch / self.gradients_per_update(num_workers)
 
 
@@ -200,7 +219,7 @@ def _delayed_nesterov_compensated(config, num_workers, learning_rate):
   return compensation, _delayed_nesterov(config, num_workers, learning_rate)[1]
 
 
-def _look_ahead(compensate: bool) -> TxBuilder:
+def _look_ahead(compensate: bool, nesterov: bool = False) -> TxBuilder:
   def build(config, num_workers, learning_rate):
     *decay, _ = optimizers.optimizer(config, learning_rate)
     # The backups record the look-ahead each worker pulls; λ = 0: DANA alone.
@@ -209,11 +228,39 @@ def _look_ahead(compensate: bool) -> TxBuilder:
         adaptive=compensate, decay=config.dc_decay, eps=config.dc_eps,
     )
     ahead = dcasgd_optax.look_ahead_momentum(
-        learning_rate, config.momentum, horizon=num_workers - 1)
+        learning_rate, config.momentum, horizon=num_workers - 1,
+        nesterov=nesterov)
     return compensation, [*decay, ahead]
 
   return build
 
+
+def _fisher_compensated(config, num_workers, learning_rate):
+  compensation = dcasgd_optax.fisher_compensation(
+      num_workers, config.dc_lambda, adaptive=True, decay=config.dc_decay,
+      eps=config.dc_eps)
+  return compensation, optimizers.optimizer(config, learning_rate)
+
+
+def _weight_prediction_nadam(config, num_workers, learning_rate):
+  *decay, _ = optimizers.optimizer(config, learning_rate)
+  # The backups record the prediction each worker pulls (λ = 0: no DC).
+  compensation = dcasgd_optax.delay_compensation(num_workers, 0.0)
+  return compensation, [*decay, dcasgd_optax.look_ahead_adam(
+      learning_rate, horizon=num_workers - 1, b1=WEIGHT_PREDICTION_B1)]
+
+
+def _pipemare(config, num_workers, learning_rate):
+  del num_workers
+  return (dcasgd_optax.scale_by_pipemare(PIPEMARE_STEPS),
+          optimizers.optimizer(config, learning_rate))
+
+
+# PipeMare's K: the rate climbs from η/τ to η over 2 epochs of the grid (250
+# updates of batch 32 on the 4,000 digits), a fifth of its 10-epoch budget.
+PIPEMARE_STEPS = 250
+# AsyncPP's NAdam β1 for weight prediction (arXiv 2505.01099).
+WEIGHT_PREDICTION_B1 = 0.99
 
 # DC-ASGD-a's λ warm-up: the first 100 updates, where notebook 03 measured
 # the over-compensation (MeanSquare needs about 1 / (1 - 0.95) = 20 to settle).
@@ -250,6 +297,19 @@ REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("dana", "look-ahead (DANA)", _look_ahead(False),
               requires_momentum=True),
     Algorithm("dana-dc", "DANA-DC", _look_ahead(True), requires_momentum=True),
+    # The harness's exact Taylor correction (λ = 1,
+    # harness.Simulator(exact_compensation=...)): the ceiling of every
+    # first-order correction, not a method a server can run.
+    Algorithm("exact-dc", "exact Taylor (ceiling)", _sgd,
+              simulator_options=lambda config: {"exact_compensation": 1.0}),
+    Algorithm("fisher-dc-a", "Fisher DC-ASGD-a, λ0 tuned", _fisher_compensated,
+              tuned=("dc_lambda",),
+              simulator_options=lambda config: {"push_grad_sq": True}),
+    Algorithm("wp-nesterov", "weight prediction, Nesterov",
+              _look_ahead(False, nesterov=True), requires_momentum=True),
+    Algorithm("wp-nadam", "weight prediction, NAdam β1 0.99",
+              _weight_prediction_nadam, optimizers=("adam",)),
+    Algorithm("pipemare", "PipeMare", _pipemare),
 )}
 """Every algorithm, in the paper's column order (tables and legends use it)."""
 
@@ -287,9 +347,9 @@ def make_tx(
 
   Its chain is the algorithm's gradient adjustment (if any), then the
   optimizer core (:func:`experiments.optimizers.optimizer`). The base
-  learning rate and the algorithm's tuned fields (``Algorithm.tuned``) are injected with
-  ``optax.inject_hyperparams``: they are arrays in the optimizer state, so
-  runs that differ only in them (or in the seed) compile to the same
+  learning rate and the algorithm's tuned fields (``Algorithm.tuned``) are
+  injected with ``optax.inject_hyperparams``: they are arrays in the optimizer
+  state, so runs that differ only in them (or in the seed) compile to the same
   program, and a sweep compiles once per cell.
   """
   algorithm = get(config.algorithm)

@@ -16,15 +16,20 @@ share is largest. Otherwise the answer is ASGD, and the evidence says why.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import json
 import pathlib
-from typing import Sequence
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "methods"
 MIN_SHARE = 0.25
 SCHEDULES = ("cyclic", "gamma")
-OPTIMIZERS = {"sgd": "SGD", "momentum": "SGD, momentum 0.9", "adam": "Adam"}
+OPTIMIZERS = {"sgd": "SGD", "momentum": "SGD, momentum 0.9", "adam": "Adam",
+              "muon": "Muon"}
+# Methods of the grid that are baselines or bounds, never a recommendation:
+# the synchronous baseline changes the training (it waits for every worker)
+# and the exact Taylor correction needs the loss at the server (the ceiling).
+NOT_RECOMMENDED = frozenset({"asgd", "sequential", "ssgd", "exact-dc"})
 
 # What to write for each method of the grid: a format string ({M} the worker
 # count, {H} the look-ahead horizon M - 1, {lam} the tuned λ0) of what goes
@@ -36,6 +41,8 @@ USE = {
     "sqrt-asgd": ('{scale_by_staleness}("sqrt")', ("scale_by_staleness",)),
     "da-asgd": ('{scale_by_staleness}("delay_adaptive", num_workers={M})',
                 ("scale_by_staleness",)),
+    "dc-asgd-c": ("{delay_compensation}({M}, {lam}adaptive=False)",
+                  ("delay_compensation",)),
     "dc-asgd-a": ("{delay_compensation}({M}, adaptive=True)",
                   ("delay_compensation",)),
     "dc-asgd-a-bc": (
@@ -65,10 +72,19 @@ USE = {
     "dana-dc": ("{delay_compensation}({M}, adaptive=True), then "
                 "{look_ahead_momentum}(lr, 0.9, horizon={H})",
                 ("delay_compensation", "look_ahead_momentum")),
+    "fisher-dc-a": ("{fisher_compensation}({M}, {lam}adaptive=True) with "
+                    "Simulator(push_grad_sq=True)",
+                    ("fisher_compensation",)),
+    "wp-nesterov": (
+        "{look_ahead_momentum}(lr, 0.9, horizon={H}, nesterov=True)",
+        ("look_ahead_momentum",)),
+    "wp-nadam": ("{look_ahead_adam}(lr, horizon={H})", ("look_ahead_adam",)),
+    "pipemare": ("{scale_by_pipemare}(250)", ("scale_by_pipemare",)),
 }
 LABELS = {
     "sequential": "sequential", "asgd": "ASGD", "sa-asgd": "SA-ASGD",
     "sqrt-asgd": "ASGD 1/√(1+τ)", "da-asgd": "delay-adaptive",
+    "dc-asgd-c": "DC-ASGD-c, λ tuned",
     "dc-asgd-a": "DC-ASGD-a", "dc-asgd-a-bc": "DC-ASGD-a, bias-corr.",
     "dc-asgd-a-warmup": "DC-ASGD-a, λ warm-up",
     "dc-asgd-a-clip": "DC-ASGD-a, clip",
@@ -77,6 +93,9 @@ LABELS = {
     "gap-aware": "Gap-Aware", "delayed-nesterov": "delayed Nesterov",
     "delayed-nesterov-dc": "delayed Nesterov + DC, λ0 tuned",
     "dana": "look-ahead (DANA)", "dana-dc": "DANA-DC",
+    "fisher-dc-a": "Fisher DC-ASGD-a, λ0 tuned",
+    "wp-nesterov": "weight prediction, Nesterov",
+    "wp-nadam": "weight prediction, NAdam β1 0.99", "pipemare": "PipeMare",
 }
 
 
@@ -117,7 +136,7 @@ def recommend(
     seq = next(s for s in stats
                if s["optimizer"] == opt and s["algorithm"] == "sequential")
     algs = sorted({a for (o, _, w, a) in index if o == opt and w == m}
-                  - {"asgd"})
+                  - NOT_RECOMMENDED)
     best, best_min = "asgd", None
     for a in algs:
       shares = [index.get((opt, sch, m, a), {}).get("gap_closed")

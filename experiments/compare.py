@@ -1,4 +1,4 @@
-r"""Runs the comparison grid (algorithms x worker counts x seeds) and reports it.
+r"""Runs the comparison grid (algorithms x worker counts x seeds), reports it.
 
 Example::
 
@@ -24,10 +24,10 @@ import json
 import os
 from typing import Any
 
+from absl import app
 import ml_collections
 import numpy as np
 import tqdm
-from absl import app
 
 from dcasgd_optax.harness import schedules
 from experiments import algorithms
@@ -41,7 +41,9 @@ from experiments import tables
 from experiments import train
 
 
-def run_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+def run_configs(
+    config: ml_collections.ConfigDict,
+) -> list[ml_collections.ConfigDict]:
   """One config per run of ``config.grid``, all validated before any runs."""
   grid = config.grid
   chosen = [algorithms.get(a) for a in grid.algorithms]
@@ -60,7 +62,9 @@ def run_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Config
 
 
 def run_dir(workdir: str, c: Any) -> str:
-  return os.path.join(workdir, "runs", f"{c.algorithm}-M{c.num_workers}-seed{c.seed}")
+  return os.path.join(
+      workdir, "runs", f"{c.algorithm}-M{c.num_workers}-seed{c.seed}"
+  )
 
 
 def schedule_staleness(
@@ -83,7 +87,9 @@ def report(config: Any, workdir: str, rows: list[dict], dirs: list[str], *,
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     for row, d in zip(rows, dirs):
       history = run_files.read_metrics(d)
-      histories.setdefault((row["algorithm"], row["workers"]), []).append(history)
+      histories.setdefault((row["algorithm"], row["workers"]), []).append(
+          history
+      )
       for record in history:
         keys = ("algorithm", "workers", "schedule", "seed")
         f.write(json.dumps({**{k: row[k] for k in keys}, **record}) + "\n")

@@ -20,8 +20,8 @@ minibatches by index on the device.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
+import dataclasses
 from typing import Any
 
 import jax
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
-import experiments.datasets  # pylint: disable=unused-import  # Registers mnist5k.
+import experiments.datasets  # noqa: F401  # Registers mnist5k.
 
 # name -> whether to augment with random crops and flips when training.
 DATASETS = {
@@ -137,7 +137,7 @@ def load(
 
 
 def read_all(source: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-  """Decodes every record of a data source into ``(uint8 images, int32 labels)``."""
+  """Decodes every record of a data source: ``(uint8 images, int32 labels)``."""
   records = [source[i] for i in range(len(source))]
   if not records:
     raise ValueError(f"Data source {source!r} is empty.")

@@ -20,8 +20,14 @@ import numpy as np
 from dcasgd_optax.harness import schedules
 from experiments import data
 
-SCHEDULES = ("cyclic", "shuffled", "gamma")
-"""The arrival schedules a config may name (``config.schedule``)."""
+SCHEDULES = ("cyclic", "shuffled", "gamma", "straggler")
+"""The arrival schedules a config may name (``config.schedule``):
+``straggler`` is ``gamma`` with its last worker :data:`STRAGGLER_SLOWDOWN`
+times slower (the scenario where the delay-adaptive rules and Gap-Aware can
+show what they are for)."""
+
+STRAGGLER_SLOWDOWN = 10.0
+"""How much slower the ``straggler`` schedule's last worker computes."""
 
 
 def load(config: Any) -> data.Dataset:
@@ -69,19 +75,73 @@ def arrival_schedule(
 ) -> np.ndarray:
   """The whole run's order of arrivals (worker ids), from ``config.seed``.
 
-  ``schedule`` (default ``config.schedule``): ``cyclic``, ``shuffled`` or
-  ``gamma``.
+  ``schedule`` (default ``config.schedule``): one of :data:`SCHEDULES`.
   """
   schedule = schedule or config.schedule
-  seed = int(np.random.SeedSequence([config.seed, 2]).generate_state(1)[0])
+  seed = _schedule_seed(config)
   if schedule == "cyclic":
     return schedules.cyclic(num_workers, num_arrivals)
   if schedule == "shuffled":
     rounds = -(-num_arrivals // num_workers)
     return schedules.shuffled_rounds(num_workers, rounds, seed)[:num_arrivals]
   return schedules.gamma_speeds(
-      num_workers, num_arrivals, seed, shape=config.gamma_shape
-  )
+      num_workers, num_arrivals, seed, shape=config.gamma_shape,
+      speeds=_speeds(schedule, num_workers))
+
+
+def _schedule_seed(config: Any) -> int:
+  return int(np.random.SeedSequence([config.seed, 2]).generate_state(1)[0])
+
+
+def _speeds(schedule: str, num_workers: int) -> np.ndarray | None:
+  """The workers' speeds of a Gamma schedule: the last one
+  :data:`STRAGGLER_SLOWDOWN` times slower for ``straggler``."""
+  if schedule != "straggler":
+    return None
+  speeds = np.ones(num_workers)
+  if num_workers > 1:  # one worker alone is the reference machine
+    speeds[-1] = 1.0 / STRAGGLER_SLOWDOWN
+  return speeds
+
+
+def arrival_times(
+    config: Any, num_workers: int, num_arrivals: int, *,
+    synchronous: bool = False,
+) -> np.ndarray:
+  r"""The simulated wall-clock time at which each gradient lands.
+
+  Time is in units of one gradient's mean compute time on a worker of speed
+  1 (the harness's clock, :func:`dcasgd_optax.harness.schedules.
+  timed_gamma`): every worker computes back to back. Asynchronous arrivals
+  land when their worker finishes (``cyclic``: round ``r`` at ``r + 1``;
+  ``gamma`` and ``straggler``: the sum of the worker's Gamma draws, the very
+  draws :func:`arrival_schedule` orders). ``synchronous`` (SSGD): every
+  gradient of round ``r`` lands when the round's slowest worker finishes,
+  :math:`t_r = t_{r-1} + \max_m T_{m,r}`, from the same workers' draws. One
+  worker (sequential SGD) lands gradient ``k`` at ``k + 1`` under cyclic
+  arrivals. ``shuffled`` rounds take one unit each, like ``cyclic``.
+
+  On a harness without the clock (``schedules.timed_gamma`` absent) the
+  Gamma schedules' times are NaN: time to accuracy is then "unknown".
+
+  Returns:
+    float64 ``[num_arrivals]``, non-decreasing.
+  """
+  schedule = config.schedule
+  if schedule in ("cyclic", "shuffled") or num_workers == 1:
+    return (np.arange(num_arrivals) // num_workers + 1).astype(np.float64)
+  if not hasattr(schedules, "timed_gamma"):
+    return np.full(num_arrivals, np.nan)
+  seed = _schedule_seed(config)
+  speeds = _speeds(schedule, num_workers)
+  if synchronous:
+    rounds = -(-num_arrivals // num_workers)
+    times = schedules.sync_round_times(
+        num_workers, rounds, seed, shape=config.gamma_shape, speeds=speeds)
+    return np.repeat(times, num_workers)[:num_arrivals]
+  return schedules.timed_gamma(
+      num_workers, num_arrivals, seed, shape=config.gamma_shape,
+      speeds=speeds).times
 
 
 def epoch_range(

@@ -28,5 +28,6 @@ def main(argv):
 
 if __name__ == "__main__":
   startup.define_flags(
-      workdir_help="Directory for checkpoints, metrics and the summary.")
+      workdir_help="Directory for checkpoints, metrics and the summary."
+  )
   app.run(main)

@@ -40,10 +40,10 @@ import os
 import time
 from typing import NamedTuple
 
-import ml_collections
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 
 from experiments import algorithms
 from experiments import plots
@@ -71,7 +71,9 @@ class Cell(NamedTuple):
     """A name for files: ``sgd-cyclic-M16-asgd``, or ``sgd-sequential``."""
     if algorithms.get(self.algorithm).single_worker:
       return f"{self.optimizer}-{self.algorithm}"
-    return f"{self.optimizer}-{self.schedule}-M{self.num_workers}-{self.algorithm}"
+    return (
+        f"{self.optimizer}-{self.schedule}-M{self.num_workers}-{self.algorithm}"
+    )
 
 
 def cell_config(
@@ -90,7 +92,9 @@ def cell_config(
 def cells(config: ml_collections.ConfigDict) -> list[Cell]:
   """Every cell of the grid whose algorithm applies to its optimizer, but
   those of ``config.grid.skip``: ``(optimizer, algorithm)`` leaves out all
-  of that pair's cells, ``(optimizer, algorithm, M)`` those with M workers."""
+  of that pair's cells, ``(optimizer, algorithm, M)`` those with M workers.
+
+  The columns of an optimizer are :func:`columns`."""
   skip = {tuple(pair) for pair in config.grid.get("skip", ())}
   out = []
   for opt in config.grid.optimizers:
@@ -102,12 +106,26 @@ def cells(config: ml_collections.ConfigDict) -> list[Cell]:
       if a.single_worker:
         out.append(Cell(opt, "cyclic", 1, a.name))
         continue
-      # Schedules innermost: their runs share one compiled program.
-      for m, schedule in itertools.product(sorted(config.grid.num_workers),
-                                           config.grid.schedules):
+      for schedule, m in columns(config, opt):
         if (opt, a.name, m) not in skip:
           out.append(Cell(opt, schedule, m, a.name))
   return out
+
+
+def columns(config: ml_collections.ConfigDict,
+            optimizer: str) -> list[tuple[str, int]]:
+  """The ``(schedule, M)`` columns of ``optimizer``: its own list in
+  ``config.grid.columns`` if there is one, else ``grid.num_workers`` x
+  ``grid.schedules`` (schedules innermost: their runs share one compiled
+  program), then the ``grid.scenarios`` not among them."""
+  own = config.grid.get("columns", None)
+  if own is not None and optimizer in own:
+    return [(str(s), int(m)) for s, m in own[optimizer]]
+  pairs = [(schedule, m) for m, schedule in itertools.product(
+      sorted(config.grid.num_workers), config.grid.schedules)]
+  pairs += [(str(s), int(m)) for s, m in config.grid.get("scenarios", ())
+            if (s, m) not in pairs]
+  return pairs
 
 
 def candidates(config: ml_collections.ConfigDict, cell: Cell) -> list[dict]:
@@ -130,16 +148,29 @@ def setting_name(setting: dict[str, float]) -> str:
 
 def run(config, workdir: str, cell: Cell, seed: int, setting: dict, *,
         cache: programs.ProgramCache | None = None) -> dict:
-  """One run (resumed if its directory holds one); returns its summary.
+  """One run (resumed if its directory holds one); returns its row: the
+  summary, the cell, the setting and its :func:`curve`.
 
   ``cache``: the programs shared with the study's other runs (``None``:
   built for this run alone).
   """
   c = cell_config(config, cell, seed, setting)
   name = f"{cell.key}-{setting_name(setting)}-seed{seed}"
-  summary = train.train_and_evaluate(c, os.path.join(workdir, "runs", name),
-                                     cache=cache)
-  return {**summary, **cell._asdict(), **setting}
+  rundir = os.path.join(workdir, "runs", name)
+  summary = train.train_and_evaluate(c, rundir, cache=cache)
+  return {**summary, **cell._asdict(), **setting, "curve": curve(rundir)}
+
+
+def curve(rundir: str) -> dict[str, list]:
+  """A finished run's per-epoch ``test_error``, ``time`` (the simulated
+  clock, :func:`experiments.input_pipeline.arrival_times`; NaN for a run
+  written before the clock was recorded) and ``gradients``."""
+  records = run_files.read_metrics(rundir)
+  return {
+      "test_error": [r["test_error"] for r in records],
+      "time": [r.get("time", math.nan) for r in records],
+      "gradients": [r["gradients"] for r in records],
+  }
 
 
 def _error(summary: dict) -> float:
@@ -206,7 +237,9 @@ def report(
   todo = cells(config)
   missing = [c.key for c in todo if c.key not in tuned]
   if missing:
-    raise ValueError(f"No tuned setting for {missing[:3]}...; run --stage=tune.")
+    raise ValueError(
+        f"No tuned setting for {missing[:3]}...; run --stage=tune."
+    )
   cache = programs.ProgramCache() if cache is None else cache
   rows = []
   for cell in todo:
@@ -220,7 +253,9 @@ def report(
   return rows
 
 
-def rate_gap(config: ml_collections.ConfigDict, tuned: dict[str, dict]) -> list[dict]:
+def rate_gap(
+    config: ml_collections.ConfigDict, tuned: dict[str, dict]
+) -> list[dict]:
   """How much of ASGD's gap is its smaller learning rate, on the tuning seeds.
 
   Returns:
@@ -232,7 +267,9 @@ def rate_gap(config: ml_collections.ConfigDict, tuned: dict[str, dict]) -> list[
   for cell in cells(config):
     if cell.algorithm != algorithms.ASGD.name:
       continue
-    seq = tuned[Cell(cell.optimizer, "cyclic", 1, algorithms.SEQUENTIAL.name).key]
+    seq = tuned[
+        Cell(cell.optimizer, "cyclic", 1, algorithms.SEQUENTIAL.name).key
+    ]
     asgd = tuned[cell.key]
     lr = asgd["setting"]["learning_rate"]
     at_lr = [e for s, e in seq["tried"] if s["learning_rate"] == lr]
@@ -297,12 +334,31 @@ def write_report(config: ml_collections.ConfigDict, rows: list[dict],
           f"{seeds} (share of ASGD's gap closed)")
       for opt in config.grid.optimizers
   ]
-  parts.append(f"**The early-training remedies against {baseline}** (hurts: "
-               "worse by more than the larger standard deviation)\n\n"
-               + tables.remedy_summary(stats, r.remedy_baseline, r.remedies))
+  if r.remedies:
+    parts.append(f"**The early-training remedies against {baseline}** (hurts: "
+                 "worse by more than the larger standard deviation)\n\n"
+                 + tables.remedy_summary(stats, r.remedy_baseline, r.remedies))
   parts += [f"**{algorithms.get(v).label} against {baseline}**\n\n"
             + tables.paired_table(stats, r.remedy_baseline, v)
             for v in r.remedies]
+  parts.append("**Resolution: paired differences from ASGD**\n\n"
+               + tables.resolution_summary(stats))
+  for opt in config.grid.optimizers:
+    parts.append(tables.paired_ci_table(
+        stats, opt, algorithms.ASGD.name,
+        f"{opt}: final error minus ASGD's on the same seeds (points), "
+        f"{100 * statistics.CONFIDENCE:.0f}% t-interval; n.s.: not resolved"))
+    parts.append(tables.paired_ci_table(
+        stats, opt, statistics.SSGD,
+        f"{opt}: final error minus SSGD's on the same seeds (points), "
+        f"{100 * statistics.CONFIDENCE:.0f}% t-interval (share of ASGD's gap "
+        "to SSGD closed)"))
+    parts.append(tables.time_table(
+        stats, opt,
+        f"{opt}: time to accuracy: simulated time (gradients, seeds that "
+        "get there) to reach sequential SGD's final error / SSGD's / "
+        "speed-up over sequential SGD (median over seeds; one unit = one "
+        "gradient's mean compute time; evaluated once per epoch)"))
   if rate_gap_items:
     tuning_seeds = ", ".join(map(str, config.tuning.seeds))
     parts.append("**Where ASGD's gap comes from** (mean final test error (%) "
@@ -350,5 +406,7 @@ if __name__ == "__main__":
   # Flags are defined only when run as a program (see experiments.startup).
   startup.define_flags(workdir_help="Directory for all runs and the report.")
   flags.DEFINE_enum("stage", "all", STAGES, "tune, report, or both.")
-  flags.DEFINE_string("tuned", None, "tuned.json to report (default WORKDIR's).")
+  flags.DEFINE_string(
+      "tuned", None, "tuned.json to report (default WORKDIR's)."
+  )
   app.run(main)

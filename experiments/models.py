@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 # (params, model_state, x, *, train) -> (logits, new_model_state)
 ApplyFn = Callable[..., tuple[jax.Array, Any]]
@@ -51,10 +51,12 @@ class MLP(nnx.Module):
       rngs: nnx.Rngs,
   ):
     sizes = [in_features, *hidden]
-    self.hidden = nnx.List([
-        nnx.Linear(a, b, kernel_init=_he_normal, rngs=rngs)
-        for a, b in zip(sizes[:-1], sizes[1:])
-    ])
+    self.hidden = nnx.List(
+        [
+            nnx.Linear(a, b, kernel_init=_he_normal, rngs=rngs)
+            for a, b in zip(sizes[:-1], sizes[1:])
+        ]
+    )
     self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
 
   def __call__(self, x_BxHxWxC: jax.Array, *, train: bool) -> jax.Array:
@@ -88,7 +90,9 @@ class SmallCNN(nnx.Module):
       rngs: nnx.Rngs,
   ):
     c1, c2 = features
-    self.conv1 = nnx.Conv(in_channels, c1, (3, 3), kernel_init=_he_normal, rngs=rngs)
+    self.conv1 = nnx.Conv(
+        in_channels, c1, (3, 3), kernel_init=_he_normal, rngs=rngs
+    )
     self.conv2 = nnx.Conv(c1, c2, (3, 3), kernel_init=_he_normal, rngs=rngs)
     flat = (image_size // 4) ** 2 * c2
     self.dense = nnx.Linear(flat, hidden, kernel_init=_he_normal, rngs=rngs)
@@ -197,7 +201,9 @@ def create(
     return SmallCNN(c, num_classes, image_size=h, rngs=rngs)
   if name == "resnet20":
     return ResNet20(num_classes, in_channels=c, rngs=rngs)
-  raise ValueError(f"Unknown model {name!r}; valid choices: {', '.join(MODELS)}.")
+  raise ValueError(
+      f"Unknown model {name!r}; valid choices: {', '.join(MODELS)}."
+  )
 
 
 def functional(model: nnx.Module) -> tuple[ApplyFn, dict, dict]:
@@ -219,7 +225,8 @@ def functional(model: nnx.Module) -> tuple[ApplyFn, dict, dict]:
     >>> import jax.numpy as jnp
     >>> model = MLP(4, (8,), 3, rngs=nnx.Rngs(0))
     >>> apply, params, model_state = functional(model)
-    >>> logits, _ = apply(params, model_state, jnp.ones((2, 2, 2, 1)), train=False)
+    >>> x = jnp.ones((2, 2, 2, 1))
+    >>> logits, _ = apply(params, model_state, x, train=False)
     >>> logits.shape
     (2, 3)
   """

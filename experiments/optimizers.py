@@ -1,7 +1,7 @@
 """The optimizer core every algorithm shares, and its learning-rate schedule.
 
 ``config.optimizer`` names one of :data:`OPTIMIZERS` (SGD with the config's
-momentum, or Adam); :func:`optimizer` puts L2 weight decay before it.
+momentum, Adam, or Muon); :func:`optimizer` puts L2 weight decay before it.
 :func:`relative_schedule` is the learning rate's multiplier over server
 updates (warm-up, then step decay). The algorithms of
 :mod:`experiments.algorithms` wrap this core with their adjustment of the
@@ -10,7 +10,8 @@ stale gradient.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optax
 
@@ -41,9 +42,15 @@ OPTIMIZERS: dict[str, Callable[[Any, optax.ScalarOrSchedule],
         learning_rate, momentum=config.momentum or None,
         nesterov=config.nesterov),
     "adam": lambda config, learning_rate: optax.adam(learning_rate),
+    # Orthogonalised updates of the 2-D weights (Newton-Schulz), Adam with
+    # the same rate for the rest (biases): optax.contrib.muon's defaults.
+    "muon": lambda config, learning_rate: optax.contrib.muon(learning_rate),
 }
 """``config.optimizer``: SGD (with ``config.momentum``, ``config.nesterov``),
-or Adam (optax's defaults: b1 0.9, b2 0.999, eps 1e-8)."""
+Adam (optax's defaults: b1 0.9, b2 0.999, eps 1e-8), or Muon
+(``optax.contrib.muon``'s defaults: momentum 0.95, Nesterov, 5
+Newton-Schulz steps; its Adam part for non-matrix parameters at the same
+rate)."""
 
 
 def check_optimizer(name: str) -> str:
@@ -60,5 +67,7 @@ def optimizer(config: Any, learning_rate: optax.ScalarOrSchedule) -> list:
   parts = []
   if config.weight_decay:
     parts.append(optax.add_decayed_weights(config.weight_decay))
-  parts.append(OPTIMIZERS[check_optimizer(config.optimizer)](config, learning_rate))
+  parts.append(
+      OPTIMIZERS[check_optimizer(config.optimizer)](config, learning_rate)
+  )
   return parts

@@ -9,8 +9,8 @@ the registry's names (:mod:`experiments.algorithms`).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
+import os
 from typing import Any, NamedTuple
 
 import matplotlib.figure
@@ -48,6 +48,11 @@ STYLES: dict[str, Style] = {
     "delayed-nesterov-dc": Style("darkgreen", "H"),
     "dana": Style("teal", "*"),
     "dana-dc": Style("navy", "p"),
+    "exact-dc": Style("gray", "*"),
+    "fisher-dc-a": Style("crimson", "D"),
+    "wp-nesterov": Style("purple", "h"),
+    "wp-nadam": Style("orchid", "p"),
+    "pipemare": Style("sienna", "v"),
 }
 """Every algorithm of :data:`experiments.algorithms.REGISTRY`'s style."""
 
@@ -69,9 +74,12 @@ def _subplots(*args, figsize: tuple[float, float], **kwargs):
 
 
 def plot_error_vs_epoch(
-    histories: dict[tuple[str, int], list[list[dict]]], path: str, *, title: str = ""
+    histories: dict[tuple[str, int], list[list[dict]]],
+    path: str,
+    *,
+    title: str = "",
 ) -> None:
-  """Test error against epoch, one panel per worker count, one line per algorithm.
+  """Test error by epoch, one panel per worker count, one line per algorithm.
 
   Args:
     histories: ``(algorithm, workers) -> [per-seed list of epoch records]``.
@@ -103,7 +111,9 @@ def plot_error_vs_epoch(
   _finish(fig, path, title, bottom=0.08)
 
 
-def plot_error_vs_workers(rows: Sequence[dict[str, Any]], path: str, *, title: str = "") -> None:
+def plot_error_vs_workers(
+    rows: Sequence[dict[str, Any]], path: str, *, title: str = ""
+) -> None:
   """Final test error (mean ± std over seeds) against the number of workers."""
   workers = statistics.parallel_workers(rows)
   fig, ax = _subplots(figsize=(5.5, 4))
@@ -128,7 +138,9 @@ def plot_error_vs_workers(rows: Sequence[dict[str, Any]], path: str, *, title: s
   _finish(fig, path, title)
 
 
-def plot_staleness(staleness: dict[int, np.ndarray], path: str, *, title: str = "") -> None:
+def plot_staleness(
+    staleness: dict[int, np.ndarray], path: str, *, title: str = ""
+) -> None:
   """Histogram of the schedule's staleness, one panel per worker count."""
   ms = sorted(staleness)
   fig, axes = _subplots(1, len(ms), figsize=(3.6 * len(ms), 3), squeeze=False)
@@ -139,7 +151,6 @@ def plot_staleness(staleness: dict[int, np.ndarray], path: str, *, title: str = 
     ax.set_xlabel("staleness τ")
   axes[0][0].set_ylabel("arrivals")
   _finish(fig, path, title)
-
 
 
 def _log_percent_axis(ax) -> None:
@@ -165,11 +176,17 @@ def plot_gap_closed(stats: Sequence[dict], path: str, *, title: str = "",
   """Share of ASGD's gap closed against M: a panel per optimizer (in
   ``optimizers``' order, default the stats'), a line per method (cyclic
   arrivals solid, Gamma dashed)."""
-  optimizers = list(optimizers) or list(dict.fromkeys(s["optimizer"] for s in stats))
+  optimizers = list(optimizers) or list(
+      dict.fromkeys(s["optimizer"] for s in stats)
+  )
   fig, axes = _subplots(1, len(optimizers), figsize=(4.6 * len(optimizers), 4),
                            sharey=True, squeeze=False)
   for ax, opt in zip(axes[0], optimizers):
-    mine = [s for s in stats if s["optimizer"] == opt and s["gap_closed"] is not None]
+    mine = [
+        s
+        for s in stats
+        if s["optimizer"] == opt and s["gap_closed"] is not None
+    ]
     for a in algorithms.ordered(s["algorithm"] for s in mine):
       for schedule, ls in (("cyclic", "-"), ("gamma", "--")):
         pts = sorted((s["num_workers"], 100 * s["gap_closed"]) for s in mine
@@ -190,15 +207,14 @@ def plot_gap_closed(stats: Sequence[dict], path: str, *, title: str = "",
   axes[0][0].set_ylabel("share of ASGD's gap to sequential closed (%)")
   handles, labels = axes[0][0].get_legend_handles_labels()
   for ax in axes[0][1:]:
-    for h, l in zip(*ax.get_legend_handles_labels()):
-      if l not in labels:
+    for h, label in zip(*ax.get_legend_handles_labels()):
+      if label not in labels:
         handles.append(h)
-        labels.append(l)
+        labels.append(label)
   if labels:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6),
                fontsize=8, bbox_to_anchor=(0.5, 0.0))
   _finish(fig, path, title, bottom=0.14)
-
 
 
 def _binned(x: np.ndarray, y: np.ndarray, edges: np.ndarray):
@@ -255,11 +271,17 @@ def plot_methods_errors(stats: Sequence[dict], path: str, *, title: str = "",
   """Final test error (mean ± std) against M: a row per optimizer (in
   ``optimizers``' order, default the stats'), a column per arrival schedule,
   a line per method; sequential SGD as a level."""
-  optimizers = list(optimizers) or list(dict.fromkeys(s["optimizer"] for s in stats))
+  optimizers = list(optimizers) or list(
+      dict.fromkeys(s["optimizer"] for s in stats)
+  )
   schedules = sorted({s["schedule"] for s in stats
                       if not algorithms.get(s["algorithm"]).single_worker})
-  fig, axes = _subplots(len(optimizers), len(schedules), squeeze=False,
-                           figsize=(5.2 * len(schedules), 3.8 * len(optimizers)))
+  fig, axes = _subplots(
+      len(optimizers),
+      len(schedules),
+      squeeze=False,
+      figsize=(5.2 * len(schedules), 3.8 * len(optimizers)),
+  )
   labels = {}
   for row, opt in zip(axes, optimizers):
     mine = [s for s in stats if s["optimizer"] == opt]
@@ -270,9 +292,11 @@ def plot_methods_errors(stats: Sequence[dict], path: str, *, title: str = "",
           s = [s for s in mine if s["algorithm"] == a.name][0]
           h = ax.axhline(100 * s["mean"], color=st.color, ls=st.linestyle)
         else:
-          pts = sorted((s["num_workers"], 100 * s["mean"], 100 * s["std"])
-                       for s in mine
-                       if s["algorithm"] == a.name and s["schedule"] == schedule)
+          pts = sorted(
+              (s["num_workers"], 100 * s["mean"], 100 * s["std"])
+              for s in mine
+              if s["algorithm"] == a.name and s["schedule"] == schedule
+          )
           ms, mean, std = zip(*pts)
           h = ax.errorbar(ms, mean, yerr=std, color=st.color, marker=st.marker,
                           ms=4, capsize=2, lw=1)

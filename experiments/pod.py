@@ -11,12 +11,13 @@ same history and checkpoints the same metadata.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-import jax
-import numpy as np
 from absl import flags
+import jax
 from jax.experimental import multihost_utils
+import numpy as np
 
 from dcasgd_optax.harness import to_host
 

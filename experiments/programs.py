@@ -13,8 +13,9 @@ cached at module level).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,10 +53,12 @@ def make_loss(apply, ds: data.Dataset):
 
 
 def make_evaluate(apply, ds: data.Dataset, batch_size: int):
-  """A jitted ``evaluate(params, model_state) -> (error, loss)`` on the test set."""
+  """A jitted ``evaluate(params, model_state) -> (error, loss)`` (test set)."""
   n = len(ds.test_labels)
   pad = -n % batch_size
-  x = np.concatenate([ds.test_images, np.zeros((pad, *ds.image_shape), np.float32)])
+  x = np.concatenate(
+      [ds.test_images, np.zeros((pad, *ds.image_shape), np.float32)]
+  )
   y = np.concatenate([ds.test_labels, np.zeros((pad,), np.int32)])
   mask = np.arange(n + pad) < n
   nb = (n + pad) // batch_size
@@ -106,7 +109,8 @@ def make_simulator(
             config, m, steps_per_epoch),
     )
   return algorithm.simulator(loss_fn, tx, m, has_model_state=has_model_state,
-                             **diagnostics)
+                             **diagnostics,
+                             **algorithm.simulator_kwargs(config))
 
 
 class Program:

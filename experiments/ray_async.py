@@ -30,9 +30,9 @@ config's docstring gives the hardware, runtime and expected result.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import os
-from collections.abc import Sequence
 from typing import Any
 
 from absl import app
@@ -43,8 +43,8 @@ import numpy as np
 import optax
 import ray
 
-import dcasgd_optax.ray as dray
 from dcasgd_optax.harness import schedules
+import dcasgd_optax.ray as dray
 from experiments import algorithms
 from experiments import data
 from experiments import input_pipeline
@@ -86,7 +86,11 @@ class ShardedBatches:
   def __init__(self, dataset: str, data_dir: str | None, num_workers: int,
                batch_size: int, seed: int):
     self._dataset, self._data_dir = dataset, data_dir
-    self._num_workers, self._batch_size, self._seed = num_workers, batch_size, seed
+    self._num_workers, self._batch_size, self._seed = (
+        num_workers,
+        batch_size,
+        seed,
+    )
     self._train = None
 
   def __call__(self, worker: int, seq: int) -> tuple[np.ndarray, np.ndarray]:

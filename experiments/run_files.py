@@ -1,4 +1,4 @@
-"""A run's files besides its checkpoints: its saved config and per-epoch metrics.
+"""A run's files besides its checkpoints: its saved config, per-epoch metrics.
 
 ``workdir/config.json`` holds the fields of the config that change a run's
 result, so that resuming with a different config fails loudly;
@@ -20,9 +20,17 @@ import numpy as np
 # Config fields that do not change a run's result, so may differ on resume:
 # bookkeeping, and the sweep-level fields a run does not read (the grids,
 # the tuning grid, the report's settings, the optimizer presets).
-_NOT_RESULT = ("progress_bar", "data_dir", "download", "checkpoint_every_epochs",
-               "diagnostics_every", "grid", "tuning", "report",
-               "optimizer_presets")
+_NOT_RESULT = (
+    "progress_bar",
+    "data_dir",
+    "download",
+    "checkpoint_every_epochs",
+    "diagnostics_every",
+    "grid",
+    "tuning",
+    "report",
+    "optimizer_presets",
+)
 
 
 def _result_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -42,7 +50,9 @@ def check_same_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    diff = sorted(k for k in set(old) | set(fields) if old.get(k) != fields.get(k))
+    diff = sorted(
+        k for k in set(old) | set(fields) if old.get(k) != fields.get(k)
+    )
     if diff:
       raise ValueError(
           f"{workdir} holds a run with a different config (fields: "
@@ -105,9 +115,9 @@ def keep_diagnostics(workdir: str, epochs: int) -> None:
   path = os.path.join(workdir, "diagnostics.jsonl")
   if not os.path.exists(path):
     return
-  lines = [l for l in read_diagnostics(workdir) if l["epoch"] <= epochs]
+  lines = [r for r in read_diagnostics(workdir) if r["epoch"] <= epochs]
   with open(path, "w") as f:
-    f.writelines(json.dumps(l) + "\n" for l in lines)
+    f.writelines(json.dumps(r) + "\n" for r in lines)
 
 
 def read_diagnostics(workdir: str) -> list[dict]:

@@ -22,14 +22,14 @@ Example (a study's module)::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
+import os
 
-import jax
-import ml_collections
 from absl import app
 from absl import flags
 from absl import logging
+import jax
+import ml_collections
 from ml_collections import config_flags
 
 from experiments import pod

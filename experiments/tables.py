@@ -7,9 +7,9 @@ runs' rows themselves) and returns the text; the studies
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import csv
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,9 @@ def write_methods_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
   """One row per run of the methods grid, in :data:`METHODS_COLUMNS` order
   (``workers`` is the row's ``num_workers``)."""
   with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=METHODS_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(
+        f, fieldnames=METHODS_COLUMNS, extrasaction="ignore"
+    )
     writer.writeheader()
     writer.writerows({**r, "workers": r["num_workers"]} for r in rows)
 
@@ -56,7 +58,9 @@ def _cell(errors: np.ndarray) -> str:
   return f"{100 * errors.mean():.2f} ± {100 * statistics.std(errors):.2f}"
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], *, key: str = "final_test_error") -> str:
+def markdown_table(
+    rows: Sequence[dict[str, Any]], *, key: str = "final_test_error"
+) -> str:
   """The paper's table: test error (%) per worker count (rows) and algorithm.
 
   Cells are the mean ± sample standard deviation over seeds. Sequential SGD
@@ -80,7 +84,10 @@ def _stat_cell(stat: dict | None) -> str:
   if stat is None:
     return "n/a"
   text = f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
-  if stat["gap_closed"] is not None and stat["algorithm"] != algorithms.ASGD.name:
+  if (
+      stat["gap_closed"] is not None
+      and stat["algorithm"] != algorithms.ASGD.name
+  ):
     text += f" ({100 * stat['gap_closed']:.0f}%)"
   return text
 
@@ -97,9 +104,12 @@ def _grid_table(items: Sequence[dict], text, title: str) -> str:
   algs = algorithms.ordered(s["algorithm"] for s in items)
   columns = _columns(items)
   lookup = {(s["schedule"], s["num_workers"], s["algorithm"]): s for s in items}
-  lines = [f"**{title}**", "",
-           "| method | " + " | ".join(f"{sc} M={m}" for sc, m in columns) + " |",
-           "|---" * (len(columns) + 1) + "|"]
+  lines = [
+      f"**{title}**",
+      "",
+      "| method | " + " | ".join(f"{sc} M={m}" for sc, m in columns) + " |",
+      "|---" * (len(columns) + 1) + "|",
+  ]
   for a in algs:
     found = [lookup.get(("cyclic", 1, a.name) if a.single_worker
                         else (sc, m, a.name)) for sc, m in columns]
@@ -146,8 +156,10 @@ def remedy_summary(stats: Sequence[dict], baseline: str,
            "better | worse | hurts | worst difference (points) |",
            "|---" * 6 + "|"]
   for variant in variants:
-    diffs = [(v["mean"] - b["mean"], max(b["std"], v["std"]))
-             for b, v in statistics.paired_differences(stats, baseline, variant)]
+    diffs = [
+        (v["mean"] - b["mean"], max(b["std"], v["std"]))
+        for b, v in statistics.paired_differences(stats, baseline, variant)
+    ]
     if not diffs:
       continue
     worse = sum(d > 0 for d, _ in diffs)
@@ -168,7 +180,9 @@ def targets_table(stats: Sequence[dict], targets: Sequence[Sequence]) -> str:
            "|---" * 8 + "|"]
   for opt, schedule, m, share in targets:
     mine = [s for s in stats if s["optimizer"] == opt]
-    cell = [s for s in mine if s["schedule"] == schedule and s["num_workers"] == m]
+    cell = [
+        s for s in mine if s["schedule"] == schedule and s["num_workers"] == m
+    ]
     seq = [s for s in mine if algorithms.get(s["algorithm"]).single_worker]
     asgd = [s for s in cell if s["algorithm"] == algorithms.ASGD.name]
     others = [s for s in cell if s["algorithm"] != algorithms.ASGD.name]
@@ -177,12 +191,19 @@ def targets_table(stats: Sequence[dict], targets: Sequence[Sequence]) -> str:
     reach = sorted((s for s in others if s["gap_closed"] is not None
                     and s["gap_closed"] >= share), key=lambda s: s["mean"])
     best = min(others, key=lambda s: s["mean"])
-    named = ", ".join(f"{algorithms.get(s['algorithm']).label} "
-                      f"({100 * s['gap_closed']:.0f}%)" for s in reach) or "none"
+    named = (
+        ", ".join(
+            f"{algorithms.get(s['algorithm']).label} "
+            f"({100 * s['gap_closed']:.0f}%)"
+            for s in reach
+        )
+        or "none"
+    )
     lines.append(
-        f"| {opt} | {schedule} | {m} | {100 * share:.0f}% | {_stat_cell(seq[0])} | "
-        f"{_stat_cell(asgd[0])} | {named} | "
-        f"{algorithms.get(best['algorithm']).label}: {_stat_cell(best)} |")
+        f"| {opt} | {schedule} | {m} | {100 * share:.0f}% | "
+        f"{_stat_cell(seq[0])} | {_stat_cell(asgd[0])} | {named} | "
+        f"{algorithms.get(best['algorithm']).label}: {_stat_cell(best)} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -211,9 +232,12 @@ def rate_gap_table(items: Sequence[dict]) -> str:
   sequential SGD at ASGD's learning rate against sequential SGD at its own
   best rate (what the smaller rate costs), and ASGD against sequential SGD at
   the same rate (what staleness costs at that rate)."""
-  lines = ["| optimizer | arrivals | M | ASGD's rate | sequential SGD (its best "
-           "rate) | sequential SGD at ASGD's rate | ASGD | share of the gap "
-           "from the rate |", "|---" * 8 + "|"]
+  lines = [
+      "| optimizer | arrivals | M | ASGD's rate | sequential SGD (its best "
+      "rate) | sequential SGD at ASGD's rate | ASGD | share of the gap "
+      "from the rate |",
+      "|---" * 8 + "|",
+  ]
   for r in items:
     gap = r["asgd"] - r["sequential"]
     share = ((r["sequential_at_asgd_rate"] - r["sequential"]) / gap
@@ -224,3 +248,84 @@ def rate_gap_table(items: Sequence[dict]) -> str:
         f"{100 * r['sequential_at_asgd_rate']:.2f} | {100 * r['asgd']:.2f} | "
         + ("-" if math.isnan(share) else f"{100 * share:.0f}%") + " |")
   return "\n".join(lines) + "\n"
+
+
+def _interval_text(interval: dict | None) -> str:
+  """``-0.53 [-0.91, -0.15]`` (points), with ``n.s.`` when the interval
+  crosses 0 (the difference is not resolved)."""
+  if interval is None:
+    return "-"
+  text = (f"{100 * interval['mean']:+.2f} [{100 * interval['low']:+.2f}, "
+          f"{100 * interval['high']:+.2f}]")
+  return text if interval["resolved"] else text + " n.s."
+
+
+def paired_ci_table(stats: Sequence[dict], optimizer: str, reference: str,
+                    title: str) -> str:
+  """Each method's final error minus ``reference``'s (``"asgd"`` or
+  ``"ssgd"``) on the same seeds, in points, with its t-interval
+  (:func:`experiments.statistics.paired_interval`); ``n.s.``: the interval
+  crosses 0, the grid cannot tell the two apart. Against SSGD the cell also
+  gives the share of ASGD's gap to SSGD closed (``gap_closed_ssgd``)."""
+  key = "vs_asgd" if reference == algorithms.ASGD.name else "vs_ssgd"
+
+  def text(s, a):
+    if a.single_worker or a.name == reference:
+      return "-"
+    out = _interval_text(s[key])
+    if key == "vs_ssgd" and s.get("gap_closed_ssgd") is not None \
+        and a.name != algorithms.ASGD.name:
+      out += f" ({100 * s['gap_closed_ssgd']:.0f}%)"
+    return out
+
+  mine = [s for s in stats if s["optimizer"] == optimizer]
+  return _grid_table(mine, text, title)
+
+
+def _time_text(t: dict | None) -> str:
+  if t is None:
+    return "-"
+  if not t["known"]:
+    return f"time unknown ({t['reached']}/{t['runs']})"
+  if t["time"] is None:
+    return f"not reached ({t['reached']}/{t['runs']})"
+  return f"{t['time']:.0f} ({t['gradients']:.0f} g, {t['reached']}/{t['runs']})"
+
+
+def time_table(stats: Sequence[dict], optimizer: str, title: str) -> str:
+  """Time to accuracy: per method and column, the simulated time (and
+  gradients, and how many seeds get there) at which it first reaches
+  sequential SGD's final error, then SSGD's, then its speed-up over
+  sequential SGD (ideal: M); "not reached" when half the seeds or more do
+  not within the run's epochs."""
+
+  def text(s, a):
+    if a.single_worker:  # the reference: its final error at its budget's end
+      return ("-" if s["final_time"] is None
+              else f"{s['final_time']:.0f} (its whole run)")
+    parts = [_time_text(s["time_to_sequential"]),
+             _time_text(s["time_to_ssgd"])]
+    speed = "-" if s["speedup"] is None else f"{s['speedup']:.1f}x"
+    return " / ".join(parts) + f" / {speed}"
+
+  mine = [s for s in stats if s["optimizer"] == optimizer]
+  return _grid_table(mine, text, title)
+
+
+def resolution_summary(stats: Sequence[dict]) -> str:
+  """How well the grid resolves the methods: of the paired comparisons
+  against ASGD, how many intervals exclude 0, and the median and largest
+  half-width (points)."""
+  intervals = [s["vs_asgd"] for s in stats
+               if s.get("vs_asgd") is not None
+               and s["algorithm"] != algorithms.ASGD.name]
+  if not intervals:
+    return "No paired comparisons (fewer than two seeds).\n"
+  half = np.array([(i["high"] - i["low"]) / 2 for i in intervals])
+  resolved = sum(i["resolved"] for i in intervals)
+  return (f"{resolved} of {len(intervals)} differences from ASGD are resolved "
+          f"(their {100 * statistics.CONFIDENCE:.0f}% interval excludes 0); "
+          f"the intervals' half-width is {100 * np.median(half):.2f} points "
+          f"(median), {100 * half.max():.2f} at most: differences smaller "
+          "than the half-width of their cell cannot be told from seed "
+          "noise.\n")

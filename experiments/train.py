@@ -41,11 +41,11 @@ import os
 import time
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 import tqdm
-from absl import logging
 
 from dcasgd_optax.extend.checkpoint import Checkpointer
 from experiments import algorithms
@@ -108,6 +108,9 @@ class _Run:
         config, self.num_workers, config.num_epochs * self.steps_per_epoch,
         self.algorithm.arrival_schedule(config.schedule),
     )
+    self.times = input_pipeline.arrival_times(
+        config, self.num_workers, config.num_epochs * self.steps_per_epoch,
+        synchronous=self.algorithm.synchronous)
 
   def init(self):
     ms = self.model_state if self.stateful else None
@@ -132,10 +135,14 @@ class _Run:
 
   def epoch(self, state, epoch: int) -> tuple[Any, dict[str, np.ndarray]]:
     """Replays epoch ``epoch``; returns the new state and its per-arrival
-    metrics (``loss``, ``staleness``, ``step`` ..., see ``Simulator.replay``)."""
+    metrics (``loss``, ``staleness``, ``step`` ..., see ``Simulator.replay``).
+    """
     start, stop = self.epoch_range(epoch)
     if stop == start:  # SSGD with more workers than gradients per epoch.
-      return state, {"loss": np.zeros((0,)), "staleness": np.zeros((0,), np.int32)}
+      return state, {
+          "loss": np.zeros((0,)),
+          "staleness": np.zeros((0,), np.int32),
+      }
     state, metrics = self.sim.replay(state, *self.inputs(epoch))
     return state, {k: np.asarray(v) for k, v in metrics.items()}
 
@@ -144,10 +151,13 @@ class _Run:
     error, test_loss = pod.evaluate_on_writer(self.evaluate, state.params,
                                               model_state)
     loss, staleness = metrics["loss"], metrics["staleness"]
+    stop = self.epoch_range(epoch)[1]
     return {
         "epoch": epoch + 1,
         "updates": int(state.step),
-        "gradients": self.epoch_range(epoch)[1],
+        "gradients": stop,
+        # The simulated clock when the epoch's last gradient landed.
+        "time": float(self.times[stop - 1]) if stop else 0.0,
         "train_loss": float(np.mean(loss)) if loss.size else float("nan"),
         "test_error": float(error),
         "test_loss": float(test_loss),
@@ -170,7 +180,8 @@ def summarize(config: Any, history: list[dict]) -> dict[str, Any]:
       "final_test_error": history[-1]["test_error"],
       "best_test_error": min(h["test_error"] for h in history),
       "wall_time": sum(h["seconds"] for h in history),
-      "mean_staleness": sum(h["staleness_sum"] for h in history) / max(arrivals, 1),
+      "mean_staleness": sum(h["staleness_sum"] for h in history)
+      / max(arrivals, 1),
       "epochs": len(history),
   }
 

@@ -40,11 +40,16 @@ STRICT_PROMOTION_MODULES = frozenset({
     "test_look_ahead", "test_pull", "test_staleness",
 })
 STRICT_PROMOTION_TESTS = re.compile(r"dtype|bf16|bfloat16|float64")
+# Named exceptions: cases whose implicit promotion is in optax's own code,
+# not ours (optax.scale_by_adam's bias correction raises a Python float to
+# the int32 count), keep JAX's standard promotion.
+OPTAX_PROMOTES = re.compile(r"\[look_ahead_adam\]")
 
 
 def strict_promotion(module: str, test: str) -> bool:
   return (module.rsplit(".", 1)[-1] in STRICT_PROMOTION_MODULES
-          and STRICT_PROMOTION_TESTS.search(test) is not None)
+          and STRICT_PROMOTION_TESTS.search(test) is not None
+          and OPTAX_PROMOTES.search(test) is None)
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +69,8 @@ def _one_ray_auth_mode():
   assert mode == RAY_AUTH_MODE, (
       f"RAY_AUTH_MODE is {mode!r} after this test, not {RAY_AUTH_MODE!r}: "
       "the Ray tests after it in this process would start clusters whose "
-      "actors never run (tests/conftest.py says why).")
+      "actors never run (tests/conftest.py says why)."
+  )
 
 
 @pytest.fixture(scope="module")

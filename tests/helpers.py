@@ -36,7 +36,10 @@ def grads_like(params, seed):
   keys = jax.random.split(key, len(leaves))
   return jax.tree.unflatten(
       treedef,
-      [jax.random.normal(k, p.shape).astype(p.dtype) for k, p in zip(keys, leaves)],
+      [
+          jax.random.normal(k, p.shape).astype(p.dtype)
+          for k, p in zip(keys, leaves)
+      ],
   )
 
 
@@ -55,7 +58,9 @@ def _is_dc_state(x):
 def find_dc_states(opt_state):
   """Every DelayCompensationState nested in ``opt_state``, in tree order."""
   return [
-      s for s in jax.tree.leaves(opt_state, is_leaf=_is_dc_state) if _is_dc_state(s)
+      s
+      for s in jax.tree.leaves(opt_state, is_leaf=_is_dc_state)
+      if _is_dc_state(s)
   ]
 
 
@@ -76,22 +81,28 @@ def update_step(tx):
 
 
 def stale_state(tx, params, first=0):
-  """A state in which worker m holds an older model: params - 0.1 * (m + first)."""
+  """A state where worker m holds an older model: params - 0.1 * (m + first)."""
   state = tx.init(params)
   for m in range(NUM_WORKERS):
-    state = dcasgd_optax.record_pull(state, shifted(params, -0.1 * (m + first)), m)
+    state = dcasgd_optax.record_pull(
+        state, shifted(params, -0.1 * (m + first)), m
+    )
   return state
 
 
 # Ways to build a transformation holding backups for NUM_WORKERS workers.
 BUILDERS = {
-    "delay_compensation": lambda: dcasgd_optax.delay_compensation(NUM_WORKERS, 0.5),
+    "delay_compensation": lambda: dcasgd_optax.delay_compensation(
+        NUM_WORKERS, 0.5
+    ),
     "delay_compensation_a": lambda: dcasgd_optax.delay_compensation(
         NUM_WORKERS, 2.0, adaptive=True
     ),
     "dcasgd": lambda: dcasgd_optax.dcasgd(0.1, NUM_WORKERS, momentum=0.9),
     "pull_after_push": lambda: dcasgd_optax.pull_after_push(
-        optax.chain(dcasgd_optax.delay_compensation(NUM_WORKERS), optax.adam(0.1))
+        optax.chain(
+            dcasgd_optax.delay_compensation(NUM_WORKERS), optax.adam(0.1)
+        )
     ),
 }
 builders = pytest.mark.parametrize("build", BUILDERS.values(), ids=BUILDERS)
@@ -134,7 +145,9 @@ def assert_close_to_reference(lib_tree, ref_leaves, what):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5, err_msg=what)
 
 
-def replay_against_reference(tx, ref, w0, order, rng, spec, *, check_pulls=False):
+def replay_against_reference(
+    tx, ref, w0, order, rng, spec, *, check_pulls=False
+):
   """Workers push random gradients in ``order``, each pulling right after.
 
   ``tx`` (pulling after push, under ``jit``) and the reference server ``ref``
@@ -153,7 +166,8 @@ def replay_against_reference(tx, ref, w0, order, rng, spec, *, check_pulls=False
     assert_close_to_reference(params, ref.w, f"params after push {i}")
     if check_pulls:
       assert_close_to_reference(
-          dcasgd_optax.worker_params(state, m), ref.backup[m], f"pull {i}")
+          dcasgd_optax.worker_params(state, m), ref.backup[m], f"pull {i}"
+      )
   return params, state
 
 
@@ -230,7 +244,9 @@ def cost_analysis(compiled):
 def backup_copies(compiled, num_workers):
   """HLO `copy` instructions whose result has a leading num_workers axis."""
   pattern = re.compile(rf"= \w+\[{num_workers},[^\]]*\]\S* copy\(")
-  return [line for line in compiled.as_text().splitlines() if pattern.search(line)]
+  return [
+      line for line in compiled.as_text().splitlines() if pattern.search(line)
+  ]
 
 
 # --- a small regression problem for the harness -------------------------------

@@ -114,8 +114,10 @@ def digits_problem(fault=None, marker=None, pad=0, nan_at=None):
 def trace_batches(data_fn, records):
   """The batches of a trace, in step order, stacked for the simulator."""
   order = np.argsort(records["step"])
-  batches = [data_fn(int(m), int(s)) for m, s in
-             zip(records["worker"][order], records["seq"][order])]
+  batches = [
+      data_fn(int(m), int(s))
+      for m, s in zip(records["worker"][order], records["seq"][order])
+  ]
   return jax.tree.map(lambda *b: np.stack(b), *batches)
 
 

@@ -46,13 +46,14 @@ Beyond the paper (issue 10), each from its own source:
 - PipeMare (Yang et al. 2019): the step of a tau-stale gradient at update k
   is lr / max(tau, 1) ** (1 - min(k / K, 1)).
 - Staleness rules: inverse 1 / max(tau, 1) (Zhang et al. 2016), sqrt
-  1 / sqrt(1 + tau) (Xie et al. 2019, FedAsync's polynomial (1 + tau)^-a, a = 1/2),
+  1 / sqrt(1 + tau) (Xie et al. 2019, FedAsync's polynomial (1 + tau)^-a,
+  a = 1/2),
   delay-adaptive n / max(n, tau) (Mishchenko et al. 2022).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -105,7 +106,9 @@ class ParameterServer:
     self.correction_clip = correction_clip
     # One (ms, count) per worker, or one shared pair.
     n_stats = num_workers if per_worker_mean_square else 1
-    self.worker_ms = [[np.zeros_like(x) for x in self.w] for _ in range(n_stats)]
+    self.worker_ms = [
+        [np.zeros_like(x) for x in self.w] for _ in range(n_stats)
+    ]
     self.worker_count = [0] * n_stats
     self.period = delayed_nesterov_period
     self.activation = momentum_activation
@@ -130,18 +133,22 @@ class ParameterServer:
     return _f64(sent)
 
   def _fold_mean_square(self, g: list[np.ndarray], m: int) -> tuple[list, int]:
-    """Updates worker m's (or the shared) ms with g; returns it and its count."""
+    """Updates worker m's (or the shared) ms with g; returns it, its count."""
     k = m if self.per_worker else 0
     self.worker_ms[k] = [
         self.decay * ms + (1.0 - self.decay) * gi * gi
         for ms, gi in zip(self.worker_ms[k], g)
     ]
     self.worker_count[k] += 1
-    self.mean_square = self.worker_ms[k] if not self.per_worker else self.worker_ms
+    self.mean_square = (
+        self.worker_ms[k] if not self.per_worker else self.worker_ms
+    )
     return self.worker_ms[k], self.worker_count[k]
 
-  def compensated_gradient(self, g: Sequence[np.ndarray], m: int) -> list[np.ndarray]:
-    """g + lam * g * g * (w - backup[m]); updates ms first for DC-ASGD-a."""
+  def compensated_gradient(
+      self, g: Sequence[np.ndarray], m: int
+  ) -> list[np.ndarray]:
+    """G + lam * g * g * (w - backup[m]); updates ms first for DC-ASGD-a."""
     g = _f64(g)
     if self.adaptive:
       ms, t = self._fold_mean_square(g, m)
@@ -167,7 +174,9 @@ class ParameterServer:
     n, c, beta = self.period, self.activation, self.momentum
     self.accumulated = [a + di for a, di in zip(self.accumulated, d)]
     if (self.pushes + 1) % n == 0:
-      self.velocity = [beta * v + a / n for v, a in zip(self.velocity, self.accumulated)]
+      self.velocity = [
+          beta * v + a / n for v, a in zip(self.velocity, self.accumulated)
+      ]
       self.accumulated = [np.zeros_like(a) for a in self.accumulated]
       coeff = (1.0 - c * n + c) * beta
     else:
@@ -181,7 +190,9 @@ class ParameterServer:
     if self.period is not None:
       d = self._delayed_nesterov(d)
     elif self.momentum is not None:
-      self.velocity = [di + self.momentum * vi for di, vi in zip(d, self.velocity)]
+      self.velocity = [
+          di + self.momentum * vi for di, vi in zip(d, self.velocity)
+      ]
       if self.nesterov:
         d = [di + self.momentum * vi for di, vi in zip(d, self.velocity)]
       else:
@@ -204,7 +215,9 @@ class GapAwareServer(ParameterServer):
     super().__init__(w0, num_workers, 0.0, decay=decay, eps=eps, **sgd)
     self.eta_max = eta_max
 
-  def compensated_gradient(self, g: Sequence[np.ndarray], m: int) -> list[np.ndarray]:
+  def compensated_gradient(
+      self, g: Sequence[np.ndarray], m: int
+  ) -> list[np.ndarray]:
     g = _f64(g)
     v, t = self._fold_mean_square(g, m)
     out = []
@@ -214,7 +227,9 @@ class GapAwareServer(ParameterServer):
     return out
 
 
-def staleness_scale(rule: str, tau: int, num_workers: int | None = None) -> float:
+def staleness_scale(
+    rule: str, tau: int, num_workers: int | None = None
+) -> float:
   """The factor a staleness rule multiplies a gradient of staleness tau by."""
   if rule == "inverse":
     return 1.0 / max(tau, 1)

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import dcasgd_optax
+
 from helpers import NUM_WORKERS
 from helpers import SETTINGS
 from helpers import assert_bitwise_equal
@@ -51,7 +52,11 @@ def test_dcasgd_matches_reference_server_with_pull_after_push(
   rng = np.random.default_rng(seed)
   w0 = random_tree(rng, spec)
   ref = reference.ParameterServer(
-      leaves_np(w0), num_workers, lambda_, adaptive=adaptive, learning_rate=lr,
+      leaves_np(w0),
+      num_workers,
+      lambda_,
+      adaptive=adaptive,
+      learning_rate=lr,
       **sgd,
   )
   tx = dcasgd_optax.dcasgd(
@@ -81,7 +86,9 @@ def test_zero_lambda_is_plain_asgd(num_workers, adaptive, sgd, data):
           max_size=6,
       )
   )
-  dc = dcasgd_optax.dcasgd(0.1, num_workers, lambda_=0.0, adaptive=adaptive, **sgd)
+  dc = dcasgd_optax.dcasgd(
+      0.1, num_workers, lambda_=0.0, adaptive=adaptive, **sgd
+  )
   plain = optax.sgd(0.1, **sgd)
   dc_step = jax.jit(lambda g, s, p, m: dc.update(g, s, p, worker=m))
   plain_step = jax.jit(plain.update)
@@ -105,7 +112,7 @@ def test_zero_lambda_is_plain_asgd(num_workers, adaptive, sgd, data):
 def test_single_worker_with_pull_after_push_is_sequential_sgd(
     adaptive, lambda_, sgd, grads
 ):
-  """num_workers=1: backup == w at every push, so the compensation term is zero."""
+  """num_workers=1: backup == w at every push, so the compensation is zero."""
   dc = dcasgd_optax.dcasgd(0.1, 1, lambda_=lambda_, adaptive=adaptive, **sgd)
   plain = optax.chain(
       optax.add_decayed_weights(sgd["weight_decay"]),
@@ -159,8 +166,10 @@ def test_pull_after_push_without_delay_compensation_fails_at_init():
     tx.init({"w": jnp.zeros(2)})
 
 
-@pytest.mark.parametrize("old, new", [("gap_aware_sgd", "gap_aware_asgd"),
-                                      ("dana_dc", "dana_dcasgd")])
+@pytest.mark.parametrize(
+    "old, new",
+    [("gap_aware_sgd", "gap_aware_asgd"), ("dana_dc", "dana_dcasgd")],
+)
 def test_old_names_are_deprecated_aliases(old, new):
   """One naming scheme (every full optimizer's name ends in ``asgd``); the
   old names still work for one release, with a DeprecationWarning, and are
@@ -170,4 +179,4 @@ def test_old_names_are_deprecated_aliases(old, new):
   assert fn is getattr(dcasgd_optax, new)
   assert old not in dcasgd_optax.__all__ and new in dcasgd_optax.__all__
   with pytest.raises(AttributeError, match="no_such_name"):
-    dcasgd_optax.no_such_name  # pylint: disable=pointless-statement
+    _ = dcasgd_optax.no_such_name

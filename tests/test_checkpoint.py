@@ -1,4 +1,5 @@
-"""dcasgd_optax.extend.checkpoint: round trips, host copies, resume, bad input."""
+"""dcasgd_optax.extend.checkpoint: round trips, host copies, resume, bad
+input."""
 
 import importlib
 import os
@@ -109,9 +110,11 @@ def test_a_simulator_state_resumes_exactly(tmp_path):
     "like,message",
     [
         ({"w": jnp.zeros(3)}, r"leaves only in `like`: \[\"\['w'\]\"\]"),
-        (_state()._replace(last_pull=np.zeros(3, np.int64)),
-         r"leaf .last_pull with \(shape, dtype\) \(\(2,\), 'int64'\), but "
-         r"`like` has \(\(3,\), 'int64'\)"),
+        (
+            _state()._replace(last_pull=np.zeros(3, np.int64)),
+            r"leaf .last_pull with \(shape, dtype\) \(\(2,\), 'int64'\), but "
+            r"`like` has \(\(3,\), 'int64'\)",
+        ),
         (_state()._replace(step=np.int32(7)), r"leaf .step .*'int32'"),
     ],
 )

@@ -16,9 +16,10 @@ bf16 in and out, inside a chain, ``inject_hyperparams``, extra args.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import chex
 import jax
@@ -28,6 +29,7 @@ import optax
 import pytest
 
 import dcasgd_optax
+
 from helpers import NUM_WORKERS
 from helpers import dc_state
 from helpers import grads_like
@@ -39,7 +41,7 @@ TOL = dict(rtol=1e-6, atol=1e-6)  # float32 round-off
 
 
 def user_chain(num_workers, lambda_=0.5, learning_rate=0.1, backup_dtype=None):
-  """pull_after_push around a user's own chain (a factory for inject_hyperparams)."""
+  """pull_after_push around a user's chain (a factory: inject_hyperparams)."""
   return dcasgd_optax.pull_after_push(
       optax.chain(
           dcasgd_optax.delay_compensation(
@@ -204,7 +206,10 @@ case_params = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 
 def make_params(dtype=jnp.float32):
   params = {
-      "dense": {"kernel": jnp.arange(6.0).reshape(2, 3) / 6, "bias": jnp.ones(3)},
+      "dense": {
+          "kernel": jnp.arange(6.0).reshape(2, 3) / 6,
+          "bias": jnp.ones(3),
+      },
       "scale": jnp.array(0.5),
   }
   return jax.tree.map(lambda x: x.astype(dtype), params)
@@ -214,7 +219,9 @@ def run(tx, params, state, steps=((0, 0), (2, 1), (1, 2))):
   """Applies a few (worker, grad seed) pushes without moving params."""
   outs = []
   for worker, seed in steps:
-    updates, state = tx.update(grads_like(params, seed), state, params, worker=worker)
+    updates, state = tx.update(
+        grads_like(params, seed), state, params, worker=worker
+    )
     outs.append(updates)
   return outs, state
 
@@ -256,7 +263,10 @@ def test_vmap_over_independent_states_matches_a_loop(case):
   got, got_state = jax.jit(jax.vmap(update))(
       stack(grads), stack(states), stack(batch), workers
   )
-  want = [update(g, s, p, int(w)) for g, s, p, w in zip(grads, states, batch, workers)]
+  want = [
+      update(g, s, p, int(w))
+      for g, s, p, w in zip(grads, states, batch, workers)
+  ]
   chex.assert_trees_all_close(got, stack([u for u, _ in want]), **TOL)
   chex.assert_trees_all_close(got_state, stack([s for _, s in want]), **TOL)
   # vmap of init gives one independent state per example.
@@ -294,13 +304,15 @@ def test_inside_named_chain_matches_alone(case):
 @case_params
 def test_inject_hyperparams_strength_changes_behaviour(case):
   params = make_params()
-  injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)(
-      **case.kwargs
-  )
+  injected = optax.inject_hyperparams(
+      case.factory, static_args=case.static_args
+  )(**case.kwargs)
   state = stale_state(injected, params)
   assert set(state.hyperparams) >= {case.knob}
   chex.clear_trace_counter()
-  step = jax.jit(chex.assert_max_traces(lambda s: run(injected, params, s), n=1))
+  step = jax.jit(
+      chex.assert_max_traces(lambda s: run(injected, params, s), n=1)
+  )
   got, _ = step(state)
   want, _ = run(case.make(), params, stale_state(case.make(), params))
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
@@ -329,7 +341,9 @@ def test_multisteps_compensates_the_mean_gradient_every_k_steps(case):
   mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
   want, want_state = tx.update(mean, stale_state(tx, params), params, worker=1)
   chex.assert_trees_all_close(second, want, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(state2.inner_opt_state, want_state, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(
+      state2.inner_opt_state, want_state, rtol=1e-5, atol=1e-6
+  )
 
 
 @case_params
@@ -346,7 +360,9 @@ def test_apply_if_finite_skips_a_non_finite_gradient(case):
   assert int(state1.notfinite_count) == 1
   chex.assert_trees_all_equal(state1.inner_state, state.inner_state)
   good, state2 = step(grads_like(params, 0), state1)
-  want, want_state = tx.update(grads_like(params, 0), state.inner_state, params, worker=1)
+  want, want_state = tx.update(
+      grads_like(params, 0), state.inner_state, params, worker=1
+  )
   chex.assert_trees_all_close(good, want, **TOL)
   chex.assert_trees_all_close(state2.inner_state, want_state, **TOL)
 
@@ -369,7 +385,9 @@ def test_masked_compensates_and_records_only_masked_in_leaves(case):
       held["dense"]["kernel"], params["dense"]["kernel"] - 0.2, **TOL
   )
   g = grads_like(params, 3)
-  got, new_state = jax.jit(lambda s: masked.update(g, s, params, worker=2))(state)
+  got, new_state = jax.jit(lambda s: masked.update(g, s, params, worker=2))(
+      state
+  )
   # Masked-out leaves pass through untouched; masked-in ones match tx alone
   # run on the masked-in part of the model.
   np.testing.assert_array_equal(got["dense"]["bias"], g["dense"]["bias"])
@@ -380,7 +398,9 @@ def test_masked_compensates_and_records_only_masked_in_leaves(case):
   chex.assert_trees_all_close(sub(got), want, **TOL)
   got_backups = dc_state(new_state).backups
   assert isinstance(got_backups["dense"]["bias"], optax.MaskedNode)
-  chex.assert_trees_all_close(sub(got_backups), dc_state(want_state).backups, **TOL)
+  chex.assert_trees_all_close(
+      sub(got_backups), dc_state(want_state).backups, **TOL
+  )
 
 
 @case_params
@@ -391,7 +411,13 @@ def test_accepts_unrelated_extra_args(case):
   g = grads_like(params, 0)
   want, want_state = tx.update(g, state, params, worker=1)
   got, got_state = tx.update(
-      g, state, params, worker=1, value=jnp.array(3.0), loss=1.5, key=jax.random.key(0)
+      g,
+      state,
+      params,
+      worker=1,
+      value=jnp.array(3.0),
+      loss=1.5,
+      key=jax.random.key(0),
   )
   chex.assert_trees_all_equal(got, want)
   chex.assert_trees_all_equal(got_state, want_state)
@@ -426,7 +452,9 @@ def test_bf16_params_give_bf16_updates_and_f32_mean_square(case):
   (u,), state = jax.jit(lambda s: run(tx, params, s, steps=((1, 0),)))(state)
   assert {x.dtype for x in jax.tree.leaves(u)} == {jnp.dtype(jnp.bfloat16)}
   dc = dc_state(state)
-  assert {x.dtype for x in jax.tree.leaves(dc.backups)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(dc.backups)} == {
+      jnp.dtype(jnp.bfloat16)
+  }
   for x in jax.tree.leaves(dc.mean_square):
     assert x.dtype == jnp.float32
   assert (dc.mean_square == ()) == (not case.adaptive)
@@ -465,7 +493,9 @@ def test_record_pull_finds_the_state_nested_anywhere(case):
   outer = dcasgd_optax.record_pull(outer, shifted(params, 1.0), 1)
   held = dcasgd_optax.worker_params(outer, 1)
   chex.assert_trees_all_close(held, shifted(params, 1.0), **TOL)
-  chex.assert_trees_all_close(dcasgd_optax.worker_params(outer, 0), params, **TOL)
+  chex.assert_trees_all_close(
+      dcasgd_optax.worker_params(outer, 0), params, **TOL
+  )
   chex.assert_trees_all_close(outer["a"][1], (jnp.ones(2),), **TOL)
 
 

@@ -10,7 +10,6 @@ process, and a planted library's constructor must not run in this one.
 from __future__ import annotations
 
 # pylint: disable=protected-access
-
 import os
 import pathlib
 import stat

@@ -13,6 +13,8 @@ not grow with ``num_workers`` (no timing).
 
 from __future__ import annotations
 
+import operator
+
 import chex
 import hypothesis
 from hypothesis import strategies as st
@@ -23,6 +25,7 @@ import optax
 import pytest
 
 import dcasgd_optax
+
 from helpers import FEW_WORKERS
 from helpers import MANY_WORKERS
 from helpers import NUM_WORKERS
@@ -48,7 +51,9 @@ FACTORIES = {
     "delay_compensation": lambda **kw: dcasgd_optax.delay_compensation(**kw),
     "dcasgd": lambda **kw: dcasgd_optax.dcasgd(0.1, **kw),
 }
-factories = pytest.mark.parametrize("factory", FACTORIES.values(), ids=FACTORIES)
+factories = pytest.mark.parametrize(
+    "factory", FACTORIES.values(), ids=FACTORIES
+)
 
 # --- against the reference server and exact identities ---------------------
 
@@ -87,7 +92,12 @@ def test_delay_compensation_with_user_pulls_matches_reference_server(
   rng = np.random.default_rng(seed)
   w0 = random_tree(rng, spec)
   ref = reference.ParameterServer(
-      leaves_np(w0), num_workers, lambda_, adaptive=adaptive, decay=decay, eps=eps,
+      leaves_np(w0),
+      num_workers,
+      lambda_,
+      adaptive=adaptive,
+      decay=decay,
+      eps=eps,
       learning_rate=lr,
   )
   tx = optax.chain(
@@ -120,7 +130,9 @@ def test_delay_compensation_with_user_pulls_matches_reference_server(
 
 def test_reference_server_compensates_a_stale_gradient_by_hand():
   """Pins the reference itself to the paper's formula on a hand-worked case."""
-  ref = reference.ParameterServer([np.array([1.0, 2.0])], 2, 0.5, learning_rate=0.1)
+  ref = reference.ParameterServer(
+      [np.array([1.0, 2.0])], 2, 0.5, learning_rate=0.1
+  )
   ref.pull(1)  # worker 1 holds [1, 2]
   ref.push([np.array([1.0, 1.0])], 0)  # w -> [0.9, 1.9]
   step = ref.push([np.array([2.0, 1.0])], 1)  # stale by one push
@@ -142,7 +154,7 @@ def test_reference_server_compensates_a_stale_gradient_by_hand():
 def test_zero_lambda_delay_compensation_passes_gradients_through_bitwise(
     num_workers, adaptive, events, seed
 ):
-  """With user-driven pulls too: chain(dc(lambda_=0), sgd) is sgd, bit for bit."""
+  """With user-driven pulls: chain(dc(lambda_=0), sgd) is sgd, bit for bit."""
   rng = np.random.default_rng(seed)
   tx = optax.chain(
       dcasgd_optax.delay_compensation(num_workers, 0.0, adaptive=adaptive),
@@ -189,7 +201,9 @@ def test_num_workers_must_be_a_positive_int(factory, value, error):
 
 
 @factories
-@pytest.mark.parametrize("value", [-0.1, -1, float("nan"), float("inf"), jnp.array(-2.0)])
+@pytest.mark.parametrize(
+    "value", [-0.1, -1, float("nan"), float("inf"), jnp.array(-2.0)]
+)
 def test_lambda_must_be_non_negative_and_finite(factory, value):
   with pytest.raises(ValueError, match="`lambda_`"):
     factory(num_workers=2, lambda_=value)
@@ -233,8 +247,12 @@ def test_backup_dtype_must_be_floating(factory):
 
 @pytest.mark.parametrize("name", ["lambda_", "decay", "eps"])
 def test_schedule_for_a_numeric_hyperparameter_is_rejected_by_name(name):
-  with pytest.raises(TypeError, match=f"`{name}` must be a number, not a schedule"):
-    dcasgd_optax.delay_compensation(NUM_WORKERS, adaptive=True, **{name: lambda step: 0.1})
+  with pytest.raises(
+      TypeError, match=f"`{name}` must be a number, not a schedule"
+  ):
+    dcasgd_optax.delay_compensation(
+        NUM_WORKERS, adaptive=True, **{name: lambda step: 0.1}
+    )
 
 
 def test_default_lambda_follows_the_variant():
@@ -312,11 +330,19 @@ def test_params_none_is_rejected_naming_params(build):
     "bad, match",
     [
         ({"w": jnp.zeros((2, 2))}, "different tree structure"),
-        ({"w": jnp.zeros((2, 2)), "b": jnp.zeros(2), "c": jnp.zeros(1)},
-         "different tree structure"),
+        (
+            {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2), "c": jnp.zeros(1)},
+            "different tree structure",
+        ),
         ([jnp.zeros(2), jnp.zeros((2, 2))], "different tree structure"),
-        ({"w": jnp.zeros((2, 3)), "b": jnp.zeros(2)}, r"leaf \['w'\] has shape"),
-        ({"w": jnp.zeros((2, 2)), "b": jnp.zeros(())}, r"leaf \['b'\] has shape"),
+        (
+            {"w": jnp.zeros((2, 3)), "b": jnp.zeros(2)},
+            r"leaf \['w'\] has shape",
+        ),
+        (
+            {"w": jnp.zeros((2, 2)), "b": jnp.zeros(())},
+            r"leaf \['b'\] has shape",
+        ),
     ],
     ids=["missing_leaf", "extra_leaf", "list", "kernel_shape", "bias_shape"],
 )
@@ -350,7 +376,9 @@ def test_state_from_a_different_num_workers_is_rejected():
 
 @builders
 @pytest.mark.parametrize("worker", [NUM_WORKERS, -1, 2**30])
-def test_traced_out_of_range_worker_gives_nan_updates_and_leaves_backups(build, worker):
+def test_traced_out_of_range_worker_gives_nan_updates_and_leaves_backups(
+    build, worker
+):
   tx, params = build(), params_tree()
   state = stale_state(tx, params, first=1)
   before = snapshot(dc_state(state))
@@ -387,7 +415,9 @@ GUARDED = {
 
 
 @pytest.mark.parametrize("build", GUARDED.values(), ids=GUARDED)
-def test_apply_if_finite_after_compensation_skips_a_traced_out_of_range_worker(build):
+def test_apply_if_finite_after_compensation_skips_a_traced_out_of_range_worker(
+    build,
+):
   tx, params = build(), params_tree()
   state = stale_state(tx, params, first=1)
   chain = lambda s: (s.inner_state if isinstance(
@@ -430,7 +460,9 @@ def test_errors_are_raised_before_a_donated_state_is_consumed(build, bad_call):
       "params_shape": lambda g, s: tx.update(g, s, bad_params, worker=0),
       "params_none": lambda g, s: tx.update(g, s, None, worker=0),
       "missing_worker": lambda g, s: tx.update(g, s, params),
-      "worker_out_of_range": lambda g, s: tx.update(g, s, params, worker=NUM_WORKERS),
+      "worker_out_of_range": lambda g, s: tx.update(
+          g, s, params, worker=NUM_WORKERS
+      ),
   }[bad_call]
   step = jax.jit(call, donate_argnums=1)
   with pytest.raises((TypeError, ValueError)):
@@ -438,7 +470,9 @@ def test_errors_are_raised_before_a_donated_state_is_consumed(build, bad_call):
   assert not any(x.is_deleted() for x in jax.tree.leaves(state))
   chex.assert_trees_all_equal(state, before)
   # The same donated step with good arguments does consume the state.
-  good = jax.jit(lambda g, s: tx.update(g, s, params, worker=0), donate_argnums=1)
+  good = jax.jit(
+      lambda g, s: tx.update(g, s, params, worker=0), donate_argnums=1
+  )
   good(params, state)
   assert all(x.is_deleted() for x in jax.tree.leaves(dc_state(state).backups))
 
@@ -549,7 +583,9 @@ def test_without_donation_the_same_checks_see_the_copy(make_step):
 def test_a_pull_that_rewrites_every_backup_is_caught_even_when_donated():
   """An O(num_workers) pull (select over all backups) fails the cost check."""
   grown = growth(full_rewrite_step, donate=True)
-  assert grown["bytes_accessed"] >= (MANY_WORKERS - FEW_WORKERS) * WIDE_MODEL_BYTES
+  assert (
+      grown["bytes_accessed"] >= (MANY_WORKERS - FEW_WORKERS) * WIDE_MODEL_BYTES
+  )
 
 
 # --- the opt-in variants: per-worker MeanSquare, remedies -------------------
@@ -599,7 +635,7 @@ def test_variants_match_reference_server(
   mean_square = state[0].mean_square
   if per_worker:  # one row per worker, each fed by that worker's gradients
     for m in range(num_workers):
-      row = jax.tree.map(lambda x: x[m], mean_square)
+      row = jax.tree.map(operator.itemgetter(m), mean_square)
       assert_close_to_reference(row, ref.worker_ms[m], f"ms of worker {m}")
     np.testing.assert_array_equal(state[0].count, ref.worker_count)
   else:
@@ -643,13 +679,26 @@ def test_per_worker_mean_square_costs_one_model_per_worker():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(per_worker_mean_square=True), ValueError,
-         "`per_worker_mean_square=True` needs `adaptive=True`"),
-        (dict(bias_correction=True), ValueError,
-         "`bias_correction=True` needs `adaptive=True`"),
-        (dict(adaptive=True, bias_correction=1), TypeError, "`bias_correction`"),
-        (dict(adaptive=True, per_worker_mean_square="yes"), TypeError,
-         "`per_worker_mean_square`"),
+        (
+            dict(per_worker_mean_square=True),
+            ValueError,
+            "`per_worker_mean_square=True` needs `adaptive=True`",
+        ),
+        (
+            dict(bias_correction=True),
+            ValueError,
+            "`bias_correction=True` needs `adaptive=True`",
+        ),
+        (
+            dict(adaptive=True, bias_correction=1),
+            TypeError,
+            "`bias_correction`",
+        ),
+        (
+            dict(adaptive=True, per_worker_mean_square="yes"),
+            TypeError,
+            "`per_worker_mean_square`",
+        ),
         (dict(lambda_warmup=-1), ValueError, "`lambda_warmup`"),
         (dict(correction_clip=0.0), ValueError, "`correction_clip`"),
         (dict(correction_clip=-1.0), ValueError, "`correction_clip`"),
@@ -672,7 +721,7 @@ def test_variants_under_inject_hyperparams_and_jit_match_the_plain_build():
   state, plain_state = stale_state(injected, params), stale_state(plain, params)
   step = jax.jit(lambda g, s, m: injected.update(g, s, params, worker=m))
   for m, seed in ((1, 0), (2, 1), (1, 2)):
-    g = jax.tree.map(lambda p: p * (seed + 1.0), params)
+    g = jax.tree.map(lambda p, k=seed + 1.0: p * k, params)
     got, state = step(g, state, m)
     want, plain_state = plain.update(g, plain_state, params, worker=m)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)

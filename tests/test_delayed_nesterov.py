@@ -1,4 +1,5 @@
-"""delayed_nesterov and delayed_nesterov_dcasgd against Liu et al.'s Algorithm 3.
+"""delayed_nesterov and delayed_nesterov_dcasgd against Liu et al.'s
+Algorithm 3.
 
 The reference (tests/reference.py, ``ParameterServer`` with
 ``delayed_nesterov_period``) transcribes the paper's Delayed Nesterov update.
@@ -14,6 +15,7 @@ import optax
 import pytest
 
 import dcasgd_optax
+
 import helpers
 import reference
 

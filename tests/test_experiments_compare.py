@@ -25,7 +25,11 @@ def test_compare_writes_results_table_and_plots(config, tmp_path, capsys):
   md = (tmp_path / "table.md").read_text()
   assert "| 2 | " in md and "DC-ASGD-a" in md and " ± " in md
   assert md.split("\n", 2)[2] in capsys.readouterr().out
-  for name in ("error_vs_epoch.png", "error_vs_workers.png", "staleness_hist.png"):
+  for name in (
+      "error_vs_epoch.png",
+      "error_vs_workers.png",
+      "staleness_hist.png",
+  ):
     with open(tmp_path / name, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

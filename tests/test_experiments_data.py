@@ -17,14 +17,19 @@ def digits(data_dir):
   return data.load("mnist5k", data_dir=data_dir)
 
 
-def test_mnist5k_is_prepared_as_array_record_and_read_by_data_source(data_dir, digits):
+def test_mnist5k_is_prepared_as_array_record_and_read_by_data_source(
+    data_dir, digits
+):
   del digits  # Prepared it.
   sources = tfds.data_source("mnist5k", data_dir=data_dir, download=False)
   assert set(sources) == {"train", "test"}
   assert type(sources["train"]).__name__ == "ArrayRecordDataSource"
   assert (len(sources["train"]), len(sources["test"])) == (4000, 1000)
   example = sources["test"][0]
-  assert example["image"].shape == (28, 28, 1) and example["image"].dtype == np.uint8
+  assert (
+      example["image"].shape == (28, 28, 1)
+      and example["image"].dtype == np.uint8
+  )
   assert "tensorflow" not in sys.modules
 
 
@@ -67,15 +72,26 @@ def test_download_false_on_an_empty_dir_fails(tmp_path):
 
 
 def test_unknown_dataset_lists_the_choices():
-  with pytest.raises(ValueError, match="valid choices: mnist5k, mnist, fashion_mnist, cifar10"):
+  with pytest.raises(
+      ValueError, match="valid choices: mnist5k, mnist, fashion_mnist, cifar10"
+  ):
     data.load("imagenet")
 
 
-@pytest.mark.parametrize("name,shape", [("cifar10", (32, 32, 3)), ("fashion_mnist", (28, 28, 1))])
-def test_catalogue_datasets_load_through_data_source_under_mock_data(name, shape):
-  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+@pytest.mark.parametrize(
+    "name,shape", [("cifar10", (32, 32, 3)), ("fashion_mnist", (28, 28, 1))]
+)
+def test_catalogue_datasets_load_through_data_source_under_mock_data(
+    name, shape
+):
+  with tfds.testing.mock_data(
+      num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE
+  ):
     ds = data.load(name, data_dir="/nonexistent")
-  assert ds.train_images.shape == (12, *shape) and ds.train_images.dtype == np.float32
+  assert (
+      ds.train_images.shape == (12, *shape)
+      and ds.train_images.dtype == np.float32
+  )
   assert ds.test_labels.dtype == np.int32 and ds.num_classes == 10
   assert ds.augment == (name == "cifar10")
 
@@ -93,8 +109,10 @@ def test_crop_and_flip_is_a_shifted_window_of_the_zero_padded_image():
   assert y.shape == x.shape
   padded = np.pad(np.asarray(x), ((0, 0), (4, 4), (4, 4), (0, 0)))
   for p, yi in zip(padded, np.asarray(y)):
-    windows = [p[i:i + 6, j:j + 6] for i in range(9) for j in range(9)]
-    assert any(np.array_equal(w, yi) or np.array_equal(w[:, ::-1], yi) for w in windows)
+    windows = [p[i : i + 6, j : j + 6] for i in range(9) for j in range(9)]
+    assert any(
+        np.array_equal(w, yi) or np.array_equal(w[:, ::-1], yi) for w in windows
+    )
   # Explicit key: the same key gives the same batch, another key another.
   np.testing.assert_array_equal(y, data.crop_and_flip(jax.random.key(2), x))
   assert not np.array_equal(y, data.crop_and_flip(jax.random.key(3), x))

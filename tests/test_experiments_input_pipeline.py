@@ -20,12 +20,18 @@ def test_every_algorithm_uses_the_same_gradients_per_epoch():
 
 
 def test_gradient_stream_is_a_permutation_per_epoch_and_slices_consistently():
-  whole = input_pipeline.gradient_indices(7, 100, 8, 0, 36)  # 12 gradients per epoch
+  whole = input_pipeline.gradient_indices(
+      7, 100, 8, 0, 36
+  )  # 12 gradients per epoch
   assert whole.shape == (36, 8) and whole.dtype == np.int32
   for e in range(3):
     assert len(np.unique(whole[12 * e:12 * (e + 1)])) == 96
-  np.testing.assert_array_equal(input_pipeline.gradient_indices(7, 100, 8, 10, 27), whole[10:27])
-  assert not np.array_equal(input_pipeline.gradient_indices(8, 100, 8, 0, 12), whole[:12])
+  np.testing.assert_array_equal(
+      input_pipeline.gradient_indices(7, 100, 8, 10, 27), whole[10:27]
+  )
+  assert not np.array_equal(
+      input_pipeline.gradient_indices(8, 100, 8, 0, 12), whole[:12]
+  )
 
 
 @pytest.mark.parametrize("schedule", ["cyclic", "shuffled", "gamma"])

@@ -15,7 +15,9 @@ def test_main_trains_one_run_from_the_command_line(data_dir, tmp_path):
       "--config.num_workers=2", "--config.num_epochs=1",
       f"--config.data_dir={data_dir}", f"--workdir={tmp_path}",
   ]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+  out = subprocess.run(
+      cmd, cwd=ROOT, capture_output=True, text=True, check=True
+  )
   with open(tmp_path / "summary.json") as f:
     summary = json.load(f)
   assert summary["algorithm"] == "asgd" and summary["workers"] == 2

@@ -1,17 +1,22 @@
 """The NNX models and their pure-function adapter."""
 
 import chex
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from experiments import models
 
 
 @pytest.mark.parametrize(
-    "name,shape", [("mlp", (28, 28, 1)), ("small_cnn", (28, 28, 1)), ("resnet20", (32, 32, 3))]
+    "name,shape",
+    [
+        ("mlp", (28, 28, 1)),
+        ("small_cnn", (28, 28, 1)),
+        ("resnet20", (32, 32, 3)),
+    ],
 )
 def test_models_map_images_to_logits_under_jit(name, shape):
   model = models.create(name, image_shape=shape, num_classes=10, seed=0)
@@ -20,7 +25,9 @@ def test_models_map_images_to_logits_under_jit(name, shape):
   fn = jax.jit(lambda p, s, x: apply(p, s, x, train=False))
   logits, _ = fn(params, model_state, x)
   assert logits.shape == (3, 10) and logits.dtype == jnp.float32
-  np.testing.assert_allclose(logits, model(x, train=False), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      logits, model(x, train=False), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_resnet20_has_he_et_al_size_and_layers():
@@ -53,18 +60,36 @@ def test_option_a_shortcut_subsamples_and_zero_pads_channels():
 
 
 def test_models_without_batchnorm_have_empty_model_state():
-  _, params, model_state = models.functional(models.MLP(4, (8,), 3, rngs=nnx.Rngs(0)))
-  assert model_state == {} and models.num_params(params) == 4 * 8 + 8 + 8 * 3 + 3
+  _, params, model_state = models.functional(
+      models.MLP(4, (8,), 3, rngs=nnx.Rngs(0))
+  )
+  assert (
+      model_state == {} and models.num_params(params) == 4 * 8 + 8 + 8 * 3 + 3
+  )
 
 
 def test_same_seed_same_init_and_other_seed_other_init():
-  a = models.functional(models.create("small_cnn", image_shape=(28, 28, 1), num_classes=10, seed=3))[1]
-  b = models.functional(models.create("small_cnn", image_shape=(28, 28, 1), num_classes=10, seed=3))[1]
-  c = models.functional(models.create("small_cnn", image_shape=(28, 28, 1), num_classes=10, seed=4))[1]
+  a = models.functional(
+      models.create(
+          "small_cnn", image_shape=(28, 28, 1), num_classes=10, seed=3
+      )
+  )[1]
+  b = models.functional(
+      models.create(
+          "small_cnn", image_shape=(28, 28, 1), num_classes=10, seed=3
+      )
+  )[1]
+  c = models.functional(
+      models.create(
+          "small_cnn", image_shape=(28, 28, 1), num_classes=10, seed=4
+      )
+  )[1]
   chex.assert_trees_all_equal(a, b)
   assert not np.array_equal(a["head"]["kernel"], c["head"]["kernel"])
 
 
 def test_unknown_model_lists_the_choices():
-  with pytest.raises(ValueError, match="valid choices: mlp, small_cnn, resnet20"):
+  with pytest.raises(
+      ValueError, match="valid choices: mlp, small_cnn, resnet20"
+  ):
     models.create("vgg", image_shape=(28, 28, 1), num_classes=10, seed=0)

@@ -1,4 +1,4 @@
-"""experiments.plots: every algorithm's style, and figures drawn without pyplot."""
+"""experiments.plots: every algorithm's style, figures drawn without pyplot."""
 
 import numpy as np
 import pytest
@@ -15,7 +15,9 @@ def test_every_algorithm_has_its_own_colour():
   assert len(set(colors)) == len(colors)
   # The single-worker reference is dashed, every other line solid.
   for a in algorithms.REGISTRY.values():
-    assert plots.style(a).linestyle == ("--" if a.single_worker else "-"), a.name
+    assert plots.style(a).linestyle == (
+        "--" if a.single_worker else "-"
+    ), a.name
 
 
 def test_an_algorithm_without_a_style_fails_naming_it():
@@ -31,8 +33,10 @@ def test_the_comparisons_figures_are_written(tmp_path):
           for s in (0, 1)]
   plots.plot_error_vs_workers(rows, str(tmp_path / "w.png"), title="t")
   history = [{"test_error": 0.5}, {"test_error": 0.3}]
-  plots.plot_error_vs_epoch({("sequential", 1): [history], ("asgd", 2): [history]},
-                            str(tmp_path / "e.png"))
+  plots.plot_error_vs_epoch(
+      {("sequential", 1): [history], ("asgd", 2): [history]},
+      str(tmp_path / "e.png"),
+  )
   plots.plot_staleness({2: np.array([0, 1, 1, 1])}, str(tmp_path / "s.png"))
   for name in ("w.png", "e.png", "s.png"):
     assert (tmp_path / name).read_bytes()[:8] == PNG

@@ -1,4 +1,4 @@
-"""experiments/ray_async.py: its config, optimizers and data, and one Ray run."""
+"""experiments/ray_async.py: its config, optimizers, data, and one Ray run."""
 
 import json
 
@@ -52,7 +52,9 @@ def test_optimizer_follows_the_config_like_the_simulator(config):
         ("batch_size", 0, "config.batch_size must be an int >= 1"),
     ],
 )
-def test_bad_config_fails_before_ray_starts(config, tmp_path, field, value, message):
+def test_bad_config_fails_before_ray_starts(
+    config, tmp_path, field, value, message
+):
   parent, _, name = field.rpartition(".")
   (config[parent] if parent else config)[name] = value
   with pytest.raises(ValueError, match=message):

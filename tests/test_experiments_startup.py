@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-import pytest
 from absl import app
+import pytest
 
 from experiments import startup
 
@@ -25,7 +25,7 @@ from experiments import compare, main, methods, plots, startup, train
 if {ray}:
   from experiments import ray_async
 assert "matplotlib.pyplot" not in sys.modules, "pyplot imported"
-assert dict.__getitem__(matplotlib.rcParams, "backend") is backend, "backend set"
+assert dict.__getitem__(matplotlib.rcParams, "backend") is backend, "backend"
 assert jax.config.jax_compilation_cache_dir == cache_dir, "JAX configured"
 import numpy as np
 plots.plot_staleness({{2: np.array([0, 1, 1])}}, {png!r})
@@ -48,8 +48,13 @@ app.run(run)
 def test_importing_the_studies_changes_nothing_and_setup_starts_one(tmp_path):
   ray = importlib.util.find_spec("ray") is not None
   program = _PROGRAM.format(ray=ray, png=str(tmp_path / "s.png"))
-  cmd = [sys.executable, "-c", program,
-         "--config=experiments/configs/tiny.py", f"--workdir={tmp_path}"]
+  cmd = [
+      sys.executable,
+      "-c",
+      program,
+      "--config=experiments/configs/tiny.py",
+      f"--workdir={tmp_path}",
+  ]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == f"started dc-asgd-a {tmp_path}"
@@ -57,5 +62,7 @@ def test_importing_the_studies_changes_nothing_and_setup_starts_one(tmp_path):
 
 
 def test_a_stray_argument_is_refused_before_anything_starts():
-  with pytest.raises(app.UsageError, match="Unexpected arguments: \\['runs/x'\\]"):
+  with pytest.raises(
+      app.UsageError, match="Unexpected arguments: \\['runs/x'\\]"
+  ):
     startup.setup(["main.py", "runs/x"], compilation_cache=True)

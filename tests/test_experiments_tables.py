@@ -9,11 +9,26 @@ from experiments import tables
 
 def test_markdown_table_has_the_papers_form():
   rows = [
-      {"algorithm": "sequential", "workers": 1, "seed": 0, "final_test_error": 0.08},
-      {"algorithm": "sequential", "workers": 1, "seed": 1, "final_test_error": 0.10},
+      {
+          "algorithm": "sequential",
+          "workers": 1,
+          "seed": 0,
+          "final_test_error": 0.08,
+      },
+      {
+          "algorithm": "sequential",
+          "workers": 1,
+          "seed": 1,
+          "final_test_error": 0.10,
+      },
       {"algorithm": "asgd", "workers": 4, "seed": 0, "final_test_error": 0.2},
       {"algorithm": "asgd", "workers": 4, "seed": 1, "final_test_error": 0.3},
-      {"algorithm": "dc-asgd-a", "workers": 4, "seed": 0, "final_test_error": 0.1},
+      {
+          "algorithm": "dc-asgd-a",
+          "workers": 4,
+          "seed": 0,
+          "final_test_error": 0.1,
+      },
   ]
   lines = tables.markdown_table(rows).splitlines()
   assert lines[0] == "| M | sequential SGD | ASGD | DC-ASGD-a |"
@@ -22,10 +37,18 @@ def test_markdown_table_has_the_papers_form():
 
 def test_gap_closed_against_a_hand_computation():
   # Sequential 6%, ASGD 16%: a gap of 10 points; a method at 7% closes 90%.
-  assert statistics.gap_closed(0.06, 0.16, 0.07, min_gap=0.005) == pytest.approx(0.9)
-  assert statistics.gap_closed(0.06, 0.16, 0.05, min_gap=0.005) == pytest.approx(1.1)
-  assert statistics.gap_closed(0.06, 0.16, 0.18, min_gap=0.005) == pytest.approx(-0.2)
-  assert statistics.gap_closed(0.06, 0.063, 0.05, min_gap=0.005) is None  # no gap
+  assert statistics.gap_closed(
+      0.06, 0.16, 0.07, min_gap=0.005
+  ) == pytest.approx(0.9)
+  assert statistics.gap_closed(
+      0.06, 0.16, 0.05, min_gap=0.005
+  ) == pytest.approx(1.1)
+  assert statistics.gap_closed(
+      0.06, 0.16, 0.18, min_gap=0.005
+  ) == pytest.approx(-0.2)
+  assert (
+      statistics.gap_closed(0.06, 0.063, 0.05, min_gap=0.005) is None
+  )  # no gap
 
 
 def _row(optimizer, algorithm, error, *, schedule="cyclic", workers=32, seed=0):
@@ -35,22 +58,33 @@ def _row(optimizer, algorithm, error, *, schedule="cyclic", workers=32, seed=0):
 
 def test_each_cell_is_measured_from_its_optimizers_sequential_and_its_asgd():
   rows = [
-      _row("sgd", "sequential", 0.05, workers=1), _row("sgd", "sequential", 0.07, workers=1, seed=1),
-      _row("sgd", "asgd", 0.15), _row("sgd", "asgd", 0.17, seed=1),
-      _row("sgd", "dc-asgd-a", 0.07), _row("sgd", "dc-asgd-a", 0.07, seed=1),
-      _row("sgd", "asgd", 0.061, workers=8), _row("sgd", "dc-asgd-a", 0.05, workers=8),
+      _row("sgd", "sequential", 0.05, workers=1),
+      _row("sgd", "sequential", 0.07, workers=1, seed=1),
+      _row("sgd", "asgd", 0.15),
+      _row("sgd", "asgd", 0.17, seed=1),
+      _row("sgd", "dc-asgd-a", 0.07),
+      _row("sgd", "dc-asgd-a", 0.07, seed=1),
+      _row("sgd", "asgd", 0.061, workers=8),
+      _row("sgd", "dc-asgd-a", 0.05, workers=8),
       _row("momentum", "sequential", 0.05, workers=1),
-      _row("momentum", "asgd", 0.25), _row("momentum", "dc-asgd-a", 0.15),
+      _row("momentum", "asgd", 0.25),
+      _row("momentum", "dc-asgd-a", 0.15),
   ]
   stats = {(s["optimizer"], s["num_workers"], s["algorithm"]): s
            for s in statistics.cell_stats(rows, min_gap=0.005)}
   dc = stats[("sgd", 32, "dc-asgd-a")]
-  assert dc["mean"] == pytest.approx(0.07) and dc["std"] == 0 and dc["seeds"] == 2
+  assert (
+      dc["mean"] == pytest.approx(0.07) and dc["std"] == 0 and dc["seeds"] == 2
+  )
   assert dc["gap_closed"] == pytest.approx((0.16 - 0.07) / (0.16 - 0.06))
   assert stats[("sgd", 8, "dc-asgd-a")]["gap_closed"] is None  # ASGD 6.1 vs 6.0
-  assert stats[("momentum", 32, "dc-asgd-a")]["gap_closed"] == pytest.approx(0.5)
+  assert stats[("momentum", 32, "dc-asgd-a")]["gap_closed"] == pytest.approx(
+      0.5
+  )
   assert stats[("sgd", 32, "asgd")]["std"] == pytest.approx(0.01414, abs=1e-4)
-  table = tables.methods_table(list(stats.values()), "sgd", "title").splitlines()
+  table = tables.methods_table(
+      list(stats.values()), "sgd", "title"
+  ).splitlines()
   assert table[2] == "| method | cyclic M=8 | cyclic M=32 |"
   assert table[4:] == ["| sequential SGD | 6.00 ± 1.41 | 6.00 ± 1.41 |",
                        "| ASGD | 6.10 ± 0.00 | 16.00 ± 1.41 |",
@@ -68,8 +102,13 @@ def test_targets_name_every_method_that_closes_enough_of_the_gap():
               ("sgd", "cyclic", 16, 0.8)]).splitlines()
   assert len(table) == 4  # M = 16 has no method besides ASGD: no line
   assert table[2].endswith(
-      "| DC-ASGD-a, bias-corr. (95%) | DC-ASGD-a, bias-corr.: 6.50 ± 0.00 (95%) |")
-  assert "| 80% |" in table[3] and "bias-corr. (95%), DC-ASGD-a (85%) |" in table[3]
+      "| DC-ASGD-a, bias-corr. (95%) | "
+      "DC-ASGD-a, bias-corr.: 6.50 ± 0.00 (95%) |"
+  )
+  assert (
+      "| 80% |" in table[3]
+      and "bias-corr. (95%), DC-ASGD-a (85%) |" in table[3]
+  )
 
 
 def test_remedy_summary_counts_cells_where_the_remedy_hurts():
@@ -79,7 +118,9 @@ def test_remedy_summary_counts_cells_where_the_remedy_hurts():
       rows += [_row("sgd", "dc-asgd-a", base + noise, workers=m, seed=seed),
                _row("sgd", "dc-asgd-a-bc", remedy, workers=m, seed=seed)]
   stats = statistics.cell_stats(rows, min_gap=0.005)
-  line = tables.remedy_summary(stats, "dc-asgd-a", ["dc-asgd-a-bc"]).splitlines()[2]
+  line = tables.remedy_summary(
+      stats, "dc-asgd-a", ["dc-asgd-a-bc"]
+  ).splitlines()[2]
   # Better at M = 8, worse at 16 (within the std 1.41), hurts at 32 (+4 points).
   assert line == "| DC-ASGD-a, bias-corr. | 3 | 1 | 2 | 1 | +4.00 |"
   paired = tables.paired_table(stats, "dc-asgd-a", "dc-asgd-a-bc")

@@ -39,12 +39,16 @@ def test_tiny_run_end_to_end_on_the_offline_digits(config, tmp_path, cache):
     assert json.load(f) == summary
 
 
-def test_rerun_is_identical_and_resume_after_interruption_matches(config, tmp_path, cache):
+def test_rerun_is_identical_and_resume_after_interruption_matches(
+    config, tmp_path, cache
+):
   config.num_epochs = 3
   full = train.train_and_evaluate(config, str(tmp_path / "a"), cache=cache)
   again = train.train_and_evaluate(config, str(tmp_path / "b"), cache=cache)
   history = _without_seconds(run_files.read_metrics(str(tmp_path / "a")))
-  assert _without_seconds(run_files.read_metrics(str(tmp_path / "b"))) == history
+  assert (
+      _without_seconds(run_files.read_metrics(str(tmp_path / "b"))) == history
+  )
   assert again["final_test_error"] == full["final_test_error"]
 
   append = run_files.append_metrics
@@ -54,12 +58,16 @@ def test_rerun_is_identical_and_resume_after_interruption_matches(config, tmp_pa
     if record["epoch"] == 1:
       raise KeyboardInterrupt
 
-  with mock.patch.object(run_files, "append_metrics", interrupt_after_first_epoch):
+  with mock.patch.object(
+      run_files, "append_metrics", interrupt_after_first_epoch
+  ):
     with pytest.raises(KeyboardInterrupt):
       train.train_and_evaluate(config, str(tmp_path / "c"), cache=cache)
   assert len(run_files.read_metrics(str(tmp_path / "c"))) == 1
   resumed = train.train_and_evaluate(config, str(tmp_path / "c"), cache=cache)
-  assert _without_seconds(run_files.read_metrics(str(tmp_path / "c"))) == history
+  assert (
+      _without_seconds(run_files.read_metrics(str(tmp_path / "c"))) == history
+  )
   assert {k: v for k, v in resumed.items() if k != "wall_time"} == {
       k: v for k, v in full.items() if k != "wall_time"
   }
@@ -77,7 +85,9 @@ def test_cifar10_resnet20_path_under_mock_data(config, tmp_path):
   config.dataset, config.model = "cifar10", "resnet20"
   config.batch_size, config.num_epochs, config.num_workers = 16, 1, 2
   config.momentum, config.weight_decay = 0.9, 1e-4
-  with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
+  with tfds.testing.mock_data(
+      num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE
+  ):
     summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary["workers"] == 2 and summary["epochs"] == 1
   assert np.isfinite(run_files.read_metrics(str(tmp_path))[0]["train_loss"])
@@ -86,17 +96,35 @@ def test_cifar10_resnet20_path_under_mock_data(config, tmp_path):
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("algorithm", "hogwild", "valid choices: sequential, ssgd, asgd, sa-asgd, "),
-        ("algorithm", "dana", "needs config.optimizer='sgd' with config.momentum > 0"),
+        (
+            "algorithm",
+            "hogwild",
+            "valid choices: sequential, ssgd, asgd, sa-asgd, ",
+        ),
+        (
+            "algorithm",
+            "dana",
+            "needs config.optimizer='sgd' with config.momentum > 0",
+        ),
         ("optimizer", "rmsprop", "valid choices: sgd, adam"),
-        ("checkpoint_every_epochs", -1, "checkpoint_every_epochs must be an int >= 0"),
+        (
+            "checkpoint_every_epochs",
+            -1,
+            "checkpoint_every_epochs must be an int >= 0",
+        ),
         ("num_workers", 0, "num_workers must be an int >= 1"),
-        ("dataset", "imagenet", "valid choices: mnist5k, mnist, fashion_mnist, cifar10"),
+        (
+            "dataset",
+            "imagenet",
+            "valid choices: mnist5k, mnist, fashion_mnist, cifar10",
+        ),
         ("schedule", "poisson", "valid choices: cyclic, shuffled, gamma"),
         ("model", "vgg", "valid choices: mlp, small_cnn, resnet20"),
     ],
 )
-def test_bad_config_values_fail_fast_listing_the_choices(config, tmp_path, field, value, message):
+def test_bad_config_values_fail_fast_listing_the_choices(
+    config, tmp_path, field, value, message
+):
   config[field] = value
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -104,7 +132,8 @@ def test_bad_config_values_fail_fast_listing_the_choices(config, tmp_path, field
 
 
 def test_runs_sharing_a_cache_reuse_one_program_and_get_the_same_results(
-    config, tmp_path, cache):
+    config, tmp_path, cache
+):
   config.num_epochs = 1
   other = ml_collections.ConfigDict(config.to_dict())
   other.seed, other.learning_rate, other.schedule = 1, 0.05, "gamma"
@@ -115,9 +144,12 @@ def test_runs_sharing_a_cache_reuse_one_program_and_get_the_same_results(
   more = ml_collections.ConfigDict(config.to_dict())
   more.num_workers = 2
   assert cache.program(more) is not cache.program(config)
-  alone = train.train_and_evaluate(other, str(tmp_path / "c"))  # a program of its own
+  alone = train.train_and_evaluate(
+      other, str(tmp_path / "c")
+  )  # a program of its own
   assert _without_seconds(run_files.read_metrics(str(tmp_path / "b"))) == (
-      _without_seconds(run_files.read_metrics(str(tmp_path / "c"))))
+      _without_seconds(run_files.read_metrics(str(tmp_path / "c")))
+  )
   assert shared["final_test_error"] == alone["final_test_error"]
 
 

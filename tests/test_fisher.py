@@ -17,8 +17,9 @@ import pytest
 
 import dcasgd_optax
 from dcasgd_optax.harness import Simulator
-from dcasgd_optax.harness import schedules
 from dcasgd_optax.harness import _per_example
+from dcasgd_optax.harness import schedules
+
 import helpers
 import reference
 

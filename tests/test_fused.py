@@ -51,7 +51,7 @@ def grads_at(params, t):
 def composed_dcasgd(learning_rate, num_workers, *, momentum=None,
                     nesterov=False, weight_decay=0.0, backup_dtype=None,
                     adaptive=True, lambda_=None, **compensation):
-  """dcasgd as its docstring spells it, from the public transformations."""
+  """Dcasgd as its docstring spells it, from the public transformations."""
   parts = [dcasgd_optax.delay_compensation(
       num_workers, lambda_, adaptive=adaptive, backup_dtype=backup_dtype,
       **compensation
@@ -449,7 +449,11 @@ def test_without_a_compiler_dcasgd_warns_once_and_keeps_xlas_loop(tmp_path):
       [sys.executable, "-c", NO_COMPILER % KERNEL_TARGET], env=env,
       capture_output=True, text=True, check=True,
   )
-  assert done.stdout.split() == ["1", "False", str(float(np.float32(-0.1)))], done
+  assert done.stdout.split() == [
+      "1",
+      "False",
+      str(float(np.float32(-0.1))),
+  ], done
 
 
 # --- the worker's model as an explicit input (held_params) ------------------
@@ -496,11 +500,17 @@ def told_trajectory(tx, workers=WORKERS):
 
 HELD_CASES = {
     "kernel_a_momentum": ("1", dict(momentum=0.9)),
-    "kernel_per_worker_bf16": ("1", dict(momentum=0.9, backup_dtype=jnp.bfloat16,
-                                         per_worker_mean_square=True)),
+    "kernel_per_worker_bf16": (
+        "1",
+        dict(
+            momentum=0.9, backup_dtype=jnp.bfloat16, per_worker_mean_square=True
+        ),
+    ),
     "xla_loop_per_worker": ("0", dict(per_worker_mean_square=True)),
-    "xla_loop_c_nesterov": ("0", dict(adaptive=False, lambda_=0.5,
-                                      momentum=0.9, nesterov=True)),
+    "xla_loop_c_nesterov": (
+        "0",
+        dict(adaptive=False, lambda_=0.5, momentum=0.9, nesterov=True),
+    ),
 }
 
 

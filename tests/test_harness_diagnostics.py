@@ -1,6 +1,8 @@
 """Diagnostics: each arrival's gradient and applied direction against the
 fresh gradient, checked against a one-arrival-at-a-time loop."""
 
+import operator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ import dcasgd_optax
 from dcasgd_optax.harness import Simulator
 from dcasgd_optax.harness import SyncSimulator
 from dcasgd_optax.harness import schedules
+
 from helpers import STRATEGIES
 from helpers import W
 from helpers import bn_loss_fn
@@ -203,7 +206,8 @@ def test_sampling_follows_the_server_step_across_replays():
   for lo in range(0, A, 4):  # 4 arrivals a call, one program
     hi = lo + 4
     state, record = sim.replay(
-        state, jax.tree.map(lambda x: x[lo:hi], batches), arrivals[lo:hi])
+        state, jax.tree.map(operator.itemgetter(slice(lo, hi)), batches),
+        arrivals[lo:hi])
     pieces.append(record)
   for key in KEYS:
     joined = np.concatenate([np.asarray(r[key]) for r in pieces])

@@ -7,16 +7,17 @@ import sys
 import textwrap
 
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.flatten_util import ravel_pytree
 
 import dcasgd_optax
 from dcasgd_optax.harness import Simulator
 from dcasgd_optax.harness import SyncSimulator
 from dcasgd_optax.harness import schedules
+
 from helpers import STRATEGIES
 from helpers import W
 from helpers import bn_loss_fn
@@ -168,7 +169,7 @@ def test_exact_compensation_runs_in_replay_many_as_in_replay():
       jnp.stack([batches, batches]), arrivals)
   for i, start in enumerate(starts):
     state, alone = sim.replay(sim.init(start), batches, arrivals)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(
+    jax.tree.map(lambda x, y, i=i: np.testing.assert_allclose(
         x[i], y, rtol=1e-5, atol=1e-6), states.params, state.params)
     np.testing.assert_allclose(record["curvature_ratio"][i],
                                alone["curvature_ratio"], rtol=1e-5)

@@ -184,6 +184,36 @@ _SCRIPT = textwrap.dedent("""
                             cases[0][1][:30])
       fisher[len(devices)] = workers_only(state, 6)
     close(fisher[1], fisher[8])
+
+    # Diagnostics with 6 workers on 8 devices (backups padded to 8 rows):
+    # the compensation found by the simulator (dcasgd's own, with the
+    # curvature ratio) and one passed as first_transform (a composed chain).
+    def diagnosed(devices, make_sim):
+      sim = make_sim(devices)
+      _, record = sim.replay(sim.init(params), batches_6,
+                             cases[0][1][:20])
+      return record
+
+    batches_6 = jnp.asarray(np.random.default_rng(0).integers(0, 64, (20, 8)))
+    dc = dcasgd_optax.delay_compensation(6, 2.0, adaptive=True)
+    sims = [
+        lambda d: Simulator(loss_fn, dcasgd_optax.dcasgd(0.1, 6, momentum=0.5),
+                            devices=d, strategy=STRATEGY,
+                            diagnose_curvature=True),
+        lambda d: Simulator(loss_fn, dcasgd_optax.pull_after_push(
+            optax.chain(dc, optax.sgd(0.1))), devices=d, strategy=STRATEGY,
+                            diagnostics=True, first_transform=dc),
+    ]
+    for make_sim in sims:
+      want, got = diagnosed(one, make_sim), diagnosed(eight, make_sim)
+      assert set(got) == set(want), (sorted(got), sorted(want))
+      assert np.isfinite(np.asarray(got["applied_error"])).all()
+      assert ("curvature_ratio" in want) == (make_sim is sims[0])
+      if "curvature_ratio" in want:  # measured where w - w_m is not 0
+        stale = np.asarray(got["staleness"]) > 0
+        assert stale.sum() > 10
+        assert np.isfinite(np.asarray(got["curvature_ratio"])[stale]).all()
+      close(want, got)
     print("OK")
 """)
 

@@ -10,10 +10,9 @@ import json
 import os
 import textwrap
 
+from multihost_helpers import launch
 import numpy as np
 import pytest
-
-from multihost_helpers import launch
 
 # The simulations both layouts run; each process writes what it read back
 # with ``to_host`` (every leaf whole) to OUT/<tag>-<process>.npz.
@@ -224,6 +223,7 @@ def test_an_unreachable_coordinator_is_an_error_in_bounded_time():
 
 def test_process_timeout_must_be_a_positive_number():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   import dcasgd_optax  # pylint: disable=g-import-not-at-top
   from dcasgd_optax.harness import Simulator  # pylint: disable=g-import-not-at-top
   for bad in (0, -1.0, True, "10"):
@@ -235,8 +235,10 @@ def test_process_timeout_must_be_a_positive_number():
 def test_to_host_in_one_process_is_every_leaf_whole():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   import dcasgd_optax  # pylint: disable=g-import-not-at-top
-  from dcasgd_optax.harness import Simulator, to_host  # pylint: disable=g-import-not-at-top
+  from dcasgd_optax.harness import Simulator  # pylint: disable=g-import-not-at-top
+  from dcasgd_optax.harness import to_host  # pylint: disable=g-import-not-at-top
   sim = Simulator(lambda p, i: jnp.sum((p["w"] - i) ** 2),
                   dcasgd_optax.dcasgd(0.1, 3))
   state, metrics = sim.replay(sim.init({"w": jnp.zeros(2)}),

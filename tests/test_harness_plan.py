@@ -5,8 +5,9 @@ import pytest
 
 from dcasgd_optax.harness import Simulator
 from dcasgd_optax.harness import schedules
-from helpers import A
+
 from helpers import STRATEGIES
+from helpers import A
 from helpers import W
 from helpers import init_params
 from helpers import loss_fn

@@ -22,7 +22,9 @@ SIMULATORS = (Simulator, SyncSimulator)
 
 
 def loss_fn(params, idx):
-  return jnp.mean((jnp.tanh(XS[idx] @ params["w"] + params["b"]) - YS[idx]) ** 2)
+  return jnp.mean(
+      (jnp.tanh(XS[idx] @ params["w"] + params["b"]) - YS[idx]) ** 2
+  )
 
 
 def make_batches(num, seed=0):

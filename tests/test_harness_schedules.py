@@ -173,7 +173,9 @@ def test_stragglers_make_a_thin_tail_of_long_delays():
   # A straggling time spans ~slowdown of the others' times: (M-1) * slowdown
   # arrivals; the share of such arrivals is about p (binomial, 6000 draws).
   assert 0.5 * p < np.mean(late) < 1.5 * p
-  assert 0.5 * slowdown * (m - 1) < np.median(tau[late]) < 1.5 * slowdown * (m - 1)
+  assert (
+      0.5 * slowdown * (m - 1) < np.median(tau[late]) < 1.5 * slowdown * (m - 1)
+  )
   assert np.median(tau[~late]) == m - 1  # the body is untouched
 
 

@@ -14,12 +14,13 @@ from dcasgd_optax.harness import SimState
 from dcasgd_optax.harness import Simulator
 from dcasgd_optax.harness import SyncSimulator
 from dcasgd_optax.harness import schedules
-from helpers import A
+
 from helpers import REPLAY_TOL
 from helpers import STRATEGIES
-from helpers import W
 from helpers import XS
 from helpers import YS
+from helpers import A
+from helpers import W
 from helpers import bn_loss_fn
 from helpers import find_dc_states
 from helpers import init_model_state
@@ -27,7 +28,6 @@ from helpers import init_params
 from helpers import loss_fn
 from helpers import make_batches
 from helpers import random_order
-
 
 ORDERS = {
     "cyclic": lambda: schedules.cyclic(W, A),

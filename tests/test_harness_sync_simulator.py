@@ -10,6 +10,7 @@ import pytest
 import dcasgd_optax
 from dcasgd_optax.harness import Simulator
 from dcasgd_optax.harness import SyncSimulator
+
 from helpers import REPLAY_TOL
 from helpers import STRATEGIES
 from helpers import W

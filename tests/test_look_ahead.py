@@ -1,4 +1,4 @@
-"""look_ahead_momentum and dana_dcasgd: the pull sends, and records, a prediction.
+"""look_ahead_momentum and dana_dcasgd: the pull sends and records a prediction.
 
 The reference (tests/reference.py, ``ParameterServer`` with
 ``look_ahead_horizon``) sends w - lr * (mu + ... + mu^H) * v on every pull
@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import dcasgd_optax
+
 import helpers
 import reference
 

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import dcasgd_optax
+
 import helpers
 
 muon = getattr(getattr(optax, "contrib", None), "muon", None)

@@ -57,8 +57,9 @@ def test_notebook_is_committed_with_its_outputs(name):
   assert counts == sorted(counts), f"{name} was not run top to bottom"
   outputs = [o for c in code for o in c.get("outputs", [])]
   assert not [o for o in outputs if o["output_type"] == "error"]
-  assert any("image/png" in o.get("data", {}) for o in outputs), (
-      f"{name} shows no plot")
+  assert any(
+      "image/png" in o.get("data", {}) for o in outputs
+  ), f"{name} shows no plot"
 
 
 @pytest.mark.parametrize("name", sorted(OVERRIDES))
@@ -85,7 +86,9 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
   )
   out = json.loads((tmp_path / name).read_text())
   errors = [
-      o for c in out["cells"] for o in c.get("outputs", [])
+      o
+      for c in out["cells"]
+      for o in c.get("outputs", [])
       if o.get("output_type") == "error"
   ]
   assert not errors

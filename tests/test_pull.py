@@ -1,4 +1,5 @@
-"""record_pull, worker_params and the pull hook: what they refuse, what a pull records, its cost.
+"""record_pull, worker_params and the pull hook: what they refuse, what a pull
+records, its cost.
 
 ``pull`` is the server's side of a pull for every driver (simulator,
 ``pull_after_push``, Ray); its contract is pinned against the lower-level
@@ -8,7 +9,6 @@ server. A traced out-of-range worker cannot raise inside ``jit``:
 new params and read-modify-writes one backup, whatever the number of workers
 (XLA's own accounting, no timing).
 """
-
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import optax
 import pytest
 
 import dcasgd_optax
+
 from helpers import FEW_WORKERS
 from helpers import MANY_WORKERS
 from helpers import NUM_WORKERS
@@ -68,7 +69,9 @@ def test_donated_record_pull_alone_writes_one_slice():
     compiled = jitted.lower(state, wide_params(), jnp.int32(0)).compile()
     return compiled, cost_analysis(compiled)["bytes accessed"]
 
-  (_, small_bytes), (large, large_bytes) = map(compile_pull, (FEW_WORKERS, MANY_WORKERS))
+  (_, small_bytes), (large, large_bytes) = map(
+      compile_pull, (FEW_WORKERS, MANY_WORKERS)
+  )
   assert abs(large_bytes - small_bytes) < 0.1 * WIDE_MODEL_BYTES
   # Reading the new params, then one slice read-modify-written: about three
   # models' worth, against MANY_WORKERS models for a copy of the backups.
@@ -76,8 +79,10 @@ def test_donated_record_pull_alone_writes_one_slice():
   assert backup_copies(large, MANY_WORKERS) == []
 
 
-PARAMS = {"dense": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)},
-          "scale": jnp.array(2.0)}
+PARAMS = {
+    "dense": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)},
+    "scale": jnp.array(2.0),
+}
 
 
 def nested_optimizers():
@@ -160,7 +165,9 @@ def test_pull_after_push_equals_update_then_pull_by_hand():
         lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), params)
     updates, state = step(grads, state, params, m)
     params = optax.apply_updates(params, updates)
-    ref_updates, ref_state = inner.update(grads, ref_state, ref_params, worker=m)
+    ref_updates, ref_state = inner.update(
+        grads, ref_state, ref_params, worker=m
+    )
     ref_params = optax.apply_updates(ref_params, ref_updates)
     _, ref_state = dcasgd_optax.pull(ref_state, ref_params, m)
     chex.assert_trees_all_close(params, ref_params, rtol=1e-6)

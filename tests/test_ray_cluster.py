@@ -11,21 +11,22 @@ refusals, against real Ray clusters (slow).
 
 from __future__ import annotations
 
+from concurrent import futures
 import datetime
 import ipaddress
 import logging
-from concurrent import futures
 
 import pytest
 
 ray = pytest.importorskip("ray")
 grpc = pytest.importorskip("grpc")
 
-import dcasgd_optax.ray as dray  # pylint: disable=g-import-not-at-top
+import dcasgd_optax.ray as dray  # noqa: E402  (after the importorskip)
 
 try:  # Only the TLS test needs it (Ray's own TLS tooling uses it too).
   from cryptography import x509
-  from cryptography.hazmat.primitives import hashes, serialization
+  from cryptography.hazmat.primitives import hashes
+  from cryptography.hazmat.primitives import serialization
   from cryptography.hazmat.primitives.asymmetric import ec
   from cryptography.x509.oid import NameOID
 except ImportError:
@@ -172,8 +173,10 @@ def test_ray_client_address_probes_the_ray_client_server(serve):  # pylint: disa
 
 
 def test_nothing_listening_is_a_connection_error_after_timeout_s():
-  with pytest.raises(ConnectionError,
-                     match=r"No Ray cluster answered .* within 0.3 s.*RAY_USE_TLS"):
+  with pytest.raises(
+      ConnectionError,
+      match=r"No Ray cluster answered .* within 0.3 s.*RAY_USE_TLS",
+  ):
     dray.connect("127.0.0.1:1", timeout_s=0.3)
 
 
@@ -186,7 +189,11 @@ def test_a_grpc_server_that_is_not_ray_is_a_connection_error(serve):  # pylint: 
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(allow_insecure_cluster="yes"), TypeError, "allow_insecure_cluster"),
+        (
+            dict(allow_insecure_cluster="yes"),
+            TypeError,
+            "allow_insecure_cluster",
+        ),
         (dict(timeout_s=0), ValueError, "timeout_s"),
         (dict(address=6379), TypeError, "`address` must be a str or None"),
     ],
@@ -206,7 +213,7 @@ def self_signed(tmp_path):
   host = ipaddress.ip_address(ray.util.get_node_ip_address())
   key = ec.generate_private_key(ec.SECP256R1())
   name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-  now = datetime.datetime.now(datetime.timezone.utc)
+  now = datetime.datetime.now(datetime.UTC)
   cert = (
       x509.CertificateBuilder().subject_name(name).issuer_name(name)
       .public_key(key.public_key()).serial_number(x509.random_serial_number())

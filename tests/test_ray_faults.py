@@ -16,9 +16,9 @@ from ray_helpers import INIT
 from ray_helpers import alive_actors
 from ray_helpers import check_exactly_once
 from ray_helpers import digits_problem
-from ray_helpers import local_ray  # pylint: disable=unused-import
+from ray_helpers import local_ray  # noqa: F401  # a fixture
 from ray_helpers import ray
-from ray_helpers import ray_env  # pylint: disable=unused-import
+from ray_helpers import ray_env  # noqa: F401  # a fixture
 
 pytest.importorskip("orbax.checkpoint")
 

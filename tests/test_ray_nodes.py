@@ -17,11 +17,10 @@ import subprocess
 import sys
 
 import pytest
-
 from test_ray_auth import base_env
-from test_ray_auth import cluster_dir  # pylint: disable=unused-import
+from test_ray_auth import cluster_dir  # noqa: F401  # a fixture
 from test_ray_auth import start_head
-from test_ray_auth import start_node  # pylint: disable=unused-import
+from test_ray_auth import start_node  # noqa: F401  # a fixture
 
 pytestmark = pytest.mark.slow
 

@@ -117,10 +117,13 @@ def _bad_pushes():
       "unknown worker": ((2, 0, good), {}, "does not know that worker"),
       "negative worker": ((-1, 0, good), {}, "does not know that worker"),
       "bool worker": ((True, 0, good), {}, "`worker` must be an int"),
-      "duplicate": ((1, 0, good), {}, r"worker 1 sent gradient seq=0.*duplicate"),
-      "out of order": ((1, 2, good), {}, r"seq=2.*expected is 1 \(out of order"),
+      "duplicate": (
+          (1, 0, good), {}, r"worker 1 sent gradient seq=0.*duplicate"),
+      "out of order": (
+          (1, 2, good), {}, r"seq=2.*expected is 1 \(out of order"),
       "float seq": ((0, 0.0, good), {}, r"worker 0 sent `seq`=0.0, not an int"),
-      "negative epoch": ((0, 0, good), dict(epoch=-1), "`epoch` must be an int"),
+      "negative epoch": (
+          (0, 0, good), dict(epoch=-1), "`epoch` must be an int"),
       "finite not a bool": ((0, 0, good), dict(finite="yes"),
                             "worker 0 sent `finite`='yes', not a bool"),
       # The first shard records meta; a bad one would break its trace at the
@@ -528,6 +531,7 @@ def test_connect_names_a_changed_ray_internal_and_pins_the_tested_ray(
   from packaging.specifiers import SpecifierSet  # pylint: disable=g-import-not-at-top
   import ray  # pylint: disable=g-import-not-at-top
   from ray._private import services  # pylint: disable=g-import-not-at-top
+
   from dcasgd_optax.ray import _cluster  # pylint: disable=g-import-not-at-top
   pyproject = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
   assert f'"ray[default]{_cluster.TESTED_RAY}"' in pyproject

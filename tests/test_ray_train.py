@@ -19,18 +19,18 @@ import pytest
 from ray_helpers import alive_actors
 from ray_helpers import check_exactly_once
 from ray_helpers import digits_problem
-from ray_helpers import local_ray  # pylint: disable=unused-import
+from ray_helpers import local_ray  # noqa: F401  # a fixture
 from ray_helpers import ray
-from ray_helpers import ray_env  # pylint: disable=unused-import
+from ray_helpers import ray_env  # noqa: F401  # a fixture
 from ray_helpers import trace_batches
 
 pytest.importorskip("orbax.checkpoint")
 
 import dcasgd_optax  # pylint: disable=g-import-not-at-top
-import dcasgd_optax.ray as dray  # pylint: disable=g-import-not-at-top
-from dcasgd_optax.ray._layout import make_layout  # pylint: disable=g-import-not-at-top
 from dcasgd_optax.harness import Simulator  # pylint: disable=g-import-not-at-top
 from dcasgd_optax.harness import schedules  # pylint: disable=g-import-not-at-top
+import dcasgd_optax.ray as dray  # pylint: disable=g-import-not-at-top
+from dcasgd_optax.ray._layout import make_layout  # pylint: disable=g-import-not-at-top
 
 # ray.init forks after JAX has started threads; the children exec at once.
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")

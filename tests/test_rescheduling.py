@@ -19,6 +19,7 @@ import optax
 import pytest
 
 import dcasgd_optax
+
 import helpers
 import reference
 

@@ -14,13 +14,13 @@ import urllib.parse
 import pytest
 
 import dcasgd_optax
+from experiments import algorithms
 from experiments import choose
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "docs" / "ext"))
-import coverage_check  # pylint: disable=g-import-not-at-top,wrong-import-position
-import generate  # pylint: disable=g-import-not-at-top,wrong-import-position
-
+import coverage_check  # noqa: E402  # docs/ext is on sys.path only now
+import generate  # noqa: E402
 
 # --- Choose a method ------------------------------------------------------
 
@@ -76,9 +76,18 @@ def test_use_names_the_chain_with_the_tuned_lambda():
                              "`delayed_nesterov(lr, period=8)`")
 
 
+def test_baselines_and_the_exact_ceiling_are_never_recommended():
+  stats, tuned = _grid({"ssgd": (1.0, 1.0), "exact-dc": (1.0, 1.0),
+                        "gap-aware": (0.5, 0.4)})
+  (rec,) = choose.recommend(stats, tuned)
+  assert rec.algorithm == "gap-aware"
+
+
 def test_every_method_of_the_grid_has_a_use_with_library_names():
   stats, _ = choose.load()
-  assert {s["algorithm"] for s in stats} - {"sequential"} <= set(choose.USE)
+  grid = {s["algorithm"] for s in stats} | {
+      a.name for a in algorithms.REGISTRY.values()}
+  assert grid - choose.NOT_RECOMMENDED <= set(choose.USE)
   for alg, (template, names) in choose.USE.items():
     for name in names:
       assert name in dcasgd_optax.__all__, (alg, name)

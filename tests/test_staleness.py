@@ -1,4 +1,5 @@
-"""scale_by_staleness (and its alias scale_by_inverse_staleness) under jit, and bad input."""
+"""scale_by_staleness (and its alias scale_by_inverse_staleness) under jit,
+and bad input."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import optax
 import pytest
 
 import dcasgd_optax
+
 import helpers
 import reference
 
@@ -26,7 +28,9 @@ def test_divides_by_the_staleness_under_jit_keeping_the_dtype(dtype):
     for name, u in updates.items():
       assert got[name].dtype == u.dtype
       want = np.asarray(u, np.float32) / max(tau, 1)  # a fresh gradient stays
-      np.testing.assert_allclose(np.asarray(got[name], np.float32), want, rtol=rtol)
+      np.testing.assert_allclose(
+          np.asarray(got[name], np.float32), want, rtol=rtol
+      )
 
 
 def test_missing_staleness_is_a_type_error_naming_it():
@@ -107,7 +111,10 @@ def test_inverse_alias_gives_identical_results():
     a, _ = alias.update(updates, alias.init(None), staleness=tau)
     b, _ = rule.update(updates, rule.init(None), staleness=tau)
     assert a["w"].tobytes() == b["w"].tobytes()
-  assert dcasgd_optax.ScaleByInverseStalenessState is dcasgd_optax.ScaleByStalenessState
+  assert (
+      dcasgd_optax.ScaleByInverseStalenessState
+      is dcasgd_optax.ScaleByStalenessState
+  )
 
 
 def test_delay_adaptive_keeps_the_full_step_up_to_n_workers():
@@ -119,7 +126,9 @@ def test_delay_adaptive_keeps_the_full_step_up_to_n_workers():
 
 
 def test_unknown_rule_lists_the_valid_ones():
-  with pytest.raises(ValueError, match="`rule` must be one of 'inverse', 'sqrt'"):
+  with pytest.raises(
+      ValueError, match="`rule` must be one of 'inverse', 'sqrt'"
+  ):
     dcasgd_optax.scale_by_staleness("linear")
 
 

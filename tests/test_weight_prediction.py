@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hypothesis
 from hypothesis import strategies as st
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import dcasgd_optax
+
 import helpers
 import reference
 

@@ -137,7 +137,9 @@ def init_state(
 
 def check_backup_dtype(backup_dtype: Any) -> None:
   """Raises unless ``backup_dtype`` is None or a floating dtype."""
-  if backup_dtype is not None and not jnp.issubdtype(backup_dtype, jnp.floating):
+  if backup_dtype is not None and not jnp.issubdtype(
+      backup_dtype, jnp.floating
+  ):
     raise TypeError(
         f"`backup_dtype` must be a floating dtype or None, got {backup_dtype}."
     )
@@ -266,6 +268,6 @@ def _store(old: Any, new: Any, worker: Any, valid: Any,
 
 
 def num_workers_of(state: DelayCompensationState) -> int | None:
-  """The leading axis of the backups, or None for a params tree with no leaves."""
+  """The backups' leading axis, or None for a params tree with no leaves."""
   leaves = jax.tree.leaves(state.backups)
   return leaves[0].shape[0] if leaves else None

@@ -20,15 +20,18 @@ def concrete_value(x: Any) -> Any | None:
   """Returns ``x`` as a NumPy value if it is known now, else ``None``."""
   try:
     return np.asarray(x)
-  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+  except (
+      jax.errors.ConcretizationTypeError,
+      jax.errors.TracerArrayConversionError,
+  ):
     return None
-
 
 
 def is_static_zero(x: Any) -> bool:
   """Whether ``x`` is known at trace time to be the scalar 0."""
   v = concrete_value(x)
   return v is not None and v.shape == () and float(v) == 0.0
+
 
 def check_positive_int(name: str, value: Any) -> int:
   """Returns ``value`` as an int, or raises if it is not an int >= 1."""
@@ -89,7 +92,7 @@ def check_scalar_range(
 
 
 def check_seed(seed: Any) -> int:
-  """Returns ``seed`` if it is a non-negative int (``None`` is not deterministic)."""
+  """Returns ``seed`` if a non-negative int (``None`` is not deterministic)."""
   if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
     raise TypeError(
         f"`seed` must be a non-negative int (for a reproducible order), got "

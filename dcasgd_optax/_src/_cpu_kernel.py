@@ -26,8 +26,8 @@ from __future__ import annotations
 import enum
 import functools
 import os
-import warnings
 from typing import Any, NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -181,7 +181,7 @@ def scalars_for(
     ``Scalars(...).stack()``, float32.
   """
   c = compensation
-  ramp = 1.0
+  ramp: Any = 1.0
   if (c.lambda_warmup is not None
       and not _checks.is_static_zero(c.lambda_warmup)):
     ramp = warm_up_ramp(total_count, c.lambda_warmup)

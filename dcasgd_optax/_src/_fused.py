@@ -33,14 +33,15 @@ take this module's ``_Step`` (the maths) and ``_Leaf`` (one parameter).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from dcasgd_optax._src import _cpu_kernel
 from dcasgd_optax._src import _fused_blocked
@@ -52,6 +53,7 @@ from dcasgd_optax._src._backups import fold_square
 from dcasgd_optax._src._backups import held_of
 from dcasgd_optax._src._backups import next_mean_square
 from dcasgd_optax._src._backups import worker_is_valid
+from dcasgd_optax._src.pull_after_push import PullAfterPush
 
 
 class SgdTail(NamedTuple):
@@ -72,7 +74,7 @@ class SgdTail(NamedTuple):
 
 
 def fused_sgd(
-    composed: optax.GradientTransformationExtraArgs,
+    composed: PullAfterPush,
     num_workers: int,
     stats: MeanSquareSpec,
     correct: Callable[..., Any],
@@ -132,7 +134,7 @@ class _Scalars(NamedTuple):
   scheduled: bool  # the step size comes from a schedule (cast per leaf)
 
 
-def _tail_scalars(tail: SgdTail, states: tuple) -> tuple[_Scalars, tuple]:
+def _tail_scalars(tail: SgdTail, states: Any) -> tuple[_Scalars, tuple]:
   """This update's weight decay and step size, and the tail's counted states.
 
   Mirrors ``optax.add_decayed_weights`` and ``optax.scale_by_learning_rate``.

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from dcasgd_optax._src import _rows
 

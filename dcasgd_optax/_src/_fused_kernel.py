@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src import _cpu_kernel

@@ -46,7 +46,7 @@ import jaxlib
 try:
   import fcntl  # pylint: disable=g-import-not-at-top
 except ImportError:  # Windows: no lock (and no kernel, for want of O_NOFOLLOW).
-  fcntl = None
+  fcntl = None  # type: ignore[assignment]
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernel.cc")
 CACHE_DIR = "DCASGD_OPTAX_CACHE_DIR"

@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 _UINT = {1: jnp.uint8, 2: jnp.uint16}
 
@@ -64,7 +64,8 @@ def write_row(
 
   def put(a, value):  # Cast inside: a narrow operand makes XLA copy ``a``.
     value = to_bits(value.astype(a.dtype))
-    return from_bits(lax.dynamic_update_index_in_dim(to_bits(a), value, row, 0),
-                     a.dtype)
+    return from_bits(
+        lax.dynamic_update_index_in_dim(to_bits(a), value, row, 0), a.dtype
+    )
 
   return lax.cond(valid, put, lambda a, value: a, a, value)

@@ -16,7 +16,7 @@ import optax
 
 
 def is_masked(x: Any) -> bool:
-  """True for the placeholder optax.masked leaves in place of excluded params."""
+  """True for the placeholder optax.masked leaves for excluded params."""
   return isinstance(x, optax.MaskedNode)
 
 
@@ -66,7 +66,7 @@ def map_like(fn: Any, tree: Any, other: Any) -> Any:
 
 
 def check_matches_backups(name: str, tree: Any, backups: Any) -> None:
-  """Raises ValueError unless ``tree`` has the structure and shapes of one backup.
+  """Raises ValueError unless ``tree`` has one backup's structure and shapes.
 
   Variable wrappers on either side are ignored (see :func:`unwrap_variables`).
 
@@ -82,7 +82,7 @@ def check_matches_backups(name: str, tree: Any, backups: Any) -> None:
         "`tx.update(grads, state, params, worker=m)`."
     )
   tree, backups = unwrap_variables(tree), unwrap_variables(backups)
-  want = jax.tree.structure(backups, is_leaf=is_masked)
+  want: Any = jax.tree.structure(backups, is_leaf=is_masked)
   got = jax.tree.structure(tree, is_leaf=is_masked)
   if want != got:
     raise ValueError(

@@ -1,4 +1,4 @@
-"""Full optimizers: each method of the library with weight decay, SGD and the pull after push.
+"""Full optimizers: each method with weight decay, SGD and pull after push.
 
 Naming: every full optimizer is an asynchronous SGD server's update (it
 needs ``worker=`` and records the worker's pull), so every name ends in
@@ -17,6 +17,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import jax
 import optax
 
 from dcasgd_optax._src import _checks
@@ -38,18 +39,18 @@ def dcasgd(
     learning_rate: optax.ScalarOrSchedule,
     num_workers: int,
     *,
-    lambda_: Any = None,
+    lambda_: jax.typing.ArrayLike | None = None,
     adaptive: bool = True,
-    decay: Any = 0.95,
-    eps: Any = 1e-7,
+    decay: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-7,
     momentum: float | None = None,
     nesterov: bool = False,
-    weight_decay: Any = 0.0,
-    backup_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    backup_dtype: jax.typing.DTypeLike | None = None,
     per_worker_mean_square: bool = False,
     bias_correction: bool = False,
-    lambda_warmup: Any = 0,
-    correction_clip: Any = None,
+    lambda_warmup: jax.typing.ArrayLike = 0,
+    correction_clip: jax.typing.ArrayLike | None = None,
 ) -> PullAfterPush:
   r"""DC-ASGD as one optimizer, with the worker's pull recorded after its push.
 
@@ -199,11 +200,11 @@ def gap_aware_asgd(
     *,
     momentum: float | None = None,
     nesterov: bool = False,
-    weight_decay: Any = 0.0,
-    step_size: float | None = None,
-    decay: Any = 0.999,
-    eps: Any = 1e-8,
-    backup_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    step_size: jax.typing.ArrayLike | None = None,
+    decay: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    backup_dtype: jax.typing.DTypeLike | None = None,
 ) -> PullAfterPush:
   r"""Gap-Aware ASGD as one optimizer, with the pull after each push.
 
@@ -236,8 +237,8 @@ def gap_aware_asgd(
     >>> import dcasgd_optax
     >>> tx = dcasgd_optax.gap_aware_asgd(0.1, num_workers=4, momentum=0.9)
     >>> state = tx.init({'w': jnp.ones(2)})
-    >>> updates, state = tx.update({'w': jnp.ones(2)}, state, {'w': jnp.ones(2)},
-    ...                            worker=1)  # fresh: no gap, plain SGD
+    >>> updates, state = tx.update(  # fresh: no gap, plain SGD
+    ...     {'w': jnp.ones(2)}, state, {'w': jnp.ones(2)}, worker=1)
     >>> updates['w']
     Array([-0.1, -0.1], dtype=float32)
 
@@ -271,18 +272,18 @@ def dana_dcasgd(
     learning_rate: optax.ScalarOrSchedule,
     num_workers: int,
     *,
-    momentum: Any = 0.9,
-    horizon: Any = None,
-    lambda_: Any = None,
+    momentum: jax.typing.ArrayLike = 0.9,
+    horizon: jax.typing.ArrayLike | None = None,
+    lambda_: jax.typing.ArrayLike | None = None,
     adaptive: bool = True,
-    weight_decay: Any = 0.0,
-    decay: Any = 0.95,
-    eps: Any = 1e-7,
-    backup_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    decay: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-7,
+    backup_dtype: jax.typing.DTypeLike | None = None,
     per_worker_mean_square: bool = False,
     bias_correction: bool = False,
-    lambda_warmup: Any = 0,
-    correction_clip: Any = None,
+    lambda_warmup: jax.typing.ArrayLike = 0,
+    correction_clip: jax.typing.ArrayLike | None = None,
 ) -> PullAfterPush:
   r"""DANA-DC: delay compensation, momentum SGD, and look-ahead pulls.
 
@@ -357,18 +358,18 @@ def delayed_nesterov_dcasgd(
     num_workers: int,
     *,
     period: int | None = None,
-    momentum: Any = 0.9,
-    momentum_activation: Any = 0.0,
-    lambda_: Any = None,
+    momentum: jax.typing.ArrayLike = 0.9,
+    momentum_activation: jax.typing.ArrayLike = 0.0,
+    lambda_: jax.typing.ArrayLike | None = None,
     adaptive: bool = True,
-    weight_decay: Any = 0.0,
-    decay: Any = 0.95,
-    eps: Any = 1e-7,
-    backup_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    decay: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-7,
+    backup_dtype: jax.typing.DTypeLike | None = None,
     per_worker_mean_square: bool = False,
     bias_correction: bool = False,
-    lambda_warmup: Any = 0,
-    correction_clip: Any = None,
+    lambda_warmup: jax.typing.ArrayLike = 0,
+    correction_clip: jax.typing.ArrayLike | None = None,
 ) -> PullAfterPush:
   r"""DC-ASGD with delayed Nesterov momentum, with the pull after each push.
 
@@ -401,8 +402,8 @@ def delayed_nesterov_dcasgd(
     >>> import dcasgd_optax
     >>> tx = dcasgd_optax.delayed_nesterov_dcasgd(0.1, num_workers=4)
     >>> state = tx.init({'w': jnp.ones(2)})
-    >>> updates, state = tx.update({'w': jnp.ones(2)}, state, {'w': jnp.ones(2)},
-    ...                            worker=2)
+    >>> updates, state = tx.update(
+    ...     {'w': jnp.ones(2)}, state, {'w': jnp.ones(2)}, worker=2)
     >>> updates['w']  # first push of the period: -0.1 * g / 4
     Array([-0.025, -0.025], dtype=float32)
 

@@ -1,4 +1,4 @@
-"""One way to checkpoint a pytree of arrays with orbax: :class:`Checkpointer`."""
+"""Checkpoints of a pytree of arrays with orbax: :class:`Checkpointer`."""
 
 from __future__ import annotations
 

@@ -18,16 +18,16 @@ from dcasgd_optax._src._backups import stats_dtype
 
 def delay_compensation(
     num_workers: int,
-    lambda_: Any = None,
+    lambda_: jax.typing.ArrayLike | None = None,
     *,
     adaptive: bool = False,
-    decay: Any = 0.95,
-    eps: Any = 1e-7,
-    backup_dtype: Any = None,
+    decay: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-7,
+    backup_dtype: jax.typing.DTypeLike | None = None,
     per_worker_mean_square: bool = False,
     bias_correction: bool = False,
-    lambda_warmup: Any = 0,
-    correction_clip: Any = None,
+    lambda_warmup: jax.typing.ArrayLike = 0,
+    correction_clip: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Compensates the delay of an asynchronous worker's gradient (DC-ASGD).
 
@@ -104,7 +104,8 @@ def delay_compensation(
     >>> import jax.numpy as jnp, optax
     >>> import dcasgd_optax
     >>> params = {'w': jnp.array([1.0, 2.0])}
-    >>> tx = optax.chain(dcasgd_optax.delay_compensation(2, 0.5), optax.sgd(0.1))
+    >>> tx = optax.chain(
+    ...     dcasgd_optax.delay_compensation(2, 0.5), optax.sgd(0.1))
     >>> state = tx.init(params)
     >>> new = {'w': jnp.array([1.5, 2.0])}   # another worker moved the model
     >>> grads = {'w': jnp.array([2.0, 1.0])}  # worker 1 computed at the old one
@@ -159,7 +160,7 @@ def compensation_correction(
     lambda_warmup: Any,
     correction_clip: Any,
 ) -> Any:
-  """:func:`delay_compensation`'s ``correct`` (see :func:`backups_transformation`).
+  """:func:`delay_compensation`'s ``correct`` (:func:`backups_transformation`).
 
   Its arguments, already validated and ``lambda_`` resolved. The fused full
   optimizer applies the same function to blocks of each parameter, so both
@@ -221,15 +222,18 @@ def warm_up_ramp(t: Any, steps: Any) -> jax.Array:
   )
 
 
-def _compensate(g, w, held, lam, clip=None):
-  """Elementwise g + lam * g * g * (w - held), in at least float32.
+def _compensate(g, w, held, lam, clip=None, curvature=None):
+  """Elementwise g + lam * c * (w - held), in at least float32.
 
-  With ``clip``, the term is bounded by ``clip * |g|``.
+  The curvature ``c`` is ``g * g`` (DC-ASGD), or ``curvature`` when given
+  (e.g. the pushed Fisher diagonal). With ``clip``, the term is bounded by
+  ``clip * |g|``.
   """
   dtype = stats_dtype(g.dtype)
   g32 = g.astype(dtype)
+  c = g32 * g32 if curvature is None else curvature.astype(dtype)
   delta = w.astype(dtype) - held.astype(dtype)
-  term = lam * g32 * g32 * delta
+  term = lam * c * delta
   if clip is not None:
     bound = clip * jnp.abs(g32)
     term = jnp.clip(term, -bound, bound)

@@ -12,16 +12,16 @@ from dcasgd_optax._src import _checks
 
 
 class DelayedNesterovState(NamedTuple):
-  """State of :func:`delayed_nesterov`.
+  r"""State of :func:`delayed_nesterov`.
 
   Attributes:
     count: int32 scalar, the number of updates so far.
     momentum: the momentum :math:`m`, shaped like params (params' dtypes).
-    accumulated: :math:`\\Delta`, the sum of this period's gradients so far,
+    accumulated: :math:`\Delta`, the sum of this period's gradients so far,
       shaped like params (params' dtypes).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # the field, not tuple.count
   momentum: Any
   accumulated: Any
 
@@ -30,8 +30,8 @@ def delayed_nesterov(
     learning_rate: optax.ScalarOrSchedule,
     period: int,
     *,
-    momentum: Any = 0.9,
-    momentum_activation: Any = 0.0,
+    momentum: jax.typing.ArrayLike = 0.9,
+    momentum_activation: jax.typing.ArrayLike = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD whose Nesterov momentum moves once per ``period`` updates.
 
@@ -104,7 +104,9 @@ def delayed_nesterov(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    lr = (
+        learning_rate(state.count) if callable(learning_rate) else learning_rate
+    )
     boundary = (state.count + 1) % period == 0
     c = momentum_activation
     coeff = jnp.where(boundary, (1 - c * period + c) * momentum, c * momentum)

@@ -17,16 +17,16 @@ from dcasgd_optax._src import delay_compensation as dc
 
 def fisher_compensation(
     num_workers: int,
-    lambda_: Any = None,
+    lambda_: jax.typing.ArrayLike | None = None,
     *,
     adaptive: bool = False,
-    decay: Any = 0.95,
-    eps: Any = 1e-7,
-    backup_dtype: Any = None,
+    decay: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-7,
+    backup_dtype: jax.typing.DTypeLike | None = None,
     per_worker_mean_square: bool = False,
     bias_correction: bool = False,
-    lambda_warmup: Any = 0,
-    correction_clip: Any = None,
+    lambda_warmup: jax.typing.ArrayLike = 0,
+    correction_clip: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Delay compensation whose curvature is the worker's Fisher diagonal.
 
@@ -152,8 +152,11 @@ def fisher_compensation(
         state, updates, worker, num_workers, stats, squares=grad_sq
     )
     lam = lambdas(grad_sq, ms, count, state)
-    compensate = lambda g, f, w, b, l: _compensate(g, f, w, b, l,
-                                                   correction_clip)
+
+    def compensate(g, f, w, b, lam):  # DC's term, Fisher's curvature
+      return dc._compensate(  # pylint: disable=protected-access
+          g, w, b, lam, correction_clip, curvature=f)
+
     out = jax.tree.map(compensate, updates, grad_sq, params, held, lam)
     valid = _backups.worker_is_valid(worker, num_workers)
     return _backups.nan_unless(valid, out), state
@@ -171,29 +174,18 @@ def _check_grad_sq(grad_sq: Any) -> None:
     )
 
 
-def _compensate(g, f, w, held, lam, clip):
-  """Elementwise ``g + lam * f * (w - held)`` in at least float32."""
-  dtype = jnp.promote_types(g.dtype, jnp.float32)
-  delta = w.astype(dtype) - held.astype(dtype)
-  term = lam * f.astype(dtype) * delta
-  if clip is not None:
-    bound = clip * jnp.abs(g.astype(dtype))
-    term = jnp.clip(term, -bound, bound)
-  return (g.astype(dtype) + term).astype(g.dtype)
-
-
 def fisher_dcasgd(
     learning_rate: optax.ScalarOrSchedule,
     num_workers: int,
     *,
-    lambda_: Any = None,
+    lambda_: jax.typing.ArrayLike | None = None,
     adaptive: bool = True,
-    decay: Any = 0.95,
-    eps: Any = 1e-7,
+    decay: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 1e-7,
     momentum: float | None = None,
     nesterov: bool = False,
-    weight_decay: Any = 0.0,
-    backup_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    backup_dtype: jax.typing.DTypeLike | None = None,
     per_worker_mean_square: bool = False,
 ) -> alias.PullAfterPush:
   r"""DC-ASGD with the Fisher-diagonal curvature, as one optimizer.

@@ -1,4 +1,5 @@
-"""Gap-Aware: a stale gradient damped per coordinate by how far the model moved."""
+"""Gap-Aware: a stale gradient damped per coordinate by how far the model
+moved."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from dcasgd_optax._src._backups import check_backup_dtype
 
 def gap_aware(
     num_workers: int,
-    step_size: float,
+    step_size: jax.typing.ArrayLike,
     *,
-    decay: Any = 0.999,
-    eps: Any = 1e-8,
-    backup_dtype: Any = None,
+    decay: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    backup_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Divides a stale gradient, per coordinate, by its Gap (Gap-Aware ASGD).
 
@@ -64,7 +65,8 @@ def gap_aware(
     >>> import jax.numpy as jnp, optax
     >>> import dcasgd_optax
     >>> tx = dcasgd_optax.pull_after_push(optax.chain(
-    ...     dcasgd_optax.gap_aware(2, step_size=0.1, decay=0.0), optax.sgd(0.1)))
+    ...     dcasgd_optax.gap_aware(2, step_size=0.1, decay=0.0),
+    ...     optax.sgd(0.1)))
     >>> state = tx.init({'w': jnp.zeros(1)})
     >>> g = {'w': jnp.ones(1)}
     >>> w = {'w': jnp.array([0.1])}  # worker 0 pulled 0.0; one step later

@@ -13,17 +13,17 @@ from dcasgd_optax._src import _tree
 
 
 class LookAheadState(NamedTuple):
-  """State of :func:`look_ahead_momentum`.
+  r"""State of :func:`look_ahead_momentum`.
 
   Attributes:
     count: int32 scalar, the number of updates so far.
     trace: the momentum buffer :math:`v`, shaped like params (params'
       dtypes), as in ``optax.sgd``.
     look_ahead: float32 scalar :math:`a`, so that the predicted model is
-      :math:`w - a \\, v` (:func:`pull` sends it).
+      :math:`w - a \, v` (:func:`pull` sends it).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # the field, not tuple.count
   trace: Any
   look_ahead: jax.Array
 
@@ -41,8 +41,8 @@ def _coefficient(learning_rate: Any, momentum: Any, horizon: Any,
 
 def look_ahead_momentum(
     learning_rate: optax.ScalarOrSchedule,
-    momentum: Any,
-    horizon: Any,
+    momentum: jax.typing.ArrayLike,
+    horizon: jax.typing.ArrayLike,
     *,
     nesterov: bool = False,
 ) -> optax.GradientTransformationExtraArgs:

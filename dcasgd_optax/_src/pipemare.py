@@ -10,6 +10,7 @@ import optax
 
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src import staleness
+from dcasgd_optax._src.staleness import scale_tree
 
 
 class ScaleByPipeMareState(NamedTuple):
@@ -19,7 +20,7 @@ class ScaleByPipeMareState(NamedTuple):
     count: int32 scalar, the number of updates so far (:math:`k`).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # the field, not tuple.count
 
 
 def scale_by_pipemare(num_steps: int) -> optax.GradientTransformationExtraArgs:
@@ -80,7 +81,7 @@ def scale_by_pipemare(num_steps: int) -> optax.GradientTransformationExtraArgs:
     progress = jnp.minimum(state.count / num_steps, 1.0)
     scale = jnp.maximum(tau, 1).astype(jnp.float32) ** -(1.0 - progress)
     scale = jnp.where(tau >= 0, scale, jnp.nan)
-    out = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
+    out = scale_tree(updates, scale)
     return out, ScaleByPipeMareState(state.count + 1)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

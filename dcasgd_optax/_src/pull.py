@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from dcasgd_optax._src import _checks
 from dcasgd_optax._src import _rows
@@ -40,7 +41,11 @@ def _no_state_error(opt_state: Any) -> ValueError:
   )
 
 
-def record_pull(opt_state: Any, params: Any, worker: Any) -> Any:
+def record_pull(
+    opt_state: optax.OptState,
+    params: optax.Params,
+    worker: jax.typing.ArrayLike,
+) -> optax.OptState:
   """Records that ``worker`` now holds ``params`` (the server's side of a pull).
 
   Finds every :class:`DelayCompensationState` inside ``opt_state`` (under
@@ -102,8 +107,12 @@ def record_pull(opt_state: Any, params: Any, worker: Any) -> Any:
   return jax.tree.map(write, opt_state, is_leaf=_is_dc_state)
 
 
-def pull(opt_state: Any, params: Any, worker: Any) -> tuple[Any, Any]:
-  """The server's side of a pull: what ``worker`` receives, recorded as its backup.
+def pull(
+    opt_state: optax.OptState,
+    params: optax.Params,
+    worker: jax.typing.ArrayLike,
+) -> tuple[optax.Params, optax.OptState]:
+  """The server's side of a pull: what ``worker`` receives, kept as its backup.
 
   Every driver of asynchronous training (the simulator, :func:`pull_after_push`,
   the Ray parameter server) calls this when a worker pulls, and sends the
@@ -175,7 +184,9 @@ def _nan_unless_valid(tree: Any, worker: Any, num_workers: int) -> Any:
   return jax.tree.map(mask, tree, is_leaf=_tree.is_masked)
 
 
-def worker_params(opt_state: Any, worker: Any) -> Any:
+def worker_params(
+    opt_state: optax.OptState, worker: jax.typing.ArrayLike
+) -> optax.Params:
   """The params ``worker`` holds: its backup, in the backups' dtype.
 
   Args:

@@ -139,8 +139,8 @@ def pull_after_push(inner: optax.GradientTransformation, *,
     >>> tx = dcasgd_optax.pull_after_push(optax.chain(
     ...     dcasgd_optax.delay_compensation(2, 0.04), optax.adam(1e-3)))
     >>> state = tx.init({'w': jnp.zeros(2)})
-    >>> updates, state = tx.update({'w': jnp.ones(2)}, state, {'w': jnp.zeros(2)},
-    ...                            worker=0)
+    >>> updates, state = tx.update(
+    ...     {'w': jnp.ones(2)}, state, {'w': jnp.zeros(2)}, worker=0)
   """
   inner = optax.with_extra_args_support(inner)
 

@@ -1,4 +1,5 @@
-"""Staleness-dependent step sizes: the gradient scaled by a function of its delay."""
+"""Staleness-dependent step sizes: a gradient scaled by a function of its
+delay."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def scale_by_staleness(
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import dcasgd_optax
-    >>> tx = optax.chain(dcasgd_optax.scale_by_staleness("sqrt"), optax.sgd(1.0))
+    >>> tx = optax.chain(
+    ...     dcasgd_optax.scale_by_staleness("sqrt"), optax.sgd(1.0))
     >>> state = tx.init({'w': jnp.zeros(2)})
     >>> updates, _ = tx.update({'w': jnp.ones(2)}, state, staleness=3)
     >>> updates['w']  # -1 / sqrt(1 + 3)
@@ -89,13 +91,7 @@ def scale_by_staleness(
     tau = _checked_staleness(staleness)
     # A traced negative staleness cannot be rejected: make it loud.
     scale = jnp.where(tau >= 0, scale_fn(tau.astype(jnp.float32)), jnp.nan)
-
-    def scaled(u):  # in at least float32, back to the update's dtype
-      wide = jnp.issubdtype(u.dtype, jnp.floating) and u.dtype.itemsize >= 4
-      dtype = u.dtype if wide else jnp.float32
-      return (u.astype(dtype) * scale.astype(dtype)).astype(u.dtype)
-
-    return jax.tree.map(scaled, updates), state
+    return scale_tree(updates, scale), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -150,7 +146,8 @@ def scale_by_inverse_staleness() -> optax.GradientTransformationExtraArgs:
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import dcasgd_optax
-    >>> tx = optax.chain(dcasgd_optax.scale_by_inverse_staleness(), optax.sgd(0.1))
+    >>> tx = optax.chain(
+    ...     dcasgd_optax.scale_by_inverse_staleness(), optax.sgd(0.1))
     >>> state = tx.init({'w': jnp.zeros(2)})
     >>> updates, _ = tx.update({'w': jnp.ones(2)}, state, staleness=4)
     >>> updates['w']
@@ -161,3 +158,14 @@ def scale_by_inverse_staleness() -> optax.GradientTransformationExtraArgs:
     Learning <https://arxiv.org/abs/1511.05950>`_, IJCAI 2016.
   """
   return scale_by_staleness("inverse")
+
+
+def scale_tree(updates: Any, scale: jax.Array) -> Any:
+  """Each update times ``scale``, in at least float32, in its own dtype."""
+
+  def scaled(u):
+    wide = jnp.issubdtype(u.dtype, jnp.floating) and u.dtype.itemsize >= 4
+    dtype = u.dtype if wide else jnp.float32
+    return (u.astype(dtype) * scale.astype(dtype)).astype(u.dtype)
+
+  return jax.tree.map(scaled, updates)

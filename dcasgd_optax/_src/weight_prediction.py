@@ -13,15 +13,15 @@ from dcasgd_optax._src.look_ahead import LookAheadState
 
 
 class LookAheadAdamState(NamedTuple):
-  """State of :func:`look_ahead_adam`.
+  r"""State of :func:`look_ahead_adam`.
 
   Attributes:
     adam: ``optax.ScaleByAdamState`` (count, first moment ``mu``, second
       moment ``nu``), as ``optax.scale_by_adam`` keeps it.
     look_ahead: a :class:`LookAheadState` whose ``trace`` is the direction
-      :math:`d = \\hat m / (\\sqrt{\\hat v} + \\epsilon)` (params-shaped,
+      :math:`d = \hat m / (\sqrt{\hat v} + \epsilon)` (params-shaped,
       params' dtypes) and ``look_ahead`` the coefficient :math:`a`, so that
-      :func:`pull` sends :math:`w - a\\,d`.
+      :func:`pull` sends :math:`w - a\,d`.
   """
 
   adam: Any
@@ -40,11 +40,11 @@ def _coefficient(learning_rate: Any, b1: Any, horizon: Any,
 
 def look_ahead_adam(
     learning_rate: optax.ScalarOrSchedule,
-    horizon: Any,
+    horizon: jax.typing.ArrayLike,
     *,
     b1: Any = 0.99,
     b2: Any = 0.999,
-    eps: Any = 1e-8,
+    eps: jax.typing.ArrayLike = 1e-8,
     nesterov: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""NAdam (or Adam) whose workers pull the model predicted over their delay.

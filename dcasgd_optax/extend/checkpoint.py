@@ -1,4 +1,4 @@
-"""Checkpointing a pytree of arrays with orbax (extras ``experiments``, ``ray``).
+"""Checkpointing a pytree with orbax (extras ``experiments``, ``ray``).
 
 The one way the drivers save and restore state: the experiments save the
 simulator's ``SimState``, the Ray parameter server its ``ServerState``. An

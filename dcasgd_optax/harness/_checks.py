@@ -1,8 +1,10 @@
-"""Argument checks of the simulators, run in Python before anything is traced."""
+"""Argument checks of the simulators, run in Python before anything is
+traced."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +101,7 @@ def check_loss_fn_cached(
     cache: dict[Any, Any], loss_with_state: LossWithState, params: Any,
     model_state: Any, batches: Any,
 ) -> jax.ShapeDtypeStruct:
-  """:func:`check_loss_fn`, traced once per (params, model state, one batch) signature."""
+  """:func:`check_loss_fn`, traced per (params, model state, batch) shapes."""
   batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)),
       batches,
@@ -112,7 +114,7 @@ def check_loss_fn_cached(
 def check_loss_fn(
     loss_with_state: LossWithState, params: Any, model_state: Any, batch: Any
 ) -> jax.ShapeDtypeStruct:
-  """Traces ``loss_fn`` on one abstract batch; returns the loss's abstract value."""
+  """Traces ``loss_fn`` on one abstract batch; returns the abstract loss."""
   loss, new_state = jax.eval_shape(
       loss_with_state, abstract(params), abstract(model_state), batch
   )

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from dcasgd_optax.harness import _multihost
 
@@ -51,7 +52,7 @@ def spread(
     fn: Callable, mesh: Mesh, replicated: tuple[Any, ...],
     split: tuple[Any, ...],
 ) -> Any:
-  """``fn(*replicated, *split)`` with ``split``'s leading axes spread over ``mesh``.
+  """``fn(*replicated, *split)``, ``split``'s leading axes spread over ``mesh``.
 
   ``replicated`` arguments are whole on every device; every leaf of
   ``split`` and of the output has a leading axis whose length is a multiple

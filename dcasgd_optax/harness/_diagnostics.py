@@ -1,14 +1,14 @@
-"""Is compensation helping, here? Each gradient against the fresh one.
+r"""Is compensation helping, here? Each gradient against the fresh one.
 
 For a sampled arrival of worker ``m`` with batch ``b`` the server also
-computes the fresh gradient :math:`f = \\nabla L(w, b)` at its current model
+computes the fresh gradient :math:`f = \nabla L(w, b)` at its current model
 ``w`` (before the update) and compares with it the gradient the worker pushed,
-:math:`g = \\nabla L(w_m, b)`, and the direction :math:`d` that the first
+:math:`g = \nabla L(w_m, b)`, and the direction :math:`d` that the first
 transformation of the server's chain made of it (the compensated gradient):
 
 .. math::
-  \\mathrm{cosine}(x) = \\frac{\\langle x, f \\rangle}{\\|x\\| \\, \\|f\\|},
-  \\qquad \\mathrm{error}(x) = \\frac{\\|x - f\\|}{\\|f\\|},
+  \mathrm{cosine}(x) = \frac{\langle x, f \rangle}{\|x\| \, \|f\|},
+  \qquad \mathrm{error}(x) = \frac{\|x - f\|}{\|f\|},
 
 over all parameters at once: ``stale_*`` for :math:`x = g`, ``applied_*`` for
 :math:`x = d`. The extra cost is one gradient per sampled arrival.
@@ -98,7 +98,7 @@ def _is_state_of(target: Any) -> Any:
 
 
 def first_state(opt_state: Any, first_transform: Any, params: Any) -> Any:
-  """The node of ``opt_state`` with the structure of ``first_transform``'s state.
+  """The node of ``opt_state`` structured as ``first_transform``'s state.
 
   The first such node in ``opt_state``'s flattening order: for an
   ``optax.chain`` (also inside :func:`dcasgd_optax.pull_after_push`), the
@@ -123,7 +123,12 @@ def first_state(opt_state: Any, first_transform: Any, params: Any) -> Any:
 
 def check(diagnostics: Diagnostics, opt_state: Any, params: Any,
           tx_compensates: bool) -> None:
-  """Raises before anything runs if the applied direction cannot be had."""
+  """Raises before anything runs if the applied direction cannot be had.
+
+  ``opt_state`` is the state ``tx.update`` sees, whose backups have one row
+  per worker (not the simulator's storage padded to a multiple of the
+  devices, :func:`_state.unpadded`): ``first_transform.init`` makes that.
+  """
   if diagnostics.first_transform is None:
     if tx_compensates:
       raise ValueError(

@@ -29,7 +29,8 @@ is exact: :math:`g + H \delta = \nabla L(w, b)`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ from dcasgd_optax import extend
 
 
 def make(exact_compensation: Any, has_model_state: bool) -> float | None:
-  """The validated ``exact_compensation`` (its :math:`\\lambda`), or None."""
+  r"""The validated ``exact_compensation`` (its :math:`\lambda`), or None."""
   if exact_compensation is None:
     return None
   if isinstance(exact_compensation, bool):
@@ -62,7 +63,7 @@ def _sub(a: Any, b: Any) -> Any:
 
 
 def _vdot(a: Any, b: Any) -> jax.Array:
-  """:math:`\\langle a, b \\rangle` over all leaves, in float32 or wider."""
+  r""":math:`\langle a, b \rangle` over all leaves, in float32 or wider."""
   dots = [jnp.vdot(x.astype(jnp.promote_types(x.dtype, jnp.float32)),
                    y.astype(jnp.promote_types(y.dtype, jnp.float32)))
           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
@@ -76,7 +77,7 @@ def held_params(held: Any, params: Any) -> Any:
 
 def hessian_product(loss_with_state: Callable[..., Any], held: Any,
                     batch: Any, direction: Any) -> Any:
-  """:math:`H(w_{bak}) \\, \\delta`: ``jax.jvp`` of the gradient of the
+  r""":math:`H(w_{bak}) \, \delta`: ``jax.jvp`` of the gradient of the
   (stateless) loss on ``batch`` at ``held`` along ``direction``."""
   grad = jax.grad(lambda p: loss_with_state(p, (), batch)[0])
   _, product = jax.jvp(grad, (held,), (direction,))
@@ -85,8 +86,8 @@ def hessian_product(loss_with_state: Callable[..., Any], held: Any,
 
 def compensate(lambda_: float, loss_with_state: Callable[..., Any],
                held: Any, params: Any, batch: Any, grads: Any) -> Any:
-  """The exactly compensated gradient
-  :math:`g + \\lambda H(w_{bak}) (w - w_{bak})`, in ``grads``' dtypes."""
+  r"""The exactly compensated gradient
+  :math:`g + \lambda H(w_{bak}) (w - w_{bak})`, in ``grads``' dtypes."""
   held = held_params(held, params)
   product = hessian_product(loss_with_state, held, batch, _sub(params, held))
   return jax.tree.map(lambda g, h: (g + lambda_ * h).astype(g.dtype), grads,
@@ -96,9 +97,9 @@ def compensate(lambda_: float, loss_with_state: Callable[..., Any],
 def curvature_ratio(loss_with_state: Callable[..., Any], held: Any,
                     params: Any, batch: Any, grads: Any,
                     compensated: Any) -> jax.Array:
-  """:math:`k = \\delta^\\top (c - g) / \\delta^\\top H \\delta` (float32):
-  the compensation's curvature along :math:`\\delta = w - w_{bak}` over the
-  true one (NaN when :math:`\\delta = 0`, a fresh gradient)."""
+  r""":math:`k = \delta^\top (c - g) / \delta^\top H \delta` (float32):
+  the compensation's curvature along :math:`\delta = w - w_{bak}` over the
+  true one (NaN when :math:`\delta = 0`, a fresh gradient)."""
   held = held_params(held, params)
   delta = _sub(params, held)
   product = hessian_product(loss_with_state, held, batch, delta)

@@ -29,13 +29,13 @@ import json
 from typing import Any
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
+import numpy as np
 
 try:  # the distributed runtime's client: JAX-internal, so guarded
   from jax._src import distributed as _distributed
 except ImportError:  # pragma: no cover - a JAX without the module
-  _distributed = None
+  _distributed = None  # type: ignore[assignment]
 
 # Seconds a process waits by default for the others at the start of a call.
 DEFAULT_TIMEOUT = 300.0
@@ -84,12 +84,14 @@ def fingerprint(value: Any, *, read_values: bool = False) -> str:
   the bytes of every leaf this process holds whole: NumPy arrays and
   fully addressable jax Arrays; a global array is the same on every
   process by construction)."""
+  data: list[str | bytes]
   if isinstance(value, np.ndarray):
     data = [str(value.shape), str(value.dtype),
             np.ascontiguousarray(value).tobytes()]
   else:
     leaves, treedef = jax.tree.flatten(value)
-    data = [str(treedef)] + [
+    data = [str(treedef)]
+    data += [
         f"{np.shape(x)}:{getattr(x, 'dtype', type(x).__name__)}"
         for x in leaves]
     if read_values:

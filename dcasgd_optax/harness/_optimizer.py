@@ -22,7 +22,7 @@ from dcasgd_optax.harness import _checks
 
 
 def _backups_state(tx: Any, params: Any) -> Any:
-  """The one DelayCompensationState of ``tx``'s state for ``params``, or None."""
+  """The DelayCompensationState of ``tx``'s state for ``params``, or None."""
   states = find_states(jax.eval_shape(tx.init, _checks.abstract(params)))
   if not states:
     return None
@@ -44,7 +44,7 @@ def keeps_backups(tx: Any, params: Any) -> bool:
 
 
 def workers_of(tx: Any, params: Any, num_workers: int | None) -> int:
-  """The number of workers for ``params``: ``tx``'s backups', else ``num_workers``.
+  """The number of workers: that of ``tx``'s backups, else ``num_workers``.
 
   Args:
     tx: the user's optax transformation.
@@ -94,9 +94,11 @@ def with_backups(
   def server_tx(params):
     if _backups_state(tx, params) is not None:
       return tx
-    return optax.with_extra_args_support(optax.chain(
-        delay_compensation(workers_of(tx, params, num_workers), 0.0), tx
-    ))
+    return optax.with_extra_args_support(
+        optax.chain(
+            delay_compensation(workers_of(tx, params, num_workers), 0.0), tx
+        )
+    )
 
   def init_fn(params):
     return server_tx(params).init(params)
@@ -107,4 +109,3 @@ def with_backups(
     return server_tx(params).update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-

@@ -1,12 +1,12 @@
-"""What a worker pushes beside its gradient: its per-example curvature.
+r"""What a worker pushes beside its gradient: its per-example curvature.
 
 With ``Simulator(..., push_grad_sq=True)`` each worker computes, at the
 model it holds and on its own batch, the mean over the batch of its
 per-example squared gradients,
 
 .. math::
-  F = \\frac{1}{B} \\sum_{i=1}^{B} \\nabla \\ell(w_m, x_i) \\odot
-  \\nabla \\ell(w_m, x_i),
+  F = \frac{1}{B} \sum_{i=1}^{B} \nabla \ell(w_m, x_i) \odot
+  \nabla \ell(w_m, x_i),
 
 (``jax.vmap(jax.grad(...))`` over the batch's examples, each given to
 ``loss_fn`` as a batch of one), and pushes it with the gradient; the server
@@ -17,7 +17,8 @@ unchanged (the batch's, as without the option).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -83,7 +83,7 @@ def _run_starts(arrivals_NxA: np.ndarray) -> list[int]:
   """Where the greedy maximal runs begin (no simulation repeats a worker)."""
   num_sims, num_arrivals = arrivals_NxA.shape
   starts = [0]
-  last_seen = [dict() for _ in range(num_sims)]
+  last_seen: list[dict[int, int]] = [{} for _ in range(num_sims)]
   columns = arrivals_NxA.T.tolist()
   for k, workers in enumerate(columns):
     if any(seen.get(m, -1) >= starts[-1]
@@ -211,7 +211,9 @@ def plan_rounds(arrivals: np.ndarray, num_workers: int, limit: int,
   arrivals_RxM = arrivals.reshape(-1, m)
   num_rounds = arrivals_RxM.shape[0]
   # Worker w's batch in round r: the position of w among the round's arrivals.
-  rows_RxM = np.argsort(arrivals_RxM, axis=1) + m * np.arange(num_rounds)[:, None]
+  rows_RxM = (
+      np.argsort(arrivals_RxM, axis=1) + m * np.arange(num_rounds)[:, None]
+  )
   pad = np.minimum(np.arange(num_groups * group), m - 1)
   rows = rows_RxM[:, pad].reshape(num_rounds, num_groups, group)
   weights = np.where(np.arange(num_groups * group) < m, 1.0 / m, 0.0)

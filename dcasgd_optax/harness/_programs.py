@@ -28,8 +28,10 @@ holds it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
-from typing import Any, Callable, NamedTuple
+import operator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -211,6 +213,7 @@ def _arrive(replay: Replay, chunk: Chunk, k, carry):
                                     held, state.params, batch, grads)
   entry = {"loss": pick(chunk.loss), "staleness": tau}
   if replay.diagnostics is not None:
+    assert chunk.sampled is not None  # Passed whenever diagnostics are on.
     entry.update(_diagnostics.measure(
         replay.diagnostics, replay.loss_with_state,
         state._replace(opt_state=view), grads, batch, extra,
@@ -316,7 +319,7 @@ def replay_host_chunks(step, state, batches, plan, sampled=None, *,
     sampled = sampled[at]
   records = []
   for c, batch_S in enumerate(_gathers.split_chunks(batches, rows)):
-    of_chunk = (lambda a: a[:, c]) if batched else (lambda a: a[c])
+    of_chunk = operator.itemgetter((slice(None), c) if batched else c)
     state, record = step(
         state, of_chunk(workers), batch_S, of_chunk(slots), lengths[c],
         None if sampled is None else sampled[c], by_row=plan.by_row,

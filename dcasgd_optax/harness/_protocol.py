@@ -11,13 +11,14 @@ and report the same metric keys (``worker``, ``staleness``, ``loss``,
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
 from dcasgd_optax import extend
 from dcasgd_optax.harness import _checks
@@ -69,8 +70,12 @@ def cpu_strategy(convolves: bool) -> str:
   return "host_chunks" if convolves else "compiled"
 
 
-def stream_metrics(final_step: jax.Array, steps_A: np.ndarray,
-                   arrivals: np.ndarray, record: dict[str, Any]) -> dict[str, Any]:
+def stream_metrics(
+    final_step: jax.Array,
+    steps_A: np.ndarray,
+    arrivals: np.ndarray,
+    record: dict[str, Any],
+) -> dict[str, Any]:
   """The per-arrival record both simulators return (the keys Ray uses too).
 
   ``record`` holds ``"loss"``, ``"staleness"`` and any diagnostics; this adds
@@ -105,7 +110,7 @@ class SimulatorBase:
       tx: optax.GradientTransformation,
       num_workers: int | None = None,
       *,
-      devices: Sequence[Any] | None = None,
+      devices: Sequence[jax.Device] | None = None,
       has_model_state: bool = False,
       max_parallel: int | None = None,
       vmap_slots: int | None = None,
@@ -116,7 +121,7 @@ class SimulatorBase:
       first_transform: Any = None,
       diagnose_curvature: bool = False,
       process_timeout: float = _multihost.DEFAULT_TIMEOUT,
-  ):
+  ) -> None:
     for name, value in (("num_workers", num_workers),
                         ("max_parallel", max_parallel),
                         ("vmap_slots", vmap_slots)):
@@ -158,7 +163,7 @@ class SimulatorBase:
     """Builds the jitted programs (once: they close over ``tx``)."""
     raise NotImplementedError
 
-  def workers_for(self, params: Any) -> int:
+  def workers_for(self, params: optax.Params) -> int:
     """The number of workers for ``params`` (from ``tx``'s state's shape)."""
     key = _checks.signature(params)
     if key not in self._workers:
@@ -167,7 +172,7 @@ class SimulatorBase:
       )
     return self._workers[key]
 
-  def init(self, params: Any, model_state: Any = None) -> SimState:
+  def init(self, params: optax.Params, model_state: Any = None) -> SimState:
     """Every worker holds ``params`` (and ``model_state``); no update yet.
 
     Args:
@@ -187,7 +192,7 @@ class SimulatorBase:
         per_worker=self._per_worker,
     )
 
-  def init_many(self, params: Any, model_state: Any = None, *,
+  def init_many(self, params: optax.Params, model_state: Any = None, *,
                 hyperparams: dict[str, Any] | None = None) -> SimState:
     """``N`` initial states at once, for :meth:`replay_many`.
 

@@ -2,7 +2,8 @@
 
 Every schedule is NumPy only, deterministic for its arguments (a ``seed`` where
 there is randomness), and returns a 1-D ``int32`` array of worker ids that
-:meth:`Simulator.replay <dcasgd_optax.harness.Simulator.replay>` takes as ``arrivals``.
+:meth:`Simulator.replay <dcasgd_optax.harness.Simulator.replay>` takes as
+``arrivals``.
 """
 
 from __future__ import annotations
@@ -251,7 +252,8 @@ def staleness(arrivals: Any, num_workers: int) -> np.ndarray:
     \tau_k = k - (p + 1)
 
   where ``p`` is the index of ``m``'s previous arrival (:math:`\tau_k = k`
-  if there is none). This is what :meth:`Simulator.replay <dcasgd_optax.harness.Simulator.replay>` reports.
+  if there is none). This is what
+  :meth:`Simulator.replay <dcasgd_optax.harness.Simulator.replay>` reports.
 
   Args:
     arrivals: 1-D integer array of worker ids in ``[0, num_workers)``.
@@ -327,10 +329,11 @@ def from_trace(records: Any, num_workers: int | None = None) -> np.ndarray:
     a_k = \mathrm{worker}_{\sigma(k)}, \qquad
     \mathrm{step}_{\sigma(0)} < \mathrm{step}_{\sigma(1)} < \dots
 
-  so :meth:`Simulator.replay <dcasgd_optax.harness.Simulator.replay>` with these arrivals and the run's batches in
-  the same order (``np.argsort(records["step"])`` sorts any other field,
-  e.g. ``seq`` to rebuild batch ``k`` as ``data_fn(a_k, seq_k)``) replays
-  exactly what happened. The steps must be consecutive (one server, no
+  so :meth:`Simulator.replay <dcasgd_optax.harness.Simulator.replay>` with
+  these arrivals and the run's batches in the same order
+  (``np.argsort(records["step"])`` sorts any other field, e.g. ``seq`` to
+  rebuild batch ``k`` as ``data_fn(a_k, seq_k)``) replays exactly what
+  happened. The steps must be consecutive (one server, no
   record missing); a trace that starts at step 1 and carries ``staleness``
   must have the staleness the simulator replays (every worker pulls the
   initial model, then right after each push), else it cannot be replayed

@@ -18,8 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from dcasgd_optax.harness import _protocol
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _diagnostics
@@ -29,6 +29,7 @@ from dcasgd_optax.harness import _optimizer
 from dcasgd_optax.harness import _per_example
 from dcasgd_optax.harness import _plan
 from dcasgd_optax.harness import _programs
+from dcasgd_optax.harness import _protocol
 from dcasgd_optax.harness import _slots
 from dcasgd_optax.harness import _state
 from dcasgd_optax.harness._state import SimState
@@ -274,7 +275,7 @@ class Simulator(_protocol.SimulatorBase):
           jax.jit, donate_argnums=(0,) if self._donate else ())
       one = jit(functools.partial(_programs.replay_program, replay),
                 static_argnames=("loss_dtype", "by_row"))
-      many = jit(functools.partial(_programs.replay_many_program, replay),
+      many: Any = jit(functools.partial(_programs.replay_many_program, replay),
                  static_argnames=("loss_dtype", "shared", "by_row"))
     else:  # a copy is donated when the caller's state is not (replay)
       jit = functools.partial(jax.jit, donate_argnums=(0,),
@@ -310,8 +311,12 @@ class Simulator(_protocol.SimulatorBase):
 
   def _check_diagnostics(self, expected: SimState) -> None:
     if self._diagnostics is not None:
+      # The state tx sees (_programs._server_view): on several devices the
+      # backups' rows padded to a multiple of them are not part of it.
+      num_workers = expected.last_pull.shape[0]
       _diagnostics.check(
-          self._diagnostics, expected.opt_state, expected.params,
+          self._diagnostics, _state.unpadded(expected.opt_state, num_workers),
+          expected.params,
           tx_compensates=_optimizer.keeps_backups(self._user_tx,
                                                   expected.params),
       )
@@ -322,7 +327,7 @@ class Simulator(_protocol.SimulatorBase):
     rows = _state.worker_rows(num_workers, self.mesh) // self.mesh.size
     return _plan.make_plan(arrivals_NxA, limit, self.mesh.size, rows)
 
-  def describe(self, arrivals: Any, params: Any, batches: Any = None,
+  def describe(self, arrivals: Any, params: optax.Params, batches: Any = None,
                model_state: Any = None) -> dict[str, Any]:
     """How ``replay`` batches ``arrivals`` for ``params``: runs, chunks, fill.
 
@@ -350,8 +355,11 @@ class Simulator(_protocol.SimulatorBase):
     plan = self._plan(arrivals, params, num_workers, strategy)
     slots = plan.num_chunks * plan.chunk
     return dict(
-        num_arrivals=arrivals.shape[-1], num_runs=plan.num_runs, chunk=plan.chunk,
-        num_chunks=plan.num_chunks, fill_ratio=arrivals.shape[-1] / slots,
+        num_arrivals=arrivals.shape[-1],
+        num_runs=plan.num_runs,
+        chunk=plan.chunk,
+        num_chunks=plan.num_chunks,
+        fill_ratio=arrivals.shape[-1] / slots,
         strategy=strategy,
     )
 

@@ -1,12 +1,15 @@
-"""Slot mapping: a function over a leading axis of slots, batched or unrolled."""
+"""Slot mapping: a function over a leading axis of slots, batched or
+unrolled."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
+
 
 def default_vmap_slots(mesh: Mesh, vmap_slots: int | None,
                        convolves: bool = True) -> int | None:

@@ -51,7 +51,7 @@ class SimState(NamedTuple):
 
 
 def check_state(state: Any, expected: SimState, leading: tuple = ()) -> None:
-  """Raises unless ``state`` has the structure, shapes and dtypes of ``expected``.
+  """Raises unless ``state`` has ``expected``'s structure, shapes and dtypes.
 
   ``expected`` is the abstract state the simulator's ``init`` makes for the
   same params: so a state from another simulator, another ``tx`` or another
@@ -93,6 +93,17 @@ def with_backups(opt_state: Any, backups: Any) -> Any:
       lambda s: s._replace(backups=backups) if is_dc(s) else s, opt_state,
       is_leaf=is_dc,
   )
+
+
+def unpadded(opt_state: Any, num_workers: int) -> Any:
+  """The shapes and dtypes of ``opt_state`` with its backups cut to their
+  first ``num_workers`` rows (without the padding of :func:`worker_rows`):
+  those ``tx.init`` makes and ``tx.update`` sees. ``opt_state`` itself if
+  it keeps no backups."""
+  if not find_states(opt_state):
+    return opt_state
+  return jax.eval_shape(lambda s: with_backups(s, jax.tree.map(
+      lambda b: b[:num_workers], backups_of(s))), opt_state)
 
 
 def worker_rows(num_workers: int, mesh: Any) -> int:

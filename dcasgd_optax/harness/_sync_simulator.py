@@ -12,11 +12,11 @@ import optax
 
 from dcasgd_optax import record_pull
 from dcasgd_optax.extend import find_states
-from dcasgd_optax.harness import _protocol
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _devices
 from dcasgd_optax.harness import _gathers
 from dcasgd_optax.harness import _plan
+from dcasgd_optax.harness import _protocol
 from dcasgd_optax.harness import _slots
 from dcasgd_optax.harness._state import SimState
 
@@ -236,7 +236,7 @@ class SyncSimulator(_protocol.SimulatorBase):
     limit = self._slot_limit(num_workers, params)
     return _plan.plan_rounds(arrivals, num_workers, limit, self.mesh.size)
 
-  def describe(self, arrivals: Any, params: Any, batches: Any = None,
+  def describe(self, arrivals: Any, params: optax.Params, batches: Any = None,
                model_state: Any = None) -> dict[str, Any]:
     """How ``replay`` computes ``arrivals``' rounds for ``params``.
 

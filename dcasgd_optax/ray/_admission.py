@@ -24,7 +24,8 @@ def check_limit(limit: Any) -> int | None:
   if limit is None:
     return None
   if isinstance(limit, (bool, np.bool_)) or not isinstance(
-      limit, numbers.Integral):
+      limit, numbers.Integral
+  ):
     raise TypeError(f"`limit` must be an int >= 0 or None, got {limit!r}.")
   if limit < 0:
     raise ValueError(f"`limit` must be an int >= 0 or None, got {limit}.")

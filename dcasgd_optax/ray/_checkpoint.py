@@ -4,9 +4,10 @@ Shard ``k`` of ``K`` saves with the project's
 :class:`~dcasgd_optax.extend.checkpoint.Checkpointer` under
 ``checkpoint_dir/shard-k-of-K/<step>`` (directories readable by their owner
 only; a ``checkpoint_dir`` that other users can write to is refused, and the
-counters of a restored checkpoint are checked). The driver saves every shard at the same step, when no gradient is in
-flight (see :mod:`_driver`), so the checkpoints of one step are consistent
-with each other; a run resumes from the latest step that every shard holds.
+counters of a restored checkpoint are checked). The driver saves every shard
+at the same step, when no gradient is in flight (see :mod:`_driver`), so the
+checkpoints of one step are consistent with each other; a run resumes from
+the latest step that every shard holds.
 Orbax cannot save empty arrays (the leaves a shard does not hold, see
 :mod:`_layout`): only the non-empty leaves are saved, keyed by their index
 in the state's leaves, and the empty ones are rebuilt from the template.
@@ -75,7 +76,9 @@ def _check_private(path: str, name: str) -> None:
         f"write to (e.g. `chmod go-w {path}`).")
 
 
-def open_shard(checkpoint_dir: str, shard: int, num_shards: int) -> Checkpointer:
+def open_shard(
+    checkpoint_dir: str, shard: int, num_shards: int
+) -> Checkpointer:
   """The Checkpointer of one shard, creating ``checkpoint_dir`` if missing.
 
   A directory created here gets mode ``0o700`` (owner only), like the shard

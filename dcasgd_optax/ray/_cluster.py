@@ -262,7 +262,8 @@ def _warn_open_local_cluster(gcs_address: str) -> None:
       "The local Ray started at %s has token authentication off "
       "(RAY_AUTH_MODE=%s): its ports listen on every network interface, so "
       "anyone who can reach this machine can run code in it. Unset "
-      "RAY_AUTH_MODE (Ray >= 2.59 then turns it on) or set RAY_AUTH_MODE=token.",
+      "RAY_AUTH_MODE (Ray >= 2.59 then turns it on) or set "
+      "RAY_AUTH_MODE=token.",
       gcs_address, os.environ.get("RAY_AUTH_MODE", "unset"),
   )
 

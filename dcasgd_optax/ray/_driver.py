@@ -14,9 +14,10 @@ happened.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import optax
@@ -152,8 +153,10 @@ class Driver:
     self.loops[run] = worker
 
   def _log_progress(self) -> None:
-    step, loss = ray.get(self.shards[0].recent_loss.remote(self.log_every))
-    if step // self.log_every > self._logged // self.log_every:
+    every = self.log_every
+    assert every is not None  # Only called with logging on.
+    step, loss = ray.get(self.shards[0].recent_loss.remote(every))
+    if step // every > self._logged // every:
       _log.info("update %d: mean loss of the last %d %.4f", step,
                 self.log_every, loss)
       self._logged = step
@@ -169,7 +172,7 @@ class Driver:
 
   def run(self, num_updates: int, checkpoint_every: int | None,
           progress: tuple[int, np.ndarray]) -> None:
-    """Runs until every shard has processed exactly ``num_updates`` gradients."""
+    """Runs until each shard has applied exactly ``num_updates`` gradients."""
     step = progress[0]
     while True:
       limit = num_updates
@@ -269,7 +272,7 @@ def _save_if_consistent(shards: Sequence[Any]) -> None:
 
 def shutdown(shards: Sequence[Any], workers: Sequence[Any], failed: bool,
               checkpointing: bool, started_ray: bool) -> None:
-  """Saves what can be saved, kills this run's actors (and Ray if train started it)."""
+  """Saves what it can, kills the run's actors (and Ray if train started it)."""
   for w in workers:  # First, so no push lands after the last save.
     ray.kill(w, no_restart=True)
   if failed and checkpointing and shards:

@@ -23,9 +23,10 @@ and inside ``jax.jit``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
 import numbers
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -216,7 +217,9 @@ def owned(layout: Layout, shard: int, tree: Any) -> list[Any]:
   return [leaves[p.leaf] for p in layout.pieces[shard]]
 
 
-def piece_specs(layout: Layout, shard: int) -> list[tuple[tuple[int, ...], np.dtype]]:
+def piece_specs(
+    layout: Layout, shard: int
+) -> list[tuple[tuple[int, ...], np.dtype]]:
   """``(shape, dtype)`` of each of shard ``shard``'s pieces, in order."""
   return [(layout.piece_shape(p), layout.dtypes[p.leaf])
           for p in layout.pieces[shard]]
@@ -230,7 +233,7 @@ def leaf_names(layout: Layout) -> list[str]:
 
 
 def _state_owners(init: Any, layout: Layout) -> list[tuple[int, tuple] | None]:
-  """For each leaf of ``init(params)``'s state: ``(param leaf, prefix)`` or None.
+  """Each leaf of ``init(params)``'s state: ``(param leaf, prefix)`` or None.
 
   Runs ``init`` abstractly on probe params whose leaves have distinct large
   1-D sizes: a state leaf whose last axis has probe size ``i`` is derived

@@ -11,9 +11,10 @@ worker, and leaves the shard as it was.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
 import numbers
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -87,7 +88,7 @@ def check_shard(shard: Any, num_shards: int) -> int:
 
 
 def check_worker(worker: Any, num_workers: int) -> int:
-  """``worker`` as an int in ``[0, num_workers)``; TypeError/ValueError if not."""
+  """``worker`` as an int in ``[0, num_workers)``; else TypeError/ValueError."""
   if not _is_int(worker):
     raise TypeError(f"`worker` must be an int, got {worker!r}.")
   if not 0 <= worker < num_workers:

@@ -35,12 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dcasgd_optax.ray import _checkpoint
 from dcasgd_optax.ray import _layout
 from dcasgd_optax.ray import _records
 from dcasgd_optax.ray import _shm
 from dcasgd_optax.ray import _steps
 from dcasgd_optax.ray import _wire
-from dcasgd_optax.ray import _checkpoint
 from dcasgd_optax.ray._admission import Admission
 from dcasgd_optax.ray._admission import check_limit
 from dcasgd_optax.ray._channels import Channels
@@ -62,8 +62,9 @@ class ParameterServer:
     tx: any optax transformation. Its ``update`` gets ``params`` and the
       keywords ``worker`` and ``staleness`` (transformations that take no
       extra arguments are wrapped with ``optax.with_extra_args_support``).
-      If its state holds a :class:`~dcasgd_optax.DelayCompensationState`, each worker's
-      backup (of this shard's part) is set to the params it pulls. With
+      If its state holds a :class:`~dcasgd_optax.DelayCompensationState`,
+      each worker's backup (of this shard's part) is set to the params it
+      pulls. With
       ``num_shards > 1`` its state must split elementwise (see
       :mod:`_layout`).
     params: the full initial params (the shard keeps its pieces).
@@ -90,12 +91,12 @@ class ParameterServer:
   def __init__(
       self,
       tx: optax.GradientTransformation,
-      params: Any,
+      params: optax.Params,
       num_workers: int | None = None,
       *,
       shard: int = 0,
       num_shards: int = 1,
-      wire_dtype: Any = None,
+      wire_dtype: jax.typing.DTypeLike | None = None,
       checkpoint_dir: str | None = None,
   ):
     num_workers = _steps.resolve_num_workers(tx, params, num_workers)
@@ -148,7 +149,7 @@ class ParameterServer:
     return Pulled(int(s.step), pieces, True)
 
   def attach(self, worker: int, epoch: int) -> int:
-    """A restarted worker (incarnation ``epoch``) attaches: returns its last seq.
+    """A restarted worker (incarnation ``epoch``) attaches; returns last seq.
 
     From now on pushes from its earlier incarnations are ignored as stale.
     """
@@ -360,7 +361,9 @@ class ParameterServer:
 
   def recent_loss(self, count: int) -> tuple[int, float]:
     """The step and the mean loss of the last ``count`` gradients (shard 0)."""
-    losses = [row[-2] for row in self._rows[-count:]] if self._shard == 0 else []
+    losses = (
+        [row[-2] for row in self._rows[-count:]] if self._shard == 0 else []
+    )
     return int(self._state.step), float(np.mean(losses)) if losses else float(
         "nan")
 
@@ -395,7 +398,7 @@ class ParameterServer:
       self._admission.reset(int(self._state.step))
 
   def close(self) -> float:
-    """Waits for pending saves, closes the channels; returns the busy seconds."""
+    """Waits for pending saves, closes the channels; returns busy seconds."""
     self._channels.close_all()
     if self._checkpoints is not None:
       self._checkpoints.close()

@@ -47,14 +47,15 @@ worker that died before opening them).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import errno
 import math
 import mmap
 import os
 import select
 import stat
+from typing import Any
 import uuid
-from typing import Sequence
 
 import numpy as np
 
@@ -272,14 +273,14 @@ class Channel:
     return self._copies
 
   @classmethod
-  def create(cls, epoch: int, specs: Specs, name: str) -> "Channel":
+  def create(cls, epoch: int, specs: Specs, name: str) -> Channel:
     """The shard's side: creates the three files, named after ``name``.
 
     The shard maps the gradient buffer read-only (it reads it only through
     :meth:`read_grads`) and the params buffer for writing.
     """
     stem = os.path.join(DIRECTORY, f"dcasgd-optax-{name}-{uuid.uuid4().hex}")
-    made = []
+    made: list[Any] = []
     try:
       made.append(Buffer(stem + "-grads", specs, create=True, writable=False))
       made.append(Buffer(stem + "-params", specs, create=True))
@@ -292,7 +293,7 @@ class Channel:
 
   @classmethod
   def attach(cls, epoch: int, paths: Sequence[str], specs: Specs
-             ) -> "Channel":
+             ) -> Channel:
     """The worker's side: opens the three files, then unlinks them.
 
     The worker maps the params buffer read-only. Each file must be what the
@@ -300,7 +301,7 @@ class Channel:
     else's, and not a link (else ``OSError``, and the worker pushes in the
     calls).
     """
-    made = []
+    made: list[Any] = []
     try:
       made.append(Buffer(paths[0], specs, create=False))
       made.append(Buffer(paths[1], specs, create=False, writable=False))

@@ -9,7 +9,8 @@ by :func:`~dcasgd_optax.ray.train`, before any actor starts).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,9 @@ def resolve_num_workers(tx: Any, params: Any, num_workers: int | None) -> int:
       if it keeps none and ``num_workers`` is None.
   """
   shapes = jax.eval_shape(optax.with_extra_args_support(tx).init, params)
-  counts = {num_workers_of(s) for s in find_states(shapes)} - {None}
+  counts = {
+      n for s in find_states(shapes) if (n := num_workers_of(s)) is not None
+  }
   if num_workers is None:
     if len(counts) != 1:
       raise ValueError(
@@ -79,7 +82,7 @@ def make_steps(tx: Any, layout: _layout.Layout, shard: int,
     return x if wire is None else x.astype(wire)
 
   def pull(params, opt_state, worker):
-    """The worker's pull (dcasgd_optax.pull: maybe a look-ahead), on the wire."""
+    """The worker's pull (dcasgd_optax.pull: maybe a look-ahead) on the wire."""
     pulled = params
     if has_backups:
       pulled, recorded = pull_hook(opt_state, params, worker)

@@ -44,12 +44,13 @@ def find_token() -> Token | None:
   value = os.environ.get("RAY_AUTH_TOKEN", "").strip()
   if value:
     return Token(value, "RAY_AUTH_TOKEN")
-  path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-  source = f"RAY_AUTH_TOKEN_PATH ({path})"
-  if not path:
+  env_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+  source = f"RAY_AUTH_TOKEN_PATH ({env_path})"
+  if env_path:
+    path = pathlib.Path(env_path)
+  else:
     path = pathlib.Path.home() / ".ray" / "auth_token"
     source = str(path)
-  path = pathlib.Path(path)
   try:
     value = path.read_text().strip()
   except OSError:
@@ -83,5 +84,7 @@ def _warn_token_readable(path: str, mode: int) -> None:
   _log.warning(
       "The Ray token file %s has mode %o: other users of this machine can "
       "read it and run code on the cluster. Fix: chmod 600 %s",
-      path, mode, path,
+      path,
+      mode,
+      path,
   )

@@ -11,9 +11,10 @@ and stop them, and returns a :class:`~_records.TrainResult`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -28,7 +29,6 @@ from dcasgd_optax.ray import _steps
 from dcasgd_optax.ray._records import TrainResult
 from dcasgd_optax.ray._server import ParameterServer
 from dcasgd_optax.ray._worker import GradientWorker
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,13 +147,13 @@ def _start_actors(tx, params, loss_fn, data_fn, num_workers, layout,
 def train(
     loss_fn: Callable[[Any, Any], Any],
     tx: optax.GradientTransformation,
-    params: Any,
+    params: optax.Params,
     data_fn: Callable[[int, int], Any],
     num_workers: int | None = None,
     num_updates: int | None = None,
     *,
     num_shards: int = 1,
-    wire_dtype: Any = None,
+    wire_dtype: jax.typing.DTypeLike | None = None,
     shared_memory: bool = True,
     address: str | None = None,
     allow_insecure_cluster: bool = False,
@@ -167,7 +167,8 @@ def train(
     init_kwargs: dict[str, Any] | None = None,
     log_every: int | None = None,
 ) -> TrainResult:
-  r"""Trains asynchronously on Ray: ``num_shards`` server shards, ``num_workers`` workers.
+  r"""Trains asynchronously on Ray: ``num_shards`` shards, ``num_workers``
+  workers.
 
   Worker ``m`` computes ``jax.value_and_grad(loss_fn)`` on ``data_fn(m,
   seq)`` at the params it holds and pushes each shard its piece of the
@@ -280,6 +281,7 @@ def train(
   )
   num_workers, layout = _check_args(loss_fn, tx, params, data_fn, num_workers,
                                     num_updates, opts)
+  assert num_updates is not None  # _check_args raised otherwise.
   started_ray = _cluster.connect(
       address, allow_insecure_cluster=allow_insecure_cluster,
       **(init_kwargs or {}))

@@ -15,8 +15,9 @@ plan from the pieces' specs, so the number of parts is known before the call
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

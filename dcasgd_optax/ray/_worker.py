@@ -12,8 +12,9 @@ pulls and continues.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -133,10 +134,12 @@ class GradientWorker:
     head = (self._worker, meta.seq, epoch, meta.finite,
             (meta.loss, meta.seconds))
     channels = self._channels or [None] * len(self._shards)
-    shared, calls = {}, {}
+    shared, calls, through = {}, {}, {}
     for k in to:
-      if channels[k] is not None:
-        channels[k].grads.write(pieces[k])
+      channel = channels[k]
+      if channel is not None:
+        channel.grads.write(pieces[k])
+        through[k] = channel
         shared[k] = self._shards[k].push_shared.remote(head)
       else:
         calls[k] = self._pushes[k].remote(
@@ -144,15 +147,16 @@ class GradientWorker:
     replies = iter(ray.get([r for refs in calls.values() for r in refs]))
     for k in to:
       if k in shared:
-        stale, ticket = self._wait_bell(channels[k], shared[k])
+        stale, ticket = self._wait_bell(through[k], shared[k])
       else:
         (info, ticket), *parts = [next(replies) for _ in calls[k]]
         stale = info.status == "stale"
       if stale:  # A newer incarnation of this worker runs.
         self._ticket = False
         continue
+      assert self._held is not None  # Set by the pull that came first.
       if k in shared:
-        self._held[k] = list(channels[k].params.pieces)
+        self._held[k] = list(through[k].params.pieces)
       else:
         self._held[k] = _wire.unpack(parts, self._specs[k])
       if k == 0:
@@ -236,6 +240,7 @@ class GradientWorker:
       How many gradients it pushed in this call.
     """
     if initial:
+      assert seq is not None  # The driver passes it with ``initial``.
       self._held, self._seq = [p.params for p in initial], seq
     elif self._held is None:
       self._recover(epoch)

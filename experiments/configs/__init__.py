@@ -1,1 +1,2 @@
-"""ml_collections configs: each file has get_config(); variants override default."""
+"""ml_collections configs: each file has get_config(); variants override
+default."""

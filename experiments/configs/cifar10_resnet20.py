@@ -3,13 +3,14 @@ r"""The paper's CIFAR-10 setting: ResNet-20, M = 4 and 8 workers.
 Command (the whole grid, then the table and plots)::
 
   pip install -e '.[cifar]'   # TensorFlow, needed once to prepare CIFAR-10
-  python -m experiments.compare --config=experiments/configs/cifar10_resnet20.py \
-      --workdir=runs/cifar10
+  python -m experiments.compare \
+      --config=experiments/configs/cifar10_resnet20.py --workdir=runs/cifar10
 
 or one run::
 
   python -m experiments.main --config=experiments/configs/cifar10_resnet20.py \
-      --config.algorithm=dc-asgd-a --config.num_workers=8 --workdir=runs/c10-dca-8
+      --config.algorithm=dc-asgd-a --config.num_workers=8 \
+      --workdir=runs/c10-dca-8
 
 The first run downloads CIFAR-10 and prepares it as array_record in
 ``data_dir`` (this step needs TensorFlow; later reads do not).
@@ -64,7 +65,14 @@ def get_config():
   c.weight_decay = 1e-4
   c.eval_batch_size = 1000
   c.checkpoint_every_epochs = 5
-  c.grid.algorithms = ("sequential", "ssgd", "asgd", "sa-asgd", "dc-asgd-c", "dc-asgd-a")
+  c.grid.algorithms = (
+      "sequential",
+      "ssgd",
+      "asgd",
+      "sa-asgd",
+      "dc-asgd-c",
+      "dc-asgd-a",
+  )
   c.grid.num_workers = (4, 8)
   c.grid.seeds = (0,)
   return c

@@ -25,7 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Data: one of experiments.data.DATASETS. mnist5k needs no internet.
   c.dataset = "mnist5k"
-  c.data_dir = config_dict.placeholder(str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data_dir = config_dict.placeholder(
+      str
+  )  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.download = True  # prepare the dataset into data_dir if it is not there
   # Model: one of experiments.models.MODELS.
   c.model = "mlp"
@@ -61,7 +63,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
   # The grid run by experiments.compare (sequential runs once per seed).
   c.grid = ml_collections.ConfigDict()
-  c.grid.algorithms = ("sequential", "ssgd", "asgd", "sa-asgd", "dc-asgd-c", "dc-asgd-a")
+  c.grid.algorithms = (
+      "sequential",
+      "ssgd",
+      "asgd",
+      "sa-asgd",
+      "dc-asgd-c",
+      "dc-asgd-a",
+  )
   c.grid.num_workers = (4, 16)
   c.grid.seeds = (0, 1)
   return c

@@ -1,4 +1,4 @@
-r"""Demo: the paper's comparison on the offline MNIST subset, run by `make demo`.
+r"""Demo: the paper's comparison on the offline MNIST subset (`make demo`).
 
 Command::
 
@@ -34,7 +34,14 @@ def get_config():
   """default, with the comparison grid of the demo."""
   c = default.get_config()
   c.checkpoint_every_epochs = 5
-  c.grid.algorithms = ("sequential", "ssgd", "asgd", "sa-asgd", "dc-asgd-c", "dc-asgd-a")
+  c.grid.algorithms = (
+      "sequential",
+      "ssgd",
+      "asgd",
+      "sa-asgd",
+      "dc-asgd-c",
+      "dc-asgd-a",
+  )
   c.grid.num_workers = (4, 8, 16, 32)
   c.grid.seeds = (0, 1, 2)
   return c

