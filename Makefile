@@ -72,6 +72,9 @@ typecheck: $(VENV)/.installed-dev
 # The core and harness tests against the declared minimum versions of jax,
 # optax, numpy, chex and flax (.ci/min-constraints.txt), in their own venv.
 VENV_MIN ?= .venv-min
+# pytest-xdist workers for test-min (`make test-min MIN_WORKERS=2` on a
+# shared machine).
+MIN_WORKERS ?= auto
 MIN_TESTS := $(addprefix tests/,test_alias.py test_contract.py \
 	test_delay_compensation.py test_delayed_nesterov.py test_fused.py \
 	test_gap_aware.py test_look_ahead.py test_pull.py test_pull_nnx.py \
@@ -86,7 +89,7 @@ $(VENV_MIN)/.installed-min: pyproject.toml .ci/min-constraints.txt
 	touch $@
 
 test-min: $(VENV_MIN)/.installed-min
-	$(VENV_MIN)/bin/python -m pytest -n auto -m "not slow" $(PYTEST_ARGS) $(MIN_TESTS)
+	$(VENV_MIN)/bin/python -m pytest -n $(MIN_WORKERS) -m "not slow" $(PYTEST_ARGS) $(MIN_TESTS)
 
 demo: $(VENV)/.installed-experiments
 	$(PY) -m experiments.compare --config=experiments/configs/demo.py --workdir=$(DEMO_DIR)
