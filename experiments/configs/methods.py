@@ -38,7 +38,13 @@ Tiers (the argument after the file name, ``methods.py:quick``):
   ``runs/methods-quick``): only the target cells (plain SGD: cyclic and
   straggler M = 32; momentum: cyclic and Gamma M = 16), the methods that
   matter there, 6 learning rates and λ0 in {8, 16}, 5 reported seeds.
-  experiments/README.md gives both tiers' runtimes.
+* ``cnn`` (``make methods-cnn``, in ``runs/methods-cnn``): the second
+  model, ``small_cnn``, in the two cells the picks must hold on (plain SGD,
+  cyclic, M = 32; momentum, cyclic, M = 16), tuned and reported as the
+  quick tier is (its learning rates, λ0 values and seeds), with the
+  baselines and the quick tier's leading methods. Not the exact correction:
+  its Hessian-vector products cost this model about 15x a plain run.
+  experiments/README.md gives the tiers' runtimes.
 
 Expected result: the tables in experiments/README.md ("The methods grid").
 """
@@ -47,7 +53,7 @@ import ml_collections
 
 from experiments.configs import default
 
-TIERS = ("full", "quick")
+TIERS = ("full", "quick", "cnn")
 
 
 def get_config(tier: str | None = None):
@@ -124,8 +130,10 @@ def get_config(tier: str | None = None):
       algorithms=("asgd", "dc-asgd-a", "dc-asgd-a-bc", "dc-asgd-a-clip",
                   "dc-asgd-a-tuned", "gap-aware", "delayed-nesterov", "dana",
                   "dana-dc")))
-  if tier == "quick":
+  if tier in ("quick", "cnn"):
     _quick(c)
+  if tier == "cnn":
+    _cnn(c)
   return c
 
 
@@ -158,3 +166,19 @@ def _quick(c: ml_collections.ConfigDict) -> None:
                       ("momentum", "gamma", 16, 0.9))
   c.report.remedies = ()
   c.report.diagnostics.optimizers = ()  # no diagnostic reruns
+
+
+def _cnn(c: ml_collections.ConfigDict) -> None:
+  """The second model: the quick tier's tuning, two cells, ``small_cnn``."""
+  c.model = "small_cnn"
+  c.grid.algorithms = (
+      "sequential", "ssgd", "asgd", "dc-asgd-a-tuned", "fisher-dc-a",
+      "delayed-nesterov-dc", "wp-nesterov")
+  c.grid.columns = ml_collections.ConfigDict({
+      "sgd": (("cyclic", 32),),
+      "momentum": (("cyclic", 16),),
+  })
+  c.grid.skip = (("momentum", "dc-asgd-a-tuned"), ("momentum", "fisher-dc-a"),
+                 ("sgd", "delayed-nesterov-dc"))
+  c.report.targets = (("sgd", "cyclic", 32, 0.9),
+                      ("momentum", "cyclic", 16, 0.9))
