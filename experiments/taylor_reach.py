@@ -223,11 +223,17 @@ def run_config(config: ml_collections.ConfigDict,
 
 
 def diverged_at(curve: list, threshold: float, settle: int) -> float:
-  """The first step whose test error is NaN, or at least ``threshold`` at
-  step ``settle`` or later (before it every run's error is high)."""
+  """Where a run diverged: the first step whose test error is NaN, or, for a
+  run that ends at ``threshold`` or above, the first step from ``settle`` on
+  (before it every run's error is high) at or above it. NaN: it did not
+  (a run that comes back below ``threshold`` did not diverge)."""
   for step, error in curve:
-    if math.isnan(error) or (step >= settle and error >= threshold):
+    if math.isnan(error):
       return step
+  if curve and curve[-1][1] >= threshold:
+    for step, error in curve:
+      if step >= settle and error >= threshold:
+        return step
   return math.nan
 
 
@@ -277,15 +283,14 @@ def binned(all_samples: list[dict]) -> list[dict]:
 
 def reach_table(rows: list[dict]) -> str:
   """Per case and rate: each algorithm's final test error (%) per seed,
-  ``NaN`` where it diverged to non-finite params, and (``†``) where its
-  error went back above the threshold after the first epoch."""
+  ``NaN`` where it diverged to non-finite params, and (``†``) where it
+  ended at or above the threshold (:func:`diverged_at`)."""
   algos = list(dict.fromkeys(r["algorithm"] for r in rows))
   keys = list(dict.fromkeys(
       (r["optimizer"], r["num_workers"], r["learning_rate"]) for r in rows))
   head = ("case", "lr") + tuple(algos)
   lines = ["**Reach** (final test error (%) per seed; NaN: the params became "
-           "non-finite; †: diverged, error ≥ the threshold after the first "
-           "epoch)\n", "| " + " | ".join(head) + " |",
+           "non-finite; †: diverged, ended at or above the threshold)\n", "| " + " | ".join(head) + " |",
            "|" + "---|" * len(head)]
   for opt, m, lr in keys:
     cells = [f"{opt} M={m}", f"{lr:g}"]
@@ -385,25 +390,25 @@ def plot(results: list[tuple[dict, dict]], path: str) -> None:
     ax.set(title=f"{opt}, cyclic M = {m}, seed {results[0][0]['seed']}",
            xlabel="arrivals",
            ylabel="test error (%)", ylim=(0, 100))
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=5, ncol=3, loc="upper right")
   ax = axes[-1]
-  markers = {"asgd": "o", "exact-dc": "x"}
+  samples = [dict(x, case=f"{r['optimizer']} M={r['num_workers']}")
+             for r, res in results if r["algorithm"] != "sequential"
+             for x in res["samples"]]
+  bins = binned(samples)
   for (opt, m), color in zip(cases, ("tab:red", "tab:blue", "tab:green")):
-    for algo, marker in markers.items():
-      xs = [(x["d_rel"], x["residual"]) for r, res in results
-            if (r["optimizer"], r["num_workers"], r["algorithm"])
-            == (opt, m, algo) for x in res["samples"]
-            if math.isfinite(x["d_rel"]) and math.isfinite(x["residual"])
-            and x["d_rel"] > 0]
-      if xs:
-        d, res_ = zip(*xs)
-        ax.scatter(d, res_, s=4, marker=marker, color=color, alpha=0.4,
-                   label=f"{opt} M={m} {algo}")
+    rows = [b for b in bins if b["case"] == f"{opt} M={m}"
+            and math.isfinite(b["d_high"]) and b["d_low"] > 0]
+    x = [math.sqrt(b["d_low"] * b["d_high"]) for b in rows]
+    ax.plot(x, [b["residual"] for b in rows], "-o", color=color, ms=4,
+            label=f"{opt} M={m}: residual")
+    ax.plot(x, [b["secant"] for b in rows], "--s", color=color, ms=3,
+            label=f"{opt} M={m}: secant / tangent")
   ax.axhline(1.0, color="gray", lw=0.8)
-  ax.set(xscale="log", yscale="log", xlabel="‖w − w_bak‖ / ‖w‖",
-         ylabel="‖f − g − Hd‖ / ‖f − g‖",
-         title="Taylor residual vs displacement")
-  ax.legend(fontsize=6, markerscale=3)
+  ax.set(xscale="log", yscale="log", xlabel="‖w − w_bak‖ / ‖w‖ (bin)",
+         ylabel="median per bin",
+         title="‖f − g − Hd‖ / ‖f − g‖ and dᵀ(f − g) / dᵀHd")
+  ax.legend(fontsize=6)
   fig.savefig(path, dpi=110)
 
 

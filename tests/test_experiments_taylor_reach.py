@@ -96,9 +96,12 @@ def test_the_oracle_has_nothing_stale_to_measure(tiny):
 
 
 def test_divergence_and_the_reach_table():
-  curve = [(4, 0.8), (8, 0.3), (12, 0.6), (16, 0.2)]
+  curve = [(4, 0.8), (8, 0.3), (12, 0.6), (16, 0.7)]
   assert taylor_reach.diverged_at(curve, 0.5, settle=8) == 12
+  # It came back below the threshold: not diverged.
   assert math.isnan(taylor_reach.diverged_at(curve[:2], 0.5, settle=8))
+  assert math.isnan(taylor_reach.diverged_at(
+      curve[:3] + [(16, 0.1)], 0.5, settle=8))
   assert taylor_reach.diverged_at([(4, math.nan)], 0.5, settle=8) == 4
   rows = [dict(optimizer="sgd", num_workers=2, learning_rate=0.1,
                algorithm=a, seed=s, final_error=e, diverged_at=d)
@@ -114,3 +117,15 @@ def test_bad_sampling_is_a_clear_error(tiny):
   tiny.study.eval_every = 3
   with pytest.raises(ValueError, match="eval_every"):
     taylor_reach.trace(_run(tiny, "asgd"))
+
+
+def test_the_config_documents_its_command_and_every_run_validates():
+  c = taylor_config.get_config()
+  runs = taylor_reach.runs(c)
+  # 3 cases x 4 rates x 3 algorithms x 2 seeds.
+  assert len(runs) == 72
+  for r in runs:
+    train.validate(taylor_reach.run_config(c, r))
+  doc = taylor_config.__doc__
+  assert "python -m experiments.taylor_reach" in doc
+  assert "Runtime" in doc and "Expected result" in doc
