@@ -174,7 +174,7 @@ def trace(config: ml_collections.ConfigDict,
   single = program.num_workers == 1
   for start in range(0, total, s.every):
     stop = min(start + s.every, total)
-    batch = jax.tree.map(lambda x: x[start], batches)
+    batch = jax.tree.map(lambda x, i=start: x[i], batches)
     row = None
     if not single:
       worker = int(arrivals[start])
@@ -182,7 +182,7 @@ def trace(config: ml_collections.ConfigDict,
       row = {k: float(v) for k, v in measured(held, state.params,
                                               batch).items()}
     state, metrics = program.sim.replay(
-        state, jax.tree.map(lambda x: x[start:stop], batches),
+        state, jax.tree.map(lambda x, a=start, b=stop: x[a:b], batches),
         arrivals[start:stop])
     if row is not None:
       row.update(step=start, staleness=int(metrics["staleness"][0]))
@@ -213,7 +213,8 @@ def runs(config: ml_collections.ConfigDict) -> list[dict]:
 
 def run_config(config: ml_collections.ConfigDict,
                r: dict) -> ml_collections.ConfigDict:
-  """The grid's config of run ``r`` (:func:`experiments.methods.cell_config`)."""
+  """The grid's config of run ``r``
+  (:func:`experiments.methods.cell_config`)."""
   cell = methods.Cell(r["optimizer"], "cyclic", r["num_workers"],
                       r["algorithm"])
   c = methods.cell_config(config, cell, r["seed"],
@@ -290,7 +291,8 @@ def reach_table(rows: list[dict]) -> str:
       (r["optimizer"], r["num_workers"], r["learning_rate"]) for r in rows))
   head = ("case", "lr") + tuple(algos)
   lines = ["**Reach** (final test error (%) per seed; NaN: the params became "
-           "non-finite; †: diverged, ended at or above the threshold)\n", "| " + " | ".join(head) + " |",
+           "non-finite; †: diverged, ended at or above the threshold)\n",
+           "| " + " | ".join(head) + " |",
            "|" + "---|" * len(head)]
   for opt, m, lr in keys:
     cells = [f"{opt} M={m}", f"{lr:g}"]

@@ -44,7 +44,7 @@ def _server_models(config):
   for k in range(total):
     models.append(jax.tree.map(np.asarray, state.params))
     state, _ = program.sim.replay(
-        state, jax.tree.map(lambda x: x[k:k + 1], batches),
+        state, jax.tree.map(lambda x, i=k: x[i:i + 1], batches),
         run.arrivals[k:k + 1])
   return models
 

@@ -6,19 +6,22 @@ Command::
       --config=experiments/configs/taylor_reach.py \
       --workdir=runs/taylor_reach
 
-Hardware: CPU only (the offline digits). Runtime: see experiments/README.md
-("Why the exact correction breaks with momentum").
+Hardware: CPU only (the offline digits).
 
 Setting: the methods grid's (``configs/methods.py``): the demo's MLP
 (784-128-10), batch 32, 4,000 training digits, a constant learning rate,
 cyclic arrivals (staleness exactly M - 1), 10 epochs, seeds 0 and 1
-(reported seeds of the grid, never tuned on). Each case of ``study.cases`` is an optimizer preset
-of the grid and a worker count, run at each of its learning rates (spanning
-ASGD's stable range and beyond) with ASGD, the exact correction
-(``exact-dc``) and the oracle (``sequential``: the fresh gradient on the
-same batch stream). Every ``study.every``-th arrival is measured.
+(reported seeds of the grid, never tuned on). Each case of
+``study.cases`` is an optimizer preset of the grid and a worker count, run
+at each of its learning rates (spanning ASGD's stable range and beyond)
+with ASGD, the exact correction (``exact-dc``) and the oracle
+(``sequential``: the fresh gradient on the same batch stream). Every
+``study.every``-th arrival is measured. Runtime: 9 minutes on 2 loaded CPU
+cores (72 runs of 10 epochs).
 
-Expected result: the tables in experiments/README.md.
+Expected result: the tables in experiments/README.md ("Why the exact
+correction breaks with momentum"): the exact correction stable up to
+ASGD's tuned rate and non-finite at twice it, in every case.
 """
 
 import ml_collections
