@@ -9,7 +9,8 @@ per-example squared gradients,
   \nabla \ell(w_m, x_i),
 
 (``jax.vmap(jax.grad(...))`` over the batch's examples, each given to
-``loss_fn`` as a batch of one), and pushes it with the gradient; the server
+``loss_fn`` as a batch of one: :func:`dcasgd_optax.extend.mean_square_grads`,
+which the Ray workers use too), and pushes it with the gradient; the server
 passes it to ``tx.update`` as the keyword ``grad_sq``
 (:func:`dcasgd_optax.fisher_compensation` reads it). The gradient itself is
 unchanged (the batch's, as without the option).
@@ -20,8 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
+from dcasgd_optax.extend import mean_square_grads
 
 
 class Pushed(NamedTuple):
@@ -42,30 +42,6 @@ def check_option(push_grad_sq: Any, has_model_state: bool) -> bool:
         "on the other examples of the batch. Use a stateless loss_fn."
     )
   return push_grad_sq
-
-
-def mean_square_grads(loss_fn: Callable[[Any, Any], Any], params: Any,
-                      batch: Any) -> Any:
-  """``mean_i grad(loss_fn)(params, batch[i:i+1]) ** 2``, params-shaped.
-
-  Every leaf of ``batch`` must have the same leading (example) axis.
-  """
-  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None
-           for x in jax.tree.leaves(batch)}
-  if len(sizes) != 1 or None in sizes:
-    raise ValueError(
-        "`push_grad_sq=True` needs every leaf of a batch to have the same "
-        "leading (example) axis, to take per-example gradients over it; got "
-        f"leading sizes {sorted(sizes, key=str)}."
-    )
-  examples = jax.tree.map(lambda x: x[:, None], batch)  # B batches of one
-  per_example = jax.vmap(jax.grad(loss_fn), (None, 0))(params, examples)
-
-  def mean_square(g, p):
-    g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-    return jnp.mean(g * g, axis=0).astype(jnp.result_type(p))
-
-  return jax.tree.map(mean_square, per_example, params)
 
 
 def push(loss_with_state: Callable[..., Any], params: Any, model_state: Any,
