@@ -219,6 +219,7 @@ def test_a_worker_pushes_its_per_example_squares_split_like_the_gradient(
   for k, (gs, fs) in enumerate(zip(layout.split(want_g),
                                    layout.split(want_f))):
     assert len(pieces[k]) == 2 * len(gs)  # The gradient's, then grad_sq's.
+    assert {p.dtype for p in pieces[k]} == {np.dtype(wire_dtype or np.float32)}
     chex.assert_trees_all_close(pieces[k], [wire(x) for x in gs + fs],
                                 rtol=1e-5 if wire_dtype is None else 1e-2)
   np.testing.assert_allclose(loss, _loss_fn(params, batch), rtol=1e-6)
