@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 
 
-def mean_square_grads(loss_fn: Callable[[Any, Any], Any], params: Any,
-                      batch: Any) -> Any:
+def mean_square_grads(
+    loss_fn: Callable[[Any, Any], Any], params: Any, batch: Any
+) -> Any:
   """``mean_i grad(loss_fn)(params, batch[i:i+1]) ** 2``, params-shaped.
 
   Each example is given to ``loss_fn`` as a batch of one
@@ -51,8 +52,9 @@ def mean_square_grads(loss_fn: Callable[[Any, Any], Any], params: Any,
     ...                   jnp.array([1.0, 2.0]))['w']  # (1 + 16) / 2
     Array(8.5, dtype=float32)
   """
-  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None
-           for x in jax.tree.leaves(batch)}
+  sizes = {
+      jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batch)
+  }
   if len(sizes) != 1 or None in sizes:
     raise ValueError(
         "`push_grad_sq=True` needs every leaf of a batch to have the same "

@@ -7,8 +7,8 @@ optimizer state, read how many workers it is made for, learn whether an
 update already records the worker's pull, compute what a worker pushes
 besides its gradient (:func:`mean_square_grads`, the ``grad_sq`` of
 :func:`~dcasgd_optax.fisher_compensation`), and validate their own
-arguments the way the core does. Those are the names here, and the only core names
-the other subpackages import (``tests/test_interfaces.py`` fails if a
+arguments the way the core does. Those are the names here, and the only
+core names the other subpackages import (``tests/test_interfaces.py`` fails if a
 module of one subpackage imports a non-public name of another); the user's
 API stays :mod:`dcasgd_optax`.
 

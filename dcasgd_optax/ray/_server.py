@@ -290,8 +290,9 @@ class ParameterServer:
     """:meth:`push` through the worker's channel (:meth:`open_channel`).
 
     The gradient's pieces (and ``grad_sq``'s) are copied out of the
-    channel's gradient buffer (the shard checks and applies that copy); the new params are written to
-    its params buffer, then its doorbell rings with the ticket. A stale push
+    channel's gradient buffer (the shard checks and applies that copy); the
+    new params are written to its params buffer, then its doorbell rings
+    with the ticket. A stale push
     (from an earlier incarnation) changes nothing and rings nothing.
 
     Returns:
