@@ -8,9 +8,9 @@ per-example squared gradients,
   F = \frac{1}{B} \sum_{i=1}^{B} \nabla \ell(w_m, x_i) \odot
   \nabla \ell(w_m, x_i),
 
-(``jax.vmap(jax.grad(...))`` over the batch's examples, each given to
-``loss_fn`` as a batch of one: :func:`dcasgd_optax.extend.mean_square_grads`,
-which the Ray workers use too), and pushes it with the gradient; the server
+(a gradient per example of the batch, each given to ``loss_fn`` as a batch
+of one: :func:`dcasgd_optax.extend.mean_square_grads`, which the Ray
+workers use too), and pushes it with the gradient; the server
 passes it to ``tx.update`` as the keyword ``grad_sq``
 (:func:`dcasgd_optax.fisher_compensation` reads it). The gradient itself is
 unchanged (the batch's, as without the option).

@@ -257,9 +257,8 @@ def train(
       ``grad_sq`` (both checked before anything starts; so is a ``tx`` that
       needs it without the option). Cost: one more params-sized array per
       push (in ``wire_dtype`` too), on the wire, in the shared-memory
-      buffers and in the shards' memory, and on the worker a per-example
-      gradient of its batch (memory: batch size x params); see
-      docs/ray.md.
+      buffers and in the shards' memory, and on the worker a gradient per
+      example of its batch (see docs/ray.md).
     address: the Ray cluster for ``ray.init(address=...)``: ``None`` (a
       running cluster if one is known, else a new local one), ``"auto"``,
       ``"local"``, or ``"host:6379"``. Ignored if Ray is already initialised.
