@@ -23,7 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dcasgd_optax.harness import _per_example
+from dcasgd_optax._src import _per_example
 
 
 def _mlp():
