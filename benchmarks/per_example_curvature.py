@@ -68,7 +68,8 @@ def main() -> None:
   base = statistics.median(times["jax.grad (the gradient)"])
   print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}, "
         f"{args.repeats} alternated repeats")
-  print("| computation | median (ms) | x the gradient | GB/s (params in + out) |")
+  print("| computation | median (ms) | x the gradient "
+        "| GB/s (params in + out) |")
   print("|---|---|---|---|")
   for name, ts in times.items():
     med = statistics.median(ts)
