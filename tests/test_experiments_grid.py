@@ -224,14 +224,18 @@ def test_the_tiers_cells_validate_and_the_quick_tier_is_the_targets():
   }
   # Every target cell of the issue is in the quick tier.
   assert {tuple(t[:3]) for t in quick.report.targets} == {
-      (c.optimizer, c.schedule, c.num_workers) for c in cells
-      if c.schedule != "straggler" and c.num_workers > 1}
+      (c.optimizer, c.schedule, c.num_workers)
+      for c in cells
+      if c.schedule != "straggler" and c.num_workers > 1
+  }
   # The second model: small_cnn in two of those cells, the same tuning.
   cnn = methods_config.get_config("cnn")
   assert cnn.model == "small_cnn"
-  assert {(c.optimizer, c.schedule, c.num_workers)
-          for c in methods.cells(cnn) if c.num_workers > 1} == {
-              ("sgd", "cyclic", 32), ("momentum", "cyclic", 16)}
+  assert {
+      (c.optimizer, c.schedule, c.num_workers)
+      for c in methods.cells(cnn)
+      if c.num_workers > 1
+  } == {("sgd", "cyclic", 32), ("momentum", "cyclic", 16)}
   assert cnn.tuning.to_dict() == quick.tuning.to_dict()
   assert cnn.grid.seeds == quick.grid.seeds
   assert len(quick.grid.seeds) >= 5

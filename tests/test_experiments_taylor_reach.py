@@ -26,8 +26,13 @@ def tiny(data_dir):
 
 
 def _run(config, algorithm, lr=0.02):
-  r = dict(optimizer="momentum", num_workers=M, learning_rate=lr,
-           algorithm=algorithm, seed=0)
+  r = dict(
+      optimizer="momentum",
+      num_workers=M,
+      learning_rate=lr,
+      algorithm=algorithm,
+      seed=0,
+  )
   return taylor_reach.run_config(config, r)
 
 
@@ -39,19 +44,23 @@ def _server_models(config):
   run = train._Run(c, program)  # pylint: disable=protected-access
   total = c.num_epochs * run.steps_per_epoch
   batches = taylor_reach.input_pipeline.batches(
-      program.ds, c.seed, c.batch_size, run.rng, 0, total)
+      program.ds, c.seed, c.batch_size, run.rng, 0, total
+  )
   state, models = run.init(), []
   for k in range(total):
     models.append(jax.tree.map(np.asarray, state.params))
     state, _ = program.sim.replay(
-        state, jax.tree.map(lambda x, i=k: x[i:i + 1], batches),
-        run.arrivals[k:k + 1])
+        state,
+        jax.tree.map(lambda x, i=k: x[i : i + 1], batches),
+        run.arrivals[k : k + 1],
+    )
   return models
 
 
 def _norm(tree):
-  return math.sqrt(sum(float(np.sum(np.square(x)))
-                       for x in jax.tree.leaves(tree)))
+  return math.sqrt(
+      sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(tree))
+  )
 
 
 def test_trace_measures_what_the_harness_says(tiny):
@@ -67,18 +76,23 @@ def test_trace_measures_what_the_harness_says(tiny):
     assert x["stale_cos"] == pytest.approx(x["stale_cosine"], abs=1e-4)
     assert x["exact_cos"] == pytest.approx(x["applied_cosine"], abs=1e-4)
     assert x["residual"] == pytest.approx(
-        x["applied_error"] / x["stale_error"], rel=1e-3)
+        x["applied_error"] / x["stale_error"], rel=1e-3
+    )
     assert 0.0 <= x["flips"] <= 1.0 and x["correction"] > 0
   assert out["curve"][-1][0] == 8 and 0 < out["curve"][-1][1] < 1
-  assert all(math.isfinite(float(jnp.sum(x)))
-             for x in jax.tree.leaves(out["params"]))
+  assert all(
+      math.isfinite(float(jnp.sum(x))) for x in jax.tree.leaves(out["params"])
+  )
 
 
 @pytest.mark.slow
 def test_trace_measures_the_displacement_a_replay_gives(tiny):
   tiny.num_epochs = 2
-  late = [x for x in taylor_reach.trace(_run(tiny, "exact-dc"))["samples"]
-          if x["staleness"] == M - 1]
+  late = [
+      x
+      for x in taylor_reach.trace(_run(tiny, "exact-dc"))["samples"]
+      if x["staleness"] == M - 1
+  ]
   assert len(late) == 6
   # d = w - w_bak from a one-arrival-at-a-time replay of the same run:
   # with cyclic arrivals the worker arriving at k pulled after arrival
@@ -100,17 +114,30 @@ def test_divergence_and_the_reach_table():
   assert taylor_reach.diverged_at(curve, 0.5, settle=8) == 12
   # It came back below the threshold: not diverged.
   assert math.isnan(taylor_reach.diverged_at(curve[:2], 0.5, settle=8))
-  assert math.isnan(taylor_reach.diverged_at(
-      curve[:3] + [(16, 0.1)], 0.5, settle=8))
+  assert math.isnan(
+      taylor_reach.diverged_at(curve[:3] + [(16, 0.1)], 0.5, settle=8)
+  )
   assert taylor_reach.diverged_at([(4, math.nan)], 0.5, settle=8) == 4
-  rows = [dict(optimizer="sgd", num_workers=2, learning_rate=0.1,
-               algorithm=a, seed=s, final_error=e, diverged_at=d)
-          for a, s, e, d in (("asgd", 0, 0.1, math.nan),
-                             ("asgd", 1, 0.7, 12),
-                             ("exact-dc", 0, math.nan, 4),
-                             ("exact-dc", 1, 0.05, math.nan))]
+  rows = [
+      dict(
+          optimizer="sgd",
+          num_workers=2,
+          learning_rate=0.1,
+          algorithm=a,
+          seed=s,
+          final_error=e,
+          diverged_at=d,
+      )
+      for a, s, e, d in (
+          ("asgd", 0, 0.1, math.nan),
+          ("asgd", 1, 0.7, 12),
+          ("exact-dc", 0, math.nan, 4),
+          ("exact-dc", 1, 0.05, math.nan),
+      )
+  ]
   assert "| sgd M=2 | 0.1 | 10.0 / 70.0† | NaN / 5.0 |" in (
-      taylor_reach.reach_table(rows))
+      taylor_reach.reach_table(rows)
+  )
 
 
 def test_bad_sampling_is_a_clear_error(tiny):
