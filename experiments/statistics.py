@@ -236,17 +236,33 @@ def cell_stats(rows: Sequence[dict[str, Any]], *, min_gap: float) -> list[dict]:
       final = float(np.median([r["curve"]["time"][-1] for r in curves]))
       stat["final_time"] = None if np.isnan(final) else final
     if curves and opt in sequential:
-      stat["time_to_sequential"] = _times(curves, sequential[opt])
+      stat["time_to_sequential"] = median_time_to_target(
+          curves, sequential[opt])
       t = stat["time_to_sequential"]["time"]
       if t and opt in sequential_time and np.isfinite(sequential_time[opt]):
         stat["speedup"] = sequential_time[opt] / t
     if curves and ssgd.size:
-      stat["time_to_ssgd"] = _times(curves, float(ssgd.mean()))
+      stat["time_to_ssgd"] = median_time_to_target(curves,
+                                                   float(ssgd.mean()))
     stats.append(stat)
   return stats
 
 
-def _times(runs: Sequence[dict], target: float) -> dict:
+def median_time_to_target(runs: Sequence[dict], target: float) -> dict:
+  """When the seeds' runs first reach ``target``, summarized over seeds.
+
+  Args:
+    runs: one row per seed, each with a ``curve`` (per epoch
+      ``test_error``, ``time`` and ``gradients``:
+      :func:`experiments.methods.curve`).
+    target: the test error to reach.
+
+  Returns:
+    ``{"reached", "runs", "time", "gradients", "known"}``: how many of the
+    ``runs`` seeds reach ``target`` (:func:`time_to_target`), the median
+    time and gradients (``None`` when half the seeds or more do not), and
+    ``known`` (False when a run that reached has no clock).
+  """
   return _median_time([
       time_to_target(r["curve"]["test_error"], r["curve"]["time"],
                      r["curve"]["gradients"], target) for r in runs])
