@@ -14,13 +14,17 @@ M = 4
 
 
 def _curve(errors, times):
-  return dict(test_error=list(errors), time=list(times),
-              gradients=[8 * (i + 1) for i in range(len(errors))])
+  return dict(
+      test_error=list(errors),
+      time=list(times),
+      gradients=[8 * (i + 1) for i in range(len(errors))],
+  )
 
 
 def test_summarize_against_a_loop_over_epochs():
-  target = dict(sequential=0.10, sequential_time=100.0, ssgd=0.20,
-                ssgd_time=30.0)
+  target = dict(
+      sequential=0.10, sequential_time=100.0, ssgd=0.20, ssgd_time=30.0
+  )
   times = [10.0, 20.0, 30.0, 40.0]
   rows = [
       dict(seed=0, curve=_curve([0.5, 0.15, 0.10, 0.09], times)),
@@ -30,8 +34,9 @@ def test_summarize_against_a_loop_over_epochs():
   out = time_to_accuracy.summarize(rows, target, budget_epochs=2)
   # Sequential's 0.10: seeds reach it at 30 and 40, seed 2 never (it
   # diverges: NaN does not count): median of (30, 40, inf) = 40.
-  assert out["to_sequential"] == dict(reached=2, runs=3, time=40.0,
-                                      gradients=32.0, known=True)
+  assert out["to_sequential"] == dict(
+      reached=2, runs=3, time=40.0, gradients=32.0, known=True
+  )
   assert out["speedup"] == pytest.approx(100.0 / 40.0)
   # SSGD's 0.20: at 20, 20 and 40 (seed 2's 0.25 is above it): median 20.
   assert out["to_ssgd"]["time"] == 20.0 and out["to_ssgd"]["reached"] == 3
@@ -46,24 +51,42 @@ def test_summarize_against_a_loop_over_epochs():
   assert late["to_sequential"]["time"] is None and late["speedup"] is None
 
 
-def _result(algorithm, time, speedup):
-  return dict(optimizer="sgd", schedule="straggler", num_workers=32,
-              algorithm=algorithm, speedup=speedup,
-              to_sequential=dict(time=time))
+def _result(algorithm, time, speedup, schedule="straggler", m=32):
+  return dict(
+      optimizer="sgd",
+      schedule=schedule,
+      num_workers=m,
+      algorithm=algorithm,
+      speedup=speedup,
+      to_sequential=dict(time=time),
+  )
 
 
 def test_verdict_needs_the_speedup_and_to_beat_ssgd():
-  results = [_result("ssgd", None, None), _result("asgd", 200.0, 6.25),
-             _result("exact-dc", 125.0, 10.0)]
+  results = [
+      _result("sequential", 1000.0, None, "cyclic", 1),
+      _result("ssgd", None, None),
+      _result("asgd", 200.0, 6.25),
+      _result("exact-dc", 125.0, 10.0),
+      _result("exact-dc", 50.0, 25.0, "cyclic", 32),
+  ]  # another cell
   v = time_to_accuracy.verdict(results, "sgd", "straggler", 32, 8.0)
-  assert v == dict(best="exact-dc", speedup=10.0, ssgd_time=None,
-                   faster_than_ssgd=True, met=True)
-  results[0] = _result("ssgd", 100.0, 12.5)  # SSGD gets there first
+  assert v == dict(
+      best="exact-dc",
+      speedup=10.0,
+      ssgd_time=None,
+      faster_than_ssgd=True,
+      met=True,
+      sequential_first=1000.0,
+      speedup_first=8.0,
+  )
+  results[1] = _result("ssgd", 100.0, 12.5)  # SSGD gets there first
   v = time_to_accuracy.verdict(results, "sgd", "straggler", 32, 8.0)
   assert v["best"] == "exact-dc" and not v["faster_than_ssgd"]
   assert not v["met"]
-  v = time_to_accuracy.verdict(results[:2], "sgd", "straggler", 32, 8.0)
+  v = time_to_accuracy.verdict(results[1:3], "sgd", "straggler", 32, 8.0)
   assert v["best"] == "asgd" and not v["met"]  # 6.25x < 8x
+  assert v["sequential_first"] is None and v["speedup_first"] is None
 
 
 @pytest.fixture
@@ -88,16 +111,29 @@ TUNED = {
 
 def _stats(sequential, ssgd):
   return [
-      dict(optimizer="sgd", schedule="cyclic", num_workers=1,
-           algorithm="sequential", mean=sequential, final_time=8.0),
-      dict(optimizer="sgd", schedule="straggler", num_workers=M,
-           algorithm="ssgd", mean=ssgd, final_time=5.0),
+      dict(
+          optimizer="sgd",
+          schedule="cyclic",
+          num_workers=1,
+          algorithm="sequential",
+          mean=sequential,
+          final_time=8.0,
+      ),
+      dict(
+          optimizer="sgd",
+          schedule="straggler",
+          num_workers=M,
+          algorithm="ssgd",
+          mean=ssgd,
+          final_time=5.0,
+      ),
   ]
 
 
 def _metrics(workdir, epochs, name, seed):
-  path = os.path.join(workdir, f"epochs{epochs}", "runs",
-                      f"{name}-seed{seed}", "metrics.jsonl")
+  path = os.path.join(
+      workdir, f"epochs{epochs}", "runs", f"{name}-seed{seed}", "metrics.jsonl"
+  )
   with open(path) as f:
     return [json.loads(line) for line in f]
 
@@ -118,15 +154,21 @@ def _reference(records_per_seed, target):
 
 @pytest.mark.slow
 def test_study_runs_the_longer_cap_against_the_quick_tiers_targets(
-    tiny, tmp_path):
+    tiny, tmp_path
+):
   workdir = str(tmp_path)
   time_to_accuracy.study(tiny, workdir, TUNED, _stats(1.0, 1.0))
-  asgd = [_metrics(workdir, 3, f"sgd-straggler-M{M}-asgd-learning_rate0.1",
-                   s) for s in (0, 1)]
-  ssgd = [_metrics(workdir, 3, f"sgd-straggler-M{M}-ssgd-learning_rate0.4",
-                   s) for s in (0, 1)]
-  seq = [_metrics(workdir, 1, "sgd-sequential-learning_rate0.2", s)
-         for s in (0, 1)]
+  asgd = [
+      _metrics(workdir, 3, f"sgd-straggler-M{M}-asgd-learning_rate0.1", s)
+      for s in (0, 1)
+  ]
+  ssgd = [
+      _metrics(workdir, 3, f"sgd-straggler-M{M}-ssgd-learning_rate0.4", s)
+      for s in (0, 1)
+  ]
+  seq = [
+      _metrics(workdir, 1, "sgd-sequential-learning_rate0.2", s) for s in (0, 1)
+  ]
   # The cap for the parallel methods, the budget for sequential SGD, each
   # at its tuned rate (its directory's name).
   assert [len(x) for x in asgd + ssgd + seq] == [3, 3, 3, 3, 1, 1]
@@ -134,24 +176,30 @@ def test_study_runs_the_longer_cap_against_the_quick_tiers_targets(
   # (its worst seed's best error), not necessarily the second.
   first = max(min(r["test_error"] for r in x) for x in asgd)
   second = min(min(r["test_error"] for r in x) for x in asgd)
-  results = time_to_accuracy.study(tiny, workdir, TUNED,
-                                   _stats(first, second))  # cached runs
+  results = time_to_accuracy.study(
+      tiny, workdir, TUNED, _stats(first, second)
+  )  # cached runs
   by = {r["algorithm"]: r for r in results}
   assert set(by) == {"sequential", "asgd", "ssgd"}
   for name, runs in (("asgd", asgd), ("ssgd", ssgd)):
     r = by[name]
     assert r["epochs"] == 3
-    for key, target, budget in (("sequential", first, 8.0),
-                                ("ssgd", second, 5.0)):
+    for key, target, budget in (
+        ("sequential", first, 8.0),
+        ("ssgd", second, 5.0),
+    ):
       want = _reference(runs, target)
       assert r[f"to_{key}"]["time"] == want, (name, key)
       speed = r["speedup" if key == "sequential" else "speedup_ssgd"]
-      assert speed == (None if want is None
-                       else pytest.approx(budget / want)), (name, key)
+      assert speed == (
+          None if want is None else pytest.approx(budget / want)
+      ), (name, key)
     assert r["budget_error"] == pytest.approx(
-        np.mean([x[0]["test_error"] for x in runs]))
+        np.mean([x[0]["test_error"] for x in runs])
+    )
     assert r["final_error"] == pytest.approx(
-        np.mean([x[-1]["test_error"] for x in runs]))
+        np.mean([x[-1]["test_error"] for x in runs])
+    )
   assert by["asgd"]["to_sequential"]["reached"] == 2
   with open(os.path.join(workdir, "table.md")) as f:
     text = f.read()
@@ -162,8 +210,11 @@ def test_study_runs_the_longer_cap_against_the_quick_tiers_targets(
 def test_bad_input_is_named_before_any_run(tiny, tmp_path):
   with pytest.raises(ValueError, match="no setting for 'sgd-straggler-M4-"):
     time_to_accuracy.study(
-        tiny, str(tmp_path), {"sgd-sequential": TUNED["sgd-sequential"]},
-        _stats(0.1, 0.1))
+        tiny,
+        str(tmp_path),
+        {"sgd-sequential": TUNED["sgd-sequential"]},
+        _stats(0.1, 0.1),
+    )
   with pytest.raises(ValueError, match="stats: expected one entry"):
     time_to_accuracy.study(tiny, str(tmp_path), TUNED, _stats(0.1, 0.1)[:1])
   tiny.num_epochs = 0

@@ -40,12 +40,25 @@ def get_config():
   # cell (M = 32, Gamma arrivals with one worker 10x slower) and the
   # momentum cell where the quick tier's best methods lead.
   c.study.cells = (
-      ("sgd", "straggler", 32,
-       ("asgd", "ssgd", "da-asgd", "dc-asgd-a-tuned", "fisher-dc-a",
-        "exact-dc")),
-      ("momentum", "gamma", 16,
-       ("asgd", "ssgd", "delayed-nesterov-dc", "fisher-dc-a",
-        "wp-nesterov")),
+      (
+          "sgd",
+          "straggler",
+          32,
+          (
+              "asgd",
+              "ssgd",
+              "da-asgd",
+              "dc-asgd-a-tuned",
+              "fisher-dc-a",
+              "exact-dc",
+          ),
+      ),
+      (
+          "momentum",
+          "gamma",
+          16,
+          ("asgd", "ssgd", "delayed-nesterov-dc", "fisher-dc-a", "wp-nesterov"),
+      ),
   )
   # The reported seeds of the grid (the tuning seeds were 100 and 101).
   c.study.seeds = (0, 1, 2, 3, 4)
