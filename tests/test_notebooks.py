@@ -20,7 +20,8 @@ NOTEBOOKS = ROOT / "notebooks"
 OVERRIDES = {
     "01_quickstart.ipynb": dict(num_workers=4, epochs=1, seeds=1),
     "02_paper_reproduction.ipynb": dict(smoke_test=True),
-    "03_how_delay_compensation_works.ipynb": dict(num_workers=4, num_steps=60),
+    "03_how_delay_compensation_works.ipynb": dict(
+        num_workers=4, num_steps=60, seeds=1),
 }
 
 
