@@ -123,11 +123,15 @@ def test_bad_arguments_are_rejected_naming_them():
 # --- the worker's side: the per-example curvature -----------------------------
 
 
-def test_mean_square_grads_is_the_mean_of_per_example_squares():
+# The default (on CPU: one example after another), and both ways on every
+# platform: the one CI's CPU does not pick is tested all the same.
+@pytest.mark.parametrize("way", ["default", "_by_scan", "_by_vmap"])
+def test_mean_square_grads_is_the_mean_of_per_example_squares(way):
   params = helpers.init_params()
   idx = helpers.make_batches(1)[0]  # 8 examples
-  got = jax.jit(lambda p: _per_example.mean_square_grads(
-      helpers.loss_fn, p, idx))(params)
+  fn = getattr(_per_example,
+               "mean_square_grads" if way == "default" else way)
+  got = jax.jit(lambda p: fn(helpers.loss_fn, p, idx))(params)
   grad = jax.jit(jax.grad(helpers.loss_fn))
   per = [grad(params, idx[i:i + 1]) for i in range(idx.shape[0])]
   for key in params:

@@ -42,7 +42,7 @@ def fisher_compensation(
     \text{, smaller by up to a factor } B\text{)}.
 
   The worker computes :math:`F` with its gradient, at the model it pulled
-  (per-example gradients with ``jax.vmap(jax.grad(...))``), and pushes both;
+  (a gradient per example of its batch), and pushes both;
   this transformation takes it as the keyword ``grad_sq`` and corrects
 
   .. math::
@@ -59,8 +59,10 @@ def fisher_compensation(
   Cost: one more params-sized array per push, on the wire and in the
   server's update (the same size and sharding as the gradient: a parameter
   server split into shards splits ``grad_sq`` as it splits the gradient),
-  and on the worker a per-example gradient (a vmapped gradient of the same
-  batch, whose memory grows with the batch). The server's state is
+  and on the worker a gradient per example of its batch (on CPU one after
+  another, summing the squares as they come; elsewhere all at once with
+  ``jax.vmap``, whose memory grows with the batch: see
+  benchmarks/per_example_curvature.md). The server's state is
   :func:`delay_compensation`'s. :class:`dcasgd_optax.harness.Simulator`
   computes and passes ``grad_sq`` with ``push_grad_sq=True``.
 
