@@ -23,22 +23,25 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dcasgd_optax.harness import _per_example
+from dcasgd_optax._src import _per_example
 
 
 def _mlp():
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
-  params = {"w1": jax.random.normal(k1, (784, 128)) * 0.05,
-            "b1": jnp.zeros(128),
-            "w2": jax.random.normal(k2, (128, 10)) * 0.1,
-            "b2": jnp.zeros(10)}
+  params = {
+      "w1": jax.random.normal(k1, (784, 128)) * 0.05,
+      "b1": jnp.zeros(128),
+      "w2": jax.random.normal(k2, (128, 10)) * 0.1,
+      "b2": jnp.zeros(10),
+  }
 
   def loss(p, batch):
     x, y = batch
     h = jax.nn.relu(x @ p["w1"] + p["b1"])
     logits = h @ p["w2"] + p["b2"]
-    return -jnp.mean(jnp.take_along_axis(
-        jax.nn.log_softmax(logits), y[:, None], axis=1))
+    return -jnp.mean(
+        jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1)
+    )
 
   batch = (jax.random.uniform(k3, (32, 784)), jnp.arange(32) % 10)
   return loss, params, batch
@@ -52,9 +55,11 @@ def main() -> None:
   fns = {
       "jax.grad (the gradient)": jax.jit(jax.grad(loss)),
       "mean square, scan": jax.jit(
-          lambda p, b: _per_example._by_scan(loss, p, b)),
+          lambda p, b: _per_example._by_scan(loss, p, b)
+      ),
       "mean square, vmap": jax.jit(
-          lambda p, b: _per_example._by_vmap(loss, p, b)),
+          lambda p, b: _per_example._by_vmap(loss, p, b)
+      ),
   }
   for fn in fns.values():
     jax.block_until_ready(fn(params, batch))
@@ -66,14 +71,21 @@ def main() -> None:
       times[name].append(time.perf_counter() - t)
   nbytes = sum(x.nbytes for x in jax.tree.leaves(params))
   base = statistics.median(times["jax.grad (the gradient)"])
-  print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}, "
-        f"{args.repeats} alternated repeats")
-  print("| computation | median (ms) | x the gradient | GB/s (params in + out) |")
+  print(
+      f"{jax.devices()[0].device_kind}, JAX {jax.__version__}, "
+      f"{args.repeats} alternated repeats"
+  )
+  print(
+      "| computation | median (ms) | x the gradient "
+      "| GB/s (params in + out) |"
+  )
   print("|---|---|---|---|")
   for name, ts in times.items():
     med = statistics.median(ts)
-    print(f"| {name} | {1e3 * med:.3f} | {med / base:.1f} | "
-          f"{2 * nbytes / med / 1e9:.2f} |")
+    print(
+        f"| {name} | {1e3 * med:.3f} | {med / base:.1f} | "
+        f"{2 * nbytes / med / 1e9:.2f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -1,17 +1,28 @@
 """Choose a method: the methods grid's results as a recommendation table.
 
-The evidence grid (``make methods``) writes ``stats.json`` (final test error
-per optimizer, arrival order, worker count and method, with the share of
-ASGD's gap to sequential training each method closes) and ``tuned.json``
-(the learning rate and λ0 the tuning chose). :func:`recommend` turns them
-into one recommendation per optimizer and staleness regime (the worker
-count M: staleness is about M − 1), and :func:`table` into the Markdown the
-docs' "Choose a method" page and the README show.
+The evidence grids write ``stats.json`` (final test error per optimizer,
+arrival order, worker count and method, with the share of ASGD's gap to
+sequential training each method closes) and ``tuned.json`` (the learning
+rate and λ0 the tuning chose). Three are committed: the full grid of issue
+10 (``results/methods``: every optimizer at M = 8, 16, 32, cyclic and Gamma
+arrivals, 3 reported seeds), the quick tier of issue 18
+(``results/methods-quick``: the target cells with the new methods, 5
+reported seeds), which replaces the full grid's recommendation in the cells
+it covers, and the second model (``results/methods-cnn``: the small CNN in
+two of those cells), which confirms or contradicts the picks.
+
+:func:`recommend` turns one grid into one recommendation per optimizer and
+staleness regime (the worker count M: staleness is about M − 1),
+:func:`choices` the three into the table's rows, and :func:`table` into the
+Markdown the docs' "Choose a method" page and the README show.
 
 The rule, stated once: a method is recommended over plain ASGD (at its own
 tuned rate) when it closes at least :data:`MIN_SHARE` of ASGD's gap in
-*both* arrival orders (cyclic and Gamma); among those, the one whose smaller
-share is largest. Otherwise the answer is ASGD, and the evidence says why.
+*every* arrival order of the cell (cyclic and Gamma in the full grid;
+cyclic, Gamma or the straggler scenario in the quick tier); among those, the
+one whose smallest share is largest. Otherwise the answer is ASGD, and the
+evidence says why. The second model applies the same rule to its own cell
+(cyclic arrivals only).
 """
 
 from __future__ import annotations
@@ -22,8 +33,12 @@ import json
 import pathlib
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "methods"
+QUICK = RESULTS.with_name("methods-quick")
+SECOND = RESULTS.with_name("methods-cnn")
+SECOND_MODEL = "small CNN"
 MIN_SHARE = 0.25
-SCHEDULES = ("cyclic", "gamma")
+# The arrival orders a cell may have, in the order the table shows them.
+SCHEDULES = ("cyclic", "gamma", "straggler")
 OPTIMIZERS = {"sgd": "SGD", "momentum": "SGD, momentum 0.9", "adam": "Adam",
               "muon": "Muon"}
 # Methods of the grid that are baselines or bounds, never a recommendation:
@@ -112,22 +127,79 @@ class Recommendation:
   sequential: tuple[float, float]
   settings: dict[str, dict]  # schedule -> tuned setting
   no_gap: bool  # ASGD is within the grid's min gap of sequential somewhere
+  seeds: int = 3  # reported seeds behind each mean
+  second: Second | None = None  # the second model's verdict (see confirm)
+
+
+@dataclasses.dataclass(frozen=True)
+class Second:
+  """What the second model says of a :class:`Recommendation`'s cell."""
+
+  algorithm: str  # its own pick by the same rule ("asgd": none)
+  share: float | None  # the share the first model's pick closes there
+  pick_share: float | None  # the share its own pick closes there
+
+  def agrees(self, algorithm: str) -> bool:
+    return self.algorithm == algorithm
 
 
 def load(results: pathlib.Path = RESULTS) -> tuple[list[dict], dict]:
+  """``stats.json`` and ``tuned.json`` of the grid in ``results``."""
   stats = json.loads((results / "stats.json").read_text())
   tuned = json.loads((results / "tuned.json").read_text())
   return stats, tuned
 
 
+def choices(*, min_share: float = MIN_SHARE) -> list[Recommendation]:
+  """The table's rows from the committed grids: the full grid's, replaced
+  by the quick tier's where it covers the cell, checked on the second
+  model where it has the cell (:func:`confirm`)."""
+  recs = recommend(*load(RESULTS), min_share=min_share)
+  quick = {(r.optimizer, r.num_workers): r
+           for r in recommend(*load(QUICK), min_share=min_share)}
+  recs = [quick.pop((r.optimizer, r.num_workers), r) for r in recs]
+  recs += quick.values()  # cells the full grid does not have
+  return confirm(recs, *load(SECOND), min_share=min_share)
+
+
+def confirm(recs: Sequence[Recommendation], stats: Sequence[dict],
+            tuned: dict, *, min_share: float = MIN_SHARE
+            ) -> list[Recommendation]:
+  """``recs`` with :attr:`Recommendation.second` set where the second
+  model's grid (``stats``, ``tuned``) has the cell: its own pick by the
+  same rule, over its arrival orders, and the share the first pick closes
+  there (its smallest over those orders; ``None`` if it was not run)."""
+  theirs = {(r.optimizer, r.num_workers): r
+            for r in recommend(stats, tuned, min_share=min_share)}
+  index = _index(stats)
+  out = []
+  for r in recs:
+    other = theirs.get((r.optimizer, r.num_workers))
+    if other is None:
+      out.append(r)
+      continue
+    shares = [index.get((r.optimizer, sch, r.num_workers, r.algorithm),
+                        {}).get("gap_closed") for sch in other.shares]
+    share = None if None in shares or not shares else min(shares)
+    picks = [v for v in other.shares.values() if v is not None]
+    pick_share = (min(picks) if other.algorithm != "asgd" and picks
+                  else None)
+    out.append(dataclasses.replace(r, second=Second(
+        algorithm=other.algorithm, share=share, pick_share=pick_share)))
+  return out
+
+
+def _index(stats: Sequence[dict]) -> dict[tuple, dict]:
+  return {(s["optimizer"], s["schedule"], s["num_workers"], s["algorithm"]):
+          s for s in stats}
+
+
 def recommend(
     stats: Sequence[dict], tuned: dict, *, min_share: float = MIN_SHARE
 ) -> list[Recommendation]:
-  """One :class:`Recommendation` per (optimizer, worker count) of the grid."""
-  index = {
-      (s["optimizer"], s["schedule"], s["num_workers"], s["algorithm"]): s
-      for s in stats
-  }
+  """One :class:`Recommendation` per (optimizer, worker count) of the grid,
+  over the arrival orders the grid ran it in."""
+  index = _index(stats)
   cells = sorted({(s["optimizer"], s["num_workers"]) for s in stats
                   if s["num_workers"] > 1},
                  key=lambda c: (list(OPTIMIZERS).index(c[0]), c[1]))
@@ -137,28 +209,30 @@ def recommend(
                if s["optimizer"] == opt and s["algorithm"] == "sequential")
     algs = sorted({a for (o, _, w, a) in index if o == opt and w == m}
                   - NOT_RECOMMENDED)
+    orders = [sch for sch in SCHEDULES if (opt, sch, m, "asgd") in index]
     best, best_min = "asgd", None
     for a in algs:
       shares = [index.get((opt, sch, m, a), {}).get("gap_closed")
-                for sch in SCHEDULES]
+                for sch in orders]
       if any(s is None for s in shares):
         continue
       if min(shares) >= min_share and (best_min is None
                                        or min(shares) > best_min):
         best, best_min = a, min(shares)
-    pick = {sch: index[(opt, sch, m, best)] for sch in SCHEDULES}
-    asgd = {sch: index[(opt, sch, m, "asgd")] for sch in SCHEDULES}
+    pick = {sch: index[(opt, sch, m, best)] for sch in orders}
+    asgd = {sch: index[(opt, sch, m, "asgd")] for sch in orders}
     out.append(Recommendation(
         optimizer=opt, num_workers=m, algorithm=best,
-        shares={sch: pick[sch]["gap_closed"] for sch in SCHEDULES},
+        shares={sch: pick[sch]["gap_closed"] for sch in orders},
         errors={sch: (100 * pick[sch]["mean"], 100 * pick[sch]["std"])
-                for sch in SCHEDULES},
+                for sch in orders},
         asgd={sch: (100 * asgd[sch]["mean"], 100 * asgd[sch]["std"])
-              for sch in SCHEDULES},
+              for sch in orders},
         sequential=(100 * seq["mean"], 100 * seq["std"]),
         settings={sch: tuned.get(f"{opt}-{sch}-M{m}-{best}", {})
-                  .get("setting", {}) for sch in SCHEDULES},
-        no_gap=any(asgd[sch]["gap_closed"] is None for sch in SCHEDULES),
+                  .get("setting", {}) for sch in orders},
+        no_gap=any(asgd[sch]["gap_closed"] is None for sch in orders),
+        seeds=min(pick[sch].get("seeds", 3) for sch in orders),
     ))
   return out
 
@@ -183,7 +257,7 @@ def _fmt(mean_std: tuple[float, float]) -> str:
 def evidence(rec: Recommendation) -> str:
   """The numbers behind ``rec``: errors and shares per arrival order."""
   parts = []
-  for sch in SCHEDULES:
+  for sch in rec.shares:
     share = rec.shares[sch]
     lr = rec.settings[sch].get("learning_rate")
     closed = "no gap" if share is None else f"{100 * share:.0f}% closed"
@@ -194,7 +268,28 @@ def evidence(rec: Recommendation) -> str:
       parts.append(f"{sch}: {_fmt(rec.errors[sch])} vs ASGD "
                    f"{_fmt(rec.asgd[sch])}, {closed}"
                    + (f" (lr {lr:g})" if lr else ""))
-  return "; ".join(parts) + f"; sequential {_fmt(rec.sequential)}"
+  return ("; ".join(parts) + f"; sequential {_fmt(rec.sequential)}; "
+          f"{rec.seeds} seeds")
+
+
+def second_opinion(rec: Recommendation, *, short: bool = False) -> str:
+  """The second model's verdict on ``rec``, as Markdown ("" if none)."""
+  sec = rec.second
+  if sec is None:
+    return "" if short else "not run"
+  share = "not run" if sec.share is None else f"{100 * sec.share:.0f}%"
+  if sec.agrees(rec.algorithm):
+    if short:
+      return f" (confirmed on the {SECOND_MODEL})"
+    if rec.algorithm == "asgd":
+      return "confirmed: nothing closes ≥ 25% there either"
+    return f"confirmed: closes {share}"
+  theirs = LABELS[sec.algorithm] if sec.algorithm != "asgd" else "ASGD"
+  if short:
+    return f" (the {SECOND_MODEL} picks {theirs})"
+  pick = ("" if sec.pick_share is None
+          else f", closing {100 * sec.pick_share:.0f}%")
+  return f"differs: it picks {theirs}{pick}; this pick closes {share} there"
 
 
 def table(recs: Sequence[Recommendation], *, short: bool = False) -> str:
@@ -202,28 +297,29 @@ def table(recs: Sequence[Recommendation], *, short: bool = False) -> str:
   if short:
     head = ["| optimizer | M | use |", "|---|---|---|"]
   else:
-    head = ["| optimizer | M | use | first in the chain | evidence: test "
-            "error % (mean ± std, 3 seeds), share of ASGD's gap closed |",
-            "|---|---|---|---|---|"]
+    head = ["| optimizer | M | use | first in the chain | evidence (MLP): "
+            "test error % (mean ± std), share of ASGD's gap closed | "
+            f"second model ({SECOND_MODEL}, cyclic) |",
+            "|---|---|---|---|---|---|"]
   rows = []
   for r in recs:
     label = LABELS[r.algorithm]
     if r.algorithm == "asgd":
       label = ("ASGD (nothing closes ≥ "
-               f"{100 * MIN_SHARE:.0f}% of its gap in both orders)")
+               f"{100 * MIN_SHARE:.0f}% of its gap in every order)")
     if short:
       what = label if r.algorithm == "asgd" else (
           f"{label}: {use(r)}")
+      what += second_opinion(r, short=True)
       rows.append(f"| {OPTIMIZERS[r.optimizer]} | {r.num_workers} | {what} |")
     else:
       rows.append(f"| {OPTIMIZERS[r.optimizer]} | {r.num_workers} | {label} "
-                  f"| {use(r)} | {evidence(r)} |")
+                  f"| {use(r)} | {evidence(r)} | {second_opinion(r)} |")
   return "\n".join(head + rows) + "\n"
 
 
 def main() -> None:
-  stats, tuned = load()
-  print(table(recommend(stats, tuned)))
+  print(table(choices()))
 
 
 if __name__ == "__main__":

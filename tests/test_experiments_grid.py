@@ -219,7 +219,29 @@ def test_the_tiers_cells_validate_and_the_quick_tier_is_the_targets():
       ("sgd", "straggler", 32),
       ("momentum", "cyclic", 16),
       ("momentum", "gamma", 16),
+      ("adam", "cyclic", 16),
+      ("adam", "gamma", 16),
   }
+  # Every target cell of the issue is in the quick tier.
+  assert {tuple(t[:3]) for t in quick.report.targets} == {
+      (c.optimizer, c.schedule, c.num_workers)
+      for c in cells
+      if c.schedule != "straggler" and c.num_workers > 1
+  }
+  # The second model: small_cnn in two of those cells, the same tuning.
+  cnn = methods_config.get_config("cnn")
+  assert cnn.model == "small_cnn"
+  assert {
+      (c.optimizer, c.schedule, c.num_workers)
+      for c in methods.cells(cnn)
+      if c.num_workers > 1
+  } == {("sgd", "cyclic", 32), ("momentum", "cyclic", 16)}
+  assert cnn.tuning.seeds == quick.tuning.seeds
+  assert cnn.tuning.dc_lambda == quick.tuning.dc_lambda
+  for opt in cnn.grid.optimizers:  # the quick tier's rates, and two below
+    assert set(quick.tuning.learning_rates[opt]) < set(
+        cnn.tuning.learning_rates[opt])
+  assert cnn.grid.seeds == quick.grid.seeds
   assert len(quick.grid.seeds) >= 5
   assert not set(quick.grid.seeds) & set(quick.tuning.seeds)
   for cell in cells:
@@ -230,7 +252,7 @@ def test_the_tiers_cells_validate_and_the_quick_tier_is_the_targets():
         methods.cell_config(quick, cell, 0, methods.candidates(quick, cell)[0])
     )
   with pytest.raises(
-      ValueError, match="Unknown tier 'huge'; valid choices: full, quick"
+      ValueError, match="Unknown tier 'huge'; valid choices: full, quick, cnn"
   ):
     methods_config.get_config("huge")
 

@@ -16,8 +16,8 @@ import optax
 import pytest
 
 import dcasgd_optax
+from dcasgd_optax._src import _per_example
 from dcasgd_optax.harness import Simulator
-from dcasgd_optax.harness import _per_example
 from dcasgd_optax.harness import schedules
 
 import helpers

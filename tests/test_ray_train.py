@@ -71,10 +71,27 @@ def test_one_shard_run_replays_exactly_in_the_simulator():
   assert not alive_actors()
 
 
-def _sharded_reference(loss_fn, data_fn, params, layout, traces, lr, lam):
-  """DC-ASGD-c on each shard's slice, one push at a time, in each shard's
-  own order (``traces``): a worker computes gradient ``s`` once every shard
-  processed its gradient ``s - 1``, at the pieces they sent back."""
+def _dc_step(lr, lam):
+  """DC-ASGD-c on one shard's pieces: ``(shard, w, backup, g) -> w``."""
+  return lambda _, w, b, g: [w - lr * (x + lam * x * x * (w - b_))
+                             for w, x, b_ in zip(w, g, b)]
+
+
+def _per_example_mean_square(loss_fn, params, batch):
+  """The mean over the batch of the per-example squared gradients."""
+  one = lambda p, x, y: loss_fn(p, (x[None], y[None]))
+  per_example = jax.vmap(jax.grad(one), (None, 0, 0))(params, *batch)
+  with np.errstate(over="ignore"):  # An overflow is the push's to skip.
+    return jax.tree.map(lambda g: np.mean(np.square(g), 0), per_example)
+
+
+def _sharded_reference(loss_fn, data_fn, params, layout, traces, step,
+                       push_grad_sq=False):
+  """``step`` on each shard's slice, one push at a time, in each shard's
+  own order (``traces``): a worker computes gradient ``s`` (and with
+  ``push_grad_sq`` its per-example mean square, passed to ``step`` after
+  it) once every shard processed its gradient ``s - 1``, at the pieces
+  they sent back; a push with anything not finite is skipped."""
   split = lambda tree: [[np.asarray(p, np.float32) for p in s]
                         for s in layout.split(tree)]
   shards = split(jax.device_get(params))
@@ -92,12 +109,15 @@ def _sharded_reference(loss_fn, data_fn, params, layout, traces, lr, lam):
       if (m, s) not in grads:
         if not (done[:, m] >= s - 1).all():
           continue  # Not computable yet: another shard is behind.
-        full = layout.join(held[m])
-        grads[(m, s)] = split(grad_fn(full, data_fn(m, s)))
-      g = grads[(m, s)][k]
-      if all(np.isfinite(x).all() for s_ in grads[(m, s)] for x in s_):
-        shards[k] = [w - lr * (x + lam * x * x * (w - b))
-                     for w, x, b in zip(shards[k], g, backups[m][k])]
+        full, batch = layout.join(held[m]), data_fn(m, s)
+        pushed = [grad_fn(full, batch)]
+        if push_grad_sq:
+          pushed.append(_per_example_mean_square(loss_fn, full, batch))
+        grads[(m, s)] = [split(tree) for tree in pushed]
+      pushed = [tree[k] for tree in grads[(m, s)]]
+      if all(np.isfinite(x).all() for tree in grads[(m, s)]
+             for s_ in tree for x in s_):
+        shards[k] = step(k, shards[k], backups[m][k], *pushed)
       held[m][k] = backups[m][k] = list(shards[k])
       done[k, m], pos[k] = s, pos[k] + 1
   return layout.join(shards)
@@ -125,7 +145,81 @@ def test_two_shards_apply_delay_compensation_exactly_and_skip_a_nan():
       (result.params, result.opt_state)))
   layout = make_layout(params, 2)
   want = _sharded_reference(loss_fn, data_fn, params, layout,
-                            result.shard_records, lr, lam)
+                            result.shard_records, _dc_step(lr, lam))
+  chex.assert_trees_all_close(result.params, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow  # ~15 s; tests/test_ray_grad_sq.py covers the shard fast
+@pytest.mark.usefixtures("local_ray")
+def test_one_shard_fisher_run_replays_exactly_in_the_simulator():
+  # push_grad_sq: each worker pushes its per-example mean square with the
+  # gradient (through the shared-memory channel: one node, the default).
+  loss_fn, data_fn, params, accuracy = digits_problem()
+  tx = dcasgd_optax.fisher_dcasgd(0.5, 3)  # DC-ASGD-a's normalisation.
+  result = dray.train(loss_fn, tx, params, data_fn, num_updates=60,
+                      push_grad_sq=True)
+  rec = result.records
+  check_exactly_once(rec, 3)
+  assert not rec.skipped.any() and result.shard_records[0]["shared"].all()
+  assert accuracy(result.params) > 0.8  # Chance is 0.1.
+  sim = Simulator(loss_fn, tx, num_workers=3, push_grad_sq=True)
+  state, metrics = sim.replay(sim.init(params), trace_batches(data_fn, rec),
+                              schedules.from_trace(rec, num_workers=3))
+  np.testing.assert_array_equal(metrics["staleness"], rec.staleness)
+  assert (rec.staleness > 0).mean() > 0.5  # The curvature term is at work.
+  np.testing.assert_allclose(metrics["loss"], rec.loss, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close((state.params, state.opt_state),
+                              (result.params, result.opt_state), rtol=1e-6,
+                              atol=1e-7)
+  assert not alive_actors()
+
+
+def _fisher_step(lr, lam, decay=0.95, eps=1e-7):
+  """fisher_dcasgd (adaptive, one running mean) on one shard's pieces:
+  ``(shard, w, backup, g, grad_sq) -> w``."""
+  mean_square = {}
+
+  def step(k, w, b, g, f):
+    ms = mean_square.get(k, [np.zeros_like(x) for x in f])
+    ms = mean_square[k] = [decay * m + (1 - decay) * x for m, x in zip(ms, f)]
+    return [w_ - lr * (g_ + lam / np.sqrt(m + eps) * f_ * (w_ - b_))
+            for w_, g_, f_, b_, m in zip(w, g, f, b, ms)]
+
+  return step
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
+def test_two_shards_split_grad_sq_exactly_and_skip_a_non_finite_one():
+  loss_fn, data_fn, params, _ = digits_problem()
+
+  def huge_at_1_2(worker, seq):
+    # Pixel 0 is 0 in every digit, so its weights stay 0: with it 1e20,
+    # gradient (1, 2) is finite and its per-example squares overflow.
+    x, y = data_fn(worker, seq)
+    if (worker, seq) == (1, 2):
+      x = x.copy()
+      x[3, 0] = 1e20
+    return x, y
+
+  lr, lam = 0.3, 2.0
+  tx = dcasgd_optax.fisher_dcasgd(lr, 2, lambda_=lam)
+  # In the actor calls: the one-shard run above uses the channel.
+  result = dray.train(loss_fn, tx, params, huge_at_1_2, 2, 40, num_shards=2,
+                      shared_memory=False, push_grad_sq=True)
+  rec = result.records
+  for trace in result.shard_records:  # Every shard got every push once.
+    check_exactly_once(trace, 2)
+    assert not trace["shared"].any()
+  skipped = rec.skipped & (rec.worker == 1) & (rec.seq == 2)
+  assert rec.skipped.sum() == 1 and skipped.sum() == 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(
+      (result.params, result.opt_state)))
+  layout = make_layout(params, 2)
+  assert any(not layout.is_whole(p) for s in layout.pieces for p in s)
+  want = _sharded_reference(loss_fn, huge_at_1_2, params, layout,
+                            result.shard_records, _fisher_step(lr, lam),
+                            push_grad_sq=True)
   chex.assert_trees_all_close(result.params, want, rtol=1e-4, atol=1e-6)
 
 
@@ -210,6 +304,7 @@ def test_bad_arguments_fail_before_any_actor_starts():
   was_running, before = ray.is_initialized(), _num_actors()
   loss_fn, data_fn, params, _ = digits_problem()
   sgd = optax.sgd(0.1)
+  fisher = dcasgd_optax.fisher_dcasgd(0.1, 3)
   bad = [
       (dict(tx=dcasgd_optax.dcasgd(0.1, 4)), "`num_workers` is 3"),
       (dict(num_workers=None), "`num_workers` is None"),
@@ -224,6 +319,14 @@ def test_bad_arguments_fail_before_any_actor_starts():
        "cannot be split"),
       (dict(wire_dtype=np.int8), "wire_dtype"),
       (dict(shared_memory="yes"), "`shared_memory` must be a bool"),
+      (dict(push_grad_sq=1), "`push_grad_sq` must be a bool"),
+      (dict(push_grad_sq=True), "`tx.update` does not read `grad_sq`"),
+      (dict(tx=fisher), "pass `push_grad_sq=True`"),
+      # Per-example gradients need every leaf to have the example axis.
+      (dict(tx=fisher, push_grad_sq=True,
+            loss_fn=lambda p, b: loss_fn(p, b[:2]) + 0.0 * b[2].sum(),
+            data_fn=lambda m, s: (*data_fn(m, s), np.zeros(3, np.float32))),
+       r"`push_grad_sq=True`.*leading \(example\) axis"),
   ]
   for kwargs, match in bad:
     args = dict(loss_fn=loss_fn, tx=sgd, params=params, data_fn=data_fn,

@@ -3,6 +3,7 @@ and (slow) the build itself with every internal link resolving."""
 
 from __future__ import annotations
 
+import dataclasses
 import html.parser
 import importlib
 import pathlib
@@ -34,15 +35,18 @@ def _grid(shares: dict[str, tuple[float | None, float | None]]):
   """A one-cell grid (sgd, M=8): sequential 0.05, ASGD 0.10, and methods
   whose error follows from their share of the gap in each order."""
   stats = [_stat("sgd", "cyclic", 1, "sequential", 0.05, None)]
-  for sch in choose.SCHEDULES:
+  for sch in ORDERS:
     stats.append(_stat("sgd", sch, 8, "asgd", 0.10, 0.0))
   for alg, pair in shares.items():
-    for sch, share in zip(choose.SCHEDULES, pair):
+    for sch, share in zip(ORDERS, pair):
       mean = 0.10 - 0.05 * (share or 0.0)
       stats.append(_stat("sgd", sch, 8, alg, mean, share))
   tuned = {f"sgd-{sch}-M8-{alg}": {"setting": {"learning_rate": 0.1}}
-           for sch in choose.SCHEDULES for alg in shares}
+           for sch in ORDERS for alg in shares}
   return stats, tuned
+
+
+ORDERS = ("cyclic", "gamma")
 
 
 def test_recommend_takes_the_largest_share_closed_in_both_orders():
@@ -68,7 +72,7 @@ def test_recommend_falls_back_to_asgd_below_the_threshold():
 
 def test_use_names_the_chain_with_the_tuned_lambda():
   stats, tuned = _grid({"delayed-nesterov-dc": (0.5, 0.5)})
-  for sch in choose.SCHEDULES:
+  for sch in ORDERS:
     tuned[f"sgd-{sch}-M8-delayed-nesterov-dc"]["setting"]["dc_lambda"] = 4.0
   (rec,) = choose.recommend(stats, tuned)
   assert choose.use(rec) == ("`delay_compensation(8, lambda_=4, "
@@ -83,8 +87,57 @@ def test_baselines_and_the_exact_ceiling_are_never_recommended():
   assert rec.algorithm == "gap-aware"
 
 
+def test_the_rule_reads_the_orders_each_cell_has():
+  # A straggler column instead of Gamma: the rule takes the cell's own
+  # orders, and a method missing one of them is not a candidate.
+  stats, tuned = _grid({"gap-aware": (0.5, 0.4), "dc-asgd-a": (0.6, 0.6)})
+  stats = [dict(s, schedule="straggler") if s["schedule"] == "gamma" else s
+           for s in stats]
+  stats = [s for s in stats if not (s["algorithm"] == "dc-asgd-a"
+                                    and s["schedule"] == "straggler")]
+  (rec,) = choose.recommend(stats, tuned)
+  assert rec.algorithm == "gap-aware"
+  assert rec.shares == {"cyclic": 0.5, "straggler": 0.4}
+  assert "straggler: " in choose.evidence(rec)
+
+
+def test_the_second_model_confirms_or_names_its_own_pick():
+  stats, tuned = _grid({"gap-aware": (0.5, 0.4), "dc-asgd-a": (0.3, 0.3)})
+  (rec,) = choose.recommend(stats, tuned)
+  # The second model ran cyclic arrivals only.
+  cyclic = lambda st: [s for s in st if s["schedule"] == "cyclic"]
+  two, tuned2 = _grid({"gap-aware": (0.2, None), "dc-asgd-a": (0.7, None)})
+  (got,) = choose.confirm([rec], cyclic(two), tuned2)
+  assert got.second == choose.Second("dc-asgd-a", share=0.2, pick_share=0.7)
+  assert "differs: it picks DC-ASGD-a, closing 70%; this pick closes 20%" \
+      in choose.table([got])
+  assert "(the small CNN picks DC-ASGD-a)" in choose.table([got], short=True)
+  two, tuned2 = _grid({"gap-aware": (0.6, None), "dc-asgd-a": (0.3, None)})
+  (got,) = choose.confirm([rec], cyclic(two), tuned2)
+  assert got.second.agrees("gap-aware")
+  assert "confirmed: closes 60%" in choose.table([got])
+  # A cell the second model does not have is left as it is.
+  other = [dict(s, num_workers=16) if s["num_workers"] == 8 else s
+           for s in cyclic(two)]
+  assert choose.confirm([rec], other, tuned2) == [rec]
+
+
+def test_the_quick_tier_replaces_the_full_grid_in_its_cells():
+  full = {(r.optimizer, r.num_workers): r
+          for r in choose.recommend(*choose.load(choose.RESULTS))}
+  quick = {(r.optimizer, r.num_workers): r
+           for r in choose.recommend(*choose.load(choose.QUICK))}
+  got = {(r.optimizer, r.num_workers): r for r in choose.choices()}
+  assert set(got) == set(full) | set(quick)
+  for cell, r in got.items():
+    want = quick.get(cell, full.get(cell))
+    assert dataclasses.replace(r, second=None) == want
+  assert any(r.second is not None for r in got.values())
+
+
 def test_every_method_of_the_grid_has_a_use_with_library_names():
-  stats, _ = choose.load()
+  stats = [s for d in (choose.RESULTS, choose.QUICK, choose.SECOND)
+           for s in choose.load(d)[0]]
   grid = {s["algorithm"] for s in stats} | {
       a.name for a in algorithms.REGISTRY.values()}
   assert grid - choose.NOT_RECOMMENDED <= set(choose.USE)
@@ -99,8 +152,7 @@ def test_readme_shows_the_committed_grid_s_choice():
   """The README's short table is what the generator makes of the committed
   results: rerun `python -m experiments.choose` style generation and paste
   ``choose.table(..., short=True)`` when the grid changes."""
-  stats, tuned = choose.load()
-  short = choose.table(choose.recommend(stats, tuned), short=True)
+  short = choose.table(choose.choices(), short=True)
   assert short in (ROOT / "README.md").read_text()
 
 

@@ -4,9 +4,11 @@ The simulator (:mod:`dcasgd_optax.harness`), the Ray parameter server
 (:mod:`dcasgd_optax.ray`) and the experiments drive the optimizers of
 :mod:`dcasgd_optax` from outside: they find the per-worker backups in an
 optimizer state, read how many workers it is made for, learn whether an
-update already records the worker's pull, and validate their own arguments
-the way the core does. Those are the names here, and the only core names
-the other subpackages import (``tests/test_interfaces.py`` fails if a
+update already records the worker's pull, compute what a worker pushes
+besides its gradient (:func:`mean_square_grads`, the ``grad_sq`` of
+:func:`~dcasgd_optax.fisher_compensation`), and validate their own
+arguments the way the core does. Those are the names here, and the only
+core names the other subpackages import (``tests/test_interfaces.py`` fails if a
 module of one subpackage imports a non-public name of another); the user's
 API stays :mod:`dcasgd_optax`.
 
@@ -32,6 +34,7 @@ from dcasgd_optax._src._backups import num_workers_of
 from dcasgd_optax._src._checks import check_positive_int
 from dcasgd_optax._src._checks import check_scalar_range
 from dcasgd_optax._src._checks import check_seed
+from dcasgd_optax._src._per_example import mean_square_grads
 from dcasgd_optax._src._tree import is_masked
 from dcasgd_optax._src.pull import find_states
 from dcasgd_optax._src.pull_after_push import compensation_of
@@ -44,6 +47,7 @@ __all__ = (
     "compensation_of",
     "find_states",
     "is_masked",
+    "mean_square_grads",
     "num_workers_of",
     "pulls_in_update",
 )

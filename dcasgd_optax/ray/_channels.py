@@ -28,10 +28,14 @@ class Channels:
   Args:
     shard: the shard's index (in names and messages).
     specs: ``(shape, dtype)`` of each of the shard's pieces, in order.
+    push_specs: those of the pieces a push carries (the gradient's, then
+      ``grad_sq``'s with ``push_grad_sq=True``); ``None``: ``specs``.
   """
 
-  def __init__(self, shard: int, specs: _shm.Specs):
+  def __init__(self, shard: int, specs: _shm.Specs,
+               push_specs: _shm.Specs | None = None):
     self._shard, self._specs = shard, list(specs)
+    self._push_specs = list(specs if push_specs is None else push_specs)
     self._open: dict[int, _shm.Channel] = {}
 
   def open(self, worker: int, epoch: int, latest: int, node: str | None
@@ -71,7 +75,8 @@ class Channels:
       return None
     try:
       channel = _shm.Channel.create(epoch, self._specs,
-                                    f"s{self._shard}-w{worker}-e{epoch}")
+                                    f"s{self._shard}-w{worker}-e{epoch}",
+                                    self._push_specs)
     except OSError:
       return None
     self._open[worker] = channel

@@ -1,12 +1,13 @@
 """What a push carries and what it gets back, and the checks a push passes.
 
 A worker's push to a shard carries a :class:`Head` (the small part) and the
-gradient's pieces (in the call, :mod:`_wire`, or in a shared-memory channel,
-:mod:`_shm`); it gets back an :class:`ApplyInfo` and the shard's pieces of
-the new params (a :class:`Pulled` when the shard is called directly). The
-shard checks every field of the head and every piece here, before it changes
-anything: a bad push raises ``TypeError`` or ``ValueError`` naming the
-worker, and leaves the shard as it was.
+gradient's pieces, then, with ``push_grad_sq=True``, its ``grad_sq``'s
+pieces, split alike (in the call, :mod:`_wire`, or in a shared-memory
+channel, :mod:`_shm`); it gets back an :class:`ApplyInfo` and the shard's
+pieces of the new params (a :class:`Pulled` when the shard is called
+directly). The shard checks every field of the head and every piece here,
+before it changes anything: a bad push raises ``TypeError`` or
+``ValueError`` naming the worker, and leaves the shard as it was.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ class Head(NamedTuple):
     worker: the worker's id.
     seq: the gradient's number for that worker (0, 1, ...).
     epoch: the worker's incarnation (0, then one more per restart).
-    finite: False if the worker found its whole gradient not finite (every
-      shard then skips its part).
+    finite: False if the worker found its whole gradient (or its
+      ``grad_sq``) not finite (every shard then skips its part).
     meta: ``(loss, compute_time)``, recorded by the first shard.
   """
 
@@ -138,7 +139,7 @@ def check_head(head: Any, num_workers: int, shard: int) -> Head:
 
 
 def check_pieces(who: str, grads: Any, specs: Sequence[tuple[Any, Any]],
-                 names: Sequence[str]) -> None:
+                 names: Sequence[str], what: str = "gradient") -> None:
   """Raises ValueError unless ``grads`` is a list of arrays fitting ``specs``.
 
   Args:
@@ -146,10 +147,14 @@ def check_pieces(who: str, grads: Any, specs: Sequence[tuple[Any, Any]],
     grads: the pushed pieces.
     specs: ``(shape, dtype)`` of each piece, in order.
     names: the params leaf each piece is of (for the message).
+    what: what the pieces are of: ``"gradient"``, or ``"grad_sq"`` (the
+      per-example squares pushed with it), named in the message.
   """
+  label = "a gradient" if what == "gradient" else f"a `{what}`"
+  prefix = "" if what == "gradient" else f"`{what}` "
   if not isinstance(grads, (list, tuple)) or len(grads) != len(specs):
     raise ValueError(
-        f"{who} sent a gradient that is not a list of this shard's "
+        f"{who} sent {label} that is not a list of this shard's "
         f"{len(specs)} pieces (got {type(grads).__name__}"
         f"{f' of {len(grads)}' if isinstance(grads, (list, tuple)) else ''}"
         "); rejected, nothing changed."
@@ -158,6 +163,7 @@ def check_pieces(who: str, grads: Any, specs: Sequence[tuple[Any, Any]],
     got = (tuple(np.shape(g)), getattr(g, "dtype", type(g).__name__))
     if not isinstance(g, (np.ndarray, jax.Array)) or got != (shape, dtype):
       raise ValueError(
-          f"{who} sent piece {i} (of params{names[i]}) with (shape, dtype) "
-          f"{got}, expected {(shape, dtype)}; rejected, nothing changed."
+          f"{who} sent {prefix}piece {i} (of params{names[i]}) with (shape, "
+          f"dtype) {got}, expected {(shape, dtype)}; rejected, nothing "
+          "changed."
       )

@@ -8,7 +8,9 @@ previous one. A worker on the shard's node pushes through a shared-memory
 channel (:meth:`~ParameterServer.open_channel`,
 :meth:`~ParameterServer.push_shared`, :mod:`_shm`); any other pushes with
 the pieces in the call (:meth:`~ParameterServer.push`), as :mod:`_wire`
-packs them: up to 512 kB as their bytes in ``bytes`` chunks (read as
+packs them (with ``push_grad_sq=True`` a push carries the gradient's pieces
+and then its ``grad_sq``'s, split alike, and the shard passes ``grad_sq``
+to ``tx.update``): up to 512 kB as their bytes in ``bytes`` chunks (read as
 read-only views), a larger message as a list of NumPy arrays (the Ray object
 store reads them zero-copy). Pushed pieces are never written to in place.
 
@@ -16,9 +18,10 @@ Every push is checked before any state is touched (:mod:`_protocol`): every
 field of its head (the worker id, ``seq``, its restart ``epoch``, the
 ``finite`` flag, the ``meta``), that ``seq`` is the next one expected from
 that worker, that the first shard granted a ticket for it (while a limit is
-set), and each piece's shape and dtype. A bad push raises ``ValueError`` (or
-``TypeError``) naming the worker, and the shard stays usable. A gradient that
-is not finite (or that its worker flagged as such) is skipped: it counts as
+set), and each piece's shape and dtype (``grad_sq``'s too). A bad push
+raises ``ValueError`` (or ``TypeError``) naming the worker, and the shard
+stays usable. A gradient that is not finite (or whose ``grad_sq`` is not,
+or that its worker flagged as such) is skipped: it counts as
 processed (the step advances), but params and optax state keep their
 values; the worker's pull is still recorded. Through a channel, the shard
 checks and applies its own copy of the gradient buffer, so this holds even
@@ -78,6 +81,11 @@ class ParameterServer:
       params are what the backups record.
     checkpoint_dir: the run's checkpoint directory (this shard writes in
       its own subdirectory), or ``None``.
+    push_grad_sq: every push also carries ``grad_sq`` (the worker's mean
+      per-example squared gradient, split like the gradient; in the wire
+      dtype if one is set), which ``tx.update`` gets as the keyword
+      ``grad_sq`` (checked: ``tx`` must read it, and without the option
+      must not need it).
 
   Examples:
     >>> import numpy as np, optax
@@ -98,6 +106,7 @@ class ParameterServer:
       num_shards: int = 1,
       wire_dtype: jax.typing.DTypeLike | None = None,
       checkpoint_dir: str | None = None,
+      push_grad_sq: bool = False,
   ):
     num_workers = _steps.resolve_num_workers(tx, params, num_workers)
     layout = _layout.make_layout(params, num_shards)
@@ -105,17 +114,20 @@ class ParameterServer:
     tx = optax.with_extra_args_support(tx)
     if num_shards > 1:
       _layout.check_shardable(tx.init, params, layout)
+    self._grad_sq = _steps.check_push_grad_sq(tx, params, push_grad_sq)
     self._wire = _steps.check_wire_dtype(wire_dtype)
     self._layout, self._shard, self._num_workers = layout, shard, num_workers
     self._specs = [(s, self._wire or d)
                    for s, d in _layout.piece_specs(layout, shard)]
+    # What a push's message carries: the gradient's pieces, then grad_sq's.
+    self._push_specs = self._specs * (2 if self._grad_sq else 1)
     names = _layout.leaf_names(layout)
     self._piece_names = [names[p.leaf] for p in layout.pieces[shard]]
     pieces = _layout.split(layout, jax.device_get(params))[shard]
     tree = _layout.shard_tree(layout, shard, [jnp.asarray(p) for p in pieces])
     opt_state = tx.init(tree)
-    self._apply, self._pull = _steps.make_steps(tx, layout, shard, self._wire,
-                                                opt_state)
+    self._apply, self._pull = _steps.make_steps(
+        tx, layout, shard, self._wire, opt_state, self._grad_sq)
     self._state = ServerState(
         params=tree, opt_state=opt_state, step=np.int64(0),
         last_seq=np.full((num_workers,), -1, np.int64),
@@ -124,7 +136,7 @@ class ParameterServer:
     self._epochs = np.zeros((num_workers,), np.int64)
     self._admission = Admission(num_workers, 0) if shard == 0 else None
     self._rows: list[tuple] = []
-    self._channels = Channels(shard, self._specs)
+    self._channels = Channels(shard, self._specs, self._push_specs)
     self._checkpoints = None
     if checkpoint_dir is not None:
       self._checkpoints = _checkpoint.open_shard(checkpoint_dir, shard,
@@ -206,6 +218,7 @@ class ParameterServer:
       seq: int,
       grads: list[np.ndarray],
       *,
+      grad_sq: list[np.ndarray] | None = None,
       epoch: int = 0,
       finite: bool = True,
       meta: tuple[float, float] = (float("nan"), float("nan")),
@@ -217,9 +230,11 @@ class ParameterServer:
       seq: the gradient's number; must be the next one from this worker.
       grads: this shard's pieces of the gradient, NumPy arrays shaped like
         :attr:`piece_specs` (in the wire dtype, if one is set).
+      grad_sq: this shard's pieces of the worker's ``grad_sq``, like
+        ``grads``: required with ``push_grad_sq=True``, else ``None``.
       epoch: the worker's incarnation (0, then one more per restart).
-      finite: False if the worker found its whole gradient not finite
-        (every shard then skips its part).
+      finite: False if the worker found its whole gradient (or
+        ``grad_sq``) not finite (every shard then skips its part).
       meta: ``(loss, compute_time)``, recorded by the first shard.
 
     Returns:
@@ -235,8 +250,8 @@ class ParameterServer:
     if self._is_stale(head):
       info = self._stale_info()
       return info, Pulled(info.step, [], False)
-    self._check_push(head, grads)
-    info, pieces, ticket = self._update(head, list(grads), start, False)
+    self._check_push(head, grads, grad_sq)
+    info, pieces, ticket = self._update(head, grads, grad_sq, start, False)
     return info, Pulled(info.step, pieces, ticket)
 
   def push(self, head: tuple[int, int, int, bool, tuple[float, float]],
@@ -245,8 +260,8 @@ class ParameterServer:
 
     Args:
       head: ``(worker, seq, epoch, finite, meta)``, as for :meth:`apply`.
-      *parts: the gradient's pieces packed by ``_wire.pack`` for
-        :attr:`piece_specs`.
+      *parts: the gradient's pieces (then ``grad_sq``'s) packed by
+        ``_wire.pack`` for :attr:`push_specs`.
 
     Returns:
       ``((info, ticket), *parts)``: what happened, whether the worker may go
@@ -257,7 +272,7 @@ class ParameterServer:
     start = time.perf_counter()
     head = self._check_head(head)
     try:
-      grads = _wire.unpack(parts, self._specs)
+      message = _wire.unpack(parts, self._push_specs)
     except ValueError as e:
       raise ValueError(f"Shard {self._shard}: worker {head.worker} sent a "
                        f"malformed gradient ({e}); rejected, nothing "
@@ -265,17 +280,19 @@ class ParameterServer:
     if self._is_stale(head):
       info = self._stale_info()
       return ((info, False), *[None] * _wire.num_chunks(self._specs))
-    self._check_push(head, grads)
-    info, pieces, ticket = self._update(head, list(grads), start, False)
+    grads, grad_sq = self._split(message)
+    self._check_push(head, grads, grad_sq)
+    info, pieces, ticket = self._update(head, grads, grad_sq, start, False)
     return ((info, ticket), *_wire.pack(pieces, self._specs))
 
   def push_shared(self, head: tuple[int, int, int, bool, tuple[float, float]]
                   ) -> tuple[ApplyInfo, bool]:
     """:meth:`push` through the worker's channel (:meth:`open_channel`).
 
-    The gradient's pieces are copied out of the channel's gradient buffer
-    (the shard checks and applies that copy); the new params are written to
-    its params buffer, then its doorbell rings with the ticket. A stale push
+    The gradient's pieces (and ``grad_sq``'s) are copied out of the
+    channel's gradient buffer (the shard checks and applies that copy); the
+    new params are written to its params buffer, then its doorbell rings
+    with the ticket. A stale push
     (from an earlier incarnation) changes nothing and rings nothing.
 
     Returns:
@@ -289,9 +306,9 @@ class ParameterServer:
     if self._is_stale(head):
       return self._stale_info(), False
     channel = self._channels.get(head.worker, head.epoch)
-    grads = channel.read_grads()
-    self._check_push(head, grads)
-    info, pieces, ticket = self._update(head, grads, start, True)
+    grads, grad_sq = self._split(channel.read_grads())
+    self._check_push(head, grads, grad_sq)
+    info, pieces, ticket = self._update(head, grads, grad_sq, start, True)
     channel.params.write(pieces)
     channel.bell.ring(_shm.TICKET if ticket else 0)
     return info, ticket
@@ -299,13 +316,22 @@ class ParameterServer:
   def _stale_info(self) -> ApplyInfo:  # From an earlier incarnation: ignored.
     return ApplyInfo("stale", int(self._state.step), 0, time.time(), 0.0)
 
-  def _update(self, head: Head, grads: list[Any], start: float, shared: bool
+  def _split(self, message: Any) -> tuple[Any, Any]:
+    """A push's pieces as ``(grads, grad_sq)`` (``None`` without it)."""
+    if not self._grad_sq or not isinstance(message, (list, tuple)):
+      return message, None
+    n = len(self._specs)
+    return list(message[:n]), list(message[n:])
+
+  def _update(self, head: Head, grads: list[Any], grad_sq: list[Any] | None,
+              start: float, shared: bool
               ) -> tuple[ApplyInfo, list[np.ndarray], bool]:
-    """Applies a checked gradient; the worker pulls."""
+    """Applies a checked gradient (and grad_sq); the worker pulls."""
     s, worker = self._state, head.worker
     staleness = int(s.step - s.last_pull[worker])
     params, opt_state, pieces, ok = self._apply(
-        s.params, s.opt_state, grads, np.int32(worker),
+        s.params, s.opt_state, list(grads), list(grad_sq or []),
+        np.int32(worker),
         np.int32(staleness), np.bool_(head.finite))
     s.last_seq[worker] = head.seq
     s.last_pull[worker] = s.step + 1
@@ -326,8 +352,15 @@ class ParameterServer:
 
   @property
   def piece_specs(self) -> list[tuple[tuple[int, ...], np.dtype]]:
-    """``(shape, dtype)`` of each piece a push must carry, in order."""
+    """``(shape, dtype)`` of each piece of a gradient (and of a params
+    reply), in order."""
     return list(self._specs)
+
+  @property
+  def push_specs(self) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """``(shape, dtype)`` of each piece a push's message carries: the
+    gradient's, then (``push_grad_sq=True``) ``grad_sq``'s."""
+    return list(self._push_specs)
 
   def _check_head(self, head: Any) -> Head:  # Every field; nothing changed.
     return check_head(head, self._num_workers, self._shard)
@@ -336,7 +369,7 @@ class ParameterServer:
     """Whether a checked head is from an earlier incarnation (ignore it)."""
     return head.epoch < self._epochs[head.worker]
 
-  def _check_push(self, head: Head, grads: Any) -> None:
+  def _check_push(self, head: Head, grads: Any, grad_sq: Any) -> None:
     """Raises for a bad (not stale) push; else its incarnation is current.
 
     A bad push from a newer incarnation does not count as its attaching.
@@ -355,6 +388,16 @@ class ParameterServer:
           f"{who} pushed gradient seq={seq}, for which this shard granted no "
           "ticket (see `grant`); rejected, nothing changed.")
     check_pieces(who, grads, self._specs, self._piece_names)
+    if self._grad_sq:
+      if grad_sq is None:
+        raise ValueError(
+            f"{who} pushed no `grad_sq`, which this shard needs "
+            "(push_grad_sq=True); rejected, nothing changed.")
+      check_pieces(who, grad_sq, self._specs, self._piece_names, "grad_sq")
+    elif grad_sq is not None:
+      raise ValueError(
+          f"{who} pushed a `grad_sq`, but this shard takes none "
+          "(push_grad_sq=False); rejected, nothing changed.")
     self._epochs[worker] = head.epoch
 
   # ---------------------------------------------------- results, checkpoints

@@ -6,7 +6,8 @@ benchmarks/ray_throughput.md measures a 400 kB round trip at over twice the
 cost of an empty call. A worker and a shard on the same node therefore share
 two buffers instead, each a file in ``/dev/shm`` mapped by both processes:
 
-* the *gradient buffer*: the worker writes its gradient's pieces there, then
+* the *gradient buffer*: the worker writes its gradient's pieces there
+  (followed by its ``grad_sq``'s pieces, with ``push_grad_sq=True``), then
   calls the shard's ``push_shared`` with only the small header;
 * the *params buffer*: the shard copies the gradient's pieces out of the
   gradient buffer (:meth:`Channel.read_grads`), checks and applies that
@@ -273,16 +274,21 @@ class Channel:
     return self._copies
 
   @classmethod
-  def create(cls, epoch: int, specs: Specs, name: str) -> Channel:
+  def create(cls, epoch: int, specs: Specs, name: str,
+             grads_specs: Specs | None = None) -> Channel:
     """The shard's side: creates the three files, named after ``name``.
 
-    The shard maps the gradient buffer read-only (it reads it only through
-    :meth:`read_grads`) and the params buffer for writing.
+    ``specs`` are the params buffer's pieces, ``grads_specs`` the gradient
+    buffer's (``None``: the same; a push that carries ``grad_sq`` too has
+    twice as many). The shard maps the gradient buffer read-only (it reads
+    it only through :meth:`read_grads`) and the params buffer for writing.
     """
+    grads_specs = specs if grads_specs is None else grads_specs
     stem = os.path.join(DIRECTORY, f"dcasgd-optax-{name}-{uuid.uuid4().hex}")
     made: list[Any] = []
     try:
-      made.append(Buffer(stem + "-grads", specs, create=True, writable=False))
+      made.append(Buffer(stem + "-grads", grads_specs, create=True,
+                         writable=False))
       made.append(Buffer(stem + "-params", specs, create=True))
       made.append(Bell(stem + "-bell", create=True))
     except OSError:
@@ -292,18 +298,19 @@ class Channel:
     return cls(epoch, *made)
 
   @classmethod
-  def attach(cls, epoch: int, paths: Sequence[str], specs: Specs
-             ) -> Channel:
+  def attach(cls, epoch: int, paths: Sequence[str], specs: Specs,
+             grads_specs: Specs | None = None) -> Channel:
     """The worker's side: opens the three files, then unlinks them.
 
-    The worker maps the params buffer read-only. Each file must be what the
-    shard created: of the right type and size, this user's and no one
-    else's, and not a link (else ``OSError``, and the worker pushes in the
-    calls).
+    ``specs`` and ``grads_specs`` as for :meth:`create`. The worker maps the
+    params buffer read-only. Each file must be what the shard created: of
+    the right type and size, this user's and no one else's, and not a link
+    (else ``OSError``, and the worker pushes in the calls).
     """
+    grads_specs = specs if grads_specs is None else grads_specs
     made: list[Any] = []
     try:
-      made.append(Buffer(paths[0], specs, create=False))
+      made.append(Buffer(paths[0], grads_specs, create=False))
       made.append(Buffer(paths[1], specs, create=False, writable=False))
       made.append(Bell(paths[2], create=False))
     except OSError:

@@ -45,6 +45,7 @@ class _Options:
   restart_timeout_s: float
   server_options: Any
   worker_options: dict[str, Any] | None
+  push_grad_sq: bool = False
 
 
 def _check_options(opts: _Options) -> None:
@@ -73,8 +74,10 @@ def _check_options(opts: _Options) -> None:
     )
 
 
-def _check_data(loss_fn: Callable, params: Any, data_fn: Callable) -> None:
-  """Checks ``loss_fn(params, data_fn(0, 0))`` is a scalar, abstractly."""
+def _check_data(loss_fn: Callable, params: Any, data_fn: Callable,
+                push_grad_sq: bool = False) -> None:
+  """Checks ``loss_fn(params, data_fn(0, 0))`` is a scalar, abstractly (and,
+  with ``push_grad_sq``, that per-example gradients of it can be taken)."""
   try:
     batch = data_fn(0, 0)
   except Exception as e:
@@ -93,6 +96,16 @@ def _check_data(loss_fn: Callable, params: Any, data_fn: Callable) -> None:
         f"{getattr(loss, 'shape', loss)!r} "
         f"{getattr(loss, 'dtype', type(loss).__name__)}."
     )
+  if push_grad_sq:
+    try:
+      jax.eval_shape(lambda p, b: extend.mean_square_grads(loss_fn, p, b),
+                     params, batch)
+    except Exception as e:
+      raise ValueError(
+          "`push_grad_sq=True`: the per-example gradients of `loss_fn` on "
+          "`data_fn(0, 0)` (each example a batch of one, along the leading "
+          f"axis of every leaf) fail ({type(e).__name__}: {e})."
+      ) from e
 
 
 def _check_args(loss_fn, tx, params, data_fn, num_workers, num_updates,
@@ -107,7 +120,8 @@ def _check_args(loss_fn, tx, params, data_fn, num_workers, num_updates,
   if opts.num_shards > 1:
     _layout.check_shardable(optax.with_extra_args_support(tx).init, params,
                             layout)
-  _check_data(loss_fn, params, data_fn)
+  _steps.check_push_grad_sq(tx, params, opts.push_grad_sq)
+  _check_data(loss_fn, params, data_fn, opts.push_grad_sq)
   return num_workers, layout
 
 
@@ -127,7 +141,8 @@ def _start_actors(tx, params, loss_fn, data_fn, num_workers, layout,
       .options(max_restarts=0, **_shard_options(opts, k))
       .remote(tx, params_ref, num_workers, shard=k,
               num_shards=opts.num_shards, wire_dtype=opts.wire_dtype,
-              checkpoint_dir=opts.checkpoint_dir)
+              checkpoint_dir=opts.checkpoint_dir,
+              push_grad_sq=opts.push_grad_sq)
       for k in range(opts.num_shards)
   ]
   worker_cls = ray.remote(GradientWorker).options(
@@ -139,7 +154,7 @@ def _start_actors(tx, params, loss_fn, data_fn, num_workers, layout,
   # (Driver.pinned) so its arguments stay in the object store.
   pinned = ray.put(loss_fn), ray.put(data_fn), ray.put(layout)
   workers = [worker_cls.remote(m, *pinned, shards, opts.wire_dtype,
-                               opts.shared_memory)
+                               opts.shared_memory, opts.push_grad_sq)
              for m in range(num_workers)]
   return shards, workers, pinned
 
@@ -155,6 +170,7 @@ def train(
     num_shards: int = 1,
     wire_dtype: jax.typing.DTypeLike | None = None,
     shared_memory: bool = True,
+    push_grad_sq: bool = False,
     address: str | None = None,
     allow_insecure_cluster: bool = False,
     checkpoint_dir: str | None = None,
@@ -197,6 +213,15 @@ def train(
   same step, the workers paused) and at the end; ``resume=True`` continues
   from the latest step every shard saved.
 
+  With ``push_grad_sq=True`` each worker also computes, at the same params
+  and on the same batch, the mean of its per-example squared gradients,
+  ``grad_sq`` (:func:`dcasgd_optax.extend.mean_square_grads`), and pushes
+  it with the gradient, split over the shards alike; each shard passes its
+  piece to ``tx.update(..., grad_sq=...)``, as
+  :func:`~dcasgd_optax.fisher_compensation` and
+  :func:`~dcasgd_optax.fisher_dcasgd` need. A ``grad_sq`` that is not
+  finite skips its update as a non-finite gradient does.
+
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, jitted on the workers.
     tx: any optax transformation: :func:`~dcasgd_optax.dcasgd`, a chain with
@@ -225,6 +250,15 @@ def train(
       actor call carries only a small header (see docs/ray.md, "What one
       update is"); across nodes, or with ``False``, the pieces travel in
       the calls. The numbers are the same either way.
+    push_grad_sq: workers also push ``grad_sq`` (see above), as
+      ``Simulator(push_grad_sq=True)`` does, so a run replays there. Every
+      leaf of a batch must have the example axis first (each example is
+      given to ``loss_fn`` as a batch of one), and ``tx.update`` must read
+      ``grad_sq`` (both checked before anything starts; so is a ``tx`` that
+      needs it without the option). Cost: one more params-sized array per
+      push (in ``wire_dtype`` too), on the wire, in the shared-memory
+      buffers and in the shards' memory, and on the worker a gradient per
+      example of its batch (see docs/ray.md).
     address: the Ray cluster for ``ray.init(address=...)``: ``None`` (a
       running cluster if one is known, else a new local one), ``"auto"``,
       ``"local"``, or ``"host:6379"``. Ignored if Ray is already initialised.
@@ -278,6 +312,7 @@ def train(
       restart_timeout_s=restart_timeout_s,
       server_options=server_options,
       worker_options=worker_options,
+      push_grad_sq=push_grad_sq,
   )
   num_workers, layout = _check_args(loss_fn, tx, params, data_fn, num_workers,
                                     num_updates, opts)

@@ -4,7 +4,10 @@
 as a Ray actor. Its :meth:`~GradientWorker.run` loop is the whole data path:
 compute a gradient at the params it holds, push each shard its piece, take
 each shard's reply (its pieces of the new params) and go on, for as long as
-the first shard grants tickets. The driver is on no gradient's or
+the first shard grants tickets. With ``push_grad_sq`` it also computes the
+mean of its per-example squared gradients
+(:func:`dcasgd_optax.extend.mean_square_grads`) and pushes each shard its
+pieces of it after the gradient's. The driver is on no gradient's or
 parameter's path. The worker holds no state that matters: a restarted one
 attaches to every shard, finishes a gradient that only some shards got,
 pulls and continues.
@@ -21,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import ray
 
+from dcasgd_optax.extend import mean_square_grads
 from dcasgd_optax.ray import _layout
 from dcasgd_optax.ray import _shm
 from dcasgd_optax.ray import _wire
@@ -36,7 +40,8 @@ class GradientMeta(NamedTuple):
     seq: the gradient's number for this worker (0, 1, ...).
     loss: the minibatch loss at the params it was computed at.
     seconds: time spent loading the batch and computing the gradient.
-    finite: whether every element of the gradient is finite.
+    finite: whether every element of the gradient (and of ``grad_sq``) is
+      finite.
   """
 
   worker: int
@@ -47,17 +52,25 @@ class GradientMeta(NamedTuple):
 
 
 def _make_grad(loss_fn: Callable, layout: _layout.Layout,
-               wire: np.dtype | None) -> Callable:
-  """Jitted: shards' pieces and a batch -> (loss, finite, pieces per shard)."""
+               wire: np.dtype | None, push_grad_sq: bool = False) -> Callable:
+  """Jitted: shards' pieces and a batch -> (loss, finite, pieces per shard).
+
+  Each shard's pieces are the gradient's, then (``push_grad_sq``) those of
+  the mean per-example squared gradient at the same params.
+  """
 
   def grad(pieces_by_shard, batch):
     params = _layout.join(layout, pieces_by_shard)
     params = jax.tree.map(lambda p, d: p.astype(d), params,
                           layout.treedef.unflatten(layout.dtypes))
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    pushed = [grads]
+    if push_grad_sq:
+      pushed.append(mean_square_grads(loss_fn, params, batch))
     finite = jnp.all(jnp.array(
-        [jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
-    pieces = _layout.split(layout, grads)
+        [jnp.isfinite(g).all() for g in jax.tree.leaves(pushed)]))
+    pieces = [sum(shards, []) for shards in
+              zip(*[_layout.split(layout, tree) for tree in pushed])]
     if wire is not None:
       pieces = [[g.astype(wire) for g in shard] for shard in pieces]
     return loss, finite, pieces
@@ -80,19 +93,25 @@ class GradientWorker:
     shared_memory: exchange the pieces with a shard on this worker's node
       through a shared-memory channel (:mod:`_shm`); else always in the
       actor calls.
+    push_grad_sq: also push the mean over the batch of the per-example
+      squared gradients (``grad_sq``), split like the gradient.
   """
 
   def __init__(self, worker: int, loss_fn: Callable, data_fn: Callable,
                layout: _layout.Layout, shards: Sequence[Any] = (),
-               wire_dtype: Any = None, shared_memory: bool = True):
+               wire_dtype: Any = None, shared_memory: bool = True,
+               push_grad_sq: bool = False):
     wire_dtype = check_wire_dtype(wire_dtype)
     self._worker = worker
     self._data_fn = data_fn
     self._shards = list(shards)
-    self._grad = _make_grad(loss_fn, layout, wire_dtype)
+    self._grad = _make_grad(loss_fn, layout, wire_dtype, bool(push_grad_sq))
     self._specs = [[(shape, wire_dtype or dtype) for shape, dtype in
                     _layout.piece_specs(layout, k)]
                    for k in range(layout.num_shards)]
+    # What a push carries: the gradient's pieces, then grad_sq's.
+    self._push_specs = [specs * (2 if push_grad_sq else 1)
+                        for specs in self._specs]
     # Each shard's push, with as many returns as its reply has parts.
     self._pushes = [s.push.options(num_returns=1 + _wire.num_chunks(specs))
                     for s, specs in zip(self._shards, self._specs)]
@@ -122,7 +141,8 @@ class GradientWorker:
 
     Returns:
       ``(meta, pieces_0, ..., pieces_{K-1})``: a :class:`GradientMeta`, then
-      each shard's pieces of the gradient (NumPy).
+      each shard's pieces of the gradient (NumPy; then of ``grad_sq``, with
+      ``push_grad_sq``).
     """
     self._held = [p.params for p in pulled]
     meta, pieces = self._compute(seq)
@@ -143,7 +163,7 @@ class GradientWorker:
         shared[k] = self._shards[k].push_shared.remote(head)
       else:
         calls[k] = self._pushes[k].remote(
-            head, *_wire.pack(pieces[k], self._specs[k]))
+            head, *_wire.pack(pieces[k], self._push_specs[k]))
     replies = iter(ray.get([r for refs in calls.values() for r in refs]))
     for k in to:
       if k in shared:
@@ -201,7 +221,8 @@ class GradientWorker:
       if p is None:
         continue
       try:
-        self._channels[k] = _shm.Channel.attach(epoch, p, self._specs[k])
+        self._channels[k] = _shm.Channel.attach(epoch, p, self._specs[k],
+                                                self._push_specs[k])
       except OSError:  # Another /dev/shm (a container): push in the call.
         self._shards[k].close_channel.remote(self._worker, epoch)
 

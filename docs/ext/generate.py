@@ -129,8 +129,7 @@ def generate(app: application.Sphinx, cfg: Any) -> None:
       _write(DOCS / (docname + ".md"), rewrite_links(text, **kw))
   sys.path.insert(0, str(ROOT))
   from experiments import choose  # pylint: disable=g-import-not-at-top
-  stats, tuned = choose.load()
-  _write(OUT / "choose.md", choose.table(choose.recommend(stats, tuned)))
+  _write(OUT / "choose.md", choose.table(choose.choices()))
 
 
 def _source_read(app: application.Sphinx, docname: str,
