@@ -44,8 +44,9 @@ Tiers (the argument after the file name, ``methods.py:quick``):
   cyclic, M = 32; momentum, cyclic, M = 16), tuned and reported as the
   quick tier is (its λ0 values and seeds; its learning rates extended two
   factors of 2 down, where the CNN's ASGD found its best), with the
-  baselines and the quick tier's leading methods. Not the exact correction:
-  its Hessian-vector products cost this model about 15x a plain run.
+  baselines and the quick tier's leading methods. Not the exact correction
+  (its Hessian-vector products cost this model about 15x a plain run) nor
+  the Fisher row (per-example convolution gradients, 5-10x) on CPU.
   experiments/README.md gives the tiers' runtimes.
 
 Expected result: the tables in experiments/README.md ("The methods grid").
@@ -181,8 +182,10 @@ def _cnn(c: ml_collections.ConfigDict) -> None:
   """The second model: the quick tier's tuning, two cells, ``small_cnn``."""
   c.model = "small_cnn"
   c.grid.optimizers = ("sgd", "momentum")
+  # Not the Fisher row: per-example gradients of the convolutions, one after
+  # another on CPU, make its runs 5-10x a plain one's (60-200 s each).
   c.grid.algorithms = (
-      "sequential", "ssgd", "asgd", "fisher-dc-a", "delayed-nesterov-dc",
+      "sequential", "ssgd", "asgd", "dc-asgd-a-tuned", "delayed-nesterov-dc",
       "wp-nesterov")
   # The quick tier's rates a factor 2 apart, extended two steps down: the
   # CNN's ASGD at M = 32 picked the quick tier's smallest rate (54% error).
@@ -194,6 +197,7 @@ def _cnn(c: ml_collections.ConfigDict) -> None:
       "sgd": (("cyclic", 32),),
       "momentum": (("cyclic", 16),),
   })
-  c.grid.skip = (("momentum", "fisher-dc-a"), ("sgd", "delayed-nesterov-dc"))
+  c.grid.skip = (("momentum", "dc-asgd-a-tuned"),
+                 ("sgd", "delayed-nesterov-dc"))
   c.report.targets = (("sgd", "cyclic", 32, 0.9),
                       ("momentum", "cyclic", 16, 0.9))
