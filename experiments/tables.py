@@ -171,13 +171,22 @@ def remedy_summary(stats: Sequence[dict], baseline: str,
   return "\n".join(lines) + "\n"
 
 
+# Rows of a cell that are references, not a method a server runs: the
+# synchronous baseline (it waits for every worker) and the exact Taylor
+# correction (the ceiling: it needs the loss at the server). The targets
+# table shows them in their own columns.
+REFERENCES = ("ssgd", "exact-dc")
+
+
 def targets_table(stats: Sequence[dict], targets: Sequence[Sequence]) -> str:
-  """Per target ``(optimizer, schedule, M, share)``: sequential SGD and ASGD
-  in that cell, the methods whose mean closes at least ``share`` of ASGD's
-  gap, and the best method (lowest mean error)."""
+  """Per target ``(optimizer, schedule, M, share)``: sequential SGD, ASGD,
+  SSGD and the exact correction in that cell, the asynchronous methods whose
+  mean closes at least ``share`` of ASGD's gap, and the best of them (lowest
+  mean error)."""
   lines = ["| optimizer | arrivals | M | needed | sequential SGD | ASGD | "
+           "SSGD | exact Taylor (ceiling) | "
            "methods that reach it (share closed) | best method |",
-           "|---" * 8 + "|"]
+           "|---" * 10 + "|"]
   for opt, schedule, m, share in targets:
     mine = [s for s in stats if s["optimizer"] == opt]
     cell = [
@@ -185,7 +194,9 @@ def targets_table(stats: Sequence[dict], targets: Sequence[Sequence]) -> str:
     ]
     seq = [s for s in mine if algorithms.get(s["algorithm"]).single_worker]
     asgd = [s for s in cell if s["algorithm"] == algorithms.ASGD.name]
-    others = [s for s in cell if s["algorithm"] != algorithms.ASGD.name]
+    refs = {s["algorithm"]: s for s in cell if s["algorithm"] in REFERENCES}
+    others = [s for s in cell if s["algorithm"] != algorithms.ASGD.name
+              and s["algorithm"] not in REFERENCES]
     if not (seq and asgd and others):
       continue
     reach = sorted((s for s in others if s["gap_closed"] is not None
@@ -199,9 +210,12 @@ def targets_table(stats: Sequence[dict], targets: Sequence[Sequence]) -> str:
         )
         or "none"
     )
+    ref_cells = " | ".join(
+        _stat_cell(refs[r]) if r in refs else "-" for r in REFERENCES)
     lines.append(
         f"| {opt} | {schedule} | {m} | {100 * share:.0f}% | "
-        f"{_stat_cell(seq[0])} | {_stat_cell(asgd[0])} | {named} | "
+        f"{_stat_cell(seq[0])} | {_stat_cell(asgd[0])} | {ref_cells} | "
+        f"{named} | "
         f"{algorithms.get(best['algorithm']).label}: {_stat_cell(best)} |"
     )
   return "\n".join(lines) + "\n"

@@ -81,6 +81,7 @@ def test_resuming_with_a_different_config_fails(config, tmp_path, cache):
     train.train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.slow  # ~18 s: a ResNet-20 compiles
 def test_cifar10_resnet20_path_under_mock_data(config, tmp_path):
   config.dataset, config.model = "cifar10", "resnet20"
   config.batch_size, config.num_epochs, config.num_workers = 16, 1, 2

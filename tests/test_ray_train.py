@@ -149,6 +149,7 @@ def test_two_shards_apply_delay_compensation_exactly_and_skip_a_nan():
   chex.assert_trees_all_close(result.params, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # ~15 s; tests/test_ray_grad_sq.py covers the shard fast
 @pytest.mark.usefixtures("local_ray")
 def test_one_shard_fisher_run_replays_exactly_in_the_simulator():
   # push_grad_sq: each worker pushes its per-example mean square with the
