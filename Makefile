@@ -12,7 +12,7 @@ METHODS_DIR ?= runs/methods
 METHODS := $(PY) -m experiments.methods --config=experiments/configs/methods.py --workdir=$(METHODS_DIR)
 
 .PHONY: test test-slow test-py312 test-min lint format typecheck demo methods \
-	methods-tune methods-quick methods-cnn bench venv clean docs notebooks
+	methods-tune methods-quick methods-cnn studies bench venv clean docs notebooks
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; set PYTHON=/path/to/python3.11+"; exit 1; }
@@ -125,6 +125,15 @@ METHODS_CNN_DIR ?= runs/methods-cnn
 methods-cnn: $(VENV)/.installed-experiments
 	$(PY) -m experiments.methods --config=experiments/configs/methods.py:cnn \
 		--workdir=$(METHODS_CNN_DIR) --stage=all
+
+# The studies behind issue 18's analysis (experiments/README.md): time to
+# accuracy with a 40-epoch cap (needs the quick tier's committed results),
+# and the exact correction's reach.
+studies: $(VENV)/.installed-experiments
+	$(PY) -m experiments.time_to_accuracy \
+		--config=experiments/configs/time_to_accuracy.py --workdir=runs/time_to_accuracy
+	$(PY) -m experiments.taylor_reach \
+		--config=experiments/configs/taylor_reach.py --workdir=runs/taylor_reach
 
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/update_cost.py
