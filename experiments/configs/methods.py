@@ -36,7 +36,7 @@ Tiers (the argument after the file name, ``methods.py:quick``):
   slower, M = 32) and 5 reported seeds (0-4) for paired comparisons.
 * ``quick`` (``make methods-quick``: tuning and report in one go, in
   ``runs/methods-quick``): only the target cells (plain SGD: cyclic and
-  straggler M = 32; momentum and Adam: cyclic and Gamma M = 16), the
+  straggler M = 32; momentum, Adam and Muon: cyclic and Gamma M = 16), the
   methods that matter there, 6 learning rates and λ0 in {8, 16}, 5 reported
   seeds.
 * ``cnn`` (``make methods-cnn``, in ``runs/methods-cnn``): the second
@@ -146,13 +146,14 @@ def _quick(c: ml_collections.ConfigDict) -> None:
       "sequential", "ssgd", "asgd", "da-asgd", "dc-asgd-a-tuned", "gap-aware",
       "delayed-nesterov-dc", "exact-dc", "fisher-dc-a", "wp-nesterov",
       "wp-nadam", "pipemare")
-  c.grid.optimizers = ("sgd", "momentum", "adam")
+  c.grid.optimizers = ("sgd", "momentum", "adam", "muon")
   # Each optimizer's own columns (schedule, M), replacing the product of
   # grid.schedules and grid.num_workers and the scenarios.
   c.grid.columns = ml_collections.ConfigDict({
       "sgd": (("cyclic", 32), ("straggler", 32)),
       "momentum": (("cyclic", 16), ("gamma", 16)),
       "adam": (("cyclic", 16), ("gamma", 16)),
+      "muon": (("cyclic", 16), ("gamma", 16)),
   })
   # Six rates a factor 2 apart, around the full tier's choices there
   # (sequential SGD's best and ASGD's both inside).
@@ -160,6 +161,8 @@ def _quick(c: ml_collections.ConfigDict) -> None:
       "sgd": tuple(0.0125 * 2**k for k in range(6)),  # .. 0.4
       "momentum": tuple(0.00125 * 2**k for k in range(6)),  # .. 0.04
       "adam": tuple(1.25e-4 * 2**k for k in range(6)),  # .. 4e-3
+      # Muon: the full tier's eight (no earlier choice to centre six on).
+      "muon": tuple(0.00125 * 2**k for k in range(8)),  # .. 0.16
   })
   c.tuning.dc_lambda = (8.0, 16.0)
   # With momentum the delay-adaptive rule is (nearly) the identity under
@@ -168,7 +171,10 @@ def _quick(c: ml_collections.ConfigDict) -> None:
   # With Adam the same two, and Gap-Aware and delayed Nesterov (SGD rules).
   c.grid.skip = (("momentum", "da-asgd"), ("momentum", "dc-asgd-a-tuned"),
                  ("adam", "da-asgd"), ("adam", "gap-aware"),
-                 ("adam", "delayed-nesterov-dc"))
+                 ("adam", "delayed-nesterov-dc"),
+                 # Muon: with and without the corrections (issue 18).
+                 ("muon", "da-asgd"), ("muon", "exact-dc"),
+                 ("muon", "pipemare"))
   c.report.targets = (("sgd", "cyclic", 32, 0.9),
                       ("momentum", "cyclic", 16, 0.9),
                       ("momentum", "gamma", 16, 0.9),
