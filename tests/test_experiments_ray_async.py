@@ -14,6 +14,9 @@ from experiments import data  # pylint: disable=g-import-not-at-top,wrong-import
 from experiments import ray_async  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.configs import ray_async as ray_async_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# ray.init forks after JAX has started threads; the children exec at once
+# (the same named exception as tests/test_ray_train.py's).
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
