@@ -289,6 +289,8 @@ def second_opinion(rec: Recommendation, *, short: bool = False) -> str:
     return f" (the {SECOND_MODEL} picks {theirs})"
   pick = ("" if sec.pick_share is None
           else f", closing {100 * sec.pick_share:.0f}%")
+  if rec.algorithm == "asgd":
+    return f"differs: it picks {theirs}{pick}"
   return f"differs: it picks {theirs}{pick}; this pick closes {share} there"
 
 
@@ -307,6 +309,8 @@ def table(recs: Sequence[Recommendation], *, short: bool = False) -> str:
     if r.algorithm == "asgd":
       label = ("ASGD (nothing closes ≥ "
                f"{100 * MIN_SHARE:.0f}% of its gap in every order)")
+      if all(v is None for v in r.shares.values()) and r.no_gap:
+        label = "ASGD (as good as sequential here: no gap to close)"
     if short:
       what = label if r.algorithm == "asgd" else (
           f"{label}: {use(r)}")

@@ -122,6 +122,20 @@ def test_the_second_model_confirms_or_names_its_own_pick():
   assert choose.confirm([rec], other, tuned2) == [rec]
 
 
+def test_no_gap_and_a_second_model_that_beats_asgd_are_worded_as_such():
+  stats, tuned = _grid({"gap-aware": (None, None)})
+  stats = [dict(s, gap_closed=None) for s in stats]  # ASGD ~ sequential
+  (rec,) = choose.recommend(stats, tuned)
+  assert rec.algorithm == "asgd" and rec.no_gap
+  assert "no gap to close" in choose.table([rec])
+  stats, tuned = _grid({"gap-aware": (0.1, 0.1)})
+  (rec,) = choose.recommend(stats, tuned)
+  two, tuned2 = _grid({"gap-aware": (0.4, None)})
+  two = [s for s in two if s["schedule"] == "cyclic"]
+  (got,) = choose.confirm([rec], two, tuned2)
+  assert "| differs: it picks Gap-Aware, closing 40% |" in choose.table([got])
+
+
 def test_the_quick_tier_replaces_the_full_grid_in_its_cells():
   full = {(r.optimizer, r.num_workers): r
           for r in choose.recommend(*choose.load(choose.RESULTS))}
