@@ -229,7 +229,8 @@ def test_the_tiers_cells_validate_and_the_quick_tier_is_the_targets():
   assert {tuple(t[:3]) for t in quick.report.targets} == {
       (c.optimizer, c.schedule, c.num_workers)
       for c in cells
-      if c.schedule != "straggler" and c.num_workers > 1
+      if c.schedule != "straggler"
+      and c.num_workers > 1
       and c.optimizer != "muon"
   }
   # The second model: small_cnn in two of those cells, the same tuning.
@@ -244,7 +245,8 @@ def test_the_tiers_cells_validate_and_the_quick_tier_is_the_targets():
   assert cnn.tuning.dc_lambda == quick.tuning.dc_lambda
   for opt in cnn.grid.optimizers:  # the quick tier's rates, and two below
     assert set(quick.tuning.learning_rates[opt]) < set(
-        cnn.tuning.learning_rates[opt])
+        cnn.tuning.learning_rates[opt]
+    )
   assert cnn.grid.seeds == quick.grid.seeds
   assert len(quick.grid.seeds) >= 5
   assert not set(quick.grid.seeds) & set(quick.tuning.seeds)

@@ -18,6 +18,7 @@ from experiments.configs import ray_async as ray_async_config  # pylint: disable
 # (the same named exception as tests/test_ray_train.py's).
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))

@@ -21,7 +21,8 @@ OVERRIDES = {
     "01_quickstart.ipynb": dict(num_workers=4, epochs=1, seeds=1),
     "02_paper_reproduction.ipynb": dict(smoke_test=True),
     "03_how_delay_compensation_works.ipynb": dict(
-        num_workers=4, num_steps=60, seeds=1),
+        num_workers=4, num_steps=60, seeds=1
+    ),
 }
 
 
@@ -65,9 +66,13 @@ def test_notebook_is_committed_with_its_outputs(name):
 
 # The quickstart runs in `make test`; the other two (20-40 s each) in `make
 # test-slow`, which CI runs too.
-@pytest.mark.parametrize("name", [
-    n if n.startswith("01_") else pytest.param(n, marks=pytest.mark.slow)
-    for n in sorted(OVERRIDES)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        n if n.startswith("01_") else pytest.param(n, marks=pytest.mark.slow)
+        for n in sorted(OVERRIDES)
+    ],
+)
 def test_notebook_runs(name, tmp_path, monkeypatch):
   monkeypatch.setenv("MPLBACKEND", "Agg")
   # The kernel runs outside the checkout: the repository's experiments/ (not
