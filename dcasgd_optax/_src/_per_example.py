@@ -44,8 +44,8 @@ def mean_square_grads(
     batch: a pytree whose leaves all have the same leading (example) axis.
 
   Returns:
-    A params-shaped pytree: the squares taken in at least float32, the mean
-    cast to each param's dtype.
+    The mean square, a pytree shaped like ``params``: the squares taken in
+    at least float32, the mean cast to each param's dtype.
 
   Raises:
     ValueError: if the leaves of ``batch`` do not share a leading axis.
