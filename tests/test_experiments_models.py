@@ -15,7 +15,7 @@ from experiments import models
     [
         ("mlp", (28, 28, 1)),
         ("small_cnn", (28, 28, 1)),
-        ("resnet20", (32, 32, 3)),
+        pytest.param("resnet20", (32, 32, 3), marks=pytest.mark.slow),
     ],
 )
 def test_models_map_images_to_logits_under_jit(name, shape):

@@ -123,6 +123,7 @@ def _sharded_reference(loss_fn, data_fn, params, layout, traces, step,
   return layout.join(shards)
 
 
+@pytest.mark.slow  # ~12 s; one shard's exact replay stays in make test
 @pytest.mark.usefixtures("local_ray")
 def test_two_shards_apply_delay_compensation_exactly_and_skip_a_nan():
   loss_fn, data_fn, params, _ = digits_problem(nan_at=(1, 2))
@@ -249,6 +250,7 @@ def _three_shards_in_bfloat16(tmp_path):
   return run, reference
 
 
+@pytest.mark.slow  # ~14 s
 @pytest.mark.usefixtures("local_ray")
 def test_three_shards_in_bfloat16_match_a_sequential_loop(tmp_path):
   run, reference = _three_shards_in_bfloat16(tmp_path)
