@@ -35,8 +35,8 @@ def mean_square_grads(
   come (:func:`_by_scan`); elsewhere all at once with ``jax.vmap``
   (:func:`_by_vmap`). The two differ only in the order of the sum. XLA:CPU
   writes ``vmap``'s B per-example outer products of a dense layer in a
-  transposed layout, about 75x slower than the scan for the demo's MLP
-  (benchmarks/per_example_curvature.md).
+  transposed layout, many times slower than the scan (the figures are in
+  benchmarks/per_example_curvature.md).
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``.
