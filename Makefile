@@ -12,7 +12,7 @@ METHODS_DIR ?= runs/methods
 METHODS := $(PY) -m experiments.methods --config=experiments/configs/methods.py --workdir=$(METHODS_DIR)
 
 .PHONY: test test-slow test-py312 test-min lint format typecheck demo methods \
-	methods-tune methods-quick methods-cnn studies bench venv clean docs notebooks
+	methods-tune methods-quick methods-muon methods-cnn studies bench venv clean docs notebooks
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; set PYTHON=/path/to/python3.11+"; exit 1; }
@@ -118,6 +118,13 @@ METHODS_QUICK_DIR ?= runs/methods-quick
 methods-quick: $(VENV)/.installed-experiments
 	$(PY) -m experiments.methods --config=experiments/configs/methods.py:quick \
 		--workdir=$(METHODS_QUICK_DIR) --stage=all
+
+# Muon, the fourth inner optimizer, in the quick tier's M = 16 cells: its own
+# tier (Muon's runs cost about 8x a plain one on CPU).
+METHODS_MUON_DIR ?= runs/methods-muon
+methods-muon: $(VENV)/.installed-experiments
+	$(PY) -m experiments.methods --config=experiments/configs/methods.py:muon \
+		--workdir=$(METHODS_MUON_DIR) --stage=all
 
 # The second model (small_cnn) in two of the quick tier's cells, tuned and
 # reported the same way: the choose-a-method table checks its picks on it.

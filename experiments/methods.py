@@ -326,8 +326,9 @@ def write_report(config: ml_collections.ConfigDict, rows: list[dict],
   seeds = ", ".join(map(str, config.grid.seeds))
   r = config.report
   baseline = algorithms.get(r.remedy_baseline).label
-  parts = ["**Targets: the share of ASGD's gap to sequential SGD one method "
-           "must close**\n\n" + tables.targets_table(stats, r.targets)]
+  parts = (["**Targets: the share of ASGD's gap to sequential SGD one "
+            "method must close**\n\n" + tables.targets_table(stats, r.targets)]
+           if r.targets else [])
   parts += [
       tables.methods_table(
           stats, opt, f"{opt}: final test error (%), mean ± std over seeds "
