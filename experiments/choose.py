@@ -3,13 +3,15 @@
 The evidence grids write ``stats.json`` (final test error per optimizer,
 arrival order, worker count and method, with the share of ASGD's gap to
 sequential training each method closes) and ``tuned.json`` (the learning
-rate and λ0 the tuning chose). Three are committed: the full grid of issue
+rate and λ0 the tuning chose). Four are committed: the full grid of issue
 10 (``results/methods``: every optimizer at M = 8, 16, 32, cyclic and Gamma
 arrivals, 3 reported seeds), the quick tier of issue 18
 (``results/methods-quick``: the target cells with the new methods, 5
-reported seeds), which replaces the full grid's recommendation in the cells
-it covers, and the second model (``results/methods-cnn``: the small CNN in
-two of those cells), which confirms or contradicts the picks.
+reported seeds) and its Muon tier (``results/methods-muon``: Muon's M = 16
+cells, tuned and reported the same way), which replace the full grid's
+recommendation in the cells they cover, and the second model
+(``results/methods-cnn``: the small CNN in two of those cells), which
+confirms or contradicts the picks.
 
 :func:`recommend` turns one grid into one recommendation per optimizer and
 staleness regime (the worker count M: staleness is about M − 1),
@@ -34,6 +36,7 @@ import pathlib
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "methods"
 QUICK = RESULTS.with_name("methods-quick")
+MUON = RESULTS.with_name("methods-muon")
 SECOND = RESULTS.with_name("methods-cnn")
 SECOND_MODEL = "small CNN"
 MIN_SHARE = 0.25
@@ -152,11 +155,12 @@ def load(results: pathlib.Path = RESULTS) -> tuple[list[dict], dict]:
 
 def choices(*, min_share: float = MIN_SHARE) -> list[Recommendation]:
   """The table's rows from the committed grids: the full grid's, replaced
-  by the quick tier's where it covers the cell, checked on the second
-  model where it has the cell (:func:`confirm`)."""
+  by the quick tier's (and its Muon tier's) where they cover the cell,
+  checked on the second model where it has the cell (:func:`confirm`)."""
   recs = recommend(*load(RESULTS), min_share=min_share)
   quick = {(r.optimizer, r.num_workers): r
-           for r in recommend(*load(QUICK), min_share=min_share)}
+           for tier in (QUICK, MUON)
+           for r in recommend(*load(tier), min_share=min_share)}
   recs = [quick.pop((r.optimizer, r.num_workers), r) for r in recs]
   recs += quick.values()  # cells the full grid does not have
   return confirm(recs, *load(SECOND), min_share=min_share)

@@ -270,7 +270,9 @@ def plot_methods_errors(stats: Sequence[dict], path: str, *, title: str = "",
                         optimizers: Sequence[str] = ()) -> None:
   """Final test error (mean ± std) against M: a row per optimizer (in
   ``optimizers``' order, default the stats'), a column per arrival schedule,
-  a line per method; sequential SGD as a level."""
+  a line per method; sequential SGD as a level. A panel whose optimizer
+  has no column with that schedule (the quick tier's plain SGD has no Gamma
+  column, momentum no straggler one) is left out."""
   optimizers = list(optimizers) or list(
       dict.fromkeys(s["optimizer"] for s in stats)
   )
@@ -286,6 +288,11 @@ def plot_methods_errors(stats: Sequence[dict], path: str, *, title: str = "",
   for row, opt in zip(axes, optimizers):
     mine = [s for s in stats if s["optimizer"] == opt]
     for ax, schedule in zip(row, schedules):
+      if not any(s["schedule"] == schedule
+                 and not algorithms.get(s["algorithm"]).single_worker
+                 for s in mine):
+        ax.set_visible(False)
+        continue
       for a in algorithms.ordered(s["algorithm"] for s in mine):
         st = style(a)
         if a.single_worker:
@@ -297,6 +304,8 @@ def plot_methods_errors(stats: Sequence[dict], path: str, *, title: str = "",
               for s in mine
               if s["algorithm"] == a.name and s["schedule"] == schedule
           )
+          if not pts:  # a method this column does not run
+            continue
           ms, mean, std = zip(*pts)
           h = ax.errorbar(ms, mean, yerr=std, color=st.color, marker=st.marker,
                           ms=4, capsize=2, lw=1)

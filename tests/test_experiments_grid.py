@@ -221,18 +221,27 @@ def test_the_tiers_cells_validate_and_the_quick_tier_is_the_targets():
       ("momentum", "gamma", 16),
       ("adam", "cyclic", 16),
       ("adam", "gamma", 16),
-      ("muon", "cyclic", 16),
-      ("muon", "gamma", 16),
   }
-  # Every target cell of the issue is in the quick tier (Muon's cells are
-  # the fourth optimizer's, with no target).
+  # Every target cell of the issue is in the quick tier, and nothing else.
   assert {tuple(t[:3]) for t in quick.report.targets} == {
       (c.optimizer, c.schedule, c.num_workers)
       for c in cells
-      if c.schedule != "straggler"
-      and c.num_workers > 1
-      and c.optimizer != "muon"
+      if c.schedule != "straggler" and c.num_workers > 1
   }
+  # Muon, the fourth optimizer, in its own tier: the quick tier's methods
+  # and seeds, no target.
+  muon = methods_config.get_config("muon")
+  muon_cells = methods.cells(muon)
+  assert {
+      (c.optimizer, c.schedule, c.num_workers)
+      for c in muon_cells
+      if c.num_workers > 1
+  } == {("muon", "cyclic", 16), ("muon", "gamma", 16)}
+  assert not muon.report.targets
+  assert {c.algorithm for c in muon_cells} == {
+      "sequential", "ssgd", "asgd", "dc-asgd-a-tuned", "fisher-dc-a"}
+  assert (muon.grid.seeds, muon.tuning.seeds, muon.tuning.dc_lambda) == (
+      quick.grid.seeds, quick.tuning.seeds, quick.tuning.dc_lambda)
   # The second model: small_cnn in two of those cells, the same tuning.
   cnn = methods_config.get_config("cnn")
   assert cnn.model == "small_cnn"
@@ -250,15 +259,16 @@ def test_the_tiers_cells_validate_and_the_quick_tier_is_the_targets():
   assert cnn.grid.seeds == quick.grid.seeds
   assert len(quick.grid.seeds) >= 5
   assert not set(quick.grid.seeds) & set(quick.tuning.seeds)
-  for cell in cells:
-    assert {"asgd", "ssgd"} <= {
-        c.algorithm for c in cells if c.optimizer == cell.optimizer
-    }
-    train.validate(
-        methods.cell_config(quick, cell, 0, methods.candidates(quick, cell)[0])
-    )
+  for tier, tier_cells in ((quick, cells), (muon, muon_cells)):
+    for cell in tier_cells:
+      assert {"asgd", "ssgd"} <= {
+          c.algorithm for c in tier_cells if c.optimizer == cell.optimizer
+      }
+      train.validate(
+          methods.cell_config(tier, cell, 0, methods.candidates(tier, cell)[0])
+      )
   with pytest.raises(
-      ValueError, match="Unknown tier 'huge'; valid choices: full, quick, cnn"
+      ValueError, match="Unknown tier 'huge'; valid choices: full, quick, muon, cnn"
   ):
     methods_config.get_config("huge")
 

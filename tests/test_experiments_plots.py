@@ -40,3 +40,20 @@ def test_the_comparisons_figures_are_written(tmp_path):
   plots.plot_staleness({2: np.array([0, 1, 1, 1])}, str(tmp_path / "s.png"))
   for name in ("w.png", "e.png", "s.png"):
     assert (tmp_path / name).read_bytes()[:8] == PNG
+
+
+def test_the_grid_s_figures_draw_optimizers_with_different_columns(tmp_path):
+  """The quick tier's plain SGD has cyclic and straggler columns, momentum
+  cyclic and Gamma: each panel without data is left out, not a crash."""
+  stats = [
+      {"optimizer": opt, "schedule": sch, "num_workers": m, "algorithm": a,
+       "mean": 0.1, "std": 0.01, "gap_closed": None}
+      for opt, schedules in (("sgd", ("cyclic", "straggler")),
+                             ("momentum", ("cyclic", "gamma")))
+      for sch in schedules
+      for a, m in (("sequential", 1), ("asgd", 16), ("dc-asgd-a", 16))
+  ]
+  path = tmp_path / "errors.png"
+  plots.plot_methods_errors(stats, str(path), title="t",
+                            optimizers=("sgd", "momentum"))
+  assert path.read_bytes()[:8] == PNG
