@@ -135,12 +135,14 @@ methods-cnn: $(VENV)/.installed-experiments
 
 # The studies behind issue 18's analysis (experiments/README.md): time to
 # accuracy with a 40-epoch cap (needs the quick tier's committed results),
-# and the exact correction's reach.
+# the exact correction's reach, and the secant-curvature trial.
 studies: $(VENV)/.installed-experiments
 	$(PY) -m experiments.time_to_accuracy \
 		--config=experiments/configs/time_to_accuracy.py --workdir=runs/time_to_accuracy
 	$(PY) -m experiments.taylor_reach \
 		--config=experiments/configs/taylor_reach.py --workdir=runs/taylor_reach
+	$(PY) -m experiments.secant_trial \
+		--config=experiments/configs/secant_trial.py --workdir=runs/secant_trial
 
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/update_cost.py

@@ -239,9 +239,17 @@ def test_the_tiers_cells_validate_and_the_quick_tier_is_the_targets():
   } == {("muon", "cyclic", 16), ("muon", "gamma", 16)}
   assert not muon.report.targets
   assert {c.algorithm for c in muon_cells} == {
-      "sequential", "ssgd", "asgd", "dc-asgd-a-tuned", "fisher-dc-a"}
+      "sequential",
+      "ssgd",
+      "asgd",
+      "dc-asgd-a-tuned",
+      "fisher-dc-a",
+  }
   assert (muon.grid.seeds, muon.tuning.seeds, muon.tuning.dc_lambda) == (
-      quick.grid.seeds, quick.tuning.seeds, quick.tuning.dc_lambda)
+      quick.grid.seeds,
+      quick.tuning.seeds,
+      quick.tuning.dc_lambda,
+  )
   # The second model: small_cnn in two of those cells, the same tuning.
   cnn = methods_config.get_config("cnn")
   assert cnn.model == "small_cnn"
@@ -268,7 +276,8 @@ def test_the_tiers_cells_validate_and_the_quick_tier_is_the_targets():
           methods.cell_config(tier, cell, 0, methods.candidates(tier, cell)[0])
       )
   with pytest.raises(
-      ValueError, match="Unknown tier 'huge'; valid choices: full, quick, muon, cnn"
+      ValueError,
+      match="Unknown tier 'huge'; valid choices: full, quick, muon, cnn",
   ):
     methods_config.get_config("huge")
 

@@ -1,0 +1,130 @@
+"""experiments.secant_trial: the plain-JAX replay against the harness, and the
+secant estimator against a NumPy transcription (tiny settings)."""
+
+import jax
+from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import input_pipeline
+from experiments import programs
+from experiments import secant_trial
+from experiments import train
+from experiments.configs import secant_trial as trial_config
+
+M = 4
+
+
+@pytest.fixture
+def tiny(data_dir):
+  c = trial_config.get_config()
+  # 8 gradients of 500 digits per epoch, 2 epochs, a small MLP.
+  c.data_dir, c.batch_size, c.num_epochs, c.mlp_hidden = data_dir, 500, 2, (16,)
+  c.num_workers = M
+  return c
+
+
+def test_the_replay_s_asgd_is_the_harness_s(tiny):
+  """The trial's loop against the grid's simulator, run for run: the same
+  initial model, data stream and cyclic arrivals give the same final model
+  (so the committed table's ASGD row is the grid's)."""
+  c = tiny.copy_and_resolve_references()
+  c.algorithm, c.schedule, c.learning_rate, c.seed = "asgd", "cyclic", 0.1, 3
+  program = programs.ProgramCache().program(c)
+  run = train._Run(c, program)  # pylint: disable=protected-access
+  state = run.init()
+  for epoch in range(c.num_epochs):
+    state, _ = run.epoch(state, epoch)
+  want, _ = ravel_pytree(state.params)
+  ds = input_pipeline.load(c)
+  _, _, got = secant_trial.replay(
+      secant_trial.Problem(c, ds, c.seed),
+      num_workers=M,
+      learning_rate=0.1,
+      method="asgd",
+  )
+  np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-6)
+  assert (
+      float(
+          np.max(np.abs(got - np.asarray(ravel_pytree(run.init().params)[0])))
+      )
+      > 1e-3
+  )  # it trained
+
+
+def _numpy_secant(pushes, w0, lam, decay, clip):
+  """The estimator, transcribed from the module docstring: for each push
+  (worker, gradient, server model), the corrected gradient."""
+  held = {m: w0.copy() for m, _, _ in pushes}
+  prev = {}
+  num = np.zeros_like(w0)
+  den = np.zeros_like(w0)
+  out = []
+  for m, g, w in pushes:
+    if m in prev:
+      dw, dg = held[m] - prev[m][0], g - prev[m][1]
+      num = decay * num + (1 - decay) * dg * dw
+      den = decay * den + (1 - decay) * dw * dw
+    h = np.where(den > 0, np.maximum(num, 0) / np.where(den > 0, den, 1), 0)
+    term = np.clip(lam * h * (w - held[m]), -clip * np.abs(g), clip * np.abs(g))
+    out.append(g + term)
+    prev[m] = (held[m], g)
+    held[m] = w  # the worker pulls the server's model after its push
+  return out
+
+
+def test_the_estimator_matches_its_numpy_transcription():
+  rng = np.random.default_rng(0)
+  w0 = rng.normal(size=5).astype(np.float32)
+  pushes, w = [], w0
+  for t in range(9):
+    w = w + rng.normal(size=5).astype(np.float32) * 0.1
+    pushes.append(
+        (t % 2 if t < 6 else 0, rng.normal(size=5).astype(np.float32), w)
+    )
+  want = _numpy_secant(pushes, w0, lam=0.7, decay=0.9, clip=1.5)
+
+  @jax.jit
+  def push(state, m, g, w):
+    held = state["held"][m]
+    state = secant_trial.fold_secant(state, m, g, decay=0.9)
+    term = secant_trial.correction(
+        "secant", g, w - held, state, lam=0.7, clip=1.5
+    )
+    state = dict(
+        state,
+        held=state["held"].at[m].set(w),
+        prev_held=state["prev_held"].at[m].set(held),
+        prev_g=state["prev_g"].at[m].set(g),
+        seen=state["seen"].at[m].set(True),
+    )
+    return state, g + term
+
+  state = secant_trial.init_state(jnp.asarray(w0), 2)
+  got = []
+  for m, g, w in pushes:
+    state, c = push(state, m, g, w)
+    got.append(np.asarray(c))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # Not vacuous: the term is zero at the first pushes, then corrects.
+  assert np.allclose(got[0], pushes[0][1])
+  assert not np.allclose(got[-1], pushes[-1][1])
+
+
+def test_secant_curvature_is_zero_where_nothing_moved():
+  h = secant_trial.secant_curvature(
+      jnp.array([2.0, -1.0, 3.0]), jnp.array([4.0, 1.0, 0.0])
+  )
+  np.testing.assert_array_equal(h, [0.5, 0.0, 0.0])
+
+
+def test_an_unknown_method_is_refused_naming_it(tiny):
+  ds = input_pipeline.load(tiny)
+  with pytest.raises(ValueError, match="Unknown method 'hogwild'"):
+    secant_trial.replay(
+        secant_trial.Problem(tiny, ds, 0),
+        num_workers=M,
+        learning_rate=0.1,
+        method="hogwild",
+    )
