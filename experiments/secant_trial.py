@@ -63,7 +63,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import app
 from absl import flags
@@ -142,6 +142,7 @@ def init_state(w0: jax.Array, num_workers: int) -> dict[str, Any]:
   zeros = jnp.zeros_like(w0)
   return dict(
       w=w0,
+      v=zeros,
       held=rows,
       prev_held=rows,
       prev_g=jnp.zeros_like(rows),
@@ -181,11 +182,13 @@ def replay(
     lam: float = 1.0,
     decay: float = 0.99,
     clip: float = 1.0,
+    momentum: float = 0.0,
     measure: bool = False,
 ) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
-  """Cyclic asynchronous SGD with ``method``'s correction; returns the final
-  test error, with ``measure`` the per-arrival measurements (else ``{}``),
-  and the final model (flat)."""
+  """Cyclic asynchronous SGD (with heavy-ball ``momentum`` at the server,
+  as ``optax.sgd``'s: v <- mu v + c, w <- w - eta v) with ``method``'s
+  correction; returns the final test error, with ``measure`` the per-arrival
+  measurements (else ``{}``), and the final model (flat)."""
   if method not in METHODS:
     raise ValueError(
         f"Unknown method {method!r}; valid choices: {', '.join(METHODS)}."
@@ -205,10 +208,14 @@ def replay(
     out = {}
     if measure:
       out = _measure(grad, state["w"], held, batch, g, d, terms)
-    w = state["w"] - learning_rate * (g + terms[method])
+    v = g + terms[method]
+    if momentum:
+      v = momentum * state["v"] + v
+    w = state["w"] - learning_rate * v
     state = dict(
         state,
         w=w,
+        v=v,
         held=state["held"].at[m].set(w),
         prev_held=state["prev_held"].at[m].set(held),
         prev_g=state["prev_g"].at[m].set(g),
@@ -253,25 +260,60 @@ def _measure(grad, w, held, batch, g, d, terms) -> dict[str, jax.Array]:
   return out
 
 
-def measure(config, ds) -> list[dict[str, Any]]:
-  """Medians of the measurements over three phases of one ASGD run (the
-  corrections are computed, not applied)."""
+class Cell(NamedTuple):
+  """A cell of the trial: a grid optimizer preset at ``num_workers``."""
+
+  optimizer: str  # "sgd" or "momentum" (the grid's presets)
+  num_workers: int
+  momentum: float
+  learning_rates: tuple[float, ...]  # the grid's
+  measure_learning_rate: float  # ASGD's tuned rate in the grid
+
+
+def cells(config: ml_collections.ConfigDict) -> list[Cell]:
+  """``config.trial.cells`` with the grid's rates and momentum."""
+  return [
+      Cell(
+          opt,
+          m,
+          float(config.optimizer_presets[opt].momentum),
+          tuple(config.tuning.learning_rates[opt]),
+          config.trial.measure_learning_rates[opt],
+      )
+      for opt, m in config.trial.cells
+  ]
+
+
+def _replay(config, ds, cell: Cell, seed: int, **kwargs):
   t = config.trial
-  problem = Problem(config, ds, config.tuning.seeds[0])
-  _, out, _ = replay(
-      problem,
-      num_workers=config.num_workers,
-      learning_rate=t.measure_learning_rate,
-      method="asgd",
-      lam=1.0,
+  return replay(
+      Problem(config, ds, seed),
+      num_workers=cell.num_workers,
+      momentum=cell.momentum,
       decay=t.decay,
       clip=t.clip,
+      **kwargs,
+  )
+
+
+def measure(config, ds, cell: Cell) -> list[dict[str, Any]]:
+  """Medians of the measurements over three phases of one ASGD run at its
+  tuned rate on the first tuning seed (the corrections are computed, not
+  applied)."""
+  _, out, _ = _replay(
+      config,
+      ds,
+      cell,
+      config.tuning.seeds[0],
+      learning_rate=cell.measure_learning_rate,
+      method="asgd",
+      lam=1.0,
       measure=True,
   )
-  total = problem.idx.shape[0]
+  total = len(out["d_rel"])
   rows = []
   for lo, hi in (
-      (config.num_workers, total // 5),
+      (cell.num_workers, total // 5),
       (total // 5, total // 2),
       (total // 2, total),
   ):
@@ -284,32 +326,20 @@ def measure(config, ds) -> list[dict[str, Any]]:
   return rows
 
 
-def _mean_error(config, ds, seeds, **kwargs) -> list[float]:
-  return [
-      replay(Problem(config, ds, s), num_workers=config.num_workers, **kwargs)[
-          0
-      ]
-      for s in seeds
-  ]
+def _errors(config, ds, cell: Cell, seeds, **kwargs) -> list[float]:
+  return [_replay(config, ds, cell, s, **kwargs)[0] for s in seeds]
 
 
-def tune(config, ds) -> list[dict[str, Any]]:
+def tune(config, ds, cell: Cell) -> list[dict[str, Any]]:
   """Every (learning rate, λ) of the trial for ``secant`` on the tuning
   seeds, and ASGD's rates (its tuned choice must be the grid's)."""
-  t, seeds = config.trial, tuple(config.tuning.seeds)
+  seeds = tuple(config.tuning.seeds)
   rows = []
-  for method, lams in (("asgd", (0.0,)), ("secant", t.lambdas)):
-    for lr in t.learning_rates:
+  for method, lams in (("asgd", (0.0,)), ("secant", config.trial.lambdas)):
+    for lr in cell.learning_rates:
       for lam in lams:
-        errs = _mean_error(
-            config,
-            ds,
-            seeds,
-            learning_rate=lr,
-            method=method,
-            lam=lam,
-            decay=t.decay,
-            clip=t.clip,
+        errs = _errors(
+            config, ds, cell, seeds, learning_rate=lr, method=method, lam=lam
         )
         rows.append(
             dict(
@@ -321,7 +351,13 @@ def tune(config, ds) -> list[dict[str, Any]]:
             )
         )
         logging.warning(
-            "tune %s lr=%g lam=%g: %.4f", method, lr, lam, rows[-1]["mean"]
+            "tune %s M=%d %s lr=%g lam=%g: %.4f",
+            cell.optimizer,
+            cell.num_workers,
+            method,
+            lr,
+            lam,
+            rows[-1]["mean"],
         )
   return rows
 
@@ -333,21 +369,21 @@ def best(rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
   )
 
 
-def report(config, ds, tuned: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def report(
+    config, ds, cell: Cell, tuned: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
   """Each method's chosen setting on the reported seeds."""
-  t, seeds = config.trial, tuple(config.grid.seeds)
   rows = []
   for method in ("asgd", "secant"):
     b = best(tuned, method)
-    errs = _mean_error(
+    errs = _errors(
         config,
         ds,
-        seeds,
+        cell,
+        tuple(config.grid.seeds),
         learning_rate=b["learning_rate"],
         method=method,
         lam=b["lam"],
-        decay=t.decay,
-        clip=t.clip,
     )
     rows.append(
         dict(
@@ -360,26 +396,31 @@ def report(config, ds, tuned: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return rows
 
 
+NAMES = {"sgd": "Plain SGD", "momentum": "SGD with momentum 0.9"}
+
+
 def write_table(results: dict[str, Any], references: dict[str, float]) -> str:
-  """The trial's Markdown: the reported cell against the grid's references
-  (``references``: sequential SGD's and the exact correction's mean error),
-  the paired difference, the curvature measurements and the tuning."""
+  """One cell's Markdown: its reported errors against the grid's references
+  (``references``: sequential SGD's and the exact correction's mean error
+  there), the paired difference, the curvature measurements and the
+  tuning."""
   asgd, secant = results["report"]
   a, s = np.asarray(asgd["errors"]), np.asarray(secant["errors"])
   seq = references["sequential"]
   share = lambda e: (a.mean() - e) / (a.mean() - seq)
   diff = statistics.paired_interval(s - a)
+  rates = results["learning_rates"]
   lines = [
-      "**Plain SGD, cyclic arrivals, M = 32: final test error (%), mean ± "
-      "std over the reported seeds (share of ASGD's gap to sequential SGD "
-      "closed)**",
+      f"**{NAMES[results['optimizer']]}, cyclic arrivals, M = "
+      f"{results['num_workers']}: final test error (%), mean ± std over the "
+      "reported seeds (share of ASGD's gap to sequential SGD closed)**",
       "",
       "| method | learning rate | λ | error | share closed |",
       "|---|---|---|---|---|",
       f"| sequential SGD (the grid's) | | | {100 * seq:.2f} | |",
       f"| ASGD | {asgd['learning_rate']:g} | | {100 * a.mean():.2f} ± "
       f"{100 * a.std(ddof=1):.2f} | 0% |",
-      f"| exact Taylor (the grid's ceiling) | | | "
+      "| exact Taylor (the grid's ceiling) | | | "
       f"{100 * references['exact-dc']:.2f} | "
       f"{share(references['exact-dc']):.0%} |",
       f"| secant, clipped | {secant['learning_rate']:g} | {secant['lam']:g} "
@@ -390,9 +431,9 @@ def write_table(results: dict[str, Any], references: dict[str, float]) -> str:
       f"[{100 * diff['low']:+.2f}, {100 * diff['high']:+.2f}] points (95% "
       f"t-interval{'' if diff['resolved'] else '; not resolved'}).",
       "",
-      "**Curvature along d = w − w_m, k = dᵀ(c − g) / dᵀHd (λ = 1), and "
+      "Curvature along d = w − w_m, k = dᵀ(c − g) / dᵀHd (λ = 1), and "
       "cos(c, f) with the fresh gradient: medians over an ASGD run at its "
-      "tuned rate, first tuning seed**",
+      "tuned rate, first tuning seed:",
       "",
       "| arrivals | ‖d‖/‖w‖ | cos(g, f) | exact: cos | "
       + " | ".join(f"{n}: k | {n}: cos" for n in MEASURED)
@@ -411,32 +452,32 @@ def write_table(results: dict[str, Any], references: dict[str, float]) -> str:
     )
   lines += [
       "",
-      "**Tuning (mean final error over the tuning seeds, %)**",
+      "Tuning (mean final error over the tuning seeds, %; one column per "
+      "learning rate):",
       "",
-      "| method | λ | "
-      + " | ".join(f"{lr:g}" for lr in results["learning_rates"])
-      + " |",
-      "|---|---|" + "---|" * len(results["learning_rates"]),
+      "| method | λ | " + " | ".join(f"{lr:g}" for lr in rates) + " |",
+      "|---|---|" + "---|" * len(rates),
   ]
   keys = dict.fromkeys((r["method"], r["lam"]) for r in results["tune"])
   for method, lam in keys:
-    cells = [
+    row = [
         f"{100 * r['mean']:.2f}"
         for r in results["tune"]
         if (r["method"], r["lam"]) == (method, lam)
     ]
-    lines.append(f"| {method} | {lam:g} | " + " | ".join(cells) + " |")
+    lines.append(f"| {method} | {lam:g} | " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 
 
-def grid_references(path: str, num_workers: int) -> dict[str, float]:
+def grid_references(
+    stats: list[dict[str, Any]], optimizer: str, num_workers: int
+) -> dict[str, float]:
   """Sequential SGD's and the exact correction's mean final error in the
-  quick tier's plain-SGD cyclic cell (its ``stats.json``)."""
-  with open(path) as f:
-    stats = json.load(f)
+  quick tier's cyclic cell of ``optimizer`` at ``num_workers`` (its
+  ``stats.json``, loaded)."""
   out = {}
   for s in stats:
-    if s["optimizer"] != "sgd":
+    if s["optimizer"] != optimizer:
       continue
     if s["algorithm"] == "sequential":
       out["sequential"] = s["mean"]
@@ -458,19 +499,26 @@ def main(argv):
     )
   os.makedirs(workdir, exist_ok=True)
   ds = input_pipeline.load(config)
+  with open(flags.FLAGS.stats) as f:
+    stats = json.load(f)
   start = time.time()
-  results = {
-      "learning_rates": list(config.trial.learning_rates),
-      "measure": measure(config, ds),
-  }
-  results["tune"] = tune(config, ds)
-  results["report"] = report(config, ds, results["tune"])
-  results["seconds"] = time.time() - start
+  results, parts = [], []
+  for cell in cells(config):
+    r = dict(
+        optimizer=cell.optimizer,
+        num_workers=cell.num_workers,
+        learning_rates=list(cell.learning_rates),
+        measure=measure(config, ds, cell),
+    )
+    r["tune"] = tune(config, ds, cell)
+    r["report"] = report(config, ds, cell, r["tune"])
+    results.append(r)
+    parts.append(
+        write_table(r, grid_references(stats, cell.optimizer, cell.num_workers))
+    )
   with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
-  text = write_table(
-      results, grid_references(flags.FLAGS.stats, config.num_workers)
-  )
+    json.dump({"cells": results, "seconds": time.time() - start}, f, indent=1)
+  text = "\n".join(parts)
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(text)
   print(text)
