@@ -80,10 +80,21 @@ from experiments import programs
 from experiments import startup
 from experiments import statistics
 
-METHODS = ("asgd", "secant", "secant-unclipped", "secant-scalar")
+METHODS = (
+    "asgd",
+    "secant",
+    "secant-unclipped",
+    "secant-scalar",
+    "exact-clipped",
+)
 """``asgd``: the stale gradient; ``secant``: the clipped diagonal secant;
 ``secant-unclipped``: the same without the clip; ``secant-scalar``: the
-isotropic (Barzilai-Borwein) secant."""
+isotropic (Barzilai-Borwein) secant; ``exact-clipped``: the control, the
+exact Hessian-vector product in place of the secant, with the same λ and
+clip (is it the estimate, or the clip and a damped λ?)."""
+
+COMPARED = ("asgd", "secant", "exact-clipped")
+"""The methods tuned and reported (the others are only measured)."""
 
 MEASURED = ("secant", "secant-unclipped", "secant-scalar")
 
@@ -122,11 +133,14 @@ def secant_curvature(num: jax.Array, den: jax.Array) -> jax.Array:
   return jnp.where(den > 0, jnp.maximum(num, 0.0) / safe, 0.0)
 
 
-def correction(method: str, g, d, state, *, lam: float, clip: float):
+def correction(method: str, g, d, state, *, lam: float, clip: float, hd=None):
   """``method``'s term added to ``g`` (``d = w - w_m``), from the running
-  means in ``state``."""
+  means in ``state`` (``exact-clipped``: from ``hd``, H(w_m) d)."""
   if method == "asgd":
     return jnp.zeros_like(g)
+  if method == "exact-clipped":
+    bound = clip * jnp.abs(g)
+    return jnp.clip(lam * hd, -bound, bound)
   if method == "secant-scalar":
     return lam * secant_curvature(state["num_s"], state["den_s"]) * d
   term = lam * secant_curvature(state["num"], state["den"]) * d
@@ -142,7 +156,6 @@ def init_state(w0: jax.Array, num_workers: int) -> dict[str, Any]:
   zeros = jnp.zeros_like(w0)
   return dict(
       w=w0,
-      v=zeros,
       held=rows,
       prev_held=rows,
       prev_g=jnp.zeros_like(rows),
@@ -201,21 +214,24 @@ def replay(
     g = grad(held, batch)
     d = state["w"] - held
     state = fold_secant(state, m, g, decay=decay)
+    hd = None
+    if measure or method == "exact-clipped":
+      _, hd = jax.jvp(lambda x: grad(x, batch), (held,), (d,))
     terms = {
-        name: correction(name, g, d, state, lam=lam, clip=clip)
+        name: correction(name, g, d, state, lam=lam, clip=clip, hd=hd)
         for name in ((method, *MEASURED) if measure else (method,))
     }
     out = {}
     if measure:
-      out = _measure(grad, state["w"], held, batch, g, d, terms)
+      out = _measure(grad, state["w"], batch, g, d, hd, terms)
     v = g + terms[method]
-    if momentum:
+    if momentum:  # the buffer is carried only when there is one
       v = momentum * state["v"] + v
+      state = dict(state, v=v)
     w = state["w"] - learning_rate * v
     state = dict(
         state,
         w=w,
-        v=v,
         held=state["held"].at[m].set(w),
         prev_held=state["prev_held"].at[m].set(held),
         prev_g=state["prev_g"].at[m].set(g),
@@ -226,10 +242,13 @@ def replay(
   @jax.jit
   def run(w0):
     # The arrivals' iota and the state built here, inside the program: with
-    # either passed in, XLA:CPU ran this loop about 100x slower (measured on
-    # the trial's setting: 50 s against 0.3-0.9 s for plain ASGD).
+    # either passed in, XLA:CPU ran plain ASGD's loop 50 s against 0.3-0.9 s
+    # (one measurement, on the idle machine).
     steps = jnp.arange(problem.idx.shape[0])
-    return jax.lax.scan(step, init_state(w0, num_workers), steps)
+    state = init_state(w0, num_workers)
+    if momentum:
+      state["v"] = jnp.zeros_like(w0)
+    return jax.lax.scan(step, state, steps)
 
   state, out = run(problem.w0)
   return (
@@ -239,10 +258,9 @@ def replay(
   )
 
 
-def _measure(grad, w, held, batch, g, d, terms) -> dict[str, jax.Array]:
+def _measure(grad, w, batch, g, d, hd, terms) -> dict[str, jax.Array]:
   """K along d and cos(c, f) of each estimate, the exact one's and the
-  stale gradient's."""
-  _, hd = jax.jvp(lambda x: grad(x, batch), (held,), (d,))
+  stale gradient's (``hd``: H(w_m) d)."""
   f = grad(w, batch)
   dhd = jnp.vdot(d, hd)
 
@@ -331,11 +349,13 @@ def _errors(config, ds, cell: Cell, seeds, **kwargs) -> list[float]:
 
 
 def tune(config, ds, cell: Cell) -> list[dict[str, Any]]:
-  """Every (learning rate, λ) of the trial for ``secant`` on the tuning
-  seeds, and ASGD's rates (its tuned choice must be the grid's)."""
+  """Every (learning rate, λ) of the trial for ``secant`` and its control
+  on the tuning seeds, and ASGD's rates (its tuned choice must be the
+  grid's)."""
   seeds = tuple(config.tuning.seeds)
   rows = []
-  for method, lams in (("asgd", (0.0,)), ("secant", config.trial.lambdas)):
+  for method in COMPARED:
+    lams = (0.0,) if method == "asgd" else config.trial.lambdas
     for lr in cell.learning_rates:
       for lam in lams:
         errs = _errors(
@@ -374,7 +394,7 @@ def report(
 ) -> list[dict[str, Any]]:
   """Each method's chosen setting on the reported seeds."""
   rows = []
-  for method in ("asgd", "secant"):
+  for method in COMPARED:
     b = best(tuned, method)
     errs = _errors(
         config,
@@ -404,32 +424,41 @@ def write_table(results: dict[str, Any], references: dict[str, float]) -> str:
   (``references``: sequential SGD's and the exact correction's mean error
   there), the paired difference, the curvature measurements and the
   tuning."""
-  asgd, secant = results["report"]
-  a, s = np.asarray(asgd["errors"]), np.asarray(secant["errors"])
+  by = {r["method"]: r for r in results["report"]}
+  a = np.asarray(by["asgd"]["errors"])
   seq = references["sequential"]
   share = lambda e: (a.mean() - e) / (a.mean() - seq)
-  diff = statistics.paired_interval(s - a)
   rates = results["learning_rates"]
   lines = [
       f"**{NAMES[results['optimizer']]}, cyclic arrivals, M = "
       f"{results['num_workers']}: final test error (%), mean ± std over the "
-      "reported seeds (share of ASGD's gap to sequential SGD closed)**",
+      "reported seeds (share of ASGD's gap to sequential SGD closed), and "
+      "the paired difference from ASGD on the same seeds (points, 95% "
+      "t-interval; n.s.: not resolved)**",
       "",
-      "| method | learning rate | λ | error | share closed |",
-      "|---|---|---|---|---|",
-      f"| sequential SGD (the grid's) | | | {100 * seq:.2f} | |",
-      f"| ASGD | {asgd['learning_rate']:g} | | {100 * a.mean():.2f} ± "
-      f"{100 * a.std(ddof=1):.2f} | 0% |",
-      "| exact Taylor (the grid's ceiling) | | | "
+      "| method | learning rate | λ | error | share closed | minus ASGD |",
+      "|---|---|---|---|---|---|",
+      f"| sequential SGD (the grid's) | | | {100 * seq:.2f} | | |",
+      "| exact Taylor, the grid's `exact-dc` (λ = 1, no clip) | | | "
       f"{100 * references['exact-dc']:.2f} | "
-      f"{share(references['exact-dc']):.0%} |",
-      f"| secant, clipped | {secant['learning_rate']:g} | {secant['lam']:g} "
-      f"| {100 * s.mean():.2f} ± {100 * s.std(ddof=1):.2f} | "
-      f"{share(s.mean()):.0%} |",
-      "",
-      f"Secant minus ASGD on the same seeds: {100 * diff['mean']:+.2f} "
-      f"[{100 * diff['low']:+.2f}, {100 * diff['high']:+.2f}] points (95% "
-      f"t-interval{'' if diff['resolved'] else '; not resolved'}).",
+      f"{share(references['exact-dc']):.0%} | |",
+  ]
+  labels = {
+      "asgd": "ASGD",
+      "secant": "secant, clipped",
+      "exact-clipped": "exact Taylor, clipped (control)",
+  }
+  for method in COMPARED:
+    r = by[method]
+    e = np.asarray(r["errors"])
+    diff = "" if method == "asgd" else _interval(e - a)
+    lam = "" if method == "asgd" else f"{r['lam']:g}"
+    lines.append(
+        f"| {labels[method]} | {r['learning_rate']:g} | {lam} | "
+        f"{100 * e.mean():.2f} ± {100 * e.std(ddof=1):.2f} | "
+        f"{share(e.mean()):.0%} | {diff} |"
+    )
+  lines += [
       "",
       "Curvature along d = w − w_m, k = dᵀ(c − g) / dᵀHd (λ = 1), and "
       "cos(c, f) with the fresh gradient: medians over an ASGD run at its "
@@ -469,6 +498,16 @@ def write_table(results: dict[str, Any], references: dict[str, float]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _interval(differences: np.ndarray) -> str:
+  d = statistics.paired_interval(differences)
+  if d is None:
+    return "n/a (a diverged run)"
+  text = (
+      f"{100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
+  )
+  return text if d["resolved"] else text + " n.s."
+
+
 def grid_references(
     stats: list[dict[str, Any]], optimizer: str, num_workers: int
 ) -> dict[str, float]:
@@ -491,6 +530,14 @@ def grid_references(
 
 
 def main(argv):
+  # One thread per XLA:CPU program, set before JAX makes its CPU client: the
+  # loop's thousands of small ops ran 5-8x slower on the shared thread pool
+  # whenever another process took a core (measured: 10 s against 60-80 s
+  # a run).
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "")
+      + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+  )
   config, workdir = startup.setup(argv, compilation_cache=True)
   if config.schedule != "cyclic":
     raise ValueError(

@@ -128,3 +128,40 @@ def test_an_unknown_method_is_refused_naming_it(tiny):
         learning_rate=0.1,
         method="hogwild",
     )
+
+
+def test_the_table_reports_shares_and_paired_differences():
+  runs = {
+      "asgd": [0.10, 0.12, 0.11],
+      "secant": [0.08, 0.09, 0.085],
+      "exact-clipped": [0.10, 0.13, 0.10],
+  }
+  phase = {
+      k: 0.5
+      for k in ["d_rel", "cos_stale", "cos_exact"]
+      + [f"{p}_{n}" for n in secant_trial.MEASURED for p in ("k", "cos")]
+  }
+  results = dict(
+      optimizer="sgd",
+      num_workers=32,
+      learning_rates=[0.1],
+      measure=[dict(arrivals=[32, 250], **phase)],
+      report=[
+          dict(method=m, learning_rate=0.1, lam=0.5, errors=e)
+          for m, e in runs.items()
+      ],
+      tune=[
+          dict(method=m, learning_rate=0.1, lam=0.5, mean=float(np.mean(e)))
+          for m, e in runs.items()
+      ],
+  )
+  text = secant_trial.write_table(
+      results, {"sequential": 0.06, "exact-dc": 0.10}
+  )
+  # ASGD 11%, sequential 6%: the secant's 8.5% closes half the gap, its
+  # paired difference -2.5 points is resolved; the control's is not.
+  assert "| secant, clipped | 0.1 | 0.5 | 8.50 ± 0.50 | 50% | -2.50 [" in text
+  assert "| exact Taylor, the grid's `exact-dc` (λ = 1, no clip) | | | " in text
+  control = next(ln for ln in text.splitlines() if "(control)" in ln)
+  assert control.endswith("n.s. |")
+  assert "Plain SGD, cyclic arrivals, M = 32" in text
