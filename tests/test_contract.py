@@ -83,7 +83,6 @@ def with_secant_history(factory):
   ``stale_state``) state, where the secant compensation would have no
   estimate yet and correct nothing; with this history it corrects from the
   first push (test_secant.py checks the numbers from a true start)."""
-
   is_secant = lambda x: isinstance(x, dcasgd_optax.SecantCompensationState)
 
   def pushed_once(state):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import dcasgd_optax
-
 from experiments import input_pipeline
 from experiments import programs
 from experiments import secant_trial
@@ -143,11 +142,21 @@ def test_the_library_s_secant_dcasgd_is_the_trial_s_secant(tiny, momentum):
   problem = secant_trial.Problem(tiny, ds, tiny.seed)
   lr, lam, decay, clip = 0.1, 1.5, 0.9, 1.0
   _, _, want = secant_trial.replay(
-      problem, num_workers=M, learning_rate=lr, method="secant", lam=lam,
-      decay=decay, clip=clip, momentum=momentum,
+      problem,
+      num_workers=M,
+      learning_rate=lr,
+      method="secant",
+      lam=lam,
+      decay=decay,
+      clip=clip,
+      momentum=momentum,
   )
   tx = dcasgd_optax.secant_dcasgd(
-      lr, M, lambda_=lam, decay=decay, correction_clip=clip,
+      lr,
+      M,
+      lambda_=lam,
+      decay=decay,
+      correction_clip=clip,
       momentum=momentum or None,
   )
   grad = jax.grad(problem.loss)
@@ -165,7 +174,10 @@ def test_the_library_s_secant_dcasgd_is_the_trial_s_secant(tiny, momentum):
   np.testing.assert_allclose(np.asarray(w), want, rtol=1e-5, atol=1e-6)
   # Not vacuous: the secant corrected (ASGD's model is elsewhere).
   _, _, asgd = secant_trial.replay(
-      problem, num_workers=M, learning_rate=lr, method="asgd",
+      problem,
+      num_workers=M,
+      learning_rate=lr,
+      method="asgd",
       momentum=momentum,
   )
   assert float(np.max(np.abs(asgd - want))) > 1e-4

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import dcasgd_optax
@@ -44,15 +43,25 @@ def test_secant_dcasgd_matches_reference_server(
   rng = np.random.default_rng(seed)
   w0 = helpers.random_tree(rng, spec)
   ref = reference.SecantServer(
-      helpers.leaves_np(w0), num_workers, lambda_, decay=0.9,
-      learning_rate=LR, momentum=momentum, correction_clip=clip,
+      helpers.leaves_np(w0),
+      num_workers,
+      lambda_,
+      decay=0.9,
+      learning_rate=LR,
+      momentum=momentum,
+      correction_clip=clip,
   )
   tx = dcasgd_optax.secant_dcasgd(
-      LR, num_workers, lambda_=lambda_, decay=0.9, correction_clip=clip,
+      LR,
+      num_workers,
+      lambda_=lambda_,
+      decay=0.9,
+      correction_clip=clip,
       momentum=momentum,
   )
   helpers.replay_against_reference(
-      tx, ref, w0, order, rng, spec, check_pulls=True)
+      tx, ref, w0, order, rng, spec, check_pulls=True
+  )
 
 
 @hypothesis.settings(helpers.SETTINGS, max_examples=5)
@@ -71,19 +80,27 @@ def test_secant_compensation_with_pulls_between_pushes_matches_reference(
   SGD applied by hand, under jit."""
   events = data.draw(
       st.lists(
-          st.tuples(st.sampled_from(["push", "pull"]),
-                    st.integers(0, num_workers - 1)),
-          min_size=1, max_size=14),
+          st.tuples(
+              st.sampled_from(["push", "pull"]), st.integers(0, num_workers - 1)
+          ),
+          min_size=1,
+          max_size=14,
+      ),
       label="events",
   )
   rng = np.random.default_rng(seed)
   w0 = helpers.random_tree(rng, spec)
   ref = reference.SecantServer(
-      helpers.leaves_np(w0), num_workers, 0.7, decay=0.8,
-      learning_rate=LR, correction_clip=clip,
+      helpers.leaves_np(w0),
+      num_workers,
+      0.7,
+      decay=0.8,
+      learning_rate=LR,
+      correction_clip=clip,
   )
   tx = dcasgd_optax.secant_compensation(
-      num_workers, 0.7, decay=0.8, correction_clip=clip)
+      num_workers, 0.7, decay=0.8, correction_clip=clip
+  )
 
   @jax.jit
   def push(params, state, g, m):
@@ -103,7 +120,8 @@ def test_secant_compensation_with_pulls_between_pushes_matches_reference(
     params, state = push(params, state, g, jnp.int32(m))
     helpers.assert_close_to_reference(params, ref.w, f"params after {i}")
     helpers.assert_close_to_reference(
-        dcasgd_optax.worker_params(state, m), ref.backup[m], f"backup {i}")
+        dcasgd_optax.worker_params(state, m), ref.backup[m], f"backup {i}"
+    )
 
 
 def _two_pushes(tx, params):
@@ -118,7 +136,7 @@ def _two_pushes(tx, params):
 
 
 def test_the_second_push_is_corrected_by_its_secant():
-  """h = (3 - 1) / (1 - 0) = 2 everywhere: 3 + lam * 2 * 0.5."""
+  """The secant is (3 - 1) / (1 - 0) = 2 everywhere: 3 + lam * 2 * 0.5."""
   tx = dcasgd_optax.secant_compensation(2, 0.5, correction_clip=None)
   out, state = _two_pushes(tx, helpers.params_tree())
   for x in jax.tree.leaves(out):
@@ -192,4 +210,3 @@ def test_bad_update_inputs_are_rejected_naming_them():
     dcasgd_optax.secant_compensation(3).update(params, state, params, worker=0)
   with pytest.raises(ValueError, match="`momentum`"):
     dcasgd_optax.secant_dcasgd(0.1, 2, momentum=1.5)
-

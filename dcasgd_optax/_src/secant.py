@@ -148,7 +148,8 @@ def secant_compensation(
   def init_fn(params):
     state = _backups.init_state(params, num_workers, backup_dtype, no_stats)
     zeros = lambda p: jnp.zeros(
-        jnp.shape(p), _backups.stats_dtype(jnp.result_type(p)))
+        jnp.shape(p), _backups.stats_dtype(jnp.result_type(p))
+    )
     return SecantCompensationState(
         delay_compensation=state,
         previous_backups=state.backups,
@@ -158,35 +159,53 @@ def secant_compensation(
         denominator=jax.tree.map(zeros, params),
     )
 
-  def update_fn(updates, state, params=None, *, worker=None, held_params=None,
-                **extra_args):
+  def update_fn(
+      updates,
+      state,
+      params=None,
+      *,
+      worker=None,
+      held_params=None,
+      **extra_args,
+  ):
     del extra_args
     backups = state.delay_compensation.backups
     _backups.check_update(
-        updates, state.delay_compensation, params, worker, num_workers)
+        updates, state.delay_compensation, params, worker, num_workers
+    )
     held = _backups.held_of(backups, worker, num_workers, held_params)
     valid = _backups.worker_is_valid(worker, num_workers)
     row = jnp.clip(jnp.asarray(worker, jnp.int32), 0, num_workers - 1)
     fold = jnp.logical_and(valid, state.seen[row])
     _, _, dc_state = _backups.next_mean_square(
-        state.delay_compensation, updates, worker, num_workers, no_stats)
+        state.delay_compensation, updates, worker, num_workers, no_stats
+    )
 
     def secant(g, b, prev_b, prev_g, num, den):
       dw = b.astype(num.dtype) - _rows.read_row(prev_b, row).astype(num.dtype)
       dg = g.astype(num.dtype) - _rows.read_row(prev_g, row).astype(num.dtype)
-      mix = lambda old, new: jnp.where(fold, decay * old + (1 - decay) * new,
-                                       old)
+      mix = lambda old, new: jnp.where(
+          fold, decay * old + (1 - decay) * new, old
+      )
       return mix(num, dg * dw), mix(den, dw * dw)
 
     means = jax.tree.map(
-        secant, updates, held, state.previous_backups, state.previous_grads,
-        state.numerator, state.denominator)
+        secant,
+        updates,
+        held,
+        state.previous_backups,
+        state.previous_grads,
+        state.numerator,
+        state.denominator,
+    )
     num, den = jax.tree.transpose(
-        jax.tree.structure(updates), jax.tree.structure((0, 0)), means)
+        jax.tree.structure(updates), jax.tree.structure((0, 0)), means
+    )
 
     def compensate(g, w, b, n, s):
       return dc._compensate(  # pylint: disable=protected-access
-          g, w, b, lambda_, correction_clip, curvature=secant_curvature(n, s))
+          g, w, b, lambda_, correction_clip, curvature=secant_curvature(n, s)
+      )
 
     out = jax.tree.map(compensate, updates, params, held, num, den)
     write = lambda rows, new: _rows.write_row(rows, row, new, valid)
@@ -261,13 +280,20 @@ def secant_dcasgd(
     Array([-0.1, -0.1], dtype=float32)
   """
   alias._check_sgd_arguments(  # pylint: disable=protected-access
-      learning_rate, momentum, nesterov, weight_decay)
+      learning_rate, momentum, nesterov, weight_decay
+  )
   compensation = secant_compensation(
-      num_workers, lambda_, decay=decay, correction_clip=correction_clip,
+      num_workers,
+      lambda_,
+      decay=decay,
+      correction_clip=correction_clip,
       backup_dtype=backup_dtype,
   )
-  return alias.pull_after_push(optax.chain(
-      compensation,
-      *alias._decayed_weights(weight_decay),  # pylint: disable=protected-access
-      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-  ), compensation=compensation)
+  return alias.pull_after_push(
+      optax.chain(
+          compensation,
+          *alias._decayed_weights(weight_decay),  # pylint: disable=protected-access
+          optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+      ),
+      compensation=compensation,
+  )
