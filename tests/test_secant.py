@@ -11,11 +11,13 @@ from __future__ import annotations
 import hypothesis
 from hypothesis import strategies as st
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import dcasgd_optax
+from dcasgd_optax.harness import Simulator
 
 import helpers
 import reference
@@ -210,3 +212,42 @@ def test_bad_update_inputs_are_rejected_naming_them():
     dcasgd_optax.secant_compensation(3).update(params, state, params, worker=0)
   with pytest.raises(ValueError, match="`momentum`"):
     dcasgd_optax.secant_dcasgd(0.1, 2, momentum=1.5)
+
+
+def test_simulator_replays_secant_dcasgd_and_diagnoses_its_curvature():
+  """The simulator's replay, with ``diagnose_curvature``, against a loop
+  over the arrivals with the full Hessian of the flattened tiny net: the
+  same final model, and the same ratio k = d'(c - g) / d'Hd of the secant's
+  term to the true curvature along d = w - w_m."""
+  w_, a_ = helpers.W, 12
+  arrivals = helpers.random_order(w_, a_, seed=1)
+  batches = helpers.make_batches(a_)
+  tx = dcasgd_optax.secant_dcasgd(0.2, w_, lambda_=1.0, correction_clip=None)
+  sim = Simulator(helpers.loss_fn, tx, diagnose_curvature=True)
+  state, metrics = sim.replay(
+      sim.init(helpers.init_params()), batches, arrivals
+  )
+
+  flat0, unravel = ravel_pytree(helpers.init_params())
+  flat_loss = lambda x, b: helpers.loss_fn(unravel(x), b)
+  grad, hess = jax.jit(jax.grad(flat_loss)), jax.jit(jax.hessian(flat_loss))
+  secant = dcasgd_optax.secant_compensation(w_, 1.0, correction_clip=None)
+  s, w, ratios = secant.init(flat0), flat0, []
+  for k, m in enumerate(np.asarray(arrivals).tolist()):
+    held = dcasgd_optax.worker_params(s, m)
+    g, h, delta = grad(held, batches[k]), hess(held, batches[k]), w - held
+    c, s = secant.update(g, s, w, worker=m)
+    ratios.append(float(delta @ (c - g) / (delta @ h @ delta)))
+    w = w - 0.2 * c
+    s = dcasgd_optax.record_pull(s, w, m)
+  jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-5),
+      state.params,
+      unravel(w),
+  )
+  ratios, got = np.array(ratios), np.asarray(metrics["curvature_ratio"])
+  measured = np.isfinite(ratios)
+  np.testing.assert_allclose(
+      got[measured], ratios[measured], rtol=2e-3, atol=1e-6
+  )
+  assert np.any(ratios[measured] > 0.05)  # the secant did correct
