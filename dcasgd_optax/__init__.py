@@ -29,6 +29,9 @@ from dcasgd_optax._src.pull import worker_params
 from dcasgd_optax._src.pull_after_push import PullAfterPush
 from dcasgd_optax._src.pull_after_push import PullAfterPushState
 from dcasgd_optax._src.pull_after_push import pull_after_push
+from dcasgd_optax._src.secant import SecantCompensationState
+from dcasgd_optax._src.secant import secant_compensation
+from dcasgd_optax._src.secant import secant_dcasgd
 from dcasgd_optax._src.staleness import ScaleByInverseStalenessState
 from dcasgd_optax._src.staleness import ScaleByStalenessState
 from dcasgd_optax._src.staleness import scale_by_inverse_staleness
@@ -48,6 +51,7 @@ __all__ = (
     "ScaleByInverseStalenessState",
     "ScaleByPipeMareState",
     "ScaleByStalenessState",
+    "SecantCompensationState",
     "build_cpu_kernel",
     "dana_dcasgd",
     "dcasgd",
@@ -67,6 +71,8 @@ __all__ = (
     "scale_by_inverse_staleness",
     "scale_by_pipemare",
     "scale_by_staleness",
+    "secant_compensation",
+    "secant_dcasgd",
     "worker_params",
 )
 

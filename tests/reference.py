@@ -39,6 +39,13 @@ Beyond the paper (issue 10), each from its own source:
 - Fisher diagonal (issue 18): the curvature g * g replaced by F, the mean of
   the per-example squared gradients the worker pushes; DC-ASGD-a's ms is the
   running mean of F. Nesterov look-ahead: the pull's sum times mu.
+- Secant curvature (issue 18; the two-point idea of Barzilai and Borwein
+  1988): on worker m's push, if m pushed before, dw = backup[m] -
+  prev_backup[m], dg = g - prev_g[m], num <- d num + (1 - d) dg * dw,
+  den <- d den + (1 - d) dw * dw (from zero, shared by all workers);
+  h = max(num, 0) / den where den > 0, else 0; the term lam * h * (w -
+  backup[m]) clipped to [-c |g|, c |g|]; then prev_backup[m] <- backup[m],
+  prev_g[m] <- g.
 - Look-ahead Adam/NAdam (Kosson et al. 2020, SpecTrain): Adam's update
   (Kingma and Ba; NAdam as Dozat / optax: m_hat = b1 m / (1 - b1^(t+1))
   + (1 - b1) g / (1 - b1^t)); a pull sends w - a * m_t_hat / (sqrt(v_t_hat)
@@ -264,6 +271,37 @@ class FisherServer(ParameterServer):
         bound = self.correction_clip * np.abs(gi)
         term = np.clip(term, -bound, bound)
       out.append(gi + term)
+    return out
+
+
+class SecantServer(ParameterServer):
+  """The server with a running diagonal secant in place of g * g."""
+
+  def __init__(self, w0, num_workers, lambda_, *, decay=0.99, **kwargs):
+    super().__init__(w0, num_workers, lambda_, decay=decay, **kwargs)
+    self.previous = [None] * num_workers  # (backup, g) at m's last push
+    self.num = [np.zeros_like(x) for x in self.w]
+    self.den = [np.zeros_like(x) for x in self.w]
+
+  def compensated_gradient(self, g, m):
+    g, b = _f64(g), self.backup[m]
+    if self.previous[m] is not None:
+      prev_b, prev_g = self.previous[m]
+      d = self.decay
+      for i, (gi, bi, pbi, pgi) in enumerate(zip(g, b, prev_b, prev_g)):
+        dw, dg = bi - pbi, gi - pgi
+        self.num[i] = d * self.num[i] + (1.0 - d) * dg * dw
+        self.den[i] = d * self.den[i] + (1.0 - d) * dw * dw
+    out = []
+    for gi, n, s, wi, bi in zip(g, self.num, self.den, self.w, b):
+      h = np.zeros_like(n)
+      np.divide(np.maximum(n, 0.0), s, out=h, where=s > 0)
+      term = self.lambda_ * h * (wi - bi)
+      if self.correction_clip is not None:
+        bound = self.correction_clip * np.abs(gi)
+        term = np.clip(term, -bound, bound)
+      out.append(gi + term)
+    self.previous[m] = (_f64(b), g)
     return out
 
 

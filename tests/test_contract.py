@@ -4,7 +4,8 @@ One parametrized suite: each case is a way to build a transformation that
 keeps per-worker backups (``delay_compensation`` in both variants,
 ``dcasgd``, ``pull_after_push``, ``gap_aware``, ``gap_aware_asgd``,
 ``dana_dcasgd``, ``delayed_nesterov_dcasgd``, ``fisher_compensation``,
-``fisher_dcasgd``), and every test checks one promise
+``fisher_dcasgd``, ``secant_compensation``, ``secant_dcasgd``), and
+every test checks one promise
 an optax user relies on: jit, vmap, the usual wrappers, extra args, no
 recompilation per worker, dtypes, and finding the state with
 ``record_pull``/``worker_params``. A second, smaller suite holds the chain
@@ -70,6 +71,39 @@ def feeding_grad_sq(factory):
       return tx.update(updates, state, params, **extra)
 
     return optax.GradientTransformationExtraArgs(tx.init, update)
+
+  return build
+
+
+def with_secant_history(factory):
+  """``factory``'s transformation, whose ``init`` returns a state in which
+  every worker has already pushed once: each worker's previous backup is
+  the initial model plus 0.25, its previous gradient zero, and both running
+  means one. The contract's tests push once or a few times on a fresh (or
+  ``stale_state``) state, where the secant compensation would have no
+  estimate yet and correct nothing; with this history it corrects from the
+  first push (test_secant.py checks the numbers from a true start)."""
+  is_secant = lambda x: isinstance(x, dcasgd_optax.SecantCompensationState)
+
+  def pushed_once(state):
+    if not is_secant(state):
+      return state
+    return state._replace(
+        previous_backups=jax.tree.map(
+            lambda b: (b + 0.25).astype(b.dtype), state.previous_backups),
+        seen=jnp.ones_like(state.seen),
+        numerator=jax.tree.map(jnp.ones_like, state.numerator),
+        denominator=jax.tree.map(jnp.ones_like, state.denominator),
+    )
+
+  @functools.wraps(factory)
+  def build(**kwargs):
+    tx = factory(**kwargs)
+
+    def init(params):
+      return jax.tree.map(pushed_once, tx.init(params), is_leaf=is_secant)
+
+    return optax.GradientTransformationExtraArgs(init, tx.update)
 
   return build
 
@@ -198,6 +232,23 @@ CASES = [
         ("num_workers", "adaptive", "nesterov"),
         True,
         True,
+    ),
+    Case(
+        "secant_compensation",
+        with_secant_history(dcasgd_optax.secant_compensation),
+        dict(num_workers=NUM_WORKERS, lambda_=0.5),
+        ("num_workers",),
+        False,
+        False,
+    ),
+    Case(
+        "secant_dcasgd",
+        with_secant_history(dcasgd_optax.secant_dcasgd),
+        dict(learning_rate=0.1, num_workers=NUM_WORKERS, lambda_=0.5,
+             momentum=0.9, weight_decay=1e-2),
+        ("num_workers", "nesterov"),
+        True,
+        False,
     ),
 ]
 

@@ -38,6 +38,14 @@ def transformations() -> list[optax.GradientTransformationExtraArgs]:
       dcasgd_optax.scale_by_staleness("sqrt", num_workers=4),
       dcasgd_optax.scale_by_inverse_staleness(),
       dcasgd_optax.pull_after_push(optax.sgd(0.1)),
+      dcasgd_optax.secant_compensation(
+          4,
+          jnp.asarray(0.5),
+          decay=0.9,
+          correction_clip=None,
+          backup_dtype=jnp.bfloat16,
+      ),
+      dcasgd_optax.secant_dcasgd(schedule, 4, momentum=0.9),
   ]
 
 

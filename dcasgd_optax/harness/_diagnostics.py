@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcasgd_optax import DelayCompensationState
 from dcasgd_optax import extend
 from dcasgd_optax.harness import _checks
 from dcasgd_optax.harness import _exact
@@ -143,7 +142,9 @@ def check(diagnostics: Diagnostics, opt_state: Any, params: Any,
       )
     return
   node = first_state(opt_state, diagnostics.first_transform, params)
-  if diagnostics.curvature and not isinstance(node, DelayCompensationState):
+  # The compensation's state is, or holds (secant_compensation's), the
+  # DelayCompensationState with the worker's backup.
+  if diagnostics.curvature and not extend.find_states(node):
     raise ValueError(
         "`diagnose_curvature` needs `first_transform` to be a compensation "
         "with a curvature estimate (one that reads the worker's backup: a "

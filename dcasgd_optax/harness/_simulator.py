@@ -155,9 +155,11 @@ class Simulator(_protocol.SimulatorBase):
       product, ``jax.jvp`` of the gradient): 1 is exact, below 1 an
       under-estimate. Metric ``"curvature_ratio"`` (float32, NaN where not
       sampled or :math:`\delta = 0`). Needs a compensation with a curvature
-      estimate: ``first_transform`` (whose state is a
-      DelayCompensationState) or ``exact_compensation`` (for which
-      :math:`k = \lambda`); else a ValueError before anything runs. For a
+      estimate: ``first_transform`` (whose state is or holds a
+      DelayCompensationState, e.g.
+      :func:`dcasgd_optax.secant_compensation`'s) or
+      ``exact_compensation`` (for which :math:`k = \lambda`); else a
+      ValueError before anything runs. For a
       compensation that is not a Taylor correction (e.g.
       :func:`dcasgd_optax.gap_aware`, which shrinks :math:`g`) it reads
       the shrinkage as a curvature.
