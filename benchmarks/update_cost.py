@@ -272,6 +272,14 @@ def configs(lr: float = 0.01) -> list[Config]:
              lambda: dcasgd_optax.gap_aware_asgd(lr, 64, momentum=0.9), 64, 9),
       Config("composed chain, 1 worker", composed(1), 1, 9),
       Config("composed chain, 64 workers", composed(64), 64, 9),
+      # The secant compensation keeps three per-worker copies (19 GB at 64
+      # workers of 25M parameters): 16 workers, beside the composed chain at
+      # 16. Moved: g, w, momentum, the worker's backup, previous backup and
+      # previous gradient rows, the two running means (read), and all but g
+      # written: 15 arrays.
+      Config("composed chain, 16 workers", composed(16), 16, 9),
+      Config("secant_dcasgd, 16 workers",
+             lambda: dcasgd_optax.secant_dcasgd(lr, 16, momentum=0.9), 16, 15),
   ]
 
 

@@ -23,6 +23,7 @@ name                      server update (on top of the optimizer)      simulator
 ``dana-dc``               the look-ahead pull and DC-ASGD-a            async
 ``exact-dc``              g + H(w_m)(w - w_m) by exact HVP (ceiling)   async
 ``fisher-dc-a``           DC-ASGD-a, per-example Fisher, λ0 tuned      async
+``secant-dc``             g + clip(λ ĥ⊙(w - w_m), ±|g|), server secant  async
 ``wp-nesterov``           pull the Nesterov weight prediction          async
 ``wp-nadam``              NAdam β1 0.99, predicted pull (AsyncPP)      async
 ``pipemare``              step / τ^(1 - min(k/K, 1)) (PipeMare)        async
@@ -31,6 +32,7 @@ name                      server update (on top of the optimizer)      simulator
 The formulas and sources are in the docstrings of the ``dcasgd_optax``
 transformations each one chains (:func:`dcasgd_optax.scale_by_staleness`,
 :func:`~dcasgd_optax.fisher_compensation`,
+:func:`~dcasgd_optax.secant_compensation`,
 :func:`~dcasgd_optax.look_ahead_adam`, :func:`~dcasgd_optax.scale_by_pipemare`,
 :func:`~dcasgd_optax.delay_compensation`, :func:`~dcasgd_optax.gap_aware`,
 :func:`~dcasgd_optax.delayed_nesterov`,
@@ -242,6 +244,14 @@ def _fisher_compensated(config, num_workers, learning_rate):
   return compensation, optimizers.optimizer(config, learning_rate)
 
 
+def _secant_compensated(config, num_workers, learning_rate):
+  # The trial's design (experiments/secant_trial.py): decay 0.99, the term
+  # clipped to |g| per coordinate (secant_compensation's defaults).
+  compensation = dcasgd_optax.secant_compensation(
+      num_workers, config.secant_lambda)
+  return compensation, optimizers.optimizer(config, learning_rate)
+
+
 def _weight_prediction_nadam(config, num_workers, learning_rate):
   *decay, _ = optimizers.optimizer(config, learning_rate)
   # The backups record the prediction each worker pulls (λ = 0: no DC).
@@ -305,6 +315,8 @@ REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("fisher-dc-a", "Fisher DC-ASGD-a, λ0 tuned", _fisher_compensated,
               tuned=("dc_lambda",),
               simulator_options=lambda config: {"push_grad_sq": True}),
+    Algorithm("secant-dc", "secant DC, λ tuned", _secant_compensated,
+              tuned=("secant_lambda",)),
     Algorithm("wp-nesterov", "weight prediction, Nesterov",
               _look_ahead(False, nesterov=True), requires_momentum=True),
     Algorithm("wp-nadam", "weight prediction, NAdam β1 0.99",

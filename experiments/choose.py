@@ -93,6 +93,8 @@ USE = {
     "fisher-dc-a": ("{fisher_compensation}({M}, {lam}adaptive=True) with "
                     "Simulator(push_grad_sq=True)",
                     ("fisher_compensation",)),
+    "secant-dc": ("{secant_compensation}({M}, {lam}correction_clip=1.0)",
+                  ("secant_compensation",)),
     "wp-nesterov": (
         "{look_ahead_momentum}(lr, 0.9, horizon={H}, nesterov=True)",
         ("look_ahead_momentum",)),
@@ -112,6 +114,7 @@ LABELS = {
     "delayed-nesterov-dc": "delayed Nesterov + DC, λ0 tuned",
     "dana": "look-ahead (DANA)", "dana-dc": "DANA-DC",
     "fisher-dc-a": "Fisher DC-ASGD-a, λ0 tuned",
+    "secant-dc": "secant DC, λ tuned",
     "wp-nesterov": "weight prediction, Nesterov",
     "wp-nadam": "weight prediction, NAdam β1 0.99", "pipemare": "PipeMare",
 }
@@ -246,7 +249,8 @@ def use(rec: Recommendation) -> str:
   template, names = USE[rec.algorithm]
   if not names:
     return template
-  lams = {s.get("dc_lambda") for s in rec.settings.values()} - {None}
+  lams = {s.get("dc_lambda", s.get("secant_lambda"))
+          for s in rec.settings.values()} - {None}
   lam = (f"lambda_={lams.pop():g}, " if len(lams) == 1 else
          "lambda_=λ0, " if lams else "")
   text = template.format(M=rec.num_workers, H=rec.num_workers - 1, lam=lam,

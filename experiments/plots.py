@@ -50,6 +50,7 @@ STYLES: dict[str, Style] = {
     "dana-dc": Style("navy", "p"),
     "exact-dc": Style("gray", "*"),
     "fisher-dc-a": Style("crimson", "D"),
+    "secant-dc": Style("darkorange", "X"),
     "wp-nesterov": Style("purple", "h"),
     "wp-nadam": Style("orchid", "p"),
     "pipemare": Style("sienna", "v"),

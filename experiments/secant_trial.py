@@ -530,14 +530,13 @@ def grid_references(
 
 
 def main(argv):
-  # One thread per XLA:CPU program, set before JAX makes its CPU client: the
-  # loop's thousands of small ops ran 5-8x slower on the shared thread pool
-  # whenever another process took a core (measured: 10 s against 60-80 s
-  # a run).
-  os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "")
-      + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-  )
+  # One core for the whole program, set before JAX makes its CPU client (its
+  # threads inherit it): the loop's thousands of small ops ran 5-6x slower
+  # when XLA:CPU's threads could spread over both cores of the 2-core
+  # machine (measured, one ASGD replay at M = 32, idle machine: 39 s
+  # unpinned, with or without --xla_cpu_multi_thread_eigen=false, against
+  # 7 s pinned to one core).
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
   config, workdir = startup.setup(argv, compilation_cache=True)
   if config.schedule != "cyclic":
     raise ValueError(

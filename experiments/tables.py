@@ -25,7 +25,7 @@ COLUMNS = (
 
 METHODS_COLUMNS = (
     "optimizer", "schedule", "workers", "algorithm", "seed", "learning_rate",
-    "dc_lambda", "final_test_error", "best_test_error", "wall_time",
+    "dc_lambda", "secant_lambda", "final_test_error", "best_test_error", "wall_time",
     "mean_staleness", "epochs",
 )
 """The columns of the methods grid's ``results.csv``."""
@@ -222,7 +222,7 @@ def targets_table(stats: Sequence[dict], targets: Sequence[Sequence]) -> str:
 
 
 # How tuned config fields are named in tables (DC's λ is λ0 for DC-ASGD-a).
-FIELD_LABELS = {"dc_lambda": "λ"}
+FIELD_LABELS = {"dc_lambda": "λ", "secant_lambda": "λ"}
 
 
 def _setting_text(row: dict, algorithm: algorithms.Algorithm) -> str:

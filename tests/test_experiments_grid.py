@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dcasgd_optax
 from dcasgd_optax import harness
 from dcasgd_optax.harness import schedules
 from experiments import input_pipeline
@@ -449,3 +450,31 @@ def test_rescheduling_and_weight_prediction_rows_act_only_on_stale_gradients(
   assert not np.allclose(
       four, _replay(config, reference, 4, 4, **fields), rtol=1e-4
   )
+
+
+def test_the_secant_row_is_secant_compensation_with_the_tuned_lambda(config):
+  # λ = 0 leaves ASGD; the tuned λ (config.secant_lambda) gives the library's
+  # secant_dcasgd with that λ, in the same replay.
+  asgd = _replay(config, "asgd", 4, 4)
+  off = _replay(config, "secant-dc", 4, 4, secant_lambda=0.0)
+  on = _replay(config, "secant-dc", 4, 4, secant_lambda=1.0)
+  np.testing.assert_allclose(off, asgd, rtol=1e-6)
+  assert not np.allclose(on, asgd, rtol=1e-3)
+  x = jax.random.normal(jax.random.key(0), (64, 3))
+  y = x @ jnp.array([1.0, -2.0, 0.5]) + 0.1 * jax.random.normal(
+      jax.random.key(1), (64,)
+  )
+
+  def loss_fn(p, idx):
+    r = x[idx] @ p["w"] - y[idx]
+    return 0.5 * jnp.mean(r * r)
+
+  sim = harness.Simulator(
+      loss_fn, dcasgd_optax.secant_dcasgd(0.1, 4, lambda_=1.0)
+  )
+  state, _ = sim.replay(
+      sim.init({"w": jnp.zeros(3)}),
+      jnp.arange(64, dtype=jnp.int32).reshape(16, 4),
+      schedules.cyclic(4, 16),
+  )
+  np.testing.assert_allclose(on, np.asarray(state.params["w"]), rtol=1e-5)

@@ -185,6 +185,28 @@ _SCRIPT = textwrap.dedent("""
       fisher[len(devices)] = workers_only(state, 6)
     close(fisher[1], fisher[8])
 
+    # The secant compensation: its state holds the DelayCompensationState
+    # beside two more per-worker copies (previous backups and gradients),
+    # all padded to 8 rows; the final model, its state and the curvature
+    # ratio agree on 1 and 8 devices.
+    secant = {}
+    for devices in (one, eight):
+      sim = Simulator(loss_fn, dcasgd_optax.secant_dcasgd(
+          0.1, 6, lambda_=1.0, momentum=0.5), devices=devices,
+                      strategy=STRATEGY, diagnose_curvature=True)
+      state, record = sim.replay(sim.init(params), fisher_batches,
+                                 cases[0][1][:30])
+      node = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x:
+              isinstance(x, dcasgd_optax.SecantCompensationState))
+              if isinstance(s, dcasgd_optax.SecantCompensationState)][0]
+      secant[len(devices)] = (
+          workers_only(state, 6), record["curvature_ratio"],
+          jax.tree.map(lambda x: x[:6], (node.previous_backups,
+                                         node.previous_grads, node.seen)),
+          node.numerator, node.denominator)
+    assert np.nanmax(np.abs(np.asarray(secant[1][1]))) > 0  # it corrected
+    close(secant[1], secant[8])
+
     # Diagnostics with 6 workers on 8 devices (backups padded to 8 rows):
     # the compensation found by the simulator (dcasgd's own, with the
     # curvature ratio) and one passed as first_transform (a composed chain).

@@ -78,6 +78,13 @@ def test_use_names_the_chain_with_the_tuned_lambda():
   assert choose.use(rec) == ("`delay_compensation(8, lambda_=4, "
                              "adaptive=True)`, then "
                              "`delayed_nesterov(lr, period=8)`")
+  # The secant row's λ is its own field, secant_lambda.
+  stats, tuned = _grid({"secant-dc": (0.5, 0.5)})
+  for sch in ORDERS:
+    tuned[f"sgd-{sch}-M8-secant-dc"]["setting"]["secant_lambda"] = 0.5
+  (rec,) = choose.recommend(stats, tuned)
+  assert choose.use(rec) == ("`secant_compensation(8, lambda_=0.5, "
+                             "correction_clip=1.0)`")
 
 
 def test_baselines_and_the_exact_ceiling_are_never_recommended():

@@ -152,7 +152,9 @@ def secant_compensation(
     )
     return SecantCompensationState(
         delay_compensation=state,
-        previous_backups=state.backups,
+        # A copy, not the backups' own buffers: a state whose leaves share a
+        # buffer cannot be donated to a jitted step.
+        previous_backups=jax.tree.map(jnp.copy, state.backups),
         previous_grads=jax.tree.map(jnp.zeros_like, state.backups),
         seen=jnp.zeros((num_workers,), bool),
         numerator=jax.tree.map(zeros, params),
@@ -209,10 +211,34 @@ def secant_compensation(
 
     out = jax.tree.map(compensate, updates, params, held, num, den)
     write = lambda rows, new: _rows.write_row(rows, row, new, valid)
+    # Each per-worker array is read (a worker's row) and written in place.
+    # XLA writes in place only if every read of the array comes before the
+    # write in the data flow, so each written value is tied to what read the
+    # arrays (``x + 0 * y`` is ``x`` for finite ``y``: the running means and
+    # the rows written are finite wherever the update is). Untied, XLA
+    # copied the backups, the previous backups and the previous gradients
+    # twice per update: 100x the update's cost at 32 workers of 100k
+    # parameters on XLA:CPU (tests/test_secant.py checks the temporaries;
+    # the cost is in benchmarks/update_cost.md).
+    tie = lambda x, y: x + (jnp.zeros((), y.dtype) * y).astype(x.dtype)
+    ties = lambda x, n, s: tie(tie(x, n), s)
+    previous_backups = jax.tree.map(
+        write, state.previous_backups, jax.tree.map(ties, held, num, den)
+    )
+    previous_grads = jax.tree.map(
+        write, state.previous_grads, jax.tree.map(ties, updates, num, den)
+    )
+    read = lambda rows: _rows.read_row(rows, row)
+    out = jax.tree.map(
+        ties,
+        out,
+        jax.tree.map(read, previous_backups),
+        jax.tree.map(read, previous_grads),
+    )
     state = SecantCompensationState(
         delay_compensation=dc_state,
-        previous_backups=jax.tree.map(write, state.previous_backups, held),
-        previous_grads=jax.tree.map(write, state.previous_grads, updates),
+        previous_backups=previous_backups,
+        previous_grads=previous_grads,
         seen=write(state.seen, jnp.asarray(True)),
         numerator=num,
         denominator=den,

@@ -53,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.dc_lambda = config_dict.placeholder(float)
   c.dc_decay = 0.95
   c.dc_eps = 1e-7
+  # The secant compensation (the `secant-dc` row): its λ; decay 0.99 and
+  # the clip |term| <= |g| are secant_compensation's defaults.
+  c.secant_lambda = 0.5
   # Bookkeeping.
   c.seed = 0
   c.eval_batch_size = 500

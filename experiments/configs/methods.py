@@ -86,7 +86,7 @@ def get_config(tier: str | None = None):
       "dc-asgd-a-bc", "dc-asgd-a-warmup", "dc-asgd-a-clip", "dc-asgd-a-tuned",
       "dc-asgd-a-clip-tuned", "gap-aware", "delayed-nesterov",
       "delayed-nesterov-dc", "dana", "dana-dc", "exact-dc", "fisher-dc-a",
-      "wp-nesterov", "wp-nadam", "pipemare",
+      "secant-dc", "wp-nesterov", "wp-nadam", "pipemare",
   )
   c.grid.num_workers = (8, 16, 32)
   c.grid.schedules = ("cyclic", "gamma")
@@ -117,6 +117,9 @@ def get_config(tier: str | None = None):
       "muon": tuple(0.00125 * 2**k for k in range(8)),  # .. 0.16
   })
   c.tuning.dc_lambda = (2.0, 4.0, 8.0, 16.0)
+  # The secant's λ (the `secant-dc` row): two values, the budget of the
+  # quick tier's λ0-tuned rows (experiments/secant_trial.py chose them).
+  c.tuning.secant_lambda = (0.5, 1.0)
   c.report = ml_collections.ConfigDict()
   c.report.min_gap = 0.005  # no gap to close when ASGD is within 0.5 points
   # The early-training remedies, each paired with DC-ASGD-a in every cell:
@@ -153,8 +156,8 @@ def _quick(c: ml_collections.ConfigDict) -> None:
   """The quick tier: the target cells only, a narrower tuning grid."""
   c.grid.algorithms = (
       "sequential", "ssgd", "asgd", "da-asgd", "dc-asgd-a-tuned", "gap-aware",
-      "delayed-nesterov-dc", "exact-dc", "fisher-dc-a", "wp-nesterov",
-      "wp-nadam", "pipemare")
+      "delayed-nesterov-dc", "exact-dc", "fisher-dc-a", "secant-dc",
+      "wp-nesterov", "wp-nadam", "pipemare")
   c.grid.optimizers = ("sgd", "momentum", "adam")
   # Each optimizer's own columns (schedule, M), replacing the product of
   # grid.schedules and grid.num_workers and the scenarios.
@@ -199,8 +202,9 @@ def _muon(c: ml_collections.ConfigDict) -> None:
   })
   # With and without the corrections (issue 18); not the delay-adaptive
   # rule (the identity here), the exact correction nor PipeMare.
+  # Nor the secant row (added to the quick tier after this one ran).
   c.grid.skip = (("muon", "da-asgd"), ("muon", "exact-dc"),
-                 ("muon", "pipemare"))
+                 ("muon", "pipemare"), ("muon", "secant-dc"))
   c.report.targets = ()  # no target cell is a Muon cell
 
 

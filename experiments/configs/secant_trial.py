@@ -15,7 +15,9 @@ digits, a constant learning rate, cyclic arrivals (staleness exactly
 M - 1), 10 epochs. Tuned on the grid's tuning seeds (100, 101) over the
 grid's six learning rates of the optimizer times ``trial.lambdas``, the
 same budget as the grid's λ0-tuned rows; reported on its seeds 0-4, never
-tuned on. Runtime: RUNTIME on the idle 2-core machine.
+tuned on. Runtime, as measured: 15 min 40 s (150 replays of 10 epochs, 5-8
+s each, and the two measurement runs), on one core (the program pins
+itself to one: see ``main``) while the quick tier ran on the other.
 
 Expected result: experiments/README.md ("A secant curvature").
 """
