@@ -25,8 +25,8 @@ COLUMNS = (
 
 METHODS_COLUMNS = (
     "optimizer", "schedule", "workers", "algorithm", "seed", "learning_rate",
-    "dc_lambda", "secant_lambda", "final_test_error", "best_test_error", "wall_time",
-    "mean_staleness", "epochs",
+    "dc_lambda", "secant_lambda", "final_test_error", "best_test_error",
+    "wall_time", "mean_staleness", "epochs",
 )
 """The columns of the methods grid's ``results.csv``."""
 
