@@ -21,11 +21,11 @@ def test_the_grid_has_every_applicable_cell_and_each_validates():
   }
   # sequential once; 7 = 2 schedules x 3 worker counts + the straggler
   # scenario for the others (SSGD among them).
-  assert len(per_optimizer["sgd"]) == 1 + 15 * 7  # no momentum-only methods
+  assert len(per_optimizer["sgd"]) == 1 + 16 * 7  # no momentum-only methods
   # + delayed Nesterov (2), DANA(-DC):
-  assert len(per_optimizer["momentum"]) == 1 + 20 * 7
+  assert len(per_optimizer["momentum"]) == 1 + 21 * 7
   # neither, nor Gap-Aware (SGD only):
-  assert len(per_optimizer["adam"]) == 1 + 15 * 7
+  assert len(per_optimizer["adam"]) == 1 + 16 * 7
   c.grid.skip = (("momentum", "dana", 32), ("adam", "dc-asgd-a-clip-tuned"))
   assert len(methods.cells(c)) == len(cells) - 3 - 7  # one M, all of them
   assert len({x.key for x in cells}) == len(cells)
@@ -37,6 +37,7 @@ def test_the_grid_has_every_applicable_cell_and_each_validates():
       x.algorithm: len(methods.candidates(c, x)) for x in per_optimizer["sgd"]
   }
   assert counts["asgd"] == 8 and counts["dc-asgd-a-tuned"] == 8 * 4
+  assert counts["secant-dc"] == 8 * 2  # λ over {0.5, 1}
   assert not set(c.grid.seeds) & set(c.tuning.seeds)
 
 
