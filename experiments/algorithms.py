@@ -23,7 +23,7 @@ name                      server update (on top of the optimizer)      simulator
 ``dana-dc``               the look-ahead pull and DC-ASGD-a            async
 ``exact-dc``              g + H(w_m)(w - w_m) by exact HVP (ceiling)   async
 ``fisher-dc-a``           DC-ASGD-a, per-example Fisher, λ0 tuned      async
-``secant-dc``             g + clip(λ ĥ⊙(w - w_m), ±|g|), server secant  async
+``secant-dc``             g + clip(λ h⊙(w - w_m), ±|g|), h a secant    async
 ``wp-nesterov``           pull the Nesterov weight prediction          async
 ``wp-nadam``              NAdam β1 0.99, predicted pull (AsyncPP)      async
 ``pipemare``              step / τ^(1 - min(k/K, 1)) (PipeMare)        async

@@ -214,13 +214,13 @@ def secant_compensation(
     # Each per-worker array is read (a worker's row) and written in place.
     # XLA writes in place only if every read of the array comes before the
     # write in the data flow, so each written value is tied to what read the
-    # arrays (``x + 0 * y`` is ``x`` for finite ``y``: the running means and
-    # the rows written are finite wherever the update is). Untied, XLA
+    # arrays (``x + min(|y|, 0)`` is ``x`` for any ``y`` but NaN, where the
+    # state is lost already). Untied, XLA
     # copied the backups, the previous backups and the previous gradients
     # twice per update: 100x the update's cost at 32 workers of 100k
     # parameters on XLA:CPU (tests/test_secant.py checks the temporaries;
     # the cost is in benchmarks/update_cost.md).
-    tie = lambda x, y: x + (jnp.zeros((), y.dtype) * y).astype(x.dtype)
+    tie = lambda x, y: x + jnp.minimum(jnp.abs(y), 0).astype(x.dtype)
     ties = lambda x, n, s: tie(tie(x, n), s)
     previous_backups = jax.tree.map(
         write, state.previous_backups, jax.tree.map(ties, held, num, den)
