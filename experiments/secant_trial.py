@@ -536,7 +536,8 @@ def main(argv):
   # machine (measured, one ASGD replay at M = 32, idle machine: 39 s
   # unpinned, with or without --xla_cpu_multi_thread_eigen=false, against
   # 7 s pinned to one core).
-  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+  if hasattr(os, "sched_setaffinity"):  # Linux; elsewhere left as it is
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
   config, workdir = startup.setup(argv, compilation_cache=True)
   if config.schedule != "cyclic":
     raise ValueError(
