@@ -388,15 +388,26 @@ def test_the_exact_taylor_row_turns_stale_quadratic_gradients_into_fresh_ones(
   assert not np.allclose(finals["asgd"], finals["sequential"], rtol=1e-3)
 
 
-def _replay(config, name, m, batch_size, **fields):
+def _regression_loss():
+  """A least-squares ``loss(params, idx)`` on 64 fixed examples (made
+  here, outside any trace), ``idx`` a batch of them."""
   x = jax.random.normal(jax.random.key(0), (64, 3))
   y = x @ jnp.array([1.0, -2.0, 0.5]) + 0.1 * jax.random.normal(
       jax.random.key(1), (64,)
   )
 
-  def loss_fn(p, batch):
-    r = x[batch["idx"]] @ p["w"] - y[batch["idx"]]
+  def loss(p, idx):
+    r = x[idx] @ p["w"] - y[idx]
     return 0.5 * jnp.mean(r * r)
+
+  return loss
+
+
+def _replay(config, name, m, batch_size, **fields):
+  loss = _regression_loss()
+
+  def loss_fn(p, batch):
+    return loss(p, batch["idx"])
 
   config.algorithm, config.num_workers, config.learning_rate = name, m, 0.1
   config.update(fields)
@@ -460,17 +471,8 @@ def test_the_secant_row_is_secant_compensation_with_the_tuned_lambda(config):
   on = _replay(config, "secant-dc", 4, 4, secant_lambda=1.0)
   np.testing.assert_allclose(off, asgd, rtol=1e-6)
   assert not np.allclose(on, asgd, rtol=1e-3)
-  x = jax.random.normal(jax.random.key(0), (64, 3))
-  y = x @ jnp.array([1.0, -2.0, 0.5]) + 0.1 * jax.random.normal(
-      jax.random.key(1), (64,)
-  )
-
-  def loss_fn(p, idx):
-    r = x[idx] @ p["w"] - y[idx]
-    return 0.5 * jnp.mean(r * r)
-
   sim = harness.Simulator(
-      loss_fn, dcasgd_optax.secant_dcasgd(0.1, 4, lambda_=1.0)
+      _regression_loss(), dcasgd_optax.secant_dcasgd(0.1, 4, lambda_=1.0)
   )
   state, _ = sim.replay(
       sim.init({"w": jnp.zeros(3)}),

@@ -127,11 +127,8 @@ def dcasgd(
       per_worker_mean_square, bias_correction, lambda_warmup,
       correction_clip,
   )
-  composed = pull_after_push(optax.chain(
-      compensation,
-      *_decayed_weights(weight_decay),
-      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-  ), compensation=compensation)
+  composed = compensated_sgd(
+      compensation, learning_rate, momentum, nesterov, weight_decay)
   correct = compensation_correction(
       default_lambda(lambda_, adaptive), adaptive=adaptive, decay=decay,
       eps=eps, bias_correction=bias_correction, lambda_warmup=lambda_warmup,
@@ -146,6 +143,23 @@ def dcasgd(
           lambda_warmup, correction_clip,
       ),
   )
+
+
+def compensated_sgd(
+    compensation: optax.GradientTransformationExtraArgs,
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float | None,
+    nesterov: bool,
+    weight_decay: optax.ScalarOrSchedule,
+) -> PullAfterPush:
+  """``compensation``, L2 weight decay and ``optax.sgd``, chained, with the
+  worker's pull after its push: the composed form of every full optimizer
+  (arguments checked by the caller)."""
+  return pull_after_push(optax.chain(
+      compensation,
+      *_decayed_weights(weight_decay),
+      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+  ), compensation=compensation)
 
 
 def _sgd_tail(learning_rate, momentum, nesterov, weight_decay):
@@ -256,11 +270,8 @@ def gap_aware_asgd(
     step_size = learning_rate / (1.0 - (momentum or 0.0))
   compensation = gap_aware(num_workers, step_size, decay=decay, eps=eps,
                            backup_dtype=backup_dtype)
-  composed = pull_after_push(optax.chain(
-      compensation,
-      *_decayed_weights(weight_decay),
-      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-  ), compensation=compensation)
+  composed = compensated_sgd(
+      compensation, learning_rate, momentum, nesterov, weight_decay)
   return _fused.fused_sgd(
       composed, num_workers, MeanSquareSpec(decay),
       gap_correction(step_size, decay=decay, eps=eps),

@@ -237,8 +237,5 @@ def fisher_dcasgd(
       backup_dtype=backup_dtype,
       per_worker_mean_square=per_worker_mean_square,
   )
-  return alias.pull_after_push(optax.chain(
-      compensation,
-      *alias._decayed_weights(weight_decay),  # pylint: disable=protected-access
-      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-  ), compensation=compensation)
+  return alias.compensated_sgd(
+      compensation, learning_rate, momentum, nesterov, weight_decay)

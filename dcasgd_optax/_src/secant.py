@@ -183,9 +183,11 @@ def secant_compensation(
         state.delay_compensation, updates, worker, num_workers, no_stats
     )
 
+    read = lambda rows: _rows.read_row(rows, row)
+
     def secant(g, b, prev_b, prev_g, num, den):
-      dw = b.astype(num.dtype) - _rows.read_row(prev_b, row).astype(num.dtype)
-      dg = g.astype(num.dtype) - _rows.read_row(prev_g, row).astype(num.dtype)
+      dw = b.astype(num.dtype) - read(prev_b).astype(num.dtype)
+      dg = g.astype(num.dtype) - read(prev_g).astype(num.dtype)
       mix = lambda old, new: jnp.where(
           fold, decay * old + (1 - decay) * new, old
       )
@@ -228,7 +230,6 @@ def secant_compensation(
     previous_grads = jax.tree.map(
         write, state.previous_grads, jax.tree.map(ties, updates, num, den)
     )
-    read = lambda rows: _rows.read_row(rows, row)
     out = jax.tree.map(
         ties,
         out,
@@ -315,11 +316,6 @@ def secant_dcasgd(
       correction_clip=correction_clip,
       backup_dtype=backup_dtype,
   )
-  return alias.pull_after_push(
-      optax.chain(
-          compensation,
-          *alias._decayed_weights(weight_decay),  # pylint: disable=protected-access
-          optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-      ),
-      compensation=compensation,
+  return alias.compensated_sgd(
+      compensation, learning_rate, momentum, nesterov, weight_decay
   )
