@@ -30,6 +30,7 @@ from dcasgd_optax._src.pull_after_push import PullAfterPush
 from dcasgd_optax._src.pull_after_push import PullAfterPushState
 from dcasgd_optax._src.pull_after_push import pull_after_push
 from dcasgd_optax._src.secant import SecantCompensationState
+from dcasgd_optax._src.secant import delayed_nesterov_secant_dcasgd
 from dcasgd_optax._src.secant import secant_compensation
 from dcasgd_optax._src.secant import secant_dcasgd
 from dcasgd_optax._src.staleness import ScaleByInverseStalenessState
@@ -58,6 +59,7 @@ __all__ = (
     "delay_compensation",
     "delayed_nesterov",
     "delayed_nesterov_dcasgd",
+    "delayed_nesterov_secant_dcasgd",
     "fisher_compensation",
     "fisher_dcasgd",
     "gap_aware",

@@ -4,7 +4,8 @@ One parametrized suite: each case is a way to build a transformation that
 keeps per-worker backups (``delay_compensation`` in both variants,
 ``dcasgd``, ``pull_after_push``, ``gap_aware``, ``gap_aware_asgd``,
 ``dana_dcasgd``, ``delayed_nesterov_dcasgd``, ``fisher_compensation``,
-``fisher_dcasgd``, ``secant_compensation``, ``secant_dcasgd``), and
+``fisher_dcasgd``, ``secant_compensation``, ``secant_dcasgd``,
+``delayed_nesterov_secant_dcasgd``), and
 every test checks one promise
 an optax user relies on: jit, vmap, the usual wrappers, extra args, no
 recompilation per worker, dtypes, and finding the state with
@@ -247,6 +248,15 @@ CASES = [
         dict(learning_rate=0.1, num_workers=NUM_WORKERS, lambda_=0.5,
              momentum=0.9, weight_decay=1e-2),
         ("num_workers", "nesterov"),
+        True,
+        False,
+    ),
+    Case(
+        "delayed_nesterov_secant_dcasgd",
+        with_secant_history(dcasgd_optax.delayed_nesterov_secant_dcasgd),
+        dict(learning_rate=0.1, num_workers=NUM_WORKERS, lambda_=0.5,
+             period=2, momentum_activation=0.25, weight_decay=1e-2),
+        ("num_workers", "period"),
         True,
         False,
     ),

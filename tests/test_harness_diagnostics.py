@@ -172,6 +172,13 @@ SHIPPED = {
     "delayed_nesterov_dcasgd": (
         lambda: dcasgd_optax.delayed_nesterov_dcasgd(0.2, W, lambda_=4.0),
         lambda: dcasgd_optax.delay_compensation(W, 4.0, adaptive=True)),
+    "secant_dcasgd": (
+        lambda: dcasgd_optax.secant_dcasgd(0.2, W, lambda_=1.0),
+        lambda: dcasgd_optax.secant_compensation(W, 1.0)),
+    "delayed_nesterov_secant_dcasgd": (
+        lambda: dcasgd_optax.delayed_nesterov_secant_dcasgd(
+            0.2, W, lambda_=1.0),
+        lambda: dcasgd_optax.secant_compensation(W, 1.0)),
 }
 
 

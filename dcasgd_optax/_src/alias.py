@@ -162,6 +162,25 @@ def compensated_sgd(
   ), compensation=compensation)
 
 
+def compensated_delayed_nesterov(
+    compensation: optax.GradientTransformationExtraArgs,
+    learning_rate: optax.ScalarOrSchedule,
+    period: int,
+    momentum: jax.typing.ArrayLike,
+    momentum_activation: jax.typing.ArrayLike,
+    weight_decay: optax.ScalarOrSchedule,
+) -> PullAfterPush:
+  """``compensation``, L2 weight decay and :func:`delayed_nesterov`, chained,
+  with the worker's pull after its push (arguments checked by the caller,
+  ``period`` and the momentum by :func:`delayed_nesterov`)."""
+  return pull_after_push(optax.chain(
+      compensation,
+      *_decayed_weights(weight_decay),
+      delayed_nesterov(learning_rate, period, momentum=momentum,
+                       momentum_activation=momentum_activation),
+  ), compensation=compensation)
+
+
 def _sgd_tail(learning_rate, momentum, nesterov, weight_decay):
   wd = weight_decay if _decayed_weights(weight_decay) else None
   return _fused.SgdTail(learning_rate, momentum, nesterov, wd)
@@ -433,9 +452,6 @@ def delayed_nesterov_dcasgd(
       per_worker_mean_square, bias_correction, lambda_warmup,
       correction_clip,
   )
-  return pull_after_push(optax.chain(
-      compensation,
-      *_decayed_weights(weight_decay),
-      delayed_nesterov(learning_rate, period, momentum=momentum,
-                       momentum_activation=momentum_activation),
-  ), compensation=compensation)
+  return compensated_delayed_nesterov(
+      compensation, learning_rate, period, momentum, momentum_activation,
+      weight_decay)

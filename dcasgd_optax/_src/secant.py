@@ -319,3 +319,89 @@ def secant_dcasgd(
   return alias.compensated_sgd(
       compensation, learning_rate, momentum, nesterov, weight_decay
   )
+
+
+def delayed_nesterov_secant_dcasgd(
+    learning_rate: optax.ScalarOrSchedule,
+    num_workers: int,
+    *,
+    period: int | None = None,
+    momentum: jax.typing.ArrayLike = 0.9,
+    momentum_activation: jax.typing.ArrayLike = 0.0,
+    lambda_: jax.typing.ArrayLike = 0.5,
+    decay: jax.typing.ArrayLike = 0.99,
+    correction_clip: jax.typing.ArrayLike | None = 1.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    backup_dtype: jax.typing.DTypeLike | None = None,
+) -> alias.PullAfterPush:
+  r"""The secant compensation with delayed Nesterov momentum, as one optimizer.
+
+  Chains :func:`secant_compensation`, ``optax.add_decayed_weights`` (when
+  ``weight_decay > 0``) and :func:`delayed_nesterov`, with the worker's pull
+  after its push, as :func:`delayed_nesterov_dcasgd` does with
+  :func:`delay_compensation`. Each pushed gradient is corrected,
+
+  .. math::
+    \tilde g = g + \mathrm{clip}(\lambda\, \hat h \odot (w - b_m),
+    -c|g|, c|g|), \qquad b_m \leftarrow w,
+
+  with :math:`\hat h` the running diagonal secant of
+  :func:`secant_compensation`, then takes a plain step of
+  :math:`\eta \tilde g / N`, and the Nesterov momentum moves once per
+  ``period`` :math:`N` pushes, from their mean. This is the method the
+  methods grid recommends for SGD with momentum (the "choose a method"
+  page has the evidence). Not fused: each chain member reads the
+  parameters once.
+
+  Args:
+    learning_rate: :math:`\eta`, the step per period's mean gradient (as in
+      :func:`delayed_nesterov`), a float or an optax schedule.
+    num_workers: number of asynchronous workers (>= 1).
+    period: :math:`N \geq 1`, pushes per momentum step; ``None`` is
+      ``num_workers``.
+    momentum: :math:`\beta`, in [0, 1).
+    momentum_activation: :math:`c`, in [0, 1/period] (see
+      :func:`delayed_nesterov`).
+    lambda_, decay, correction_clip, backup_dtype: as in
+      :func:`secant_compensation`.
+    weight_decay: L2 coefficient added to the compensated gradient, >= 0.
+
+  Returns:
+    A :class:`PullAfterPush`; ``update`` needs ``params`` and ``worker``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import dcasgd_optax
+    >>> tx = dcasgd_optax.delayed_nesterov_secant_dcasgd(0.1, num_workers=4)
+    >>> params = {'w': jnp.ones(2)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.ones(2)}, state, params,
+    ...                            worker=2)
+    >>> updates['w']  # no secant yet, first push of the period: -0.1 * g / 4
+    Array([-0.025, -0.025], dtype=float32)
+
+  References:
+    Liu et al., `Asynchronous Local-SGD Training for Language Modeling
+    <https://arxiv.org/abs/2401.09135>`_, 2024 (delayed Nesterov).
+    Zheng et al., `Asynchronous Stochastic Gradient Descent with Delay
+    Compensation <https://arxiv.org/abs/1609.08326>`_, ICML 2017.
+  """
+  num_workers = _checks.check_positive_int("num_workers", num_workers)
+  alias._check_common_arguments(  # pylint: disable=protected-access
+      learning_rate, weight_decay
+  )
+  compensation = secant_compensation(
+      num_workers,
+      lambda_,
+      decay=decay,
+      correction_clip=correction_clip,
+      backup_dtype=backup_dtype,
+  )
+  return alias.compensated_delayed_nesterov(
+      compensation,
+      learning_rate,
+      num_workers if period is None else period,
+      momentum,
+      momentum_activation,
+      weight_decay,
+  )
