@@ -312,6 +312,27 @@ def test_update_under_jit_matches_eager(case):
   chex.assert_trees_all_close(jitted_state, eager_state, **TOL)
 
 
+def assert_a_donated_step_runs_from_init(tx, params, **extra):
+  """``init``'s state owns each buffer once: a jitted update that donates it
+  (as the Ray server and a training loop do) runs, and equals the plain
+  update. Two leaves sharing one buffer fail with "donate the same buffer
+  twice"."""
+  state = tx.init(params)
+  pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)
+              if isinstance(x, jax.Array) and x.size]
+  assert len(pointers) == len(set(pointers)), "init shares a buffer"
+  want = tx.update(grads_like(params, 0), tx.init(params), params, **extra)
+  step = jax.jit(lambda s, g: tx.update(g, s, params, **extra),
+                 donate_argnums=0)
+  got = step(state, grads_like(params, 0))
+  chex.assert_trees_all_close(got, want, **TOL)
+
+
+@case_params
+def test_a_donated_update_runs_from_init(case):
+  assert_a_donated_step_runs_from_init(case.make(), make_params(), worker=1)
+
+
 @case_params
 def test_vmap_over_independent_states_matches_a_loop(case):
   tx = case.make()
@@ -685,6 +706,12 @@ def test_piece_under_jit_matches_eager_and_keeps_bf16(piece):
     chex.assert_trees_all_close(jitted, eager, **tol)
     chex.assert_trees_all_close(jitted_state, eager_state, **tol)
     assert {u.dtype for u in jax.tree.leaves(jitted)} == {jnp.dtype(dtype)}
+
+
+@piece_params
+def test_piece_a_donated_update_runs_from_init(piece):
+  assert_a_donated_step_runs_from_init(piece.make(), make_params(),
+                                       staleness=3, worker=1)
 
 
 @piece_params

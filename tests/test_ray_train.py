@@ -175,6 +175,34 @@ def test_one_shard_fisher_run_replays_exactly_in_the_simulator():
   assert not alive_actors()
 
 
+@pytest.mark.slow  # ~10 s; the secant's maths is tested in test_secant.py
+@pytest.mark.usefixtures("local_ray")
+def test_one_shard_secant_run_replays_exactly_in_the_simulator():
+  # The secant compensation before delayed Nesterov: the server keeps each
+  # worker's previous backup and gradient beside its backup; Ray needs
+  # nothing of its own for it (it finds the backups as for DC-ASGD).
+  loss_fn, data_fn, params, accuracy = digits_problem()
+  tx = dcasgd_optax.delayed_nesterov_secant_dcasgd(1.5, 3, lambda_=1.0)
+  result = dray.train(loss_fn, tx, params, data_fn, num_updates=60)
+  rec = result.records
+  check_exactly_once(rec, 3)
+  assert not rec.skipped.any() and result.shard_records[0]["shared"].all()
+  assert accuracy(result.params) > 0.8  # Chance is 0.1.
+  sim = Simulator(loss_fn, tx, num_workers=3)
+  state, metrics = sim.replay(sim.init(params), trace_batches(data_fn, rec),
+                              schedules.from_trace(rec, num_workers=3))
+  np.testing.assert_array_equal(metrics["staleness"], rec.staleness)
+  is_secant = lambda x: isinstance(x, dcasgd_optax.SecantCompensationState)
+  (secant,) = [x for x in jax.tree.leaves(result.opt_state, is_leaf=is_secant)
+               if is_secant(x)]
+  assert np.asarray(secant.seen).all()  # Every worker's secant is at work.
+  np.testing.assert_allclose(metrics["loss"], rec.loss, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close((state.params, state.opt_state),
+                              (result.params, result.opt_state), rtol=1e-6,
+                              atol=1e-7)
+  assert not alive_actors()
+
+
 def _fisher_step(lr, lam, decay=0.95, eps=1e-7):
   """fisher_dcasgd (adaptive, one running mean) on one shard's pieces:
   ``(shard, w, backup, g, grad_sq) -> w``."""

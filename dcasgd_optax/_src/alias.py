@@ -5,11 +5,13 @@ needs ``worker=`` and records the worker's pull), so every name ends in
 ``asgd``, and what it adds to ASGD reads before it, as the literature's
 "DC-ASGD" does: :func:`dcasgd` (delay compensation), :func:`gap_aware_asgd`,
 :func:`dana_dcasgd` (DANA's look-ahead on DC-ASGD),
-:func:`delayed_nesterov_dcasgd`. optax names its optimizers by what they
-are (``adamw`` is Adam with decoupled weight decay) and its building blocks
-by what they do; so do the transformations here (:func:`delay_compensation`,
-:func:`gap_aware`, ...). ``gap_aware_sgd`` and ``dana_dc`` are deprecated
-aliases (one release).
+:func:`delayed_nesterov_dcasgd` (and, in their own modules,
+``fisher_dcasgd``, ``secant_dcasgd`` and ``delayed_nesterov_secant_dcasgd``).
+optax names its optimizers by what they are (``adamw`` is Adam with
+decoupled weight decay) and its building blocks by what they do; so do
+the transformations here (:func:`delay_compensation`, :func:`gap_aware`,
+...). ``gap_aware_sgd`` and ``dana_dc`` are deprecated aliases (one
+release).
 """
 
 from __future__ import annotations

@@ -99,8 +99,12 @@ def delayed_nesterov(
     _checks.check_scalar_range("learning_rate", learning_rate, low=0.0)
 
   def init_fn(params):
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    return DelayedNesterovState(jnp.zeros([], jnp.int32), zeros, zeros)
+    # Two trees, not one twice: a donated step must own each buffer once.
+    return DelayedNesterovState(
+        jnp.zeros([], jnp.int32),
+        jax.tree.map(jnp.zeros_like, params),
+        jax.tree.map(jnp.zeros_like, params),
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
