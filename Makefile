@@ -12,7 +12,7 @@ METHODS_DIR ?= runs/methods
 METHODS := $(PY) -m experiments.methods --config=experiments/configs/methods.py --workdir=$(METHODS_DIR)
 
 .PHONY: test test-slow test-py312 test-min lint format typecheck demo methods \
-	methods-tune methods-quick methods-muon methods-cnn studies bench venv clean docs notebooks
+	methods-tune methods-quick methods-muon methods-cnn methods-seeds studies bench venv clean docs notebooks
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; set PYTHON=/path/to/python3.11+"; exit 1; }
@@ -132,6 +132,14 @@ METHODS_CNN_DIR ?= runs/methods-cnn
 methods-cnn: $(VENV)/.installed-experiments
 	$(PY) -m experiments.methods --config=experiments/configs/methods.py:cnn \
 		--workdir=$(METHODS_CNN_DIR) --stage=all
+
+# The quick tier's momentum cells on 20 reported seeds, at its tuned settings
+# (no new tuning): resolves the momentum target's last points.
+METHODS_SEEDS_DIR ?= runs/methods-seeds
+methods-seeds: $(VENV)/.installed-experiments
+	$(PY) -m experiments.methods --config=experiments/configs/methods.py:seeds \
+		--workdir=$(METHODS_SEEDS_DIR) --stage=report \
+		--tuned=experiments/results/methods-quick/tuned.json
 
 # The studies behind issue 18's analysis (experiments/README.md): time to
 # accuracy with a 40-epoch cap (needs the quick tier's committed results),

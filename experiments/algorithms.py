@@ -252,6 +252,12 @@ def _secant_compensated(config, num_workers, learning_rate):
   return compensation, optimizers.optimizer(config, learning_rate)
 
 
+def _delayed_nesterov_secant(config, num_workers, learning_rate):
+  # The secant row's compensation before delayed Nesterov's momentum.
+  compensation, _ = _secant_compensated(config, num_workers, learning_rate)
+  return compensation, _delayed_nesterov(config, num_workers, learning_rate)[1]
+
+
 def _weight_prediction_nadam(config, num_workers, learning_rate):
   *decay, _ = optimizers.optimizer(config, learning_rate)
   # The backups record the prediction each worker pulls (λ = 0: no DC).
@@ -316,6 +322,9 @@ REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
               tuned=("dc_lambda",),
               simulator_options=lambda config: {"push_grad_sq": True}),
     Algorithm("secant-dc", "secant DC, λ tuned", _secant_compensated,
+              tuned=("secant_lambda",)),
+    Algorithm("delayed-nesterov-secant", "delayed Nesterov + secant, λ tuned",
+              _delayed_nesterov_secant, requires_momentum=True,
               tuned=("secant_lambda",)),
     Algorithm("wp-nesterov", "weight prediction, Nesterov",
               _look_ahead(False, nesterov=True), requires_momentum=True),

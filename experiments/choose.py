@@ -3,19 +3,21 @@
 The evidence grids write ``stats.json`` (final test error per optimizer,
 arrival order, worker count and method, with the share of ASGD's gap to
 sequential training each method closes) and ``tuned.json`` (the learning
-rate and λ0 the tuning chose). Four are committed: the full grid of issue
+rate and λ0 the tuning chose). Five are committed: the full grid of issue
 10 (``results/methods``: every optimizer at M = 8, 16, 32, cyclic and Gamma
 arrivals, 3 reported seeds), the quick tier of issue 18
 (``results/methods-quick``: the target cells with the new methods, 5
-reported seeds) and its Muon tier (``results/methods-muon``: Muon's M = 16
-cells, tuned and reported the same way), which replace the full grid's
-recommendation in the cells they cover, and the second model
-(``results/methods-cnn``: the small CNN in two of those cells), which
-confirms or contradicts the picks.
+reported seeds), its Muon tier (``results/methods-muon``: Muon's M = 16
+cells, tuned and reported the same way) and its 20-seed tier
+(``results/methods-seeds``: the momentum cells at the quick tier's settings
+on 20 reported seeds), which replace the full grid's recommendation in the
+cells they cover (:data:`TIERS`, a later one over an earlier one), and the
+second model (``results/methods-cnn``: the small CNN in two of those
+cells), which confirms or contradicts the picks.
 
 :func:`recommend` turns one grid into one recommendation per optimizer and
 staleness regime (the worker count M: staleness is about M − 1),
-:func:`choices` the three into the table's rows, and :func:`table` into the
+:func:`choices` them into the table's rows, and :func:`table` into the
 Markdown the docs' "Choose a method" page and the README show.
 
 The rule, stated once: a method is recommended over plain ASGD (at its own
@@ -37,7 +39,11 @@ import pathlib
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "methods"
 QUICK = RESULTS.with_name("methods-quick")
 MUON = RESULTS.with_name("methods-muon")
+SEEDS = RESULTS.with_name("methods-seeds")
 SECOND = RESULTS.with_name("methods-cnn")
+# The tiers that replace the full grid's recommendation in their cells, a
+# later one over an earlier one.
+TIERS = (QUICK, MUON, SEEDS)
 SECOND_MODEL = "small CNN"
 MIN_SHARE = 0.25
 # The arrival orders a cell may have, in the order the table shows them.
@@ -79,11 +85,11 @@ USE = {
         "{delay_compensation}({M}, {lam}adaptive=True, correction_clip=1.0)",
         ("delay_compensation",)),
     "gap-aware": ("{gap_aware}({M}, step_size)", ("gap_aware",)),
-    "delayed-nesterov": ("{delayed_nesterov}(lr, period={M})",
+    "delayed-nesterov": ("{delayed_nesterov}({M} * lr, period={M})",
                          ("delayed_nesterov",)),
     "delayed-nesterov-dc": (
         "{delay_compensation}({M}, {lam}adaptive=True), then "
-        "{delayed_nesterov}(lr, period={M})",
+        "{delayed_nesterov}({M} * lr, period={M})",
         ("delay_compensation", "delayed_nesterov")),
     "dana": ("{look_ahead_momentum}(lr, 0.9, horizon={H})",
              ("look_ahead_momentum",)),
@@ -95,6 +101,10 @@ USE = {
                     ("fisher_compensation",)),
     "secant-dc": ("{secant_compensation}({M}, {lam}correction_clip=1.0)",
                   ("secant_compensation",)),
+    "delayed-nesterov-secant": (
+        "{secant_compensation}({M}, {lam}correction_clip=1.0), then "
+        "{delayed_nesterov}({M} * lr, period={M})",
+        ("secant_compensation", "delayed_nesterov")),
     "wp-nesterov": (
         "{look_ahead_momentum}(lr, 0.9, horizon={H}, nesterov=True)",
         ("look_ahead_momentum",)),
@@ -115,6 +125,7 @@ LABELS = {
     "dana": "look-ahead (DANA)", "dana-dc": "DANA-DC",
     "fisher-dc-a": "Fisher DC-ASGD-a, λ0 tuned",
     "secant-dc": "secant DC, λ tuned",
+    "delayed-nesterov-secant": "delayed Nesterov + secant, λ tuned",
     "wp-nesterov": "weight prediction, Nesterov",
     "wp-nadam": "weight prediction, NAdam β1 0.99", "pipemare": "PipeMare",
 }
@@ -158,11 +169,12 @@ def load(results: pathlib.Path = RESULTS) -> tuple[list[dict], dict]:
 
 def choices(*, min_share: float = MIN_SHARE) -> list[Recommendation]:
   """The table's rows from the committed grids: the full grid's, replaced
-  by the quick tier's (and its Muon tier's) where they cover the cell,
-  checked on the second model where it has the cell (:func:`confirm`)."""
+  by the quick tier's (and its Muon tier's) where they cover the cell, and
+  those by the 20-seed tier's, checked on the second model where it has
+  the cell (:func:`confirm`)."""
   recs = recommend(*load(RESULTS), min_share=min_share)
   quick = {(r.optimizer, r.num_workers): r
-           for tier in (QUICK, MUON)
+           for tier in TIERS
            for r in recommend(*load(tier), min_share=min_share)}
   recs = [quick.pop((r.optimizer, r.num_workers), r) for r in recs]
   recs += quick.values()  # cells the full grid does not have

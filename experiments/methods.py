@@ -397,8 +397,13 @@ def main(argv):
   if stage in ("tune", "all"):
     tuned = tune(config, workdir, cache=cache)
   else:
-    with open(flags.FLAGS.tuned or os.path.join(workdir, "tuned.json")) as f:
+    own = os.path.join(workdir, "tuned.json")
+    with open(flags.FLAGS.tuned or own) as f:
       tuned = json.load(f)
+    if flags.FLAGS.tuned and not os.path.exists(own):
+      # The report's settings, beside its tables (choose.py reads both).
+      with open(own, "w") as f:
+        json.dump(tuned, f, indent=1)
   if stage in ("report", "all"):
     report(config, workdir, tuned, cache=cache)
 

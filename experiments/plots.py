@@ -51,6 +51,7 @@ STYLES: dict[str, Style] = {
     "exact-dc": Style("gray", "*"),
     "fisher-dc-a": Style("crimson", "D"),
     "secant-dc": Style("darkorange", "X"),
+    "delayed-nesterov-secant": Style("red", "H"),
     "wp-nesterov": Style("purple", "h"),
     "wp-nadam": Style("orchid", "p"),
     "pipemare": Style("sienna", "v"),

@@ -64,6 +64,7 @@ def test_every_record_builds_where_it_applies(opt, momentum):
     needs_momentum = name in (
         "delayed-nesterov",
         "delayed-nesterov-dc",
+        "delayed-nesterov-secant",
         "dana",
         "dana-dc",
         "wp-nesterov",

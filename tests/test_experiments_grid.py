@@ -480,3 +480,29 @@ def test_the_secant_row_is_secant_compensation_with_the_tuned_lambda(config):
       schedules.cyclic(4, 16),
   )
   np.testing.assert_allclose(on, np.asarray(state.params["w"]), rtol=1e-5)
+
+
+def test_the_delayed_nesterov_secant_row_is_the_library_optimizer(config):
+  # λ = 0 leaves delayed Nesterov alone; the tuned λ gives the library's
+  # delayed_nesterov_secant_dcasgd (η = M times the grid's rate, period M),
+  # in the same replay.
+  fields = dict(momentum=0.9, learning_rate=0.02)
+  off = _replay(
+      config, "delayed-nesterov-secant", 4, 4, secant_lambda=0.0, **fields
+  )
+  plain = _replay(config, "delayed-nesterov-dc", 4, 4, dc_lambda=0.0, **fields)
+  on = _replay(
+      config, "delayed-nesterov-secant", 4, 4, secant_lambda=1.0, **fields
+  )
+  np.testing.assert_allclose(off, plain, rtol=1e-6)
+  assert not np.allclose(on, plain, rtol=1e-3)
+  sim = harness.Simulator(
+      _regression_loss(),
+      dcasgd_optax.delayed_nesterov_secant_dcasgd(4 * 0.02, 4, lambda_=1.0),
+  )
+  state, _ = sim.replay(
+      sim.init({"w": jnp.zeros(3)}),
+      jnp.arange(64, dtype=jnp.int32).reshape(16, 4),
+      schedules.cyclic(4, 16),
+  )
+  np.testing.assert_allclose(on, np.asarray(state.params["w"]), rtol=1e-5)

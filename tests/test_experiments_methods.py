@@ -22,8 +22,8 @@ def test_the_grid_has_every_applicable_cell_and_each_validates():
   # sequential once; 7 = 2 schedules x 3 worker counts + the straggler
   # scenario for the others (SSGD among them).
   assert len(per_optimizer["sgd"]) == 1 + 16 * 7  # no momentum-only methods
-  # + delayed Nesterov (2), DANA(-DC):
-  assert len(per_optimizer["momentum"]) == 1 + 21 * 7
+  # + delayed Nesterov (3), DANA(-DC), weight prediction:
+  assert len(per_optimizer["momentum"]) == 1 + 22 * 7
   # neither, nor Gap-Aware (SGD only):
   assert len(per_optimizer["adam"]) == 1 + 16 * 7
   c.grid.skip = (("momentum", "dana", 32), ("adam", "dc-asgd-a-clip-tuned"))

@@ -53,6 +53,11 @@ Tiers (the argument after the file name, ``methods.py:quick``):
   baselines and the quick tier's leading methods. Not the exact correction
   (its Hessian-vector products cost this model about 15x a plain run) nor
   the Fisher row (per-example convolution gradients, 5-10x) on CPU.
+* ``seeds`` (``make methods-seeds``, in ``runs/methods-seeds``): the quick
+  tier's momentum cells (cyclic and Gamma, M = 16) at the quick tier's
+  tuned settings (``--stage=report --tuned`` its ``tuned.json``: no new
+  tuning), reported on 20 seeds (0-19) instead of 5, to resolve the
+  target's last points.
   experiments/README.md gives the tiers' runtimes.
 
 Expected result: the tables in experiments/README.md ("The methods grid").
@@ -62,15 +67,15 @@ import ml_collections
 
 from experiments.configs import default
 
-TIERS = ("full", "quick", "muon", "cnn")
+TIERS = ("full", "quick", "muon", "cnn", "seeds")
 
 
 def get_config(tier: str | None = None):
   """default, with the grid, the tuning grid and the report's settings.
 
   Args:
-    tier: ``"full"`` (default), ``"quick"``, ``"muon"`` or ``"cnn"`` (see
-      the module docstring).
+    tier: ``"full"`` (default), ``"quick"``, ``"muon"``, ``"cnn"`` or
+      ``"seeds"`` (see the module docstring).
   """
   tier = tier or "full"
   if tier not in TIERS:
@@ -86,7 +91,8 @@ def get_config(tier: str | None = None):
       "dc-asgd-a-bc", "dc-asgd-a-warmup", "dc-asgd-a-clip", "dc-asgd-a-tuned",
       "dc-asgd-a-clip-tuned", "gap-aware", "delayed-nesterov",
       "delayed-nesterov-dc", "dana", "dana-dc", "exact-dc", "fisher-dc-a",
-      "secant-dc", "wp-nesterov", "wp-nadam", "pipemare",
+      "secant-dc", "delayed-nesterov-secant", "wp-nesterov", "wp-nadam",
+      "pipemare",
   )
   c.grid.num_workers = (8, 16, 32)
   c.grid.schedules = ("cyclic", "gamma")
@@ -143,12 +149,14 @@ def get_config(tier: str | None = None):
       algorithms=("asgd", "dc-asgd-a", "dc-asgd-a-bc", "dc-asgd-a-clip",
                   "dc-asgd-a-tuned", "gap-aware", "delayed-nesterov", "dana",
                   "dana-dc")))
-  if tier in ("quick", "muon", "cnn"):
+  if tier in ("quick", "muon", "cnn", "seeds"):
     _quick(c)
   if tier == "muon":
     _muon(c)
   if tier == "cnn":
     _cnn(c)
+  if tier == "seeds":
+    _seeds(c)
   return c
 
 
@@ -157,7 +165,7 @@ def _quick(c: ml_collections.ConfigDict) -> None:
   c.grid.algorithms = (
       "sequential", "ssgd", "asgd", "da-asgd", "dc-asgd-a-tuned", "gap-aware",
       "delayed-nesterov-dc", "exact-dc", "fisher-dc-a", "secant-dc",
-      "wp-nesterov", "wp-nadam", "pipemare")
+      "delayed-nesterov-secant", "wp-nesterov", "wp-nadam", "pipemare")
   c.grid.optimizers = ("sgd", "momentum", "adam")
   # Each optimizer's own columns (schedule, M), replacing the product of
   # grid.schedules and grid.num_workers and the scenarios.
@@ -216,7 +224,7 @@ def _cnn(c: ml_collections.ConfigDict) -> None:
   # another on CPU, make its runs 5-10x a plain one's (60-200 s each).
   c.grid.algorithms = (
       "sequential", "ssgd", "asgd", "dc-asgd-a-tuned", "delayed-nesterov-dc",
-      "secant-dc", "wp-nesterov")
+      "secant-dc", "delayed-nesterov-secant", "wp-nesterov")
   # The quick tier's rates a factor 2 apart, extended two steps down: the
   # CNN's ASGD at M = 32 picked the quick tier's smallest rate (54% error).
   c.tuning.learning_rates = ml_collections.ConfigDict({
@@ -232,3 +240,12 @@ def _cnn(c: ml_collections.ConfigDict) -> None:
                  ("sgd", "delayed-nesterov-dc"), ("momentum", "secant-dc"))
   c.report.targets = (("sgd", "cyclic", 32, 0.9),
                       ("momentum", "cyclic", 16, 0.9))
+
+
+def _seeds(c: ml_collections.ConfigDict) -> None:
+  """The quick tier's momentum cells on 20 reported seeds (its settings)."""
+  c.grid.optimizers = ("momentum",)
+  # Seeds 0-4 are the quick tier's; the tuning seeds (100, 101) stay apart.
+  c.grid.seeds = tuple(range(20))
+  c.report.targets = (("momentum", "cyclic", 16, 0.9),
+                      ("momentum", "gamma", 16, 0.9))

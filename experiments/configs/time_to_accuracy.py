@@ -51,13 +51,21 @@ def get_config():
               "dc-asgd-a-tuned",
               "fisher-dc-a",
               "exact-dc",
+              "secant-dc",
           ),
       ),
       (
           "momentum",
           "gamma",
           16,
-          ("asgd", "ssgd", "delayed-nesterov-dc", "fisher-dc-a", "wp-nesterov"),
+          (
+              "asgd",
+              "ssgd",
+              "delayed-nesterov-dc",
+              "fisher-dc-a",
+              "wp-nesterov",
+              "delayed-nesterov-secant",
+          ),
       ),
   )
   # The reported seeds of the grid (the tuning seeds were 100 and 101).
