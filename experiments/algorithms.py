@@ -216,9 +216,16 @@ def _delayed_nesterov(config, num_workers, learning_rate):
   return None, [*decay, nesterov]
 
 
-def _delayed_nesterov_compensated(config, num_workers, learning_rate):
-  compensation, _ = _delay_compensated(True)(config, num_workers, learning_rate)
-  return compensation, _delayed_nesterov(config, num_workers, learning_rate)[1]
+def _before_delayed_nesterov(compensated: TxBuilder) -> TxBuilder:
+  """``compensated``'s adjustment of the stale gradient, then delayed
+  Nesterov in place of its optimizer."""
+
+  def build(config, num_workers, learning_rate):
+    adjustment, _ = compensated(config, num_workers, learning_rate)
+    return adjustment, _delayed_nesterov(config, num_workers,
+                                         learning_rate)[1]
+
+  return build
 
 
 def _look_ahead(compensate: bool, nesterov: bool = False) -> TxBuilder:
@@ -250,12 +257,6 @@ def _secant_compensated(config, num_workers, learning_rate):
   compensation = dcasgd_optax.secant_compensation(
       num_workers, config.secant_lambda)
   return compensation, optimizers.optimizer(config, learning_rate)
-
-
-def _delayed_nesterov_secant(config, num_workers, learning_rate):
-  # The secant row's compensation before delayed Nesterov's momentum.
-  compensation, _ = _secant_compensated(config, num_workers, learning_rate)
-  return compensation, _delayed_nesterov(config, num_workers, learning_rate)[1]
 
 
 def _weight_prediction_nadam(config, num_workers, learning_rate):
@@ -308,7 +309,8 @@ REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("delayed-nesterov", "delayed Nesterov", _delayed_nesterov,
               requires_momentum=True),
     Algorithm("delayed-nesterov-dc", "delayed Nesterov + DC, λ0 tuned",
-              _delayed_nesterov_compensated, requires_momentum=True,
+              _before_delayed_nesterov(_delay_compensated(True)),
+              requires_momentum=True,
               tuned=("dc_lambda",)),
     Algorithm("dana", "look-ahead (DANA)", _look_ahead(False),
               requires_momentum=True),
@@ -324,7 +326,8 @@ REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("secant-dc", "secant DC, λ tuned", _secant_compensated,
               tuned=("secant_lambda",)),
     Algorithm("delayed-nesterov-secant", "delayed Nesterov + secant, λ tuned",
-              _delayed_nesterov_secant, requires_momentum=True,
+              _before_delayed_nesterov(_secant_compensated),
+              requires_momentum=True,
               tuned=("secant_lambda",)),
     Algorithm("wp-nesterov", "weight prediction, Nesterov",
               _look_ahead(False, nesterov=True), requires_momentum=True),

@@ -398,10 +398,12 @@ def main(argv):
     tuned = tune(config, workdir, cache=cache)
   else:
     own = os.path.join(workdir, "tuned.json")
-    with open(flags.FLAGS.tuned or own) as f:
+    given = flags.FLAGS.tuned
+    with open(given or own) as f:
       tuned = json.load(f)
-    if flags.FLAGS.tuned and not os.path.exists(own):
-      # The report's settings, beside its tables (choose.py reads both).
+    if given and not (os.path.exists(own) and os.path.samefile(given, own)):
+      # The settings this report uses, beside its tables (choose.py reads
+      # both): replaces what an earlier --tuned left there.
       with open(own, "w") as f:
         json.dump(tuned, f, indent=1)
   if stage in ("report", "all"):

@@ -177,7 +177,7 @@ def test_one_shard_fisher_run_replays_exactly_in_the_simulator():
 
 @pytest.mark.slow  # ~10 s; the secant's maths is tested in test_secant.py
 @pytest.mark.usefixtures("local_ray")
-def test_one_shard_secant_run_replays_exactly_in_the_simulator():
+def test_one_shard_delayed_nesterov_secant_run_replays_in_the_simulator():
   # The secant compensation before delayed Nesterov: the server keeps each
   # worker's previous backup and gradient beside its backup; Ray needs
   # nothing of its own for it (it finds the backups as for DC-ASGD).

@@ -187,6 +187,14 @@ def test_secant_dcasgd_takes_an_optax_schedule():
               correction_clip=1.0))
 
 
+def test_delayed_nesterov_secant_dcasgd_takes_an_optax_schedule():
+  _replay(dcasgd_optax.delayed_nesterov_secant_dcasgd(
+              SCHEDULE, 3, lambda_=1.0, decay=0.9),
+          lambda w: reference.SecantServer(
+              w, 3, 1.0, decay=0.9, learning_rate=ref_lr, momentum=0.9,
+              delayed_nesterov_period=3, correction_clip=1.0))
+
+
 def test_the_full_optimizers_are_all_covered():
   """A new full optimizer must get its schedule test here."""
   def first_argument(obj):
@@ -197,7 +205,8 @@ def test_the_full_optimizers_are_all_covered():
   full = {name for name in dcasgd_optax.__all__
           if first_argument(getattr(dcasgd_optax, name)) == "learning_rate"}
   tested = {"dcasgd", "gap_aware_asgd", "dana_dcasgd",
-            "delayed_nesterov_dcasgd", "fisher_dcasgd", "secant_dcasgd"}
+            "delayed_nesterov_dcasgd", "fisher_dcasgd", "secant_dcasgd",
+            "delayed_nesterov_secant_dcasgd"}
   # Chain pieces take a learning rate too; their schedules are tested in
   # their own files (look_ahead_momentum, look_ahead_adam, delayed_nesterov).
   pieces = {"look_ahead_momentum", "look_ahead_adam", "delayed_nesterov"}

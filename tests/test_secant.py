@@ -82,10 +82,11 @@ def test_secant_dcasgd_matches_reference_server(
     period=st.integers(1, 3),
     activation=st.sampled_from([0.0, 1.0]),  # as a fraction of 1 / period
     clip=st.sampled_from([None, 1.0]),
+    weight_decay=st.sampled_from([0.0, 0.05]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_delayed_nesterov_secant_dcasgd_matches_reference_server(
-    spec, num_workers, data, period, activation, clip, seed
+    spec, num_workers, data, period, activation, clip, weight_decay, seed
 ):
   # The secant server with Liu et al.'s delayed Nesterov step (the
   # reference's delayed_nesterov_period), as delayed_nesterov_dcasgd's
@@ -107,6 +108,7 @@ def test_delayed_nesterov_secant_dcasgd_matches_reference_server(
       delayed_nesterov_period=period,
       momentum_activation=c,
       correction_clip=clip,
+      weight_decay=weight_decay,
   )
   tx = dcasgd_optax.delayed_nesterov_secant_dcasgd(
       LR,
@@ -117,6 +119,7 @@ def test_delayed_nesterov_secant_dcasgd_matches_reference_server(
       lambda_=1.0,
       decay=0.9,
       correction_clip=clip,
+      weight_decay=weight_decay,
   )
   helpers.replay_against_reference(
       tx, ref, w0, order, rng, spec, check_pulls=True, rtol=_rtol(clip)

@@ -77,7 +77,7 @@ def test_use_names_the_chain_with_the_tuned_lambda():
   (rec,) = choose.recommend(stats, tuned)
   assert choose.use(rec) == ("`delay_compensation(8, lambda_=4, "
                              "adaptive=True)`, then "
-                             "`delayed_nesterov(lr, period=8)`")
+                             "`delayed_nesterov(8 * lr, period=8)`")
   # The secant row's λ is its own field, secant_lambda.
   stats, tuned = _grid({"secant-dc": (0.5, 0.5)})
   for sch in ORDERS:
@@ -85,6 +85,15 @@ def test_use_names_the_chain_with_the_tuned_lambda():
   (rec,) = choose.recommend(stats, tuned)
   assert choose.use(rec) == ("`secant_compensation(8, lambda_=0.5, "
                              "correction_clip=1.0)`")
+  # Before delayed Nesterov, whose rate is per period: M times the grid's.
+  stats, tuned = _grid({"delayed-nesterov-secant": (0.5, 0.5)})
+  for sch in ORDERS:
+    tuned[f"sgd-{sch}-M8-delayed-nesterov-secant"]["setting"][
+        "secant_lambda"] = 1.0
+  (rec,) = choose.recommend(stats, tuned)
+  assert choose.use(rec) == ("`secant_compensation(8, lambda_=1, "
+                             "correction_clip=1.0)`, then "
+                             "`delayed_nesterov(8 * lr, period=8)`")
 
 
 def test_baselines_and_the_exact_ceiling_are_never_recommended():

@@ -339,19 +339,24 @@ def delayed_nesterov_secant_dcasgd(
   Chains :func:`secant_compensation`, ``optax.add_decayed_weights`` (when
   ``weight_decay > 0``) and :func:`delayed_nesterov`, with the worker's pull
   after its push, as :func:`delayed_nesterov_dcasgd` does with
-  :func:`delay_compensation`. Each pushed gradient is corrected,
+  :func:`delay_compensation`. The pushed gradient is corrected and decayed,
 
   .. math::
     \tilde g = g + \mathrm{clip}(\lambda\, \hat h \odot (w - b_m),
-    -c|g|, c|g|), \qquad b_m \leftarrow w,
+    -\kappa|g|, \kappa|g|) + \mathrm{wd} \cdot w,
 
   with :math:`\hat h` the running diagonal secant of
-  :func:`secant_compensation`, then takes a plain step of
-  :math:`\eta \tilde g / N`, and the Nesterov momentum moves once per
-  ``period`` :math:`N` pushes, from their mean. This is the method the
-  methods grid recommends for SGD with momentum (the "choose a method"
-  page has the evidence). Not fused: each chain member reads the
-  parameters once.
+  :func:`secant_compensation` and :math:`\kappa` its ``correction_clip``;
+  :func:`delayed_nesterov` then steps :math:`-\eta\,\tilde g / N` (plus its
+  momentum term: :math:`c\beta m` on each push, the rest of
+  :math:`\beta m` at the end of each period of :math:`N` pushes, where
+  the momentum moves from the period's mean), and worker :math:`m` pulls
+  the updated model, which becomes its backup :math:`b_m`. Not fused:
+  each chain member reads the parameters once.
+
+  The methods grid recommends this chain for SGD with momentum at M = 16
+  workers, not at every M: the "choose a method" page has the evidence,
+  the tuned ``lambda_`` and the rate.
 
   Args:
     learning_rate: :math:`\eta`, the step per period's mean gradient (as in
@@ -363,8 +368,9 @@ def delayed_nesterov_secant_dcasgd(
     momentum_activation: :math:`c`, in [0, 1/period] (see
       :func:`delayed_nesterov`).
     lambda_, decay, correction_clip, backup_dtype: as in
-      :func:`secant_compensation`.
-    weight_decay: L2 coefficient added to the compensated gradient, >= 0.
+      :func:`secant_compensation` (``correction_clip`` is :math:`\kappa`).
+    weight_decay: :math:`\mathrm{wd}`, the L2 coefficient added to the
+      compensated gradient, >= 0.
 
   Returns:
     A :class:`PullAfterPush`; ``update`` needs ``params`` and ``worker``.
