@@ -8,6 +8,8 @@ tests/test_experiments_secant_trial.py.
 
 from __future__ import annotations
 
+import contextlib
+
 import hypothesis
 from hypothesis import strategies as st
 import jax
@@ -25,12 +27,18 @@ import reference
 LR = 0.1
 
 
-def _rtol(clip):
-  """The float32 library against the float64 reference: the unclipped
-  secant of random gradients divides by Δw⊙Δw, which amplifies float32's
-  round-off of Δw by |w|/|Δw| (a coordinate whose Δw nearly cancels gives a
-  term 100x the gradient); the clip bounds the term by |g|."""
-  return 2e-4 if clip is not None else 2e-3
+def _precision(clip, w0):
+  """``(context, w0)`` to compare the library with the float64 reference in.
+
+  With the clip, float32. Without it, float64 (``jax.enable_x64``): the
+  unclipped secant of random gradients divides by Δw⊙Δw, which amplifies
+  float32's round-off of Δw by |w|/|Δw|, past any fixed tolerance when a
+  coordinate's Δw nearly cancels (hypothesis found one at 2.5e-4); the
+  clip bounds the term by |g|.
+  """
+  if clip is not None:
+    return contextlib.nullcontext(), w0
+  return jax.enable_x64(True), jax.tree.map(lambda x: x.astype(np.float64), w0)
 
 
 @hypothesis.settings(helpers.SETTINGS, max_examples=5)
@@ -69,9 +77,11 @@ def test_secant_dcasgd_matches_reference_server(
       correction_clip=clip,
       momentum=momentum,
   )
-  helpers.replay_against_reference(
-      tx, ref, w0, order, rng, spec, check_pulls=True, rtol=_rtol(clip)
-  )
+  context, w0 = _precision(clip, w0)
+  with context:
+    helpers.replay_against_reference(
+        tx, ref, w0, order, rng, spec, check_pulls=True
+    )
 
 
 @hypothesis.settings(helpers.SETTINGS, max_examples=5)
@@ -121,9 +131,11 @@ def test_delayed_nesterov_secant_dcasgd_matches_reference_server(
       correction_clip=clip,
       weight_decay=weight_decay,
   )
-  helpers.replay_against_reference(
-      tx, ref, w0, order, rng, spec, check_pulls=True, rtol=_rtol(clip)
-  )
+  context, w0 = _precision(clip, w0)
+  with context:
+    helpers.replay_against_reference(
+        tx, ref, w0, order, rng, spec, check_pulls=True
+    )
 
 
 @hypothesis.settings(helpers.SETTINGS, max_examples=5)
@@ -170,25 +182,22 @@ def test_secant_compensation_with_pulls_between_pushes_matches_reference(
     return jax.tree.map(lambda w, c: w - LR * c, params, out), state
 
   pull = jax.jit(dcasgd_optax.record_pull)
-  params = jax.tree.map(jnp.asarray, w0)
-  state = tx.init(params)
-  for i, (kind, m) in enumerate(events):
-    if kind == "pull":
-      ref.pull(m)
-      state = pull(state, params, jnp.int32(m))
-      continue
-    g = helpers.random_tree(rng, spec)
-    ref.push(helpers.leaves_np(g), m)
-    params, state = push(params, state, g, jnp.int32(m))
-    helpers.assert_close_to_reference(
-        params, ref.w, f"params after {i}", rtol=_rtol(clip)
-    )
-    helpers.assert_close_to_reference(
-        dcasgd_optax.worker_params(state, m),
-        ref.backup[m],
-        f"backup {i}",
-        rtol=_rtol(clip),
-    )
+  context, w0 = _precision(clip, w0)
+  with context:
+    params = jax.tree.map(jnp.asarray, w0)
+    state = tx.init(params)
+    for i, (kind, m) in enumerate(events):
+      if kind == "pull":
+        ref.pull(m)
+        state = pull(state, params, jnp.int32(m))
+        continue
+      g = helpers.random_tree(rng, spec)
+      ref.push(helpers.leaves_np(g), m)
+      params, state = push(params, state, g, jnp.int32(m))
+      helpers.assert_close_to_reference(params, ref.w, f"params after {i}")
+      helpers.assert_close_to_reference(
+          dcasgd_optax.worker_params(state, m), ref.backup[m], f"backup {i}"
+      )
 
 
 def _two_pushes(tx, params):
