@@ -12,7 +12,7 @@ METHODS_DIR ?= runs/methods
 METHODS := $(PY) -m experiments.methods --config=experiments/configs/methods.py --workdir=$(METHODS_DIR)
 
 .PHONY: test test-slow test-py312 test-min lint format typecheck demo methods \
-	methods-tune methods-quick methods-muon methods-cnn methods-seeds studies bench venv clean docs notebooks
+	methods-tune methods-quick methods-muon methods-cnn methods-seeds methods-momentum studies bench venv clean docs notebooks
 
 $(PY):
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.11 found; set PYTHON=/path/to/python3.11+"; exit 1; }
@@ -140,6 +140,13 @@ methods-seeds: $(VENV)/.installed-experiments
 	$(PY) -m experiments.methods --config=experiments/configs/methods.py:seeds \
 		--workdir=$(METHODS_SEEDS_DIR) --stage=report \
 		--tuned=experiments/results/methods-quick/tuned.json
+
+# SGD with momentum at M = 8 and 32: the delayed Nesterov rows, tuned and
+# reported as the quick tier is (does the M = 16 pick hold at other M?).
+METHODS_MOMENTUM_DIR ?= runs/methods-momentum
+methods-momentum: $(VENV)/.installed-experiments
+	$(PY) -m experiments.methods --config=experiments/configs/methods.py:momentum \
+		--workdir=$(METHODS_MOMENTUM_DIR) --stage=all
 
 # The studies behind issue 18's analysis (experiments/README.md): time to
 # accuracy with a 40-epoch cap (needs the quick tier's committed results),

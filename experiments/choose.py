@@ -3,12 +3,14 @@
 The evidence grids write ``stats.json`` (final test error per optimizer,
 arrival order, worker count and method, with the share of ASGD's gap to
 sequential training each method closes) and ``tuned.json`` (the learning
-rate and λ0 the tuning chose). Five are committed: the full grid of issue
+rate and λ0 the tuning chose). Six are committed: the full grid of issue
 10 (``results/methods``: every optimizer at M = 8, 16, 32, cyclic and Gamma
 arrivals, 3 reported seeds), the quick tier of issue 18
 (``results/methods-quick``: the target cells with the new methods, 5
 reported seeds), its Muon tier (``results/methods-muon``: Muon's M = 16
-cells, tuned and reported the same way) and its 20-seed tier
+cells, tuned and reported the same way), its momentum tier
+(``results/methods-momentum``: momentum at M = 8 and 32 with the delayed
+Nesterov rows, the same way) and its 20-seed tier
 (``results/methods-seeds``: the momentum cells at the quick tier's settings
 on 20 reported seeds), which replace the full grid's recommendation in the
 cells they cover (:data:`TIERS`, a later one over an earlier one), and the
@@ -40,10 +42,11 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "methods"
 QUICK = RESULTS.with_name("methods-quick")
 MUON = RESULTS.with_name("methods-muon")
 SEEDS = RESULTS.with_name("methods-seeds")
+MOMENTUM = RESULTS.with_name("methods-momentum")
 SECOND = RESULTS.with_name("methods-cnn")
 # The tiers that replace the full grid's recommendation in their cells, a
 # later one over an earlier one.
-TIERS = (QUICK, MUON, SEEDS)
+TIERS = (QUICK, MUON, MOMENTUM, SEEDS)
 SECOND_MODEL = "small CNN"
 MIN_SHARE = 0.25
 # The arrival orders a cell may have, in the order the table shows them.
@@ -169,9 +172,9 @@ def load(results: pathlib.Path = RESULTS) -> tuple[list[dict], dict]:
 
 def choices(*, min_share: float = MIN_SHARE) -> list[Recommendation]:
   """The table's rows from the committed grids: the full grid's, replaced
-  by the quick tier's (and its Muon tier's) where they cover the cell, and
-  those by the 20-seed tier's, checked on the second model where it has
-  the cell (:func:`confirm`)."""
+  by the quick tier's (and its Muon and momentum tiers') where they cover
+  the cell, and those by the 20-seed tier's, checked on the second model
+  where it has the cell (:func:`confirm`)."""
   recs = recommend(*load(RESULTS), min_share=min_share)
   quick = {(r.optimizer, r.num_workers): r
            for tier in TIERS

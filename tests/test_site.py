@@ -152,13 +152,14 @@ def test_no_gap_and_a_second_model_that_beats_asgd_are_worded_as_such():
   assert "| differs: it picks Gap-Aware, closing 40% |" in choose.table([got])
 
 
-def test_the_quick_muon_and_seeds_tiers_replace_the_full_grid_in_their_cells():
+def test_the_issue_18_tiers_replace_the_full_grid_in_their_cells():
   full = {(r.optimizer, r.num_workers): r
           for r in choose.recommend(*choose.load(choose.RESULTS))}
   quick = {(r.optimizer, r.num_workers): r
-           for d in (choose.QUICK, choose.MUON, choose.SEEDS)
+           for d in choose.TIERS
            for r in choose.recommend(*choose.load(d))}
   assert ("muon", 16) in quick and ("sgd", 32) in quick
+  assert ("momentum", 8) in quick and ("momentum", 32) in quick
   # The 20-seed tier's momentum cell, not the quick tier's 5 seeds.
   assert quick[("momentum", 16)].seeds == 20
   got = {(r.optimizer, r.num_workers): r for r in choose.choices()}

@@ -58,6 +58,10 @@ Tiers (the argument after the file name, ``methods.py:quick``):
   tuned settings (``--stage=report --tuned`` its ``tuned.json``: no new
   tuning), reported on 20 seeds (0-19) instead of 5, to resolve the
   target's last points.
+* ``momentum`` (``make methods-momentum``, in ``runs/methods-momentum``):
+  SGD with momentum at M = 8 and 32 (cyclic and Gamma), the delayed
+  Nesterov rows (alone, + DC, + secant) with the baselines, tuned and
+  reported as the quick tier is: does its M = 16 pick hold at other M?
   experiments/README.md gives the tiers' runtimes.
 
 Expected result: the tables in experiments/README.md ("The methods grid").
@@ -67,15 +71,15 @@ import ml_collections
 
 from experiments.configs import default
 
-TIERS = ("full", "quick", "muon", "cnn", "seeds")
+TIERS = ("full", "quick", "muon", "cnn", "seeds", "momentum")
 
 
 def get_config(tier: str | None = None):
   """default, with the grid, the tuning grid and the report's settings.
 
   Args:
-    tier: ``"full"`` (default), ``"quick"``, ``"muon"``, ``"cnn"`` or
-      ``"seeds"`` (see the module docstring).
+    tier: ``"full"`` (default), ``"quick"``, ``"muon"``, ``"cnn"``,
+      ``"seeds"`` or ``"momentum"`` (see the module docstring).
   """
   tier = tier or "full"
   if tier not in TIERS:
@@ -149,7 +153,7 @@ def get_config(tier: str | None = None):
       algorithms=("asgd", "dc-asgd-a", "dc-asgd-a-bc", "dc-asgd-a-clip",
                   "dc-asgd-a-tuned", "gap-aware", "delayed-nesterov", "dana",
                   "dana-dc")))
-  if tier in ("quick", "muon", "cnn", "seeds"):
+  if tier in ("quick", "muon", "cnn", "seeds", "momentum"):
     _quick(c)
   if tier == "muon":
     _muon(c)
@@ -157,6 +161,8 @@ def get_config(tier: str | None = None):
     _cnn(c)
   if tier == "seeds":
     _seeds(c)
+  if tier == "momentum":
+    _momentum(c)
   return c
 
 
@@ -249,3 +255,17 @@ def _seeds(c: ml_collections.ConfigDict) -> None:
   c.grid.seeds = tuple(range(20))
   c.report.targets = (("momentum", "cyclic", 16, 0.9),
                       ("momentum", "gamma", 16, 0.9))
+
+
+def _momentum(c: ml_collections.ConfigDict) -> None:
+  """Momentum at M = 8 and 32: the delayed Nesterov rows, the quick tier's
+  tuning."""
+  c.grid.optimizers = ("momentum",)
+  c.grid.algorithms = ("sequential", "ssgd", "asgd", "delayed-nesterov",
+                       "delayed-nesterov-dc", "delayed-nesterov-secant")
+  c.grid.columns = ml_collections.ConfigDict({
+      "momentum": (("cyclic", 8), ("gamma", 8), ("cyclic", 32),
+                   ("gamma", 32)),
+  })
+  c.grid.skip = ()
+  c.report.targets = ()  # no target cell at these M
