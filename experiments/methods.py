@@ -204,10 +204,16 @@ def tune(config: ml_collections.ConfigDict, workdir: str, *,
                         "tried": tried}
     logging.warning("%s: %s (%.4f) in %.0f s", cell.key, best[0], best[1],
                     time.perf_counter() - t0)
-  if pod.is_writer():  # on a pod, process 0 writes (docs/pod.md)
-    with open(os.path.join(workdir, "tuned.json"), "w") as f:
-      json.dump(chosen, f, indent=1)
+  _write_tuned(workdir, chosen)
   return chosen
+
+
+def _write_tuned(workdir: str, tuned: dict) -> None:
+  """``tuned`` as ``workdir``'s ``tuned.json`` (on a pod, process 0 writes:
+  docs/pod.md)."""
+  if pod.is_writer():
+    with open(os.path.join(workdir, "tuned.json"), "w") as f:
+      json.dump(tuned, f, indent=1)
 
 
 def report(
@@ -404,8 +410,7 @@ def main(argv):
     if given and not (os.path.exists(own) and os.path.samefile(given, own)):
       # The settings this report uses, beside its tables (choose.py reads
       # both): replaces what an earlier --tuned left there.
-      with open(own, "w") as f:
-        json.dump(tuned, f, indent=1)
+      _write_tuned(workdir, tuned)
   if stage in ("report", "all"):
     report(config, workdir, tuned, cache=cache)
 

@@ -41,6 +41,16 @@ def _precision(clip, w0):
   return jax.enable_x64(True), jax.tree.map(lambda x: x.astype(np.float64), w0)
 
 
+def _replay(tx, ref, w0, order, rng, spec, clip):
+  """``helpers.replay_against_reference``, pulls checked, in the precision
+  of :func:`_precision`."""
+  context, w0 = _precision(clip, w0)
+  with context:
+    helpers.replay_against_reference(
+        tx, ref, w0, order, rng, spec, check_pulls=True
+    )
+
+
 @hypothesis.settings(helpers.SETTINGS, max_examples=5)
 @hypothesis.given(
     spec=helpers.pytree_specs(),
@@ -77,11 +87,7 @@ def test_secant_dcasgd_matches_reference_server(
       correction_clip=clip,
       momentum=momentum,
   )
-  context, w0 = _precision(clip, w0)
-  with context:
-    helpers.replay_against_reference(
-        tx, ref, w0, order, rng, spec, check_pulls=True
-    )
+  _replay(tx, ref, w0, order, rng, spec, clip)
 
 
 @hypothesis.settings(helpers.SETTINGS, max_examples=5)
@@ -131,11 +137,7 @@ def test_delayed_nesterov_secant_dcasgd_matches_reference_server(
       correction_clip=clip,
       weight_decay=weight_decay,
   )
-  context, w0 = _precision(clip, w0)
-  with context:
-    helpers.replay_against_reference(
-        tx, ref, w0, order, rng, spec, check_pulls=True
-    )
+  _replay(tx, ref, w0, order, rng, spec, clip)
 
 
 @hypothesis.settings(helpers.SETTINGS, max_examples=5)
